@@ -1,0 +1,149 @@
+"""Reading images and the ISIC-2024 data layout.
+
+The layout (as in the ISIC 2024 Kaggle challenge): ``images.hdf5`` (or ``train-image.hdf5``)
+holding one scalar byte-string dataset of JPEG bytes per ``isic_id``, plus ``metadata.csv``
+(or ``train-metadata.csv``). Images are decoded with Pillow into uint8 numpy arrays in a thread
+pool, so the reader works the same on the TensorFlow and the JAX backend.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from model.errors import ImageDecodeError, ModelError
+
+IMAGE_FILES = ("images.hdf5", "train-image.hdf5", "image.hdf5")
+METADATA_FILES = ("metadata.csv", "train-metadata.csv")
+# Decompression-bomb guard: refuse images with more pixels than this before decoding them.
+MAX_PIXELS = 40_000_000
+
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+def decode_image(data: bytes, size: int, key=None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """JPEG/PNG bytes → uint8 array (size, size, 3), RGB. Raises ImageDecodeError naming ``key``."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(key, f"image of {width}x{height} pixels is over the limit of {max_pixels}")
+            image.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 2/4/8 first
+            image = image.convert("RGB")
+            image.load()
+            return resize(np.asarray(image), size)
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = "not a readable JPEG or PNG image" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise ImageDecodeError(key, reason) from exc
+
+
+def resize(array: np.ndarray, size: int) -> np.ndarray:
+    """Resize an RGB uint8 array to a square ``size`` (the whole image, aspect not kept)."""
+    if array.shape[:2] == (size, size):
+        return np.ascontiguousarray(array, dtype=np.uint8)
+    image = Image.fromarray(np.asarray(array, dtype=np.uint8))
+    return np.asarray(image.resize((size, size), Image.BILINEAR, reducing_gap=2.0), dtype=np.uint8)
+
+
+def decode_many(items: Sequence[tuple[object, bytes]], size: int, workers: int | None = None):
+    """Decode (key, bytes) pairs in parallel → (array (n, size, size, 3), {index: error})."""
+    out = np.zeros((len(items), size, size, 3), dtype=np.uint8)
+    errors: dict[int, ImageDecodeError] = {}
+
+    def one(i):
+        key, data = items[i]
+        try:
+            out[i] = decode_image(data, size, key)
+        except ImageDecodeError as exc:
+            errors[i] = exc
+
+    workers = workers or min(8, (os.cpu_count() or 2) * 2)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, range(len(items))))
+    return out, errors
+
+
+def find_file(directory: Path, names: Sequence[str]) -> Path:
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise ModelError(f"{directory}: no {' or '.join(names)} (expected the ISIC-2024 layout)")
+
+
+@dataclass
+class IsicDataset:
+    """An ISIC-2024-layout folder: metadata as a DataFrame plus lazy access to image bytes."""
+
+    directory: Path
+    metadata: object  # pandas.DataFrame
+    image_path: Path
+
+    @classmethod
+    def open(cls, directory, limit: int | None = None) -> IsicDataset:
+        import pandas as pd
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ModelError(f"{directory}: not a folder")
+        csv = find_file(directory, METADATA_FILES)
+        metadata = pd.read_csv(csv, low_memory=False)
+        missing = {"isic_id"} - set(metadata.columns)
+        if missing:
+            raise ModelError(f"{csv}: missing column(s) {', '.join(sorted(missing))}")
+        if limit:
+            metadata = metadata.iloc[:limit].copy()
+        return cls(directory, metadata.reset_index(drop=True), find_file(directory, IMAGE_FILES))
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(v) for v in self.metadata["isic_id"]]
+
+    def read_bytes(self, ids: Sequence[str]) -> list[bytes]:
+        import h5py
+
+        out = []
+        with h5py.File(self.image_path, "r") as h5:
+            for isic_id in ids:
+                if isic_id not in h5:
+                    raise ImageDecodeError(isic_id, f"not found in {self.image_path.name}")
+                value = h5[isic_id][()]
+                out.append(value.tobytes() if isinstance(value, np.ndarray) else bytes(value))
+        return out
+
+    def load_images(self, size: int, ids: Sequence[str] | None = None, progress=None) -> np.ndarray:
+        """Decode and resize images (all, or ``ids``) → uint8 (n, size, size, 3).
+
+        A corrupt or missing image raises :class:`ImageDecodeError` naming its ``isic_id``.
+        """
+        ids = list(self.ids if ids is None else ids)
+        out = np.zeros((len(ids), size, size, 3), dtype=np.uint8)
+        step = 512
+        for start in range(0, len(ids), step):
+            chunk = ids[start : start + step]
+            arrays, errors = decode_many(list(zip(chunk, self.read_bytes(chunk))), size)
+            if errors:
+                raise next(iter(errors.values()))
+            out[start : start + len(chunk)] = arrays
+            if progress:
+                progress(len(chunk))
+        return out
+
+    def targets(self) -> np.ndarray:
+        if "target" not in self.metadata.columns:
+            raise ModelError(f"{self.directory}: metadata has no 'target' column")
+        return self.metadata["target"].astype(int).to_numpy()
+
+    def groups(self) -> np.ndarray:
+        for column in ("patient_id", "lesion_id", "isic_id"):
+            if column in self.metadata.columns:
+                return self.metadata[column].fillna("").astype(str).to_numpy()
+        raise AssertionError("unreachable: isic_id is required")

@@ -1,0 +1,161 @@
+"""Batched prediction with a loaded bundle: pre_process → predict → post_process.
+
+The bundle is loaded once (in the constructor). Batches are padded to a few fixed shapes, so a
+JAX backend compiles each shape once (and TensorFlow traces each once); optional test-time
+augmentation (the four flips) returns the mean and the spread of the predictions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from model import bundle as bundle_lib
+from model.data import decode_many
+from model.errors import ImageDecodeError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZES = (1, 8, 32, 64)
+
+
+@dataclass
+class Score:
+    probability: float
+    spread: float | None
+    referred: bool
+
+
+def plan_batches(n: int, sizes: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Split ``n`` rows into (start, stop, padded_size) pieces using only the fixed ``sizes``.
+
+    Full pieces of the largest size first; the rest goes into the smallest size that holds it
+    (or is split further when padding would waste more than half of a piece).
+    """
+    sizes = sorted(set(int(s) for s in sizes))
+    out, start = [], 0
+    while start < n:
+        left = n - start
+        fits = [s for s in sizes if s >= left]
+        if left >= sizes[-1]:
+            size = take = sizes[-1]
+        elif fits and fits[0] <= 2 * left:
+            size, take = fits[0], left
+        else:
+            size = take = max(s for s in sizes if s <= left)
+        out.append((start, start + take, size))
+        start += take
+    return out
+
+
+def flips(images: np.ndarray) -> list[np.ndarray]:
+    return [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+
+
+class Predictor:
+    def __init__(
+        self,
+        bundle_dir=None,
+        *,
+        bundle: bundle_lib.Bundle | None = None,
+        batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+        tta: bool = False,
+        threshold: float | None = None,
+        decode_workers: int | None = None,
+    ):
+        self.bundle = bundle or bundle_lib.load(bundle_dir)
+        self.network = self.bundle.network
+        self.spec = self.bundle.spec
+        self.image_size = self.bundle.image_size
+        self.batch_sizes = tuple(sorted(set(batch_sizes)))
+        self.tta = tta
+        self.threshold = self.bundle.threshold if threshold is None else float(threshold)
+        self.decode_workers = decode_workers
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    # -- the three steps ------------------------------------------------------------------------
+    def pre_process(self, images: Sequence, metadata: Sequence[dict], keys: Sequence | None = None):
+        """Bytes (JPEG/PNG) or uint8 arrays + metadata dicts → (pixels, meta, errors by row).
+
+        A row whose image cannot be decoded is reported in ``errors`` (an ImageDecodeError naming
+        its key) and left out of the arrays; ``ok`` lists the rows that were kept.
+        """
+        keys = list(range(len(images))) if keys is None else list(keys)
+        to_decode = [(i, (keys[i], img)) for i, img in enumerate(images) if isinstance(img, bytes | bytearray)]
+        pixels = np.zeros((len(images), self.image_size, self.image_size, 3), dtype=np.uint8)
+        errors: dict[int, ImageDecodeError] = {}
+        if to_decode:
+            decoded, bad = decode_many([item for _, item in to_decode], self.image_size, self.decode_workers)
+            for j, (i, _) in enumerate(to_decode):
+                if j in bad:
+                    errors[i] = bad[j]
+                else:
+                    pixels[i] = decoded[j]
+        from model.data import resize
+
+        for i, img in enumerate(images):
+            if not isinstance(img, bytes | bytearray):
+                array = np.asarray(img)
+                if array.ndim != 3 or array.shape[2] != 3:
+                    errors[i] = ImageDecodeError(keys[i], f"expected an RGB array, got shape {array.shape}")
+                else:
+                    pixels[i] = resize(array, self.image_size)
+        ok = [i for i in range(len(images)) if i not in errors]
+        meta = self.spec.transform([metadata[i] for i in ok])
+        return pixels[ok], meta, errors, ok
+
+    def predict(self, pixels: np.ndarray, meta: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (and TTA spread) for already-prepared arrays, padded to fixed shapes."""
+        n = len(pixels)
+        if n == 0:
+            return np.zeros(0, np.float32), (np.zeros(0, np.float32) if self.tta else None)
+        views = flips(pixels) if self.tta else [pixels]
+        preds = np.zeros((len(views), n), dtype=np.float32)
+        for start, stop, size in plan_batches(n, self.batch_sizes):
+            m = meta[start:stop]
+            pad = size - (stop - start)
+            if pad:
+                m = np.concatenate([m, np.zeros((pad, m.shape[1]), m.dtype)])
+            for v, view in enumerate(views):
+                x = view[start:stop]
+                if pad:
+                    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+                out = self.network.predict_on_batch({"image": np.ascontiguousarray(x), "meta": m})
+                preds[v, start:stop] = np.asarray(out, dtype=np.float32).reshape(-1)[: stop - start]
+        mean = preds.mean(axis=0)
+        return mean, (preds.std(axis=0) if self.tta else None)
+
+    def post_process(self, mean: np.ndarray, spread: np.ndarray | None) -> list[Score]:
+        return [
+            Score(float(p), None if spread is None else float(spread[i]), bool(p >= self.threshold))
+            for i, p in enumerate(np.clip(mean, 0.0, 1.0))
+        ]
+
+    # -- convenience ------------------------------------------------------------------------------
+    def score(self, images: Sequence, metadata: Sequence[dict], keys: Sequence | None = None):
+        """Score a batch → list aligned with the input: a Score, or the ImageDecodeError of that row."""
+        pixels, meta, errors, ok = self.pre_process(images, metadata, keys)
+        scores = self.post_process(*self.predict(pixels, meta))
+        out: list = [None] * len(images)
+        for i, error in errors.items():
+            out[i] = error
+        for i, score in zip(ok, scores):
+            out[i] = score
+        return out
+
+    def warm_up(self) -> float:
+        """Run every fixed batch shape once (compiles on JAX, traces on TensorFlow). Returns seconds."""
+        t0 = time.perf_counter()
+        for size in self.batch_sizes:
+            pixels = np.zeros((size, self.image_size, self.image_size, 3), np.uint8)
+            self.network.predict_on_batch({"image": pixels, "meta": np.zeros((size, self.spec.dim), np.float32)})
+        seconds = time.perf_counter() - t0
+        log.info("predictor %s warmed up %s in %.1f s", self.version, self.batch_sizes, seconds)
+        return seconds

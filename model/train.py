@@ -1,0 +1,249 @@
+"""Training on the ISIC-2024 layout: patient-grouped stratified folds, augmentation, ReduceLROnPlateau
+on validation AUC, per-epoch checkpoints (a stopped run resumes), out-of-fold predictions, a
+threshold chosen on them, a report (metrics JSON + ROC PNG) and the model bundle.
+
+The deployed model is the average of the fold models (an ensemble in one Keras graph), so every
+development image is scored out-of-fold by exactly one member; the referral threshold is picked
+on those out-of-fold scores at the target sensitivity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from model import metrics
+from model.data import IsicDataset
+from model.features import FeatureSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    image_size: int = 128
+    folds: int = 3
+    epochs: int = 14
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.05
+    patience: int = 4  # early stopping on val AUC; ReduceLROnPlateau waits half as long
+    seed: int = 42
+    weights: str | None = None
+    target_sensitivity: float = 0.95
+    threshold_confidence: float = 0.9  # bootstrap margin for the sensitivity at the threshold
+    tta: bool = True
+    max_members: int | None = None  # keep only the best N fold models in the bundle
+    limit: int | None = None  # use only the first N rows (smoke runs, tests)
+    verbose: int = 2
+    augmentation: dict = field(default_factory=dict)
+
+
+def make_folds(targets: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold index per row: stratified by target, no group (patient/lesion) in two folds."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    fold = np.full(targets.size, -1, dtype=int)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for i, (_, val) in enumerate(splitter.split(np.zeros(targets.size), targets, groups)):
+        fold[val] = i
+    return fold
+
+
+def tta_predict(model, images: np.ndarray, meta: np.ndarray, batch_size: int = 64, tta: bool = True):
+    """Mean and spread (std) of the predictions over the four flips (or just the plain pass)."""
+    views = [images]
+    if tta:
+        views += [images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+    preds = np.stack(
+        [
+            model.predict({"image": np.ascontiguousarray(v), "meta": meta}, batch_size=batch_size, verbose=0).ravel()
+            for v in views
+        ]
+    )
+    return preds.mean(axis=0), preds.std(axis=0)
+
+
+class _ResumeState:
+    """Restores EarlyStopping / ReduceLROnPlateau counters from the history of a resumed fold."""
+
+    def __init__(self, history: list[dict], monitor: str):
+        self.best = max((h[monitor] for h in history), default=None)
+        last_best = max((i for i, h in enumerate(history) if h[monitor] == self.best), default=-1)
+        self.wait = len(history) - 1 - last_best if history else 0
+
+    def callback(self, *targets):
+        import keras
+
+        state = self
+
+        class Restore(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                if state.best is None:
+                    return
+                for target in targets:
+                    target.best = state.best
+                    target.wait = state.wait
+
+        return Restore()
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    import csv
+
+    with path.open() as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def train_fold(k: int, cfg: TrainConfig, work: Path, spec: FeatureSpec, x: dict, y: np.ndarray, train_idx, val_idx):
+    """Train one fold (resuming from its last checkpoint). Returns the best model."""
+    import keras
+
+    from model.network import Augmentation, build
+
+    fold_dir = work / f"fold{k}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    best_path, last_path, hist_path = fold_dir / "best.keras", fold_dir / "last.keras", fold_dir / "history.csv"
+    history = _read_history(hist_path)
+    done = (fold_dir / "done").exists()
+    if done:
+        return keras.saving.load_model(best_path)
+
+    keras.utils.set_random_seed(cfg.seed + k)
+    if last_path.exists() and history:
+        model = keras.saving.load_model(last_path)
+        log.info("fold %d: resuming after epoch %d", k, len(history))
+    else:
+        history = []
+        hist_path.unlink(missing_ok=True)
+        model = build(
+            spec.dim,
+            cfg.image_size,
+            augmentation=Augmentation(**cfg.augmentation),
+            weights=cfg.weights,
+            seed=cfg.seed + k,
+        )
+        model.compile(
+            optimizer=keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay),
+            loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
+            metrics=[keras.metrics.AUC(name="auc")],
+        )
+
+    def take(idx):
+        return {"image": x["image"][idx], "meta": x["meta"][idx]}, y[idx].astype("float32")
+
+    (xt, yt), (xv, yv) = take(train_idx), take(val_idx)
+    early = keras.callbacks.EarlyStopping("val_auc", mode="max", patience=cfg.patience)
+    plateau = keras.callbacks.ReduceLROnPlateau(
+        "val_auc", mode="max", factor=0.5, patience=max(1, cfg.patience // 2), min_lr=1e-5, verbose=1
+    )
+    best_ckpt = keras.callbacks.ModelCheckpoint(best_path, "val_auc", mode="max", save_best_only=True)
+    if history:
+        best_ckpt.best = max(h["val_auc"] for h in history)
+    callbacks = [
+        early,
+        plateau,
+        _ResumeState(history, "val_auc").callback(early, plateau),
+        best_ckpt,
+        keras.callbacks.ModelCheckpoint(last_path),
+        keras.callbacks.CSVLogger(str(hist_path), append=True),
+    ]
+    if len(history) < cfg.epochs and not (history and _ResumeState(history, "val_auc").wait >= cfg.patience):
+        t0 = time.time()
+        model.fit(
+            xt,
+            yt,
+            batch_size=cfg.batch_size,
+            epochs=cfg.epochs,
+            initial_epoch=len(history),
+            validation_data=(xv, yv),
+            callbacks=callbacks,
+            verbose=cfg.verbose,
+        )
+        log.info("fold %d: trained in %.0f s", k, time.time() - t0)
+    (fold_dir / "done").write_text(json.dumps({"finished": time.time()}))
+    return keras.saving.load_model(best_path)
+
+
+def cross_validate(data_dir, work_dir, cfg: TrainConfig) -> dict:
+    """Run (or resume) the fold models; write out-of-fold predictions. Returns the CV report."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    dataset = IsicDataset.open(data_dir, limit=cfg.limit)
+    y, groups = dataset.targets(), dataset.groups()
+    spec = FeatureSpec.fit(dataset.metadata)
+    (work / "feature_spec.json").write_text(spec.to_json())
+    fold = make_folds(y, groups, cfg.folds, cfg.seed)
+    log.info(
+        "%d images, %d positives, %d groups, %d folds; decoding at %d px",
+        y.size,
+        y.sum(),
+        len(set(groups)),
+        cfg.folds,
+        cfg.image_size,
+    )
+    t0 = time.time()
+    x = {"image": dataset.load_images(cfg.image_size), "meta": spec.transform(dataset.metadata)}
+    log.info("decoded %d images in %.1f s", y.size, time.time() - t0)
+
+    oof = np.full(y.size, np.nan)
+    oof_spread = np.full(y.size, np.nan)
+    per_fold = []
+    for k in range(cfg.folds):
+        train_idx, val_idx = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+        model = train_fold(k, cfg, work, spec, x, y, train_idx, val_idx)
+        pred_path = work / f"fold{k}" / "oof.npz"
+        if pred_path.exists():
+            saved = np.load(pred_path)
+            mean, spread = saved["mean"], saved["spread"]
+        else:
+            mean, spread = tta_predict(model, x["image"][val_idx], x["meta"][val_idx], tta=cfg.tta)
+            np.savez(pred_path, mean=mean, spread=spread, index=val_idx)
+        oof[val_idx], oof_spread[val_idx] = mean, spread
+        history = _read_history(work / f"fold{k}" / "history.csv")
+        best_epoch = int(np.argmax([h["val_auc"] for h in history])) + 1 if history else None
+        per_fold.append(
+            {
+                "fold": k,
+                "n_train": int(train_idx.size),
+                "n_val": int(val_idx.size),
+                "epochs_run": len(history),
+                "best_epoch": best_epoch,
+                "auc": metrics.auc(y[val_idx], mean),
+                "pauc80": metrics.pauc_above_tpr(y[val_idx], mean),
+            }
+        )
+        log.info("fold %d: AUC %.4f pAUC80 %.4f", k, per_fold[-1]["auc"], per_fold[-1]["pauc80"])
+        del model
+
+    import pandas as pd
+
+    pd.DataFrame({"isic_id": dataset.ids, "fold": fold, "target": y, "oof": oof, "oof_spread": oof_spread}).to_csv(
+        work / "oof.csv", index=False
+    )
+    threshold = metrics.conservative_threshold(y, oof, cfg.target_sensitivity, cfg.threshold_confidence)
+    report = {
+        "data": {"directory": str(Path(data_dir).resolve()), "n": int(y.size), "positives": int(y.sum())},
+        "folds": per_fold,
+        "oof": metrics.summary(y, oof, threshold),
+        "threshold": threshold,
+        "target_sensitivity": cfg.target_sensitivity,
+        "threshold_confidence": cfg.threshold_confidence,
+    }
+    metrics.roc_png(
+        work / "roc.png",
+        {"out-of-fold": (y, oof)},
+        {f"threshold {threshold:.3f}": report["oof"]["operating_point"]},
+        title=f"DermaScan {cfg.folds}-fold CV, {cfg.image_size}px",
+    )
+    (work / "cv_report.json").write_text(json.dumps(report, indent=2))
+    return report
