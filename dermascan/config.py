@@ -1,0 +1,141 @@
+"""Configuration from environment variables (prefix ``DERMASCAN_``), with an embedded default.
+
+Unset, everything lives under the data directory (default ``./var``): a SQLite database, kombu's
+filesystem transport as the queue, the blob store and the secret key, so ``dermascan demo`` runs
+with nothing but Python installed. Production sets ``DERMASCAN_DATABASE_URL`` (PostgreSQL) and
+``DERMASCAN_BROKER_URL`` (Redis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREFIX = "DERMASCAN_"
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+def default_bundle_path() -> Path:
+    return PACKAGE_ROOT.parent / "model" / "bundles" / "default"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("var")
+    database_url: str = ""
+    broker_url: str = ""
+    model_bundle: Path = field(default_factory=default_bundle_path)
+    secret_key: str = ""
+    # the sweeper: studies queued (or processing) longer than these are sent again
+    sweep_queued_after_s: int = 120
+    sweep_processing_after_s: int = 1800
+    sweep_interval_s: int = 60
+    # Redis: an unacknowledged message is redelivered after this; must exceed the longest batch
+    visibility_timeout_s: int = 3600
+    # batching
+    bulk_chunk_size: int = 64
+    batch_max_size: int = 32
+    batch_max_wait_ms: int = 50
+    predict_batch_sizes: tuple[int, ...] = (1, 8, 32, 64)
+    tta: bool | None = None  # None: as the bundle's manifest recommends
+    mixed_precision: bool = False
+    # worker
+    worker_concurrency: int = 1
+    prefetch_threads: int = 4
+    # ingest limits
+    max_request_bytes: int = 512 * 1024 * 1024
+    max_image_bytes: int = 25 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_zip_entries: int = 50_000
+    max_zip_uncompressed_bytes: int = 4 * 1024 * 1024 * 1024
+    max_zip_ratio: int = 200
+    # accounts
+    claim_timeout_s: int = 1800
+    login_attempts_per_minute: int = 10
+    # metrics (Prometheus): the worker serves them on this port (0: off); the admin page reads these URLs
+    metrics_port: int = 0
+    worker_metrics_urls: str = ""
+    # web
+    base_url: str = "http://127.0.0.1:8000"
+    callback_retries: int = 5
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.data_dir / "queue"
+
+    def replace(self, **changes) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: dict | None = None, **overrides) -> Settings:
+        """Read ``DERMASCAN_*`` variables; ``overrides`` win (tests pass them)."""
+        env = os.environ if env is None else env
+        values: dict = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f, raw)
+        values.update(overrides)
+        settings = cls(**values)
+        data_dir = Path(settings.data_dir).resolve()
+        fill: dict = {"data_dir": data_dir, "model_bundle": Path(settings.model_bundle).resolve()}
+        if not settings.database_url:
+            fill["database_url"] = f"sqlite:///{data_dir / 'dermascan.sqlite'}"
+        if not settings.broker_url:
+            fill["broker_url"] = "filesystem://"
+        if not settings.secret_key:
+            fill["secret_key"] = _embedded_secret(data_dir)
+        return dataclasses.replace(settings, **fill)
+
+    def as_env(self) -> dict[str, str]:
+        """The settings as environment variables, for child processes (worker, web)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                value = ",".join(map(str, value))
+            elif isinstance(value, bool):
+                value = "1" if value else "0"
+            out[PREFIX + f.name.upper()] = str(value)
+        return out
+
+
+def _parse(f: dataclasses.Field, raw: str):
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind.startswith("bool"):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if kind == "int":
+        return int(raw)
+    if kind == "Path":
+        return Path(raw)
+    if kind.startswith("tuple"):
+        return tuple(int(v) for v in raw.split(",") if v.strip())
+    return raw
+
+
+def _embedded_secret(data_dir: Path) -> str:
+    """A per-installation secret key kept in the data directory (embedded default only)."""
+    path = data_dir / "secret_key"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(key)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path.read_text().strip()

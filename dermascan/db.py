@@ -1,0 +1,40 @@
+"""Engine and session factory. The session lifecycle stays with the caller (request, task, CLI
+command); domain functions take a ``Session`` and never commit on their own."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import lru_cache
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+
+@lru_cache(maxsize=8)
+def engine_for(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def session_factory(url: str) -> sessionmaker[Session]:
+    return sessionmaker(engine_for(url), expire_on_commit=False)
+
+
+@contextmanager
+def transaction(url_or_factory):
+    """``with transaction(settings.database_url) as session:`` — commit on success, else roll back."""
+    factory = session_factory(url_or_factory) if isinstance(url_or_factory, str) else url_or_factory
+    with factory() as session, session.begin():
+        yield session

@@ -1,0 +1,271 @@
+"""The database schema (SQLAlchemy 2, typed ORM). Alembic migrations in ``migrations/`` are the
+only way it changes; ``tests/test_migrations.py`` checks that the models and the migrations agree."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import uuid
+from typing import Annotated, Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+intpk = Annotated[int, mapped_column(primary_key=True)]
+timestamp = Annotated[dt.datetime, mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())]
+optional_timestamp = Annotated[dt.datetime | None, mapped_column(DateTime(timezone=True))]
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, str: String(255)}
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # VARCHAR + CHECK on both PostgreSQL and SQLite (no PostgreSQL TYPE to migrate)
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=32,
+        values_callable=lambda e: [m.value for m in e],
+    )
+
+
+class Role(enum.StrEnum):
+    UPLOADER = "uploader"
+    SPECIALIST = "specialist"
+    ADMIN = "admin"
+
+
+class StudyStatus(enum.StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Priority(enum.StrEnum):
+    INTERACTIVE = "interactive"
+    BULK = "bulk"
+
+
+class ReferralStatus(enum.StrEnum):
+    OPEN = "open"
+    CLAIMED = "claimed"
+    DECIDED = "decided"
+
+
+class Decision(enum.StrEnum):
+    URGENT = "urgent_in_person_review"
+    BIOPSY = "biopsy_or_excision"
+    FOLLOW_UP = "routine_follow_up"
+    BENIGN = "benign_no_action"
+    POOR_QUALITY = "image_quality_insufficient"
+
+
+class Program(Base):
+    """A hospital site or a teledermatology program; tokens, batches and studies belong to one."""
+
+    __tablename__ = "programs"
+    id: Mapped[intpk]
+    name: Mapped[str] = mapped_column(String(120), unique=True)
+    created_at: Mapped[timestamp]
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[intpk]
+    username: Mapped[str] = mapped_column(String(80), unique=True)
+    password_hash: Mapped[str]
+    role: Mapped[Role] = mapped_column(_enum(Role, "role"))
+    program_id: Mapped[int | None] = mapped_column(ForeignKey("programs.id"))
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[timestamp]
+    last_login_at: Mapped[optional_timestamp]
+
+    program: Mapped[Program | None] = relationship()
+
+
+class ApiToken(Base):
+    """A bearer token for the REST API. Only its sha256 is stored; ``prefix`` identifies it in lists."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[intpk]
+    program_id: Mapped[int] = mapped_column(ForeignKey("programs.id"))
+    name: Mapped[str] = mapped_column(String(120))
+    prefix: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[timestamp]
+    last_used_at: Mapped[optional_timestamp]
+    revoked_at: Mapped[optional_timestamp]
+
+    program: Mapped[Program] = relationship()
+
+
+class ModelBundle(Base):
+    """A deployed model bundle. ``threshold`` starts as the bundle's own and admins may move it."""
+
+    __tablename__ = "model_bundles"
+    version: Mapped[str] = mapped_column(String(80), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    manifest: Mapped[dict[str, Any]]
+    threshold: Mapped[float] = mapped_column(Float)
+    active: Mapped[bool] = mapped_column(default=False)
+    registered_at: Mapped[timestamp]
+    threshold_changed_at: Mapped[optional_timestamp]
+    threshold_changed_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+    __table_args__ = (UniqueConstraint("program_id", "idempotency_key", name="uq_batches_program_idempotency"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    program_id: Mapped[int] = mapped_column(ForeignKey("programs.id"))
+    source: Mapped[str] = mapped_column(String(16))  # portal | api | dicom | cli | demo
+    label: Mapped[str | None] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    callback_status: Mapped[str | None] = mapped_column(String(40))
+    submitted_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id"))
+    total: Mapped[int] = mapped_column(default=0)
+    rejected: Mapped[int] = mapped_column(default=0)
+    report: Mapped[dict[str, Any] | None]  # per-record validation report, kept for idempotent replies
+    created_at: Mapped[timestamp]
+    completed_at: Mapped[optional_timestamp]
+
+    program: Mapped[Program] = relationship()
+    studies: Mapped[list[Study]] = relationship(back_populates="batch")
+
+
+class Study(Base):
+    """One lesion image with its patient metadata, as accepted; scored asynchronously."""
+
+    __tablename__ = "studies"
+    __table_args__ = (
+        UniqueConstraint("program_id", "idempotency_key", name="uq_studies_program_idempotency"),
+        Index("ix_studies_status_enqueued", "status", "enqueued_at"),
+        Index("ix_studies_batch_status", "batch_id", "status"),
+    )
+    id: Mapped[intpk]
+    program_id: Mapped[int] = mapped_column(ForeignKey("programs.id"))
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"))
+    source: Mapped[str] = mapped_column(String(16))
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_pseudonym: Mapped[str | None] = mapped_column(String(64), index=True)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    image_format: Mapped[str] = mapped_column(String(16))
+    image_width: Mapped[int | None]
+    image_height: Mapped[int | None]
+    priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"), default=Priority.BULK)
+    status: Mapped[StudyStatus] = mapped_column(_enum(StudyStatus, "study_status"), default=StudyStatus.QUEUED)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[timestamp]
+    enqueued_at: Mapped[optional_timestamp]
+    started_at: Mapped[optional_timestamp]
+    finished_at: Mapped[optional_timestamp]
+
+    batch: Mapped[Batch | None] = relationship(back_populates="studies")
+    predictions: Mapped[list[Prediction]] = relationship(back_populates="study", order_by="Prediction.created_at")
+    referral: Mapped[Referral | None] = relationship(back_populates="study")
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+    __table_args__ = (
+        UniqueConstraint("study_id", "bundle_version", name="uq_predictions_study_bundle"),
+        CheckConstraint("probability >= 0 AND probability <= 1", name="probability_range"),
+    )
+    id: Mapped[intpk]
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    bundle_version: Mapped[str] = mapped_column(ForeignKey("model_bundles.version"))
+    probability: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    spread: Mapped[float | None] = mapped_column(Float)
+    heatmap_sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[timestamp]
+
+    study: Mapped[Study] = relationship(back_populates="predictions")
+
+
+class Referral(Base):
+    __tablename__ = "referrals"
+    __table_args__ = (Index("ix_referrals_queue", "status", "tier", "created_at"),)
+    id: Mapped[intpk]
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"))
+    probability: Mapped[float] = mapped_column(Float)
+    tier: Mapped[int] = mapped_column(Integer)  # 1 = highest priority
+    status: Mapped[ReferralStatus] = mapped_column(
+        _enum(ReferralStatus, "referral_status"), default=ReferralStatus.OPEN
+    )
+    claimed_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    claimed_at: Mapped[optional_timestamp]
+    decision: Mapped[Decision | None] = mapped_column(_enum(Decision, "decision"))
+    note: Mapped[str | None] = mapped_column(Text)
+    decided_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    decided_at: Mapped[optional_timestamp]
+    created_at: Mapped[timestamp]
+
+    study: Mapped[Study] = relationship(back_populates="referral")
+    prediction: Mapped[Prediction] = relationship()
+    claimed_by: Mapped[User | None] = relationship(foreign_keys=[claimed_by_id])
+    decided_by: Mapped[User | None] = relationship(foreign_keys=[decided_by_id])
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_at", "at"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[timestamp]
+    action: Mapped[str] = mapped_column(String(60))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id"))
+    object_type: Mapped[str | None] = mapped_column(String(40))
+    object_id: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any] | None]
+    ip: Mapped[str | None] = mapped_column(String(64))
+
+    user: Mapped[User | None] = relationship()
