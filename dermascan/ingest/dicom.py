@@ -1,0 +1,216 @@
+"""DICOM → studies: VL Photographic and Dermoscopic Photography images, uncompressed or JPEG
+baseline, with age, sex and anatomic site read from the header.
+
+Used by STOW-RS (``web/dicomweb.py``) and the C-STORE receiver (``dermascan/dicom_scp.py``).
+A JPEG baseline frame is stored as is (it is a JPEG file); uncompressed pixels are stored as
+lossless PNG. Rejections carry the DICOM failure status (PS3.4 / PS3.18) to answer with.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+
+from dermascan.ingest.records import SITE_ALIASES, SITES
+from dermascan.screening import StudyInput
+
+VL_PHOTOGRAPHIC = "1.2.840.10008.5.1.4.1.1.77.1.4"
+DERMOSCOPIC_PHOTOGRAPHY = "1.2.840.10008.5.1.4.1.1.77.1.7"
+SUPPORTED_SOP_CLASSES = {
+    VL_PHOTOGRAPHIC: "VL Photographic Image Storage",
+    DERMOSCOPIC_PHOTOGRAPHY: "Dermoscopic Photography Image Storage",
+}
+SUPPORTED_TRANSFER_SYNTAXES = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit}
+
+# DICOM failure statuses (PS3.4 Annex B, used as FailureReason in STOW-RS responses)
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+CANNOT_UNDERSTAND = 0xC000
+DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+PROCESSING_FAILURE = 0x0110
+
+# SNOMED CT body structures (AnatomicRegionSequence, scheme SCT or SRT) → the model's sites.
+SNOMED_SITES = {
+    "22943007": "torso",  # trunk
+    "77568009": "posterior torso",  # back
+    "302551006": "anterior torso",  # entire thorax
+    "51185008": "anterior torso",  # thorax
+    "113345001": "anterior torso",  # abdomen structure
+    "818983003": "anterior torso",  # abdomen
+    "816094009": "anterior torso",  # abdomen and pelvis
+    "774007": "head/neck",  # head and neck
+    "69536005": "head/neck",  # head
+    "89545001": "head/neck",  # face
+    "45048000": "head/neck",  # neck
+    "41695006": "head/neck",  # scalp
+    "117590005": "head/neck",  # ear
+    "53120007": "upper extremity",  # upper limb
+    "40983000": "upper extremity",  # upper arm
+    "14975008": "upper extremity",  # forearm
+    "85562004": "upper extremity",  # hand
+    "61685007": "lower extremity",  # lower limb
+    "30021000": "lower extremity",  # lower leg
+    "68367000": "lower extremity",  # thigh
+    "56459004": "lower extremity",  # foot
+    "21547004": "palms/soles",  # palm
+    "57999000": "palms/soles",  # sole of foot
+    "263767004": "oral/genital",  # genital structure
+    "74262004": "oral/genital",  # oral cavity
+}
+BODY_PART_SITES = {
+    "TRUNK": "torso", "BACK": "posterior torso", "CHEST": "anterior torso", "THORAX": "anterior torso",
+    "ABDOMEN": "anterior torso", "HEAD": "head/neck", "NECK": "head/neck", "FACE": "head/neck",
+    "HEADNECK": "head/neck", "SCALP": "head/neck", "EAR": "head/neck", "ARM": "upper extremity",
+    "UPRARM": "upper extremity", "FOREARM": "upper extremity", "HAND": "upper extremity",
+    "UPPEREXTREMITY": "upper extremity", "LEG": "lower extremity", "LOWERLEG": "lower extremity",
+    "THIGH": "lower extremity", "FOOT": "lower extremity", "LOWEREXTREMITY": "lower extremity",
+}  # fmt: skip
+
+
+class DicomRejected(ValueError):
+    def __init__(
+        self,
+        reason: str,
+        status: int = CANNOT_UNDERSTAND,
+        sop_class_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+    ):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+
+
+@dataclass
+class ParsedInstance:
+    study: StudyInput
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+def read_part10(data: bytes) -> Dataset:
+    """Parse DICOM Part-10 bytes; a truncated or non-DICOM body raises DicomRejected."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+        ds.SOPClassUID  # noqa: B018 - touch a few elements so a truncated body fails here
+        if "PixelData" in ds:
+            ds.PixelData  # noqa: B018
+    except InvalidDicomError as exc:
+        raise DicomRejected(f"not a DICOM Part-10 file: {exc}") from None
+    except (EOFError, OSError, ValueError, KeyError, AttributeError, TypeError, NotImplementedError) as exc:
+        raise DicomRejected(f"the DICOM file is truncated or malformed: {exc}") from None
+    return ds
+
+
+def parse_age(value) -> float | None:
+    """PatientAge (AS: nnnD/W/M/Y) → years."""
+    if not value:
+        return None
+    match = re.fullmatch(r"(\d{3})([DWMY])", str(value).strip().upper())
+    if not match:
+        return None
+    n = int(match.group(1))
+    return round({"D": n / 365.25, "W": n / 52.18, "M": n / 12.0, "Y": float(n)}[match.group(2)], 2)
+
+
+def parse_sex(value) -> str | None:
+    return {"M": "male", "F": "female"}.get(str(value or "").strip().upper())
+
+
+def parse_site(ds: Dataset) -> str | None:
+    for item in ds.get("AnatomicRegionSequence", []) or []:
+        code = str(item.get("CodeValue", "")).strip()
+        if code in SNOMED_SITES:
+            return SNOMED_SITES[code]
+        meaning = " ".join(str(item.get("CodeMeaning", "")).lower().split())
+        meaning = SITE_ALIASES.get(meaning, meaning)
+        if meaning in SITES:
+            return meaning
+    body_part = re.sub(r"[^A-Z]", "", str(ds.get("BodyPartExamined", "")).upper())
+    return BODY_PART_SITES.get(body_part)
+
+
+def _image_bytes(ds: Dataset) -> bytes:
+    if "PixelData" not in ds:
+        raise DicomRejected("the instance has no pixel data", DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise DicomRejected(
+            f"multi-frame instances ({frames} frames) are not supported", DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+        )
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax not in SUPPORTED_TRANSFER_SYNTAXES:
+        raise DicomRejected(
+            f"transfer syntax {syntax} is not supported (uncompressed or JPEG baseline)", CANNOT_UNDERSTAND
+        )
+    if syntax == JPEGBaseline8Bit:
+        from pydicom.encaps import generate_frames
+
+        try:
+            return next(generate_frames(ds.PixelData, number_of_frames=1))
+        except (StopIteration, ValueError) as exc:
+            raise DicomRejected(f"the encapsulated JPEG frame cannot be read: {exc}") from None
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises several kinds for inconsistent pixel modules
+        raise DicomRejected(f"the pixel data cannot be decoded: {exc}") from None
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if pixels.ndim == 2:
+        if photometric == "MONOCHROME1":
+            pixels = pixels.max() - pixels
+        if pixels.dtype != np.uint8:
+            pixels = (255.0 * (pixels - pixels.min()) / max(1, pixels.max() - pixels.min())).astype(np.uint8)
+        pixels = np.stack([pixels] * 3, axis=-1)
+    elif photometric.startswith("YBR"):
+        from pydicom.pixels import convert_color_space
+
+        pixels = convert_color_space(pixels, photometric, "RGB")
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise DicomRejected(f"unexpected pixel array shape {pixels.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def parse_dataset(ds: Dataset) -> ParsedInstance:
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    sop_instance = str(ds.get("SOPInstanceUID", "") or "")
+    if sop_class not in SUPPORTED_SOP_CLASSES:
+        raise DicomRejected(
+            f"SOP class {sop_class or '(none)'} is not supported (accepted: "
+            + ", ".join(f"{name} {uid}" for uid, name in SUPPORTED_SOP_CLASSES.items()) + ")",
+            SOP_CLASS_NOT_SUPPORTED, sop_class, sop_instance,
+        )  # fmt: skip
+    if not sop_instance:
+        raise DicomRejected("the instance has no SOP Instance UID", CANNOT_UNDERSTAND, sop_class)
+    try:
+        image = _image_bytes(ds)
+    except DicomRejected as exc:
+        exc.sop_class_uid, exc.sop_instance_uid = sop_class, sop_instance
+        raise
+    study = StudyInput(
+        image=image,
+        metadata={
+            "age_approx": parse_age(ds.get("PatientAge")),
+            "sex": parse_sex(ds.get("PatientSex")),
+            "anatom_site_general": parse_site(ds),
+        },
+        external_id=str(ds.get("AccessionNumber", "") or "") or sop_instance,
+        patient_id=str(ds.get("PatientID", "") or "") or None,
+        study_instance_uid=str(ds.get("StudyInstanceUID", "") or "") or None,
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "") or "") or None,
+        sop_instance_uid=sop_instance,
+    )
+    return ParsedInstance(study, sop_class, sop_instance)
+
+
+def parse_part10(data: bytes) -> ParsedInstance:
+    return parse_dataset(read_part10(data))

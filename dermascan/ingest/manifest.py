@@ -1,0 +1,255 @@
+"""Manifests: a CSV with ISIC-2024 column names (one row per lesion image) plus the images, as
+a folder, a ZIP archive, or the ISIC-2024 layout (HDF5 of JPEG bytes + metadata CSV).
+
+Row problems become row-level rejections (the other rows go ahead); a problem with the whole
+input (no CSV, a required column missing, unknown columns, an unsafe ZIP) raises IngestError.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import posixpath
+import zipfile
+from pathlib import Path
+
+from dermascan.ingest.errors import IngestError, Rejection
+from dermascan.ingest.records import FIELD_ALIASES, PASSTHROUGH_NUMERIC, PASSTHROUGH_TEXT
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+ID_COLUMN = "isic_id"
+TEMPLATE_COLUMNS = ["isic_id", "patient_id", "age_approx", "sex", "anatom_site_general"]
+# Columns of the ISIC 2024 / HAM10000 metadata that are accepted and ignored (not model inputs).
+INFORMATIONAL = {
+    "image",
+    "filename",
+    "file",
+    "lesion_id",
+    "target",
+    "localization",
+    "diagnosis",
+    "dx_type",
+    "source",
+    "image_width",
+    "image_height",
+    "attribution",
+    "copyright_license",
+    "iddx_full",
+    "iddx_1",
+    "iddx_2",
+    "iddx_3",
+    "iddx_4",
+    "iddx_5",
+    "mel_mitotic_index",
+    "mel_thick_mm",
+    "tbp_lv_dnn_lesion_confidence",
+    "image_type",
+    "external_id",
+    "note",
+}
+KNOWN = set(TEMPLATE_COLUMNS) | set(FIELD_ALIASES) | set(PASSTHROUGH_NUMERIC) | set(PASSTHROUGH_TEXT) | INFORMATIONAL
+
+
+def is_known_column(name: str) -> bool:
+    return name in KNOWN or name.startswith("tbp_lv_") or name.startswith("tbp_")
+
+
+def template_csv() -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(TEMPLATE_COLUMNS)
+    writer.writerow(["ISIC_0000001", "PAT-0001", "55", "female", "posterior torso"])
+    return buffer.getvalue()
+
+
+def read_csv(text: str) -> list[tuple[int, dict]]:
+    """Parse a manifest CSV → [(line number, row)]. Checks the header as a whole."""
+    text = text.lstrip("\ufeff")
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    if not header:
+        raise IngestError("the manifest CSV is empty (expected a header row: " + ",".join(TEMPLATE_COLUMNS) + ")")
+    reader.fieldnames = header
+    if ID_COLUMN not in header and "image" not in header:
+        raise IngestError(f"the manifest CSV has no {ID_COLUMN!r} column (its columns: {', '.join(header)})")
+    duplicates = sorted({h for h in header if header.count(h) > 1})
+    if duplicates:
+        raise IngestError(f"the manifest CSV repeats column(s) {', '.join(duplicates)}")
+    unknown = [h for h in header if not is_known_column(h)]
+    if unknown:
+        raise IngestError(
+            f"the manifest CSV has unknown column(s) {', '.join(unknown)}; "
+            f"use the ISIC-2024 names ({', '.join(TEMPLATE_COLUMNS)})"
+        )
+    rows = []
+    for row in reader:
+        line = reader.line_num
+        if None in row:  # more cells than header columns
+            rows.append(
+                (line, {"__error__": f"has {len(header) + len(row[None])} cells but the header has {len(header)}"})
+            )
+            continue
+        if all((v or "").strip() == "" for v in row.values()):
+            continue
+        rows.append((line, {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()}))
+    return rows
+
+
+def _image_name(row: dict) -> str | None:
+    return row.get("image") or row.get(ID_COLUMN) or None
+
+
+def rows_to_inputs(rows, find_image) -> tuple[list, list[Rejection]]:
+    """Pair manifest rows with images via ``find_image(name) -> bytes | None``."""
+    from dermascan.screening import StudyInput
+
+    inputs, rejected, seen = [], [], set()
+    for line, row in rows:
+        if "__error__" in row:
+            rejected.append(Rejection(line, f"row {row['__error__']}"))
+            continue
+        name = _image_name(row)
+        external_id = row.get(ID_COLUMN) or name
+        if not name:
+            rejected.append(Rejection(line, f"no {ID_COLUMN}", None, ID_COLUMN))
+            continue
+        if external_id in seen:
+            rejected.append(
+                Rejection(line, f"{ID_COLUMN} {external_id!r} appears twice in the manifest", external_id, ID_COLUMN)
+            )
+            continue
+        seen.add(external_id)
+        data = find_image(name)
+        if data is None:
+            rejected.append(
+                Rejection(line, f"no image named {name!r} (.jpg, .jpeg or .png) was found", external_id, "image")
+            )
+            continue
+        inputs.append(
+            StudyInput(image=data, metadata=row, external_id=external_id, patient_id=row.get("patient_id"), row=line)
+        )
+    return inputs, rejected
+
+
+def from_folder(folder: Path, limit: int | None = None):
+    """A folder of images with an optional ``manifest.csv`` (or ``metadata.csv``); without one,
+    every image is a study with unknown metadata."""
+    folder = Path(folder)
+    images = {p.name.lower(): p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    by_stem = {p.stem.lower(): p for p in images.values()}
+
+    def find(name: str):
+        path = images.get(name.lower()) or by_stem.get(Path(name).stem.lower())
+        return path.read_bytes() if path else None
+
+    csv_path = next((folder / n for n in ("manifest.csv", "metadata.csv") if (folder / n).is_file()), None)
+    if csv_path is None:
+        rows = [(i + 1, {ID_COLUMN: p.stem, "image": p.name}) for i, p in enumerate(sorted(images.values()))]
+    else:
+        rows = read_csv(csv_path.read_text(encoding="utf-8-sig"))
+    return rows_to_inputs(rows[:limit] if limit else rows, find)
+
+
+def isic_layout(folder: Path) -> bool:
+    folder = Path(folder)
+    return any((folder / n).is_file() for n in ("images.hdf5", "train-image.hdf5")) and any(
+        (folder / n).is_file() for n in ("metadata.csv", "train-metadata.csv")
+    )
+
+
+def from_isic_layout(folder: Path, limit: int | None = None, offset: int = 0):
+    """ISIC-2024 layout: rows of the metadata CSV paired with the HDF5's JPEG bytes."""
+    import h5py
+
+    folder = Path(folder)
+    csv_path = next(folder / n for n in ("metadata.csv", "train-metadata.csv") if (folder / n).is_file())
+    h5_path = next(folder / n for n in ("images.hdf5", "train-image.hdf5") if (folder / n).is_file())
+    rows = read_csv(csv_path.read_text(encoding="utf-8-sig"))
+    rows = rows[offset : offset + limit] if limit else rows[offset:]
+    with h5py.File(h5_path, "r") as h5:
+
+        def find(name: str):
+            if name not in h5:
+                return None
+            value = h5[name][()]
+            return value.tobytes() if hasattr(value, "tobytes") else bytes(value)
+
+        return rows_to_inputs(rows, find)
+
+
+def read_zip(data: bytes, max_entries: int, max_total: int, max_ratio: int) -> dict[str, bytes]:
+    """Open a ZIP safely → {name: bytes}: refuses path traversal, absolute names, links, too many
+    entries, too much uncompressed data and suspicious compression ratios (ZIP bombs), checking
+    the declared sizes first and the real ones while reading."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise IngestError("the upload is not a valid ZIP archive") from None
+    infos = [i for i in archive.infolist() if not i.is_dir()]
+    if len(infos) > max_entries:
+        raise IngestError(f"the ZIP has {len(infos):,} files, over the limit of {max_entries:,}")
+    declared = sum(i.file_size for i in infos)
+    if declared > max_total:
+        raise IngestError(f"the ZIP would unpack to {declared:,} bytes, over the limit of {max_total:,}", 413)
+    out: dict[str, bytes] = {}
+    total = 0
+    for info in infos:
+        name = info.filename.replace("\\", "/")
+        normal = posixpath.normpath(name)
+        if (
+            name.startswith("/")
+            or normal.startswith("../")
+            or normal == ".."
+            or "/../" in f"/{name}/"
+            or ":" in name.split("/")[0]
+        ):
+            raise IngestError(
+                f"the ZIP entry {info.filename!r} points outside the archive (path traversal); refusing the archive"
+            )
+        if (info.external_attr >> 16) & 0o170000 == 0o120000:
+            raise IngestError(f"the ZIP entry {info.filename!r} is a symbolic link; refusing the archive")
+        if info.compress_size and info.file_size / info.compress_size > max_ratio:
+            raise IngestError(
+                f"the ZIP entry {info.filename!r} expands {info.file_size / info.compress_size:,.0f}-fold "
+                f"(limit {max_ratio}); refusing a possible ZIP bomb"
+            )
+        with archive.open(info) as member:
+            content = member.read(info.file_size + 1)
+        if len(content) > info.file_size:
+            raise IngestError(f"the ZIP entry {info.filename!r} is larger than it declares; refusing the archive")
+        total += len(content)
+        if total > max_total:
+            raise IngestError(f"the ZIP unpacks to more than {max_total:,} bytes", 413)
+        if normal.startswith("__MACOSX/") or posixpath.basename(normal).startswith("._"):
+            continue
+        out[normal] = content
+    return out
+
+
+def from_zip(data: bytes, settings, csv_text: str | None = None):
+    """A ZIP of images plus a manifest CSV (inside the ZIP, or given separately)."""
+    files = read_zip(data, settings.max_zip_entries, settings.max_zip_uncompressed_bytes, settings.max_zip_ratio)
+    csvs = [n for n in files if n.lower().endswith(".csv")]
+    if csv_text is None:
+        if not csvs:
+            raise IngestError("the ZIP has no manifest CSV (download the template from the upload page)")
+        if len(csvs) > 1:
+            raise IngestError(
+                f"the ZIP has several CSV files ({', '.join(sorted(csvs))}); put exactly one manifest in it"
+            )
+        try:
+            csv_text = files[csvs[0]].decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise IngestError(f"{csvs[0]} is not UTF-8 text") from None
+    images = {}
+    for name, content in files.items():
+        if name.lower().endswith(IMAGE_SUFFIXES):
+            base = posixpath.basename(name).lower()
+            images.setdefault(base, content)
+            images.setdefault(posixpath.splitext(base)[0], content)
+
+    def find(name: str):
+        key = posixpath.basename(name.replace("\\", "/")).lower()
+        return images.get(key) or images.get(posixpath.splitext(key)[0])
+
+    return rows_to_inputs(read_csv(csv_text), find)

@@ -1,0 +1,139 @@
+"""Metadata records → validated ISIC-2024 metadata.
+
+Every ingest path (portal form, manifest CSV, API JSON, DICOM header) produces a plain dict;
+:func:`clean_metadata` checks it and returns the metadata in the model's column names (the
+names of the ISIC 2024 challenge), or raises :class:`FieldError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+
+# The anatomic sites the model's feature spec knows (ISIC 2024 words, plus the three ISIC 2020
+# words HAM10000 needs).
+SITES = (
+    "anterior torso",
+    "posterior torso",
+    "torso",
+    "head/neck",
+    "upper extremity",
+    "lower extremity",
+    "palms/soles",
+    "oral/genital",
+)
+SITE_ALIASES = {
+    "head neck": "head/neck",
+    "head and neck": "head/neck",
+    "face": "head/neck",
+    "scalp": "head/neck",
+    "neck": "head/neck",
+    "ear": "head/neck",
+    "trunk": "torso",
+    "back": "posterior torso",
+    "chest": "anterior torso",
+    "abdomen": "anterior torso",
+    "upper limb": "upper extremity",
+    "arm": "upper extremity",
+    "hand": "upper extremity",
+    "lower limb": "lower extremity",
+    "leg": "lower extremity",
+    "foot": "lower extremity",
+    "acral": "palms/soles",
+    "palms soles": "palms/soles",
+    "genital": "oral/genital",
+    "oral genital": "oral/genital",
+}
+SEXES = {"male": "male", "m": "male", "female": "female", "f": "female"}
+MISSING = {"", "unknown", "na", "n/a", "none", "null", "nan"}
+
+# Accepted names for each field → the ISIC 2024 column name.
+FIELD_ALIASES = {
+    "age_approx": "age_approx",
+    "age": "age_approx",
+    "sex": "sex",
+    "anatom_site_general": "anatom_site_general",
+    "anatom_site": "anatom_site_general",
+    "site": "anatom_site_general",
+}
+# Extra ISIC 2024 columns passed through to the model when present (numbers only).
+PASSTHROUGH_NUMERIC = (
+    "tbp_lv_nevi_confidence",
+    "clin_size_long_diam_mm",
+    "tbp_lv_areaMM2",
+    "tbp_lv_area_perim_ratio",
+    "tbp_lv_color_std_mean",
+    "tbp_lv_deltaLBnorm",
+    "tbp_lv_minorAxisMM",
+)
+PASSTHROUGH_TEXT = ("tbp_tile_type", "tbp_lv_location")
+
+
+class FieldError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _blank(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip().lower() in MISSING
+
+
+def clean_age(value) -> float | None:
+    if _blank(value):
+        return None
+    try:
+        age = float(str(value).strip())
+    except ValueError:
+        raise FieldError("age_approx", f"{value!r} is not a number of years") from None
+    if not math.isfinite(age) or age < 0 or age > 120:
+        raise FieldError("age_approx", f"{value!r} is outside 0–120 years")
+    return age
+
+
+def clean_sex(value) -> str | None:
+    if _blank(value):
+        return None
+    text = str(value).strip().lower()
+    if text not in SEXES:
+        raise FieldError("sex", f"{value!r} is not one of male, female (or empty when unknown)")
+    return SEXES[text]
+
+
+def clean_site(value) -> str | None:
+    if _blank(value):
+        return None
+    text = " ".join(str(value).strip().lower().replace("_", " ").split())
+    text = SITE_ALIASES.get(text, text)
+    if text not in SITES:
+        raise FieldError("anatom_site_general", f"{value!r} is not a known site ({', '.join(SITES)})")
+    return text
+
+
+def clean_metadata(record: dict) -> dict:
+    """Validate and normalise → {age_approx, sex, anatom_site_general, + ISIC extras present}."""
+    values: dict = {}
+    for key, value in record.items():
+        name = FIELD_ALIASES.get(str(key).strip().lower())
+        if name and not _blank(value):
+            values[name] = value
+    out = {
+        "age_approx": clean_age(values.get("age_approx")),
+        "sex": clean_sex(values.get("sex")),
+        "anatom_site_general": clean_site(values.get("anatom_site_general")),
+    }
+    for name in PASSTHROUGH_NUMERIC:
+        if not _blank(record.get(name)):
+            try:
+                number = float(record[name])
+            except (TypeError, ValueError):
+                raise FieldError(name, f"{record[name]!r} is not a number") from None
+            if math.isfinite(number):
+                out[name] = number
+    for name in PASSTHROUGH_TEXT:
+        if not _blank(record.get(name)):
+            out[name] = str(record[name]).strip()
+    return out

@@ -1,0 +1,134 @@
+"""The Celery app: broker, queue names, routing and sending tasks by name.
+
+It lives in the core so the web process and the CLI enqueue work without importing ``worker/``
+(whose task bodies import Keras). Messages carry study ids, never images.
+
+Queues, served in this order by every worker (kombu's ``priority`` cycle: the first non-empty
+queue wins): ``interactive`` (single studies from people waiting), ``bulk`` (chunks of a batch),
+``maintenance`` (heat maps, sweeps, completion callbacks).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+from celery import Celery
+
+from dermascan.config import Settings
+
+log = logging.getLogger(__name__)
+
+INTERACTIVE = "interactive"
+BULK = "bulk"
+MAINTENANCE = "maintenance"
+QUEUES = (INTERACTIVE, BULK, MAINTENANCE)
+
+TASK_SCORE = "dermascan.score"
+TASK_HEATMAPS = "dermascan.heatmaps"
+TASK_SWEEP = "dermascan.sweep"
+TASK_CALLBACK = "dermascan.batch_callback"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("dermascan", set_as_current=False)
+    transport_options: dict = {"queue_order_strategy": "priority"}
+    if settings.broker_url.startswith("filesystem"):
+        folder = settings.queue_dir
+        for sub in ("messages", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport_options = {
+            "data_folder_in": str(folder / "messages"),
+            "data_folder_out": str(folder / "messages"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    else:
+        transport_options.update(
+            visibility_timeout=settings.visibility_timeout_s,
+            socket_timeout=10,
+            socket_connect_timeout=3,
+        )
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_transport_options=transport_options,
+        # the visibility timeout must be set for the result backend too (celery/celery#7651); we
+        # keep no results, state lives in the database
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=BULK,
+        task_queues=None,
+        task_create_missing_queues=True,
+        task_routes={
+            TASK_HEATMAPS: {"queue": MAINTENANCE},
+            TASK_SWEEP: {"queue": MAINTENANCE},
+            TASK_CALLBACK: {"queue": MAINTENANCE},
+        },
+        # a submit must not hang while the broker is down: the studies are already committed
+        # and the sweeper sends them later
+        broker_connection_timeout=3,
+        broker_connection_retry_on_startup=True,
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0.2, "interval_step": 0.2},
+        worker_hijack_root_logger=False,
+        # the child loads TensorFlow and the bundle (and warms up) before it reports alive
+        worker_proc_alive_timeout=900,
+        worker_send_task_events=False,
+        beat_schedule={
+            "sweep": {
+                "task": TASK_SWEEP,
+                "schedule": float(settings.sweep_interval_s),
+                "options": {"queue": MAINTENANCE},
+            }
+        },
+    )
+    app.conf.dermascan_settings = settings
+    return app
+
+
+@lru_cache(maxsize=4)
+def celery_for(settings: Settings) -> Celery:
+    return make_celery(settings)
+
+
+def chunks(ids: Sequence[int], size: int) -> Iterable[list[int]]:
+    for start in range(0, len(ids), size):
+        yield list(ids[start : start + size])
+
+
+def send_scoring(settings: Settings, study_ids: Sequence[int], interactive: bool) -> list[int]:
+    """Send score messages: one per study for interactive work (the worker batches them
+    dynamically), one per chunk of ``bulk_chunk_size`` for bulk work.
+
+    Returns the ids whose message was sent; on a broker failure the rest are left for the
+    sweeper and the error is logged, never raised (the studies are already safely stored).
+    """
+    app = celery_for(settings)
+    queue = INTERACTIVE if interactive else BULK
+    groups = [[i] for i in study_ids] if interactive else list(chunks(list(study_ids), settings.bulk_chunk_size))
+    sent: list[int] = []
+    try:
+        with app.producer_or_acquire() as producer:
+            for group in groups:
+                app.send_task(
+                    TASK_SCORE, args=[group], kwargs={"interactive": interactive}, queue=queue, producer=producer
+                )
+                sent.extend(group)
+    except Exception as exc:  # kombu/redis raise several kinds; all mean "not sent"
+        log.warning("broker unavailable, %d studies left for the sweeper: %s", len(study_ids) - len(sent), exc)
+    return sent
+
+
+def send(settings: Settings, task: str, args: list, queue: str = MAINTENANCE, countdown: float | None = None) -> bool:
+    try:
+        celery_for(settings).send_task(task, args=args, queue=queue, countdown=countdown)
+        return True
+    except Exception as exc:
+        log.warning("could not send %s: %s", task, exc)
+        return False

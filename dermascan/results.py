@@ -1,0 +1,171 @@
+"""Writing screening results: claiming studies for scoring, then predictions, statuses and
+referrals in one transaction — idempotently, so a redelivered message or a second worker never
+writes a second prediction for the same study and bundle version."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from dermascan.schema import Batch, Prediction, Priority, Referral, Study, StudyStatus, utcnow
+
+# Referral priority tiers: 1 is seen first. Probabilities at or above these bounds.
+TIERS = ((0.75, 1), (0.5, 2))
+
+
+def tier_for(probability: float) -> int:
+    for bound, tier in TIERS:
+        if probability >= bound:
+            return tier
+    return 3
+
+
+@dataclass
+class ScoredStudy:
+    study_id: int
+    probability: float
+    spread: float | None = None
+
+
+def claim(session: Session, study_ids: Sequence[int]) -> list[Study]:
+    """The studies of a message that still need scoring (queued, or processing by a worker that
+    died), marked processing. Done and failed studies are skipped: a redelivery does no harm."""
+    rows = list(
+        session.scalars(
+            select(Study)
+            .where(Study.id.in_(list(study_ids)), Study.status.in_([StudyStatus.QUEUED, StudyStatus.PROCESSING]))
+            .order_by(Study.id)
+        )
+    )
+    if rows:
+        session.execute(
+            update(Study)
+            .where(Study.id.in_([s.id for s in rows]))
+            .values(status=StudyStatus.PROCESSING, started_at=utcnow(), attempts=Study.attempts + 1)
+        )
+    return rows
+
+
+def gather_interactive(session: Session, exclude: Sequence[int], limit: int) -> list[int]:
+    """Claim up to ``limit`` more queued interactive studies for a dynamic batch (each still has
+    its own message; when that arrives, the study is done and the message is a no-op)."""
+    if limit <= 0:
+        return []
+    query = (
+        select(Study.id)
+        .where(
+            Study.status == StudyStatus.QUEUED, Study.priority == Priority.INTERACTIVE, Study.id.not_in(list(exclude))
+        )
+        .order_by(Study.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    ids = list(session.scalars(query))
+    if ids:
+        session.execute(
+            update(Study)
+            .where(Study.id.in_(ids), Study.status == StudyStatus.QUEUED)
+            .values(status=StudyStatus.PROCESSING, started_at=utcnow(), attempts=Study.attempts + 1)
+        )
+    return ids
+
+
+def _insert_ignore(session: Session, table, rows: list[dict], conflict: list[str]):
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        stmt = postgresql.insert(table).values(rows).on_conflict_do_nothing(index_elements=conflict)
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(table).values(rows).on_conflict_do_nothing(index_elements=conflict)
+    else:
+        stmt = insert(table).values(rows)
+    session.execute(stmt)
+
+
+def record(
+    session: Session,
+    bundle_version: str,
+    threshold: float,
+    scored: Sequence[ScoredStudy],
+    failed: Sequence[tuple[int, str]] = (),
+) -> dict:
+    """Write one batch's results in the caller's transaction: predictions (one multi-row insert,
+    duplicates ignored), statuses, and referrals for probabilities at or above ``threshold``."""
+    now = utcnow()
+    _insert_ignore(
+        session,
+        Prediction.__table__,
+        [
+            {
+                "study_id": s.study_id,
+                "bundle_version": bundle_version,
+                "probability": float(s.probability),
+                "threshold": float(threshold),
+                "spread": None if s.spread is None else float(s.spread),
+                "created_at": now,
+            }
+            for s in scored
+        ],
+        ["study_id", "bundle_version"],
+    )
+    ids = [s.study_id for s in scored]
+    if ids:
+        session.execute(
+            update(Study).where(Study.id.in_(ids)).values(status=StudyStatus.DONE, finished_at=now, error=None)
+        )
+    for study_id, reason in failed:
+        session.execute(
+            update(Study)
+            .where(Study.id == study_id, Study.status != StudyStatus.DONE)
+            .values(status=StudyStatus.FAILED, finished_at=now, error=reason[:2000])
+        )
+    referred = [s for s in scored if s.probability >= threshold]
+    if referred:
+        predictions = dict(
+            session.execute(
+                select(Prediction.study_id, Prediction.id).where(
+                    Prediction.study_id.in_([s.study_id for s in referred]), Prediction.bundle_version == bundle_version
+                )
+            ).all()
+        )
+        _insert_ignore(
+            session,
+            Referral.__table__,
+            [
+                {
+                    "study_id": s.study_id,
+                    "prediction_id": predictions[s.study_id],
+                    "probability": float(s.probability),
+                    "tier": tier_for(s.probability),
+                    "status": "open",
+                    "created_at": now,
+                }
+                for s in referred
+            ],
+            ["study_id"],
+        )
+    return {"scored": len(ids), "failed": len(failed), "referred": len(referred)}
+
+
+def finished_batches(session: Session, batch_ids: Sequence[str]) -> list[str]:
+    """Of ``batch_ids``, those with no study left queued or processing, not yet marked complete;
+    marks them complete (so a completion callback is sent once)."""
+    done = []
+    for batch_id in set(b for b in batch_ids if b):
+        pending = session.scalar(
+            select(func.count())
+            .select_from(Study)
+            .where(Study.batch_id == batch_id, Study.status.in_([StudyStatus.QUEUED, StudyStatus.PROCESSING]))
+        )
+        if pending == 0:
+            changed = session.execute(
+                update(Batch).where(Batch.id == batch_id, Batch.completed_at.is_(None)).values(completed_at=utcnow())
+            ).rowcount
+            if changed:
+                done.append(batch_id)
+    return done

@@ -1,0 +1,311 @@
+"""The screening service: submit studies → one transaction stores blobs and rows → after the
+commit, enqueue their ids. Used alike by the portal, the REST API, STOW-RS, the C-STORE
+receiver and the CLI.
+
+Persist first, then enqueue: if the broker is down, or the process dies after the commit, the
+sweeper (``sweep``) sends the studies later. Nothing accepted is lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from dermascan import queue
+from dermascan.blobs import BlobStore
+from dermascan.config import Settings
+from dermascan.db import session_factory
+from dermascan.ingest.errors import Rejection
+from dermascan.ingest.images import ImageRejected, inspect_image
+from dermascan.ingest.records import FieldError, clean_metadata
+from dermascan.schema import Batch, Priority, Program, Study, StudyStatus, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyInput:
+    """One study as parsed by an ingest path, before validation."""
+
+    image: bytes
+    metadata: dict = field(default_factory=dict)
+    external_id: str | None = None
+    patient_id: str | None = None
+    idempotency_key: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    row: int | None = None  # where it came from, for the validation report
+
+
+@dataclass
+class Accepted:
+    row: int | None
+    study_id: int
+    external_id: str | None
+    duplicate: bool = False  # same idempotency key seen before: the earlier study is returned
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class SubmitResult:
+    batch_id: str | None
+    accepted: list[Accepted] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    new_study_ids: list[int] = field(default_factory=list)
+    interactive: bool = False
+    replayed: bool = False  # the whole batch was a retry of an earlier one
+
+    def report(self) -> dict:
+        return {
+            "batch_id": self.batch_id,
+            "accepted": len(self.accepted),
+            "rejected": len(self.rejected),
+            "duplicates": sum(a.duplicate for a in self.accepted),
+            "records": [dict(a.to_dict(), status="accepted") for a in self.accepted]
+            + [dict(r.to_dict(), status="rejected") for r in self.rejected],
+        }
+
+
+def pseudonymise(secret_key: str, program_id: int, patient_id: str | None) -> str | None:
+    """A stable, non-reversible patient pseudonym (HMAC-SHA256 keyed by the installation secret)."""
+    if not patient_id or not str(patient_id).strip():
+        return None
+    message = f"{program_id}:{str(patient_id).strip()}".encode()
+    return hmac.new(secret_key.encode(), message, hashlib.sha256).hexdigest()[:32]
+
+
+def get_or_create_program(session: Session, name: str) -> Program:
+    program = session.scalar(select(Program).where(Program.name == name))
+    if program is None:
+        program = Program(name=name)
+        session.add(program)
+        session.flush()
+    return program
+
+
+class SubmitStudies:
+    """Validate and store studies in the caller's transaction (no commit, no enqueue)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        program_id: int,
+        inputs: Sequence[StudyInput],
+        *,
+        source: str,
+        interactive: bool = False,
+        batch: bool = True,
+        label: str | None = None,
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
+        user_id: int | None = None,
+        token_id: int | None = None,
+        prior_rejections: Sequence[Rejection] = (),
+        progress: Callable[[int], None] | None = None,
+    ):
+        self.settings = settings
+        self.program_id = program_id
+        self.inputs = inputs
+        self.source = source
+        self.interactive = interactive
+        self.make_batch = batch
+        self.label = label
+        self.idempotency_key = idempotency_key
+        self.callback_url = callback_url
+        self.user_id = user_id
+        self.token_id = token_id
+        self.prior_rejections = list(prior_rejections)
+        self.progress = progress
+        self.blobs = BlobStore(settings.blob_dir)
+
+    def run(self, session: Session) -> SubmitResult:
+        if self.make_batch and self.idempotency_key:
+            earlier = session.scalar(
+                select(Batch).where(Batch.program_id == self.program_id, Batch.idempotency_key == self.idempotency_key)
+            )
+            if earlier is not None:
+                return replay(earlier)
+        batch = None
+        if self.make_batch:
+            batch = Batch(
+                program_id=self.program_id,
+                source=self.source,
+                label=self.label,
+                idempotency_key=self.idempotency_key,
+                callback_url=self.callback_url,
+                submitted_by_id=self.user_id,
+                token_id=self.token_id,
+            )
+            session.add(batch)
+            session.flush()
+        result = SubmitResult(
+            batch.id if batch else None, rejected=list(self.prior_rejections), interactive=self.interactive
+        )
+        priority = Priority.INTERACTIVE if self.interactive else Priority.BULK
+        seen_keys: dict[str, int] = {}
+        for item in self.inputs:
+            key = item.idempotency_key or (item.sop_instance_uid and f"sop:{item.sop_instance_uid}")
+            existing = self._existing(session, key, seen_keys)
+            if existing is not None:
+                result.accepted.append(Accepted(item.row, existing.id, item.external_id, duplicate=True))
+            else:
+                try:
+                    info = inspect_image(item.image, self.settings.max_image_bytes, self.settings.max_image_pixels)
+                    meta = clean_metadata(item.metadata)
+                except ImageRejected as exc:
+                    result.rejected.append(Rejection(item.row, str(exc), item.external_id, "image"))
+                    self._tick()
+                    continue
+                except FieldError as exc:
+                    result.rejected.append(Rejection(item.row, str(exc), item.external_id, exc.field))
+                    self._tick()
+                    continue
+                study = Study(
+                    program_id=self.program_id,
+                    batch_id=batch.id if batch else None,
+                    source=self.source,
+                    external_id=item.external_id,
+                    idempotency_key=key,
+                    study_instance_uid=item.study_instance_uid,
+                    series_instance_uid=item.series_instance_uid,
+                    sop_instance_uid=item.sop_instance_uid,
+                    patient_pseudonym=pseudonymise(self.settings.secret_key, self.program_id, item.patient_id),
+                    meta=meta,
+                    image_sha256=self.blobs.put(item.image),
+                    image_format=info.format,
+                    image_width=info.width,
+                    image_height=info.height,
+                    priority=priority,
+                    status=StudyStatus.QUEUED,
+                )
+                session.add(study)
+                session.flush()
+                if key:
+                    seen_keys[key] = study.id
+                result.accepted.append(Accepted(item.row, study.id, item.external_id))
+                result.new_study_ids.append(study.id)
+            self._tick()
+        if batch is not None:
+            batch.total = len(result.accepted)
+            batch.rejected = len(result.rejected)
+            batch.report = result.report()
+        return result
+
+    def _tick(self):
+        if self.progress:
+            self.progress(1)
+
+    def _existing(self, session: Session, key: str | None, seen: dict[str, int]) -> Study | None:
+        if not key:
+            return None
+        if key in seen:
+            return session.get(Study, seen[key])
+        return session.scalar(select(Study).where(Study.program_id == self.program_id, Study.idempotency_key == key))
+
+
+def replay(batch: Batch) -> SubmitResult:
+    """The answer to a retried upload (same Idempotency-Key): the first upload's report, no new rows."""
+    report = batch.report or {}
+    result = SubmitResult(batch.id, replayed=True)
+    for record in report.get("records", []):
+        if record.get("status") == "accepted":
+            result.accepted.append(
+                Accepted(
+                    record.get("row"), record["study_id"], record.get("external_id"), record.get("duplicate", False)
+                )
+            )
+        else:
+            result.rejected.append(
+                Rejection(record.get("row"), record["reason"], record.get("external_id"), record.get("field"))
+            )
+    return result
+
+
+def enqueue(settings: Settings, study_ids: Sequence[int], interactive: bool) -> list[int]:
+    """After the commit: send the ids and stamp ``enqueued_at`` on those that were sent."""
+    if not study_ids:
+        return []
+    sent = queue.send_scoring(settings, study_ids, interactive)
+    if sent:
+        factory = session_factory(settings.database_url)
+        with factory() as session, session.begin():
+            now = utcnow()
+            for start in range(0, len(sent), 1000):
+                session.execute(update(Study).where(Study.id.in_(sent[start : start + 1000])).values(enqueued_at=now))
+    return sent
+
+
+def submit(settings: Settings, program_id: int, inputs: Sequence[StudyInput], **options) -> SubmitResult:
+    """Store (one transaction), then enqueue. The convenience used by every ingest path."""
+    command = SubmitStudies(settings, program_id, inputs, **options)
+    factory = session_factory(settings.database_url)
+    try:
+        with factory() as session, session.begin():
+            result = command.run(session)
+    except IntegrityError:
+        # a concurrent request with the same idempotency key won the race: answer as a retry
+        key = options.get("idempotency_key")
+        if not key:
+            raise
+        with factory() as session:
+            earlier = session.scalar(select(Batch).where(Batch.program_id == program_id, Batch.idempotency_key == key))
+            if earlier is None:
+                raise
+            return replay(earlier)
+    enqueue(settings, result.new_study_ids, command.interactive)
+    return result
+
+
+def sweep(settings: Settings, now: dt.datetime | None = None, unsent_after_s: float = 5.0) -> dict:
+    """Re-send studies that fell through the cracks.
+
+    - queued and never sent (the broker was down at submit time), after ``unsent_after_s``;
+    - queued and sent longer ago than ``sweep_queued_after_s`` (a message lost with a broker);
+    - processing for longer than ``sweep_processing_after_s`` (a worker died mid-batch).
+    Each is stamped when re-sent, so a long backlog is not re-sent on every sweep.
+    """
+    now = now or utcnow()
+    factory = session_factory(settings.database_url)
+    with factory() as session, session.begin():
+        rows = session.execute(
+            select(Study.id, Study.priority, Study.status)
+            .where(
+                or_(
+                    and_(
+                        Study.status == StudyStatus.QUEUED,
+                        Study.enqueued_at.is_(None),
+                        Study.created_at < now - dt.timedelta(seconds=unsent_after_s),
+                    ),
+                    and_(
+                        Study.status == StudyStatus.QUEUED,
+                        Study.enqueued_at < now - dt.timedelta(seconds=settings.sweep_queued_after_s),
+                    ),
+                    and_(
+                        Study.status == StudyStatus.PROCESSING,
+                        Study.started_at < now - dt.timedelta(seconds=settings.sweep_processing_after_s),
+                    ),
+                )
+            )
+            .order_by(Study.id)
+            .with_for_update(skip_locked=True)
+        ).all()
+        stuck = [r.id for r in rows if r.status == StudyStatus.PROCESSING]
+        if stuck:
+            session.execute(update(Study).where(Study.id.in_(stuck)).values(status=StudyStatus.QUEUED, started_at=None))
+    interactive = [r.id for r in rows if r.priority == Priority.INTERACTIVE]
+    bulk = [r.id for r in rows if r.priority != Priority.INTERACTIVE]
+    sent = enqueue(settings, interactive, True) + enqueue(settings, bulk, False)
+    if rows:
+        log.info("sweep: %d found (%d were stuck processing), %d re-sent", len(rows), len(stuck), len(sent))
+    return {"found": len(rows), "stuck_processing": len(stuck), "sent": len(sent)}
