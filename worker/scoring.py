@@ -1,0 +1,239 @@
+"""Batched scoring in the worker: claim → read + decode (thread pool, overlapped with the model)
+→ predict → write predictions, statuses and referrals in one transaction.
+
+One study whose image cannot be read or decoded fails alone, with its reason; the rest of its
+batch is scored. The predictor is loaded once per worker process, after the fork.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
+
+from dermascan import bundles, results
+from dermascan.blobs import BlobError, BlobStore
+from dermascan.config import Settings
+from dermascan.db import session_factory
+from dermascan.schema import ModelBundle, Prediction, Study
+
+log = logging.getLogger(__name__)
+
+_process_state: dict = {}
+
+
+class TransientError(Exception):
+    """The database was unreachable: the task is retried (nothing was written)."""
+
+
+def predictor(settings: Settings):
+    """This process's predictor (loaded on first use); registers its bundle in the database."""
+    current = _process_state.get("predictor")
+    if current is None:
+        from model.bundle import read_manifest
+        from model.predictor import Predictor
+
+        manifest = read_manifest(settings.model_bundle, verify=False)
+        tta = settings.tta if settings.tta is not None else bool(manifest.get("inference", {}).get("tta", False))
+        current = Predictor(settings.model_bundle, batch_sizes=settings.predict_batch_sizes, tta=tta)
+        with session_factory(settings.database_url)() as session, session.begin():
+            bundles.register(session, settings.model_bundle, activate=True)
+        _process_state["predictor"] = current
+        log.info("loaded bundle %s (tta=%s)", current.version, tta)
+    return current
+
+
+def warm_up(settings: Settings) -> None:
+    try:
+        predictor(settings).warm_up()
+    except Exception:  # the first task will raise the same error with its context
+        log.exception("warm-up failed")
+
+
+@dataclass
+class Outcome:
+    scored: int = 0
+    failed: int = 0
+    skipped: int = 0
+    referred_ids: list[int] = field(default_factory=list)
+    finished_batches: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {
+            "scored": self.scored,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "referred": len(self.referred_ids),
+            "timings": self.timings,
+        }
+
+
+@dataclass
+class _Item:
+    study_id: int
+    sha256: str
+    meta: dict
+    batch_id: str | None
+
+
+class ScoreStudies:
+    def __init__(self, settings: Settings, study_ids: list[int], interactive: bool = False):
+        self.settings = settings
+        self.study_ids = list(study_ids)
+        self.interactive = interactive
+        self.factory = session_factory(settings.database_url)
+        self.blobs = BlobStore(settings.blob_dir)
+
+    def _claim(self) -> list[_Item]:
+        items: list[_Item] = []
+        try:
+            with self.factory() as session, session.begin():
+                for s in results.claim(session, self.study_ids):
+                    items.append(_Item(s.id, s.image_sha256, dict(s.meta or {}), s.batch_id))
+            if self.interactive:
+                items += self._gather(items)
+        except OperationalError as exc:
+            raise TransientError(str(exc)) from exc
+        return items
+
+    def _gather(self, items: list[_Item]) -> list[_Item]:
+        """Dynamic batching: add queued interactive studies until the batch is full or the
+        maximum wait has passed (as Triton's dynamic batcher does)."""
+        extra: list[_Item] = []
+        deadline = time.monotonic() + self.settings.batch_max_wait_ms / 1000.0
+        seen = [i.study_id for i in items]
+        while len(items) + len(extra) < self.settings.batch_max_size:
+            with self.factory() as session, session.begin():
+                ids = results.gather_interactive(session, seen, self.settings.batch_max_size - len(items) - len(extra))
+                if ids:
+                    for s in session.scalars(select(Study).where(Study.id.in_(ids))):
+                        extra.append(_Item(s.id, s.image_sha256, dict(s.meta or {}), s.batch_id))
+                    seen += ids
+            if time.monotonic() >= deadline:
+                break
+            if not ids:
+                time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
+        return extra
+
+    def _prepare(self, pred, items: list[_Item]):
+        """Read blobs and decode (runs in a thread while the model works on the previous piece)."""
+        t0 = time.perf_counter()
+        images, failed, keep = [], [], []
+        for item in items:
+            try:
+                images.append(self.blobs.get(item.sha256))
+                keep.append(item)
+            except BlobError as exc:
+                failed.append((item.study_id, str(exc)))
+        t1 = time.perf_counter()
+        pixels, meta, errors, ok = pred.pre_process(images, [i.meta for i in keep], [i.study_id for i in keep])
+        for index, error in errors.items():
+            failed.append((keep[index].study_id, f"image cannot be decoded: {error.reason}"))
+        t2 = time.perf_counter()
+        return [keep[i] for i in ok], pixels, meta, failed, (t1 - t0, t2 - t1)
+
+    def run(self) -> Outcome:
+        pred = predictor(self.settings)
+        outcome = Outcome(skipped=0)
+        items = self._claim()
+        outcome.skipped = len(self.study_ids) - sum(1 for i in items if i.study_id in set(self.study_ids))
+        if not items:
+            return outcome
+        piece = max(pred.batch_sizes)
+        pieces = [items[i : i + piece] for i in range(0, len(items), piece)]
+        scored: list[results.ScoredStudy] = []
+        failed: list[tuple[int, str]] = []
+        timing = {"read": 0.0, "decode": 0.0, "infer": 0.0, "write": 0.0}
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(self._prepare, pred, pieces[0])
+            for n in range(len(pieces)):
+                kept, pixels, meta, bad, (t_read, t_decode) = future.result()
+                if n + 1 < len(pieces):
+                    future = pool.submit(self._prepare, pred, pieces[n + 1])
+                timing["read"] += t_read
+                timing["decode"] += t_decode
+                failed += bad
+                t0 = time.perf_counter()
+                mean, spread = pred.predict(pixels, meta)
+                timing["infer"] += time.perf_counter() - t0
+                for j, item in enumerate(kept):
+                    scored.append(
+                        results.ScoredStudy(item.study_id, float(mean[j]), None if spread is None else float(spread[j]))
+                    )
+        t0 = time.perf_counter()
+        try:
+            with self.factory() as session, session.begin():
+                bundle = session.get(ModelBundle, pred.version)
+                threshold = bundle.threshold if bundle is not None else pred.threshold
+                results.record(session, pred.version, threshold, scored, failed)
+                outcome.finished_batches = results.finished_batches(session, [i.batch_id for i in items])
+        except OperationalError as exc:
+            raise TransientError(str(exc)) from exc
+        timing["write"] = time.perf_counter() - t0
+        outcome.scored, outcome.failed = len(scored), len(failed)
+        outcome.referred_ids = [s.study_id for s in scored if s.probability >= threshold]
+        outcome.timings = {k: round(v, 4) for k, v in timing.items()}
+        outcome.timings["batch_size"] = len(items)
+        log.info(
+            "scored %d, failed %d, referred %d (%s)",
+            outcome.scored,
+            outcome.failed,
+            len(outcome.referred_ids),
+            outcome.timings,
+        )
+        return outcome
+
+
+def display_image(data: bytes, longest: int = 512) -> np.ndarray:
+    """The study image as RGB, at most ``longest`` pixels on its longer side (for overlays)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+        image.thumbnail((longest, longest))
+        return np.asarray(image)
+
+
+def make_heatmaps(settings: Settings, study_ids: list[int]) -> int:
+    """Grad-CAM overlays for referred studies, stored as blobs on their prediction rows."""
+    from model.gradcam import GradCam, overlay_png
+
+    pred = predictor(settings)
+    cam = _process_state.get("gradcam")
+    if cam is None:
+        cam = _process_state["gradcam"] = GradCam(pred.network)
+    blobs = BlobStore(settings.blob_dir)
+    factory = session_factory(settings.database_url)
+    made = 0
+    with factory() as session:
+        rows = session.execute(
+            select(Study, Prediction)
+            .join(Prediction, Prediction.study_id == Study.id)
+            .where(
+                Study.id.in_(study_ids), Prediction.bundle_version == pred.version, Prediction.heatmap_sha256.is_(None)
+            )
+        ).all()
+    for study, prediction in rows:
+        try:
+            pixels, meta, errors, _ = pred.pre_process([blobs.get(study.image_sha256)], [study.meta or {}])
+        except BlobError:
+            continue
+        if errors:
+            continue
+        heat = cam.heatmap(pixels, meta)
+        original = display_image(blobs.get(study.image_sha256))
+        heat = (
+            np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(original.shape[1::-1], Image.BICUBIC))
+            / 255.0
+        )
+        digest = blobs.put(overlay_png(original, heat))
+        with factory() as session, session.begin():
+            session.execute(update(Prediction).where(Prediction.id == prediction.id).values(heatmap_sha256=digest))
+        made += 1
+    return made

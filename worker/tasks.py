@@ -1,0 +1,58 @@
+"""Celery tasks: thin. They unpack ids, call the scoring commands and enqueue follow-ups."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import current_app, shared_task
+
+from dermascan import queue
+from dermascan.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _settings() -> Settings:
+    return current_app.conf.dermascan_settings
+
+
+@shared_task(name=queue.TASK_SCORE, bind=True, acks_late=True, max_retries=5, default_retry_delay=10)
+def score(self, study_ids: list[int], interactive: bool = False) -> dict:
+    from worker import scoring
+
+    settings = _settings()
+    try:
+        outcome = scoring.ScoreStudies(settings, study_ids, interactive=interactive).run()
+    except scoring.TransientError as exc:
+        raise self.retry(exc=exc) from exc
+    if outcome.referred_ids:
+        queue.send(settings, queue.TASK_HEATMAPS, [outcome.referred_ids])
+    for batch_id in outcome.finished_batches:
+        queue.send(settings, queue.TASK_CALLBACK, [batch_id, 0])
+    return outcome.summary()
+
+
+@shared_task(name=queue.TASK_HEATMAPS, acks_late=True)
+def heatmaps(study_ids: list[int]) -> int:
+    from worker import scoring
+
+    return scoring.make_heatmaps(_settings(), study_ids)
+
+
+@shared_task(name=queue.TASK_SWEEP)
+def sweep() -> dict:
+    from dermascan.screening import sweep as run_sweep
+
+    return run_sweep(_settings())
+
+
+@shared_task(name=queue.TASK_CALLBACK, acks_late=True)
+def batch_callback(batch_id: str, attempt: int = 0) -> str:
+    from dermascan import callbacks
+
+    settings = _settings()
+    status = callbacks.deliver(settings, batch_id, attempt)
+    if status == "retry":
+        delay = min(600, 2 ** (attempt + 1))
+        queue.send(settings, queue.TASK_CALLBACK, [batch_id, attempt + 1], countdown=delay)
+    return status
