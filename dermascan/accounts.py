@@ -1,0 +1,69 @@
+"""Users, roles and API tokens (hashed passwords; tokens stored as sha256 only)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from dermascan.schema import ApiToken, Role, User, utcnow
+
+TOKEN_PREFIX = "dsk_"
+MIN_PASSWORD = 10
+
+
+class AccountError(ValueError):
+    pass
+
+
+def create_user(
+    session: Session, username: str, password: str, role: Role | str, program_id: int | None = None
+) -> User:
+    username = username.strip()
+    if not username or len(username) > 80:
+        raise AccountError("a username of 1–80 characters is needed")
+    if len(password) < MIN_PASSWORD:
+        raise AccountError(f"the password must have at least {MIN_PASSWORD} characters")
+    if session.scalar(select(User).where(User.username == username)):
+        raise AccountError(f"the user {username!r} already exists")
+    user = User(
+        username=username, password_hash=generate_password_hash(password), role=Role(role), program_id=program_id
+    )
+    session.add(user)
+    session.flush()
+    return user
+
+
+def authenticate(session: Session, username: str, password: str) -> User | None:
+    user = session.scalar(select(User).where(User.username == username.strip()))
+    if user is None or not user.active or not check_password_hash(user.password_hash, password):
+        return None
+    user.last_login_at = utcnow()
+    return user
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(
+    session: Session, program_id: int, name: str, created_by_id: int | None = None
+) -> tuple[ApiToken, str]:
+    """A new bearer token; the plain value is returned once and never stored."""
+    plain = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken(
+        program_id=program_id, name=name, prefix=plain[:10], token_hash=hash_token(plain), created_by_id=created_by_id
+    )
+    session.add(token)
+    session.flush()
+    return token, plain
+
+
+def token_for(session: Session, plain: str) -> ApiToken | None:
+    token = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(plain)))
+    if token is None or token.revoked_at is not None:
+        return None
+    return token

@@ -1,0 +1,62 @@
+"""The audit trail: one row per case view, claim, release and decision, login and token use."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable
+
+from sqlalchemy.orm import Session
+
+from dermascan.schema import AuditEvent, utcnow
+
+
+def record(
+    session: Session,
+    action: str,
+    *,
+    user_id: int | None = None,
+    token_id: int | None = None,
+    object_type: str | None = None,
+    object_id=None,
+    detail: dict | None = None,
+    ip: str | None = None,
+) -> AuditEvent:
+    event = AuditEvent(
+        at=utcnow(),
+        action=action,
+        user_id=user_id,
+        token_id=token_id,
+        object_type=object_type,
+        object_id=None if object_id is None else str(object_id),
+        detail=detail,
+        ip=ip,
+    )
+    session.add(event)
+    return event
+
+
+CSV_COLUMNS = ["id", "at", "action", "user", "token_id", "object_type", "object_id", "detail", "ip"]
+
+
+def to_csv(events: Iterable[AuditEvent]) -> str:
+    import json
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for e in events:
+        writer.writerow(
+            [
+                e.id,
+                e.at.isoformat() if e.at else "",
+                e.action,
+                e.user.username if e.user else "",
+                e.token_id or "",
+                e.object_type or "",
+                e.object_id or "",
+                json.dumps(e.detail, sort_keys=True) if e.detail else "",
+                e.ip or "",
+            ]
+        )
+    return buffer.getvalue()

@@ -1,0 +1,374 @@
+"""The ``dermascan`` command line.
+
+Model commands (train, evaluate) import Keras inside the command, so ``dermascan web`` and the
+other commands never load it. ``worker`` and ``web`` replace this process with Celery / gunicorn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+from sqlalchemy import select
+
+from dermascan.config import Settings
+from dermascan.db import session_factory
+
+log = logging.getLogger("dermascan")
+
+
+def _settings(ctx) -> Settings:
+    return ctx.obj
+
+
+@click.group()
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Overrides DERMASCAN_DATA_DIR.")
+@click.option("-v", "--verbose", is_flag=True)
+@click.pass_context
+def main(ctx, data_dir, verbose):
+    """DermaScan: bulk skin-lesion screening (not a medical device)."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides = {"data_dir": data_dir} if data_dir else {}
+    ctx.obj = Settings.from_env(**overrides)
+
+
+# -- database ------------------------------------------------------------------------------------
+@main.group()
+def db():
+    """Database migrations (Alembic)."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+@click.pass_context
+def db_upgrade(ctx, revision):
+    """Migrate the database to REVISION (default: head)."""
+    from dermascan import migrate
+
+    migrate.upgrade(_settings(ctx).database_url, revision)
+    click.echo(f"database at {revision}: {_redact(_settings(ctx).database_url)}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+@click.pass_context
+def db_downgrade(ctx, revision):
+    """Migrate the database down to REVISION ('base' empties it)."""
+    from dermascan import migrate
+
+    migrate.downgrade(_settings(ctx).database_url, revision)
+    click.echo(f"database at {revision}")
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+# -- processes -----------------------------------------------------------------------------------
+def worker_command(settings: Settings, queues: str, concurrency: int, beat: bool, pool: str) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+        "--queues", queues, "--concurrency", str(concurrency), "--pool", pool,
+        "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--hostname", f"dermascan-{os.getpid()}@%h",
+    ]  # fmt: skip
+    if beat:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd += ["--beat", "--schedule", str(settings.data_dir / "celerybeat-schedule")]
+    return cmd
+
+
+@main.command()
+@click.option("--queues", default="interactive,bulk,maintenance", show_default=True, help="Served in this order.")
+@click.option("--concurrency", type=int, default=None, help="Worker processes (default DERMASCAN_WORKER_CONCURRENCY).")
+@click.option("--beat/--no-beat", default=False, help="Also run the sweeper schedule (one per deployment).")
+@click.option("--pool", default="prefork", show_default=True)
+@click.pass_context
+def worker(ctx, queues, concurrency, beat, pool):
+    """Run a Celery worker that scores studies."""
+    settings = _settings(ctx)
+    cmd = worker_command(settings, queues, concurrency or settings.worker_concurrency, beat, pool)
+    os.execvpe(cmd[0], cmd, {**os.environ, **settings.as_env()})
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.pass_context
+def web(ctx, host, port, workers):
+    """Serve the portal, the REST API and DICOMweb with gunicorn."""
+    settings = _settings(ctx)
+    cmd = web_command(host, port, workers)
+    os.execvpe(cmd[0], cmd, {**os.environ, **settings.as_env()})
+
+
+def web_command(host: str, port: int, workers: int) -> list[str]:
+    return [
+        sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(workers),
+        "--threads", "4", "--timeout", "300", "--access-logfile", "-", "web:create_app()",
+    ]  # fmt: skip
+
+
+@main.command()
+@click.pass_context
+def sweep(ctx):
+    """Re-send studies left queued (or stuck processing) too long."""
+    from dermascan.screening import sweep as run_sweep
+
+    click.echo(json.dumps(run_sweep(_settings(ctx))))
+
+
+# -- submitting and results ----------------------------------------------------------------------
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--program", default="default", show_default=True, help="Program or site the studies belong to.")
+@click.option("--label", help="A name for the batch.")
+@click.option("--limit", type=int, help="Only the first N records.")
+@click.option("--interactive", is_flag=True, help="Queue as interactive work (served before bulk).")
+@click.option("--idempotency-key", help="Re-running with the same key creates nothing new.")
+@click.pass_context
+def submit(ctx, path, program, label, limit, interactive, idempotency_key):
+    """Submit a folder of images (+ manifest.csv), a ZIP, or ISIC-2024-layout data. Prints the batch id."""
+    from tqdm import tqdm
+
+    from dermascan.ingest import manifest
+    from dermascan.ingest.errors import IngestError
+    from dermascan.screening import get_or_create_program
+    from dermascan.screening import submit as do_submit
+
+    settings = _settings(ctx)
+    _ensure_db(settings)
+    try:
+        if path.is_dir() and manifest.isic_layout(path):
+            inputs, rejected = manifest.from_isic_layout(path, limit)
+        elif path.is_dir():
+            inputs, rejected = manifest.from_folder(path, limit)
+        elif path.suffix.lower() == ".zip":
+            inputs, rejected = manifest.from_zip(path.read_bytes(), settings)
+        else:
+            raise click.UsageError(f"{path}: expected a folder, a ZIP or an ISIC-2024-layout folder")
+    except IngestError as exc:
+        raise click.ClickException(str(exc)) from exc
+    with session_factory(settings.database_url)() as session, session.begin():
+        program_id = get_or_create_program(session, program).id
+    with tqdm(total=len(inputs), desc="storing", unit="study", file=sys.stderr, disable=None) as bar:
+        result = do_submit(
+            settings, program_id, inputs, source="cli", interactive=interactive, label=label or path.name,
+            idempotency_key=idempotency_key, prior_rejections=rejected, progress=bar.update,
+        )  # fmt: skip
+    for r in result.rejected:
+        click.echo(f"rejected row {r.row} ({r.external_id or '-'}): {r.reason}", err=True)
+    click.echo(
+        f"{len(result.accepted)} accepted ({sum(a.duplicate for a in result.accepted)} already known), "
+        f"{len(result.rejected)} rejected",
+        err=True,
+    )
+    click.echo(result.batch_id)
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json", "table"]), default="table", show_default=True)
+@click.option("--wait", type=float, default=0, help="Wait up to this many seconds for the batch to finish.")
+@click.pass_context
+def results(ctx, batch_id, fmt, wait):
+    """Print a batch's results."""
+    from dermascan import reports
+    from dermascan.schema import Batch
+
+    settings = _settings(ctx)
+    factory = session_factory(settings.database_url)
+    deadline = time.monotonic() + wait
+    while True:
+        with factory() as session:
+            batch = session.get(Batch, batch_id)
+            if batch is None:
+                raise click.ClickException(f"no batch {batch_id}")
+            summary = reports.batch_summary(session, batch)
+            rows = reports.result_rows(session, batch_id)
+        if summary["state"] != "running" or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if fmt == "csv":
+        click.echo(reports.to_csv(rows), nl=False)
+    elif fmt == "json":
+        click.echo(json.dumps({"batch": summary, "results": rows}, indent=2))
+    else:
+        click.echo(_table(rows))
+        click.echo(f"\n{summary['state']}: {summary['counts']}")
+
+
+def _table(rows: list[dict], extra: dict | None = None) -> str:
+    header = f"{'study':>6}  {'external id':<16} {'status':<10} {'probability':>11}  {'referred':<8}"
+    if extra:
+        header += "  " + "  ".join(extra)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        p = "" if row["probability"] is None else f"{row['probability']:.3f}"
+        ref = "" if row["referred"] is None else ("YES" if row["referred"] else "no")
+        line = f"{row['study_id']:>6}  {(row['external_id'] or '')[:16]:<16} {row['status']:<10} {p:>11}  {ref:<8}"
+        if extra:
+            line += "  " + "  ".join(str(f(row)) for f in extra.values())
+        if row.get("error"):
+            line += f"  ({row['error']})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _ensure_db(settings: Settings) -> None:
+    if settings.is_embedded:
+        from dermascan import migrate
+
+        migrate.upgrade(settings.database_url)
+
+
+# -- accounts ------------------------------------------------------------------------------------
+@main.group()
+def user():
+    """Portal accounts."""
+
+
+@user.command("add")
+@click.argument("username")
+@click.option("--role", type=click.Choice(["uploader", "specialist", "admin"]), required=True)
+@click.option("--program", default="default", show_default=True)
+@click.password_option(help="Prompted for when not given.")
+@click.pass_context
+def user_add(ctx, username, role, program, password):
+    """Create a portal user."""
+    from dermascan.accounts import AccountError, create_user
+    from dermascan.screening import get_or_create_program
+
+    settings = _settings(ctx)
+    with session_factory(settings.database_url)() as session, session.begin():
+        try:
+            create_user(session, username, password, role, get_or_create_program(session, program).id)
+        except AccountError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(f"user {username} ({role}) created")
+
+
+@main.group()
+def token():
+    """REST API tokens."""
+
+
+@token.command("create")
+@click.argument("name")
+@click.option("--program", required=True, help="The program or site the token is scoped to.")
+@click.pass_context
+def token_create(ctx, name, program):
+    """Create an API token (printed once; only its hash is stored)."""
+    from dermascan.accounts import create_token
+    from dermascan.screening import get_or_create_program
+
+    settings = _settings(ctx)
+    with session_factory(settings.database_url)() as session, session.begin():
+        _, plain = create_token(session, get_or_create_program(session, program).id, name)
+    click.echo(plain)
+
+
+# -- the demo ------------------------------------------------------------------------------------
+EXAMPLES = Path(__file__).resolve().parent / "examples"
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Exit after printing the table (do not serve the portal).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the scores.")
+@click.pass_context
+def demo(ctx, once, port, timeout):
+    """Screen the bundled example studies end to end (worker process + portal), embedded default."""
+    from dermascan import bundles, migrate, reports
+    from dermascan.accounts import create_user
+    from dermascan.ingest import manifest
+    from dermascan.schema import Batch, Role, User
+    from dermascan.screening import get_or_create_program
+    from dermascan.screening import submit as do_submit
+
+    settings = _settings(ctx)
+    click.echo(f"data directory: {settings.data_dir}")
+    click.echo(f"database:       {_redact(settings.database_url)}")
+    click.echo(f"queue:          {settings.broker_url.split('://')[0]}")
+    click.echo(f"model bundle:   {settings.model_bundle}")
+    migrate.upgrade(settings.database_url)
+    password = None
+    factory = session_factory(settings.database_url)
+    with factory() as session, session.begin():
+        program = get_or_create_program(session, "demo")
+        if session.scalar(select(User).where(User.username == "admin")) is None:
+            password = secrets.token_urlsafe(12)
+            create_user(session, "admin", password, Role.ADMIN, program.id)
+        bundles.register(session, settings.model_bundle)
+        program_id = program.id
+
+    env = {**os.environ, **settings.as_env()}
+    worker_proc = subprocess.Popen(worker_command(settings, "interactive,bulk,maintenance", 1, True, "prefork"), env=env,
+                                   stdout=open(settings.data_dir / "worker.log", "ab"), stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+    click.echo(f"worker started (pid {worker_proc.pid}, log {settings.data_dir / 'worker.log'})")
+    web_proc = None
+    try:
+        inputs, rejected = manifest.from_folder(EXAMPLES)
+        diagnosis = {i.external_id: i.metadata.get("diagnosis", "") for i in inputs}
+        result = do_submit(
+            settings, program_id, inputs, source="demo", label="demo examples", prior_rejections=rejected
+        )
+        click.echo(f"submitted {len(result.accepted)} example studies as batch {result.batch_id}; waiting for scores…")
+        deadline = time.monotonic() + timeout
+        while True:
+            with factory() as session:
+                summary = reports.batch_summary(session, session.get(Batch, result.batch_id))
+            if summary["state"] == "complete":
+                break
+            if worker_proc.poll() is not None:
+                raise click.ClickException(
+                    f"the worker exited (code {worker_proc.returncode}); see {settings.data_dir / 'worker.log'}"
+                )
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"not scored within {timeout:.0f} s: {summary['counts']}")
+            time.sleep(0.5)
+        with factory() as session:
+            rows = reports.result_rows(session, result.batch_id)
+        click.echo()
+        click.echo(_table(rows, {"HAM10000 dx": lambda r: diagnosis.get(r["external_id"], "")}))
+        if rows and rows[0]["threshold"] is not None:
+            click.echo(
+                f"\nreferral threshold {rows[0]['threshold']:.4f} (bundle {rows[0]['bundle_version']}); not a medical device"
+            )
+        if once:
+            return
+        web_proc = subprocess.Popen(web_command("127.0.0.1", port, 2), env=env, start_new_session=True)
+        click.echo(f"\nportal: http://127.0.0.1:{port}/")
+        click.echo("login:  admin / " + (password or "(the password printed by the first demo run)"))
+        click.echo("Ctrl-C stops the portal and the worker.")
+        web_proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for proc in (web_proc, worker_proc):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in (web_proc, worker_proc):
+            if proc is not None:
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    main()
