@@ -1,0 +1,50 @@
+"""The Flask app: portal, referral queue, REST API and DICOMweb.
+
+Never imports ``model`` code that loads Keras or TensorFlow: the portal must start fast and small
+(``tests/test_doors.py`` checks it). Blueprints are imported inside the factory.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, g
+
+from dermascan.config import Settings
+from dermascan.db import session_factory
+
+
+def create_app(settings: Settings | None = None, test_config: dict | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config.from_mapping(
+        SECRET_KEY=settings.secret_key,
+        MAX_CONTENT_LENGTH=settings.max_request_bytes,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        WTF_CSRF_TIME_LIMIT=None,
+        DERMASCAN=settings,
+    )
+    if test_config:
+        app.config.from_mapping(test_config)
+    app.extensions["dermascan_sessions"] = session_factory(settings.database_url)
+
+    from web import extensions
+
+    extensions.init_app(app)
+
+    @app.teardown_appcontext
+    def _close_session(exc):
+        session = g.pop("db", None)
+        if session is not None:
+            if exc is not None:
+                session.rollback()
+            session.close()
+
+    from web import api, auth, portal
+
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(portal.bp)
+    app.register_blueprint(api.bp)
+    for name in ("dicomweb", "referrals", "admin"):
+        module = __import__(f"web.{name}", fromlist=["bp"])
+        app.register_blueprint(module.bp)
+    return app

@@ -1,0 +1,159 @@
+"""Admin pages: users, API tokens, the audit trail (with CSV export), the operating point
+(referral threshold) and the worker metrics."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, abort, flash, redirect, render_template, request, url_for
+from flask_login import current_user
+from flask_wtf import FlaskForm
+from sqlalchemy import select
+from wtforms import BooleanField, DecimalField, PasswordField, SelectField, StringField
+from wtforms.validators import DataRequired, Length, NumberRange
+
+from dermascan import audit, bundles
+from dermascan.accounts import AccountError, create_token, create_user
+from dermascan.operating_point import at_threshold
+from dermascan.schema import ApiToken, AuditEvent, Program, User, utcnow
+from dermascan.screening import get_or_create_program
+from web.helpers import audit_event, db, role_required
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+
+class UserForm(FlaskForm):
+    username = StringField("Username", validators=[DataRequired(), Length(max=80)])
+    password = PasswordField("Password", validators=[DataRequired(), Length(min=10, max=200)])
+    role = SelectField("Role", choices=[("uploader", "uploader"), ("specialist", "specialist"), ("admin", "admin")])
+    program = StringField("Program / site", default="default", validators=[DataRequired(), Length(max=120)])
+
+
+class TokenForm(FlaskForm):
+    name = StringField("Token name", validators=[DataRequired(), Length(max=120)])
+    program = StringField("Program / site", validators=[DataRequired(), Length(max=120)])
+
+
+class RevokeForm(FlaskForm):
+    pass
+
+
+class ThresholdForm(FlaskForm):
+    threshold = DecimalField("Referral threshold", places=4, validators=[DataRequired(), NumberRange(0.0001, 0.9999)])
+    confirm = BooleanField("I have checked the sensitivity and specificity above")
+
+
+@bp.route("/users", methods=["GET", "POST"])
+@role_required("admin")
+def users():
+    form = UserForm()
+    if form.validate_on_submit():
+        try:
+            user = create_user(
+                db(),
+                form.username.data,
+                form.password.data,
+                form.role.data,
+                get_or_create_program(db(), form.program.data.strip()).id,
+            )
+        except AccountError as exc:
+            db().rollback()
+            flash(str(exc), "error")
+        else:
+            audit_event("user_created", object_type="user", object_id=user.username, detail={"role": form.role.data})
+            db().commit()
+            flash(f"User {user.username} ({form.role.data}) created.", "info")
+            return redirect(url_for("admin.users"))
+    rows = list(db().scalars(select(User).order_by(User.username)))
+    return render_template("admin_users.html", form=form, users=rows)
+
+
+@bp.route("/tokens", methods=["GET", "POST"])
+@role_required("admin")
+def tokens():
+    form = TokenForm()
+    plain = None
+    if form.validate_on_submit():
+        token, plain = create_token(
+            db(), get_or_create_program(db(), form.program.data.strip()).id, form.name.data, current_user.id
+        )
+        audit_event("token_created", object_type="token", object_id=token.id, detail={"name": token.name})
+        db().commit()
+    rows = list(db().scalars(select(ApiToken).order_by(ApiToken.created_at.desc())))
+    return render_template("admin_tokens.html", form=form, tokens=rows, plain=plain, revoke=RevokeForm())
+
+
+@bp.post("/tokens/<int:token_id>/revoke")
+@role_required("admin")
+def revoke_token(token_id):
+    if not RevokeForm().validate_on_submit():
+        abort(400)
+    token = db().get(ApiToken, token_id)
+    if token is None:
+        abort(404)
+    token.revoked_at = token.revoked_at or utcnow()
+    audit_event("token_revoked", object_type="token", object_id=token.id)
+    db().commit()
+    return redirect(url_for("admin.tokens"))
+
+
+@bp.get("/audit")
+@role_required("admin")
+def audit_log():
+    page = max(1, request.args.get("page", 1, type=int))
+    action = request.args.get("action") or None
+    query = select(AuditEvent).order_by(AuditEvent.id.desc())
+    if action:
+        query = query.where(AuditEvent.action == action)
+    events = list(db().scalars(query.offset((page - 1) * 100).limit(100)))
+    return render_template("admin_audit.html", events=events, page=page, action=action)
+
+
+@bp.get("/audit.csv")
+@role_required("admin")
+def audit_csv():
+    events = db().scalars(select(AuditEvent).order_by(AuditEvent.id))
+    body = audit.to_csv(events)
+    audit_event("audit_exported", object_type="audit")
+    db().commit()
+    return Response(
+        body, mimetype="text/csv", headers={"Content-Disposition": "attachment; filename=dermascan-audit.csv"}
+    )
+
+
+@bp.route("/model", methods=["GET", "POST"])
+@role_required("admin")
+def model():
+    bundle = bundles.active(db())
+    if bundle is None:
+        return render_template("admin_model.html", bundle=None, form=None, preview=None, current=None)
+    form = ThresholdForm(data={"threshold": round(bundle.threshold, 4)} if request.method == "GET" else None)
+    preview = None
+    current = at_threshold(bundle.manifest, bundle.threshold)
+    if form.validate_on_submit():
+        value = float(form.threshold.data)
+        preview = at_threshold(bundle.manifest, value)
+        if form.confirm.data:
+            old = bundle.threshold
+            bundle.threshold = value
+            bundle.threshold_changed_at = utcnow()
+            bundle.threshold_changed_by_id = current_user.id
+            audit_event(
+                "threshold_changed",
+                object_type="bundle",
+                object_id=bundle.version,
+                detail={"from": old, "to": value, "at_validation": preview},
+            )
+            db().commit()
+            flash(f"Referral threshold set to {value:.4f}. It applies to studies scored from now on.", "info")
+            return redirect(url_for("admin.model"))
+    programs = list(db().scalars(select(Program).order_by(Program.name)))
+    return render_template(
+        "admin_model.html", bundle=bundle, form=form, preview=preview, current=current, programs=programs
+    )
+
+
+@bp.get("/metrics")
+@role_required("admin")
+def metrics():
+    from web.metrics import snapshot
+
+    return render_template("admin_metrics.html", data=snapshot())

@@ -1,0 +1,229 @@
+"""REST API ``/api/v1`` for teledermatology programs: bearer tokens scoped to one program,
+nightly batch upload (ZIP + CSV, or JSON with base64 images) with Idempotency-Key, batch status,
+paginated results (JSON or CSV), single studies, and the OpenAPI document."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from functools import wraps
+from urllib.parse import urlparse
+
+from flask import Blueprint, Response, g, jsonify, request, url_for
+from sqlalchemy import select
+
+from dermascan import audit, reports, screening
+from dermascan.accounts import token_for
+from dermascan.ingest import manifest
+from dermascan.ingest.errors import IngestError, Rejection
+from dermascan.schema import Batch, Referral, Study, utcnow
+from web.extensions import csrf
+from web.helpers import client_ip, db, settings
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+csrf.exempt(bp)
+
+MAX_PER_PAGE = 1000
+MAX_KEY = 200
+
+
+def error(status: int, message: str, **extra):
+    response = jsonify({"error": message, **extra})
+    response.status_code = status
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="dermascan"'
+    return response
+
+
+def token_required(view):
+    @wraps(view)
+    def wrapped(*args, **kwargs):
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            return error(401, "missing bearer token (Authorization: Bearer <token>)")
+        token = token_for(db(), value.strip())
+        if token is None:
+            return error(401, "invalid or revoked token")
+        token.last_used_at = utcnow()
+        audit.record(
+            db(),
+            "token_use",
+            token_id=token.id,
+            object_type="api",
+            object_id=request.path[:64],
+            detail={"method": request.method},
+            ip=client_ip(),
+        )
+        db().commit()
+        g.token_id, g.program_id = token.id, token.program_id
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def _batch(batch_id: str) -> Batch | None:
+    batch = db().get(Batch, batch_id)
+    return batch if batch is not None and batch.program_id == g.program_id else None
+
+
+def _json_records(payload) -> tuple[list, list[Rejection]]:
+    records = payload.get("records") if isinstance(payload, dict) else None
+    if not isinstance(records, list):
+        raise IngestError('the JSON body needs a "records" list')
+    inputs, rejected = [], []
+    for index, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            rejected.append(Rejection(index, "a record must be a JSON object"))
+            continue
+        external_id = record.get("external_id") or record.get("isic_id")
+        external_id = None if external_id is None else str(external_id)[:200]
+        encoded = record.get("image_base64")
+        if not isinstance(encoded, str) or not encoded:
+            rejected.append(Rejection(index, "image_base64 is missing", external_id, "image_base64"))
+            continue
+        try:
+            image = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            rejected.append(Rejection(index, "image_base64 is not valid base64", external_id, "image_base64"))
+            continue
+        meta = {
+            k: v for k, v in record.items() if k not in ("image_base64", "external_id", "patient_id", "idempotency_key")
+        }
+        unknown = [k for k in meta if not manifest.is_known_column(k)]
+        if unknown:
+            rejected.append(Rejection(index, f"unknown field(s) {', '.join(sorted(unknown))}", external_id, unknown[0]))
+            continue
+        key = record.get("idempotency_key")
+        inputs.append(
+            screening.StudyInput(
+                image=image, metadata=meta, external_id=external_id,
+                patient_id=None if record.get("patient_id") is None else str(record["patient_id"]),
+                idempotency_key=None if key is None else str(key)[:MAX_KEY], row=index,
+            )
+        )  # fmt: skip
+    return inputs, rejected
+
+
+def _callback_url(value) -> str | None:
+    if value in (None, ""):
+        return None
+    parsed = urlparse(str(value))
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise IngestError("callback_url must be an http(s) URL")
+    return str(value)
+
+
+@bp.post("/batches")
+@token_required
+def create_batch():
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and (not key.strip() or len(key) > MAX_KEY):
+        return error(400, f"Idempotency-Key must be 1–{MAX_KEY} characters")
+    if key:
+        earlier = db().scalar(select(Batch).where(Batch.program_id == g.program_id, Batch.idempotency_key == key))
+        if earlier is not None:
+            reply = screening.replay(earlier).report()
+            reply["replayed"] = True
+            return jsonify(reply), 200
+    mimetype = request.mimetype
+    try:
+        if mimetype == "multipart/form-data":
+            archive = request.files.get("archive")
+            if archive is None:
+                return error(400, 'multipart upload needs an "archive" file (ZIP of images + manifest CSV)')
+            csv_file = request.files.get("manifest")
+            csv_text = None
+            if csv_file is not None:
+                try:
+                    csv_text = csv_file.read().decode("utf-8-sig")
+                except UnicodeDecodeError:
+                    return error(400, "the manifest CSV is not UTF-8 text")
+            inputs, rejected = manifest.from_zip(archive.read(), settings(), csv_text)
+            label, callback = request.form.get("label"), _callback_url(request.form.get("callback_url"))
+        elif mimetype == "application/json":
+            payload = request.get_json(silent=True)
+            if payload is None:
+                return error(400, "the body is not valid JSON")
+            inputs, rejected = _json_records(payload)
+            label, callback = payload.get("label"), _callback_url(payload.get("callback_url"))
+        else:
+            return error(
+                415, f"unsupported content type {mimetype or 'none'}: use multipart/form-data or application/json"
+            )
+    except IngestError as exc:
+        return error(exc.status, str(exc))
+    result = screening.submit(
+        settings(), g.program_id, inputs, source="api", label=None if label is None else str(label)[:200],
+        idempotency_key=key, callback_url=callback, token_id=g.token_id, prior_rejections=rejected,
+    )  # fmt: skip
+    reply = result.report()
+    reply["replayed"] = result.replayed
+    reply["status_url"] = url_for("api.get_batch", batch_id=result.batch_id, _external=False)
+    return jsonify(reply), (200 if result.replayed else 201)
+
+
+@bp.get("/batches/<batch_id>")
+@token_required
+def get_batch(batch_id):
+    batch = _batch(batch_id)
+    if batch is None:
+        return error(404, "no such batch")
+    return jsonify(reports.batch_summary(db(), batch))
+
+
+@bp.get("/batches/<batch_id>/results")
+@token_required
+def batch_results(batch_id):
+    batch = _batch(batch_id)
+    if batch is None:
+        return error(404, "no such batch")
+    fmt = request.args.get("format") or ("csv" if request.accept_mimetypes.best == "text/csv" else "json")
+    if fmt not in ("csv", "json"):
+        return error(400, "format must be csv or json")
+    try:
+        page = int(request.args.get("page", 1))
+        per_page = int(request.args.get("per_page", 500))
+    except ValueError:
+        return error(400, "page and per_page must be integers")
+    if page < 1 or not 1 <= per_page <= MAX_PER_PAGE:
+        return error(400, f"page must be ≥ 1 and per_page 1–{MAX_PER_PAGE}")
+    total = reports.status_counts(db(), batch.id)["total"]
+    rows = reports.result_rows(db(), batch.id, offset=(page - 1) * per_page, limit=per_page)
+    pages = max(1, math.ceil(total / per_page))
+    links = []
+    if page < pages:
+        links.append(
+            f'<{url_for("api.batch_results", batch_id=batch.id, format=fmt, page=page + 1, per_page=per_page)}>; rel="next"'
+        )
+    if fmt == "csv":
+        response = Response(reports.to_csv(rows), mimetype="text/csv")
+    else:
+        response = jsonify(
+            {"batch_id": batch.id, "page": page, "per_page": per_page, "pages": pages, "total": total, "results": rows}
+        )
+    response.headers["X-Total-Count"] = str(total)
+    if links:
+        response.headers["Link"] = ", ".join(links)
+    return response
+
+
+@bp.get("/studies/<int:study_id>")
+@token_required
+def get_study(study_id):
+    study = db().get(Study, study_id)
+    if study is None or study.program_id != g.program_id:
+        return error(404, "no such study")
+    preds = reports.latest_predictions(db(), [study.id])
+    referred = db().scalar(select(Referral.id).where(Referral.study_id == study.id)) is not None
+    row = reports.study_row(study, preds.get(study.id), referred)
+    row["batch_id"] = study.batch_id
+    return jsonify(row)
+
+
+@bp.get("/openapi.json")
+def openapi():
+    from web.openapi import document
+
+    return jsonify(document())

@@ -1,0 +1,231 @@
+"""The OpenAPI 3.0 document of ``/api/v1`` (checked against the implementation by schemathesis
+in ``tests/test_api_contract.py``)."""
+
+from __future__ import annotations
+
+RESULT = {
+    "type": "object",
+    "properties": {
+        "study_id": {"type": "integer"},
+        "external_id": {"type": "string", "nullable": True},
+        "status": {"type": "string", "enum": ["queued", "processing", "done", "failed"]},
+        "probability": {"type": "number", "nullable": True, "minimum": 0, "maximum": 1},
+        "threshold": {"type": "number", "nullable": True},
+        "referred": {"type": "boolean", "nullable": True},
+        "spread": {"type": "number", "nullable": True},
+        "bundle_version": {"type": "string", "nullable": True},
+        "error": {"type": "string", "nullable": True},
+        "age_approx": {"type": "number", "nullable": True},
+        "sex": {"type": "string", "nullable": True},
+        "anatom_site_general": {"type": "string", "nullable": True},
+        "sop_instance_uid": {"type": "string", "nullable": True},
+        "created_at": {"type": "string", "nullable": True},
+        "finished_at": {"type": "string", "nullable": True},
+    },
+    "required": ["study_id", "status"],
+}
+ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+RECORD_REPORT = {
+    "type": "object",
+    "properties": {
+        "row": {"type": "integer"},
+        "status": {"type": "string", "enum": ["accepted", "rejected"]},
+        "study_id": {"type": "integer"},
+        "external_id": {"type": "string"},
+        "duplicate": {"type": "boolean"},
+        "reason": {"type": "string"},
+        "field": {"type": "string"},
+    },
+    "required": ["status"],
+}
+SUBMISSION = {
+    "type": "object",
+    "properties": {
+        "batch_id": {"type": "string", "nullable": True},
+        "accepted": {"type": "integer"},
+        "rejected": {"type": "integer"},
+        "duplicates": {"type": "integer"},
+        "replayed": {"type": "boolean"},
+        "status_url": {"type": "string"},
+        "records": {"type": "array", "items": RECORD_REPORT},
+    },
+    "required": ["batch_id", "accepted", "rejected", "records"],
+}
+COUNTS = {
+    "type": "object",
+    "properties": {k: {"type": "integer"} for k in ("queued", "processing", "done", "failed", "total", "referred")},
+}
+BATCH = {
+    "type": "object",
+    "properties": {
+        "batch_id": {"type": "string"},
+        "label": {"type": "string", "nullable": True},
+        "source": {"type": "string"},
+        "created_at": {"type": "string", "nullable": True},
+        "completed_at": {"type": "string", "nullable": True},
+        "state": {"type": "string", "enum": ["running", "complete", "empty"]},
+        "counts": COUNTS,
+        "rejected_records": {"type": "integer"},
+        "progress": {"type": "number"},
+    },
+    "required": ["batch_id", "state", "counts"],
+}
+JSON_RECORD = {
+    "type": "object",
+    "properties": {
+        "external_id": {"type": "string"},
+        "patient_id": {"type": "string"},
+        "age_approx": {"type": "number", "nullable": True},
+        "sex": {"type": "string", "nullable": True},
+        "anatom_site_general": {"type": "string", "nullable": True},
+        "idempotency_key": {"type": "string"},
+        "image_base64": {"type": "string", "format": "byte"},
+    },
+    "required": ["image_base64"],
+}
+
+
+def _errors(*codes: int) -> dict:
+    text = {
+        400: "Bad request",
+        401: "Missing or invalid token",
+        404: "Not found (or another program's)",
+        413: "Too large",
+        415: "Unsupported content type",
+        422: "No record was accepted",
+    }
+    return {str(c): {"description": text[c], "content": {"application/json": {"schema": ERROR}}} for c in codes}
+
+
+def document() -> dict:
+    batch_id = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "DermaScan screening API",
+            "version": "1.0.0",
+            "description": "Nightly batch screening of skin-lesion images. Not a medical device.",
+        },
+        "servers": [{"url": "/"}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Result": RESULT, "Error": ERROR, "Submission": SUBMISSION, "Batch": BATCH},
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/api/v1/batches": {
+                "post": {
+                    "operationId": "createBatch",
+                    "summary": "Submit a batch (ZIP + manifest CSV, or JSON records with base64 images)",
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                        }
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "archive": {"type": "string", "format": "binary"},
+                                        "manifest": {"type": "string", "format": "binary"},
+                                        "label": {"type": "string"},
+                                        "callback_url": {"type": "string", "format": "uri"},
+                                    },
+                                    "required": ["archive"],
+                                }
+                            },
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "label": {"type": "string"},
+                                        "callback_url": {"type": "string", "format": "uri"},
+                                        "records": {"type": "array", "items": JSON_RECORD},
+                                    },
+                                    "required": ["records"],
+                                }
+                            },
+                        },
+                    },
+                    "responses": {
+                        "201": {
+                            "description": "Batch accepted (see per-record report)",
+                            "content": {"application/json": {"schema": SUBMISSION}},
+                        },
+                        "200": {
+                            "description": "Replay of an earlier upload with the same Idempotency-Key",
+                            "content": {"application/json": {"schema": SUBMISSION}},
+                        },
+                        **_errors(400, 401, 413, 415),
+                    },
+                }
+            },
+            "/api/v1/batches/{batch_id}": {
+                "get": {
+                    "operationId": "getBatch",
+                    "parameters": [batch_id],
+                    "responses": {
+                        "200": {"description": "Status counts", "content": {"application/json": {"schema": BATCH}}},
+                        **_errors(401, 404),
+                    },
+                }
+            },
+            "/api/v1/batches/{batch_id}/results": {
+                "get": {
+                    "operationId": "getBatchResults",
+                    "parameters": [
+                        batch_id,
+                        {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}},
+                        {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                        {
+                            "name": "per_page",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "One page of results",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "batch_id": {"type": "string"},
+                                            "page": {"type": "integer"},
+                                            "per_page": {"type": "integer"},
+                                            "pages": {"type": "integer"},
+                                            "total": {"type": "integer"},
+                                            "results": {"type": "array", "items": RESULT},
+                                        },
+                                        "required": ["results", "page", "pages", "total"],
+                                    }
+                                },
+                                "text/csv": {"schema": {"type": "string"}},
+                            },
+                        },
+                        **_errors(400, 401, 404),
+                    },
+                }
+            },
+            "/api/v1/studies/{study_id}": {
+                "get": {
+                    "operationId": "getStudy",
+                    "parameters": [{"name": "study_id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+                    "responses": {
+                        "200": {
+                            "description": "One study and its result",
+                            "content": {"application/json": {"schema": RESULT}},
+                        },
+                        **_errors(401, 404),
+                    },
+                }
+            },
+        },
+    }

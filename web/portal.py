@@ -1,0 +1,267 @@
+"""The hospital portal: single and bulk (ZIP + manifest) uploads with a per-row validation
+report, batch pages with live progress, result tables with thumbnails, CSV/JSON export."""
+
+from __future__ import annotations
+
+import io
+
+from flask import Blueprint, Response, abort, flash, jsonify, redirect, render_template, request, url_for
+from flask_login import current_user, login_required
+from flask_wtf import FlaskForm
+from flask_wtf.file import FileAllowed, FileField, FileRequired
+from PIL import Image
+from sqlalchemy import select
+from wtforms import DecimalField, SelectField, StringField
+from wtforms.validators import Length, NumberRange, Optional
+
+from dermascan import reports, screening
+from dermascan.blobs import BlobError, BlobStore
+from dermascan.ingest import manifest
+from dermascan.ingest.errors import IngestError
+from dermascan.ingest.records import SITES
+from dermascan.schema import Batch, Prediction, Referral, Study
+from web.helpers import audit_event, db, program_scope, role_required, settings
+
+bp = Blueprint("portal", __name__)
+UPLOAD_ROLES = ("uploader", "admin")
+VIEW_ROLES = ("uploader", "specialist", "admin")
+
+
+class SingleStudyForm(FlaskForm):
+    image = FileField("Lesion image (JPEG or PNG)", validators=[FileRequired(), FileAllowed(["jpg", "jpeg", "png"])])
+    external_id = StringField("Your reference", validators=[Optional(), Length(max=200)])
+    patient_id = StringField("Patient id (stored pseudonymised)", validators=[Optional(), Length(max=200)])
+    age_approx = DecimalField("Age (years)", validators=[Optional(), NumberRange(0, 120)])
+    sex = SelectField("Sex", choices=[("", "unknown"), ("female", "female"), ("male", "male")], default="")
+    anatom_site_general = SelectField("Anatomic site", choices=[("", "unknown")] + [(s, s) for s in SITES], default="")
+
+
+class BulkForm(FlaskForm):
+    archive = FileField(
+        "ZIP of images (+ manifest.csv)", validators=[FileRequired(), FileAllowed(["zip"], "a .zip file")]
+    )
+    manifest = FileField(
+        "Manifest CSV (if not inside the ZIP)", validators=[Optional(), FileAllowed(["csv"], "a .csv file")]
+    )
+    label = StringField("Batch name", validators=[Optional(), Length(max=200)])
+
+
+def _program_id() -> int:
+    if current_user.program_id:
+        return current_user.program_id
+    return screening.get_or_create_program(db(), "default").id
+
+
+def get_batch(batch_id: str) -> Batch:
+    batch = db().get(Batch, batch_id)
+    scope = program_scope()
+    if batch is None or (scope is not None and batch.program_id != scope):
+        abort(404)
+    return batch
+
+
+def get_study(study_id: int) -> Study:
+    study = db().get(Study, study_id)
+    scope = program_scope()
+    if study is None or (scope is not None and study.program_id != scope):
+        abort(404)
+    return study
+
+
+@bp.route("/")
+@login_required
+def index():
+    if current_user.has_role("specialist"):
+        return redirect(url_for("referrals.queue"))
+    return redirect(url_for("portal.batches"))
+
+
+@bp.route("/batches")
+@role_required(*VIEW_ROLES)
+def batches():
+    query = select(Batch).order_by(Batch.created_at.desc()).limit(200)
+    if program_scope() is not None:
+        query = query.where(Batch.program_id == program_scope())
+    rows = [reports.batch_summary(db(), b) for b in db().scalars(query)]
+    return render_template("batches.html", batches=rows)
+
+
+@bp.route("/upload", methods=["GET"])
+@role_required(*UPLOAD_ROLES)
+def upload():
+    return render_template("upload.html", single=SingleStudyForm(), bulk=BulkForm())
+
+
+@bp.route("/upload/template.csv")
+@role_required(*UPLOAD_ROLES)
+def template():
+    return Response(
+        manifest.template_csv(),
+        mimetype="text/csv",
+        headers={"Content-Disposition": "attachment; filename=dermascan-manifest-template.csv"},
+    )
+
+
+def _wants_json() -> bool:
+    return (
+        request.accept_mimetypes.best == "application/json"
+        or request.headers.get("X-Requested-With") == "XMLHttpRequest"
+    )
+
+
+def _finish_upload(result, status=201):
+    audit_event(
+        "upload",
+        object_type="batch",
+        object_id=result.batch_id,
+        detail={"accepted": len(result.accepted), "rejected": len(result.rejected)},
+    )
+    db().commit()
+    report = result.report()
+    if _wants_json():
+        report["batch_url"] = url_for("portal.batch", batch_id=result.batch_id) if result.batch_id else None
+        return jsonify(report), status
+    if result.accepted:
+        flash(f"{len(result.accepted)} accepted, {len(result.rejected)} rejected.", "info")
+    return render_template("upload_report.html", report=report), status
+
+
+@bp.route("/upload/single", methods=["POST"])
+@role_required(*UPLOAD_ROLES)
+def upload_single():
+    form = SingleStudyForm()
+    if not form.validate_on_submit():
+        if _wants_json():
+            return jsonify({"errors": form.errors}), 400
+        return render_template("upload.html", single=form, bulk=BulkForm()), 400
+    item = screening.StudyInput(
+        image=form.image.data.read(),
+        metadata={
+            "age_approx": None if form.age_approx.data is None else float(form.age_approx.data),
+            "sex": form.sex.data,
+            "anatom_site_general": form.anatom_site_general.data,
+        },
+        external_id=form.external_id.data or form.image.data.filename,
+        patient_id=form.patient_id.data or None,
+        row=1,
+    )
+    result = screening.submit(
+        settings(), _program_id(), [item], source="portal", interactive=True, label=f"single: {item.external_id}",
+        user_id=current_user.id,
+    )  # fmt: skip
+    return _finish_upload(result, 201 if result.accepted else 422)
+
+
+@bp.route("/upload/bulk", methods=["POST"])
+@role_required(*UPLOAD_ROLES)
+def upload_bulk():
+    form = BulkForm()
+    if not form.validate_on_submit():
+        if _wants_json():
+            return jsonify({"errors": form.errors}), 400
+        return render_template("upload.html", single=SingleStudyForm(), bulk=form), 400
+    csv_text = None
+    if form.manifest.data:
+        try:
+            csv_text = form.manifest.data.read().decode("utf-8-sig")
+        except UnicodeDecodeError:
+            return _upload_error("the manifest CSV is not UTF-8 text", 400)
+    try:
+        inputs, rejected = manifest.from_zip(form.archive.data.read(), settings(), csv_text)
+    except IngestError as exc:
+        return _upload_error(str(exc), exc.status)
+    result = screening.submit(
+        settings(), _program_id(), inputs, source="portal", label=form.label.data or form.archive.data.filename,
+        user_id=current_user.id, prior_rejections=rejected,
+    )  # fmt: skip
+    return _finish_upload(result, 201 if result.accepted else 422)
+
+
+def _upload_error(message: str, status: int):
+    if _wants_json():
+        return jsonify({"error": message}), status
+    flash(message, "error")
+    return render_template("upload.html", single=SingleStudyForm(), bulk=BulkForm()), status
+
+
+@bp.route("/batches/<batch_id>")
+@role_required(*VIEW_ROLES)
+def batch(batch_id):
+    b = get_batch(batch_id)
+    page = max(1, request.args.get("page", 1, type=int))
+    per_page = 100
+    rows = reports.result_rows(db(), b.id, offset=(page - 1) * per_page, limit=per_page)
+    summary = reports.batch_summary(db(), b)
+    return render_template(
+        "batch.html", batch=b, summary=summary, rows=rows, page=page, per_page=per_page, report=b.report or {}
+    )
+
+
+@bp.route("/batches/<batch_id>/status.json")
+@role_required(*VIEW_ROLES)
+def batch_status(batch_id):
+    return jsonify(reports.batch_summary(db(), get_batch(batch_id)))
+
+
+@bp.route("/batches/<batch_id>/results.<fmt>")
+@role_required(*VIEW_ROLES)
+def batch_results(batch_id, fmt):
+    b = get_batch(batch_id)
+    rows = reports.result_rows(db(), b.id)
+    audit_event("export", object_type="batch", object_id=b.id, detail={"format": fmt})
+    db().commit()
+    if fmt == "csv":
+        return Response(
+            reports.to_csv(rows),
+            mimetype="text/csv",
+            headers={"Content-Disposition": f"attachment; filename=dermascan-{b.id}.csv"},
+        )
+    if fmt == "json":
+        return jsonify({"batch": reports.batch_summary(db(), b), "results": rows})
+    abort(404)
+
+
+def _image_response(data: bytes, thumb: int | None, mimetype: str = "image/jpeg"):
+    if thumb:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+            image.thumbnail((thumb, thumb))
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=85)
+            data, mimetype = buffer.getvalue(), "image/jpeg"
+    response = Response(data, mimetype=mimetype)
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+@bp.route("/studies/<int:study_id>/image")
+@role_required(*VIEW_ROLES)
+def study_image(study_id):
+    study = get_study(study_id)
+    thumb = request.args.get("thumb", type=int)
+    try:
+        data = BlobStore(settings().blob_dir).get(study.image_sha256)
+    except BlobError:
+        abort(404)
+    return _image_response(data, min(thumb, 512) if thumb else None, f"image/{study.image_format}")
+
+
+@bp.route("/studies/<int:study_id>/heatmap")
+@role_required("specialist", "admin")
+def study_heatmap(study_id):
+    study = get_study(study_id)
+    prediction = db().scalar(
+        select(Prediction)
+        .where(Prediction.study_id == study.id, Prediction.heatmap_sha256.is_not(None))
+        .order_by(Prediction.created_at.desc())
+    )
+    if prediction is None:
+        abort(404)
+    try:
+        return _image_response(BlobStore(settings().blob_dir).get(prediction.heatmap_sha256), None, "image/png")
+    except BlobError:
+        abort(404)
+
+
+def referral_for(study_id: int):
+    return db().scalar(select(Referral).where(Referral.study_id == study_id))

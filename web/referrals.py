@@ -1,0 +1,149 @@
+"""The specialist referral queue and case pages."""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask_login import current_user
+from flask_wtf import FlaskForm
+from sqlalchemy import select
+from wtforms import HiddenField, RadioField, TextAreaField
+from wtforms.validators import DataRequired, Length
+
+from dermascan import referrals as policy
+from dermascan.ingest.records import SITES
+from dermascan.schema import Decision, ModelBundle, Prediction, Program, Referral, ReferralStatus
+from web.helpers import audit_event, db, role_required, settings
+
+bp = Blueprint("referrals", __name__, url_prefix="/referrals")
+ROLES = ("specialist", "admin")
+DECISION_LABELS = {
+    Decision.URGENT.value: "Urgent in-person review",
+    Decision.BIOPSY.value: "Biopsy or excision",
+    Decision.FOLLOW_UP.value: "Routine follow-up",
+    Decision.BENIGN.value: "Benign – no action",
+    Decision.POOR_QUALITY.value: "Image quality insufficient",
+}
+
+
+class ClaimForm(FlaskForm):
+    site = HiddenField()
+    program = HiddenField()
+    batch = HiddenField()
+
+
+class DecisionForm(FlaskForm):
+    decision = RadioField("Decision", choices=list(DECISION_LABELS.items()), validators=[DataRequired()])
+    note = TextAreaField("Note", validators=[Length(max=4000)])
+
+
+class ReleaseForm(FlaskForm):
+    pass
+
+
+def _filter(source) -> policy.QueueFilter:
+    program = source.get("program") or None
+    return policy.QueueFilter(
+        site=source.get("site") or None,
+        program_id=int(program) if program and str(program).isdigit() else None,
+        batch_id=source.get("batch") or None,
+    )
+
+
+@bp.get("/")
+@role_required(*ROLES)
+def queue():
+    flt = _filter(request.args)
+    timeout = settings().claim_timeout_s
+    cases = policy.open_cases(db(), timeout, flt)
+    stats = policy.queue_stats(db(), timeout, flt)
+    mine = policy.current_claim(db(), current_user.id, timeout)
+    programs = list(db().scalars(select(Program).order_by(Program.name)))
+    return render_template(
+        "queue.html", cases=cases, stats=stats, mine=mine, flt=flt, sites=SITES, programs=programs,
+        batches=policy.batches_with_referrals(db()), claim=ClaimForm(data=request.args),
+    )  # fmt: skip
+
+
+@bp.post("/claim")
+@role_required(*ROLES)
+def claim_next():
+    form = ClaimForm()
+    if not form.validate_on_submit():
+        abort(400)
+    referral = policy.claim_next(db(), current_user.id, settings().claim_timeout_s, _filter(request.form))
+    if referral is None:
+        db().rollback()
+        flash("The queue is empty.", "info")
+        return redirect(url_for("referrals.queue"))
+    audit_event("claim", object_type="referral", object_id=referral.id, detail={"study_id": referral.study_id})
+    db().commit()
+    return redirect(url_for("referrals.case", referral_id=referral.id))
+
+
+@bp.get("/<int:referral_id>")
+@role_required(*ROLES)
+def case(referral_id):
+    referral = db().get(Referral, referral_id)
+    if referral is None:
+        abort(404)
+    study = referral.study
+    prediction = db().get(Prediction, referral.prediction_id)
+    bundle = db().get(ModelBundle, prediction.bundle_version)
+    audit_event("view", object_type="referral", object_id=referral.id, detail={"study_id": study.id})
+    db().commit()
+    timeout = settings().claim_timeout_s
+    holds = (
+        referral.status == ReferralStatus.CLAIMED
+        and referral.claimed_by_id == current_user.id
+        and policy.current_claim(db(), current_user.id, timeout) is not None
+    )
+    others = policy.same_patient(db(), study)
+    other_predictions = {
+        p.study_id: p for p in db().scalars(select(Prediction).where(Prediction.study_id.in_([o.id for o in others])))
+    }
+    return render_template(
+        "case.html", referral=referral, study=study, prediction=prediction, bundle=bundle, holds=holds,
+        others=others, other_predictions=other_predictions, form=DecisionForm(), release=ReleaseForm(),
+        labels=DECISION_LABELS,
+    )  # fmt: skip
+
+
+@bp.post("/<int:referral_id>/decide")
+@role_required(*ROLES)
+def decide(referral_id):
+    form = DecisionForm()
+    if not form.validate_on_submit():
+        flash("Choose a decision.", "error")
+        return redirect(url_for("referrals.case", referral_id=referral_id))
+    try:
+        referral = policy.decide(
+            db(), referral_id, current_user.id, form.decision.data, form.note.data, settings().claim_timeout_s
+        )
+    except policy.ReferralError as exc:
+        db().rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("referrals.case", referral_id=referral_id)), 303
+    audit_event(
+        "decision",
+        object_type="referral",
+        object_id=referral.id,
+        detail={"study_id": referral.study_id, "decision": form.decision.data, "note": referral.note},
+    )
+    db().commit()
+    flash(f"Decision saved: {DECISION_LABELS[form.decision.data]}.", "info")
+    return redirect(url_for("referrals.queue"))
+
+
+@bp.post("/<int:referral_id>/release")
+@role_required(*ROLES)
+def release(referral_id):
+    if not ReleaseForm().validate_on_submit():
+        abort(400)
+    try:
+        referral = policy.release(db(), referral_id, current_user.id, settings().claim_timeout_s)
+    except policy.ReferralError as exc:
+        db().rollback()
+        abort(exc.status)
+    audit_event("release", object_type="referral", object_id=referral.id, detail={"study_id": referral.study_id})
+    db().commit()
+    return redirect(url_for("referrals.queue"))
