@@ -1,0 +1,271 @@
+"""Shared fixtures: a fresh PostgreSQL database per run, a Redis database, a tiny real model
+bundle trained in a fixture, settings, and real Celery worker subprocesses."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from dermascan.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+HAM = Path(os.environ.get("DERMASCAN_TEST_DATA", ROOT.parent / "shared" / "data" / "ham10000"))
+PG_ADMIN_URL = os.environ.get("DERMASCAN_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+REDIS_HOST = os.environ.get("DERMASCAN_TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("DERMASCAN_TEST_REDIS_PORT", "6379"))
+ARTIFACTS = ROOT / "test-artifacts"
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ham_dir() -> Path:
+    if not (HAM / "metadata.csv").exists():
+        pytest.fail(f"HAM10000 dev data not found at {HAM} (set DERMASCAN_TEST_DATA)")
+    return HAM
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+# -- databases -----------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def pg_server_url():
+    """A fresh, migrated PostgreSQL database for this test run, dropped afterwards."""
+    name = f"dermascan_test_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    from dermascan import migrate
+
+    migrate.upgrade(url)
+    yield url
+    from dermascan.db import engine_for
+
+    engine_for(url).dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+TABLES = [
+    "audit_events",
+    "referrals",
+    "predictions",
+    "studies",
+    "batches",
+    "api_tokens",
+    "model_bundles",
+    "users",
+    "programs",
+]
+
+
+@pytest.fixture
+def pg_url(pg_server_url):
+    """The run's PostgreSQL database, emptied before each test."""
+    engine = create_engine(pg_server_url)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE " + ", ".join(TABLES) + " RESTART IDENTITY CASCADE"))
+    engine.dispose()
+    return pg_server_url
+
+
+@pytest.fixture
+def redis_url():
+    """A Redis database of the local server, flushed before the test."""
+    import redis
+
+    db = int(os.environ.get("DERMASCAN_TEST_REDIS_DB", "11"))
+    client = redis.Redis(REDIS_HOST, REDIS_PORT, db=db)
+    try:
+        client.flushdb()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"Redis is not running on {REDIS_HOST}:{REDIS_PORT} ({exc}); .ci/run starts it")
+    yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+    client.flushdb()
+
+
+class PrivateRedis:
+    """A redis-server of our own on a free port, for tests that stop and start the broker."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = PrivateRedis(tmp_path)
+    yield server
+    server.stop()
+
+
+# -- the model -----------------------------------------------------------------------------------
+def make_tiny_bundle(ham: Path, out: Path, n: int = 64, image_size: int = 32, version: str = "tiny-test") -> Path:
+    """Train the tiny-backbone fusion network one epoch on ``n`` real images and save a bundle
+    whose threshold is the median score (so about half the studies are referred)."""
+    import keras
+    import numpy as np
+
+    from model import bundle
+    from model.data import IsicDataset
+    from model.features import FeatureSpec
+    from model.network import NO_AUGMENTATION, build
+
+    keras.utils.set_random_seed(0)
+    ds = IsicDataset.open(ham, limit=n)
+    spec = FeatureSpec.fit(ds.metadata, min_count=1)
+    net = build(spec.dim, image_size, backbone="tiny", augmentation=NO_AUGMENTATION)
+    net.compile(optimizer="adam", loss="binary_crossentropy")
+    x = {"image": ds.load_images(image_size), "meta": spec.transform(ds.metadata)}
+    net.fit(x, ds.targets().astype("float32"), epochs=1, batch_size=16, verbose=0)
+    scores = net.predict(x, verbose=0).ravel()
+    bundle.save(net, spec, out, version=version, threshold=float(np.median(scores)), metrics={"note": "test bundle"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, ham_dir) -> Path:
+    return make_tiny_bundle(ham_dir, tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture
+def make_settings(tmp_path, tiny_bundle):
+    def make(**overrides) -> Settings:
+        values = dict(
+            data_dir=tmp_path / "data",
+            model_bundle=tiny_bundle,
+            secret_key="test-secret-" + uuid.uuid4().hex,
+            sweep_queued_after_s=600,
+            sweep_processing_after_s=600,
+            sweep_interval_s=2,
+            visibility_timeout_s=3600,
+            bulk_chunk_size=8,
+            predict_batch_sizes=(1, 8),
+            tta=False,
+        )
+        values.update(overrides)
+        return Settings.from_env(env={}, **values)
+
+    return make
+
+
+@pytest.fixture
+def pg_settings(make_settings, pg_url, redis_url) -> Settings:
+    return make_settings(database_url=pg_url, broker_url=redis_url)
+
+
+# -- worker processes ----------------------------------------------------------------------------
+class Worker:
+    """A real ``celery worker`` subprocess (started through ``dermascan worker``)."""
+
+    def __init__(self, settings: Settings, log: Path, beat: bool = False, queues: str = "interactive,bulk,maintenance"):
+        self.settings = settings
+        self.log_path = log
+        cmd = [sys.executable, "-m", "dermascan.cli", "worker", "--queues", queues, "--concurrency", "1"]
+        if beat:
+            cmd.append("--beat")
+        env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
+        self.log_file = open(log, "ab")
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT
+        )
+
+    def wait_ready(self, timeout: float = 120) -> Worker:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            if " ready." in self.log():
+                return self
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready after {timeout} s:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(30)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log_file.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path):
+    workers: list[Worker] = []
+
+    def start(settings: Settings, beat: bool = False, wait: bool = True, **kw) -> Worker:
+        worker = Worker(settings, tmp_path / f"worker{len(workers)}.log", beat=beat, **kw)
+        workers.append(worker)
+        return worker.wait_ready() if wait else worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def wait_for(predicate, timeout: float = 120, interval: float = 0.2, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")
