@@ -13,6 +13,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -279,6 +280,34 @@ def token_create(ctx, name, program):
     with session_factory(settings.database_url)() as session, session.begin():
         _, plain = create_token(session, get_or_create_program(session, program).id, name)
     click.echo(plain)
+
+
+@main.command("dicom-scp")
+@click.option("--ae-title", default="DERMASCAN", show_default=True)
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=11112, show_default=True)
+@click.option("--program", default="dicom", show_default=True, help="Program or site the studies belong to.")
+@click.option("--allow", "allowed", multiple=True, help="Accept associations only from these calling AE titles.")
+@click.pass_context
+def dicom_scp(ctx, ae_title, host, port, program, allowed):
+    """Run the DICOM C-STORE receiver (C-ECHO, VL Photographic and Dermoscopic Photography)."""
+    from dermascan.dicom_scp import make_server
+
+    settings = _settings(ctx)
+    _ensure_db(settings)
+    server = make_server(settings, ae_title, host, port, program, list(allowed) or None)
+    click.echo(
+        f"DICOM C-STORE receiver {ae_title} listening on {host}:{port}"
+        + (f" (callers: {', '.join(allowed)})" if allowed else "")
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
 
 
 # -- the demo ------------------------------------------------------------------------------------

@@ -113,6 +113,7 @@ class SubmitStudies:
         token_id: int | None = None,
         prior_rejections: Sequence[Rejection] = (),
         progress: Callable[[int], None] | None = None,
+        batch_id: str | None = None,
     ):
         self.settings = settings
         self.program_id = program_id
@@ -127,6 +128,7 @@ class SubmitStudies:
         self.token_id = token_id
         self.prior_rejections = list(prior_rejections)
         self.progress = progress
+        self.batch_id = batch_id  # add to this existing batch (one per DICOM association)
         self.blobs = BlobStore(settings.blob_dir)
 
     def run(self, session: Session) -> SubmitResult:
@@ -137,7 +139,9 @@ class SubmitStudies:
             if earlier is not None:
                 return replay(earlier)
         batch = None
-        if self.make_batch:
+        if self.batch_id:
+            batch = session.get(Batch, self.batch_id)
+        elif self.make_batch:
             batch = Batch(
                 program_id=self.program_id,
                 source=self.source,
@@ -196,7 +200,11 @@ class SubmitStudies:
                 result.accepted.append(Accepted(item.row, study.id, item.external_id))
                 result.new_study_ids.append(study.id)
             self._tick()
-        if batch is not None:
+        if batch is not None and self.batch_id:
+            batch.total = (batch.total or 0) + len(result.new_study_ids)
+            batch.rejected = (batch.rejected or 0) + len(result.rejected)
+            batch.completed_at = None
+        elif batch is not None:
             batch.total = len(result.accepted)
             batch.rejected = len(result.rejected)
             batch.report = result.report()

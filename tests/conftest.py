@@ -269,3 +269,63 @@ def wait_for(predicate, timeout: float = 120, interval: float = 0.2, message: st
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+
+
+# -- the web app ---------------------------------------------------------------------------------
+class LiveServer:
+    """The real Flask app served over TCP by werkzeug's threaded server, in this process."""
+
+    def __init__(self, app):
+        from werkzeug.serving import make_server
+
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        import threading
+
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def app_factory():
+    from web import create_app
+
+    def make(settings: Settings):
+        app = create_app(settings)
+        app.config["TESTING"] = True
+        return app
+
+    return make
+
+
+@pytest.fixture
+def live_server(app_factory):
+    servers = []
+
+    def start(settings: Settings) -> LiveServer:
+        server = LiveServer(app_factory(settings))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def api_token(pg_settings):
+    """A bearer token for program 'telederm-a' → (program_id, token)."""
+    from dermascan.accounts import create_token
+    from dermascan.db import session_factory
+    from dermascan.screening import get_or_create_program
+
+    def make(program: str = "telederm-a"):
+        with session_factory(pg_settings.database_url)() as session, session.begin():
+            pid = get_or_create_program(session, program).id
+            _, plain = create_token(session, pid, f"{program} nightly")
+        return pid, plain
+
+    return make

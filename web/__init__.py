@@ -6,7 +6,8 @@ Never imports ``model`` code that loads Keras or TensorFlow: the portal must sta
 
 from __future__ import annotations
 
-from flask import Flask, g
+from flask import Flask, g, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from dermascan.config import Settings
 from dermascan.db import session_factory
@@ -38,6 +39,17 @@ def create_app(settings: Settings | None = None, test_config: dict | None = None
             if exc is not None:
                 session.rollback()
             session.close()
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        if request.path.startswith(("/api/", "/dicomweb/")):
+            message = (
+                exc.description
+                if exc.code != 413
+                else (f"the request is too large (limit {settings.max_request_bytes:,} bytes)")
+            )
+            return jsonify({"error": message}), exc.code
+        return exc
 
     from web import api, auth, portal
 

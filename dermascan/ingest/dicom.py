@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,15 +99,29 @@ class ParsedInstance:
 
 def read_part10(data: bytes) -> Dataset:
     """Parse DICOM Part-10 bytes; a truncated or non-DICOM body raises DicomRejected."""
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=False)
-        ds.SOPClassUID  # noqa: B018 - touch a few elements so a truncated body fails here
-        if "PixelData" in ds:
-            ds.PixelData  # noqa: B018
-    except InvalidDicomError as exc:
-        raise DicomRejected(f"not a DICOM Part-10 file: {exc}") from None
-    except (EOFError, OSError, ValueError, KeyError, AttributeError, TypeError, NotImplementedError) as exc:
-        raise DicomRejected(f"the DICOM file is truncated or malformed: {exc}") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            # Part 10 with the 128-byte preamble and "DICM"; some clients (dicomweb-client) send
+            # the File Meta group without them, which is accepted too
+            bare_meta = data[128:132] != b"DICM" and data[:2] == b"\x02\x00"
+            ds = pydicom.dcmread(io.BytesIO(data), force=bare_meta)
+            if bare_meta and "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+                raise InvalidDicomError("no File Meta Information with a Transfer Syntax UID")
+            ds.get("SOPClassUID")
+            if "PixelData" in ds:
+                ds.PixelData  # noqa: B018 - read it now, so a truncated body fails here
+        except InvalidDicomError as exc:
+            raise DicomRejected(f"not a DICOM Part-10 file: {exc}") from None
+        except (EOFError, OSError, ValueError, KeyError, AttributeError, TypeError, NotImplementedError):
+            raise DicomRejected("the DICOM file is truncated or malformed") from None
+    if any("end of file" in str(w.message).lower() or "truncated" in str(w.message).lower() for w in caught):
+        raise DicomRejected(
+            "the DICOM file is truncated",
+            CANNOT_UNDERSTAND,
+            str(ds.get("SOPClassUID", "")) or None,
+            str(ds.get("SOPInstanceUID", "")) or None,
+        )
     return ds
 
 

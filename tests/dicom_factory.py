@@ -1,0 +1,100 @@
+"""Test DICOM instances made with pydicom from HAM10000 images, with realistic headers:
+VL Photographic / Dermoscopic Photography, JPEG baseline (the JPEG stored as is) or
+uncompressed RGB, PatientAge like "055Y", PatientSex, a SNOMED AnatomicRegionSequence."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+
+from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY
+
+SITE_CODES = {
+    "posterior torso": ("77568009", "Back"),
+    "anterior torso": ("51185008", "Thorax"),
+    "torso": ("22943007", "Trunk"),
+    "head/neck": ("774007", "Head and neck"),
+    "upper extremity": ("53120007", "Upper limb"),
+    "lower extremity": ("61685007", "Lower limb"),
+    "palms/soles": ("21547004", "Palm"),
+    "oral/genital": ("263767004", "Genital structure"),
+}
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def make_instance(
+    jpeg: bytes,
+    *,
+    age: float | None = 55,
+    sex: str | None = "female",
+    site: str | None = "posterior torso",
+    patient_id: str = "PAT-001",
+    sop_class: str = DERMOSCOPIC_PHOTOGRAPHY,
+    compressed: bool = True,
+    study_uid: str | None = None,
+    sop_uid: str | None = None,
+    with_pixels: bool = True,
+) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
+    meta.TransferSyntaxUID = JPEGBaseline8Bit if compressed else ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    now = dt.datetime.now()
+    ds.StudyDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.Modality = "DMS" if sop_class == DERMOSCOPIC_PHOTOGRAPHY else "XC"
+    ds.Manufacturer = "DermaScan test factory"
+    ds.AccessionNumber = "ACC" + ds.SOPInstanceUID[-8:]
+    ds.PatientName = "Test^Patient"
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    if age is not None:
+        ds.PatientAge = f"{int(age):03d}Y"
+    ds.PatientSex = {"female": "F", "male": "M"}.get(sex or "", "O")
+    if site:
+        code, meaning = SITE_CODES[site]
+        region = Dataset()
+        region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = code, "SCT", meaning
+        ds.AnatomicRegionSequence = [region]
+    ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, 1
+    with Image.open(io.BytesIO(jpeg)) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    ds.Rows, ds.Columns = rgb.shape[:2]
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 3, 8, 8, 7
+    ds.PixelRepresentation, ds.PlanarConfiguration = 0, 0
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.LossyImageCompression = "01" if compressed else "00"
+    if with_pixels:
+        if compressed:
+            ds.PhotometricInterpretation = "YBR_FULL_422"
+            ds.PixelData = encapsulate([jpeg])
+            ds["PixelData"].VR = "OB"
+        else:
+            ds.PhotometricInterpretation = "RGB"
+            ds.PixelData = rgb.tobytes()
+    else:
+        ds.PhotometricInterpretation = "RGB"
+    return ds
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def write(ds: Dataset, path) -> None:
+    ds.save_as(path, enforce_file_format=True)
