@@ -82,6 +82,7 @@ def build(
     augmentation: Augmentation | None = None,
     weights: str | None = None,
     backbone: str = "nasnet_mobile",
+    bn_momentum: float = 0.99,
     meta_units: tuple[int, ...] = (64, 32),
     dropout: float = 0.3,
     meta_dropout: float = 0.2,
@@ -112,6 +113,12 @@ def build(
         )
         if weights:
             nasnet.load_weights(weights, skip_mismatch=False)
+        # NASNet's batch norm keeps moving statistics with momentum 0.9997, tuned for ImageNet's
+        # millions of steps; trained from scratch on a few thousand images, the inference-time
+        # statistics would still be near their initial values after many epochs
+        for layer in nasnet.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = bn_momentum
         x = nasnet.output
     elif backbone == "tiny":
         # A few-layer CNN with the same interface, for fast tests of everything around the model.

@@ -1,0 +1,170 @@
+"""Every route × every role (and anonymous): allowed or refused as designed, in one table.
+And a form posted without its CSRF token is refused."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from dermascan import bundles, results
+from dermascan.accounts import create_token, create_user
+from dermascan.db import session_factory
+from dermascan.schema import Study, StudyStatus
+from dermascan.screening import get_or_create_program
+
+ROLES = ("anonymous", "uploader", "specialist", "admin")
+PASSWORD = "correct-horse-battery"
+PUBLIC, TOKEN = "public", "token"
+U, S, A = "uploader", "specialist", "admin"
+
+# endpoint → (method, path template, who may use it)
+TABLE = {
+    "static": ("GET", "/static/style.css", PUBLIC),
+    "auth.login": ("GET", "/login", PUBLIC),
+    "auth.logout": ("POST", "/logout", PUBLIC),
+    "portal.index": ("GET", "/", (U, S, A)),
+    "portal.batches": ("GET", "/batches", (U, S, A)),
+    "portal.upload": ("GET", "/upload", (U, A)),
+    "portal.template": ("GET", "/upload/template.csv", (U, A)),
+    "portal.upload_single": ("POST", "/upload/single", (U, A)),
+    "portal.upload_bulk": ("POST", "/upload/bulk", (U, A)),
+    "portal.batch": ("GET", "/batches/{batch}", (U, S, A)),
+    "portal.batch_status": ("GET", "/batches/{batch}/status.json", (U, S, A)),
+    "portal.batch_results": ("GET", "/batches/{batch}/results.csv", (U, S, A)),
+    "portal.study_image": ("GET", "/studies/{study}/image", (U, S, A)),
+    "portal.study_heatmap": ("GET", "/studies/{study}/heatmap", (S, A)),
+    "referrals.queue": ("GET", "/referrals/", (S, A)),
+    "referrals.claim_next": ("POST", "/referrals/claim", (S, A)),
+    "referrals.case": ("GET", "/referrals/{referral}", (S, A)),
+    "referrals.decide": ("POST", "/referrals/{referral}/decide", (S, A)),
+    "referrals.release": ("POST", "/referrals/{referral}/release", (S, A)),
+    "admin.users": ("GET", "/admin/users", (A,)),
+    "admin.tokens": ("GET", "/admin/tokens", (A,)),
+    "admin.revoke_token": ("POST", "/admin/tokens/{token}/revoke", (A,)),
+    "admin.audit_log": ("GET", "/admin/audit", (A,)),
+    "admin.audit_csv": ("GET", "/admin/audit.csv", (A,)),
+    "admin.model": ("GET", "/admin/model", (A,)),
+    "admin.metrics": ("GET", "/admin/metrics", (A,)),
+    "api.create_batch": ("POST", "/api/v1/batches", TOKEN),
+    "api.get_batch": ("GET", "/api/v1/batches/{batch}", TOKEN),
+    "api.batch_results": ("GET", "/api/v1/batches/{batch}/results", TOKEN),
+    "api.get_study": ("GET", "/api/v1/studies/{study}", TOKEN),
+    "api.openapi": ("GET", "/api/v1/openapi.json", PUBLIC),
+    "dicomweb.stow": ("POST", "/dicomweb/studies", TOKEN),
+}
+
+
+@pytest.fixture
+def world(pg_settings, tiny_bundle, ham_dir, app_factory):
+    """An app with one user per role, a scored and referred study, and a token."""
+    from dermascan.screening import submit
+    from tests.helpers import ham_inputs
+
+    settings = pg_settings
+    factory = session_factory(settings.database_url)
+    with factory() as session, session.begin():
+        program = get_or_create_program(session, "site-a")
+        for role in ROLES[1:]:
+            create_user(session, role, PASSWORD, role, program.id)
+        _, plain = create_token(session, program.id, "bearer")
+        token, _ = create_token(session, program.id, "to be revoked by the admin")
+        bundle = bundles.register(session, tiny_bundle)
+        program_id, token_id = program.id, token.id
+    result = submit(settings, program_id, ham_inputs(ham_dir, 1), source="test")
+    study_id = result.accepted[0].study_id
+    with factory() as session, session.begin():
+        session.get(Study, study_id).status = StudyStatus.PROCESSING
+        results.record(session, bundle.version, 0.0, [results.ScoredStudy(study_id, 0.9)])
+        from sqlalchemy import select
+
+        from dermascan.schema import Referral
+
+        referral_id = session.scalar(select(Referral.id))
+    ids = {"batch": result.batch_id, "study": study_id, "referral": referral_id, "token": token_id}
+    return settings, ids, plain
+
+
+def login(client, username):
+    page = client.get("/login")
+    match = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page.text)
+    reply = client.post(
+        "/login", data={"username": username, "password": PASSWORD, "csrf_token": match.group(1) if match else ""}
+    )
+    assert reply.status_code == 302, reply.text
+
+
+def test_every_route_for_every_role(world, app_factory):
+    settings, ids, bearer = world
+    app = app_factory(settings)
+    app.config["WTF_CSRF_ENABLED"] = False  # CSRF has its own test below
+    endpoints = {rule.endpoint for rule in app.url_map.iter_rules()}
+    assert endpoints == set(TABLE), (
+        f"routes without an access rule: {endpoints - set(TABLE)}; stale rules: {set(TABLE) - endpoints}"
+    )
+    refusals = []
+    for role in ROLES:
+        client = app.test_client()
+        if role != "anonymous":
+            login(client, role)
+        for endpoint, (method, template, allowed) in TABLE.items():
+            if endpoint == "auth.logout":
+                continue  # would end the session for the rest of the loop; covered by the browser test
+            path = template.format(**ids)
+            response = client.open(path, method=method, data={} if method == "POST" else None)
+            status = response.status_code
+            if allowed == PUBLIC:
+                ok = status < 400 or (method == "POST" and status in (400, 401))
+            elif allowed == TOKEN:
+                ok = status == 401  # no role opens the API without a bearer token
+                with_token = client.open(path, method=method, headers={"Authorization": f"Bearer {bearer}"})
+                ok = ok and with_token.status_code not in (401, 403)
+            elif role == "anonymous":
+                ok = status == 302 and "/login" in response.headers["Location"]
+            elif role in allowed:
+                ok = status not in (401, 403) and status < 500
+            else:
+                ok = status == 403
+            if not ok:
+                refusals.append((role, endpoint, method, path, status))
+    assert not refusals, refusals
+
+
+def test_form_without_csrf_token_is_refused(world, app_factory):
+    settings, ids, _ = world
+    app = app_factory(settings)
+    app.config["WTF_CSRF_ENABLED"] = True
+    client = app.test_client()
+    # the login form itself
+    assert client.post("/login", data={"username": "admin", "password": PASSWORD}).status_code == 400
+    login(client, "specialist")
+    assert client.post("/referrals/claim", data={}).status_code == 400
+    login_admin = app.test_client()
+    login(login_admin, "admin")
+    refused = login_admin.post(
+        "/admin/users", data={"username": "mallory", "password": "x" * 12, "role": "admin", "program": "x"}
+    )
+    assert refused.status_code == 400
+    with session_factory(settings.database_url)() as session:
+        from sqlalchemy import select
+
+        from dermascan.schema import User
+
+        assert session.scalar(select(User).where(User.username == "mallory")) is None
+
+
+def test_login_rate_limit(world, app_factory):
+    settings, _, _ = world
+    app = app_factory(settings.replace(login_attempts_per_minute=3))
+    client = app.test_client()
+    page = client.get("/login")
+    token = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page.text).group(1)
+    statuses = [
+        client.post("/login", data={"username": "admin", "password": "wrong", "csrf_token": token}).status_code
+        for _ in range(4)
+    ]
+    assert statuses == [401, 401, 401, 429]
+    # even the right password is refused while throttled
+    assert (
+        client.post("/login", data={"username": "admin", "password": PASSWORD, "csrf_token": token}).status_code == 429
+    )

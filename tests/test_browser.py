@@ -1,0 +1,175 @@
+"""End to end in a real browser (Debian's chromium driven by selenium, headless): an admin creates
+a specialist and an uploader; the uploader uploads a bulk ZIP; a real worker scores it; the
+specialist claims the top case, sees the image, toggles the heat map and records a decision;
+the decision is in the audit export. Screenshots of each step go to test-artifacts/browser/."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+
+import pytest
+import requests
+from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import WebDriverWait
+from sqlalchemy import select
+
+from dermascan.accounts import create_user
+from dermascan.db import session_factory
+from dermascan.schema import Prediction, Referral
+from dermascan.screening import get_or_create_program
+from tests.conftest import wait_for
+from tests.ham_files import ham_zip
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1280,1000",
+                f"--user-data-dir={tmp_path / 'chromium-profile'}"):  # fmt: skip
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+class Steps:
+    def __init__(self, driver, base, folder):
+        self.d, self.base, self.folder, self.n = driver, base, folder, 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def shot(self, name):
+        self.n += 1
+        self.d.save_screenshot(str(self.folder / f"{self.n:02d}-{name}.png"))
+
+    def go(self, path):
+        self.d.get(self.base + path)
+
+    def wait(self, by, value, timeout=30):
+        return WebDriverWait(self.d, timeout).until(EC.presence_of_element_located((by, value)))
+
+    def login(self, username, password):
+        self.go("/login")
+        self.d.find_element(By.NAME, "username").send_keys(username)
+        self.d.find_element(By.NAME, "password").send_keys(password)
+        self.d.find_element(By.ID, "login").click()
+        self.wait(By.ID, "logout")
+
+    def logout(self):
+        self.d.find_element(By.ID, "logout").click()
+        self.wait(By.ID, "login-form")
+
+
+def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker, browser, ham_dir, tmp_path, artifacts):
+    settings = pg_settings
+    with session_factory(settings.database_url)() as session, session.begin():
+        create_user(session, "root-admin", "admin-password-1", "admin", get_or_create_program(session, "clinic-a").id)
+    server = live_server(settings)
+    start_worker(settings)
+    s = Steps(browser, server.url, artifacts / "browser")
+
+    # 1. the admin creates a specialist and an uploader
+    s.login("root-admin", "admin-password-1")
+    s.go("/admin/users")
+    for username, role in (("dr-derm", "specialist"), ("clinic-upload", "uploader")):
+        form = s.wait(By.ID, "user-form")
+        form.find_element(By.NAME, "username").send_keys(username)
+        form.find_element(By.NAME, "password").send_keys("long-enough-pass")
+        form.find_element(By.NAME, "role").send_keys(role)
+        program = form.find_element(By.NAME, "program")
+        program.clear()
+        program.send_keys("clinic-a")
+        form.find_element(By.ID, "create-user").click()
+        s.wait(By.XPATH, f"//table[@id='users']//td[text()='{username}']")
+    s.shot("admin-created-users")
+    s.logout()
+
+    # 2. the uploader uploads a bulk ZIP and follows the batch to completion
+    archive, rows = ham_zip(ham_dir, 12)
+    zip_path = tmp_path / "clinic-a.zip"
+    zip_path.write_bytes(archive)
+    s.login("clinic-upload", "long-enough-pass")
+    s.go("/upload")
+    s.wait(By.NAME, "archive").send_keys(str(zip_path))
+    browser.find_element(By.NAME, "label").send_keys("clinic A morning")
+    s.shot("upload-form")
+    browser.find_element(By.ID, "bulk-submit").click()
+    summary = s.wait(By.ID, "report-summary", 60)
+    assert "12" in summary.text and "accepted" in summary.text
+    s.shot("upload-report")
+    browser.find_element(By.ID, "batch-link").click()
+    # the page polls its status and reloads itself once when the batch completes
+    WebDriverWait(browser, 180, ignored_exceptions=[StaleElementReferenceException]).until(
+        lambda d: d.find_element(By.ID, "batch-state").text == "complete"
+    )
+    s.wait(By.CSS_SELECTOR, "table#results tbody tr")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "table#results tbody tr")) == 12
+    s.shot("batch-complete")
+    s.logout()
+
+    # heat maps are made after scoring, for the referred studies
+    def heatmaps_ready():
+        with session_factory(settings.database_url)() as session:
+            referred = list(session.scalars(select(Referral.study_id)))
+            made = list(session.scalars(select(Prediction.study_id).where(Prediction.heatmap_sha256.is_not(None))))
+            return referred and set(referred) <= set(made)
+
+    wait_for(heatmaps_ready, 120, message="heat maps for the referred studies")
+
+    # 3. the specialist claims the top case, looks at image and heat map, decides
+    s.login("dr-derm", "long-enough-pass")
+    s.wait(By.ID, "claim-next")
+    s.shot("queue")
+    browser.find_element(By.ID, "claim-next").click()
+    image = s.wait(By.ID, "lesion")
+    WebDriverWait(browser, 30).until(
+        lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", image)
+    )
+    heat = browser.find_element(By.ID, "heatmap")
+    assert not heat.is_displayed()
+    s.shot("case")
+    browser.find_element(By.ID, "toggle-heatmap").click()
+    WebDriverWait(browser, 10).until(lambda d: heat.is_displayed())
+    assert browser.execute_script("return arguments[0].naturalWidth", heat) > 0
+    s.shot("case-heatmap")
+    case_url = browser.current_url
+    referral_id = int(case_url.rstrip("/").rsplit("/", 1)[1])
+    browser.find_element(By.CSS_SELECTOR, "input[value='biopsy_or_excision']").click()
+    browser.find_element(By.NAME, "note").send_keys("asymmetric, irregular border")
+    browser.find_element(By.ID, "save-decision").click()
+    s.wait(By.CLASS_NAME, "flash")
+    assert "Decision saved" in browser.page_source
+    s.shot("decided")
+    s.logout()
+
+    # 4. the decision is in the audit export
+    s.login("root-admin", "admin-password-1")
+    s.go("/admin/audit")
+    s.shot("audit")
+    cookies = {c["name"]: c["value"] for c in browser.get_cookies()}
+    export = requests.get(server.url + "/admin/audit.csv", cookies=cookies, timeout=30)
+    assert export.status_code == 200
+    events = list(csv.DictReader(io.StringIO(export.text)))
+    decisions = [e for e in events if e["action"] == "decision"]
+    assert len(decisions) == 1 and decisions[0]["user"] == "dr-derm" and decisions[0]["object_id"] == str(referral_id)
+    assert "biopsy_or_excision" in decisions[0]["detail"] and "irregular border" in decisions[0]["detail"]
+    actions = {(e["action"], e["user"]) for e in events}
+    assert {
+        ("login", "clinic-upload"),
+        ("upload", "clinic-upload"),
+        ("claim", "dr-derm"),
+        ("view", "dr-derm"),
+        ("user_created", "root-admin"),
+    } <= actions

@@ -1,0 +1,114 @@
+"""The referral queue on a real PostgreSQL: concurrent claims, stale claims, who may decide."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+import pytest
+from sqlalchemy import select, update
+
+from dermascan import bundles, referrals, results
+from dermascan.accounts import create_user
+from dermascan.db import session_factory
+from dermascan.schema import Referral, ReferralStatus, Study, StudyStatus, utcnow
+from dermascan.screening import get_or_create_program
+
+
+def seed_referrals(settings, n: int, bundle_dir) -> list[int]:
+    """n scored studies above the threshold → n open referrals (through the real result writer)."""
+    factory = session_factory(settings.database_url)
+    with factory() as session, session.begin():
+        program = get_or_create_program(session, "queue-test")
+        bundle = bundles.register(session, bundle_dir)
+        studies = [
+            Study(program_id=program.id, source="test", meta={"anatom_site_general": "torso" if i % 2 else "head/neck"},
+                  image_sha256="0" * 64, image_format="jpeg", status=StudyStatus.PROCESSING)
+            for i in range(n)
+        ]  # fmt: skip
+        session.add_all(studies)
+        session.flush()
+        scored = [results.ScoredStudy(s.id, 0.4 + 0.5 * (i / n)) for i, s in enumerate(studies)]
+        results.record(session, bundle.version, 0.3, scored)
+        return [s.id for s in studies]
+
+
+def make_users(settings, n: int, role="specialist") -> list[int]:
+    with session_factory(settings.database_url)() as session, session.begin():
+        program = get_or_create_program(session, "queue-test")
+        return [create_user(session, f"{role}{i}", "correct-horse-battery", role, program.id).id for i in range(n)]
+
+
+def test_twenty_concurrent_claimers_each_case_claimed_exactly_once(pg_settings, tiny_bundle):
+    settings = pg_settings
+    seed_referrals(settings, 100, tiny_bundle)
+    users = make_users(settings, 20)
+    factory = session_factory(settings.database_url)
+    claimed: dict[int, list[int]] = {u: [] for u in users}
+    start = threading.Barrier(len(users))
+    errors = []
+
+    def claimer(user_id: int):
+        try:
+            start.wait()
+            while True:
+                with factory() as session, session.begin():
+                    referral = referrals.claim_next(session, user_id, settings.claim_timeout_s)
+                    if referral is None:
+                        return
+                    claimed[user_id].append(referral.id)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claimer, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    everything = [rid for ids in claimed.values() for rid in ids]
+    assert len(everything) == 100 and len(set(everything)) == 100
+    assert sum(1 for ids in claimed.values() if ids) > 1  # the work really was shared
+    with factory() as session:
+        rows = list(session.scalars(select(Referral)))
+        assert all(r.status == ReferralStatus.CLAIMED for r in rows)
+        owner = {rid: u for u, ids in claimed.items() for rid in ids}
+        assert all(r.claimed_by_id == owner[r.id] for r in rows)
+
+
+def test_queue_order_stale_claims_and_decisions(pg_settings, tiny_bundle):
+    settings = pg_settings
+    seed_referrals(settings, 6, tiny_bundle)
+    alice, bob = make_users(settings, 2)
+    factory = session_factory(settings.database_url)
+    with factory() as session, session.begin():
+        top = referrals.claim_next(session, alice, 60)
+        ordered = referrals.open_cases(session, 60)
+        assert top.tier <= min(r.tier for r in ordered)
+        assert [r.tier for r in ordered] == sorted(r.tier for r in ordered)
+    # bob cannot decide alice's case
+    with factory() as session, session.begin(), pytest.raises(referrals.ReferralError) as refused:
+        referrals.decide(session, top.id, bob, "benign_no_action", None, 60)
+    assert refused.value.status == 403
+    # alice's claim goes stale → back in the queue, bob can take it, alice can no longer decide
+    with factory() as session, session.begin():
+        session.execute(
+            update(Referral).where(Referral.id == top.id).values(claimed_at=utcnow() - dt.timedelta(seconds=120))
+        )
+    with factory() as session, session.begin():
+        assert top.id in [r.id for r in referrals.open_cases(session, 60)]
+        again = referrals.claim_next(session, bob, 60)
+        assert again.id == top.id
+    with factory() as session, session.begin(), pytest.raises(referrals.ReferralError):
+        referrals.decide(session, top.id, alice, "benign_no_action", None, 60)
+    with factory() as session, session.begin():
+        decided = referrals.decide(session, top.id, bob, "biopsy_or_excision", "irregular network", 60)
+        assert decided.status == ReferralStatus.DECIDED and decided.decided_by_id == bob
+    with factory() as session, session.begin(), pytest.raises(referrals.ReferralError, match="already been decided"):
+        referrals.decide(session, top.id, bob, "benign_no_action", None, 60)
+    # filters: by site
+    with factory() as session:
+        torso = referrals.open_cases(session, 60, referrals.QueueFilter(site="torso"))
+        assert torso and all(r.study.meta["anatom_site_general"] == "torso" for r in torso)
+        stats = referrals.queue_stats(session, 60)
+        assert stats["waiting"] == 5 and stats["oldest_age_s"] is not None
