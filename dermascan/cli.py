@@ -310,6 +310,108 @@ def dicom_scp(ctx, ae_title, host, port, program, allowed):
         server.shutdown()
 
 
+# -- the model -----------------------------------------------------------------------------------
+@main.command()
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="ISIC-2024 layout folder.",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path),
+    help="Checkpoints, out-of-fold predictions, report (default: OUT.work).",
+)
+@click.option("--folds", default=3, show_default=True)
+@click.option("--image-size", default=128, show_default=True)
+@click.option("--epochs", default=14, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option(
+    "--weights", type=click.Path(exists=True, dir_okay=False), help="Local NASNetMobile weights (include_top=False)."
+)
+@click.option("--target-sensitivity", default=0.95, show_default=True)
+@click.option("--max-members", type=int, help="Keep only the best N fold models in the bundle.")
+@click.option("--backbone", type=click.Choice(["nasnet_mobile", "tiny"]), default="nasnet_mobile", show_default=True)
+@click.option("--limit", type=int, help="Only the first N rows (smoke runs).")
+@click.option("--version", help="Bundle version (default: from the date).")
+def train(
+    data_dir,
+    out_dir,
+    work_dir,
+    folds,
+    image_size,
+    epochs,
+    batch_size,
+    weights,
+    target_sensitivity,
+    max_members,
+    backbone,
+    limit,
+    version,
+):
+    """Train the fusion model with patient-grouped CV and write a model bundle (resumable)."""
+    from model.train import TrainConfig
+    from model.train import train as run_training
+
+    logging.getLogger("model").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO)
+    cfg = TrainConfig(
+        image_size=image_size, folds=folds, epochs=epochs, batch_size=batch_size, weights=weights,
+        target_sensitivity=target_sensitivity, max_members=max_members, backbone=backbone, limit=limit,
+        verbose=1 if sys.stderr.isatty() else 2,
+    )  # fmt: skip
+    work_dir = work_dir or out_dir.with_name(out_dir.name + ".work")
+    manifest = run_training(data_dir, out_dir, work_dir, cfg, version)
+    oof = manifest["metrics"]["oof"]
+    click.echo(f"bundle {manifest['version']} written to {out_dir}")
+    click.echo(f"out-of-fold AUC {oof['auc']:.4f}  pAUC80 {oof['pauc80']:.4f}  threshold {manifest['threshold']:.4f} "
+               f"(sensitivity {oof['operating_point']['sensitivity']:.3f}, specificity {oof['operating_point']['specificity']:.3f})")  # fmt: skip
+
+
+@main.command()
+@click.option(
+    "--bundle",
+    "bundle_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Default: the configured bundle.",
+)
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_path", type=click.Path(path_type=Path), help="Write the metrics JSON here.")
+@click.option("--tta/--no-tta", default=None, help="Default: as the bundle recommends.")
+@click.option("--limit", type=int)
+@click.pass_context
+def evaluate(ctx, bundle_dir, data_dir, out_path, tta, limit):
+    """AUC, pAUC80 and sensitivity/specificity at the bundle's threshold on an ISIC-2024 folder."""
+    from tqdm import tqdm
+
+    from model.data import IsicDataset
+    from model.evaluate import evaluate as run_evaluation
+    from model.evaluate import write
+
+    bundle_dir = bundle_dir or _settings(ctx).model_bundle
+    total = len(IsicDataset.open(data_dir, limit=limit).ids)
+    with tqdm(total=total, desc="scoring", unit="img", file=sys.stderr, disable=None) as bar:
+        result = run_evaluation(bundle_dir, data_dir, tta=tta, progress=bar.update, limit=limit)
+    op = result["operating_point"]
+    click.echo(
+        f"bundle {result['bundle']} on {result['n']} images ({result['positives']} malignant), tta={result['tta']}"
+    )
+    click.echo(f"AUC     {result['auc']:.4f}  (95% CI {result['auc_ci95'][0]:.4f}–{result['auc_ci95'][1]:.4f})")
+    click.echo(
+        f"pAUC80  {result['pauc80']:.4f}  (95% CI {result['pauc80_ci95'][0]:.4f}–{result['pauc80_ci95'][1]:.4f})"
+    )
+    click.echo(f"at threshold {result['threshold']:.4f}: sensitivity {op['sensitivity']:.4f} ({op['tp']}/{op['tp'] + op['fn']}), "
+               f"specificity {op['specificity']:.4f} ({op['tn']}/{op['tn'] + op['fp']})")  # fmt: skip
+    out_path = out_path or Path(f"evaluation-{result['bundle']}.json")
+    write(result, out_path)
+    click.echo(f"written to {out_path}")
+
+
 # -- the demo ------------------------------------------------------------------------------------
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 

@@ -41,6 +41,7 @@ class TrainConfig:
     tta: bool = True
     max_members: int | None = None  # keep only the best N fold models in the bundle
     limit: int | None = None  # use only the first N rows (smoke runs, tests)
+    backbone: str = "nasnet_mobile"  # "tiny" for fast tests of the pipeline around the network
     verbose: int = 2
     augmentation: dict = field(default_factory=dict)
 
@@ -130,6 +131,8 @@ def train_fold(k: int, cfg: TrainConfig, work: Path, spec: FeatureSpec, x: dict,
             augmentation=Augmentation(**cfg.augmentation),
             weights=cfg.weights,
             seed=cfg.seed + k,
+            backbone=cfg.backbone,
+            name=f"fold{k}",
         )
         model.compile(
             optimizer=keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay),
@@ -247,3 +250,104 @@ def cross_validate(data_dir, work_dir, cfg: TrainConfig) -> dict:
     )
     (work / "cv_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def data_fingerprint(data_dir) -> dict:
+    """Which data the metrics came from: file names, sizes and sha256 digests."""
+    from model.bundle import file_sha256
+    from model.data import IMAGE_FILES, METADATA_FILES, find_file
+
+    directory = Path(data_dir)
+    out = {"directory": str(directory.resolve())}
+    for role, names in (("metadata", METADATA_FILES), ("images", IMAGE_FILES)):
+        path = find_file(directory, names)
+        out[role] = {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return out
+
+
+def roc_table(y: np.ndarray, scores: np.ndarray, points: int = 400) -> list[dict]:
+    """(threshold, sensitivity, specificity) at up to ``points`` score quantiles, for the admin's
+    operating-point page."""
+    thresholds = np.unique(np.quantile(scores, np.linspace(0, 1, points)))
+    out = []
+    for t in thresholds:
+        op = metrics.at_threshold(y, scores, float(t))
+        out.append(
+            {"threshold": float(t), "sensitivity": round(op.sensitivity, 5), "specificity": round(op.specificity, 5)}
+        )
+    return out
+
+
+def ensemble(models: list, name: str = "dermascan_ensemble"):
+    """One Keras model averaging the members' probabilities (same inputs)."""
+    import keras
+
+    if len(models) == 1:
+        return models[0]
+    first = models[0]
+    image_in = keras.Input(first.get_layer("image").output.shape[1:], dtype="uint8", name="image")
+    meta_in = keras.Input(first.get_layer("meta").output.shape[1:], dtype="float32", name="meta")
+    outputs = []
+    for k, member in enumerate(models):
+        member.name = f"member_{k}"
+        outputs.append(member({"image": image_in, "meta": meta_in}))
+    averaged = keras.layers.Average(name="classification_head")(outputs)
+    return keras.Model({"image": image_in, "meta": meta_in}, averaged, name=name)
+
+
+def train(data_dir, out_dir, work_dir, cfg: TrainConfig, version: str | None = None) -> dict:
+    """Cross-validate (resumable), then assemble the bundle: the fold models (the best
+    ``max_members`` by validation AUC) averaged in one network, the threshold chosen on the
+    out-of-fold predictions, the CV metrics, the ROC table and the data fingerprint."""
+    import datetime as dt
+
+    import keras
+
+    from model import bundle
+
+    t0 = time.time()
+    report = cross_validate(data_dir, work_dir, cfg)
+    work = Path(work_dir)
+    spec = FeatureSpec.from_json((work / "feature_spec.json").read_text())
+    ranked = sorted(report["folds"], key=lambda f: f["auc"], reverse=True)
+    members = ranked[: cfg.max_members] if cfg.max_members else ranked
+    models = [
+        keras.saving.load_model(work / f"fold{f['fold']}" / "best.keras")
+        for f in sorted(members, key=lambda f: f["fold"])
+    ]
+    network = ensemble(models)
+    oof = np.loadtxt(work / "oof.csv", delimiter=",", skiprows=1, usecols=(2, 3))
+    y, scores = oof[:, 0].astype(int), oof[:, 1]
+    version = version or f"dermascan-{cfg.image_size}px-{dt.datetime.now(dt.UTC):%Y%m%d%H%M}"
+    metrics_block = {
+        "data": {
+            **data_fingerprint(data_dir),
+            "description": f"out-of-fold predictions, {cfg.folds}-fold StratifiedGroupKFold by patient",
+        },
+        "folds": report["folds"],
+        "oof": report["oof"],
+        "threshold_rule": f"highest threshold with sensitivity >= {cfg.target_sensitivity} in {cfg.threshold_confidence:.0%} of bootstrap resamples of the out-of-fold positives",
+        "roc_table": roc_table(y, scores),
+    }
+    training = {
+        "config": asdict(cfg),
+        "members": [f"fold{f['fold']}" for f in members],
+        "duration_s": round(time.time() - t0, 1),
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+    }
+    manifest = bundle.save(
+        network,
+        spec,
+        out_dir,
+        version=version,
+        threshold=report["threshold"],
+        metrics=metrics_block,
+        training=training,
+        extra={"inference": {"tta": cfg.tta}},
+        weights_dtype="float16" if len(models) > 1 else "float32",
+    )
+    import shutil
+
+    shutil.copy(work / "roc.png", Path(out_dir) / "roc.png")
+    return manifest

@@ -1,0 +1,278 @@
+"""model/: feature spec, metrics, data reading, network, bundle, predictor, Grad-CAM, training."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from model import metrics
+from model.bundle import BundleError, load, read_manifest
+from model.data import IsicDataset, decode_image
+from model.errors import ImageDecodeError
+from model.features import FeatureSpec
+from model.predictor import Predictor, plan_batches
+
+# -- feature spec ---------------------------------------------------------------------------------
+
+
+def test_feature_spec_fits_roundtrips_and_encodes_unknowns():
+    frame = pd.DataFrame(
+        {
+            "age_approx": [30, 50, np.nan, 70, 45, 60],
+            "sex": ["male", "female", "female", None, "male", "female"],
+            "anatom_site_general": ["torso", "head/neck", "torso", "torso", "lower extremity", "torso"],
+            "clin_size_long_diam_mm": [3.0, 4.5, 2.0, np.nan, 6.0, 3.3],
+            "tbp_tile_type": ["3D: XP"] * 6,
+        }
+    )
+    spec = FeatureSpec.fit(frame, min_count=1)
+    # columns the data lacks (most tbp_* ones) are left out; the ones it has are in
+    assert [f.name for f in spec.numeric] == ["age_approx", "clin_size_long_diam_mm"]
+    assert [f.name for f in spec.categorical] == ["sex", "anatom_site_general", "tbp_tile_type"]
+    again = FeatureSpec.from_json(spec.to_json())
+    assert again == spec
+    records = [
+        {"age_approx": 50, "sex": "female", "anatom_site_general": "torso"},
+        {},  # everything missing
+        {
+            "age_approx": "not a number",
+            "sex": "other",
+            "anatom_site_general": "elbow",
+            "clin_size_long_diam_mm": math.inf,
+        },
+        {"age_approx": "55", "sex": " F ", "anatom_site_general": "TORSO"},
+    ]
+    x = spec.transform(records)
+    assert x.shape == (4, spec.dim) and x.dtype == np.float32 and np.isfinite(x).all()
+    names = spec.output_names()
+    col = {n: i for i, n in enumerate(names)}
+    assert x[1, col["age_approx__missing"]] == 1 and x[1, col["sex=<unknown>"]] == 1
+    assert x[2, col["age_approx__missing"]] == 1 and x[2, col["anatom_site_general=<unknown>"]] == 1
+    assert x[2, col["clin_size_long_diam_mm__missing"]] == 1
+    assert x[3, col["sex=female"]] == 1 and x[3, col["anatom_site_general=torso"]] == 1
+    assert x[0, col["age_approx__[45,60)"]] == 1
+    np.testing.assert_array_equal(spec.transform(records), again.transform(records))
+
+
+def test_feature_spec_on_ham10000_columns(ham_dir):
+    spec = FeatureSpec.fit(IsicDataset.open(ham_dir).metadata)
+    assert spec.columns == ["age_approx", "sex", "anatom_site_general"]
+    assert {"torso", "posterior torso", "head/neck"} <= set(spec.categorical[1].vocabulary)
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+
+def test_pauc80_matches_hand_computed_cases():
+    y = np.array([1, 1, 0, 0])
+    # perfect ranking: the whole region above TPR 0.8 → 0.2
+    assert metrics.pauc_above_tpr(y, [0.9, 0.8, 0.2, 0.1]) == pytest.approx(0.2)
+    # fully inverted ranking → 0
+    assert metrics.pauc_above_tpr(y, [0.1, 0.2, 0.8, 0.9]) == pytest.approx(0.0)
+    # ROC (0,0)→(0,.5)→(.5,.5)→(.5,1)→(1,1): above TPR 0.8 only for FPR ≥ 0.5, area (1−0.8)·(1−0.5)
+    assert metrics.pauc_above_tpr(y, [0.9, 0.3, 0.5, 0.1]) == pytest.approx(0.1)
+    # 5 positives, 5 negatives, one positive ranked below two negatives:
+    # TPR reaches 0.8 at FPR 0 and 1.0 at FPR 0.4 → 0.2 − 0.4·0.2 = 0.12
+    y10 = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+    s10 = np.array([0.95, 0.9, 0.85, 0.8, 0.4, 0.6, 0.5, 0.3, 0.2, 0.1])
+    assert metrics.pauc_above_tpr(y10, s10) == pytest.approx(0.12)
+    assert metrics.auc(y10, s10) == pytest.approx(23 / 25)
+
+
+def test_threshold_for_sensitivity_and_operating_point():
+    y = np.array([1] * 20 + [0] * 80)
+    scores = np.concatenate([np.linspace(0.3, 0.99, 20), np.linspace(0.0, 0.6, 80)])
+    t = metrics.threshold_for_sensitivity(y, scores, 0.95)
+    op = metrics.at_threshold(y, scores, t)
+    assert op.sensitivity >= 0.95 and op.tp + op.fn == 20
+    assert metrics.at_threshold(y, scores, t + 1e-9).sensitivity < 0.95  # the highest such threshold
+    assert metrics.conservative_threshold(y, scores, 0.95, confidence=0.9) <= t
+    lo, hi = metrics.bootstrap_ci(metrics.auc, y, scores, n_boot=200)
+    assert lo <= metrics.auc(y, scores) <= hi
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def test_corrupt_jpeg_names_its_id(tmp_path, ham_dir):
+    with pytest.raises(ImageDecodeError) as raised:
+        decode_image(b"\xff\xd8\xff\xe0 broken", 64, key="ISIC_9999999")
+    assert "ISIC_9999999" in str(raised.value)
+    # an ISIC-layout folder with one damaged image: the error names the isic_id
+    import h5py
+
+    meta = pd.read_csv(ham_dir / "metadata.csv").iloc[:5]
+    meta.to_csv(tmp_path / "metadata.csv", index=False)
+    with h5py.File(ham_dir / "images.hdf5") as src, h5py.File(tmp_path / "images.hdf5", "w") as dst:
+        for i, isic_id in enumerate(meta.isic_id):
+            data = src[isic_id][()].tobytes()
+            dst[isic_id] = np.void(data[: len(data) // 3] if i == 2 else data)
+    dataset = IsicDataset.open(tmp_path)
+    with pytest.raises(ImageDecodeError) as raised:
+        dataset.load_images(64)
+    assert meta.isic_id.iloc[2] in str(raised.value)
+
+
+def test_plan_batches_uses_only_fixed_shapes():
+    for n in range(1, 300):
+        plan = plan_batches(n, (1, 8, 32, 64))
+        assert plan[0][0] == 0 and plan[-1][1] == n
+        assert all(size in (1, 8, 32, 64) and 0 < stop - start <= size for start, stop, size in plan)
+        assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))
+
+
+# -- network, training, bundle, predictor ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(tmp_path_factory, ham_dir):
+    """`dermascan train` with the tiny backbone: 2 folds × 1 epoch on 96 real images."""
+    from click.testing import CliRunner
+
+    from dermascan.cli import main
+
+    out = tmp_path_factory.mktemp("train") / "bundle"
+    result = CliRunner().invoke(
+        main,
+        ["train", "--data", str(ham_dir), "--out", str(out), "--folds", "2", "--epochs", "1", "--limit", "96",
+         "--backbone", "tiny", "--image-size", "32", "--version", "tiny-cv"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "out-of-fold AUC" in result.output
+    return out
+
+
+def test_training_writes_a_complete_bundle(trained_bundle):
+    manifest = read_manifest(trained_bundle)
+    assert manifest["version"] == "tiny-cv"
+    assert manifest["image_size"] == 32
+    assert manifest["inputs"]["image"]["dtype"] == "uint8"
+    assert len(manifest["metrics"]["folds"]) == 2
+    assert manifest["metrics"]["oof"]["n"] == 96
+    assert manifest["metrics"]["data"]["metadata"]["sha256"]
+    assert sorted(manifest["training"]["members"]) == ["fold0", "fold1"]
+    assert manifest["weights_dtype"] == "float16"  # an ensemble is stored in half precision
+    assert 0 < manifest["threshold"] < 1
+    op = manifest["metrics"]["oof"]["operating_point"]
+    assert op["sensitivity"] >= 0.95  # the threshold was chosen at the target sensitivity
+    assert (trained_bundle / "roc.png").stat().st_size > 1000
+    oof = pd.read_csv(trained_bundle.with_name("bundle.work") / "oof.csv")
+    assert oof.oof.notna().all() and set(oof.fold) == {0, 1}
+    # folds are patient-grouped: no lesion on both sides
+    groups = pd.read_csv(trained_bundle.parents[0] / "bundle.work" / "oof.csv").merge(
+        IsicDataset.open(read_manifest(trained_bundle)["metrics"]["data"]["directory"], limit=96).metadata[
+            ["isic_id", "patient_id"]
+        ]
+    )
+    assert groups.groupby("patient_id").fold.nunique().max() == 1
+
+
+def test_bundle_roundtrip_gives_identical_predictions(tmp_path, ham_dir):
+    import keras
+
+    from model import bundle
+    from model.network import NO_AUGMENTATION, build
+
+    keras.utils.set_random_seed(1)
+    dataset = IsicDataset.open(ham_dir, limit=24)
+    spec = FeatureSpec.fit(dataset.metadata, min_count=1)
+    net = build(spec.dim, 32, backbone="tiny", augmentation=NO_AUGMENTATION)
+    net.compile(optimizer="adam", loss="binary_crossentropy")
+    x = {"image": dataset.load_images(32), "meta": spec.transform(dataset.metadata)}
+    net.fit(x, dataset.targets().astype("float32"), epochs=1, verbose=0)
+    before = net.predict(x, verbose=0)
+    bundle.save(net, spec, tmp_path / "b", version="rt", threshold=0.5)
+    after = load(tmp_path / "b").network.predict(x, verbose=0)
+    np.testing.assert_allclose(before, after, rtol=0, atol=1e-6)
+
+
+def test_tampered_or_mismatched_bundle_is_refused(trained_bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_bundle, copy)
+    load(copy)  # intact: loads
+    with open(copy / "model.keras", "r+b") as fh:
+        fh.seek(2000)
+        byte = fh.read(1)
+        fh.seek(2000)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(BundleError, match="checksum mismatch"):
+        load(copy)
+    shutil.copytree(trained_bundle, tmp_path / "other")
+    manifest = json.loads((tmp_path / "other" / "manifest.json").read_text())
+    manifest["image_size"] = 64
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="do not match the manifest"):
+        load(tmp_path / "other")
+    with pytest.raises(BundleError, match="not a model bundle"):
+        load(tmp_path)
+
+
+def test_predictor_scores_bytes_and_arrays_with_tta_and_reports_bad_rows(trained_bundle, ham_dir):
+    dataset = IsicDataset.open(ham_dir, limit=10)
+    images = dataset.read_bytes(dataset.ids)
+    records = dataset.metadata.to_dict("records")
+    predictor = Predictor(trained_bundle, batch_sizes=(1, 8), tta=True)
+    out = predictor.score(images[:9] + [b"not an image"], records)
+    assert isinstance(out[-1], ImageDecodeError) and out[-1].key == 9
+    scores = out[:-1]
+    assert all(0 <= s.probability <= 1 and s.spread is not None and s.spread >= 0 for s in scores)
+    assert all(s.referred == (s.probability >= predictor.threshold) for s in scores)
+    # arrays give the same as bytes; padding to fixed shapes changes nothing
+    arrays = dataset.load_images(predictor.image_size, dataset.ids[:9])
+    again = predictor.score(list(arrays), records[:9])
+    np.testing.assert_allclose([s.probability for s in scores], [s.probability for s in again], atol=1e-6)
+    one = predictor.score(images[:1], records[:1])[0]
+    assert one.probability == pytest.approx(scores[0].probability, abs=1e-6)
+
+
+def test_gradcam_overlay_from_the_last_cell(trained_bundle, ham_dir):
+    import io
+
+    from PIL import Image
+
+    from model.gradcam import GradCam, overlay_png
+
+    predictor = Predictor(trained_bundle)
+    dataset = IsicDataset.open(ham_dir, limit=1)
+    pixels, meta, errors, _ = predictor.pre_process(
+        dataset.read_bytes(dataset.ids), dataset.metadata.to_dict("records")
+    )
+    heat = GradCam(predictor.network).heatmap(pixels, meta)
+    assert heat.shape == (32, 32) and heat.min() >= 0 and heat.max() <= 1
+    png = overlay_png(pixels[0], heat)
+    assert Image.open(io.BytesIO(png)).size == (32, 32)
+
+
+def test_nasnet_fusion_network_shape_and_bn_momentum():
+    import keras
+
+    from model.network import HEAD, build, last_cell_layer
+
+    net = build(12, 64)
+    assert {t.name: tuple(t.shape) for t in net.inputs} == {"image": (None, 64, 64, 3), "meta": (None, 12)}
+    assert net.get_layer(HEAD).activation.__name__ == "sigmoid"
+    assert any(layer.name.startswith("aug_cutout") for layer in net.layers)
+    bns = [layer for layer in net.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and {b.momentum for b in bns} == {0.99}
+    assert last_cell_layer(net).output.shape[-1] == 1056  # NASNetMobile's last cell
+
+
+def test_evaluate_command(trained_bundle, ham_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from dermascan.cli import main
+
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(
+        main, ["evaluate", "--bundle", str(trained_bundle), "--data", str(ham_dir), "--limit", "120", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["n"] == 120 and 0 <= report["auc"] <= 1 and 0 <= report["pauc80"] <= 0.2
+    assert report["operating_point"]["tp"] + report["operating_point"]["fn"] == report["positives"]
+    assert "AUC" in result.output and "sensitivity" in result.output
