@@ -1,0 +1,191 @@
+"""The project's shape: migrations (up and down, PostgreSQL and SQLite, in step with the models),
+the doors that stay shut, docker-compose, and the README / CI agreement."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
+
+from dermascan import migrate
+from dermascan.schema import Base
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = {
+    "programs",
+    "users",
+    "api_tokens",
+    "model_bundles",
+    "batches",
+    "studies",
+    "predictions",
+    "referrals",
+    "audit_events",
+}
+
+
+# -- migrations ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_upgrade_to_head_matches_models_and_downgrades_to_empty(dialect, pg_server_url, tmp_path):
+    if dialect == "postgresql":
+        admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+        name = "dermascan_migrations_" + str(os.getpid())
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = pg_server_url.rsplit("/", 1)[0] + "/" + name
+    else:
+        url = f"sqlite:///{tmp_path / 'm.sqlite'}"
+    try:
+        migrate.upgrade(url)
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            assert set(inspect(conn).get_table_names()) >= TABLES
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+            assert diff == [], f"models and migrations differ: {diff}"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() in migrate.current_heads()
+        migrate.downgrade(url, "base")
+        with engine.connect() as conn:
+            assert set(inspect(conn).get_table_names()) <= {"alembic_version"}
+        migrate.upgrade(url)  # and up again
+        engine.dispose()
+    finally:
+        if dialect == "postgresql":
+            from dermascan.db import engine_for
+
+            engine_for(url).dispose()
+            with admin.connect() as conn:
+                conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+            admin.dispose()
+
+
+def test_migration_files_are_numbered_with_one_head():
+    versions = sorted(p.name for p in (ROOT / "migrations" / "versions").glob("[0-9]*.py"))
+    assert versions and all(re.fullmatch(r"\d{4}_[a-z0-9_]+\.py", v) for v in versions)
+    assert len(migrate.current_heads()) == 1
+
+
+# -- doors ---------------------------------------------------------------------------------------------
+def imports_of(folder: Path) -> dict[str, set[str]]:
+    out = {}
+    for path in folder.rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        out[str(path.relative_to(ROOT))] = names
+    return out
+
+
+def test_model_imports_nothing_of_the_application():
+    forbidden = {"dermascan", "web", "worker", "flask", "celery", "sqlalchemy", "kombu", "redis", "psycopg2"}
+    bad = {f: n & forbidden for f, n in imports_of(ROOT / "model").items() if n & forbidden}
+    assert not bad, bad
+
+
+def test_core_never_imports_web_or_worker():
+    bad = {f: n & {"web", "worker"} for f, n in imports_of(ROOT / "dermascan").items() if n & {"web", "worker"}}
+    assert not bad, bad
+
+
+def test_web_process_never_loads_keras_or_tensorflow(tmp_path):
+    code = (
+        "import sys\n"
+        "from dermascan.config import Settings\n"
+        "from web import create_app\n"
+        f"app = create_app(Settings.from_env(env={{}}, data_dir={str(tmp_path)!r}))\n"
+        "client = app.test_client()\n"
+        "for path in ('/login', '/api/v1/openapi.json'):\n"
+        "    assert client.get(path).status_code == 200\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('keras', 'tensorflow', 'jax', 'torch'))\n"
+        "print(loaded)\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr + done.stdout
+
+
+# -- docker-compose ----------------------------------------------------------------------------------
+def compose_config() -> dict:
+    binary = shutil.which("docker-compose")
+    assert binary, "Debian's docker-compose (a real compose parser) is needed; .ci/run installs it"
+    env = {**os.environ, "POSTGRES_PASSWORD": "example", "DERMASCAN_SECRET_KEY": "example"}
+    done = subprocess.run(
+        [binary, "-f", str(ROOT / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)
+
+
+def check_cli(args: list[str]) -> None:
+    """Parse ``dermascan ARGS`` with the real click command tree, without running it."""
+    import click
+
+    from dermascan.cli import main
+
+    ctx = main.make_context("dermascan", list(args))
+    command: click.Command = main
+    while isinstance(command, click.Group):
+        name, sub, rest = command.resolve_command(ctx, [*ctx.protected_args, *ctx.args])
+        assert sub is not None, f"no command {name!r} in {args}"
+        ctx = sub.make_context(name, rest, parent=ctx)
+        command = sub
+
+
+def test_compose_file_is_valid_and_runs_only_real_commands():
+    config = compose_config()
+    services = config["services"]
+    assert {"postgres", "redis", "migrate", "web", "worker-gpu", "worker-cpu", "beat", "dicom"} <= set(services)
+    gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    for name, service in services.items():
+        if "dermascan" not in str(service.get("image", "")):
+            continue
+        command = service["command"]
+        command = shlex.split(command) if isinstance(command, str) else command
+        if command[0] == "dermascan":
+            check_cli(command[1:])
+        elif command[0] == "celery":
+            assert command[1:3] == ["-A", "worker.celery_app"] and command[3] in ("worker", "beat"), command
+            assert (ROOT / "worker" / "celery_app.py").exists()
+        else:
+            pytest.fail(f"{name}: unexpected command {command}")
+        build = service.get("build") or {}
+        dockerfile = ROOT / build.get("dockerfile", "Dockerfile")
+        assert dockerfile.exists(), f"{name}: {dockerfile} is missing"
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("COPY "):
+                for source in line.split()[1:-1]:
+                    assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source} does not exist"
+
+
+# -- README and CI -------------------------------------------------------------------------------------
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```(?:bash|sh)\n(.*?)\n```", text, flags=re.S)[:2]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    setup, tests = readme_commands()
+    assert "dermascan demo" in setup and "venv" in setup
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert ci[-1].strip() == tests.strip().splitlines()[-1].strip()
