@@ -116,7 +116,11 @@ class Settings:
 
 def _parse(f: dataclasses.Field, raw: str):
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if kind.startswith("bool"):
+    if kind.startswith("bool") and not kind.startswith("bool |"):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if kind.startswith("bool |"):
+        if raw.strip().lower() in {"", "auto", "none"}:
+            return None
         return raw.strip().lower() in {"1", "true", "yes", "on"}
     if kind == "int":
         return int(raw)

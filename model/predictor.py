@@ -56,6 +56,34 @@ def flips(images: np.ndarray) -> list[np.ndarray]:
     return [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
 
 
+def to_mixed_precision(network, policy: str = "mixed_bfloat16"):
+    """The same network computing in bfloat16 (float32 variables and float32 output): rebuilt
+    from its config with every float32 layer policy switched, then given the same weights."""
+    import keras
+
+    def switch(node, keep: bool = False):
+        if isinstance(node, dict):
+            keep = keep or node.get("class_name") == "InputLayer" or node.get("name") == "classification_head"
+            if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and not keep:
+                if node.get("config", {}).get("name") == "float32":
+                    node["config"]["name"] = policy
+            for key, value in node.items():
+                switch(
+                    value,
+                    keep
+                    or (key == "config" and isinstance(value, dict) and value.get("name") == "classification_head"),
+                )
+        elif isinstance(node, list):
+            for value in node:
+                switch(value, keep)
+
+    config = keras.saving.serialize_keras_object(network)
+    switch(config)
+    clone = keras.saving.deserialize_keras_object(config)
+    clone.set_weights(network.get_weights())
+    return clone
+
+
 class Predictor:
     def __init__(
         self,
@@ -66,9 +94,10 @@ class Predictor:
         tta: bool = False,
         threshold: float | None = None,
         decode_workers: int | None = None,
+        mixed_precision: bool = False,
     ):
         self.bundle = bundle or bundle_lib.load(bundle_dir)
-        self.network = self.bundle.network
+        self.network = to_mixed_precision(self.bundle.network) if mixed_precision else self.bundle.network
         self.spec = self.bundle.spec
         self.image_size = self.bundle.image_size
         self.batch_sizes = tuple(sorted(set(batch_sizes)))

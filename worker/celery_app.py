@@ -5,20 +5,40 @@ loaded lazily in each child process after the fork (never in the parent: TensorF
 fork-safe), or eagerly by ``worker_process_init`` when warm-up is on.
 """
 
-from celery.signals import worker_process_init
+import os
+import shutil
+from pathlib import Path
+
+from celery.signals import worker_init, worker_process_init
 
 from dermascan.config import Settings
 from dermascan.queue import make_celery
 
 settings = Settings.from_env()
+if settings.metrics_port and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    # before prometheus_client is imported anywhere: children write here, the main process reads
+    metrics_dir = Path(settings.data_dir) / "metrics" / f"worker-{os.getpid()}"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 app = make_celery(settings)
 app.set_default()
 
 import worker.tasks  # noqa: E402,F401  (registers the shared tasks)
 
 
+@worker_init.connect
+def _serve_metrics(**_):
+    if settings.metrics_port:
+        from worker import metrics
+
+        metrics.serve(app, settings.metrics_port)
+
+
 @worker_process_init.connect
 def _load_model(**_):
+    """Load the bundle and run every fixed batch shape once, before the child takes work."""
     from worker import scoring
 
+    scoring.configure_backend(settings)
     scoring.warm_up(settings)

@@ -7,11 +7,13 @@ batch is scored. The predictor is loaded once per worker process, after the fork
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -22,7 +24,7 @@ from dermascan import bundles, results
 from dermascan.blobs import BlobError, BlobStore
 from dermascan.config import Settings
 from dermascan.db import session_factory
-from dermascan.schema import ModelBundle, Prediction, Study
+from dermascan.schema import ModelBundle, Prediction, Study, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +44,31 @@ def predictor(settings: Settings):
 
         manifest = read_manifest(settings.model_bundle, verify=False)
         tta = settings.tta if settings.tta is not None else bool(manifest.get("inference", {}).get("tta", False))
-        current = Predictor(settings.model_bundle, batch_sizes=settings.predict_batch_sizes, tta=tta)
+        current = Predictor(
+            settings.model_bundle,
+            batch_sizes=settings.predict_batch_sizes,
+            tta=tta,
+            mixed_precision=settings.mixed_precision,
+        )
         with session_factory(settings.database_url)() as session, session.begin():
             bundles.register(session, settings.model_bundle, activate=True)
         _process_state["predictor"] = current
         log.info("loaded bundle %s (tta=%s)", current.version, tta)
     return current
+
+
+def configure_backend(settings: Settings) -> None:
+    """JAX: a persistent compilation cache in the data directory, so a restarted worker does not
+    compile its batch shapes again (NASNetMobile's first XLA compile takes about a minute)."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        cache = Path(settings.data_dir) / "jax-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def warm_up(settings: Settings) -> None:
@@ -82,6 +103,19 @@ class _Item:
     sha256: str
     meta: dict
     batch_id: str | None
+    created_at: object = None
+    priority: str = "bulk"
+
+
+def _item(study: Study) -> _Item:
+    return _Item(
+        study.id,
+        study.image_sha256,
+        dict(study.meta or {}),
+        study.batch_id,
+        study.created_at,
+        str(study.priority.value),
+    )
 
 
 class ScoreStudies:
@@ -97,7 +131,7 @@ class ScoreStudies:
         try:
             with self.factory() as session, session.begin():
                 for s in results.claim(session, self.study_ids):
-                    items.append(_Item(s.id, s.image_sha256, dict(s.meta or {}), s.batch_id))
+                    items.append(_item(s))
             if self.interactive:
                 items += self._gather(items)
         except OperationalError as exc:
@@ -115,7 +149,7 @@ class ScoreStudies:
                 ids = results.gather_interactive(session, seen, self.settings.batch_max_size - len(items) - len(extra))
                 if ids:
                     for s in session.scalars(select(Study).where(Study.id.in_(ids))):
-                        extra.append(_Item(s.id, s.image_sha256, dict(s.meta or {}), s.batch_id))
+                        extra.append(_item(s))
                     seen += ids
             if time.monotonic() >= deadline:
                 break
@@ -171,8 +205,8 @@ class ScoreStudies:
         t0 = time.perf_counter()
         try:
             with self.factory() as session, session.begin():
-                bundle = session.get(ModelBundle, pred.version)
-                threshold = bundle.threshold if bundle is not None else pred.threshold
+                bundle = session.get(ModelBundle, pred.version) or bundles.register(session, self.settings.model_bundle)
+                threshold = bundle.threshold
                 results.record(session, pred.version, threshold, scored, failed)
                 outcome.finished_batches = results.finished_batches(session, [i.batch_id for i in items])
         except OperationalError as exc:
@@ -182,6 +216,7 @@ class ScoreStudies:
         outcome.referred_ids = [s.study_id for s in scored if s.probability >= threshold]
         outcome.timings = {k: round(v, 4) for k, v in timing.items()}
         outcome.timings["batch_size"] = len(items)
+        _record_metrics(outcome, items)
         log.info(
             "scored %d, failed %d, referred %d (%s)",
             outcome.scored,
@@ -190,6 +225,18 @@ class ScoreStudies:
             outcome.timings,
         )
         return outcome
+
+
+def _record_metrics(outcome: Outcome, items: list[_Item]) -> None:
+    from worker import metrics
+
+    now = utcnow()
+    latencies: dict[str, list[float]] = {}
+    for item in items:
+        if item.created_at is not None:
+            created = item.created_at if item.created_at.tzinfo else item.created_at.replace(tzinfo=dt.UTC)
+            latencies.setdefault(item.priority, []).append((now - created).total_seconds())
+    metrics.observe(outcome, latencies)
 
 
 def display_image(data: bytes, longest: int = 512) -> np.ndarray:

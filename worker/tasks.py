@@ -25,8 +25,10 @@ def score(self, study_ids: list[int], interactive: bool = False) -> dict:
         outcome = scoring.ScoreStudies(settings, study_ids, interactive=interactive).run()
     except scoring.TransientError as exc:
         raise self.retry(exc=exc) from exc
-    if outcome.referred_ids:
-        queue.send(settings, queue.TASK_HEATMAPS, [outcome.referred_ids])
+    # one small message per study: heat maps run when no scoring is waiting (maintenance queue)
+    # and never hold up an interactive study for more than one Grad-CAM
+    for study_id in outcome.referred_ids:
+        queue.send(settings, queue.TASK_HEATMAPS, [[study_id]])
     for batch_id in outcome.finished_batches:
         queue.send(settings, queue.TASK_CALLBACK, [batch_id, 0])
     return outcome.summary()
