@@ -64,9 +64,9 @@ def to_mixed_precision(network, policy: str = "mixed_bfloat16"):
     def switch(node, keep: bool = False):
         if isinstance(node, dict):
             keep = keep or node.get("class_name") == "InputLayer" or node.get("name") == "classification_head"
-            if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and not keep:
-                if node.get("config", {}).get("name") == "float32":
-                    node["config"]["name"] = policy
+            is_policy = node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy")
+            if is_policy and not keep and node.get("config", {}).get("name") == "float32":
+                node["config"]["name"] = policy
             for key, value in node.items():
                 switch(
                     value,
