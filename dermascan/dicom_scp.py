@@ -21,12 +21,13 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBase
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import func, select, update
 
 from dermascan import screening
 from dermascan.config import Settings
 from dermascan.db import session_factory
 from dermascan.ingest import dicom
-from dermascan.schema import Batch
+from dermascan.schema import Batch, Study
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,11 @@ class Receiver:
         key = id(event.assoc)
         with self.lock:
             chunk = self.pending.pop(key, [])
-            self.batches.pop(key, None)
+            batch_id = self.batches.pop(key, None)
+        if batch_id:
+            with self.factory() as session, session.begin():
+                count = select(func.count()).select_from(Study).where(Study.batch_id == batch_id).scalar_subquery()
+                session.execute(update(Batch).where(Batch.id == batch_id).values(total=count))
         if chunk:
             screening.enqueue(self.settings, chunk, interactive=False)
 

@@ -13,9 +13,11 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -139,9 +141,7 @@ class SubmitStudies:
             if earlier is not None:
                 return replay(earlier)
         batch = None
-        if self.batch_id:
-            batch = session.get(Batch, self.batch_id)
-        elif self.make_batch:
+        if self.make_batch and not self.batch_id:
             batch = Batch(
                 program_id=self.program_id,
                 source=self.source,
@@ -153,58 +153,71 @@ class SubmitStudies:
             )
             session.add(batch)
             session.flush()
-        result = SubmitResult(
-            batch.id if batch else None, rejected=list(self.prior_rejections), interactive=self.interactive
-        )
+        batch_id = batch.id if batch is not None else self.batch_id
+        result = SubmitResult(batch_id, rejected=list(self.prior_rejections), interactive=self.interactive)
         priority = Priority.INTERACTIVE if self.interactive else Priority.BULK
-        seen_keys: dict[str, int] = {}
+        # 1. validate everything in Python (images at the door, metadata), store the blobs
+        rows: list[dict] = []
+        order: list[tuple] = []  # ("new", row index) | ("same-key", key), per accepted input
+        first_row_of_key: dict[str, int] = {}
         for item in self.inputs:
             key = item.idempotency_key or (item.sop_instance_uid and f"sop:{item.sop_instance_uid}")
-            existing = self._existing(session, key, seen_keys)
-            if existing is not None:
-                result.accepted.append(Accepted(item.row, existing.id, item.external_id, duplicate=True))
-            else:
-                try:
-                    info = inspect_image(item.image, self.settings.max_image_bytes, self.settings.max_image_pixels)
-                    meta = clean_metadata(item.metadata)
-                except ImageRejected as exc:
-                    result.rejected.append(Rejection(item.row, str(exc), item.external_id, "image"))
-                    self._tick()
-                    continue
-                except FieldError as exc:
-                    result.rejected.append(Rejection(item.row, str(exc), item.external_id, exc.field))
-                    self._tick()
-                    continue
-                study = Study(
-                    program_id=self.program_id,
-                    batch_id=batch.id if batch else None,
-                    source=self.source,
-                    external_id=item.external_id,
-                    idempotency_key=key,
-                    study_instance_uid=item.study_instance_uid,
-                    series_instance_uid=item.series_instance_uid,
-                    sop_instance_uid=item.sop_instance_uid,
-                    patient_pseudonym=pseudonymise(self.settings.secret_key, self.program_id, item.patient_id),
-                    meta=meta,
-                    image_sha256=self.blobs.put(item.image),
-                    image_format=info.format,
-                    image_width=info.width,
-                    image_height=info.height,
-                    priority=priority,
-                    status=StudyStatus.QUEUED,
-                )
-                session.add(study)
-                session.flush()
-                if key:
-                    seen_keys[key] = study.id
-                result.accepted.append(Accepted(item.row, study.id, item.external_id))
-                result.new_study_ids.append(study.id)
+            if key and key in first_row_of_key:
+                order.append(("same-key", key, item))
+                self._tick()
+                continue
+            try:
+                info = inspect_image(item.image, self.settings.max_image_bytes, self.settings.max_image_pixels)
+                meta = clean_metadata(item.metadata)
+            except ImageRejected as exc:
+                result.rejected.append(Rejection(item.row, str(exc), item.external_id, "image"))
+                self._tick()
+                continue
+            except FieldError as exc:
+                result.rejected.append(Rejection(item.row, str(exc), item.external_id, exc.field))
+                self._tick()
+                continue
+            if key:
+                first_row_of_key[key] = len(rows)
+            order.append(("new", len(rows), item))
+            rows.append(
+                {
+                    "program_id": self.program_id,
+                    "batch_id": batch_id,
+                    "source": self.source,
+                    "external_id": item.external_id,
+                    "idempotency_key": key,
+                    "study_instance_uid": item.study_instance_uid,
+                    "series_instance_uid": item.series_instance_uid,
+                    "sop_instance_uid": item.sop_instance_uid,
+                    "patient_pseudonym": pseudonymise(self.settings.secret_key, self.program_id, item.patient_id),
+                    "metadata": meta,
+                    "image_sha256": self.blobs.put(item.image, durable=False),
+                    "image_format": info.format,
+                    "image_width": info.width,
+                    "image_height": info.height,
+                    "priority": priority,
+                    "status": StudyStatus.QUEUED,
+                    "attempts": 0,
+                    "created_at": utcnow(),
+                }
+            )
             self._tick()
-        if batch is not None and self.batch_id:
-            batch.total = (batch.total or 0) + len(result.new_study_ids)
-            batch.rejected = (batch.rejected or 0) + len(result.rejected)
-            batch.completed_at = None
-        elif batch is not None:
+        # 2. flush the blobs to disk (concurrently) while the rows go in with multi-row inserts; a
+        #    key already known (a retry, a re-sent SOP instance) inserts nothing
+        with ThreadPoolExecutor(1) as pool:
+            synced = pool.submit(self.blobs.sync, [r["image_sha256"] for r in rows])
+            ids, existing = insert_studies(session, self.program_id, rows)
+            synced.result()  # stored means on disk: only then may the caller commit and answer
+        for kind, ref, item in order:
+            if kind == "new" and ids[ref] is not None:
+                result.accepted.append(Accepted(item.row, ids[ref], item.external_id))
+                result.new_study_ids.append(ids[ref])
+            else:
+                key = rows[ref]["idempotency_key"] if kind == "new" else ref
+                study_id = ids[first_row_of_key[key]] or existing[key]
+                result.accepted.append(Accepted(item.row, study_id, item.external_id, duplicate=True))
+        if batch is not None and not self.batch_id:
             batch.total = len(result.accepted)
             batch.rejected = len(result.rejected)
             batch.report = result.report()
@@ -214,12 +227,48 @@ class SubmitStudies:
         if self.progress:
             self.progress(1)
 
-    def _existing(self, session: Session, key: str | None, seen: dict[str, int]) -> Study | None:
-        if not key:
-            return None
-        if key in seen:
-            return session.get(Study, seen[key])
-        return session.scalar(select(Study).where(Study.program_id == self.program_id, Study.idempotency_key == key))
+
+def _insert(session: Session):
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(Study.__table__)
+    if dialect == "sqlite":
+        return sqlite.insert(Study.__table__)
+    raise NotImplementedError(f"no ON CONFLICT support for {dialect}")
+
+
+def insert_studies(session: Session, program_id: int, rows: list[dict], chunk: int = 500):
+    """Insert study rows → (id per row, or None where its idempotency key already existed;
+    {key: id} of those earlier studies). Two statements per chunk at most, whatever its size."""
+    ids: list[int | None] = [None] * len(rows)
+    keyed = [i for i, r in enumerate(rows) if r["idempotency_key"]]
+    plain = [i for i, r in enumerate(rows) if not r["idempotency_key"]]
+    for start in range(0, len(plain), chunk):
+        part = plain[start : start + chunk]
+        returned = session.execute(
+            _insert(session).returning(Study.__table__.c.id, sort_by_parameter_order=True), [rows[i] for i in part]
+        ).scalars()
+        for i, study_id in zip(part, returned, strict=True):
+            ids[i] = study_id
+    existing: dict[str, int] = {}
+    for start in range(0, len(keyed), chunk):
+        part = keyed[start : start + chunk]
+        stmt = _insert(session).on_conflict_do_nothing(index_elements=["program_id", "idempotency_key"])
+        stmt = stmt.returning(Study.__table__.c.id, Study.__table__.c.idempotency_key)
+        inserted = dict((key, study_id) for study_id, key in session.execute(stmt, [rows[i] for i in part]))
+        for i in part:
+            ids[i] = inserted.get(rows[i]["idempotency_key"])
+        missing = [rows[i]["idempotency_key"] for i in part if ids[i] is None]
+        if missing:
+            existing.update(
+                (key, study_id)
+                for study_id, key in session.execute(
+                    select(Study.id, Study.idempotency_key).where(
+                        Study.program_id == program_id, Study.idempotency_key.in_(missing)
+                    )
+                )
+            )
+    return ids, existing
 
 
 def replay(batch: Batch) -> SubmitResult:
