@@ -219,12 +219,14 @@ class Worker:
             cmd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT
         )
 
-    def wait_ready(self, timeout: float = 120) -> Worker:
+    def wait_ready(self, timeout: float = 120, warm: bool = False) -> Worker:
+        """Until Celery reports ready (and, with ``warm``, the child has run every batch shape)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            if " ready." in self.log():
+            log = self.log()
+            if " ready." in log and (not warm or "warmed up" in log):
                 return self
             time.sleep(0.2)
         raise RuntimeError(f"worker not ready after {timeout} s:\n{self.log()[-4000:]}")

@@ -1,0 +1,144 @@
+"""End-to-end scoring throughput against the raw model.
+
+N studies from ../shared/data/ham10000 go through the real path — PostgreSQL → Redis → a
+`dermascan worker` process → PostgreSQL — and, in the same run on the same machine, the bundle's
+network runs alone on the same images at the same size and batch size. The ratio of the two is
+how close the worker gets to the model's own speed.
+
+    python -m bench.throughput --n 2000 --batch 64            # CPU, TensorFlow
+    python -m bench.throughput --n 2000 --embedded             # SQLite + filesystem queue
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import func, select
+
+from bench import support
+
+
+def raw_forward(
+    bundle_dir: Path, batch: int, images: np.ndarray, meta: np.ndarray, tta: bool, seconds: float = 20.0
+) -> float:
+    """Forward passes per second of the bundle's network on fixed-shape batches (after warm-up)."""
+    from model.predictor import Predictor
+
+    predictor = Predictor(bundle_dir, batch_sizes=(batch,), tta=tta)
+    x_img, x_meta = images[:batch], meta[:batch]
+    predictor.predict(x_img, x_meta)  # trace / compile
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        predictor.predict(x_img, x_meta)
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=64, help="model batch size (the worker's largest fixed shape)")
+    parser.add_argument("--chunk", type=int, default=None, help="studies per bulk message (default: the batch size)")
+    parser.add_argument("--bundle", type=Path, default=support.ROOT / "model" / "bundles" / "default")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation (4 flips) in both measurements")
+    parser.add_argument(
+        "--embedded", action="store_true", help="SQLite + filesystem queue instead of PostgreSQL + Redis"
+    )
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    from dermascan.db import session_factory
+    from dermascan.schema import Study
+    from dermascan.screening import get_or_create_program, submit
+    from model.bundle import read_manifest
+    from tests.helpers import ham_inputs
+
+    manifest = read_manifest(args.bundle)
+    size = manifest["image_size"]
+    inputs = ham_inputs(support.HAM, args.n)
+
+    # 1. the raw network, alone, on the same images
+    from model.data import decode_many
+    from model.features import FeatureSpec
+
+    sample = inputs[: args.batch * 2]
+    pixels, _ = decode_many([(i, x.image) for i, x in enumerate(sample)], size)
+    meta = FeatureSpec.from_dict(manifest["feature_spec"]).transform([x.metadata for x in sample])
+    raw = raw_forward(args.bundle, args.batch, pixels, meta, args.tta)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.embedded:
+            db_url, broker, cleanup = "", "", None
+        else:
+            cleanup = support.scratch_postgres()
+            db_url, broker = cleanup.__enter__(), support.redis_url()
+        try:
+            settings = support.settings(
+                tmp / "data", db_url, broker, args.bundle, tta=args.tta, bulk_chunk_size=args.chunk or args.batch,
+                predict_batch_sizes=(1, 8, args.batch),
+            )  # fmt: skip
+            from dermascan import migrate
+
+            migrate.upgrade(settings.database_url)
+            factory = session_factory(settings.database_url)
+            with factory() as session, session.begin():
+                pid = get_or_create_program(session, "bench").id
+            # 2. everything queued first, then a warmed-up worker drains it
+            t0 = time.perf_counter()
+            submit(settings, pid, inputs, source="bench")
+            ingest_s = time.perf_counter() - t0
+            worker = support.Worker(settings, tmp / "worker.log")
+            try:
+                worker.wait_ready(900, warm=True)
+                started = time.perf_counter()
+                while True:
+                    with factory() as session:
+                        left = session.scalar(
+                            select(func.count()).select_from(Study).where(Study.status.in_(["queued", "processing"]))
+                        )
+                    if left == 0:
+                        break
+                    time.sleep(0.25)
+                wall = time.perf_counter() - started
+            finally:
+                worker.stop()
+            with factory() as session:
+                first, last, done = session.execute(
+                    select(func.min(Study.started_at), func.max(Study.finished_at), func.count()).where(
+                        Study.status == "done"
+                    )
+                ).one()
+            scoring_s = (last - first).total_seconds()
+        finally:
+            if cleanup is not None:
+                cleanup.__exit__(None, None, None)
+
+    per_study_raw = raw  # Predictor.predict runs the 4 flips itself when TTA is on: studies/s either way
+    e2e = done / scoring_s
+    rows = [
+        ("raw network (Predictor.predict, fixed batch)", f"{size} px", args.batch, f"{per_study_raw:.1f} studies/s"),
+        (
+            f"end to end ({'SQLite + filesystem' if args.embedded else 'PostgreSQL + Redis'} → worker → DB)",
+            f"{size} px",
+            args.batch,
+            f"{e2e:.1f} studies/s",
+        ),
+        ("ratio end-to-end / raw", "", "", f"{e2e / per_study_raw:.2f}"),
+        ("wall time from worker ready to all done", "", "", f"{wall:.1f} s for {done} studies"),
+        ("ingest (submit, not part of the ratio)", "", "", f"{args.n / ingest_s:.0f} studies/s"),
+    ]
+    print(f"throughput benchmark — {support.machine()}")
+    print(
+        f"bundle {manifest['version']}, TTA {'on (4 flips)' if args.tta else 'off'}, n={args.n}, chunk={args.chunk or args.batch}"
+    )
+    print(support.table(rows, ("path", "image", "batch", "rate")))
+
+
+if __name__ == "__main__":
+    main()
