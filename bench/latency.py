@@ -43,9 +43,7 @@ def main(argv=None) -> None:
     manifest = read_manifest(args.bundle)
     pool = ham_inputs(support.HAM, 7510)
     singles = pool[: args.singles * 2]
-    bulk_inputs = [pool[i % len(pool)] for i in range(args.bulk)]
-    for i, item in enumerate(bulk_inputs):  # repeated images are separate studies
-        item.idempotency_key = None
+    bulk_inputs = [pool[i % len(pool)] for i in range(args.bulk)]  # repeats are separate studies (no keys)
 
     with tempfile.TemporaryDirectory() as tmp, support.scratch_postgres() as pg:
         tmp = Path(tmp)
