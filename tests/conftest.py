@@ -168,7 +168,15 @@ def make_tiny_bundle(ham: Path, out: Path, n: int = 64, image_size: int = 32, ve
     x = {"image": ds.load_images(image_size), "meta": spec.transform(ds.metadata)}
     net.fit(x, ds.targets().astype("float32"), epochs=1, batch_size=16, verbose=0)
     scores = net.predict(x, verbose=0).ravel()
-    bundle.save(net, spec, out, version=version, threshold=float(np.median(scores)), metrics={"note": "test bundle"})
+    from model.train import roc_table
+
+    y = ds.targets()
+    metrics = {
+        "note": "test bundle; ROC table on its own training images",
+        "roc_table": roc_table(y, scores),
+        "oof": {"n": int(y.size)},
+    }
+    bundle.save(net, spec, out, version=version, threshold=float(np.median(scores)), metrics=metrics)
     return out
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import io
 import zipfile
 
 import requests
+from PIL import Image
 from sqlalchemy import func, select
 
 from dermascan.db import session_factory
@@ -77,21 +79,28 @@ def test_nightly_batch_of_2000_scored_downloadable_and_idempotent(
     assert (count(settings, Study), count(settings, Batch), count(settings, Prediction)) == before
 
 
-def test_json_batch_with_row_level_errors(pg_settings, live_server, api_token, ham_dir):
-    server = live_server(pg_settings)
+def test_json_batch_with_row_level_errors(make_settings, pg_url, redis_url, live_server, api_token, ham_dir):
+    server = live_server(make_settings(database_url=pg_url, broker_url=redis_url, max_image_pixels=50_000))
     _, token = api_token()
     records = json_records(ham_dir, 4)
     records[1]["age_approx"] = "old"
     records[2]["image_base64"] = "!!!not base64!!!"
     records[3]["colour"] = "brown"
     records.append({"external_id": "text", "image_base64": base64.b64encode(b"hello, not an image").decode()})
+    jpeg = base64.b64decode(records[0]["image_base64"])
+    records.append({"external_id": "cut", "image_base64": base64.b64encode(jpeg[: len(jpeg) // 2]).decode()})
+    big = io.BytesIO()
+    Image.new("RGB", (300, 300), (120, 80, 60)).save(big, "PNG")  # 90,000 pixels, limit 50,000
+    records.append({"external_id": "big", "image_base64": base64.b64encode(big.getvalue()).decode()})
     reply = requests.post(
         f"{server.url}/api/v1/batches", headers=auth(token), json={"records": records, "label": "json"}, timeout=60
     )
     assert reply.status_code == 201, reply.text
     body = reply.json()
-    assert body["accepted"] == 1 and body["rejected"] == 4
+    assert body["accepted"] == 1 and body["rejected"] == 6
     reasons = {r["row"]: r["reason"] for r in body["records"] if r["status"] == "rejected"}
+    assert "truncated" in reasons[6]
+    assert "over the limit of 50,000 pixels" in reasons[7]
     assert "not a number" in reasons[2]
     assert "not valid base64" in reasons[3]
     assert "unknown field(s) colour" in reasons[4]

@@ -13,7 +13,7 @@ from wtforms.validators import DataRequired, Length, NumberRange
 from dermascan import audit, bundles
 from dermascan.accounts import AccountError, create_token, create_user
 from dermascan.operating_point import at_threshold
-from dermascan.schema import ApiToken, AuditEvent, Program, User, utcnow
+from dermascan.schema import ApiToken, AuditEvent, User, utcnow
 from dermascan.screening import get_or_create_program
 from web.helpers import audit_event, db, role_required
 
@@ -145,10 +145,8 @@ def model():
             db().commit()
             flash(f"Referral threshold set to {value:.4f}. It applies to studies scored from now on.", "info")
             return redirect(url_for("admin.model"))
-    programs = list(db().scalars(select(Program).order_by(Program.name)))
-    return render_template(
-        "admin_model.html", bundle=bundle, form=form, preview=preview, current=current, programs=programs
-    )
+    status = 400 if request.method == "POST" and form.errors else 200
+    return render_template("admin_model.html", bundle=bundle, form=form, preview=preview, current=current), status
 
 
 @bp.get("/metrics")
