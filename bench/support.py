@@ -12,11 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-
-from dermascan import migrate
 from dermascan.config import Settings
-from tests.conftest import HAM, PG_ADMIN_URL, Worker, free_port  # noqa: F401  (re-exported)
+from tests.conftest import HAM, Worker, free_port  # noqa: F401  (re-exported)
+from tests.conftest import scratch_postgres as _scratch_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,23 +35,8 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}){mem}, Python {platform.python_version()}, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
 
 
-@contextlib.contextmanager
 def scratch_postgres():
-    name = f"dermascan_bench_{secrets.token_hex(4)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    migrate.upgrade(url)
-    try:
-        yield url
-    finally:
-        from dermascan.db import engine_for
-
-        engine_for(url).dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    return _scratch_postgres("dermascan_bench")
 
 
 def redis_url(db: int = 12) -> str:

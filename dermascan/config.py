@@ -39,7 +39,7 @@ class Settings:
     bulk_chunk_size: int = 64
     batch_max_size: int = 32
     batch_max_wait_ms: int = 50
-    predict_batch_sizes: tuple[int, ...] = (1, 8, 32, 64)
+    predict_batch_sizes: tuple[int, ...] = (1, 4, 16)  # CPU; GPU workers use e.g. 1,8,64,256
     tta: bool | None = None  # None: as the bundle's manifest recommends
     mixed_precision: bool = False
     # worker

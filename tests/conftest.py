@@ -3,6 +3,7 @@ bundle trained in a fixture, settings, and real Celery worker subprocesses."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -49,25 +50,34 @@ def artifacts() -> Path:
 
 
 # -- databases -----------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def pg_server_url():
-    """A fresh, migrated PostgreSQL database for this test run, dropped afterwards."""
-    name = f"dermascan_test_{os.getpid()}_{secrets.token_hex(3)}"
+@contextlib.contextmanager
+def scratch_postgres(prefix: str = "dermascan_test", migrated: bool = True):
+    """A fresh (migrated) PostgreSQL database, dropped afterwards (tests and benchmarks)."""
+    from dermascan import migrate
+    from dermascan.db import engine_for
+
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    from dermascan import migrate
+    try:
+        if migrated:
+            migrate.upgrade(url)
+        yield url
+    finally:
+        engine_for(url).dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
 
-    migrate.upgrade(url)
-    yield url
-    from dermascan.db import engine_for
 
-    engine_for(url).dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
+@pytest.fixture(scope="session")
+def pg_server_url():
+    """A fresh, migrated PostgreSQL database for this test run."""
+    with scratch_postgres() as url:
+        yield url
 
 
 TABLES = [

@@ -88,3 +88,17 @@ def test_interactive_study_is_served_before_queued_bulk_chunks(pg_settings, star
             s.finished_at for s in session.scalars(select(Study).where(Study.batch_id == bulk.batch_id))
         )
     assert interactive.finished_at < bulk_finished[0], "the interactive study waited behind bulk work"
+
+
+def test_waiting_interactive_study_is_served_between_pieces_of_a_bulk_chunk(pg_settings, ham_dir):
+    from worker.scoring import ScoreStudies
+
+    settings = pg_settings.replace(predict_batch_sizes=(1, 8))
+    bulk = submit(settings, program_id(settings, "bulk"), ham_inputs(ham_dir, 24), source="test").new_study_ids
+    waiting = queued_interactive(settings, ham_dir, 1, offset=50)  # arrived while the chunk was queued
+    outcome = ScoreStudies(settings, bulk).run()  # one chunk of 24: three pieces of 8
+    assert outcome.scored == 24
+    with session_factory(settings.database_url)() as session:
+        person = session.get(Study, waiting[0])
+        chunk_done = min(s.finished_at for s in session.scalars(select(Study).where(Study.id.in_(bulk))))
+    assert person.status == StudyStatus.DONE and person.finished_at < chunk_done

@@ -4,6 +4,7 @@ the doors that stay shut, docker-compose, and the README / CI agreement."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import re
 import shlex
@@ -20,6 +21,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from dermascan import migrate
 from dermascan.schema import Base
+from tests.conftest import scratch_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {
@@ -37,17 +39,12 @@ TABLES = {
 
 # -- migrations ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
-def test_upgrade_to_head_matches_models_and_downgrades_to_empty(dialect, pg_server_url, tmp_path):
-    if dialect == "postgresql":
-        admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
-        name = "dermascan_migrations_" + str(os.getpid())
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        url = pg_server_url.rsplit("/", 1)[0] + "/" + name
-    else:
-        url = f"sqlite:///{tmp_path / 'm.sqlite'}"
-    try:
+def test_upgrade_to_head_matches_models_and_downgrades_to_empty(dialect, tmp_path):
+    with contextlib.ExitStack() as stack:
+        if dialect == "postgresql":
+            url = stack.enter_context(scratch_postgres("dermascan_migrations", migrated=False))
+        else:
+            url = f"sqlite:///{tmp_path / 'm.sqlite'}"
         migrate.upgrade(url)
         engine = create_engine(url)
         with engine.connect() as conn:
@@ -60,15 +57,6 @@ def test_upgrade_to_head_matches_models_and_downgrades_to_empty(dialect, pg_serv
             assert set(inspect(conn).get_table_names()) <= {"alembic_version"}
         migrate.upgrade(url)  # and up again
         engine.dispose()
-    finally:
-        if dialect == "postgresql":
-            from dermascan.db import engine_for
-
-            engine_for(url).dispose()
-            with admin.connect() as conn:
-                conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-            admin.dispose()
 
 
 def test_migration_files_are_numbered_with_one_head():

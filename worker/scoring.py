@@ -157,6 +157,19 @@ class ScoreStudies:
                 time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
         return extra
 
+    def _serve_waiting_interactive(self) -> list[Outcome]:
+        """Between the pieces of a bulk chunk: score interactive studies that arrived meanwhile,
+        so a person waits for at most one piece of bulk work, however large the chunk."""
+        try:
+            with self.factory() as session, session.begin():
+                ids = results.gather_interactive(session, [], self.settings.batch_max_size)
+        except OperationalError:
+            return []
+        if not ids:
+            return []
+        log.info("serving %d interactive studies between bulk pieces", len(ids))
+        return [ScoreStudies(self.settings, ids).run()]
+
     def _prepare(self, pred, items: list[_Item]):
         """Read blobs and decode (runs in a thread while the model works on the previous piece)."""
         t0 = time.perf_counter()
@@ -186,9 +199,12 @@ class ScoreStudies:
         scored: list[results.ScoredStudy] = []
         failed: list[tuple[int, str]] = []
         timing = {"read": 0.0, "decode": 0.0, "infer": 0.0, "write": 0.0}
+        served: list[Outcome] = []
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(self._prepare, pred, pieces[0])
             for n in range(len(pieces)):
+                if n and not self.interactive:
+                    served += self._serve_waiting_interactive()
                 kept, pixels, meta, bad, (t_read, t_decode) = future.result()
                 if n + 1 < len(pieces):
                     future = pool.submit(self._prepare, pred, pieces[n + 1])
@@ -217,6 +233,9 @@ class ScoreStudies:
         outcome.timings = {k: round(v, 4) for k, v in timing.items()}
         outcome.timings["batch_size"] = len(items)
         _record_metrics(outcome, items)
+        for other in served:
+            outcome.referred_ids += other.referred_ids
+            outcome.finished_batches += other.finished_batches
         log.info(
             "scored %d, failed %d, referred %d (%s)",
             outcome.scored,

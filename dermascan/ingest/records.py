@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from model.features import ISIC_CATEGORICAL, ISIC_NUMERIC
+
 # The anatomic sites the model's feature spec knows (ISIC 2024 words, plus the three ISIC 2020
 # words HAM10000 needs).
 SITES = (
@@ -55,17 +57,9 @@ FIELD_ALIASES = {
     "anatom_site": "anatom_site_general",
     "site": "anatom_site_general",
 }
-# Extra ISIC 2024 columns passed through to the model when present (numbers only).
-PASSTHROUGH_NUMERIC = (
-    "tbp_lv_nevi_confidence",
-    "clin_size_long_diam_mm",
-    "tbp_lv_areaMM2",
-    "tbp_lv_area_perim_ratio",
-    "tbp_lv_color_std_mean",
-    "tbp_lv_deltaLBnorm",
-    "tbp_lv_minorAxisMM",
-)
-PASSTHROUGH_TEXT = ("tbp_tile_type", "tbp_lv_location")
+# The other ISIC 2024 columns of the model's feature spec, passed through when present.
+PASSTHROUGH_NUMERIC = tuple(c for c in ISIC_NUMERIC if c != "age_approx")
+PASSTHROUGH_TEXT = tuple(c for c in ISIC_CATEGORICAL if c not in ("sex", "anatom_site_general"))
 
 
 class FieldError(ValueError):
