@@ -337,6 +337,9 @@ def dicom_scp(ctx, ae_title, host, port, program, allowed):
 @click.option("--backbone", type=click.Choice(["nasnet_mobile", "tiny"]), default="nasnet_mobile", show_default=True)
 @click.option("--limit", type=int, help="Only the first N rows (smoke runs).")
 @click.option("--version", help="Bundle version (default: from the date).")
+@click.option(
+    "--only-folds", help="Train only these folds (e.g. 0,1); the bundle is made from the folds that are done."
+)
 def train(
     data_dir,
     out_dir,
@@ -351,6 +354,7 @@ def train(
     backbone,
     limit,
     version,
+    only_folds,
 ):
     """Train the fusion model with patient-grouped CV and write a model bundle (resumable)."""
     from model.train import TrainConfig
@@ -365,7 +369,11 @@ def train(
         verbose=1 if sys.stderr.isatty() else 2,
     )  # fmt: skip
     work_dir = work_dir or out_dir.with_name(out_dir.name + ".work")
-    manifest = run_training(data_dir, out_dir, work_dir, cfg, version)
+    try:
+        train_folds = [int(k) for k in only_folds.split(",")] if only_folds else None
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of fold numbers", param_hint="--only-folds") from None
+    manifest = run_training(data_dir, out_dir, work_dir, cfg, version, train_folds)
     oof = manifest["metrics"]["oof"]
     click.echo(f"bundle {manifest['version']} written to {out_dir}")
     click.echo(f"out-of-fold AUC {oof['auc']:.4f}  pAUC80 {oof['pauc80']:.4f}  threshold {manifest['threshold']:.4f} "

@@ -58,7 +58,8 @@ def make_folds(targets: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np
 
 
 def tta_predict(model, images: np.ndarray, meta: np.ndarray, batch_size: int = 64, tta: bool = True):
-    """Mean and spread (std) of the predictions over the four flips (or just the plain pass)."""
+    """Mean and spread (std) of the predictions over the four flips (or just the plain pass),
+    and the plain pass alone."""
     views = [images]
     if tta:
         views += [images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
@@ -68,7 +69,7 @@ def tta_predict(model, images: np.ndarray, meta: np.ndarray, batch_size: int = 6
             for v in views
         ]
     )
-    return preds.mean(axis=0), preds.std(axis=0)
+    return preds.mean(axis=0), preds.std(axis=0), preds[0]
 
 
 class _ResumeState:
@@ -176,77 +177,110 @@ def train_fold(k: int, cfg: TrainConfig, work: Path, spec: FeatureSpec, x: dict,
     return keras.saving.load_model(best_path)
 
 
-def cross_validate(data_dir, work_dir, cfg: TrainConfig) -> dict:
-    """Run (or resume) the fold models; write out-of-fold predictions. Returns the CV report."""
+def cross_validate(data_dir, work_dir, cfg: TrainConfig, train_folds: list[int] | None = None) -> dict:
+    """Run (or resume) the fold models — all of them, or only ``train_folds`` — then summarise
+    the folds that are done: out-of-fold predictions, per-fold and pooled metrics, threshold."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     dataset = IsicDataset.open(data_dir, limit=cfg.limit)
     y, groups = dataset.targets(), dataset.groups()
-    spec = FeatureSpec.fit(dataset.metadata)
-    (work / "feature_spec.json").write_text(spec.to_json())
+    spec_path = work / "feature_spec.json"
+    spec = FeatureSpec.from_json(spec_path.read_text()) if spec_path.exists() else FeatureSpec.fit(dataset.metadata)
+    spec_path.write_text(spec.to_json())
     fold = make_folds(y, groups, cfg.folds, cfg.seed)
+    todo = [
+        k
+        for k in (range(cfg.folds) if train_folds is None else train_folds)
+        if not (work / f"fold{k}" / "oof.npz").exists()
+    ]
     log.info(
-        "%d images, %d positives, %d groups, %d folds; decoding at %d px",
+        "%d images, %d positives, %d groups, %d folds (to train: %s)",
         y.size,
         y.sum(),
         len(set(groups)),
         cfg.folds,
-        cfg.image_size,
+        todo,
     )
-    t0 = time.time()
-    x = {"image": dataset.load_images(cfg.image_size), "meta": spec.transform(dataset.metadata)}
-    log.info("decoded %d images in %.1f s", y.size, time.time() - t0)
+    if todo:
+        t0 = time.time()
+        x = {"image": dataset.load_images(cfg.image_size), "meta": spec.transform(dataset.metadata)}
+        log.info("decoded %d images at %d px in %.1f s", y.size, cfg.image_size, time.time() - t0)
+        for k in todo:
+            train_idx, val_idx = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+            model = train_fold(k, cfg, work, spec, x, y, train_idx, val_idx)
+            mean, spread, plain = tta_predict(model, x["image"][val_idx], x["meta"][val_idx], tta=cfg.tta)
+            np.savez(work / f"fold{k}" / "oof.npz", mean=mean, spread=spread, plain=plain, index=val_idx)
+            del model
+    return summarise(work, dataset, fold, cfg)
 
+
+def summarise(work: Path, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConfig) -> dict:
+    """Metrics of the finished folds: per fold, and pooled over their out-of-fold predictions."""
+    import pandas as pd
+
+    y = dataset.targets()
     oof = np.full(y.size, np.nan)
     oof_spread = np.full(y.size, np.nan)
+    oof_plain = np.full(y.size, np.nan)
     per_fold = []
     for k in range(cfg.folds):
-        train_idx, val_idx = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
-        model = train_fold(k, cfg, work, spec, x, y, train_idx, val_idx)
-        pred_path = work / f"fold{k}" / "oof.npz"
-        if pred_path.exists():
-            saved = np.load(pred_path)
-            mean, spread = saved["mean"], saved["spread"]
-        else:
-            mean, spread = tta_predict(model, x["image"][val_idx], x["meta"][val_idx], tta=cfg.tta)
-            np.savez(pred_path, mean=mean, spread=spread, index=val_idx)
-        oof[val_idx], oof_spread[val_idx] = mean, spread
+        path = work / f"fold{k}" / "oof.npz"
+        if not path.exists():
+            continue
+        saved = np.load(path)
+        val_idx = saved["index"]
+        oof[val_idx], oof_spread[val_idx] = saved["mean"], saved["spread"]
+        if "plain" in saved:
+            oof_plain[val_idx] = saved["plain"]
         history = _read_history(work / f"fold{k}" / "history.csv")
-        best_epoch = int(np.argmax([h["val_auc"] for h in history])) + 1 if history else None
         per_fold.append(
             {
                 "fold": k,
-                "n_train": int(train_idx.size),
+                "n_train": int(np.sum(fold != k)),
                 "n_val": int(val_idx.size),
                 "epochs_run": len(history),
-                "best_epoch": best_epoch,
-                "auc": metrics.auc(y[val_idx], mean),
-                "pauc80": metrics.pauc_above_tpr(y[val_idx], mean),
+                "best_epoch": int(np.argmax([h["val_auc"] for h in history])) + 1 if history else None,
+                "auc": metrics.auc(y[val_idx], saved["mean"]),
+                "pauc80": metrics.pauc_above_tpr(y[val_idx], saved["mean"]),
             }
         )
         log.info("fold %d: AUC %.4f pAUC80 %.4f", k, per_fold[-1]["auc"], per_fold[-1]["pauc80"])
-        del model
-
-    import pandas as pd
-
-    pd.DataFrame({"isic_id": dataset.ids, "fold": fold, "target": y, "oof": oof, "oof_spread": oof_spread}).to_csv(
-        work / "oof.csv", index=False
-    )
-    threshold = metrics.conservative_threshold(y, oof, cfg.target_sensitivity, cfg.threshold_confidence)
+    if not per_fold:
+        raise ValueError(f"{work}: no finished fold to summarise")
+    covered = ~np.isnan(oof)
+    pd.DataFrame(
+        {
+            "isic_id": dataset.ids,
+            "fold": fold,
+            "target": y,
+            "oof": oof,
+            "oof_spread": oof_spread,
+            "oof_plain": oof_plain,
+        }
+    ).to_csv(work / "oof.csv", index=False)
+    yc, sc = y[covered], oof[covered]
+    threshold = metrics.conservative_threshold(yc, sc, cfg.target_sensitivity, cfg.threshold_confidence)
     report = {
-        "data": {"directory": str(Path(data_dir).resolve()), "n": int(y.size), "positives": int(y.sum())},
+        "data": {"directory": str(dataset.directory.resolve()), "n": int(y.size), "positives": int(y.sum())},
         "folds": per_fold,
-        "oof": metrics.summary(y, oof, threshold),
+        "oof": metrics.summary(yc, sc, threshold),
         "threshold": threshold,
         "target_sensitivity": cfg.target_sensitivity,
         "threshold_confidence": cfg.threshold_confidence,
     }
+    plain = ~np.isnan(oof_plain) & covered
+    if plain.any():
+        report["oof_without_tta"] = {
+            "n": int(plain.sum()),
+            "auc": metrics.auc(y[plain], oof_plain[plain]),
+            "pauc80": metrics.pauc_above_tpr(y[plain], oof_plain[plain]),
+        }
     metrics.roc_png(
         work / "roc.png",
-        {"out-of-fold": (y, oof)},
+        {"out-of-fold": (yc, sc)},
         {f"threshold {threshold:.3f}": report["oof"]["operating_point"]},
-        title=f"DermaScan {cfg.folds}-fold CV, {cfg.image_size}px",
+        title=f"DermaScan {len(per_fold)} of {cfg.folds} folds, {cfg.image_size}px",
     )
     (work / "cv_report.json").write_text(json.dumps(report, indent=2))
     return report
@@ -295,18 +329,29 @@ def ensemble(models: list, name: str = "dermascan_ensemble"):
     return keras.Model({"image": image_in, "meta": meta_in}, averaged, name=name)
 
 
-def train(data_dir, out_dir, work_dir, cfg: TrainConfig, version: str | None = None) -> dict:
-    """Cross-validate (resumable), then assemble the bundle: the fold models (the best
-    ``max_members`` by validation AUC) averaged in one network, the threshold chosen on the
-    out-of-fold predictions, the CV metrics, the ROC table and the data fingerprint."""
+def train(
+    data_dir, out_dir, work_dir, cfg: TrainConfig, version: str | None = None, train_folds: list[int] | None = None
+) -> dict:
+    """Cross-validate (resumable; all folds, or only ``train_folds``), then assemble the bundle
+    from the folds that are done."""
+    t0 = time.time()
+    report = cross_validate(data_dir, work_dir, cfg, train_folds)
+    return assemble(data_dir, out_dir, work_dir, cfg, report, version, seconds=time.time() - t0)
+
+
+def assemble(
+    data_dir, out_dir, work_dir, cfg: TrainConfig, report: dict, version: str | None = None, seconds: float = 0.0
+) -> dict:
+    """The bundle: the finished fold models (the best ``max_members`` by validation AUC)
+    averaged in one network, the threshold chosen on their out-of-fold predictions, the CV
+    metrics, the ROC table and the data fingerprint."""
     import datetime as dt
+    import shutil
 
     import keras
 
     from model import bundle
 
-    t0 = time.time()
-    report = cross_validate(data_dir, work_dir, cfg)
     work = Path(work_dir)
     spec = FeatureSpec.from_json((work / "feature_spec.json").read_text())
     ranked = sorted(report["folds"], key=lambda f: f["auc"], reverse=True)
@@ -316,23 +361,29 @@ def train(data_dir, out_dir, work_dir, cfg: TrainConfig, version: str | None = N
         for f in sorted(members, key=lambda f: f["fold"])
     ]
     network = ensemble(models)
-    oof = np.loadtxt(work / "oof.csv", delimiter=",", skiprows=1, usecols=(2, 3))
-    y, scores = oof[:, 0].astype(int), oof[:, 1]
+    import pandas as pd
+
+    oof = pd.read_csv(work / "oof.csv").dropna(subset=["oof"])
+    y, scores = oof.target.to_numpy().astype(int), oof.oof.to_numpy()
     version = version or f"dermascan-{cfg.image_size}px-{dt.datetime.now(dt.UTC):%Y%m%d%H%M}"
+    folds_used = len(report["folds"])
     metrics_block = {
         "data": {
             **data_fingerprint(data_dir),
-            "description": f"out-of-fold predictions, {cfg.folds}-fold StratifiedGroupKFold by patient",
+            "description": f"out-of-fold predictions of {folds_used} of {cfg.folds} StratifiedGroupKFold folds (grouped by patient), "
+            f"{'with' if cfg.tta else 'without'} test-time flips",
         },
         "folds": report["folds"],
         "oof": report["oof"],
-        "threshold_rule": f"highest threshold with sensitivity >= {cfg.target_sensitivity} in {cfg.threshold_confidence:.0%} of bootstrap resamples of the out-of-fold positives",
+        "oof_without_tta": report.get("oof_without_tta"),
+        "threshold_rule": f"highest threshold with sensitivity >= {cfg.target_sensitivity} in {cfg.threshold_confidence:.0%} "
+        "of bootstrap resamples of the out-of-fold positives",
         "roc_table": roc_table(y, scores),
     }
     training = {
         "config": asdict(cfg),
         "members": [f"fold{f['fold']}" for f in members],
-        "duration_s": round(time.time() - t0, 1),
+        "duration_s": round(seconds, 1),
         "keras": keras.__version__,
         "backend": keras.backend.backend(),
     }
@@ -347,7 +398,5 @@ def train(data_dir, out_dir, work_dir, cfg: TrainConfig, version: str | None = N
         extra={"inference": {"tta": cfg.tta}},
         weights_dtype="float16" if len(models) > 1 else "float32",
     )
-    import shutil
-
     shutil.copy(work / "roc.png", Path(out_dir) / "roc.png")
     return manifest
