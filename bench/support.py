@@ -8,8 +8,6 @@ import datetime as dt
 import os
 import platform
 import secrets
-import subprocess
-import sys
 from pathlib import Path
 
 from dermascan.config import Settings
@@ -64,11 +62,3 @@ def table(rows: list[tuple], header: tuple) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
-
-
-def run(cmd, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, **kw)
-
-
-def python() -> str:
-    return sys.executable

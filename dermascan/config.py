@@ -44,7 +44,6 @@ class Settings:
     mixed_precision: bool = False
     # worker
     worker_concurrency: int = 1
-    prefetch_threads: int = 4
     # ingest limits
     max_request_bytes: int = 512 * 1024 * 1024
     max_image_bytes: int = 25 * 1024 * 1024
@@ -58,8 +57,7 @@ class Settings:
     # metrics (Prometheus): the worker serves them on this port (0: off); the admin page reads these URLs
     metrics_port: int = 0
     worker_metrics_urls: str = ""
-    # web
-    base_url: str = "http://127.0.0.1:8000"
+    # completion callbacks
     callback_retries: int = 5
 
     @property

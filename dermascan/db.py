@@ -1,9 +1,9 @@
 """Engine and session factory. The session lifecycle stays with the caller (request, task, CLI
-command); domain functions take a ``Session`` and never commit on their own."""
+command): ``with factory() as session, session.begin():``; domain functions take a ``Session``
+and never commit on their own."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from functools import lru_cache
 
 from sqlalchemy import create_engine, event
@@ -30,11 +30,3 @@ def engine_for(url: str) -> Engine:
 
 def session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(engine_for(url), expire_on_commit=False)
-
-
-@contextmanager
-def transaction(url_or_factory):
-    """``with transaction(settings.database_url) as session:`` — commit on success, else roll back."""
-    factory = session_factory(url_or_factory) if isinstance(url_or_factory, str) else url_or_factory
-    with factory() as session, session.begin():
-        yield session

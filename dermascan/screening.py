@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from dermascan import queue
+from dermascan import queue, referrals
 from dermascan.blobs import BlobStore
 from dermascan.config import Settings
 from dermascan.db import session_factory
@@ -360,9 +360,16 @@ def sweep(settings: Settings, now: dt.datetime | None = None, unsent_after_s: fl
         stuck = [r.id for r in rows if r.status == StudyStatus.PROCESSING]
         if stuck:
             session.execute(update(Study).where(Study.id.in_(stuck)).values(status=StudyStatus.QUEUED, started_at=None))
+        claims = referrals.expire_stale_claims(session, settings.claim_timeout_s)
     interactive = [r.id for r in rows if r.priority == Priority.INTERACTIVE]
     bulk = [r.id for r in rows if r.priority != Priority.INTERACTIVE]
     sent = enqueue(settings, interactive, True) + enqueue(settings, bulk, False)
-    if rows:
-        log.info("sweep: %d found (%d were stuck processing), %d re-sent", len(rows), len(stuck), len(sent))
-    return {"found": len(rows), "stuck_processing": len(stuck), "sent": len(sent)}
+    if rows or claims:
+        log.info(
+            "sweep: %d found (%d stuck processing), %d re-sent; %d stale claims released",
+            len(rows),
+            len(stuck),
+            len(sent),
+            claims,
+        )
+    return {"found": len(rows), "stuck_processing": len(stuck), "sent": len(sent), "stale_claims": claims}

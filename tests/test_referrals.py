@@ -12,7 +12,7 @@ from dermascan import bundles, referrals, results
 from dermascan.accounts import create_user
 from dermascan.db import session_factory
 from dermascan.schema import Referral, ReferralStatus, Study, StudyStatus, utcnow
-from dermascan.screening import get_or_create_program
+from dermascan.screening import get_or_create_program, sweep
 
 
 def seed_referrals(settings, n: int, bundle_dir) -> list[int]:
@@ -97,6 +97,10 @@ def test_queue_order_stale_claims_and_decisions(pg_settings, tiny_bundle):
         )
     with factory() as session, session.begin():
         assert top.id in [r.id for r in referrals.open_cases(session, 60)]
+    # the sweeper also returns it to the queue explicitly
+    assert sweep(settings.replace(claim_timeout_s=60))["stale_claims"] == 1
+    with factory() as session, session.begin():
+        assert session.get(Referral, top.id).status == ReferralStatus.OPEN
         again = referrals.claim_next(session, bob, 60)
         assert again.id == top.id
     with factory() as session, session.begin(), pytest.raises(referrals.ReferralError):

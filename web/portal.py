@@ -19,7 +19,7 @@ from dermascan.blobs import BlobError, BlobStore
 from dermascan.ingest import manifest
 from dermascan.ingest.errors import IngestError
 from dermascan.ingest.records import SITES
-from dermascan.schema import Batch, Prediction, Referral, Study
+from dermascan.schema import Batch, Prediction, Study
 from web.helpers import audit_event, db, program_scope, role_required, settings
 
 bp = Blueprint("portal", __name__)
@@ -261,7 +261,3 @@ def study_heatmap(study_id):
         return _image_response(BlobStore(settings().blob_dir).get(prediction.heatmap_sha256), None, "image/png")
     except BlobError:
         abort(404)
-
-
-def referral_for(study_id: int):
-    return db().scalar(select(Referral).where(Referral.study_id == study_id))
