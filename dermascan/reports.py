@@ -116,3 +116,18 @@ def to_csv(rows: list[dict]) -> str:
 
 def to_json(rows: list[dict]) -> str:
     return json.dumps(rows, indent=2)
+
+
+def probability_histogram(session: Session, batch_id: str, bins: int = 20) -> dict:
+    """Counts of the batch's latest probabilities in ``bins`` equal bins, with the threshold used,
+    for the batch page's picture."""
+    rows = session.execute(
+        select(Prediction.probability, Prediction.threshold)
+        .join(Study, Study.id == Prediction.study_id)
+        .where(Study.batch_id == batch_id)
+    ).all()
+    counts = [0] * bins
+    for probability, _ in rows:
+        counts[min(int(probability * bins), bins - 1)] += 1
+    thresholds = sorted({round(t, 4) for _, t in rows})
+    return {"counts": counts, "max": max(counts) if rows else 0, "n": len(rows), "thresholds": thresholds}

@@ -116,6 +116,8 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
     )
     s.wait(By.CSS_SELECTOR, "table#results tbody tr")
     assert len(browser.find_elements(By.CSS_SELECTOR, "table#results tbody tr")) == 12
+    bars = browser.find_elements(By.CSS_SELECTOR, "#probability-histogram rect")
+    assert len(bars) == 20 and "threshold" in browser.find_element(By.ID, "probability-histogram").text
     s.shot("batch-complete")
     s.logout()
 

@@ -193,7 +193,14 @@ def batch(batch_id):
     rows = reports.result_rows(db(), b.id, offset=(page - 1) * per_page, limit=per_page)
     summary = reports.batch_summary(db(), b)
     return render_template(
-        "batch.html", batch=b, summary=summary, rows=rows, page=page, per_page=per_page, report=b.report or {}
+        "batch.html",
+        histogram=reports.probability_histogram(db(), b.id),
+        batch=b,
+        summary=summary,
+        rows=rows,
+        page=page,
+        per_page=per_page,
+        report=b.report or {},
     )
 
 
