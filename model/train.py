@@ -42,6 +42,7 @@ class TrainConfig:
     max_members: int | None = None  # keep only the best N fold models in the bundle
     limit: int | None = None  # use only the first N rows (smoke runs, tests)
     backbone: str = "nasnet_mobile"  # "tiny" for fast tests of the pipeline around the network
+    weights_dtype: str = "float16"  # storage of the bundle's weights (they compute in float32)
     verbose: int = 2
     augmentation: dict = field(default_factory=dict)
 
@@ -356,8 +357,8 @@ def assemble(
     spec = FeatureSpec.from_json((work / "feature_spec.json").read_text())
     ranked = sorted(report["folds"], key=lambda f: f["auc"], reverse=True)
     members = ranked[: cfg.max_members] if cfg.max_members else ranked
-    models = [
-        keras.saving.load_model(work / f"fold{f['fold']}" / "best.keras")
+    models = [  # compile=False: a bundle carries no optimizer state (it would triple its size)
+        keras.saving.load_model(work / f"fold{f['fold']}" / "best.keras", compile=False)
         for f in sorted(members, key=lambda f: f["fold"])
     ]
     network = ensemble(models)
@@ -396,7 +397,7 @@ def assemble(
         metrics=metrics_block,
         training=training,
         extra={"inference": {"tta": cfg.tta}},
-        weights_dtype="float16" if len(models) > 1 else "float32",
+        weights_dtype=cfg.weights_dtype,
     )
     shutil.copy(work / "roc.png", Path(out_dir) / "roc.png")
     return manifest

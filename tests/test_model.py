@@ -156,7 +156,7 @@ def test_training_writes_a_complete_bundle(trained_bundle):
     assert manifest["metrics"]["oof"]["n"] == 96
     assert manifest["metrics"]["data"]["metadata"]["sha256"]
     assert sorted(manifest["training"]["members"]) == ["fold0", "fold1"]
-    assert manifest["weights_dtype"] == "float16"  # an ensemble is stored in half precision
+    assert manifest["weights_dtype"] == "float16"  # stored in half precision, computed in float32
     assert 0 < manifest["threshold"] < 1
     op = manifest["metrics"]["oof"]["operating_point"]
     assert op["sensitivity"] >= 0.95  # the threshold was chosen at the target sensitivity
