@@ -74,8 +74,11 @@ class SubmitResult:
             "accepted": len(self.accepted),
             "rejected": len(self.rejected),
             "duplicates": sum(a.duplicate for a in self.accepted),
-            "records": [dict(a.to_dict(), status="accepted") for a in self.accepted]
-            + [dict(r.to_dict(), status="rejected") for r in self.rejected],
+            "records": sorted(
+                [dict(a.to_dict(), status="accepted") for a in self.accepted]
+                + [dict(r.to_dict(), status="rejected") for r in self.rejected],
+                key=lambda record: record.get("row") or 0,
+            ),
         }
 
 
