@@ -113,6 +113,35 @@ def bench_cstore(settings, folder: Path, n: int) -> dict:
     return {"n": n, "seconds": seconds, "per_s": n / seconds}
 
 
+NOOP_SCP = """
+import sys
+from pynetdicom import evt
+from dermascan.dicom_scp import NoDelayServer, make_ae
+
+def store(event):
+    event.dataset  # decoded, as a real handler must; nothing stored
+    return 0x0000
+
+ae = make_ae("NOOP")
+ae.make_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, store)], server_class=NoDelayServer).serve_forever()
+"""
+
+
+def bench_noop_scp(folder: Path, n: int) -> dict:
+    """pynetdicom with the same AE set-up and a handler that stores nothing: the ceiling of any
+    receiver built on pynetdicom, which our per-instance work (parse, check, store, commit) adds to."""
+    port = support.free_port()
+    scp = subprocess.Popen([sys.executable, "-c", NOOP_SCP, str(port)], cwd=support.ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        wait_port(port)
+        seconds = storescu(port, "NOOP", folder)
+    finally:
+        os.killpg(scp.pid, signal.SIGTERM)
+        scp.wait(30)
+    return {"n": n, "seconds": seconds, "per_s": n / seconds}
+
+
 def bench_orthanc(folder: Path, n: int, workdir: Path) -> dict:
     orthanc = shutil.which("Orthanc", path="/usr/sbin:/usr/bin")
     if not orthanc:
@@ -171,6 +200,15 @@ def main(argv=None) -> None:
                 ours["n"],
                 f"{ours['seconds']:.1f}",
                 f"{ours['per_s']:.0f} instances/s",
+            )
+        )
+        ceiling = bench_noop_scp(folder, args.dicom)
+        rows.append(
+            (
+                "C-STORE → pynetdicom SCP storing nothing (ceiling)",
+                ceiling["n"],
+                f"{ceiling['seconds']:.1f}",
+                f"{ceiling['per_s']:.0f} instances/s",
             )
         )
         theirs = bench_orthanc(folder, args.dicom, tmp)

@@ -72,7 +72,11 @@ class BlobStore:
         from concurrent.futures import ThreadPoolExecutor
 
         paths = [self.path(d) for d in dict.fromkeys(digests)]
-        if not paths:
+        if len(paths) <= 2:  # a thread costs more than one fsync
+            for path in paths:
+                _fsync_file(path)
+            for folder in {p.parent for p in paths}:
+                _fsync_dir(folder)
             return
         with ThreadPoolExecutor(min(workers, len(paths))) as pool:
             list(pool.map(_fsync_file, paths))

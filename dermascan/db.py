@@ -12,7 +12,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 
 @lru_cache(maxsize=8)
-def engine_for(url: str) -> Engine:
+def engine_for(url: str, pre_ping: bool = True) -> Engine:
+    """The engine of a database URL (one per process). ``pre_ping=False`` skips the liveness
+    round trip on every checkout, for hot loops that retry on a dropped connection themselves."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -25,8 +27,8 @@ def engine_for(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    return create_engine(url, pool_pre_ping=pre_ping, pool_size=5, max_overflow=10)
 
 
-def session_factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(engine_for(url), expire_on_commit=False)
+def session_factory(url: str, pre_ping: bool = True) -> sessionmaker[Session]:
+    return sessionmaker(engine_for(url, pre_ping), expire_on_commit=False)

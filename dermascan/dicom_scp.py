@@ -22,6 +22,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import DBAPIError
 
 from dermascan import screening
 from dermascan.config import Settings
@@ -53,7 +54,8 @@ class Receiver:
     def __init__(self, settings: Settings, program_id: int):
         self.settings = settings
         self.program_id = program_id
-        self.factory = session_factory(settings.database_url)
+        # no liveness ping per instance (a round trip each); a dropped connection is retried once
+        self.factory = session_factory(settings.database_url, pre_ping=False)
         self.lock = threading.Lock()
         self.batches: dict[int, str] = {}
         self.pending: dict[int, list[int]] = {}
@@ -78,6 +80,14 @@ class Receiver:
             self.pending[key] = []
         return batch_id
 
+    def _store(self, event, parsed):
+        batch_id = self._batch_for(event)
+        command = screening.SubmitStudies(
+            self.settings, self.program_id, [parsed.study], source="dicom", batch_id=batch_id
+        )
+        with self.factory() as session, session.begin():
+            return command.run(session)
+
     def handle_echo(self, event) -> int:
         return SUCCESS
 
@@ -93,12 +103,17 @@ class Receiver:
             log.info("C-STORE refused, cannot read the dataset: %s", exc)
             return dicom.CANNOT_UNDERSTAND
         try:
-            batch_id = self._batch_for(event)
-            command = screening.SubmitStudies(
-                self.settings, self.program_id, [parsed.study], source="dicom", batch_id=batch_id
-            )
-            with self.factory() as session, session.begin():
-                result = command.run(session)
+            result = self._store(event, parsed)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                log.exception("C-STORE of %s could not be stored", parsed.sop_instance_uid)
+                return OUT_OF_RESOURCES
+            log.warning("database connection dropped; storing %s again", parsed.sop_instance_uid)
+            try:
+                result = self._store(event, parsed)
+            except Exception:
+                log.exception("C-STORE of %s could not be stored", parsed.sop_instance_uid)
+                return OUT_OF_RESOURCES
         except Exception:
             log.exception("C-STORE of %s could not be stored", parsed.sop_instance_uid)
             return OUT_OF_RESOURCES

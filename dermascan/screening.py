@@ -208,10 +208,15 @@ class SubmitStudies:
             self._tick()
         # 2. flush the blobs to disk (concurrently) while the rows go in with multi-row inserts; a
         #    key already known (a retry, a re-sent SOP instance) inserts nothing
-        with ThreadPoolExecutor(1) as pool:
-            synced = pool.submit(self.blobs.sync, [r["image_sha256"] for r in rows])
+        digests = [r["image_sha256"] for r in rows]
+        if len(rows) <= 2:  # one study (C-STORE, a single upload): a thread costs more than it saves
             ids, existing = insert_studies(session, self.program_id, rows)
-            synced.result()  # stored means on disk: only then may the caller commit and answer
+            self.blobs.sync(digests)
+        else:
+            with ThreadPoolExecutor(1) as pool:
+                synced = pool.submit(self.blobs.sync, digests)
+                ids, existing = insert_studies(session, self.program_id, rows)
+                synced.result()  # stored means on disk: only then may the caller commit and answer
         for kind, ref, item in order:
             if kind == "new" and ids[ref] is not None:
                 result.accepted.append(Accepted(item.row, ids[ref], item.external_id))
