@@ -42,6 +42,8 @@ class Settings:
     predict_batch_sizes: tuple[int, ...] = (1, 4, 16)  # CPU; GPU workers use e.g. 1,8,64,256
     tta: bool | None = None  # None: as the bundle's manifest recommends
     mixed_precision: bool = False
+    # JAX backend: compilations that took at least this long go to the persistent cache
+    jax_cache_min_compile_s: float = 1.0
     # worker
     worker_concurrency: int = 1
     # ingest limits
@@ -122,6 +124,8 @@ def _parse(f: dataclasses.Field, raw: str):
         return raw.strip().lower() in {"1", "true", "yes", "on"}
     if kind == "int":
         return int(raw)
+    if kind == "float":
+        return float(raw)
     if kind == "Path":
         return Path(raw)
     if kind.startswith("tuple"):

@@ -225,13 +225,20 @@ def pg_settings(make_settings, pg_url, redis_url) -> Settings:
 class Worker:
     """A real ``celery worker`` subprocess (started through ``dermascan worker``)."""
 
-    def __init__(self, settings: Settings, log: Path, beat: bool = False, queues: str = "interactive,bulk,maintenance"):
+    def __init__(
+        self,
+        settings: Settings,
+        log: Path,
+        beat: bool = False,
+        queues: str = "interactive,bulk,maintenance",
+        env: dict | None = None,
+    ):
         self.settings = settings
         self.log_path = log
         cmd = [sys.executable, "-m", "dermascan.cli", "worker", "--queues", queues, "--concurrency", "1"]
         if beat:
             cmd.append("--beat")
-        env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_file = open(log, "ab")
         self.proc = subprocess.Popen(
             cmd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT

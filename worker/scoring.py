@@ -53,7 +53,9 @@ def predictor(settings: Settings):
         with session_factory(settings.database_url)() as session, session.begin():
             bundles.register(session, settings.model_bundle, activate=True)
         _process_state["predictor"] = current
-        log.info("loaded bundle %s (tta=%s)", current.version, tta)
+        import keras
+
+        log.info("loaded bundle %s (tta=%s, backend %s)", current.version, tta, keras.backend.backend())
     return current
 
 
@@ -68,7 +70,8 @@ def configure_backend(settings: Settings) -> None:
         cache = Path(settings.data_dir) / "jax-cache"
         cache.mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", settings.jax_cache_min_compile_s)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def warm_up(settings: Settings) -> None:
