@@ -333,6 +333,12 @@ def dicom_scp(ctx, ae_title, host, port, program, allowed):
     "--weights", type=click.Path(exists=True, dir_okay=False), help="Local NASNetMobile weights (include_top=False)."
 )
 @click.option("--target-sensitivity", default=0.95, show_default=True)
+@click.option(
+    "--threshold-confidence",
+    default=0.9,
+    show_default=True,
+    help="Share of bootstrap resamples of the out-of-fold positives that must reach the target sensitivity.",
+)
 @click.option("--max-members", type=int, help="Keep only the best N fold models in the bundle.")
 @click.option("--backbone", type=click.Choice(["nasnet_mobile", "tiny"]), default="nasnet_mobile", show_default=True)
 @click.option("--limit", type=int, help="Only the first N rows (smoke runs).")
@@ -350,6 +356,7 @@ def train(
     batch_size,
     weights,
     target_sensitivity,
+    threshold_confidence,
     max_members,
     backbone,
     limit,
@@ -365,7 +372,8 @@ def train(
         logging.basicConfig(level=logging.INFO)
     cfg = TrainConfig(
         image_size=image_size, folds=folds, epochs=epochs, batch_size=batch_size, weights=weights,
-        target_sensitivity=target_sensitivity, max_members=max_members, backbone=backbone, limit=limit,
+        target_sensitivity=target_sensitivity, threshold_confidence=threshold_confidence,
+        max_members=max_members, backbone=backbone, limit=limit,
         verbose=1 if sys.stderr.isatty() else 2,
     )  # fmt: skip
     work_dir = work_dir or out_dir.with_name(out_dir.name + ".work")
