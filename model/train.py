@@ -261,7 +261,7 @@ def summarise(work: Path, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConf
         }
     ).to_csv(work / "oof.csv", index=False)
     yc, sc = y[covered], oof[covered]
-    threshold = metrics.conservative_threshold(yc, sc, cfg.target_sensitivity, cfg.threshold_confidence)
+    threshold = referral_threshold(y, oof, fold, cfg)
     report = {
         "data": {"directory": str(dataset.directory.resolve()), "n": int(y.size), "positives": int(y.sum())},
         "folds": per_fold,
@@ -285,6 +285,22 @@ def summarise(work: Path, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConf
     )
     (work / "cv_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def referral_threshold(y: np.ndarray, oof: np.ndarray, fold: np.ndarray, cfg: TrainConfig) -> float:
+    """The referral threshold from out-of-fold predictions: the highest one that reaches the
+    target sensitivity in ``threshold_confidence`` of bootstrap resamples of the pooled positives
+    **and** on each fold's own validation set (each a different group of patients that its model
+    never saw: how much sensitivity moves from one cohort to the next)."""
+    covered = ~np.isnan(oof)
+    threshold = metrics.conservative_threshold(
+        y[covered], oof[covered], cfg.target_sensitivity, cfg.threshold_confidence
+    )
+    for k in np.unique(fold[covered]):
+        own = covered & (fold == k)
+        if y[own].any():
+            threshold = min(threshold, metrics.threshold_for_sensitivity(y[own], oof[own], cfg.target_sensitivity))
+    return float(threshold)
 
 
 def data_fingerprint(data_dir) -> dict:
@@ -378,7 +394,7 @@ def assemble(
         "oof": report["oof"],
         "oof_without_tta": report.get("oof_without_tta"),
         "threshold_rule": f"highest threshold with sensitivity >= {cfg.target_sensitivity} in {cfg.threshold_confidence:.0%} "
-        "of bootstrap resamples of the out-of-fold positives",
+        "of bootstrap resamples of the out-of-fold positives and on every fold's own out-of-fold predictions",
         "roc_table": roc_table(y, scores),
     }
     training = {
