@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -31,6 +32,7 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--bundle", type=Path, default=support.ROOT / "model" / "bundles" / "default")
     parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--keep-log", type=Path, help="copy the worker's log here")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -96,6 +98,8 @@ def main(argv=None) -> None:
             under = latencies(under_ids)
         finally:
             worker.stop()
+            if args.keep_log:
+                shutil.copy(tmp / "worker.log", args.keep_log)
 
     rows = [
         ("idle", len(idle), f"{percentile(idle, 50):.2f}", f"{percentile(idle, 95):.2f}", f"{max(idle):.2f}"),

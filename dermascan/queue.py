@@ -43,6 +43,9 @@ def make_celery(settings: Settings) -> Celery:
             "data_folder_out": str(folder / "messages"),
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
+            # kombu polls a virtual transport's folders once a second by default: a worker that
+            # finished a chunk would idle up to 1 s before it sees the next one
+            "polling_interval": 0.05,
         }
     else:
         transport_options.update(

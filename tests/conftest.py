@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from dermascan.config import Settings
+from worker.scoring import WARM
 
 ROOT = Path(__file__).resolve().parents[1]
 HAM = Path(os.environ.get("DERMASCAN_TEST_DATA", ROOT.parent / "shared" / "data" / "ham10000"))
@@ -251,7 +252,7 @@ class Worker:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             log = self.log()
-            if " ready." in log and (not warm or "warmed up" in log):
+            if " ready." in log and (not warm or WARM in log):
                 return self
             time.sleep(0.2)
         raise RuntimeError(f"worker not ready after {timeout} s:\n{self.log()[-4000:]}")

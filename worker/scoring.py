@@ -74,6 +74,9 @@ def configure_backend(settings: Settings) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+WARM = "warm: taking work"  # logged when every shape and Grad-CAM have run once
+
+
 def warm_up(settings: Settings) -> None:
     try:
         pred = predictor(settings)
@@ -85,6 +88,7 @@ def warm_up(settings: Settings) -> None:
         log.info("Grad-CAM warmed up in %.1f s", time.perf_counter() - t0)
     except Exception:  # the first task will raise the same error with its context
         log.exception("warm-up failed")
+    log.info(WARM)
 
 
 def gradcam(pred):
