@@ -24,12 +24,18 @@ from bench import support
 
 
 def raw_forward(
-    bundle_dir: Path, batch: int, images: np.ndarray, meta: np.ndarray, tta: bool, seconds: float = 20.0
+    bundle_dir: Path,
+    batch: int,
+    images: np.ndarray,
+    meta: np.ndarray,
+    tta: bool,
+    seconds: float = 20.0,
+    mixed_precision: bool = False,
 ) -> float:
     """Forward passes per second of the bundle's network on fixed-shape batches (after warm-up)."""
     from model.predictor import Predictor
 
-    predictor = Predictor(bundle_dir, batch_sizes=(batch,), tta=tta)
+    predictor = Predictor(bundle_dir, batch_sizes=(batch,), tta=tta, mixed_precision=mixed_precision)
     x_img, x_meta = images[:batch], meta[:batch]
     predictor.predict(x_img, x_meta)  # trace / compile
     done, start = 0, time.perf_counter()
@@ -46,6 +52,7 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=None, help="studies per bulk message (default: the batch size)")
     parser.add_argument("--bundle", type=Path, default=support.ROOT / "model" / "bundles" / "default")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (4 flips) in both measurements")
+    parser.add_argument("--mixed-precision", action="store_true", help="bfloat16 compute in both measurements")
     parser.add_argument(
         "--embedded", action="store_true", help="SQLite + filesystem queue instead of PostgreSQL + Redis"
     )
@@ -69,7 +76,7 @@ def main(argv=None) -> None:
     sample = inputs[: args.batch * 2]
     pixels, _ = decode_many([(i, x.image) for i, x in enumerate(sample)], size)
     meta = FeatureSpec.from_dict(manifest["feature_spec"]).transform([x.metadata for x in sample])
-    raw = raw_forward(args.bundle, args.batch, pixels, meta, args.tta)
+    raw = raw_forward(args.bundle, args.batch, pixels, meta, args.tta, mixed_precision=args.mixed_precision)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -81,7 +88,7 @@ def main(argv=None) -> None:
         try:
             settings = support.settings(
                 tmp / "data", db_url, broker, args.bundle, tta=args.tta, bulk_chunk_size=args.chunk or args.batch,
-                predict_batch_sizes=(1, 8, args.batch),
+                predict_batch_sizes=(1, 8, args.batch), mixed_precision=args.mixed_precision,
             )  # fmt: skip
             from dermascan import migrate
 
