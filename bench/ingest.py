@@ -63,6 +63,18 @@ def storescu(port: int, called: str, folder: Path) -> float:
     return time.perf_counter() - start
 
 
+def send_to_scp(command: list[str], port: int, called: str, folder: Path, env: dict | None = None) -> float:
+    """Start an SCP process, send the folder with storescu, stop it: seconds storescu took."""
+    scp = subprocess.Popen(command, env=env, cwd=support.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)  # fmt: skip
+    try:
+        wait_port(port)
+        return storescu(port, called, folder)
+    finally:
+        os.killpg(scp.pid, signal.SIGTERM)
+        scp.wait(30)
+
+
 def bench_rest(settings, n: int, workdir: Path) -> dict:
     from dermascan.accounts import create_token
     from dermascan.db import session_factory
@@ -92,16 +104,9 @@ def bench_rest(settings, n: int, workdir: Path) -> dict:
 
 def bench_cstore(settings, folder: Path, n: int) -> dict:
     port = support.free_port()
-    env = {**os.environ, **settings.as_env()}
-    scp = subprocess.Popen([sys.executable, "-m", "dermascan.cli", "dicom-scp", "--ae-title", "DERMASCAN", "--host", "127.0.0.1",
-                            "--port", str(port)], env=env, cwd=support.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)  # fmt: skip
-    try:
-        wait_port(port)
-        seconds = storescu(port, "DERMASCAN", folder)
-    finally:
-        os.killpg(scp.pid, signal.SIGTERM)
-        scp.wait(30)
+    command = [sys.executable, "-m", "dermascan.cli", "dicom-scp", "--ae-title", "DERMASCAN", "--host", "127.0.0.1",
+               "--port", str(port)]  # fmt: skip
+    seconds = send_to_scp(command, port, "DERMASCAN", folder, {**os.environ, **settings.as_env()})
     from sqlalchemy import func, select
 
     from dermascan.db import session_factory
@@ -131,14 +136,7 @@ def bench_noop_scp(folder: Path, n: int) -> dict:
     """pynetdicom with the same AE set-up and a handler that stores nothing: the ceiling of any
     receiver built on pynetdicom, which our per-instance work (parse, check, store, commit) adds to."""
     port = support.free_port()
-    scp = subprocess.Popen([sys.executable, "-c", NOOP_SCP, str(port)], cwd=support.ROOT, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    try:
-        wait_port(port)
-        seconds = storescu(port, "NOOP", folder)
-    finally:
-        os.killpg(scp.pid, signal.SIGTERM)
-        scp.wait(30)
+    seconds = send_to_scp([sys.executable, "-c", NOOP_SCP, str(port)], port, "NOOP", folder)
     return {"n": n, "seconds": seconds, "per_s": n / seconds}
 
 
