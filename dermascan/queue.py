@@ -36,12 +36,13 @@ def make_celery(settings: Settings) -> Celery:
     transport_options: dict = {"queue_order_strategy": "priority"}
     if settings.broker_url.startswith("filesystem"):
         folder = settings.queue_dir
-        for sub in ("messages", "processed"):
+        for sub in ("messages", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(folder / "messages"),
             "data_folder_out": str(folder / "messages"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),  # kombu's default is ./control, wherever that is
             "store_processed": False,
             # kombu polls a virtual transport's folders once a second by default: a worker that
             # finished a chunk would idle up to 1 s before it sees the next one

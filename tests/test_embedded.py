@@ -53,6 +53,8 @@ def test_submit_and_results_on_the_embedded_default(make_settings, start_worker,
         0 <= float(r["probability"]) <= 1 and r["bundle_version"] == "tiny-test" for r in rows
     )
     assert Path(settings.data_dir / "dermascan.sqlite").exists()
+    # the queue's control files (the worker's pidbox) live in the data directory, not in the cwd
+    assert "celery.pidbox.exchange" in {p.name for p in (settings.queue_dir / "control").iterdir()}
 
 
 def test_demo_once_prints_scores_for_the_examples(tmp_path):
