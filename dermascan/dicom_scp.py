@@ -102,21 +102,19 @@ class Receiver:
         except Exception as exc:  # pydicom raises many kinds for a malformed dataset
             log.info("C-STORE refused, cannot read the dataset: %s", exc)
             return dicom.CANNOT_UNDERSTAND
-        try:
-            result = self._store(event, parsed)
-        except DBAPIError as exc:
-            if not exc.connection_invalidated:
-                log.exception("C-STORE of %s could not be stored", parsed.sop_instance_uid)
-                return OUT_OF_RESOURCES
-            log.warning("database connection dropped; storing %s again", parsed.sop_instance_uid)
+        for attempt in (1, 2):  # once more when the pooled connection had been dropped
             try:
                 result = self._store(event, parsed)
+                break
+            except DBAPIError as exc:
+                if attempt == 1 and exc.connection_invalidated:
+                    log.warning("database connection dropped; storing %s again", parsed.sop_instance_uid)
+                    continue
+                log.exception("C-STORE of %s could not be stored", parsed.sop_instance_uid)
+                return OUT_OF_RESOURCES
             except Exception:
                 log.exception("C-STORE of %s could not be stored", parsed.sop_instance_uid)
                 return OUT_OF_RESOURCES
-        except Exception:
-            log.exception("C-STORE of %s could not be stored", parsed.sop_instance_uid)
-            return OUT_OF_RESOURCES
         if result.rejected:
             log.info("C-STORE refused: %s", result.rejected[0].reason)
             return dicom.CANNOT_UNDERSTAND

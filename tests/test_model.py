@@ -96,6 +96,32 @@ def test_threshold_for_sensitivity_and_operating_point():
     assert lo <= metrics.auc(y, scores) <= hi
 
 
+def test_referral_threshold_holds_on_every_fold():
+    from model.train import TrainConfig, referral_threshold
+
+    rng = np.random.default_rng(0)
+    # fold 1's model scores its malignant cases lower than fold 0's: the pooled threshold would
+    # leave fold 1 under the target
+    y = np.array(([1] * 100 + [0] * 400) * 2)
+    fold = np.repeat([0, 1], 500)
+    oof = np.concatenate(
+        [
+            np.r_[rng.uniform(0.4, 1.0, 100), rng.uniform(0.0, 0.6, 400)],
+            np.r_[rng.uniform(0.2, 0.9, 100), rng.uniform(0.0, 0.6, 400)],
+        ]
+    )
+    oof[:10] = np.nan  # a fold not finished for some rows: ignored
+    cfg = TrainConfig(target_sensitivity=0.95, threshold_confidence=0.9)
+    t = referral_threshold(y, oof, fold, cfg)
+    covered = ~np.isnan(oof)
+    pooled = metrics.conservative_threshold(y[covered], oof[covered], 0.95, 0.9)
+    assert t < pooled
+    for k in (0, 1):
+        own = covered & (fold == k)
+        assert metrics.at_threshold(y[own], oof[own], t).sensitivity >= 0.95
+    assert t == metrics.threshold_for_sensitivity(y[fold == 1], oof[fold == 1], 0.95)  # the binding fold
+
+
 # -- data ------------------------------------------------------------------------------------------
 
 
