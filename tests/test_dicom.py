@@ -12,7 +12,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from dermascan.db import session_factory
 from dermascan.dicom_scp import make_server
@@ -224,3 +224,24 @@ def test_calling_ae_allow_list(pg_settings, scp):
     assoc = ae.associate("127.0.0.1", port, ae_title="DERMASCAN")
     assert assoc.is_established
     assoc.release()
+
+
+def test_c_store_survives_a_dropped_database_connection(pg_settings, scp, ham_jpegs):
+    """The receiver skips the pool's per-checkout ping (a round trip per instance): a connection the
+    database dropped (restart, failover, idle timeout) is found on use and the instance stored again."""
+    port = scp()
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(DERMOSCOPIC_PHOTOGRAPHY, ["1.2.840.10008.1.2.4.50"])
+    assoc = ae.associate("127.0.0.1", port, ae_title="DERMASCAN")
+    assert assoc.send_c_store(make_instance(ham_jpegs[0])).Status == 0x0000
+    with session_factory(pg_settings.database_url)() as session:
+        dropped = session.scalar(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    assert dropped >= 1  # the receiver's pooled connection among them
+    assert assoc.send_c_store(make_instance(ham_jpegs[1])).Status == 0x0000
+    assoc.release()
+    assert len(studies(pg_settings)) == 2
