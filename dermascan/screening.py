@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -208,15 +209,9 @@ class SubmitStudies:
             self._tick()
         # 2. flush the blobs to disk (concurrently) while the rows go in with multi-row inserts; a
         #    key already known (a retry, a re-sent SOP instance) inserts nothing
-        digests = [r["image_sha256"] for r in rows]
-        if len(rows) <= 2:  # one study (C-STORE, a single upload): a thread costs more than it saves
-            ids, existing = insert_studies(session, self.program_id, rows)
-            self.blobs.sync(digests)
-        else:
-            with ThreadPoolExecutor(1) as pool:
-                synced = pool.submit(self.blobs.sync, digests)
-                ids, existing = insert_studies(session, self.program_id, rows)
-                synced.result()  # stored means on disk: only then may the caller commit and answer
+        synced = _blob_flusher().submit(self.blobs.sync, [r["image_sha256"] for r in rows])
+        ids, existing = insert_studies(session, self.program_id, rows)
+        synced.result()  # stored means on disk: only then may the caller commit and answer
         for kind, ref, item in order:
             if kind == "new" and ids[ref] is not None:
                 result.accepted.append(Accepted(item.row, ids[ref], item.external_id))
@@ -234,6 +229,19 @@ class SubmitStudies:
     def _tick(self):
         if self.progress:
             self.progress(1)
+
+
+_flusher: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _blob_flusher() -> ThreadPoolExecutor:
+    """The process's threads that flush blobs while the rows go in: made once (per process, so a
+    forked child never inherits a pool without threads), not once per submission — a thread start
+    cost a C-STORE of one instance more than the fsync it overlapped."""
+    global _flusher
+    if _flusher is None or _flusher[0] != os.getpid():
+        _flusher = (os.getpid(), ThreadPoolExecutor(8, thread_name_prefix="blob-flush"))
+    return _flusher[1]
 
 
 def _insert(session: Session):
