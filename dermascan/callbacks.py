@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 
 from dermascan.config import Settings
 from dermascan.db import session_factory
+from dermascan.reports import referral_counts
 from dermascan.schema import Batch, Study
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def batch_summary(session, batch: Batch) -> dict:
         "batch_id": batch.id,
         "completed_at": batch.completed_at.isoformat() if batch.completed_at else None,
         "counts": {str(k.value if hasattr(k, "value") else k): v for k, v in counts.items()},
+        **referral_counts(session, batch.id),
     }
 
 

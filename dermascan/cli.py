@@ -339,6 +339,12 @@ def dicom_scp(ctx, ae_title, host, port, program, allowed):
     show_default=True,
     help="Share of bootstrap resamples of the out-of-fold positives that must reach the target sensitivity.",
 )
+@click.option(
+    "--calibration-fraction",
+    default=0.15,
+    show_default=True,
+    help="Share of patients held out of every fold model; the threshold and calibration are chosen there.",
+)
 @click.option("--max-members", type=int, help="Keep only the best N fold models in the bundle.")
 @click.option("--backbone", type=click.Choice(["nasnet_mobile", "tiny"]), default="nasnet_mobile", show_default=True)
 @click.option("--limit", type=int, help="Only the first N rows (smoke runs).")
@@ -357,6 +363,7 @@ def train(
     weights,
     target_sensitivity,
     threshold_confidence,
+    calibration_fraction,
     max_members,
     backbone,
     limit,
@@ -373,7 +380,7 @@ def train(
     cfg = TrainConfig(
         image_size=image_size, folds=folds, epochs=epochs, batch_size=batch_size, weights=weights,
         target_sensitivity=target_sensitivity, threshold_confidence=threshold_confidence,
-        max_members=max_members, backbone=backbone, limit=limit,
+        calibration_fraction=calibration_fraction, max_members=max_members, backbone=backbone, limit=limit,
         verbose=1 if sys.stderr.isatty() else 2,
     )  # fmt: skip
     work_dir = work_dir or out_dir.with_name(out_dir.name + ".work")
@@ -384,6 +391,18 @@ def train(
     manifest = run_training(data_dir, out_dir, work_dir, cfg, version, train_folds)
     oof = manifest["metrics"]["oof"]
     click.echo(f"bundle {manifest['version']} written to {out_dir}")
+    cal = manifest["metrics"].get("calibration_set")
+    if cal:
+        op = cal["operating_point"]
+        click.echo(
+            f"out-of-fold AUC {oof['auc']:.4f}  pAUC80 {oof['pauc80']:.4f} (fold models on their own validation folds)"
+        )
+        click.echo(f"calibration set ({cal['n']} images, {cal['positives']} malignant; the shipped ensemble): AUC {cal['auc']:.4f}  "
+                   f"pAUC80 {cal['pauc80']:.4f}  {manifest['calibration']['method']} calibration, ECE {cal['ece_raw']:.4f} → {cal['ece']:.4f}")  # fmt: skip
+        click.echo(
+            f"threshold {manifest['threshold']:.4f}: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}"
+        )
+        return
     click.echo(f"out-of-fold AUC {oof['auc']:.4f}  pAUC80 {oof['pauc80']:.4f}  threshold {manifest['threshold']:.4f} "
                f"(sensitivity {oof['operating_point']['sensitivity']:.3f}, specificity {oof['operating_point']['specificity']:.3f})")  # fmt: skip
 
@@ -423,6 +442,16 @@ def evaluate(ctx, bundle_dir, data_dir, out_path, tta, limit):
     )
     click.echo(f"at threshold {result['threshold']:.4f}: sensitivity {op['sensitivity']:.4f} ({op['tp']}/{op['tp'] + op['fn']}), "
                f"specificity {op['specificity']:.4f} ({op['tn']}/{op['tn'] + op['fp']})")  # fmt: skip
+    cal, gate = result["calibration"], result["gate"]
+    click.echo(f"calibration ({cal['method']}): ECE {cal['ece']:.4f}, log loss {cal['log_loss']:.4f}")
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(gate["reasons"].items())) or "none"
+    click.echo(
+        f"not assessable: {gate['not_assessable']} of {gate['n']} ({gate['not_assessable_share']:.2%}; {reasons})"
+    )
+    if "assessable" in gate:
+        a = gate["assessable"]
+        click.echo(f"on the assessable ones: AUC {a['auc']:.4f}, sensitivity {a['operating_point']['sensitivity']:.4f}, "
+                   f"specificity {a['operating_point']['specificity']:.4f}")  # fmt: skip
     out_path = out_path or Path(f"evaluation-{result['bundle']}.json")
     write(result, out_path)
     click.echo(f"written to {out_path}")

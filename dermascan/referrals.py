@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from dermascan import referral_policy
 from dermascan.schema import Batch, Decision, Referral, ReferralStatus, Study, utcnow
 
 
@@ -67,20 +68,24 @@ def queue_stats(session: Session, timeout_s: int, flt: QueueFilter | None = None
             )
         )
     )
-    by_tier = dict(
-        session.execute(
-            (flt or QueueFilter())
-            .apply(select(Referral.tier, func.count()).join(Study, Study.id == Referral.study_id))
-            .where(_claimable(now, timeout_s))
-            .group_by(Referral.tier)
-        ).all()
-    )
+    by_category_tier = session.execute(
+        (flt or QueueFilter())
+        .apply(select(Referral.category, Referral.tier, func.count()).join(Study, Study.id == Referral.study_id))
+        .where(_claimable(now, timeout_s))
+        .group_by(Referral.category, Referral.tier)
+    ).all()
+    by_tier: dict[int, int] = {}
+    for category, tier, n in by_category_tier:
+        if category == referral_policy.HIGH_RISK:
+            by_tier[tier] = by_tier.get(tier, 0) + n
+    not_assessable = sum(n for category, _, n in by_category_tier if category == referral_policy.NOT_ASSESSABLE)
     if oldest is not None and oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=dt.UTC)
     return {
         "waiting": waiting,
         "claimed": claimed,
         "by_tier": by_tier,
+        "not_assessable": not_assessable,
         "oldest_age_s": None if oldest is None else (now - oldest).total_seconds(),
     }
 

@@ -9,15 +9,20 @@ import json
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dermascan.schema import Batch, Prediction, Referral, Study, StudyStatus
+from dermascan import referral_policy
+from dermascan.schema import Batch, ModelBundle, Prediction, Program, Referral, Study, StudyStatus
 
 RESULT_COLUMNS = [
     "study_id",
     "external_id",
     "status",
+    "assessable",
+    "not_assessable_reason",
     "probability",
+    "probability_at_program_prevalence",
     "threshold",
     "referred",
+    "referral_category",
     "spread",
     "bundle_version",
     "error",
@@ -37,13 +42,24 @@ def status_counts(session: Session, batch_id: str) -> dict:
     ):
         counts[StudyStatus(status).value] = n
     counts["total"] = sum(counts[s.value] for s in StudyStatus)
-    counts["referred"] = session.scalar(
-        select(func.count())
-        .select_from(Referral)
-        .join(Study, Study.id == Referral.study_id)
-        .where(Study.batch_id == batch_id)
-    )
+    counts.update(referral_counts(session, batch_id))
     return counts
+
+
+def referral_counts(session: Session, batch_id: str) -> dict:
+    """Studies of a batch referred for their probability, and those the gate could not assess."""
+    by_category = dict(
+        session.execute(
+            select(Referral.category, func.count())
+            .join(Study, Study.id == Referral.study_id)
+            .where(Study.batch_id == batch_id)
+            .group_by(Referral.category)
+        ).all()
+    )
+    return {
+        "referred": by_category.get(referral_policy.HIGH_RISK, 0),
+        "not_assessable": by_category.get(referral_policy.NOT_ASSESSABLE, 0),
+    }
 
 
 def batch_summary(session: Session, batch: Batch) -> dict:
@@ -80,20 +96,79 @@ def result_rows(session: Session, batch_id: str, offset: int = 0, limit: int | N
         query = query.limit(limit)
     studies = list(session.scalars(query))
     preds = latest_predictions(session, [s.id for s in studies])
-    referred = set(session.scalars(select(Referral.study_id).where(Referral.study_id.in_([s.id for s in studies]))))
-    return [study_row(s, preds.get(s.id), s.id in referred) for s in studies]
+    categories = referral_categories(session, [s.id for s in studies])
+    prevalence = Prevalence(session)
+    return [study_row(s, preds.get(s.id), categories.get(s.id), prevalence.get(s, preds.get(s.id))) for s in studies]
 
 
-def study_row(study: Study, prediction: Prediction | None, referred: bool) -> dict:
+def study_result(session: Session, study: Study) -> dict:
+    """One study's result row (as in a batch's results)."""
+    prediction = latest_predictions(session, [study.id]).get(study.id)
+    category = referral_categories(session, [study.id]).get(study.id)
+    return study_row(study, prediction, category, Prevalence(session).get(study, prediction))
+
+
+def referral_categories(session: Session, study_ids) -> dict[int, str]:
+    query = select(Referral.study_id, Referral.category).where(Referral.study_id.in_(list(study_ids)))
+    return {study_id: category for study_id, category in session.execute(query)}
+
+
+class Prevalence:
+    """(the bundle's calibration prevalence, the program's expected prevalence) for a study's
+    prediction, when the program has set one; looked up once per program and bundle."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.programs: dict[int, float | None] = {}
+        self.bundles: dict[str, float | None] = {}
+
+    def get(self, study: Study, prediction: Prediction | None) -> tuple[float, float] | None:
+        if prediction is None:
+            return None
+        if study.program_id not in self.programs:
+            self.programs[study.program_id] = self.session.scalar(
+                select(Program.expected_prevalence).where(Program.id == study.program_id)
+            )
+        version = prediction.bundle_version
+        if version not in self.bundles:
+            manifest = self.session.scalar(select(ModelBundle.manifest).where(ModelBundle.version == version)) or {}
+            self.bundles[version] = (manifest.get("calibration") or {}).get("prevalence")
+        target, source = self.programs[study.program_id], self.bundles[version]
+        return (source, target) if source and target else None
+
+
+def at_prevalence(p: float, from_prevalence: float, to_prevalence: float) -> float:
+    """A calibrated probability re-weighed to another prevalence (odds × prior-odds ratio)."""
+    ratio = (to_prevalence / (1 - to_prevalence)) / (from_prevalence / (1 - from_prevalence))
+    return p * ratio / (p * ratio + (1 - p))
+
+
+def study_row(
+    study: Study,
+    prediction: Prediction | None,
+    referral_category: str | None,
+    prevalence: tuple[float, float] | None = None,
+) -> dict:
+    """One study's result. A study the gate could not assess has ``assessable`` false with its
+    reason, no probability and no referral decision (``referred`` null); it sits in the
+    specialists' queue as ``not_assessable``."""
     meta = study.meta or {}
+    assessable = None if prediction is None else bool(prediction.assessable)
+    probability = round(prediction.probability, 6) if assessable else None
     return {
         "study_id": study.id,
         "external_id": study.external_id,
         "status": StudyStatus(study.status).value,
-        "probability": None if prediction is None else round(prediction.probability, 6),
+        "assessable": assessable,
+        "not_assessable_reason": None if prediction is None else prediction.not_assessable_reason,
+        "probability": probability,
+        "probability_at_program_prevalence": round(at_prevalence(probability, *prevalence), 6)
+        if probability is not None and prevalence
+        else None,
         "threshold": None if prediction is None else round(prediction.threshold, 6),
-        "referred": referred if prediction is not None else None,
-        "spread": None if prediction is None or prediction.spread is None else round(prediction.spread, 6),
+        "referred": (referral_category == referral_policy.HIGH_RISK) if assessable else None,
+        "referral_category": referral_category,
+        "spread": None if not assessable or prediction.spread is None else round(prediction.spread, 6),
         "bundle_version": None if prediction is None else prediction.bundle_version,
         "error": study.error,
         "age_approx": meta.get("age_approx"),
@@ -124,7 +199,7 @@ def probability_histogram(session: Session, batch_id: str, bins: int = 20) -> di
     rows = session.execute(
         select(Prediction.probability, Prediction.threshold)
         .join(Study, Study.id == Prediction.study_id)
-        .where(Study.batch_id == batch_id)
+        .where(Study.batch_id == batch_id, Prediction.assessable.is_(True))
     ).all()
     counts = [0] * bins
     for probability, _ in rows:

@@ -11,17 +11,8 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from dermascan import referral_policy
 from dermascan.schema import Batch, Prediction, Priority, Referral, Study, StudyStatus, utcnow
-
-# Referral priority tiers: 1 is seen first. Probabilities at or above these bounds.
-TIERS = ((0.75, 1), (0.5, 2))
-
-
-def tier_for(probability: float) -> int:
-    for bound, tier in TIERS:
-        if probability >= bound:
-            return tier
-    return 3
 
 
 @dataclass
@@ -29,6 +20,9 @@ class ScoredStudy:
     study_id: int
     probability: float
     spread: float | None = None
+    assessable: bool = True
+    reason: str | None = None  # why the image could not be assessed
+    distance: float | None = None  # the gate's feature distance
 
 
 def claim(session: Session, study_ids: Sequence[int]) -> list[Study]:
@@ -95,7 +89,9 @@ def record(
     failed: Sequence[tuple[int, str]] = (),
 ) -> dict:
     """Write one batch's results in the caller's transaction: predictions (one multi-row insert,
-    duplicates ignored), statuses, and referrals for probabilities at or above ``threshold``."""
+    duplicates ignored), statuses, and the referrals the referral policy decides (high risk at or
+    above ``threshold``; every not-assessable image, to be checked by a person). The returned
+    ``high_risk`` lists the study ids referred for their probability (they get heat maps)."""
     now = utcnow()
     _insert_ignore(
         session,
@@ -107,6 +103,9 @@ def record(
                 "probability": float(s.probability),
                 "threshold": float(threshold),
                 "spread": None if s.spread is None else float(s.spread),
+                "assessable": bool(s.assessable),
+                "not_assessable_reason": None if s.assessable else (s.reason or "not assessable")[:120],
+                "feature_distance": None if s.distance is None else float(s.distance),
                 "created_at": now,
             }
             for s in scored
@@ -124,12 +123,14 @@ def record(
             .where(Study.id == study_id, Study.status != StudyStatus.DONE)
             .values(status=StudyStatus.FAILED, finished_at=now, error=reason[:2000])
         )
-    referred = [s for s in scored if s.probability >= threshold]
+    decided = [(s, referral_policy.decide(s.probability, threshold, s.assessable)) for s in scored]
+    referred = [(s, r) for s, r in decided if r is not None]
     if referred:
         predictions = dict(
             session.execute(
                 select(Prediction.study_id, Prediction.id).where(
-                    Prediction.study_id.in_([s.study_id for s in referred]), Prediction.bundle_version == bundle_version
+                    Prediction.study_id.in_([s.study_id for s, _ in referred]),
+                    Prediction.bundle_version == bundle_version,
                 )
             ).all()
         )
@@ -141,15 +142,22 @@ def record(
                     "study_id": s.study_id,
                     "prediction_id": predictions[s.study_id],
                     "probability": float(s.probability),
-                    "tier": tier_for(s.probability),
+                    "category": r.category,
+                    "tier": r.tier,
                     "status": "open",
                     "created_at": now,
                 }
-                for s in referred
+                for s, r in referred
             ],
             ["study_id"],
         )
-    return {"scored": len(ids), "failed": len(failed), "referred": len(referred)}
+    return {
+        "scored": len(ids),
+        "failed": len(failed),
+        "referred": len(referred),
+        "high_risk": [s.study_id for s, r in referred if r.category == referral_policy.HIGH_RISK],
+        "not_assessable": [s.study_id for s, r in referred if r.category == referral_policy.NOT_ASSESSABLE],
+    }
 
 
 def finished_batches(session: Session, batch_ids: Sequence[str]) -> list[str]:

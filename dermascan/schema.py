@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -103,6 +104,9 @@ class Program(Base):
     __tablename__ = "programs"
     id: Mapped[intpk]
     name: Mapped[str] = mapped_column(String(120), unique=True)
+    # the share of malignant lesions the program expects among its studies: the displayed
+    # probability is re-weighed to it (the referral decision is not)
+    expected_prevalence: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[timestamp]
 
 
@@ -224,6 +228,11 @@ class Prediction(Base):
     probability: Mapped[float] = mapped_column(Float)
     threshold: Mapped[float] = mapped_column(Float)
     spread: Mapped[float | None] = mapped_column(Float)
+    # the not-assessable gate: False with a reason when the image could not be assessed (then
+    # the probability is kept for the record but decides nothing)
+    assessable: Mapped[bool] = mapped_column(default=True, server_default=true())
+    not_assessable_reason: Mapped[str | None] = mapped_column(String(120))
+    feature_distance: Mapped[float | None] = mapped_column(Float)
     heatmap_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[timestamp]
 
@@ -237,6 +246,8 @@ class Referral(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
     prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"))
     probability: Mapped[float] = mapped_column(Float)
+    # high_risk (probability at or above the threshold) | not_assessable (a person checks the image)
+    category: Mapped[str] = mapped_column(String(20), default="high_risk", server_default="high_risk")
     tier: Mapped[int] = mapped_column(Integer)  # 1 = highest priority
     status: Mapped[ReferralStatus] = mapped_column(
         _enum(ReferralStatus, "referral_status"), default=ReferralStatus.OPEN

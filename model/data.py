@@ -28,11 +28,14 @@ MAX_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
-def decode_image(data: bytes, size: int, key=None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """JPEG/PNG bytes → uint8 array (size, size, 3), RGB. Raises ImageDecodeError naming ``key``."""
+def decode_image(data: bytes, size: int, key=None, max_pixels: int = MAX_PIXELS, original: list | None = None):
+    """JPEG/PNG bytes → uint8 array (size, size, 3), RGB. Raises ImageDecodeError naming ``key``.
+    ``original``, when given, receives the image's own (width, height)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
+            if original is not None:
+                original[:] = [width, height]
             if width * height > max_pixels:
                 raise ImageDecodeError(key, f"image of {width}x{height} pixels is over the limit of {max_pixels}")
             image.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 2/4/8 first
@@ -54,15 +57,21 @@ def resize(array: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.BILINEAR, reducing_gap=2.0), dtype=np.uint8)
 
 
-def decode_many(items: Sequence[tuple[object, bytes]], size: int, workers: int | None = None):
-    """Decode (key, bytes) pairs in parallel → (array (n, size, size, 3), {index: error})."""
+def decode_many(
+    items: Sequence[tuple[object, bytes]], size: int, workers: int | None = None, sizes: np.ndarray | None = None
+):
+    """Decode (key, bytes) pairs in parallel → (array (n, size, size, 3), {index: error}).
+    ``sizes``, an (n, 2) array when given, receives each image's own (width, height)."""
     out = np.zeros((len(items), size, size, 3), dtype=np.uint8)
     errors: dict[int, ImageDecodeError] = {}
 
     def one(i):
         key, data = items[i]
+        original: list = []
         try:
-            out[i] = decode_image(data, size, key)
+            out[i] = decode_image(data, size, key, original=original)
+            if sizes is not None:
+                sizes[i] = original
         except ImageDecodeError as exc:
             errors[i] = exc
 
@@ -119,8 +128,11 @@ class IsicDataset:
                 out.append(value.tobytes() if isinstance(value, np.ndarray) else bytes(value))
         return out
 
-    def load_images(self, size: int, ids: Sequence[str] | None = None, progress=None) -> np.ndarray:
-        """Decode and resize images (all, or ``ids``) → uint8 (n, size, size, 3).
+    def load_images(
+        self, size: int, ids: Sequence[str] | None = None, progress=None, sizes: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Decode and resize images (all, or ``ids``) → uint8 (n, size, size, 3); ``sizes``, an
+        (n, 2) array when given, receives each image's own (width, height).
 
         A corrupt or missing image raises :class:`ImageDecodeError` naming its ``isic_id``.
         """
@@ -129,7 +141,8 @@ class IsicDataset:
         step = 512
         for start in range(0, len(ids), step):
             chunk = ids[start : start + step]
-            arrays, errors = decode_many(list(zip(chunk, self.read_bytes(chunk))), size)
+            found = None if sizes is None else sizes[start : start + len(chunk)]
+            arrays, errors = decode_many(list(zip(chunk, self.read_bytes(chunk))), size, sizes=found)
             if errors:
                 raise next(iter(errors.values()))
             out[start : start + len(chunk)] = arrays

@@ -2,7 +2,10 @@
 
 The bundle is loaded once (in the constructor). Batches are padded to a few fixed shapes, so a
 JAX backend compiles each shape once (and TensorFlow traces each once); optional test-time
-augmentation (the four flips) returns the mean and the spread of the predictions.
+augmentation (the four flips) returns the mean and the spread of the predictions. The bundle's
+calibration map turns the ensemble's raw score into the probability of malignancy, and its
+not-assessable gate (quality checks and the feature distance, computed in the same forward pass)
+says which images cannot be assessed at all (:mod:`model.gate`).
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from model import bundle as bundle_lib
+from model.calibration import Calibrator
 from model.data import decode_many
 from model.errors import ImageDecodeError
+from model.gate import Gate
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +34,25 @@ class Score:
     probability: float
     spread: float | None
     referred: bool
+    assessable: bool = True
+    reason: str | None = None  # why the image is not assessable
+    distance: float | None = None  # feature distance from the development lesions
+
+
+class Prepared(NamedTuple):
+    """Decoded model inputs of the rows that could be decoded (``ok``), with the others' errors."""
+
+    pixels: np.ndarray
+    meta: np.ndarray
+    errors: dict
+    ok: list
+    sizes: np.ndarray  # each kept image's own (width, height)
+
+
+class Predicted(NamedTuple):
+    probability: np.ndarray  # calibrated, TTA mean
+    spread: np.ndarray | None  # TTA spread of the calibrated views
+    features: np.ndarray | None  # image-branch features (plain view), when the gate uses them
 
 
 def plan_batches(n: int, sizes: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -98,6 +123,14 @@ class Predictor:
     ):
         self.bundle = bundle or bundle_lib.load(bundle_dir)
         self.network = to_mixed_precision(self.bundle.network) if mixed_precision else self.bundle.network
+        self.calibrator = Calibrator.from_dict(self.bundle.manifest.get("calibration"))
+        self.gate = Gate.from_bundle(self.bundle.directory, self.bundle.manifest)
+        if self.gate.features is not None:
+            from model.ood import feature_network
+
+            self._forward = feature_network(self.network)
+        else:
+            self._forward = self.network
         self.spec = self.bundle.spec
         self.image_size = self.bundle.image_size
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
@@ -110,8 +143,8 @@ class Predictor:
         return self.bundle.version
 
     # -- the three steps ------------------------------------------------------------------------
-    def pre_process(self, images: Sequence, metadata: Sequence[dict], keys: Sequence | None = None):
-        """Bytes (JPEG/PNG) or uint8 arrays + metadata dicts → (pixels, meta, errors by row).
+    def pre_process(self, images: Sequence, metadata: Sequence[dict], keys: Sequence | None = None) -> Prepared:
+        """Bytes (JPEG/PNG) or uint8 arrays + metadata dicts → :class:`Prepared`.
 
         A row whose image cannot be decoded is reported in ``errors`` (an ImageDecodeError naming
         its key) and left out of the arrays; ``ok`` lists the rows that were kept.
@@ -119,14 +152,16 @@ class Predictor:
         keys = list(range(len(images))) if keys is None else list(keys)
         to_decode = [(i, (keys[i], img)) for i, img in enumerate(images) if isinstance(img, bytes | bytearray)]
         pixels = np.zeros((len(images), self.image_size, self.image_size, 3), dtype=np.uint8)
+        sizes = np.zeros((len(images), 2), dtype=np.float32)
         errors: dict[int, ImageDecodeError] = {}
         if to_decode:
-            decoded, bad = decode_many([item for _, item in to_decode], self.image_size, self.decode_workers)
+            found = np.zeros((len(to_decode), 2), dtype=np.float32)
+            decoded, bad = decode_many([item for _, item in to_decode], self.image_size, self.decode_workers, found)
             for j, (i, _) in enumerate(to_decode):
                 if j in bad:
                     errors[i] = bad[j]
                 else:
-                    pixels[i] = decoded[j]
+                    pixels[i], sizes[i] = decoded[j], found[j]
         from model.data import resize
 
         for i, img in enumerate(images):
@@ -135,18 +170,24 @@ class Predictor:
                 if array.ndim != 3 or array.shape[2] != 3:
                     errors[i] = ImageDecodeError(keys[i], f"expected an RGB array, got shape {array.shape}")
                 else:
-                    pixels[i] = resize(array, self.image_size)
+                    pixels[i], sizes[i] = resize(array, self.image_size), (array.shape[1], array.shape[0])
         ok = [i for i in range(len(images)) if i not in errors]
         meta = self.spec.transform([metadata[i] for i in ok])
-        return pixels[ok], meta, errors, ok
+        return Prepared(pixels[ok], meta, errors, ok, sizes[ok])
 
-    def predict(self, pixels: np.ndarray, meta: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities (and TTA spread) for already-prepared arrays, padded to fixed shapes."""
+    def _run(self, x: np.ndarray, m: np.ndarray):
+        out = self._forward.predict_on_batch({"image": np.ascontiguousarray(x), "meta": m})
+        if isinstance(out, list | tuple):
+            return np.asarray(out[0], dtype=np.float32).reshape(-1), np.asarray(out[1], dtype=np.float32)
+        return np.asarray(out, dtype=np.float32).reshape(-1), None
+
+    def predict_raw(self, pixels: np.ndarray, meta: np.ndarray):
+        """The ensemble's uncalibrated score per flip view (views × n) and the plain view's
+        image features (None without a feature gate), padded to the fixed batch shapes."""
         n = len(pixels)
-        if n == 0:
-            return np.zeros(0, np.float32), (np.zeros(0, np.float32) if self.tta else None)
         views = flips(pixels) if self.tta else [pixels]
         preds = np.zeros((len(views), n), dtype=np.float32)
+        features = None
         for start, stop, size in plan_batches(n, self.batch_sizes):
             m = meta[start:stop]
             pad = size - (stop - start)
@@ -156,26 +197,49 @@ class Predictor:
                 x = view[start:stop]
                 if pad:
                     x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-                out = self.network.predict_on_batch({"image": np.ascontiguousarray(x), "meta": m})
-                preds[v, start:stop] = np.asarray(out, dtype=np.float32).reshape(-1)[: stop - start]
-        mean = preds.mean(axis=0)
-        return mean, (preds.std(axis=0) if self.tta else None)
+                p, f = self._run(x, m)
+                preds[v, start:stop] = p[: stop - start]
+                if v == 0 and f is not None:
+                    if features is None:
+                        features = np.zeros((n, f.shape[1]), dtype=np.float32)
+                    features[start:stop] = f[: stop - start]
+        return preds, features
 
-    def post_process(self, mean: np.ndarray, spread: np.ndarray | None) -> list[Score]:
+    def predict(self, pixels: np.ndarray, meta: np.ndarray) -> Predicted:
+        """Calibrated probabilities (TTA mean; the TTA spread of the calibrated views) and the
+        features the gate needs, for already-prepared arrays."""
+        if len(pixels) == 0:
+            return Predicted(np.zeros(0, np.float32), np.zeros(0, np.float32) if self.tta else None, None)
+        preds, features = self.predict_raw(pixels, meta)
+        calibrated = self.calibrator(preds.mean(axis=0)).astype(np.float32)
+        spread = self.calibrator(preds).std(axis=0).astype(np.float32) if self.tta else None
+        return Predicted(calibrated, spread, features)
+
+    def post_process(self, prepared: Prepared, predicted: Predicted) -> list[Score]:
+        """Scores with the gate's verdict: a not-assessable image gets its reason and no referral."""
+        reasons, distance = self.gate.reasons(prepared.pixels, prepared.sizes, predicted.features)
+        spread = predicted.spread
         return [
-            Score(float(p), None if spread is None else float(spread[i]), bool(p >= self.threshold))
-            for i, p in enumerate(np.clip(mean, 0.0, 1.0))
+            Score(
+                float(p),
+                None if spread is None else float(spread[i]),
+                reasons[i] is None and bool(p >= self.threshold),
+                reasons[i] is None,
+                reasons[i],
+                None if distance is None else round(float(distance[i]), 4),
+            )
+            for i, p in enumerate(np.clip(predicted.probability, 0.0, 1.0))
         ]
 
     # -- convenience ------------------------------------------------------------------------------
     def score(self, images: Sequence, metadata: Sequence[dict], keys: Sequence | None = None):
         """Score a batch → list aligned with the input: a Score, or the ImageDecodeError of that row."""
-        pixels, meta, errors, ok = self.pre_process(images, metadata, keys)
-        scores = self.post_process(*self.predict(pixels, meta))
+        prepared = self.pre_process(images, metadata, keys)
+        scores = self.post_process(prepared, self.predict(prepared.pixels, prepared.meta))
         out: list = [None] * len(images)
-        for i, error in errors.items():
+        for i, error in prepared.errors.items():
             out[i] = error
-        for i, score in zip(ok, scores):
+        for i, score in zip(prepared.ok, scores):
             out[i] = score
         return out
 
@@ -184,7 +248,7 @@ class Predictor:
         t0 = time.perf_counter()
         for size in self.batch_sizes:
             pixels = np.zeros((size, self.image_size, self.image_size, 3), np.uint8)
-            self.network.predict_on_batch({"image": pixels, "meta": np.zeros((size, self.spec.dim), np.float32)})
+            self._run(pixels, np.zeros((size, self.spec.dim), np.float32))
         seconds = time.perf_counter() - t0
         log.info("predictor %s warmed up %s in %.1f s", self.version, self.batch_sizes, seconds)
         return seconds

@@ -39,6 +39,11 @@ class TrainConfig:
     target_sensitivity: float = 0.95
     threshold_confidence: float = 0.9  # bootstrap margin for the sensitivity at the threshold
     tta: bool = True
+    # share of patients held out of every fold model: the ensemble's threshold, calibration map
+    # and not-assessable gate are fitted on its scores there (0: the old out-of-fold rule)
+    calibration_fraction: float = 0.15
+    gate_false_flag_rate: float = 0.015  # share of held-out lesions the feature gate may flag
+    gate_components: int = 32  # PCA components of the feature distance
     max_members: int | None = None  # keep only the best N fold models in the bundle
     limit: int | None = None  # use only the first N rows (smoke runs, tests)
     backbone: str = "nasnet_mobile"  # "tiny" for fast tests of the pipeline around the network
@@ -55,6 +60,30 @@ def make_folds(targets: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     for i, (_, val) in enumerate(splitter.split(np.zeros(targets.size), targets, groups)):
         fold[val] = i
+    return fold
+
+
+def calibration_mask(targets: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Rows held out of every fold model (about ``fraction`` of them): stratified by target, no
+    group (patient/lesion) on both sides. The deployed ensemble has never trained on them, so its
+    own scores there choose the threshold and fit the calibration without bias."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    mask = np.zeros(targets.size, dtype=bool)
+    if fraction <= 0:
+        return mask
+    splitter = StratifiedGroupKFold(n_splits=max(2, round(1 / fraction)), shuffle=True, random_state=seed + 1000)
+    _, held = next(splitter.split(np.zeros(targets.size), targets, groups))
+    mask[held] = True
+    return mask
+
+
+def split_rows(targets: np.ndarray, groups: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    """Fold index per row; -1 for the calibration rows that no fold model sees."""
+    calib = calibration_mask(targets, groups, cfg.calibration_fraction, cfg.seed)
+    fold = np.full(targets.size, -1, dtype=int)
+    dev = np.flatnonzero(~calib)
+    fold[dev] = make_folds(targets[dev], groups[dev], cfg.folds, cfg.seed)
     return fold
 
 
@@ -189,7 +218,8 @@ def cross_validate(data_dir, work_dir, cfg: TrainConfig, train_folds: list[int] 
     spec_path = work / "feature_spec.json"
     spec = FeatureSpec.from_json(spec_path.read_text()) if spec_path.exists() else FeatureSpec.fit(dataset.metadata)
     spec_path.write_text(spec.to_json())
-    fold = make_folds(y, groups, cfg.folds, cfg.seed)
+    fold = split_rows(y, groups, cfg)
+    np.save(work / "split.npy", fold)
     todo = [
         k
         for k in (range(cfg.folds) if train_folds is None else train_folds)
@@ -208,10 +238,15 @@ def cross_validate(data_dir, work_dir, cfg: TrainConfig, train_folds: list[int] 
         x = {"image": dataset.load_images(cfg.image_size), "meta": spec.transform(dataset.metadata)}
         log.info("decoded %d images at %d px in %.1f s", y.size, cfg.image_size, time.time() - t0)
         for k in todo:
-            train_idx, val_idx = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+            train_idx, val_idx = np.flatnonzero((fold != k) & (fold >= 0)), np.flatnonzero(fold == k)
             model = train_fold(k, cfg, work, spec, x, y, train_idx, val_idx)
             mean, spread, plain = tta_predict(model, x["image"][val_idx], x["meta"][val_idx], tta=cfg.tta)
-            np.savez(work / f"fold{k}" / "oof.npz", mean=mean, spread=spread, plain=plain, index=val_idx)
+            cal_idx = np.flatnonzero(fold < 0)
+            cal = tta_predict(model, x["image"][cal_idx], x["meta"][cal_idx], tta=cfg.tta) if cal_idx.size else ()
+            np.savez(
+                work / f"fold{k}" / "oof.npz", mean=mean, spread=spread, plain=plain, index=val_idx,
+                **dict(zip(("cal_mean", "cal_spread", "cal_plain"), cal, strict=False)), cal_index=cal_idx,
+            )  # fmt: skip
             del model
     return summarise(work, dataset, fold, cfg)
 
@@ -238,7 +273,7 @@ def summarise(work: Path, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConf
         per_fold.append(
             {
                 "fold": k,
-                "n_train": int(np.sum(fold != k)),
+                "n_train": int(np.sum((fold != k) & (fold >= 0))),
                 "n_val": int(val_idx.size),
                 "epochs_run": len(history),
                 "best_epoch": int(np.argmax([h["val_auc"] for h in history])) + 1 if history else None,
@@ -397,6 +432,19 @@ def assemble(
         "of bootstrap resamples of the out-of-fold positives and on every fold's own out-of-fold predictions",
         "roc_table": roc_table(y, scores),
     }
+    threshold, extra = report["threshold"], {"inference": {"tta": cfg.tta}}
+    dataset = IsicDataset.open(data_dir, limit=cfg.limit)
+    fold = np.load(work / "split.npy") if (work / "split.npy").exists() else np.zeros(len(dataset.ids), int)
+    if (fold < 0).any():
+        cal = calibrate(work, dataset.targets(), fold, [f["fold"] for f in members], cfg)
+        threshold = cal["threshold"]
+        extra["calibration"] = cal["manifest"]
+        metrics_block["calibration_set"] = cal["metrics"]
+        metrics_block["threshold_rule"] = cal["rule"]
+        metrics_block["roc_table"] = roc_table(cal["y"], cal["calibrated"])
+        metrics_block["score_histogram"] = score_histogram(cal["calibrated"])
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    extra["gate"] = fit_gate(network, dataset, fold, cfg, work).manifest_block(Path(out_dir))
     training = {
         "config": asdict(cfg),
         "members": [f"fold{f['fold']}" for f in members],
@@ -409,11 +457,140 @@ def assemble(
         spec,
         out_dir,
         version=version,
-        threshold=report["threshold"],
+        threshold=threshold,
         metrics=metrics_block,
         training=training,
-        extra={"inference": {"tta": cfg.tta}},
+        extra=extra,
         weights_dtype=cfg.weights_dtype,
     )
-    shutil.copy(work / "roc.png", Path(out_dir) / "roc.png")
+    for picture in ("roc.png", "reliability.png"):
+        if (work / picture).exists():
+            shutil.copy(work / picture, Path(out_dir) / picture)
     return manifest
+
+
+def score_histogram(scores: np.ndarray, bins: int = 20) -> dict:
+    """Counts of validation scores in equal bins of [0, 1] (the reference distribution that
+    monitoring compares a program's scores with)."""
+    counts, edges = np.histogram(np.clip(scores, 0, 1), bins=bins, range=(0.0, 1.0))
+    return {"edges": [round(float(e), 4) for e in edges], "counts": counts.astype(int).tolist()}
+
+
+def calibrate(work: Path, y: np.ndarray, fold: np.ndarray, members: list[int], cfg: TrainConfig) -> dict:
+    """On the calibration set (rows no member trained on, ``fold == -1``): the shipped ensemble's
+    own scores (the mean of its members' TTA scores, as the averaged graph computes them), a
+    calibration map chosen by cross-validated log loss, and the referral threshold on the
+    calibrated scores with the bootstrap rule. Writes the ROC and the reliability diagram."""
+    from model import calibration
+
+    cal_idx = np.flatnonzero(fold < 0)
+    per_member = []
+    for k in members:
+        saved = np.load(work / f"fold{k}" / "oof.npz")
+        if "cal_mean" not in saved or not np.array_equal(saved["cal_index"], cal_idx):
+            raise ValueError(f"fold {k} has no scores on this calibration set: retrain it")
+        per_member.append(saved["cal_mean"])
+    yc, raw = y[cal_idx], np.mean(per_member, axis=0)
+    if yc.sum() == 0 or yc.sum() == yc.size:
+        raise ValueError("the calibration set needs malignant and benign lesions: use more data or a larger fraction")
+    calibrator, candidates = calibration.choose(yc, raw)
+    calibrated = calibrator(raw)
+    threshold = metrics.conservative_threshold(yc, calibrated, cfg.target_sensitivity, cfg.threshold_confidence)
+    summary = metrics.summary(yc, calibrated, threshold)
+    summary.update(
+        {
+            "raw_auc": metrics.auc(yc, raw),
+            "ece_raw": calibration.ece(yc, raw),
+            "ece": calibration.ece(yc, calibrated),
+            "log_loss_raw": calibration.log_loss(yc, raw),
+            "log_loss": calibration.log_loss(yc, calibrated),
+            "reliability": calibration.reliability(yc, calibrated),
+            "candidates": candidates,
+        }
+    )
+    metrics.roc_png(
+        work / "roc.png",
+        {"calibration set (shipped ensemble)": (yc, calibrated)},
+        {f"threshold {threshold:.3f}": summary["operating_point"]},
+        title=f"DermaScan ensemble of {len(members)}, {cfg.image_size}px: held-out calibration set",
+    )
+    reliability_png(work / "reliability.png", yc, raw, calibrated, calibrator.method)
+    log.info(
+        "calibration set: %d images (%d malignant), AUC %.4f, %s calibration (ECE %.4f → %.4f), threshold %.4f",
+        yc.size, yc.sum(), summary["auc"], calibrator.method, summary["ece_raw"], summary["ece"], threshold,
+    )  # fmt: skip
+    return {
+        "threshold": float(threshold),
+        "y": yc,
+        "calibrated": calibrated,
+        "metrics": summary,
+        "manifest": {
+            **calibrator.to_dict(),
+            "prevalence": float(yc.mean()),
+            "n": int(yc.size),
+            "ece": summary["ece"],
+            "fitted_on": "held-out calibration set (patients no member trained on)",
+        },
+        "rule": f"highest threshold with sensitivity >= {cfg.target_sensitivity} in {cfg.threshold_confidence:.0%} "
+        "of bootstrap resamples of the calibration-set positives, on the shipped ensemble's calibrated scores",
+    }
+
+
+def reliability_png(path: Path, y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, method: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from model import calibration
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
+    ax.plot([0, 1], [0, 1], color="#888", lw=1, ls="--", label="perfect")
+    for label, scores, colour in (("raw", raw, "#c0392b"), (method, calibrated, "#1f5fa8")):
+        rows = [r for r in calibration.reliability(y, scores) if r["n"]]
+        ax.plot(
+            [r["mean_probability"] for r in rows],
+            [r["observed"] for r in rows],
+            marker="o",
+            color=colour,
+            label=f"{label} (ECE {calibration.ece(y, scores):.3f})",
+        )
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("observed share malignant")
+    ax.set_title("Reliability on the calibration set")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def fit_gate(network, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConfig, work: Path):
+    """The not-assessable gate of this bundle: quality thresholds beyond the development images'
+    range, and the feature distance fitted on the development images' features with its
+    threshold at ``gate_false_flag_rate`` of the calibration set (held-out lesions). Without a
+    calibration set the threshold is taken on the development images themselves."""
+    from model import quality
+    from model.gate import Gate
+    from model.ood import FeatureDistance, feature_network
+
+    sizes = np.zeros((len(dataset.ids), 2), np.float32)
+    pixels = dataset.load_images(cfg.image_size, sizes=sizes)
+    thresholds = quality.fit_thresholds(quality.measure(pixels, sizes))
+    features_path = work / "features.npy"
+    if features_path.exists() and len(np.load(features_path, mmap_mode="r")) == len(pixels):
+        features = np.load(features_path)
+    else:
+        net = feature_network(network)
+        zeros = np.zeros((1, network.get_layer("meta").output.shape[-1]), np.float32)
+        features = np.concatenate(
+            [
+                np.asarray(net.predict_on_batch({"image": pixels[i : i + 64], "meta": np.repeat(zeros, len(pixels[i : i + 64]), 0)})[1])
+                for i in range(0, len(pixels), 64)
+            ]
+        )  # fmt: skip
+        np.save(features_path, features)
+    held = fold < 0 if (fold < 0).any() else np.ones(len(pixels), bool)
+    distance = FeatureDistance.fit(features[~held] if (~held).any() else features, cfg.gate_components)
+    distance.choose_threshold(features[held], cfg.gate_false_flag_rate)
+    log.info("gate: quality %s; feature distance threshold %.3f", thresholds.to_dict(), distance.threshold)
+    return Gate(thresholds, distance, cfg.gate_false_flag_rate)

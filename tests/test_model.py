@@ -179,16 +179,26 @@ def test_training_writes_a_complete_bundle(trained_bundle):
     assert manifest["image_size"] == 32
     assert manifest["inputs"]["image"]["dtype"] == "uint8"
     assert len(manifest["metrics"]["folds"]) == 2
-    assert manifest["metrics"]["oof"]["n"] == 96
+    work = trained_bundle.with_name("bundle.work")
+    split = np.load(work / "split.npy")
+    held = int((split < 0).sum())  # the calibration set: no fold model trained on it
+    assert 0 < held < 96 and manifest["metrics"]["oof"]["n"] == 96 - held
+    cal = manifest["metrics"]["calibration_set"]
+    assert cal["n"] == held and cal["operating_point"]["sensitivity"] >= 0.95  # the threshold's own data
+    assert manifest["calibration"]["method"] in ("none", "temperature", "platt", "isotonic")
+    assert manifest["calibration"]["prevalence"] == pytest.approx(cal["positives"] / held)
+    assert manifest["gate"]["quality"]["min_brightness"] > 0 and manifest["gate"]["ood"]["threshold"] > 0
+    assert (trained_bundle / "gate.npz").is_file() and (trained_bundle / "reliability.png").stat().st_size > 1000
     assert manifest["metrics"]["data"]["metadata"]["sha256"]
     assert sorted(manifest["training"]["members"]) == ["fold0", "fold1"]
     assert manifest["weights_dtype"] == "float16"  # stored in half precision, computed in float32
     assert 0 < manifest["threshold"] < 1
     op = manifest["metrics"]["oof"]["operating_point"]
-    assert op["sensitivity"] >= 0.95  # the threshold was chosen at the target sensitivity
+    assert 0 <= op["sensitivity"] <= 1
     assert (trained_bundle / "roc.png").stat().st_size > 1000
-    oof = pd.read_csv(trained_bundle.with_name("bundle.work") / "oof.csv")
-    assert oof.oof.notna().all() and set(oof.fold) == {0, 1}
+    oof = pd.read_csv(work / "oof.csv")
+    assert oof[oof.fold >= 0].oof.notna().all() and oof[oof.fold < 0].oof.isna().all()
+    assert set(oof.fold) == {-1, 0, 1}
     # folds are patient-grouped: no lesion on both sides
     groups = pd.read_csv(trained_bundle.parents[0] / "bundle.work" / "oof.csv").merge(
         IsicDataset.open(read_manifest(trained_bundle)["metrics"]["data"]["directory"], limit=96).metadata[
@@ -236,6 +246,11 @@ def test_tampered_or_mismatched_bundle_is_refused(trained_bundle, tmp_path):
         load(tmp_path / "other")
     with pytest.raises(BundleError, match="not a model bundle"):
         load(tmp_path)
+    shutil.copytree(trained_bundle, tmp_path / "gate")
+    with open(tmp_path / "gate" / "gate.npz", "ab") as fh:
+        fh.write(b"tampered")
+    with pytest.raises(BundleError, match="gate.npz"):
+        Predictor(tmp_path / "gate")
 
 
 def test_predictor_scores_bytes_and_arrays_with_tta_and_reports_bad_rows(trained_bundle, ham_dir):
@@ -247,7 +262,14 @@ def test_predictor_scores_bytes_and_arrays_with_tta_and_reports_bad_rows(trained
     assert isinstance(out[-1], ImageDecodeError) and out[-1].key == 9
     scores = out[:-1]
     assert all(0 <= s.probability <= 1 and s.spread is not None and s.spread >= 0 for s in scores)
-    assert all(s.referred == (s.probability >= predictor.threshold) for s in scores)
+    assert all(s.referred == (s.assessable and s.probability >= predictor.threshold) for s in scores)
+    assert all(s.distance is not None for s in scores)  # the bundle's feature gate ran
+    # the gate: a gray card and RGB noise are not assessable, with a reason and no referral
+    noise = np.random.default_rng(0).integers(0, 256, (300, 400, 3)).astype(np.uint8)
+    gray, noisy = predictor.score([np.full((300, 400, 3), 128, np.uint8), noise], records[:2])
+    assert not gray.assessable and gray.reason.startswith("no contrast") and not gray.referred
+    assert not noisy.assessable and noisy.reason and not noisy.referred
+    assert predictor.calibrator.method == read_manifest(trained_bundle)["calibration"]["method"]
     # arrays give the same as bytes; padding to fixed shapes changes nothing
     arrays = dataset.load_images(predictor.image_size, dataset.ids[:9])
     again = predictor.score(list(arrays), records[:9])
@@ -265,9 +287,7 @@ def test_gradcam_overlay_from_the_last_cell(trained_bundle, ham_dir):
 
     predictor = Predictor(trained_bundle)
     dataset = IsicDataset.open(ham_dir, limit=1)
-    pixels, meta, errors, _ = predictor.pre_process(
-        dataset.read_bytes(dataset.ids), dataset.metadata.to_dict("records")
-    )
+    pixels, meta, *_ = predictor.pre_process(dataset.read_bytes(dataset.ids), dataset.metadata.to_dict("records"))
     heat = GradCam(predictor.network).heatmap(pixels, meta)
     assert heat.shape == (32, 32) and heat.min() >= 0 and heat.max() <= 1
     png = overlay_png(pixels[0], heat)
@@ -302,3 +322,6 @@ def test_evaluate_command(trained_bundle, ham_dir, tmp_path):
     assert report["n"] == 120 and 0 <= report["auc"] <= 1 and 0 <= report["pauc80"] <= 0.2
     assert report["operating_point"]["tp"] + report["operating_point"]["fn"] == report["positives"]
     assert "AUC" in result.output and "sensitivity" in result.output
+    assert 0 <= report["calibration"]["ece"] <= 1 and len(report["calibration"]["reliability"]) == 10
+    assert report["gate"]["n"] == 120 and sum(report["gate"]["reasons"].values()) == report["gate"]["not_assessable"]
+    assert "ECE" in result.output and "not assessable" in result.output

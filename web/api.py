@@ -17,7 +17,7 @@ from dermascan import audit, reports, screening
 from dermascan.accounts import token_for
 from dermascan.ingest import manifest
 from dermascan.ingest.errors import IngestError, Rejection
-from dermascan.schema import Batch, Referral, Study, utcnow
+from dermascan.schema import Batch, Study, utcnow
 from web.extensions import csrf
 from web.helpers import client_ip, db, settings
 
@@ -215,9 +215,7 @@ def get_study(study_id):
     study = db().get(Study, study_id)
     if study is None or study.program_id != g.program_id:
         return error(404, "no such study")
-    preds = reports.latest_predictions(db(), [study.id])
-    referred = db().scalar(select(Referral.id).where(Referral.study_id == study.id)) is not None
-    row = reports.study_row(study, preds.get(study.id), referred)
+    row = reports.study_result(db(), study)
     row["batch_id"] = study.batch_id
     return jsonify(row)
 

@@ -9,9 +9,30 @@ RESULT = {
         "study_id": {"type": "integer"},
         "external_id": {"type": "string", "nullable": True},
         "status": {"type": "string", "enum": ["queued", "processing", "done", "failed"]},
-        "probability": {"type": "number", "nullable": True, "minimum": 0, "maximum": 1},
+        "assessable": {
+            "type": "boolean",
+            "nullable": True,
+            "description": "false when the image could not be assessed (quality or not a lesion image): "
+            "then probability and referred are null and the study waits for a person to check the image",
+        },
+        "not_assessable_reason": {"type": "string", "nullable": True, "example": "too dark"},
+        "probability": {
+            "type": "number",
+            "nullable": True,
+            "minimum": 0,
+            "maximum": 1,
+            "description": "calibrated probability of malignancy (at the development data's prevalence)",
+        },
+        "probability_at_program_prevalence": {
+            "type": "number",
+            "nullable": True,
+            "minimum": 0,
+            "maximum": 1,
+            "description": "the probability re-weighed to the program's expected prevalence, when it has set one",
+        },
         "threshold": {"type": "number", "nullable": True},
         "referred": {"type": "boolean", "nullable": True},
+        "referral_category": {"type": "string", "nullable": True, "enum": ["high_risk", "not_assessable", None]},
         "spread": {"type": "number", "nullable": True},
         "bundle_version": {"type": "string", "nullable": True},
         "error": {"type": "string", "nullable": True},
@@ -53,7 +74,10 @@ SUBMISSION = {
 }
 COUNTS = {
     "type": "object",
-    "properties": {k: {"type": "integer"} for k in ("queued", "processing", "done", "failed", "total", "referred")},
+    "properties": {
+        k: {"type": "integer"}
+        for k in ("queued", "processing", "done", "failed", "total", "referred", "not_assessable")
+    },
 }
 BATCH = {
     "type": "object",

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from wtforms import HiddenField, RadioField, TextAreaField
 from wtforms.validators import DataRequired, Length
 
+from dermascan import referral_policy, reports
 from dermascan import referrals as policy
 from dermascan.ingest.records import SITES
 from dermascan.schema import Decision, ModelBundle, Prediction, Program, Referral, ReferralStatus
@@ -61,6 +62,7 @@ def queue():
     return render_template(
         "queue.html", cases=cases, stats=stats, mine=mine, flt=flt, sites=SITES, programs=programs,
         batches=policy.batches_with_referrals(db()), claim=ClaimForm(data=request.args),
+        category_labels=referral_policy.CATEGORY_LABELS,
     )  # fmt: skip
 
 
@@ -101,10 +103,18 @@ def case(referral_id):
     other_predictions = {
         p.study_id: p for p in db().scalars(select(Prediction).where(Prediction.study_id.in_([o.id for o in others])))
     }
+    bundle_prevalence = ((bundle.manifest if bundle else {}).get("calibration") or {}).get("prevalence")
+    program_prevalence = db().scalar(select(Program.expected_prevalence).where(Program.id == study.program_id))
+    program_probability = (
+        reports.at_prevalence(prediction.probability, bundle_prevalence, program_prevalence)
+        if bundle_prevalence and program_prevalence and prediction.assessable
+        else None
+    )
     return render_template(
         "case.html", referral=referral, study=study, prediction=prediction, bundle=bundle, holds=holds,
         others=others, other_predictions=other_predictions, form=DecisionForm(), release=ReleaseForm(),
-        labels=DECISION_LABELS,
+        labels=DECISION_LABELS, bundle_prevalence=bundle_prevalence, program_prevalence=program_prevalence,
+        program_probability=program_probability,
     )  # fmt: skip
 
 

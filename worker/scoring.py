@@ -106,6 +106,7 @@ class Outcome:
     scored: int = 0
     failed: int = 0
     skipped: int = 0
+    not_assessable: int = 0
     referred_ids: list[int] = field(default_factory=list)
     finished_batches: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
@@ -116,6 +117,7 @@ class Outcome:
             "failed": self.failed,
             "skipped": self.skipped,
             "referred": len(self.referred_ids),
+            "not_assessable": self.not_assessable,
             "timings": self.timings,
         }
 
@@ -204,11 +206,11 @@ class ScoreStudies:
             except BlobError as exc:
                 failed.append((item.study_id, str(exc)))
         t1 = time.perf_counter()
-        pixels, meta, errors, ok = pred.pre_process(images, [i.meta for i in keep], [i.study_id for i in keep])
-        for index, error in errors.items():
+        prepared = pred.pre_process(images, [i.meta for i in keep], [i.study_id for i in keep])
+        for index, error in prepared.errors.items():
             failed.append((keep[index].study_id, f"image cannot be decoded: {error.reason}"))
         t2 = time.perf_counter()
-        return [keep[i] for i in ok], pixels, meta, failed, (t1 - t0, t2 - t1)
+        return [keep[i] for i in prepared.ok], prepared, failed, (t1 - t0, t2 - t1)
 
     def run(self) -> Outcome:
         pred = predictor(self.settings)
@@ -228,31 +230,39 @@ class ScoreStudies:
             for n in range(len(pieces)):
                 if n and not self.interactive:
                     served += self._serve_waiting_interactive()
-                kept, pixels, meta, bad, (t_read, t_decode) = future.result()
+                kept, prepared, bad, (t_read, t_decode) = future.result()
                 if n + 1 < len(pieces):
                     future = pool.submit(self._prepare, pred, pieces[n + 1])
                 timing["read"] += t_read
                 timing["decode"] += t_decode
                 failed += bad
                 t0 = time.perf_counter()
-                mean, spread = pred.predict(pixels, meta)
+                scores = pred.post_process(prepared, pred.predict(prepared.pixels, prepared.meta))
                 timing["infer"] += time.perf_counter() - t0
-                for j, item in enumerate(kept):
+                for item, score in zip(kept, scores, strict=True):
                     scored.append(
-                        results.ScoredStudy(item.study_id, float(mean[j]), None if spread is None else float(spread[j]))
+                        results.ScoredStudy(
+                            item.study_id,
+                            score.probability,
+                            score.spread,
+                            score.assessable,
+                            score.reason,
+                            score.distance,
+                        )
                     )
         t0 = time.perf_counter()
         try:
             with self.factory() as session, session.begin():
                 bundle = session.get(ModelBundle, pred.version) or bundles.register(session, self.settings.model_bundle)
                 threshold = bundle.threshold
-                results.record(session, pred.version, threshold, scored, failed)
+                written = results.record(session, pred.version, threshold, scored, failed)
                 outcome.finished_batches = results.finished_batches(session, [i.batch_id for i in items])
         except OperationalError as exc:
             raise TransientError(str(exc)) from exc
         timing["write"] = time.perf_counter() - t0
         outcome.scored, outcome.failed = len(scored), len(failed)
-        outcome.referred_ids = [s.study_id for s in scored if s.probability >= threshold]
+        outcome.referred_ids = written["high_risk"]
+        outcome.not_assessable = len(written["not_assessable"])
         outcome.timings = {k: round(v, 4) for k, v in timing.items()}
         outcome.timings["batch_size"] = len(items)
         _record_metrics(outcome, items)
@@ -308,12 +318,12 @@ def make_heatmaps(settings: Settings, study_ids: list[int]) -> int:
         ).all()
     for study, prediction in rows:
         try:
-            pixels, meta, errors, _ = pred.pre_process([blobs.get(study.image_sha256)], [study.meta or {}])
+            prepared = pred.pre_process([blobs.get(study.image_sha256)], [study.meta or {}])
         except BlobError:
             continue
-        if errors:
+        if prepared.errors:
             continue
-        heat = cam.heatmap(pixels, meta)
+        heat = cam.heatmap(prepared.pixels, prepared.meta)
         original = display_image(blobs.get(study.image_sha256))
         heat = (
             np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(original.shape[1::-1], Image.BICUBIC))

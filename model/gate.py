@@ -1,0 +1,74 @@
+"""The not-assessable gate: an image is scored only when it passes the quality checks
+(:mod:`model.quality`) and its features lie near the development lesions' (:mod:`model.ood`).
+An image that fails gets a reason a person understands and no probability-based decision.
+
+The gate belongs to the bundle: ``manifest["gate"]`` holds the quality thresholds and the
+out-of-distribution threshold, ``gate.npz`` (sha256 in the manifest) the fitted feature
+distribution. A bundle made before the gate existed still gets the quality checks at their
+default thresholds, and no feature check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model.errors import BundleError
+from model.ood import FeatureDistance
+from model.quality import QualityThresholds, measure
+
+GATE_FILE = "gate.npz"
+NOT_A_LESION = "not a dermoscopic lesion image"
+
+
+@dataclass
+class Gate:
+    quality: QualityThresholds
+    features: FeatureDistance | None = None
+    false_flag_rate: float | None = None
+
+    def reasons(self, pixels: np.ndarray, sizes: np.ndarray | None, features: np.ndarray | None):
+        """Per image: None (assessable) or the reason it is not; and the feature distances."""
+        found = self.quality.failures(measure(pixels, sizes)) if len(pixels) else []
+        distance = None
+        if self.features is not None and features is not None and len(pixels):
+            distance = self.features.score(features)
+            for i in np.flatnonzero(distance > self.features.threshold):
+                if found[i] is None:
+                    found[i] = NOT_A_LESION
+        return found, distance
+
+    def manifest_block(self, directory: Path) -> dict:
+        """Write ``gate.npz`` into the bundle folder; the manifest's ``gate`` entry."""
+        from model.bundle import file_sha256
+
+        block: dict = {"quality": self.quality.to_dict()}
+        if self.features is not None:
+            path = Path(directory) / GATE_FILE
+            self.features.save(path)
+            block["ood"] = {
+                "file": GATE_FILE,
+                "sha256": file_sha256(path),
+                "threshold": self.features.threshold,
+                "components": int(len(self.features.variances)),
+                "false_flag_rate": self.false_flag_rate,
+                "method": "Mahalanobis distance (PCA, whitened) + residual energy on the members' image features",
+            }
+        return block
+
+    @classmethod
+    def from_bundle(cls, directory: Path, manifest: dict) -> Gate:
+        block = manifest.get("gate") or {}
+        gate = cls(QualityThresholds.from_dict(block.get("quality")))
+        ood = block.get("ood")
+        if ood:
+            from model.bundle import file_sha256
+
+            path = Path(directory) / ood["file"]
+            if not path.is_file() or file_sha256(path) != ood["sha256"]:
+                raise BundleError(f"{path}: missing, or its checksum does not match the manifest")
+            gate.features = FeatureDistance.load(path)
+            gate.false_flag_rate = ood.get("false_flag_rate")
+        return gate
