@@ -282,6 +282,33 @@ def token_create(ctx, name, program):
     click.echo(plain)
 
 
+@main.group()
+def program():
+    """Programs and sites."""
+
+
+@program.command("prevalence")
+@click.argument("name")
+@click.argument("value", type=float, required=False)
+@click.option("--clear", is_flag=True, help="Show probabilities at the development data's prevalence again.")
+@click.pass_context
+def program_prevalence(ctx, name, value, clear):
+    """Set the share of malignant lesions PROGRAM expects (e.g. 0.02): its displayed
+    probabilities are re-weighed to it; the referral decision stays on the bundle's threshold."""
+    from dermascan.operating_point import PrevalenceError, set_expected_prevalence
+    from dermascan.screening import get_or_create_program
+
+    if (value is None) == (not clear):
+        raise click.UsageError("give a VALUE or --clear")
+    settings = _settings(ctx)
+    with session_factory(settings.database_url)() as session, session.begin():
+        try:
+            set_expected_prevalence(session, get_or_create_program(session, name), None if clear else value)
+        except PrevalenceError as exc:
+            raise click.BadParameter(str(exc), param_hint="VALUE") from exc
+    click.echo(f"program {name}: expected prevalence {'cleared' if clear else value}")
+
+
 @main.command("dicom-scp")
 @click.option("--ae-title", default="DERMASCAN", show_default=True)
 @click.option("--host", default="0.0.0.0", show_default=True)

@@ -1,5 +1,7 @@
 """What a referral threshold means on the bundle's validation data: sensitivity and
-specificity read from the ROC table stored in the bundle's manifest (out-of-fold predictions)."""
+specificity read from the ROC table stored in the bundle's manifest (the shipped ensemble's
+calibrated scores on its held-out calibration set; out-of-fold predictions in older bundles),
+and the referrals to expect per 1,000 studies at a prevalence."""
 
 from __future__ import annotations
 
@@ -29,6 +31,57 @@ def at_threshold(manifest: dict, threshold: float) -> dict | None:
         "threshold": threshold,
         "sensitivity": row["sensitivity"],
         "specificity": row["specificity"],
-        "n": (manifest.get("metrics") or {}).get("oof", {}).get("n"),
+        "n": (
+            (manifest.get("metrics") or {}).get("calibration_set") or (manifest.get("metrics") or {}).get("oof") or {}
+        ).get("n"),
         "data": (manifest.get("metrics") or {}).get("data"),
     }
+
+
+def validation_prevalence(manifest: dict) -> float | None:
+    """The malignant share of the data the ROC table comes from."""
+    metrics = manifest.get("metrics") or {}
+    calibration = manifest.get("calibration") or {}
+    if calibration.get("prevalence"):
+        return float(calibration["prevalence"])
+    block = metrics.get("calibration_set") or metrics.get("oof") or {}
+    if block.get("n") and block.get("positives") is not None:
+        return block["positives"] / block["n"]
+    return None
+
+
+def referrals_per_1000(point: dict | None, prevalence: float | None) -> float | None:
+    """Expected referrals per 1,000 studies: the malignant ones caught plus the benign ones
+    called positive, at ``prevalence``."""
+    if not point or prevalence is None:
+        return None
+    return 1000.0 * (prevalence * point["sensitivity"] + (1 - prevalence) * (1 - point["specificity"]))
+
+
+def roc_curve(manifest: dict) -> list[tuple[float, float]]:
+    """(false-positive rate, sensitivity) points of the stored ROC table, for drawing."""
+    table = sorted(roc_table(manifest), key=lambda r: r["threshold"], reverse=True)
+    return [(0.0, 0.0)] + [(1 - r["specificity"], r["sensitivity"]) for r in table] + [(1.0, 1.0)]
+
+
+class PrevalenceError(ValueError):
+    """An expected prevalence outside (0, 0.5]."""
+
+
+def set_expected_prevalence(session, program, value: float | None, user_id: int | None = None) -> None:
+    """Set (or clear, with None) a program's expected malignant share, audited in the caller's
+    transaction. The displayed probability is re-weighed to it; referral decisions do not change."""
+    from dermascan import audit
+
+    if value is not None and not 0 < value <= 0.5:
+        raise PrevalenceError(f"expected prevalence must lie in (0, 0.5], got {value}")
+    old = program.expected_prevalence
+    program.expected_prevalence = value
+    audit.record(
+        session,
+        "program_prevalence_set",
+        user_id=user_id,
+        object_type="program",
+        object_id=program.id,
+        detail={"program": program.name, "from": old, "to": value},
+    )

@@ -185,9 +185,13 @@ def make_tiny_bundle(ham: Path, out: Path, n: int = 64, image_size: int = 32, ve
     metrics = {
         "note": "test bundle; ROC table on its own training images",
         "roc_table": roc_table(y, scores),
-        "oof": {"n": int(y.size)},
+        "oof": {"n": int(y.size), "positives": int(y.sum())},
     }
-    bundle.save(net, spec, out, version=version, threshold=float(np.median(scores)), metrics=metrics)
+    calibration = {"method": "none", "params": {}, "prevalence": float(y.mean())}
+    bundle.save(
+        net, spec, out, version=version, threshold=float(np.median(scores)), metrics=metrics,
+        extra={"calibration": calibration},
+    )  # fmt: skip
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
@@ -68,6 +69,62 @@ def test_admin_moves_the_threshold_after_seeing_what_it_means(pg_settings, tiny_
         "/admin/model", data={"threshold": "1.5", "confirm": "y", "csrf_token": csrf(client.get("/admin/model").text)}
     )
     assert refused.status_code == 400 and "Number must be between" in refused.text
+
+
+def test_operating_point_page_draws_the_roc_and_expected_referrals_at_a_programs_prevalence(
+    pg_settings, tiny_bundle, app_factory, ham_dir
+):
+    from dermascan import operating_point, reports
+    from dermascan.schema import Program, Study
+    from worker.scoring import ScoreStudies
+
+    settings = pg_settings
+    factory = session_factory(settings.database_url)
+    with factory() as session, session.begin():
+        from dermascan.accounts import create_user
+
+        create_user(session, "chief", PASSWORD, "admin", get_or_create_program(session, "x").id)
+        manifest = bundles.register(session, tiny_bundle).manifest
+    client = app_factory(settings).test_client()
+    login(client, "chief")
+    page = client.get("/admin/model").text
+    assert 'id="roc-curve"' in page and 'id="roc-current"' in page
+    current = at_threshold(manifest, manifest["threshold"])
+    own = manifest["calibration"]["prevalence"]
+    per_1000 = operating_point.referrals_per_1000(current, own)
+    assert f"<td>{per_1000:.0f}</td>" in page
+    # an admin sets program x's expected prevalence to 2 %: audited, shown with its own referral count
+    saved = client.post(
+        "/admin/model/prevalence", data={"program": get_or_create_program_id(settings), "prevalence": "2", "csrf_token": csrf(page)}
+    )  # fmt: skip
+    assert saved.status_code == 302
+    page = client.get("/admin/model").text
+    assert f"<td>{operating_point.referrals_per_1000(current, 0.02):.0f}</td>" in page and "2.00 %" in page
+    bad = client.post(
+        "/admin/model/prevalence",
+        data={"program": get_or_create_program_id(settings), "prevalence": "80", "csrf_token": csrf(page)},
+    )
+    assert bad.status_code == 400
+    # results show the probability re-weighed to it; the referral decision does not move
+    result = submit(settings, get_or_create_program_id(settings), ham_inputs(ham_dir, 3), source="test")
+    ScoreStudies(settings, result.new_study_ids).run()
+    with factory() as session:
+        assert session.scalar(select(Program).where(Program.name == "x")).expected_prevalence == 0.02
+        event = session.scalar(select(AuditEvent).where(AuditEvent.action == "program_prevalence_set"))
+        assert event.detail == {"program": "x", "from": None, "to": 0.02}
+        for study in session.scalars(select(Study)):
+            row = reports.study_result(session, study)
+            shifted = reports.at_prevalence(row["probability"], own, 0.02)
+            assert row["probability_at_program_prevalence"] == pytest.approx(shifted, abs=1e-6)
+            assert row["probability_at_program_prevalence"] <= row["probability"]
+            assert row["referred"] == (row["probability"] >= row["threshold"])
+    # and from the command line
+    runner = CliRunner(env=settings.as_env())
+    assert runner.invoke(main, ["program", "prevalence", "x", "--clear"]).exit_code == 0
+    refused = runner.invoke(main, ["program", "prevalence", "x", "0.7"])
+    assert refused.exit_code != 0 and "(0, 0.5]" in refused.output
+    with factory() as session:
+        assert session.scalar(select(Program).where(Program.name == "x")).expected_prevalence is None
 
 
 def get_or_create_program_id(settings) -> int:

@@ -186,9 +186,7 @@ def test_unusable_images_come_back_not_assessable_and_go_to_the_specialists(
     one = requests.get(f"{server.url}/api/v1/studies/{by_id['gray-card']['study_id']}", headers=headers, timeout=30)
     assert one.json()["assessable"] is False
     csv_rows = read_csv_text(
-        requests.get(
-            f"{server.url}/api/v1/batches/{batch_id}/results?format=csv", headers=headers, timeout=30
-        ).text
+        requests.get(f"{server.url}/api/v1/batches/{batch_id}/results?format=csv", headers=headers, timeout=30).text
     )
     csv_by_id = {r["external_id"]: r for r in csv_rows}
     assert csv_by_id["black-frame"]["assessable"] == "False" and csv_by_id["black-frame"]["probability"] == ""

@@ -8,12 +8,12 @@ from flask_login import current_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select
 from wtforms import BooleanField, DecimalField, PasswordField, SelectField, StringField
-from wtforms.validators import DataRequired, Length, NumberRange
+from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
-from dermascan import audit, bundles
+from dermascan import audit, bundles, operating_point
 from dermascan.accounts import AccountError, create_token, create_user
 from dermascan.operating_point import at_threshold
-from dermascan.schema import ApiToken, AuditEvent, User, utcnow
+from dermascan.schema import ApiToken, AuditEvent, Program, User, utcnow
 from dermascan.screening import get_or_create_program
 from web.helpers import audit_event, db, role_required
 
@@ -34,6 +34,13 @@ class TokenForm(FlaskForm):
 
 class RevokeForm(FlaskForm):
     pass
+
+
+class PrevalenceForm(FlaskForm):
+    program = SelectField("Program", coerce=int)
+    prevalence = DecimalField(
+        "Expected share of malignant lesions (%)", places=2, validators=[Optional(), NumberRange(0.01, 50)]
+    )
 
 
 class ThresholdForm(FlaskForm):
@@ -146,7 +153,59 @@ def model():
             flash(f"Referral threshold set to {value:.4f}. It applies to studies scored from now on.", "info")
             return redirect(url_for("admin.model"))
     status = 400 if request.method == "POST" and form.errors else 200
-    return render_template("admin_model.html", bundle=bundle, form=form, preview=preview, current=current), status
+    return render_template("admin_model.html", **_model_page(bundle, form, preview, current)), status
+
+
+def _model_page(bundle, form, preview, current, prevalence_form=None) -> dict:
+    """The operating-point page's context: the ROC curve with the current (and previewed) point,
+    and the referrals to expect per 1,000 studies at the validation data's prevalence and at
+    each program's expected prevalence."""
+    programs = list(db().scalars(select(Program).order_by(Program.name)))
+    prevalence_form = prevalence_form or PrevalenceForm()
+    prevalence_form.program.choices = [(p.id, p.name) for p in programs]
+    own = operating_point.validation_prevalence(bundle.manifest)
+    expected = [
+        {
+            "name": "validation data" if own is not None else "",
+            "prevalence": own,
+            "per_1000": operating_point.referrals_per_1000(current, own),
+        }
+    ] + [
+        {"name": p.name, "prevalence": p.expected_prevalence, "per_1000": operating_point.referrals_per_1000(current, p.expected_prevalence)}
+        for p in programs
+        if p.expected_prevalence
+    ]  # fmt: skip
+    return {
+        "bundle": bundle,
+        "form": form,
+        "preview": preview,
+        "current": current,
+        "roc": operating_point.roc_curve(bundle.manifest),
+        "expected": [e for e in expected if e["prevalence"] is not None],
+        "prevalence_form": prevalence_form,
+    }
+
+
+@bp.post("/model/prevalence")
+@role_required("admin")
+def program_prevalence():
+    bundle = bundles.active(db())
+    if bundle is None:
+        abort(404)
+    form = PrevalenceForm()
+    form.program.choices = [(p.id, p.name) for p in db().scalars(select(Program))]
+    if not form.validate_on_submit():
+        current = at_threshold(bundle.manifest, bundle.threshold)
+        context = _model_page(
+            bundle, ThresholdForm(data={"threshold": round(bundle.threshold, 4)}), None, current, form
+        )
+        return render_template("admin_model.html", **context), 400
+    value = None if form.prevalence.data is None else float(form.prevalence.data) / 100
+    program = db().get(Program, form.program.data)
+    operating_point.set_expected_prevalence(db(), program, value, current_user.id)
+    db().commit()
+    flash(f"{program.name}: expected prevalence {'cleared' if value is None else f'{value:.2%}'}.", "info")
+    return redirect(url_for("admin.model"))
 
 
 @bp.get("/metrics")
