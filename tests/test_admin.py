@@ -30,16 +30,22 @@ def login(client, username):
     )
 
 
-def test_admin_moves_the_threshold_after_seeing_what_it_means(pg_settings, tiny_bundle, app_factory, ham_dir):
-    settings = pg_settings
-    factory = session_factory(settings.database_url)
-    with factory() as session, session.begin():
-        from dermascan.accounts import create_user
+def admin_with_bundle(settings, tiny_bundle, app_factory):
+    """A logged-in admin's client, with the tiny bundle registered; and the bundle's manifest."""
+    from dermascan.accounts import create_user
 
+    with session_factory(settings.database_url)() as session, session.begin():
         create_user(session, "chief", PASSWORD, "admin", get_or_create_program(session, "x").id)
         manifest = bundles.register(session, tiny_bundle).manifest
     client = app_factory(settings).test_client()
     login(client, "chief")
+    return client, manifest
+
+
+def test_admin_moves_the_threshold_after_seeing_what_it_means(pg_settings, tiny_bundle, app_factory, ham_dir):
+    settings = pg_settings
+    factory = session_factory(settings.database_url)
+    client, manifest = admin_with_bundle(settings, tiny_bundle, app_factory)
     page = client.get("/admin/model").text
     assert "current threshold" in page and "sensitivity" in page
 
@@ -80,13 +86,7 @@ def test_operating_point_page_draws_the_roc_and_expected_referrals_at_a_programs
 
     settings = pg_settings
     factory = session_factory(settings.database_url)
-    with factory() as session, session.begin():
-        from dermascan.accounts import create_user
-
-        create_user(session, "chief", PASSWORD, "admin", get_or_create_program(session, "x").id)
-        manifest = bundles.register(session, tiny_bundle).manifest
-    client = app_factory(settings).test_client()
-    login(client, "chief")
+    client, manifest = admin_with_bundle(settings, tiny_bundle, app_factory)
     page = client.get("/admin/model").text
     assert 'id="roc-curve"' in page and 'id="roc-current"' in page
     current = at_threshold(manifest, manifest["threshold"])
