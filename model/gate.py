@@ -28,6 +28,7 @@ class Gate:
     quality: QualityThresholds
     features: FeatureDistance | None = None
     false_flag_rate: float | None = None
+    report: dict | None = None  # how often it flagged held-out lesions and the negatives, when fitted
 
     def reasons(self, pixels: np.ndarray, sizes: np.ndarray | None, features: np.ndarray | None):
         """Per image: None (assessable) or the reason it is not; and the feature distances."""
@@ -45,6 +46,8 @@ class Gate:
         from model.bundle import file_sha256
 
         block: dict = {"quality": self.quality.to_dict()}
+        if self.report:
+            block["report"] = self.report
         if self.features is not None:
             path = Path(directory) / GATE_FILE
             self.features.save(path)

@@ -132,7 +132,7 @@ def matplotlib_samples(crops: int = 6, seed: int = 0) -> Iterator[tuple[str, np.
             yield f"sample-crop-{name}", np.ascontiguousarray(img[y : y + side, x : x + side])
 
 
-def degraded(images: np.ndarray, seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
+def degraded(images, seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
     """Lesion images made unusable: heavily blurred, nearly black, blown out, drowned in noise."""
     rng = _rng(seed)
     kinds = ("blurred", "dark", "overexposed", "noisy")
@@ -150,7 +150,7 @@ def degraded(images: np.ndarray, seed: int = 0) -> Iterator[tuple[str, np.ndarra
         yield f"degraded-{kind}", out
 
 
-def negatives(lesions: np.ndarray, seed: int = 0, n_synthetic: int = 140, n_charts: int = 24):
+def negatives(lesions, seed: int = 0, n_synthetic: int = 140, n_charts: int = 24):
     """All of the above → (kinds, list of images)."""
     pairs = [
         *synthetic(n_synthetic, seed),

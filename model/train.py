@@ -569,7 +569,8 @@ def fit_gate(network, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConfig, 
     range, and the feature distance fitted on the development images' features with its
     threshold at ``gate_false_flag_rate`` of the calibration set (held-out lesions). Without a
     calibration set the threshold is taken on the development images themselves."""
-    from model import quality
+    from model import gate_data, quality
+    from model.data import resize
     from model.gate import Gate
     from model.ood import FeatureDistance, feature_network
 
@@ -577,20 +578,71 @@ def fit_gate(network, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConfig, 
     pixels = dataset.load_images(cfg.image_size, sizes=sizes)
     thresholds = quality.fit_thresholds(quality.measure(pixels, sizes))
     features_path = work / "features.npy"
+    net = feature_network(network)
     if features_path.exists() and len(np.load(features_path, mmap_mode="r")) == len(pixels):
         features = np.load(features_path)
     else:
-        net = feature_network(network)
-        zeros = np.zeros((1, network.get_layer("meta").output.shape[-1]), np.float32)
-        features = np.concatenate(
-            [
-                np.asarray(net.predict_on_batch({"image": pixels[i : i + 64], "meta": np.repeat(zeros, len(pixels[i : i + 64]), 0)})[1])
-                for i in range(0, len(pixels), 64)
-            ]
-        )  # fmt: skip
+        features = image_features(net, pixels)
         np.save(features_path, features)
     held = fold < 0 if (fold < 0).any() else np.ones(len(pixels), bool)
     distance = FeatureDistance.fit(features[~held] if (~held).any() else features, cfg.gate_components)
     distance.choose_threshold(features[held], cfg.gate_false_flag_rate)
-    log.info("gate: quality %s; feature distance threshold %.3f", thresholds.to_dict(), distance.threshold)
-    return Gate(thresholds, distance, cfg.gate_false_flag_rate)
+    gate = Gate(thresholds, distance, cfg.gate_false_flag_rate)
+    reasons, _ = gate.reasons(pixels[held], sizes[held], features[held])
+    gate.report = {"held_out_lesions": _flag_summary(["lesion"] * len(reasons), reasons)}
+    held_ids = [dataset.ids[i] for i in np.flatnonzero(held)[:160]]
+    originals = [decode_original(b) for b in dataset.read_bytes(held_ids)]
+    kinds, negatives = gate_data.negatives(originals, seed=cfg.seed)
+    neg_pixels = np.stack([resize(img, cfg.image_size) for img in negatives])
+    neg_sizes = np.array([[img.shape[1], img.shape[0]] for img in negatives], np.float32)
+    neg_reasons, _ = gate.reasons(neg_pixels, neg_sizes, image_features(net, neg_pixels))
+    gate.report["negatives"] = _flag_summary(kinds, neg_reasons)
+    log.info(
+        "gate: quality %s; feature distance threshold %.3f; flags %.2f%% of held-out lesions, %.1f%% of %d negatives",
+        thresholds.to_dict(), distance.threshold, 100 * gate.report["held_out_lesions"]["flagged_share"],
+        100 * gate.report["negatives"]["flagged_share"], len(negatives),
+    )  # fmt: skip
+    return gate
+
+
+def image_features(net, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The image-branch features of a feature network (see ``model.ood.feature_network``);
+    the metadata input does not reach them, so it is left at zero."""
+    meta_dim = net.get_layer("meta").output.shape[-1]
+    out = []
+    for i in range(0, len(pixels), batch):
+        x = pixels[i : i + batch]
+        out.append(np.asarray(net.predict_on_batch({"image": x, "meta": np.zeros((len(x), meta_dim), np.float32)})[1]))
+    return np.concatenate(out)
+
+
+def decode_original(data: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _flag_summary(kinds: list[str], reasons: list) -> dict:
+    """Share flagged overall and per kind (the kind's first word), with the reasons given."""
+    per_kind: dict[str, list[int]] = {}
+    by_reason: dict[str, int] = {}
+    for kind, reason in zip(kinds, reasons, strict=True):
+        key = kind.split("-")[0] if not kind.startswith("sample") else "sample"
+        if kind.startswith("degraded"):
+            key = kind
+        per_kind.setdefault(key, [0, 0])
+        per_kind[key][0] += reason is not None
+        per_kind[key][1] += 1
+        if reason is not None:
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+    flagged = sum(v[0] for v in per_kind.values())
+    return {
+        "n": len(reasons),
+        "flagged": flagged,
+        "flagged_share": flagged / max(len(reasons), 1),
+        "per_kind": {k: {"flagged": v[0], "n": v[1]} for k, v in sorted(per_kind.items())},
+        "reasons": by_reason,
+    }
