@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from sqlalchemy.orm import Session
 
-from dermascan.schema import AuditEvent, utcnow
+from dermascan.schema import AuditEvent, iso_utc, utcnow
 
 
 def record(
@@ -49,7 +49,7 @@ def to_csv(events: Iterable[AuditEvent]) -> str:
         writer.writerow(
             [
                 e.id,
-                e.at.isoformat() if e.at else "",
+                iso_utc(e.at) or "",
                 e.action,
                 e.user.username if e.user else "",
                 e.token_id or "",

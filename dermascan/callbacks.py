@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from dermascan.config import Settings
 from dermascan.db import session_factory
 from dermascan.reports import referral_counts
-from dermascan.schema import Batch, Study
+from dermascan.schema import Batch, Study, iso_utc
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-DermaScan-Signature"
@@ -53,7 +53,7 @@ def batch_summary(session, batch: Batch) -> dict:
     return {
         "event": "batch.completed",
         "batch_id": batch.id,
-        "completed_at": batch.completed_at.isoformat() if batch.completed_at else None,
+        "completed_at": iso_utc(batch.completed_at),
         "counts": {str(k.value if hasattr(k, "value") else k): v for k, v in counts.items()},
         **referral_counts(session, batch.id),
     }

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dermascan import referral_policy
-from dermascan.schema import Batch, ModelBundle, Prediction, Program, Referral, Study, StudyStatus
+from dermascan.schema import Batch, ModelBundle, Prediction, Program, Referral, Study, StudyStatus, iso_utc
 
 RESULT_COLUMNS = [
     "study_id",
@@ -69,8 +69,8 @@ def batch_summary(session: Session, batch: Batch) -> dict:
         "batch_id": batch.id,
         "label": batch.label,
         "source": batch.source,
-        "created_at": batch.created_at.isoformat() if batch.created_at else None,
-        "completed_at": batch.completed_at.isoformat() if batch.completed_at else None,
+        "created_at": iso_utc(batch.created_at),
+        "completed_at": iso_utc(batch.completed_at),
         "state": "complete"
         if counts["total"] and finished == counts["total"]
         else ("empty" if not counts["total"] else "running"),
@@ -175,8 +175,8 @@ def study_row(
         "sex": meta.get("sex"),
         "anatom_site_general": meta.get("anatom_site_general"),
         "sop_instance_uid": study.sop_instance_uid,
-        "created_at": study.created_at.isoformat() if study.created_at else None,
-        "finished_at": study.finished_at.isoformat() if study.finished_at else None,
+        "created_at": iso_utc(study.created_at),
+        "finished_at": iso_utc(study.finished_at),
     }
 
 

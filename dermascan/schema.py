@@ -40,6 +40,16 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def iso_utc(value: dt.datetime | None) -> str | None:
+    """ISO 8601 with an explicit UTC offset. SQLite hands back naive datetimes: DermaScan only
+    ever stores UTC, so a naive one is UTC."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC).isoformat()
+
+
 def new_uuid() -> str:
     return str(uuid.uuid4())
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import math
 from functools import wraps
 from urllib.parse import urlparse
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dermascan import audit, reports, screening
 from dermascan.accounts import token_for
@@ -162,6 +163,69 @@ def create_batch():
     reply["replayed"] = result.replayed
     reply["status_url"] = url_for("api.get_batch", batch_id=result.batch_id, _external=False)
     return jsonify(reply), (200 if result.replayed else 201)
+
+
+MAX_BATCHES_PER_PAGE = 100
+
+
+def _query_time(name: str) -> dt.datetime | None:
+    """An ISO 8601 date or date-time query argument (UTC when it has no offset)."""
+    value = request.args.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise IngestError(
+            f"{name} must be an ISO 8601 date or date-time, e.g. 2026-11-28 or 2026-11-28T22:00:00Z"
+        ) from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
+
+
+@bp.get("/batches")
+@token_required
+def list_batches():
+    """The program's batches, newest first: a nightly program finds last night's run after a
+    restart on its side (filter by label and creation time)."""
+    try:
+        page = int(request.args.get("page", 1))
+        per_page = int(request.args.get("per_page", 50))
+    except ValueError:
+        return error(400, "page and per_page must be integers")
+    if page < 1 or not 1 <= per_page <= MAX_BATCHES_PER_PAGE:
+        return error(400, f"page must be ≥ 1 and per_page 1–{MAX_BATCHES_PER_PAGE}")
+    try:
+        after, before = _query_time("created_after"), _query_time("created_before")
+    except IngestError as exc:
+        return error(400, str(exc))
+    query = select(Batch).where(Batch.program_id == g.program_id)
+    if request.args.get("label"):
+        query = query.where(Batch.label == request.args["label"])
+    if after is not None:
+        query = query.where(Batch.created_at >= after)
+    if before is not None:
+        query = query.where(Batch.created_at < before)
+    total = db().scalar(select(func.count()).select_from(query.subquery()))
+    batches = db().scalars(
+        query.order_by(Batch.created_at.desc(), Batch.id.desc()).offset((page - 1) * per_page).limit(per_page)
+    )
+    pages = max(1, math.ceil(total / per_page))
+    response = jsonify(
+        {
+            "page": page,
+            "per_page": per_page,
+            "pages": pages,
+            "total": total,
+            "batches": [reports.batch_summary(db(), b) for b in batches],
+        }
+    )
+    response.headers["X-Total-Count"] = str(total)
+    if page < pages:
+        args = {k: v for k, v in request.args.items() if k not in ("page", "per_page")}
+        response.headers["Link"] = (
+            f'<{url_for("api.list_batches", **args, page=page + 1, per_page=per_page)}>; rel="next"'
+        )
+    return response
 
 
 @bp.get("/batches/<batch_id>")

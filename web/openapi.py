@@ -40,8 +40,8 @@ RESULT = {
         "sex": {"type": "string", "nullable": True},
         "anatom_site_general": {"type": "string", "nullable": True},
         "sop_instance_uid": {"type": "string", "nullable": True},
-        "created_at": {"type": "string", "nullable": True},
-        "finished_at": {"type": "string", "nullable": True},
+        "created_at": {"type": "string", "format": "date-time", "nullable": True},
+        "finished_at": {"type": "string", "format": "date-time", "nullable": True},
     },
     "required": ["study_id", "status"],
 }
@@ -85,8 +85,8 @@ BATCH = {
         "batch_id": {"type": "string"},
         "label": {"type": "string", "nullable": True},
         "source": {"type": "string"},
-        "created_at": {"type": "string", "nullable": True},
-        "completed_at": {"type": "string", "nullable": True},
+        "created_at": {"type": "string", "format": "date-time", "nullable": True},
+        "completed_at": {"type": "string", "format": "date-time", "nullable": True},
         "state": {"type": "string", "enum": ["running", "complete", "empty"]},
         "counts": COUNTS,
         "rejected_records": {"type": "integer"},
@@ -138,6 +138,47 @@ def document() -> dict:
         "security": [{"bearer": []}],
         "paths": {
             "/api/v1/batches": {
+                "get": {
+                    "operationId": "listBatches",
+                    "summary": "The program's batches, newest first (filter by label and creation time; paginated)",
+                    "parameters": [
+                        {"name": "label", "in": "query", "schema": {"type": "string", "maxLength": 200}},
+                        {
+                            "name": "created_after",
+                            "in": "query",
+                            "description": "ISO 8601 date-time (a date alone, or no offset, is read as UTC)",
+                            "schema": {"type": "string", "format": "date-time"},
+                        },
+                        {"name": "created_before", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+                        {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                        {
+                            "name": "per_page",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "One page of batches",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "page": {"type": "integer"},
+                                            "per_page": {"type": "integer"},
+                                            "pages": {"type": "integer"},
+                                            "total": {"type": "integer"},
+                                            "batches": {"type": "array", "items": BATCH},
+                                        },
+                                        "required": ["batches", "page", "pages", "total"],
+                                    }
+                                }
+                            },
+                        },
+                        **_errors(400, 401),
+                    },
+                },
                 "post": {
                     "operationId": "createBatch",
                     "summary": "Submit a batch (ZIP + manifest CSV, or JSON records with base64 images)",
@@ -188,7 +229,7 @@ def document() -> dict:
                         },
                         **_errors(400, 401, 413, 415),
                     },
-                }
+                },
             },
             "/api/v1/batches/{batch_id}": {
                 "get": {
