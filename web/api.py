@@ -12,7 +12,7 @@ from functools import wraps
 from urllib.parse import urlparse
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
-from sqlalchemy import func, select
+from sqlalchemy import false, func, select
 
 from dermascan import audit, reports, screening
 from dermascan.accounts import token_for
@@ -166,6 +166,18 @@ def create_batch():
 
 
 MAX_BATCHES_PER_PAGE = 100
+MAX_PAGE = 1_000_000
+
+
+def _pagination(default: int, most: int) -> tuple[int, int]:
+    """``page`` and ``per_page`` from the query (IngestError, a 400, when they are not valid)."""
+    try:
+        page, per_page = int(request.args.get("page", 1)), int(request.args.get("per_page", default))
+    except ValueError:
+        raise IngestError("page and per_page must be integers") from None
+    if not 1 <= page <= MAX_PAGE or not 1 <= per_page <= most:
+        raise IngestError(f"page must be 1–{MAX_PAGE} and per_page 1–{most}")
+    return page, per_page
 
 
 def _query_time(name: str) -> dt.datetime | None:
@@ -188,19 +200,14 @@ def list_batches():
     """The program's batches, newest first: a nightly program finds last night's run after a
     restart on its side (filter by label and creation time)."""
     try:
-        page = int(request.args.get("page", 1))
-        per_page = int(request.args.get("per_page", 50))
-    except ValueError:
-        return error(400, "page and per_page must be integers")
-    if page < 1 or not 1 <= per_page <= MAX_BATCHES_PER_PAGE:
-        return error(400, f"page must be ≥ 1 and per_page 1–{MAX_BATCHES_PER_PAGE}")
-    try:
+        page, per_page = _pagination(50, MAX_BATCHES_PER_PAGE)
         after, before = _query_time("created_after"), _query_time("created_before")
     except IngestError as exc:
         return error(400, str(exc))
     query = select(Batch).where(Batch.program_id == g.program_id)
-    if request.args.get("label"):
-        query = query.where(Batch.label == request.args["label"])
+    label = request.args.get("label")
+    if label:  # no stored label holds a NUL (PostgreSQL refuses one as a parameter)
+        query = query.where(Batch.label == label if "\x00" not in label else false())
     if after is not None:
         query = query.where(Batch.created_at >= after)
     if before is not None:
@@ -247,12 +254,9 @@ def batch_results(batch_id):
     if fmt not in ("csv", "json"):
         return error(400, "format must be csv or json")
     try:
-        page = int(request.args.get("page", 1))
-        per_page = int(request.args.get("per_page", 500))
-    except ValueError:
-        return error(400, "page and per_page must be integers")
-    if page < 1 or not 1 <= per_page <= MAX_PER_PAGE:
-        return error(400, f"page must be ≥ 1 and per_page 1–{MAX_PER_PAGE}")
+        page, per_page = _pagination(500, MAX_PER_PAGE)
+    except IngestError as exc:
+        return error(400, str(exc))
     total = reports.status_counts(db(), batch.id)["total"]
     rows = reports.result_rows(db(), batch.id, offset=(page - 1) * per_page, limit=per_page)
     pages = max(1, math.ceil(total / per_page))

@@ -109,6 +109,22 @@ JSON_RECORD = {
 }
 
 
+def _page_of(key: str, items: dict, **extra: dict) -> dict:
+    """A paginated reply: ``key`` holds one page of ``items``."""
+    return {
+        "type": "object",
+        "properties": {
+            **extra,
+            "page": {"type": "integer"},
+            "per_page": {"type": "integer"},
+            "pages": {"type": "integer"},
+            "total": {"type": "integer"},
+            key: {"type": "array", "items": items},
+        },
+        "required": [key, "page", "pages", "total"],
+    }
+
+
 def _errors(*codes: int) -> dict:
     text = {
         400: "Bad request",
@@ -150,7 +166,11 @@ def document() -> dict:
                             "schema": {"type": "string", "format": "date-time"},
                         },
                         {"name": "created_before", "in": "query", "schema": {"type": "string", "format": "date-time"}},
-                        {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                        {
+                            "name": "page",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000000},
+                        },
                         {
                             "name": "per_page",
                             "in": "query",
@@ -160,21 +180,7 @@ def document() -> dict:
                     "responses": {
                         "200": {
                             "description": "One page of batches",
-                            "content": {
-                                "application/json": {
-                                    "schema": {
-                                        "type": "object",
-                                        "properties": {
-                                            "page": {"type": "integer"},
-                                            "per_page": {"type": "integer"},
-                                            "pages": {"type": "integer"},
-                                            "total": {"type": "integer"},
-                                            "batches": {"type": "array", "items": BATCH},
-                                        },
-                                        "required": ["batches", "page", "pages", "total"],
-                                    }
-                                }
-                            },
+                            "content": {"application/json": {"schema": _page_of("batches", BATCH)}},
                         },
                         **_errors(400, 401),
                     },
@@ -247,7 +253,11 @@ def document() -> dict:
                     "parameters": [
                         batch_id,
                         {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}},
-                        {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                        {
+                            "name": "page",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000000},
+                        },
                         {
                             "name": "per_page",
                             "in": "query",
@@ -259,18 +269,7 @@ def document() -> dict:
                             "description": "One page of results",
                             "content": {
                                 "application/json": {
-                                    "schema": {
-                                        "type": "object",
-                                        "properties": {
-                                            "batch_id": {"type": "string"},
-                                            "page": {"type": "integer"},
-                                            "per_page": {"type": "integer"},
-                                            "pages": {"type": "integer"},
-                                            "total": {"type": "integer"},
-                                            "results": {"type": "array", "items": RESULT},
-                                        },
-                                        "required": ["results", "page", "pages", "total"],
-                                    }
+                                    "schema": _page_of("results", RESULT, batch_id={"type": "string"})
                                 },
                                 "text/csv": {"schema": {"type": "string"}},
                             },
