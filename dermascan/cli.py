@@ -518,12 +518,21 @@ def demo(ctx, once, port, timeout):
         bundles.register(session, settings.model_bundle)
         program_id = program.id
 
-    env = {**os.environ, **settings.as_env()}
+    metrics_port = _free_port()
+    env = {
+        **os.environ,
+        **settings.as_env(),
+        "DERMASCAN_METRICS_PORT": str(metrics_port),
+        "DERMASCAN_WORKER_METRICS_URLS": f"http://127.0.0.1:{metrics_port}/metrics",
+    }
     worker_proc = subprocess.Popen(worker_command(settings, "interactive,bulk,maintenance", 1, True, "prefork"), env=env,
                                    stdout=open(settings.data_dir / "worker.log", "ab"), stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
-    click.echo(f"worker started (pid {worker_proc.pid}, log {settings.data_dir / 'worker.log'})")
+    click.echo(f"worker started (pid {worker_proc.pid}, log {settings.data_dir / 'worker.log'}, "
+               f"metrics http://127.0.0.1:{metrics_port}/metrics)")  # fmt: skip
     web_proc = None
+    # SIGTERM (kill, timeout, a supervisor) stops everything the demo started, as Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         inputs, rejected = manifest.from_folder(EXAMPLES)
         diagnosis = {i.external_id: i.metadata.get("diagnosis", "") for i in inputs}
@@ -562,6 +571,7 @@ def demo(ctx, once, port, timeout):
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for proc in (web_proc, worker_proc):
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -571,6 +581,18 @@ def demo(ctx, once, port, timeout):
                     proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

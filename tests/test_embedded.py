@@ -69,3 +69,65 @@ def test_demo_once_prints_scores_for_the_examples(tmp_path):
     assert len(scored) == len(ids) == 8
     assert all(row[2] == "done" and 0 <= float(row[3]) <= 1 and row[4] in ("YES", "no") for row in scored)
     assert "referral threshold" in done.stdout
+
+
+def processes_with(variable: str) -> set[int]:
+    """Live processes whose environment holds ``variable`` (NAME=value)."""
+    found = set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if variable.encode() in environ.read_bytes().split(b"\0"):
+                found.add(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_demo_serves_metrics_and_stops_everything_on_sigterm(tmp_path):
+    """`dermascan demo` as a newcomer runs it: the portal's metrics page reads the demo's worker;
+    a SIGTERM (kill, timeout, a supervisor) stops the portal and the worker as Ctrl-C does."""
+    import re
+    import signal
+    import socket
+
+    import requests
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DERMASCAN_")}
+    env["DERMASCAN_DATA_DIR"] = str(tmp_path / "var")
+    marker = f"DERMASCAN_DATA_DIR={tmp_path / 'var'}"
+    log = tmp_path / "demo.log"
+    with log.open("w") as out:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "dermascan.cli", "demo", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, text=True,
+        )  # fmt: skip
+    try:
+        text = wait_for(lambda: "login:  admin / " in log.read_text() and log.read_text(), 900, interval=1,
+                        message="the demo's portal")  # fmt: skip
+        password = re.search(r"login:  admin / (\S+)", text).group(1)
+        base, session = f"http://127.0.0.1:{port}", requests.Session()
+
+        def login_page():
+            try:
+                return session.get(f"{base}/login", timeout=5).text
+            except requests.ConnectionError:
+                return None
+
+        csrf = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', wait_for(login_page, 60)).group(1)
+        session.post(f"{base}/login", data={"username": "admin", "password": password, "csrf_token": csrf}, timeout=30)
+        html = session.get(f"{base}/admin/metrics", timeout=30).text
+        assert "No worker metrics URL" not in html and "dermascan_studies_scored_total" in html
+        assert 'id="depth-bulk">0<' in html
+        started = processes_with(marker) - {demo.pid}
+        assert len(started) >= 2  # the portal and the worker (and their children)
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=60) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    wait_for(lambda: not processes_with(marker), 30, message="every process the demo started to stop")
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0  # nothing serves the portal's port any more

@@ -48,3 +48,8 @@ def test_worker_metrics_and_admin_page(pg_settings, start_worker, ham_dir, app_f
     client.post("/login", data={"username": "ops", "password": "correct-horse-battery", "csrf_token": token})
     html = client.get("/admin/metrics").text
     assert "dermascan_studies_scored_total" in html and "outcome=done" in html
+    # the headline before the raw table: queue depths, oldest queued, scored per minute, failures
+    assert 'id="depth-bulk">0<' in html and 'id="depth-interactive">0<' in html
+    assert 'id="oldest-queued">–<' in html
+    assert 'id="scored-per-minute">2.0<' in html  # 10 studies in the last 5 minutes
+    assert 'id="failed-last-hour">0<' in html
