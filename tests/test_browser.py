@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import requests
@@ -23,12 +25,33 @@ from dermascan.accounts import create_user
 from dermascan.db import session_factory
 from dermascan.schema import Prediction, Referral
 from dermascan.screening import get_or_create_program
-from tests.conftest import wait_for
+from tests.conftest import ROOT, wait_for
 from tests.ham_files import ham_zip
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+AXE = Path(os.environ.get("DERMASCAN_AXE_JS", ROOT / ".ci" / "node" / "node_modules" / "axe-core" / "axe.min.js"))
+WCAG_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]
+
+
+def accessibility_violations(driver) -> list[dict]:
+    """axe-core's WCAG 2.1 A/AA violations on the current page: rule, impact and the first
+    elements it found (axe-core comes from the npm registry: .ci/run installs it)."""
+    assert AXE.is_file(), f"{AXE} is missing: npm install --prefix .ci/node axe-core@4 (as .ci/run does)"
+    driver.execute_script(AXE.read_text())
+    driver.set_script_timeout(60)
+    return driver.execute_async_script(
+        """const done = arguments[arguments.length - 1];
+        axe.run(document, {runOnly: {type: "tag", values: arguments[0]}}).then(function (r) {
+          done(r.violations.map(function (v) {
+            return {id: v.id, impact: v.impact, nodes: v.nodes.slice(0, 5).map(function (n) { return n.target.join(" "); })};
+          }));
+        });""",
+        WCAG_TAGS,
+    )
 
 
 @pytest.fixture
@@ -51,8 +74,11 @@ class Steps:
         folder.mkdir(parents=True, exist_ok=True)
 
     def shot(self, name):
+        """A screenshot of the page, and its accessibility check (axe-core, WCAG 2.1 A and AA)."""
         self.n += 1
         self.d.save_screenshot(str(self.folder / f"{self.n:02d}-{name}.png"))
+        violations = accessibility_violations(self.d)
+        assert not violations, f"{name} ({self.d.current_url}): {violations}"
 
     def go(self, path):
         self.d.get(self.base + path)
@@ -160,6 +186,12 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
     s.login("root-admin", "admin-password-1")
     s.go("/admin/audit")
     s.shot("audit")
+    s.go("/admin/model")  # the operating point: ROC curve with the current point
+    s.wait(By.ID, "roc-current")
+    s.shot("operating-point")
+    s.go("/admin/metrics")
+    s.wait(By.ID, "headline")
+    s.shot("metrics")
     cookies = {c["name"]: c["value"] for c in browser.get_cookies()}
     export = requests.get(server.url + "/admin/audit.csv", cookies=cookies, timeout=30)
     assert export.status_code == 200
