@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
@@ -145,12 +146,23 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
     bars = browser.find_elements(By.CSS_SELECTOR, "#probability-histogram rect")
     assert len(bars) == 20 and "threshold" in browser.find_element(By.ID, "probability-histogram").text
     s.shot("batch-complete")
+    # a single upload of an unusable image (a gray card) says so at once: not assessable, retake
+    gray = tmp_path / "gray-card.png"
+    Image.new("RGB", (400, 300), (128, 128, 128)).save(gray)
+    s.go("/upload")
+    s.wait(By.NAME, "image").send_keys(str(gray))
+    browser.find_element(By.ID, "single-submit").click()
+    verdict = s.wait(By.ID, "not-assessable", 60)
+    assert (
+        "Not assessable: no contrast" in verdict.text and "retake" in browser.find_element(By.ID, "single-result").text
+    )
+    s.shot("single-not-assessable")
     s.logout()
 
     # heat maps are made after scoring, for the referred studies
     def heatmaps_ready():
         with session_factory(settings.database_url)() as session:
-            referred = list(session.scalars(select(Referral.study_id)))
+            referred = list(session.scalars(select(Referral.study_id).where(Referral.category == "high_risk")))
             made = list(session.scalars(select(Prediction.study_id).where(Prediction.heatmap_sha256.is_not(None))))
             return referred and set(referred) <= set(made)
 

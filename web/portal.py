@@ -109,7 +109,7 @@ def _wants_json() -> bool:
     )
 
 
-def _finish_upload(result, status=201):
+def _finish_upload(result, status=201, single: bool = False):
     audit_event(
         "upload",
         object_type="batch",
@@ -123,7 +123,8 @@ def _finish_upload(result, status=201):
         return jsonify(report), status
     if result.accepted:
         flash(f"{len(result.accepted)} accepted, {len(result.rejected)} rejected.", "info")
-    return render_template("upload_report.html", report=report), status
+    study_id = result.accepted[0].study_id if single and len(result.accepted) == 1 else None
+    return render_template("upload_report.html", report=report, study_id=study_id), status
 
 
 @bp.route("/upload/single", methods=["POST"])
@@ -149,7 +150,7 @@ def upload_single():
         settings(), _program_id(), [item], source="portal", interactive=True, label=f"single: {item.external_id}",
         user_id=current_user.id,
     )  # fmt: skip
-    return _finish_upload(result, 201 if result.accepted else 422)
+    return _finish_upload(result, 201 if result.accepted else 422, single=True)
 
 
 @bp.route("/upload/bulk", methods=["POST"])
@@ -251,6 +252,13 @@ def study_image(study_id):
     except BlobError:
         abort(404)
     return _image_response(data, min(thumb, 512) if thumb else None, f"image/{study.image_format}")
+
+
+@bp.route("/studies/<int:study_id>/result")
+@role_required(*VIEW_ROLES)
+def study_result(study_id):
+    """One study's result (polled by the single upload's page until it is scored)."""
+    return jsonify(reports.study_result(db(), get_study(study_id)))
 
 
 @bp.route("/studies/<int:study_id>/heatmap")
