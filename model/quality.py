@@ -94,20 +94,25 @@ def measure(pixels: np.ndarray, sizes: np.ndarray | None = None) -> dict[str, np
 
 @dataclass(frozen=True)
 class QualityThresholds:
+    """The defaults hold for any bundle made before the gate existed: only the checks that do not
+    depend on the input resolution (exposure, contrast, colour, size), set just outside what
+    HAM10000 dermoscopy covers at 128 px. Blur and noise need thresholds fitted at the bundle's
+    own size (:func:`fit_thresholds`); by default they are off."""
+
     min_side: float = 64.0
     max_aspect: float = 3.0
-    min_brightness: float = 30.0
-    max_brightness: float = 235.0
+    min_brightness: float = 40.0
+    max_brightness: float = 240.0
     max_dark_fraction: float = 0.6
-    max_bright_fraction: float = 0.5
-    min_contrast: float = 6.0
-    min_sharpness: float = 0.5
-    min_detail: float = 0.03
-    max_noise: float = 3.0
-    min_colourfulness: float = 3.0
+    max_bright_fraction: float = 0.55
+    min_contrast: float = 3.0
+    min_sharpness: float = 0.0
+    min_detail: float = 0.0
+    max_noise: float = float("inf")
+    min_colourfulness: float = 4.0
 
     def to_dict(self) -> dict:
-        return {k: round(float(v), 4) for k, v in asdict(self).items()}
+        return {k: round(float(v), 4) for k, v in asdict(self).items() if np.isfinite(v)}
 
     @classmethod
     def from_dict(cls, data: dict | None) -> QualityThresholds:

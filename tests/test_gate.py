@@ -63,6 +63,22 @@ def test_quality_thresholds_pass_real_dermoscopy_and_catch_unusable_frames(ham_p
     assert again.failures(quality.measure(pixels[held], sizes[held])).count(None) == 200
 
 
+def test_default_thresholds_of_bundles_without_a_gate(ham_pixels):
+    """Old bundles: the resolution-free checks only; real dermoscopy passes at any input size."""
+    pixels, sizes = ham_pixels
+    defaults = quality.QualityThresholds()
+    for size in (32, 128):
+        small = np.stack([resize(p, size) for p in pixels])
+        assert defaults.failures(quality.measure(small, sizes)).count(None) == len(pixels)
+    frames = np.stack([np.full((128, 128, 3), v, np.uint8) for v in (0, 128, 255)])
+    assert defaults.failures(quality.measure(frames)) == [
+        "too dark",
+        "no contrast (blank or uniform image)",
+        "overexposed",
+    ]
+    assert quality.QualityThresholds.from_dict(defaults.to_dict()) == defaults  # infinite limits survive JSON
+
+
 def test_degraded_lesions_fail_the_quality_checks(ham_pixels, ham_dir):
     pixels, sizes = ham_pixels
     thresholds = quality.fit_thresholds(quality.measure(pixels, sizes))
