@@ -225,6 +225,8 @@ def _table(rows: list[dict], extra: dict | None = None) -> str:
             line += "  " + "  ".join(str(f(row)) for f in extra.values())
         if row.get("error"):
             line += f"  ({row['error']})"
+        if row.get("assessable") is False:
+            line += f"  (not assessable: {row['not_assessable_reason']} — retake)"
         lines.append(line)
     return "\n".join(lines)
 
