@@ -212,3 +212,22 @@ def test_unusable_images_come_back_not_assessable_and_go_to_the_specialists(
     for bad in ("gray-card", "black-frame"):
         referral = queued[by_id[bad]["study_id"]]
         assert referral.category == "not_assessable" and referral.status.value == "open"
+    # a specialist sees them in the queue in their own category, and the case page says why
+    import re
+
+    from dermascan.accounts import create_user
+    from dermascan.screening import get_or_create_program
+
+    with session_factory(pg_settings.database_url)() as session, session.begin():
+        create_user(session, "dr-check", "long-enough-pass", "specialist", get_or_create_program(session, "s").id)
+    browser = requests.Session()
+    token = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', browser.get(f"{server.url}/login").text)
+    browser.post(
+        f"{server.url}/login",
+        data={"username": "dr-check", "password": "long-enough-pass", "csrf_token": token.group(1)},
+        timeout=30,
+    )
+    queue = browser.get(f"{server.url}/referrals/", timeout=30).text
+    assert 'id="waiting-not-assessable">2<' in queue and "not assessable — check the image" in queue
+    case = browser.get(f"{server.url}/referrals/{queued[by_id['black-frame']['study_id']].id}", timeout=30).text
+    assert 'id="not-assessable-reason">too dark<' in case and 'id="probability"' not in case
