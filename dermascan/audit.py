@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from sqlalchemy.orm import Session
 
+from dermascan import csv_cells
 from dermascan.schema import AuditEvent, iso_utc, utcnow
 
 
@@ -28,7 +29,7 @@ def record(
         user_id=user_id,
         token_id=token_id,
         object_type=object_type,
-        object_id=None if object_id is None else str(object_id),
+        object_id=None if object_id is None else str(object_id)[:64],  # the column's width
         detail=detail,
         ip=ip,
     )
@@ -48,15 +49,18 @@ def to_csv(events: Iterable[AuditEvent]) -> str:
     for e in events:
         writer.writerow(
             [
-                e.id,
-                iso_utc(e.at) or "",
-                e.action,
-                e.user.username if e.user else "",
-                e.token_id or "",
-                e.object_type or "",
-                e.object_id or "",
-                json.dumps(e.detail, sort_keys=True) if e.detail else "",
-                e.ip or "",
+                csv_cells.safe(cell)
+                for cell in (
+                    e.id,
+                    iso_utc(e.at) or "",
+                    e.action,
+                    e.user.username if e.user else "",
+                    e.token_id or "",
+                    e.object_type or "",
+                    e.object_id or "",
+                    json.dumps(e.detail, sort_keys=True) if e.detail else "",
+                    e.ip or "",
+                )
             ]
         )
     return buffer.getvalue()

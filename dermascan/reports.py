@@ -9,7 +9,7 @@ import json
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dermascan import referral_policy
+from dermascan import csv_cells, referral_policy
 from dermascan.schema import Batch, ModelBundle, Prediction, Program, Referral, Study, StudyStatus, iso_utc
 
 RESULT_COLUMNS = [
@@ -185,7 +185,7 @@ def to_csv(rows: list[dict]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        writer.writerow({k: csv_cells.safe(v) for k, v in row.items()})
     return buffer.getvalue()
 
 
