@@ -44,3 +44,53 @@ def test_csv_exports_neutralise_formulas(pg_settings, app_factory, ham_dir):
     assert [e["object_id"] for e in failed] == ["'" + FORMULAS[-1]]
     for event in audit:
         assert not any(str(cell).startswith(("=", "+", "-", "@", "\t", "\r")) for cell in event.values())
+
+
+def _study_with_exif(settings, ham_dir) -> int:
+    """A study whose uploaded JPEG carries EXIF (camera make and a GPS position)."""
+    from PIL import Image
+
+    from dermascan.ingest import manifest
+    from dermascan.screening import submit
+
+    inputs, _ = manifest.from_isic_layout(ham_dir, limit=1)
+    image = Image.open(io.BytesIO(inputs[0].image))
+    exif = Image.Exif()
+    exif[0x010F] = "PatientCam"  # Make
+    exif[0x8825] = {1: "N", 2: (48.0, 12.0, 30.0)}  # GPS
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    assert b"PatientCam" in buffer.getvalue()
+    inputs[0].image = buffer.getvalue()
+    with session_factory(settings.database_url)() as session, session.begin():
+        program_id = get_or_create_program(session, "headers").id
+        create_user(session, "viewer", PASSWORD, "admin", program_id)
+    return submit(settings, program_id, inputs[:1], source="test").accepted[0].study_id
+
+
+def test_headers_no_caching_of_patient_data_exif_stripped_and_thumb_checked(pg_settings, app_factory, ham_dir):
+    study_id = _study_with_exif(pg_settings, ham_dir)
+    client = app_factory(pg_settings).test_client()
+    login_page = client.get("/login")
+    for name, value in (
+        ("X-Frame-Options", "DENY"),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Referrer-Policy", "no-referrer"),
+    ):
+        assert login_page.headers[name] == value
+    csp = login_page.headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
+    client.post("/login", data={"username": "viewer", "password": PASSWORD, "csrf_token": csrf(login_page.text)})
+    image = client.get(f"/studies/{study_id}/image")
+    assert image.status_code == 200 and image.headers["Cache-Control"] == "no-store"
+    assert b"PatientCam" not in image.data and b"Exif" not in image.data[:200]
+    thumb = client.get(f"/studies/{study_id}/image?thumb=64")
+    assert thumb.status_code == 200 and thumb.headers["Cache-Control"] == "no-store"
+    from PIL import Image
+
+    assert max(Image.open(io.BytesIO(thumb.data)).size) <= 64
+    for bad in ("-5", "0", "abc", "100000", "1e3"):
+        assert client.get(f"/studies/{study_id}/image?thumb={bad}").status_code == 400, bad
+    for path in ("/batches", "/admin/audit.csv", f"/studies/{study_id}/result"):
+        assert client.get(path).headers["Cache-Control"] == "no-store", path
+    assert "no-store" not in client.get("/static/style.css").headers.get("Cache-Control", "")

@@ -12,6 +12,11 @@ from werkzeug.exceptions import HTTPException
 from dermascan.config import Settings
 from dermascan.db import session_factory
 
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
+)
+
 
 def create_app(settings: Settings | None = None, test_config: dict | None = None) -> Flask:
     settings = settings or Settings.from_env()
@@ -39,6 +44,20 @@ def create_app(settings: Settings | None = None, test_config: dict | None = None
             if exc is not None:
                 session.rollback()
             session.close()
+
+    @app.after_request
+    def _security_headers(response):
+        """Headers every reply carries: no framing, no MIME sniffing, no referrer leaving the
+        site, scripts and styles from this origin only; and no caching of anything that holds
+        patient data (images, heat maps, exports, results) — only the static files may be kept."""
+        headers = response.headers
+        headers.setdefault("Content-Security-Policy", CSP)
+        headers.setdefault("X-Frame-Options", "DENY")
+        headers.setdefault("X-Content-Type-Options", "nosniff")
+        headers.setdefault("Referrer-Policy", "no-referrer")
+        if request.endpoint != "static":
+            headers["Cache-Control"] = "no-store"
+        return response
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

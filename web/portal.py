@@ -229,29 +229,41 @@ def batch_results(batch_id, fmt):
     abort(404)
 
 
+MAX_SERVED_SIDE = 2048
+
+
 def _image_response(data: bytes, thumb: int | None, mimetype: str = "image/jpeg"):
-    if thumb:
-        with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("RGB")
-            image.thumbnail((thumb, thumb))
-            buffer = io.BytesIO()
-            image.save(buffer, "JPEG", quality=85)
-            data, mimetype = buffer.getvalue(), "image/jpeg"
-    response = Response(data, mimetype=mimetype)
-    response.headers["Cache-Control"] = "private, max-age=3600"
-    return response
+    """A study image as the portal serves it: re-encoded from the pixels alone, so no EXIF,
+    GPS, maker notes or embedded profile of what was uploaded reaches the browser (the stored
+    original and its sha256 stay as received); downscaled (JPEG draft mode first) to ``thumb``
+    or to at most MAX_SERVED_SIDE pixels."""
+    side = thumb or MAX_SERVED_SIDE
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (side, side))
+        image = image.convert("RGB")
+        image.thumbnail((side, side))
+        buffer = io.BytesIO()
+        if thumb or mimetype == "image/jpeg":
+            image.save(buffer, "JPEG", quality=95)
+            mimetype = "image/jpeg"
+        else:
+            image.save(buffer, "PNG")
+            mimetype = "image/png"
+    return Response(buffer.getvalue(), mimetype=mimetype)
 
 
 @bp.route("/studies/<int:study_id>/image")
 @role_required(*VIEW_ROLES)
 def study_image(study_id):
     study = get_study(study_id)
-    thumb = request.args.get("thumb", type=int)
+    thumb = request.args.get("thumb")
+    if thumb is not None and not (thumb.isdigit() and 16 <= int(thumb) <= 512):
+        abort(400, "thumb must be a whole number of pixels from 16 to 512")
     try:
         data = BlobStore(settings().blob_dir).get(study.image_sha256)
     except BlobError:
         abort(404)
-    return _image_response(data, min(thumb, 512) if thumb else None, f"image/{study.image_format}")
+    return _image_response(data, int(thumb) if thumb else None, f"image/{study.image_format}")
 
 
 @bp.route("/studies/<int:study_id>/result")
