@@ -37,9 +37,16 @@ def create_user(
     return user
 
 
+# checked for unknown usernames, so that they take as long to refuse as a wrong password
+_DUMMY_HASH = generate_password_hash("not a password of anyone's")
+
+
 def authenticate(session: Session, username: str, password: str) -> User | None:
-    user = session.scalar(select(User).where(User.username == username.strip()))
-    if user is None or not user.active or not check_password_hash(user.password_hash, password):
+    user = session.scalar(select(User).where(User.username == username.strip()[:80]))
+    if user is None:
+        check_password_hash(_DUMMY_HASH, password)
+        return None
+    if not check_password_hash(user.password_hash, password) or not user.active:
         return None
     user.last_login_at = utcnow()
     return user

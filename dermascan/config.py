@@ -53,9 +53,14 @@ class Settings:
     max_zip_entries: int = 50_000
     max_zip_uncompressed_bytes: int = 4 * 1024 * 1024 * 1024
     max_zip_ratio: int = 200
+    # requests that are not uploads (login, forms, decisions): the most a body may hold
+    max_form_bytes: int = 64 * 1024
     # accounts
     claim_timeout_s: int = 1800
+    # failed logins per (username, address) before each further attempt waits, doubling each time
     login_attempts_per_minute: int = 10
+    # the session cookie only over HTTPS (on behind TLS, as in docker-compose)
+    session_cookie_secure: bool = False
     # metrics (Prometheus): the worker serves them on this port (0: off); the admin page reads these URLs
     metrics_port: int = 0
     worker_metrics_urls: str = ""

@@ -7,6 +7,8 @@ import csv
 import io
 import re
 
+import pytest
+
 from dermascan.accounts import create_token, create_user
 from dermascan.db import session_factory
 from dermascan.screening import get_or_create_program
@@ -94,3 +96,77 @@ def test_headers_no_caching_of_patient_data_exif_stripped_and_thumb_checked(pg_s
     for path in ("/batches", "/admin/audit.csv", f"/studies/{study_id}/result"):
         assert client.get(path).headers["Cache-Control"] == "no-store", path
     assert "no-store" not in client.get("/static/style.css").headers.get("Cache-Control", "")
+
+
+def _login(client, username, password, ip="127.0.0.1", next_url=None):
+    page = client.get("/login", environ_base={"REMOTE_ADDR": ip})
+    return client.post(
+        "/login" + (f"?next={next_url}" if next_url else ""),
+        data={"username": username, "password": password, "csrf_token": csrf(page.text)},
+        environ_base={"REMOTE_ADDR": ip},
+    )
+
+
+@pytest.fixture
+def portal(pg_settings, app_factory):
+    with session_factory(pg_settings.database_url)() as session, session.begin():
+        create_user(session, "dr-target", PASSWORD, "specialist", get_or_create_program(session, "p").id)
+    return pg_settings, app_factory
+
+
+def test_nobody_locks_a_chosen_user_out_from_another_address(portal):
+    settings, app_factory = portal
+    app = app_factory(settings.replace(login_attempts_per_minute=10))
+    attacker = app.test_client()
+    statuses = [_login(attacker, "dr-target", "guess", ip="203.0.113.9").status_code for _ in range(11)]
+    assert statuses[:10] == [401] * 10 and statuses[10] == 429
+    refused = _login(attacker, "dr-target", PASSWORD, ip="203.0.113.9")
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    # the user, from their own address, logs in at once
+    assert _login(app.test_client(), "dr-target", PASSWORD, ip="198.51.100.7").status_code == 302
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/%09/evil.example",
+        "//evil.example",
+        "/\\evil.example",
+        "https://evil.example/",
+        "/%0a/evil.example",
+        "\\\\evil",
+    ],
+)
+def test_login_never_redirects_off_site(portal, target):
+    settings, app_factory = portal
+    reply = _login(app_factory(settings).test_client(), "dr-target", PASSWORD, next_url=target)
+    assert reply.status_code == 302 and reply.headers["Location"] == "/"
+
+
+def test_login_keeps_a_path_on_the_site_and_refuses_a_large_body(portal):
+    settings, app_factory = portal
+    client = app_factory(settings).test_client()
+    assert _login(client, "dr-target", PASSWORD, next_url="/referrals/").headers["Location"] == "/referrals/"
+    big = app_factory(settings).test_client().post("/login", data={"username": "x" * (1 << 20), "password": "y"})
+    assert big.status_code == 413
+
+
+def test_unknown_users_cost_a_password_check(portal, monkeypatch):
+    """No timing assertion: an unknown username runs the same password hash check as a real one."""
+    from dermascan import accounts
+
+    settings, _ = portal
+    calls = []
+    real = accounts.check_password_hash
+    monkeypatch.setattr(accounts, "check_password_hash", lambda h, p: calls.append(h) or real(h, p))
+    with session_factory(settings.database_url)() as session:
+        assert accounts.authenticate(session, "nobody-by-this-name", "whatever") is None
+        assert accounts.authenticate(session, "dr-target", "wrong") is None
+    assert len(calls) == 2 and calls[0].split("$")[0] == calls[1].split("$")[0]  # same method and cost
+
+
+def test_session_cookie_is_secure_when_configured(portal):
+    settings, app_factory = portal
+    reply = _login(app_factory(settings.replace(session_cookie_secure=True)).test_client(), "dr-target", PASSWORD)
+    cookie = next(v for k, v in reply.headers.items() if k == "Set-Cookie" and v.startswith("session="))
+    assert "Secure" in cookie and "HttpOnly" in cookie

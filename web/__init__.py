@@ -12,6 +12,7 @@ from werkzeug.exceptions import HTTPException
 from dermascan.config import Settings
 from dermascan.db import session_factory
 
+UPLOAD_ENDPOINTS = {"portal.upload_single", "portal.upload_bulk", "api.create_batch", "dicomweb.stow"}
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
@@ -26,12 +27,22 @@ def create_app(settings: Settings | None = None, test_config: dict | None = None
         MAX_CONTENT_LENGTH=settings.max_request_bytes,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.session_cookie_secure,
+        REMEMBER_COOKIE_SECURE=settings.session_cookie_secure,
         WTF_CSRF_TIME_LIMIT=None,
         DERMASCAN=settings,
     )
     if test_config:
         app.config.from_mapping(test_config)
     app.extensions["dermascan_sessions"] = session_factory(settings.database_url)
+
+    @app.before_request
+    def _small_bodies():
+        """Only the upload routes take large bodies: a login or form post is read within a
+        small limit (a 40 MB POST to /login is refused before it is read);
+        registered before CSRF protection, which reads the form first."""
+        if request.endpoint not in UPLOAD_ENDPOINTS:
+            request.max_content_length = settings.max_form_bytes
 
     from web import extensions
 
