@@ -25,8 +25,7 @@ def create_user(
     username = username.strip()
     if not username or len(username) > 80:
         raise AccountError("a username of 1–80 characters is needed")
-    if len(password) < MIN_PASSWORD:
-        raise AccountError(f"the password must have at least {MIN_PASSWORD} characters")
+    _check_password(password)
     if session.scalar(select(User).where(User.username == username)):
         raise AccountError(f"the user {username!r} already exists")
     user = User(
@@ -35,6 +34,58 @@ def create_user(
     session.add(user)
     session.flush()
     return user
+
+
+def _check_password(password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise AccountError(f"the password must have at least {MIN_PASSWORD} characters")
+
+
+def get_user(session: Session, username: str) -> User:
+    user = session.scalar(select(User).where(User.username == username.strip()))
+    if user is None:
+        raise AccountError(f"no user {username!r}")
+    return user
+
+
+def revoke_sessions(user: User) -> None:
+    """Every session cookie issued to ``user`` so far stops working."""
+    user.session_version = (user.session_version or 0) + 1
+
+
+def change_user(
+    session: Session,
+    user: User,
+    *,
+    active: bool | None = None,
+    password: str | None = None,
+    role: Role | str | None = None,
+    by_user_id: int | None = None,
+    ip: str | None = None,
+) -> str:
+    """Disable or enable a user, set a new password or role — each ends the user's sessions and
+    is audited in the caller's transaction. Returns what was done, for people."""
+    from dermascan import audit
+
+    done = []
+    if active is not None and active != user.active:
+        user.active = active
+        done.append("enabled" if active else "disabled")
+    if password is not None:
+        _check_password(password)
+        user.password_hash = generate_password_hash(password)
+        done.append("password reset")
+    if role is not None and Role(role) != user.role:
+        done.append(f"role {Role(user.role).value} → {Role(role).value}")
+        user.role = Role(role)
+    if not done:
+        raise AccountError(f"nothing to change for {user.username}")
+    revoke_sessions(user)
+    audit.record(
+        session, "user_changed", user_id=by_user_id, object_type="user", object_id=user.username,
+        detail={"changes": done}, ip=ip,
+    )  # fmt: skip
+    return f"{user.username}: {', '.join(done)}"
 
 
 # checked for unknown usernames, so that they take as long to refuse as a wrong password

@@ -264,6 +264,51 @@ def user_add(ctx, username, role, program, password):
     click.echo(f"user {username} ({role}) created")
 
 
+def _change_user(ctx, username: str, **change) -> None:
+    from dermascan.accounts import AccountError, change_user, get_user
+
+    settings = _settings(ctx)
+    with session_factory(settings.database_url)() as session, session.begin():
+        try:
+            click.echo(change_user(session, get_user(session, username), **change))
+        except AccountError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@user.command("disable")
+@click.argument("username")
+@click.pass_context
+def user_disable(ctx, username):
+    """Disable a user (their sessions end at once)."""
+    _change_user(ctx, username, active=False)
+
+
+@user.command("enable")
+@click.argument("username")
+@click.pass_context
+def user_enable(ctx, username):
+    """Enable a disabled user."""
+    _change_user(ctx, username, active=True)
+
+
+@user.command("reset-password")
+@click.argument("username")
+@click.password_option(help="Prompted for when not given.")
+@click.pass_context
+def user_reset_password(ctx, username, password):
+    """Set a new password (the user's sessions end)."""
+    _change_user(ctx, username, password=password)
+
+
+@user.command("set-role")
+@click.argument("username")
+@click.argument("role", type=click.Choice(["uploader", "specialist", "admin"]))
+@click.pass_context
+def user_set_role(ctx, username, role):
+    """Give a user another role (their sessions end)."""
+    _change_user(ctx, username, role=role)
+
+
 @main.group()
 def token():
     """REST API tokens."""

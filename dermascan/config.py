@@ -61,6 +61,9 @@ class Settings:
     login_attempts_per_minute: int = 10
     # the session cookie only over HTTPS (on behind TLS, as in docker-compose)
     session_cookie_secure: bool = False
+    # a portal session ends after this long without a request, and this long after its login
+    session_idle_timeout_s: int = 30 * 60
+    session_max_age_s: int = 12 * 3600
     # metrics (Prometheus): the worker serves them on this port (0: off); the admin page reads these URLs
     metrics_port: int = 0
     worker_metrics_urls: str = ""

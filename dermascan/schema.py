@@ -128,6 +128,9 @@ class User(Base):
     role: Mapped[Role] = mapped_column(_enum(Role, "role"))
     program_id: Mapped[int | None] = mapped_column(ForeignKey("programs.id"))
     active: Mapped[bool] = mapped_column(default=True)
+    # part of every session cookie: logout, a password change, a new role or disabling the user
+    # bump it, and every cookie issued before stops working
+    session_version: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[timestamp]
     last_login_at: Mapped[optional_timestamp]
 

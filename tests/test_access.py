@@ -41,6 +41,7 @@ TABLE = {
     "referrals.decide": ("POST", "/referrals/{referral}/decide", (S, A)),
     "referrals.release": ("POST", "/referrals/{referral}/release", (S, A)),
     "admin.users": ("GET", "/admin/users", (A,)),
+    "admin.change_user": ("POST", "/admin/users/{user}", (A,)),
     "admin.tokens": ("GET", "/admin/tokens", (A,)),
     "admin.revoke_token": ("POST", "/admin/tokens/{token}/revoke", (A,)),
     "admin.audit_log": ("GET", "/admin/audit", (A,)),
@@ -84,7 +85,10 @@ def world(pg_settings, tiny_bundle, ham_dir, app_factory):
         from dermascan.schema import Referral
 
         referral_id = session.scalar(select(Referral.id))
-    ids = {"batch": result.batch_id, "study": study_id, "referral": referral_id, "token": token_id}
+        from dermascan.schema import User
+
+        user_id = session.scalar(select(User.id).where(User.username == "uploader"))
+    ids = {"batch": result.batch_id, "study": study_id, "referral": referral_id, "token": token_id, "user": user_id}
     return settings, ids, plain
 
 

@@ -170,3 +170,76 @@ def test_session_cookie_is_secure_when_configured(portal):
     reply = _login(app_factory(settings.replace(session_cookie_secure=True)).test_client(), "dr-target", PASSWORD)
     cookie = next(v for k, v in reply.headers.items() if k == "Set-Cookie" and v.startswith("session="))
     assert "Secure" in cookie and "HttpOnly" in cookie
+
+
+def _cookie(client) -> str:
+    return client.get_cookie("session").value
+
+
+def _logged_in(client) -> bool:
+    reply = client.get("/referrals/")
+    return reply.status_code == 200
+
+
+def test_logout_revokes_every_copy_of_the_cookie(portal):
+    settings, app_factory = portal
+    app = app_factory(settings)
+    user = app.test_client()
+    assert _login(user, "dr-target", PASSWORD).status_code == 302
+    thief = app.test_client()
+    thief.set_cookie("session", _cookie(user))
+    assert _logged_in(thief)  # a copied cookie works while the session lives
+    page = user.get("/referrals/").text
+    user.post("/logout", data={"csrf_token": csrf(page)})
+    assert not _logged_in(thief) and not _logged_in(user)
+
+
+def test_disabling_a_user_or_resetting_the_password_ends_their_sessions(portal):
+    from click.testing import CliRunner
+
+    from dermascan.cli import main
+    from dermascan.schema import AuditEvent, User
+
+    settings, app_factory = portal
+    with session_factory(settings.database_url)() as session, session.begin():
+        create_user(session, "boss", PASSWORD, "admin", get_or_create_program(session, "p").id)
+        target_id = session.query(User).filter_by(username="dr-target").one().id
+    app = app_factory(settings)
+    user, admin = app.test_client(), app.test_client()
+    _login(user, "dr-target", PASSWORD)
+    _login(admin, "boss", PASSWORD)
+    assert _logged_in(user)
+    page = admin.get("/admin/users").text
+    assert (
+        admin.post(f"/admin/users/{target_id}", data={"action": "disable", "csrf_token": csrf(page)}).status_code == 302
+    )
+    assert not _logged_in(user)
+    assert _login(app.test_client(), "dr-target", PASSWORD).status_code == 401  # disabled
+    admin.post(f"/admin/users/{target_id}", data={"action": "enable", "csrf_token": csrf(page)})
+    assert _login(user, "dr-target", PASSWORD).status_code == 302 and _logged_in(user)
+    # from the command line: a new password ends the session; so does a new role
+    runner = CliRunner(env=settings.as_env())
+    done = runner.invoke(main, ["user", "reset-password", "dr-target", "--password", "another-long-pass"])
+    assert done.exit_code == 0, done.output
+    assert not _logged_in(user)
+    assert _login(user, "dr-target", "another-long-pass").status_code == 302 and _logged_in(user)
+    assert runner.invoke(main, ["user", "set-role", "dr-target", "uploader"]).exit_code == 0
+    assert user.get("/referrals/").status_code == 302  # the old cookie is gone: back to the login
+    assert runner.invoke(main, ["user", "disable", "nobody"]).exit_code != 0
+    short = runner.invoke(main, ["user", "reset-password", "dr-target", "--password", "short"])
+    assert short.exit_code != 0 and "at least 10" in short.output
+    with session_factory(settings.database_url)() as session:
+        changes = [e.detail["changes"] for e in session.query(AuditEvent).filter_by(action="user_changed")]
+    assert changes == [["disabled"], ["enabled"], ["password reset"], ["role specialist → uploader"]]
+
+
+@pytest.mark.parametrize("setting", ["session_idle_timeout_s", "session_max_age_s"])
+def test_sessions_end_after_the_idle_and_absolute_timeouts(portal, setting):
+    settings, app_factory = portal
+    app = app_factory(settings)
+    client = app.test_client()
+    _login(client, "dr-target", PASSWORD)
+    assert _logged_in(client)
+    expired = app_factory(settings.replace(**{setting: -1})).test_client()
+    expired.set_cookie("session", _cookie(client))
+    assert not _logged_in(expired)

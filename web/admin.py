@@ -15,7 +15,7 @@ from dermascan.accounts import AccountError, create_token, create_user
 from dermascan.operating_point import at_threshold
 from dermascan.schema import ApiToken, AuditEvent, Program, User, utcnow
 from dermascan.screening import get_or_create_program
-from web.helpers import audit_event, db, role_required
+from web.helpers import audit_event, client_ip, db, role_required
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -70,7 +70,59 @@ def users():
             flash(f"User {user.username} ({form.role.data}) created.", "info")
             return redirect(url_for("admin.users"))
     rows = list(db().scalars(select(User).order_by(User.username)))
-    return render_template("admin_users.html", form=form, users=rows)
+    return render_template("admin_users.html", form=form, users=rows, change=UserChangeForm())
+
+
+class UserChangeForm(FlaskForm):
+    action = SelectField(
+        "Action",
+        choices=[
+            ("disable", "disable"),
+            ("enable", "enable"),
+            ("set_role", "set role"),
+            ("reset_password", "reset password"),
+        ],
+    )
+    role = SelectField(
+        "Role",
+        choices=[("", "—"), ("uploader", "uploader"), ("specialist", "specialist"), ("admin", "admin")],
+        validate_choice=False,  # checked by the account rules (an unknown role is refused there)
+    )
+    password = PasswordField("New password", validators=[Optional(), Length(min=10, max=200)])
+
+
+@bp.post("/users/<int:user_id>")
+@role_required("admin")
+def change_user(user_id):
+    """Disable, enable, set a role or reset a password: each ends the user's sessions, audited."""
+    from dermascan.accounts import change_user as apply_change
+
+    target = db().get(User, user_id)
+    if target is None:
+        abort(404)
+    form = UserChangeForm()
+    if not form.validate_on_submit():
+        flash("; ".join(f"{k}: {', '.join(v)}" for k, v in form.errors.items()) or "invalid request", "error")
+        return redirect(url_for("admin.users")), 303
+    action = form.action.data
+    if target.id == current_user.id and action in ("disable", "set_role"):
+        flash("You cannot disable yourself or change your own role.", "error")
+        return redirect(url_for("admin.users")), 303
+    change = {
+        "disable": {"active": False},
+        "enable": {"active": True},
+        "set_role": {"role": form.role.data or None},
+        "reset_password": {"password": form.password.data or None},
+    }[action]
+    try:
+        message = apply_change(db(), target, **change, by_user_id=current_user.id, ip=client_ip())
+    except (AccountError, ValueError) as exc:
+        db().rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("admin.users")), 303
+    db().commit()
+    flash(message, "info")
+    return redirect(url_for("admin.users"))
 
 
 @bp.route("/tokens", methods=["GET", "POST"])

@@ -15,9 +15,9 @@ from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired, Length
 
 from dermascan import audit
-from dermascan.accounts import authenticate
-from dermascan.schema import AuditEvent, utcnow
-from web.extensions import PortalUser
+from dermascan.accounts import authenticate, revoke_sessions
+from dermascan.schema import AuditEvent, User, utcnow
+from web.extensions import PortalUser, start_session
 from web.helpers import client_ip, db, settings
 
 bp = Blueprint("auth", __name__)
@@ -97,6 +97,7 @@ def login():
             audit.record(db(), "login", user_id=user.id, object_type="user", object_id=user.username, ip=ip)
             db().commit()
             login_user(PortalUser(user))
+            start_session()
             return redirect(safe_next(request.args.get("next")))
     elif request.method == "POST":
         status = 400
@@ -107,6 +108,7 @@ def login():
 def logout():
     if current_user.is_authenticated:
         audit.record(db(), "logout", user_id=current_user.id, ip=client_ip())
+        revoke_sessions(db().get(User, current_user.id))  # a copy of this cookie stops working too
         db().commit()
     logout_user()
     return redirect(url_for("auth.login"))
