@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from dermascan import csv_cells, referral_policy
 from dermascan.schema import Batch, ModelBundle, Prediction, Program, Referral, Study, StudyStatus, iso_utc
+from model.calibration import at_prevalence
 
 RESULT_COLUMNS = [
     "study_id",
@@ -137,12 +138,6 @@ class Prevalence:
         return (source, target) if source and target else None
 
 
-def at_prevalence(p: float, from_prevalence: float, to_prevalence: float) -> float:
-    """A calibrated probability re-weighed to another prevalence (odds × prior-odds ratio)."""
-    ratio = (to_prevalence / (1 - to_prevalence)) / (from_prevalence / (1 - from_prevalence))
-    return p * ratio / (p * ratio + (1 - p))
-
-
 def study_row(
     study: Study,
     prediction: Prediction | None,
@@ -162,7 +157,7 @@ def study_row(
         "assessable": assessable,
         "not_assessable_reason": None if prediction is None else prediction.not_assessable_reason,
         "probability": probability,
-        "probability_at_program_prevalence": round(at_prevalence(probability, *prevalence), 6)
+        "probability_at_program_prevalence": round(float(at_prevalence(probability, *prevalence)), 6)
         if probability is not None and prevalence
         else None,
         "threshold": None if prediction is None else round(prediction.threshold, 6),

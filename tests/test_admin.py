@@ -82,6 +82,7 @@ def test_operating_point_page_draws_the_roc_and_expected_referrals_at_a_programs
 ):
     from dermascan import operating_point, reports
     from dermascan.schema import Program, Study
+    from model import calibration
     from worker.scoring import ScoreStudies
 
     settings = pg_settings
@@ -114,7 +115,7 @@ def test_operating_point_page_draws_the_roc_and_expected_referrals_at_a_programs
         assert event.detail == {"program": "x", "from": None, "to": 0.02}
         for study in session.scalars(select(Study)):
             row = reports.study_result(session, study)
-            shifted = reports.at_prevalence(row["probability"], own, 0.02)
+            shifted = calibration.at_prevalence(row["probability"], own, 0.02)
             assert row["probability_at_program_prevalence"] == pytest.approx(shifted, abs=1e-6)
             assert row["probability_at_program_prevalence"] <= row["probability"]
             assert row["referred"] == (row["probability"] >= row["threshold"])

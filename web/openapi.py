@@ -109,6 +109,14 @@ JSON_RECORD = {
 }
 
 
+def _paging(per_page_max: int) -> list[dict]:
+    """The ``page`` and ``per_page`` query parameters (web/api.py: _pagination checks them)."""
+    return [
+        {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1_000_000}},
+        {"name": "per_page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": per_page_max}},
+    ]
+
+
 def _page_of(key: str, items: dict, **extra: dict) -> dict:
     """A paginated reply: ``key`` holds one page of ``items``."""
     return {
@@ -166,16 +174,7 @@ def document() -> dict:
                             "schema": {"type": "string", "format": "date-time"},
                         },
                         {"name": "created_before", "in": "query", "schema": {"type": "string", "format": "date-time"}},
-                        {
-                            "name": "page",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000000},
-                        },
-                        {
-                            "name": "per_page",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 100},
-                        },
+                        *_paging(100),
                     ],
                     "responses": {
                         "200": {
@@ -253,16 +252,7 @@ def document() -> dict:
                     "parameters": [
                         batch_id,
                         {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}},
-                        {
-                            "name": "page",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000000},
-                        },
-                        {
-                            "name": "per_page",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
-                        },
+                        *_paging(1000),
                     ],
                     "responses": {
                         "200": {

@@ -9,10 +9,11 @@ from sqlalchemy import select
 from wtforms import HiddenField, RadioField, TextAreaField
 from wtforms.validators import DataRequired, Length
 
-from dermascan import referral_policy, reports
+from dermascan import referral_policy
 from dermascan import referrals as policy
 from dermascan.ingest.records import SITES
 from dermascan.schema import Decision, ModelBundle, Prediction, Program, Referral, ReferralStatus
+from model.calibration import at_prevalence
 from web.helpers import audit_event, db, role_required, settings
 
 bp = Blueprint("referrals", __name__, url_prefix="/referrals")
@@ -106,7 +107,7 @@ def case(referral_id):
     bundle_prevalence = ((bundle.manifest if bundle else {}).get("calibration") or {}).get("prevalence")
     program_prevalence = db().scalar(select(Program.expected_prevalence).where(Program.id == study.program_id))
     program_probability = (
-        reports.at_prevalence(prediction.probability, bundle_prevalence, program_prevalence)
+        float(at_prevalence(prediction.probability, bundle_prevalence, program_prevalence))
         if bundle_prevalence and program_prevalence and prediction.assessable
         else None
     )
