@@ -444,7 +444,7 @@ def assemble(
         metrics_block["roc_table"] = roc_table(cal["y"], cal["calibrated"])
         metrics_block["score_histogram"] = score_histogram(cal["calibrated"])
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    extra["gate"] = fit_gate(network, dataset, fold, cfg, work).manifest_block(Path(out_dir))
+    extra["gate"] = fit_gate(network, dataset, fold, cfg).manifest_block(Path(out_dir))
     training = {
         "config": asdict(cfg),
         "members": [f"fold{f['fold']}" for f in members],
@@ -564,7 +564,7 @@ def reliability_png(path: Path, y: np.ndarray, raw: np.ndarray, calibrated: np.n
     plt.close(fig)
 
 
-def fit_gate(network, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConfig, work: Path):
+def fit_gate(network, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConfig):
     """The not-assessable gate of this bundle: quality thresholds beyond the development images'
     range, and the feature distance fitted on the development images' features with its
     threshold at ``gate_false_flag_rate`` of the calibration set (held-out lesions). Without a
@@ -577,13 +577,8 @@ def fit_gate(network, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConfig, 
     sizes = np.zeros((len(dataset.ids), 2), np.float32)
     pixels = dataset.load_images(cfg.image_size, sizes=sizes)
     thresholds = quality.fit_thresholds(quality.measure(pixels, sizes))
-    features_path = work / "features.npy"
     net = feature_network(network)
-    if features_path.exists() and len(np.load(features_path, mmap_mode="r")) == len(pixels):
-        features = np.load(features_path)
-    else:
-        features = image_features(net, pixels)
-        np.save(features_path, features)
+    features = image_features(net, pixels)
     held = fold < 0 if (fold < 0).any() else np.ones(len(pixels), bool)
     distance = FeatureDistance.fit(features[~held] if (~held).any() else features, cfg.gate_components)
     distance.choose_threshold(features[held], cfg.gate_false_flag_rate)
