@@ -357,22 +357,49 @@ def program_prevalence(ctx, name, value, clear):
 
 
 @main.command("dicom-scp")
-@click.option("--ae-title", default="DERMASCAN", show_default=True)
+@click.option(
+    "--ae-title", default="DERMASCAN", show_default=True, help="Our AE title; associations to another are rejected."
+)
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=11112, show_default=True)
-@click.option("--program", default="dicom", show_default=True, help="Program or site the studies belong to.")
-@click.option("--allow", "allowed", multiple=True, help="Accept associations only from these calling AE titles.")
+@click.option("--program", default="dicom", show_default=True, help="Program of entries that name none.")
+@click.option(
+    "--allow",
+    "allowed",
+    multiple=True,
+    envvar="DERMASCAN_DICOM_ALLOW",
+    help="AE[@ADDRESS-OR-NETWORK][=PROGRAM]: a calling AE title that may store, optionally only from that "
+    "address or network, into that program (repeat, or comma-separate; env DERMASCAN_DICOM_ALLOW).",
+)
+@click.option("--allow-any", is_flag=True, help="Accept every calling AE from anywhere (demos only).")
+@click.option("--tls-cert", envvar="DERMASCAN_DICOM_TLS_CERT", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tls-key", envvar="DERMASCAN_DICOM_TLS_KEY", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--tls-ca",
+    envvar="DERMASCAN_DICOM_TLS_CA",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CA certificates: callers must present a certificate they signed.",
+)
 @click.pass_context
-def dicom_scp(ctx, ae_title, host, port, program, allowed):
+def dicom_scp(ctx, ae_title, host, port, program, allowed, allow_any, tls_cert, tls_key, tls_ca):
     """Run the DICOM C-STORE receiver (C-ECHO, VL Photographic and Dermoscopic Photography)."""
-    from dermascan.dicom_scp import make_server
+    from dermascan.dicom_scp import AllowList, DoorError, make_server, tls_context
 
+    try:
+        allow = AllowList.from_entries(allowed, program, allow_any)
+        tls = tls_context(tls_cert, tls_key, tls_ca)
+    except DoorError as exc:
+        raise click.UsageError(str(exc)) from exc
     settings = _settings(ctx)
     _ensure_db(settings)
-    server = make_server(settings, ae_title, host, port, program, list(allowed) or None)
+    server = make_server(settings, ae_title, host, port, allow, tls)
+    callers = (
+        "any caller (--allow-any)"
+        if allow.allow_any
+        else ", ".join(f"{c.ae_title}@{c.network or 'any address'}→{c.program}" for c in allow.callers)
+    )
     click.echo(
-        f"DICOM C-STORE receiver {ae_title} listening on {host}:{port}"
-        + (f" (callers: {', '.join(allowed)})" if allowed else "")
+        f"DICOM C-STORE receiver {ae_title} listening on {host}:{port}{' (TLS)' if tls else ''}; callers: {callers}"
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -28,7 +28,10 @@ class Settings:
     database_url: str = ""
     broker_url: str = ""
     model_bundle: Path = field(default_factory=default_bundle_path)
+    # the installation secret: never a key itself; dermascan.keys derives one per purpose
     secret_key: str = ""
+    # bump to end every portal session (a new session/CSRF key); pseudonyms stay the same
+    session_key_version: int = 0
     # the sweeper: studies queued (or processing) longer than these are sent again
     sweep_queued_after_s: int = 120
     sweep_processing_after_s: int = 1800
@@ -50,6 +53,9 @@ class Settings:
     max_request_bytes: int = 512 * 1024 * 1024
     max_image_bytes: int = 25 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    # one DICOM instance: the C-STORE receiver aborts an association past it, STOW-RS refuses a
+    # part past it, and no uncompressed image whose pixels would take more is decoded
+    max_dicom_bytes: int = 40 * 1024 * 1024
     max_zip_entries: int = 50_000
     max_zip_uncompressed_bytes: int = 4 * 1024 * 1024 * 1024
     max_zip_ratio: int = 200

@@ -98,3 +98,26 @@ def to_bytes(ds: Dataset) -> bytes:
 
 def write(ds: Dataset, path) -> None:
     ds.save_as(path, enforce_file_format=True)
+
+
+def stow(
+    base_url: str, token: str, parts: list[bytes], boundary: str = "dermascan-test-boundary", cut: int | None = None
+):
+    """POST Part-10 byte strings to STOW-RS as one multipart/related body (``cut``: only the
+    first ``cut`` bytes of it, a body that breaks off)."""
+    import requests
+
+    body = b"".join(
+        b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n" for p in parts
+    )
+    body += b"--" + boundary.encode() + b"--\r\n"
+    return requests.post(
+        f"{base_url}/dicomweb/studies",
+        data=body if cut is None else body[:cut],
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        },
+        timeout=60,
+    )

@@ -15,12 +15,12 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select, text
 
 from dermascan.db import session_factory
-from dermascan.dicom_scp import make_server
+from dermascan.dicom_scp import AllowList, make_server
 from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC
 from dermascan.schema import Prediction, Study
 from dermascan.screening import pseudonymise
 from tests.conftest import free_port, wait_for
-from tests.dicom_factory import SECONDARY_CAPTURE, make_instance, to_bytes, write
+from tests.dicom_factory import SECONDARY_CAPTURE, make_instance, stow, to_bytes, write
 from tests.ham_files import ham_images, ham_rows
 from tests.helpers import status_counts
 
@@ -94,25 +94,7 @@ def test_stow_rs_reports_each_bad_instance(pg_settings, live_server, api_token, 
     no_pixels = make_instance(ham_jpegs[3], with_pixels=False)
     wrong_class = make_instance(ham_jpegs[4], sop_class=SECONDARY_CAPTURE)
     parts = [to_bytes(good), to_bytes(no_pixels), to_bytes(wrong_class), to_bytes(make_instance(ham_jpegs[5]))[:3000]]
-    boundary = "dermascan-test-boundary"
-    body = (
-        b"".join(
-            b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n" for p in parts
-        )
-        + b"--"
-        + boundary.encode()
-        + b"--\r\n"
-    )
-    reply = requests.post(
-        f"{server.url}/dicomweb/studies",
-        data=body,
-        headers={
-            "Authorization": f"Bearer {token}",
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Accept": "application/dicom+json",
-        },
-        timeout=60,
-    )
+    reply = stow(server.url, token, parts)
     assert reply.status_code == 202, reply.text  # some stored, some failed
     answer = reply.json()
     assert [i["00081155"]["Value"][0] for i in answer["00081199"]["Value"]] == [good.SOPInstanceUID]
@@ -132,7 +114,7 @@ def test_stow_rs_reports_each_bad_instance(pg_settings, live_server, api_token, 
         timeout=30,
     )
     assert plain.status_code == 415 and "multipart/related" in plain.json()["error"]
-    assert requests.post(f"{server.url}/dicomweb/studies", data=body, timeout=30).status_code == 401
+    assert stow(server.url, "not-a-token", parts).status_code == 401
 
 
 # -- C-STORE -------------------------------------------------------------------------------------
@@ -142,7 +124,8 @@ def scp(pg_settings):
 
     def start(settings=None, allowed=None):
         port = free_port()
-        server = make_server(settings or pg_settings, "DERMASCAN", "127.0.0.1", port, "hospital-b", allowed)
+        allow = AllowList.from_entries(allowed or [], "hospital-b", allow_any=not allowed)
+        server = make_server(settings or pg_settings, "DERMASCAN", "127.0.0.1", port, allow)
         servers.append(server)
         return port
 

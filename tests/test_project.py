@@ -145,6 +145,9 @@ def test_compose_file_is_valid_and_runs_only_real_commands():
     assert {"postgres", "redis", "migrate", "web", "worker-gpu", "worker-cpu", "beat", "dicom"} <= set(services)
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    # the DICOM door's allow-list comes from the environment (empty: the receiver refuses to start)
+    assert "DERMASCAN_DICOM_ALLOW" in services["dicom"]["environment"]
+    assert "--allow-any" not in services["dicom"]["command"]
     for name, service in services.items():
         if "dermascan" not in str(service.get("image", "")):
             continue

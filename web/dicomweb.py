@@ -1,6 +1,9 @@
 """DICOMweb STOW-RS: ``POST /dicomweb/studies[/{StudyInstanceUID}]`` with
 ``multipart/related; type="application/dicom"``, answered as PS3.18 §10.5 says: a DICOM JSON
-object with ReferencedSOPSequence (stored) and FailedSOPSequence (with FailureReason)."""
+object with ReferencedSOPSequence (stored) and FailedSOPSequence (with FailureReason).
+
+The body is parsed as it streams in (``dermascan.ingest.multipart``); each part is read, checked
+against ``max_dicom_bytes`` and parsed, then dropped."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from flask import Blueprint, Response, g, json, request
 from dermascan import screening
 from dermascan.ingest import dicom
 from dermascan.ingest.errors import Rejection
+from dermascan.ingest.multipart import MultipartError, iter_parts
 from web.api import error, token_required
 from web.extensions import csrf
 from web.helpers import settings
@@ -19,35 +23,6 @@ bp = Blueprint("dicomweb", __name__, url_prefix="/dicomweb")
 csrf.exempt(bp)
 
 DICOM_JSON = "application/dicom+json"
-
-
-class MultipartError(ValueError):
-    pass
-
-
-def split_multipart(body: bytes, boundary: str) -> list[tuple[dict, bytes]]:
-    """Split a multipart body into (headers, payload) parts (RFC 2046)."""
-    delimiter = b"--" + boundary.encode("latin-1")
-    if delimiter not in body:
-        raise MultipartError("the body does not contain the multipart boundary")
-    parts = []
-    chunks = body.split(delimiter)
-    for chunk in chunks[1:]:
-        if chunk.startswith(b"--"):
-            break
-        chunk = chunk[2:] if chunk.startswith(b"\r\n") else chunk.lstrip(b"\n")
-        head, sep, payload = chunk.partition(b"\r\n\r\n")
-        if not sep:
-            raise MultipartError("a part has no header/body separator")
-        if payload.endswith(b"\r\n"):
-            payload = payload[:-2]
-        headers = {}
-        for line in head.decode("latin-1").split("\r\n"):
-            if ":" in line:
-                name, value = line.split(":", 1)
-                headers[name.strip().lower()] = value.strip()
-        parts.append((headers, payload))
-    return parts
 
 
 def _params(header: str) -> dict:
@@ -91,36 +66,18 @@ def stow(study_uid: str | None = None):
     boundary = params.get("boundary")
     if not boundary:
         return error(400, "the multipart/related content type has no boundary")
+    limits = settings()
+    inputs, failed_items, index_uid = [], [], {}
     try:
-        parts = split_multipart(request.get_data(cache=False), boundary)
+        for number, part in enumerate(iter_parts(request.stream, boundary, limits.max_dicom_bytes), start=1):
+            _read_part(number, part, study_uid, limits, inputs, failed_items, index_uid)
     except MultipartError as exc:
         return error(400, str(exc))
-    if not parts:
+    if not inputs and not failed_items:
         return error(400, "the request contains no DICOM instances")
 
-    inputs, failed_items, index_uid = [], [], {}
-    for number, (headers, payload) in enumerate(parts, start=1):
-        part_type = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
-        try:
-            if part_type != "application/dicom":
-                raise dicom.DicomRejected(f"part {number} has content type {part_type}, not application/dicom")
-            parsed = dicom.parse_part10(payload)
-            if study_uid and parsed.study.study_instance_uid != study_uid:
-                raise dicom.DicomRejected(
-                    f"the instance belongs to study {parsed.study.study_instance_uid}, not {study_uid}",
-                    dicom.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, parsed.sop_class_uid, parsed.sop_instance_uid,
-                )  # fmt: skip
-        except dicom.DicomRejected as exc:
-            failed_items.append(
-                _failure(exc.sop_class_uid, exc.sop_instance_uid, exc.status, f"part {number}: {exc.reason}")
-            )
-            continue
-        parsed.study.row = number
-        index_uid[number] = (parsed.sop_class_uid, parsed.sop_instance_uid)
-        inputs.append(parsed.study)
-
     result = screening.submit(
-        settings(), g.program_id, inputs, source="dicom", label="STOW-RS", token_id=g.token_id,
+        limits, g.program_id, inputs, source="dicom", label="STOW-RS", token_id=g.token_id,
         prior_rejections=[Rejection(None, f["_reason"]) for f in failed_items],
     )  # fmt: skip
     for rejection in result.rejected:
@@ -136,6 +93,33 @@ def stow(study_uid: str | None = None):
     for item in failed_items:
         item.pop("_reason", None)
     return _answer(referenced, failed_items)
+
+
+def _read_part(number, part, study_uid, limits, inputs, failed_items, index_uid) -> None:
+    """One part: parsed into a study input, or a failure item with the DICOM status and reason."""
+    part_type = part.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
+    try:
+        if part_type != "application/dicom":
+            raise dicom.DicomRejected(f"part {number} has content type {part_type}, not application/dicom")
+        if part.too_large:
+            raise dicom.DicomRejected(
+                f"part {number} is larger than the {limits.max_dicom_bytes:,}-byte limit for one instance",
+                dicom.OUT_OF_RESOURCES,
+            )
+        parsed = dicom.parse_part10(bytes(part.payload), limits)
+        if study_uid and parsed.study.study_instance_uid != study_uid:
+            raise dicom.DicomRejected(
+                f"the instance belongs to study {parsed.study.study_instance_uid}, not {study_uid}",
+                dicom.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, parsed.sop_class_uid, parsed.sop_instance_uid,
+            )  # fmt: skip
+    except dicom.DicomRejected as exc:
+        failed_items.append(
+            _failure(exc.sop_class_uid, exc.sop_instance_uid, exc.status, f"part {number}: {exc.reason}")
+        )
+        return
+    parsed.study.row = number
+    index_uid[number] = (parsed.sop_class_uid, parsed.sop_instance_uid)
+    inputs.append(parsed.study)
 
 
 def _failure(sop_class, sop_instance, status: int, reason: str) -> dict:

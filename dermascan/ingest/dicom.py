@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
+from dermascan.config import Settings
 from dermascan.ingest.records import SITE_ALIASES, SITES
 from dermascan.screening import StudyInput
 
@@ -36,6 +37,7 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 CANNOT_UNDERSTAND = 0xC000
 DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 PROCESSING_FAILURE = 0x0110
+OUT_OF_RESOURCES = 0xA700
 
 # SNOMED CT body structures (AnatomicRegionSequence, scheme SCT or SRT) → the model's sites.
 SNOMED_SITES = {
@@ -153,10 +155,50 @@ def parse_site(ds: Dataset) -> str | None:
     return BODY_PART_SITES.get(body_part)
 
 
-def _image_bytes(ds: Dataset) -> bytes:
+def _header_int(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    try:
+        value = ds.get(keyword, default)
+        return int(value if value not in (None, "") else default)
+    except (TypeError, ValueError):
+        raise DicomRejected(f"{keyword} is missing or not a number", DATA_SET_DOES_NOT_MATCH_SOP_CLASS) from None
+
+
+def check_pixel_header(ds: Dataset, syntax, limits: Settings) -> None:
+    """The pixel and byte limits, applied to what the header says before anything is decoded:
+    rows × columns against the pixel limit, rows × columns × samples × bytes per sample against
+    the instance limit, and (uncompressed) the Pixel Data length against the header."""
+    rows, columns = _header_int(ds, "Rows"), _header_int(ds, "Columns")
+    samples, bits = _header_int(ds, "SamplesPerPixel", 1), _header_int(ds, "BitsAllocated", 8)
+    if rows <= 0 or columns <= 0 or samples not in (1, 3) or bits not in (8, 16):
+        raise DicomRejected(
+            f"unsupported pixel module: {rows} × {columns}, {samples} samples, {bits} bits allocated",
+            DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+        )
+    if rows * columns > limits.max_image_pixels:
+        raise DicomRejected(
+            f"the image has {rows * columns:,} pixels ({columns} × {rows}); the limit is {limits.max_image_pixels:,}",
+            OUT_OF_RESOURCES,
+        )
+    expected = rows * columns * samples * (bits // 8)
+    if expected > limits.max_dicom_bytes:
+        raise DicomRejected(
+            f"the decoded image would take {expected:,} bytes; the limit is {limits.max_dicom_bytes:,}",
+            OUT_OF_RESOURCES,
+        )
+    if syntax != JPEGBaseline8Bit:
+        length = len(ds.get("PixelData") or b"")
+        if length not in (expected, expected + 1):  # one padding byte to an even length
+            raise DicomRejected(
+                f"Pixel Data holds {length:,} bytes where the header ({columns} × {rows} × {samples} × {bits} bits) "
+                f"says {expected:,}",
+                DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+            )
+
+
+def _image_bytes(ds: Dataset, limits: Settings) -> bytes:
     if "PixelData" not in ds:
         raise DicomRejected("the instance has no pixel data", DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _header_int(ds, "NumberOfFrames", 1)
     if frames != 1:
         raise DicomRejected(
             f"multi-frame instances ({frames} frames) are not supported", DATA_SET_DOES_NOT_MATCH_SOP_CLASS
@@ -166,13 +208,19 @@ def _image_bytes(ds: Dataset) -> bytes:
         raise DicomRejected(
             f"transfer syntax {syntax} is not supported (uncompressed or JPEG baseline)", CANNOT_UNDERSTAND
         )
+    check_pixel_header(ds, syntax, limits)
     if syntax == JPEGBaseline8Bit:
         from pydicom.encaps import generate_frames
 
         try:
-            return next(generate_frames(ds.PixelData, number_of_frames=1))
+            frame = next(generate_frames(ds.PixelData, number_of_frames=1))
         except (StopIteration, ValueError) as exc:
             raise DicomRejected(f"the encapsulated JPEG frame cannot be read: {exc}") from None
+        if len(frame) > limits.max_image_bytes:
+            raise DicomRejected(
+                f"the JPEG frame has {len(frame):,} bytes; the limit is {limits.max_image_bytes:,}", OUT_OF_RESOURCES
+            )
+        return frame
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises several kinds for inconsistent pixel modules
@@ -181,8 +229,9 @@ def _image_bytes(ds: Dataset) -> bytes:
     if pixels.ndim == 2:
         if photometric == "MONOCHROME1":
             pixels = pixels.max() - pixels
-        if pixels.dtype != np.uint8:
-            pixels = (255.0 * (pixels - pixels.min()) / max(1, pixels.max() - pixels.min())).astype(np.uint8)
+        if pixels.dtype != np.uint8:  # scaled in integers: no float64 copy of a large image
+            low, high = int(pixels.min()), int(pixels.max())
+            pixels = ((pixels.astype(np.uint32) - low) * 255 // max(1, high - low)).astype(np.uint8)
         pixels = np.stack([pixels] * 3, axis=-1)
     elif photometric.startswith("YBR"):
         from pydicom.pixels import convert_color_space
@@ -195,7 +244,7 @@ def _image_bytes(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def parse_dataset(ds: Dataset) -> ParsedInstance:
+def parse_dataset(ds: Dataset, limits: Settings | None = None) -> ParsedInstance:
     sop_class = str(ds.get("SOPClassUID", "") or "")
     sop_instance = str(ds.get("SOPInstanceUID", "") or "")
     if sop_class not in SUPPORTED_SOP_CLASSES:
@@ -207,7 +256,7 @@ def parse_dataset(ds: Dataset) -> ParsedInstance:
     if not sop_instance:
         raise DicomRejected("the instance has no SOP Instance UID", CANNOT_UNDERSTAND, sop_class)
     try:
-        image = _image_bytes(ds)
+        image = _image_bytes(ds, limits or Settings())
     except DicomRejected as exc:
         exc.sop_class_uid, exc.sop_instance_uid = sop_class, sop_instance
         raise
@@ -227,5 +276,5 @@ def parse_dataset(ds: Dataset) -> ParsedInstance:
     return ParsedInstance(study, sop_class, sop_instance)
 
 
-def parse_part10(data: bytes) -> ParsedInstance:
-    return parse_dataset(read_part10(data))
+def parse_part10(data: bytes, limits: Settings | None = None) -> ParsedInstance:
+    return parse_dataset(read_part10(data), limits)
