@@ -9,7 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from dermascan.schema import ApiToken, Role, User, utcnow
+from dermascan import keys
+from dermascan.schema import ApiToken, Program, Role, User, utcnow
 
 TOKEN_PREFIX = "dsk_"
 MIN_PASSWORD = 10
@@ -125,3 +126,10 @@ def token_for(session: Session, plain: str) -> ApiToken | None:
     if token is None or token.revoked_at is not None:
         return None
     return token
+
+
+def issue_callback_secret(program: Program, installation_secret: str) -> str:
+    """A new callback signing secret for ``program`` (to show once): the previous one stops
+    signing. Derived from the installation secret (``dermascan.keys``), so nothing secret is stored."""
+    program.callback_secret_generation = (program.callback_secret_generation or 0) + 1
+    return keys.callback_secret(installation_secret, program.id, program.callback_secret_generation)

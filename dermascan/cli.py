@@ -92,7 +92,12 @@ def worker_command(settings: Settings, queues: str, concurrency: int, beat: bool
 
 
 @main.command()
-@click.option("--queues", default="interactive,bulk,maintenance", show_default=True, help="Served in this order.")
+@click.option(
+    "--queues",
+    default="interactive,bulk,maintenance,callbacks",
+    show_default=True,
+    help="Served in this order (a deployment may serve callbacks by a worker of their own).",
+)
 @click.option("--concurrency", type=int, default=None, help="Worker processes (default DERMASCAN_WORKER_CONCURRENCY).")
 @click.option("--beat/--no-beat", default=False, help="Also run the sweeper schedule (one per deployment).")
 @click.option("--pool", default="prefork", show_default=True)
@@ -101,7 +106,7 @@ def worker(ctx, queues, concurrency, beat, pool):
     """Run a Celery worker that scores studies."""
     settings = _settings(ctx)
     cmd = worker_command(settings, queues, concurrency or settings.worker_concurrency, beat, pool)
-    os.execvpe(cmd[0], cmd, {**os.environ, **settings.as_env()})
+    os.execvpe(cmd[0], cmd, {**os.environ, **settings.as_env(), "DERMASCAN_WORKER_QUEUES": queues})
 
 
 @main.command()
@@ -356,6 +361,26 @@ def program_prevalence(ctx, name, value, clear):
     click.echo(f"program {name}: expected prevalence {'cleared' if clear else value}")
 
 
+@program.command("callback-secret")
+@click.argument("name")
+@click.pass_context
+def program_callback_secret(ctx, name):
+    """Issue PROGRAM a new callback signing secret and print it once (the previous one stops signing)."""
+    from dermascan import audit
+    from dermascan.accounts import issue_callback_secret
+    from dermascan.screening import get_or_create_program
+
+    settings = _settings(ctx)
+    with session_factory(settings.database_url)() as session, session.begin():
+        program = get_or_create_program(session, name)
+        secret = issue_callback_secret(program, settings.secret_key)
+        audit.record(
+            session, "callback_secret_issued", object_type="program", object_id=program.id,
+            detail={"generation": program.callback_secret_generation, "by": "dermascan program callback-secret"},
+        )  # fmt: skip
+    click.echo(secret)
+
+
 @main.command("dicom-scp")
 @click.option(
     "--ae-title", default="DERMASCAN", show_default=True, help="Our AE title; associations to another are rejected."
@@ -572,6 +597,7 @@ def demo(ctx, once, port, timeout):
     from dermascan import bundles, migrate, reports
     from dermascan.accounts import create_user
     from dermascan.ingest import manifest
+    from dermascan.queue import QUEUES
     from dermascan.schema import Batch, Role, User
     from dermascan.screening import get_or_create_program
     from dermascan.screening import submit as do_submit
@@ -599,7 +625,7 @@ def demo(ctx, once, port, timeout):
         "DERMASCAN_METRICS_PORT": str(metrics_port),
         "DERMASCAN_WORKER_METRICS_URLS": f"http://127.0.0.1:{metrics_port}/metrics",
     }
-    worker_proc = subprocess.Popen(worker_command(settings, "interactive,bulk,maintenance", 1, True, "prefork"), env=env,
+    worker_proc = subprocess.Popen(worker_command(settings, ",".join(QUEUES), 1, True, "prefork"), env=env,
                                    stdout=open(settings.data_dir / "worker.log", "ab"), stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
     click.echo(f"worker started (pid {worker_proc.pid}, log {settings.data_dir / 'worker.log'}, "

@@ -75,6 +75,9 @@ class Settings:
     worker_metrics_urls: str = ""
     # completion callbacks
     callback_retries: int = 5
+    # hosts, addresses or networks (comma-separated) that callbacks may reach over http or at a
+    # private address (an EHR on the hospital network); everything else: https to public addresses
+    callback_allow_hosts: str = ""
 
     @property
     def is_embedded(self) -> bool:

@@ -5,7 +5,8 @@ It lives in the core so the web process and the CLI enqueue work without importi
 
 Queues, served in this order by every worker (kombu's ``priority`` cycle: the first non-empty
 queue wins): ``interactive`` (single studies from people waiting), ``bulk`` (chunks of a batch),
-``maintenance`` (heat maps, sweeps, completion callbacks).
+``maintenance`` (heat maps, sweeps), ``callbacks`` (completion callbacks: their own queue, so
+a slow endpoint never holds a scoring worker; docker-compose serves it by a worker of its own).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ log = logging.getLogger(__name__)
 INTERACTIVE = "interactive"
 BULK = "bulk"
 MAINTENANCE = "maintenance"
-QUEUES = (INTERACTIVE, BULK, MAINTENANCE)
+CALLBACKS = "callbacks"
+QUEUES = (INTERACTIVE, BULK, MAINTENANCE, CALLBACKS)
+SCORING_QUEUES = (INTERACTIVE, BULK, MAINTENANCE)
 
 TASK_SCORE = "dermascan.score"
 TASK_HEATMAPS = "dermascan.heatmaps"
@@ -72,7 +75,7 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={
             TASK_HEATMAPS: {"queue": MAINTENANCE},
             TASK_SWEEP: {"queue": MAINTENANCE},
-            TASK_CALLBACK: {"queue": MAINTENANCE},
+            TASK_CALLBACK: {"queue": CALLBACKS},
         },
         # a submit must not hang while the broker is down: the studies are already committed
         # and the sweeper sends them later

@@ -117,6 +117,8 @@ class Program(Base):
     # the share of malignant lesions the program expects among its studies: the displayed
     # probability is re-weighed to it (the referral decision is not)
     expected_prevalence: Mapped[float | None] = mapped_column(Float)
+    # which generation of its callback signing secret is current (0: none issued; dermascan.keys)
+    callback_secret_generation: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[timestamp]
 
 

@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from dermascan import queue, referrals
+from dermascan import keys, queue, referrals
 from dermascan.blobs import BlobStore
 from dermascan.config import Settings
 from dermascan.db import session_factory
@@ -84,11 +84,13 @@ class SubmitResult:
 
 
 def pseudonymise(secret_key: str, program_id: int, patient_id: str | None) -> str | None:
-    """A stable, non-reversible patient pseudonym (HMAC-SHA256 keyed by the installation secret)."""
+    """A stable, non-reversible patient pseudonym: HMAC-SHA256 under the pseudonym key that
+    ``dermascan.keys`` derives from the installation secret (not the session key: rotating that
+    keeps every pseudonym)."""
     if not patient_id or not str(patient_id).strip():
         return None
     message = f"{program_id}:{str(patient_id).strip()}".encode()
-    return hmac.new(secret_key.encode(), message, hashlib.sha256).hexdigest()[:32]
+    return hmac.new(keys.pseudonym_key(secret_key), message, hashlib.sha256).hexdigest()[:32]
 
 
 def get_or_create_program(session: Session, name: str) -> Program:

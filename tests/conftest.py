@@ -235,7 +235,7 @@ class Worker:
         settings: Settings,
         log: Path,
         beat: bool = False,
-        queues: str = "interactive,bulk,maintenance",
+        queues: str = "interactive,bulk,maintenance,callbacks",
         env: dict | None = None,
     ):
         self.settings = settings

@@ -44,6 +44,7 @@ TABLE = {
     "admin.change_user": ("POST", "/admin/users/{user}", (A,)),
     "admin.tokens": ("GET", "/admin/tokens", (A,)),
     "admin.revoke_token": ("POST", "/admin/tokens/{token}/revoke", (A,)),
+    "admin.issue_callback_secret": ("POST", "/admin/programs/{program}/callback-secret", (A,)),
     "admin.audit_log": ("GET", "/admin/audit", (A,)),
     "admin.audit_csv": ("GET", "/admin/audit.csv", (A,)),
     "admin.model": ("GET", "/admin/model", (A,)),
@@ -88,7 +89,10 @@ def world(pg_settings, tiny_bundle, ham_dir, app_factory):
         from dermascan.schema import User
 
         user_id = session.scalar(select(User.id).where(User.username == "uploader"))
-    ids = {"batch": result.batch_id, "study": study_id, "referral": referral_id, "token": token_id, "user": user_id}
+    ids = {
+        "batch": result.batch_id, "study": study_id, "referral": referral_id, "token": token_id, "user": user_id,
+        "program": program_id,
+    }  # fmt: skip
     return settings, ids, plain
 
 

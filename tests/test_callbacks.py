@@ -9,6 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import requests
 
 from dermascan import callbacks
+from dermascan.accounts import issue_callback_secret
+from dermascan.db import session_factory
+from dermascan.schema import Program
 from tests.conftest import wait_for
 from tests.ham_files import ham_zip
 
@@ -36,9 +39,11 @@ class Receiver:
 
 
 def test_completion_callback_is_signed_and_retried(pg_settings, live_server, start_worker, api_token, ham_dir):
-    settings = pg_settings
+    settings = pg_settings.replace(callback_allow_hosts="127.0.0.1")  # the test's receiver is on loopback
     server = live_server(settings)
-    _, token = api_token()
+    program_id, token = api_token()
+    with session_factory(settings.database_url)() as session, session.begin():
+        secret = issue_callback_secret(session.get(Program, program_id), settings.secret_key)
     receiver = Receiver(fail_first=1)
     archive, _ = ham_zip(ham_dir, 5)
     reply = requests.post(
@@ -54,8 +59,8 @@ def test_completion_callback_is_signed_and_retried(pg_settings, live_server, sta
     wait_for(lambda: any(status == 204 for status, _, _ in receiver.calls), 120, message="the callback delivered")
     assert [status for status, _, _ in receiver.calls] == [500, 204]  # failed once, retried after a backoff
     _, headers, body = receiver.calls[-1]
-    assert callbacks.verify(settings.secret_key, body, headers[callbacks.SIGNATURE_HEADER])
-    assert not callbacks.verify("another-secret", body, headers[callbacks.SIGNATURE_HEADER])
+    assert callbacks.verify(secret, body, headers[callbacks.SIGNATURE_HEADER])  # the program's own secret
+    assert not callbacks.verify(settings.secret_key, body, headers[callbacks.SIGNATURE_HEADER])
     event = json.loads(body)
     assert event["event"] == "batch.completed" and event["batch_id"] == batch_id
     assert event["counts"] == {"done": 5}

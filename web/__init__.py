@@ -9,6 +9,7 @@ from __future__ import annotations
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from dermascan import keys
 from dermascan.config import Settings
 from dermascan.db import session_factory
 
@@ -23,7 +24,7 @@ def create_app(settings: Settings | None = None, test_config: dict | None = None
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config.from_mapping(
-        SECRET_KEY=settings.secret_key,
+        SECRET_KEY=keys.session_key(settings.secret_key, settings.session_key_version),
         MAX_CONTENT_LENGTH=settings.max_request_bytes,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",

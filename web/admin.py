@@ -10,12 +10,12 @@ from sqlalchemy import select
 from wtforms import BooleanField, DecimalField, PasswordField, SelectField, StringField
 from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
-from dermascan import audit, bundles, operating_point
+from dermascan import accounts, audit, bundles, operating_point
 from dermascan.accounts import AccountError, create_token, create_user
 from dermascan.operating_point import at_threshold
 from dermascan.schema import ApiToken, AuditEvent, Program, User, utcnow
 from dermascan.screening import get_or_create_program
-from web.helpers import audit_event, client_ip, db, role_required
+from web.helpers import audit_event, client_ip, db, role_required, settings
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -136,8 +136,31 @@ def tokens():
         )
         audit_event("token_created", object_type="token", object_id=token.id, detail={"name": token.name})
         db().commit()
+    return _tokens_page(form, plain=plain)
+
+
+def _tokens_page(form, **shown):
     rows = list(db().scalars(select(ApiToken).order_by(ApiToken.created_at.desc())))
-    return render_template("admin_tokens.html", form=form, tokens=rows, plain=plain, revoke=RevokeForm())
+    programs = list(db().scalars(select(Program).order_by(Program.name)))
+    return render_template("admin_tokens.html", form=form, tokens=rows, programs=programs, revoke=RevokeForm(), **shown)
+
+
+@bp.post("/programs/<int:program_id>/callback-secret")
+@role_required("admin")
+def issue_callback_secret(program_id):
+    """A new callback signing secret for the program, shown once; the previous one stops signing."""
+    if not RevokeForm().validate_on_submit():
+        abort(400)
+    program = db().get(Program, program_id)
+    if program is None:
+        abort(404)
+    secret = accounts.issue_callback_secret(program, settings().secret_key)
+    audit_event(
+        "callback_secret_issued", object_type="program", object_id=program.id,
+        detail={"generation": program.callback_secret_generation},
+    )  # fmt: skip
+    db().commit()
+    return _tokens_page(TokenForm(formdata=None), callback_secret=secret, callback_program=program.name)
 
 
 @bp.post("/tokens/<int:token_id>/revoke")

@@ -9,16 +9,15 @@ import binascii
 import datetime as dt
 import math
 from functools import wraps
-from urllib.parse import urlparse
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
 from sqlalchemy import false, func, select
 
-from dermascan import audit, reports, screening
+from dermascan import audit, callbacks, reports, screening
 from dermascan.accounts import token_for
 from dermascan.ingest import manifest
 from dermascan.ingest.errors import IngestError, Rejection
-from dermascan.schema import Batch, Study, utcnow
+from dermascan.schema import Batch, Program, Study, utcnow
 from web.extensions import csrf
 from web.helpers import client_ip, db, settings
 
@@ -108,12 +107,16 @@ def _json_records(payload) -> tuple[list, list[Rejection]]:
 
 
 def _callback_url(value) -> str | None:
-    if value in (None, ""):
-        return None
-    parsed = urlparse(str(value))
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise IngestError("callback_url must be an http(s) URL")
-    return str(value)
+    try:
+        url = callbacks.check_url(settings(), value)
+    except callbacks.CallbackRefused as exc:
+        raise IngestError(str(exc)) from None
+    if url and not db().get(Program, g.program_id).callback_secret_generation:
+        raise IngestError(
+            "callback_url needs a callback signing secret for this program: an administrator issues one "
+            "(admin page API tokens, or dermascan program callback-secret PROGRAM)"
+        )
+    return url
 
 
 @bp.post("/batches")

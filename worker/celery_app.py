@@ -37,8 +37,13 @@ def _serve_metrics(**_):
 
 @worker_process_init.connect
 def _load_model(**_):
-    """Load the bundle and run every fixed batch shape once, before the child takes work."""
+    """Load the bundle and run every fixed batch shape once, before the child takes work (not in
+    a worker that only delivers callbacks)."""
+    from dermascan import queue
     from worker import scoring
 
+    served = set(os.environ.get("DERMASCAN_WORKER_QUEUES", ",".join(queue.QUEUES)).split(","))
+    if not served & set(queue.SCORING_QUEUES):
+        return
     scoring.configure_backend(settings)
     scoring.warm_up(settings)

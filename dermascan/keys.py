@@ -1,0 +1,42 @@
+"""One key per purpose, derived from the installation secret with HKDF (RFC 5869).
+
+The installation secret (``DERMASCAN_SECRET_KEY``) is never used as a key itself. Each purpose
+gets its own key, so knowing one tells nothing about another:
+
+- ``session`` — Flask's session cookie and CSRF tokens. ``DERMASCAN_SESSION_KEY_VERSION``
+  rotates it alone (every portal session ends) without touching the others.
+- ``pseudonym`` — the HMAC key of patient and DICOM identifier pseudonyms; never rotated with
+  the session key, or the same patient would get a new pseudonym.
+- ``callback:<program>:<generation>`` — each program's own completion-callback signing secret:
+  a program that verifies its callbacks learns nothing that signs a session or another
+  program's callbacks. ``dermascan program callback-secret`` issues a new generation.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+SALT = b"dermascan-keys-v1"
+CALLBACK_PREFIX = "whsec_"
+
+
+@lru_cache(maxsize=256)
+def derive(secret: str, purpose: str, length: int = 32) -> bytes:
+    if not secret:
+        raise ValueError("no installation secret key (DERMASCAN_SECRET_KEY) to derive keys from")
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=SALT, info=purpose.encode()).derive(secret.encode())
+
+
+def session_key(secret: str, version: int = 0) -> str:
+    return derive(secret, f"session:{version}").hex()
+
+
+def pseudonym_key(secret: str) -> bytes:
+    return derive(secret, "pseudonym")
+
+
+def callback_secret(secret: str, program_id: int, generation: int) -> str:
+    return CALLBACK_PREFIX + derive(secret, f"callback:{program_id}:{generation}").hex()
