@@ -57,7 +57,7 @@ class Settings:
     # part past it, and no uncompressed image whose pixels would take more is decoded
     max_dicom_bytes: int = 40 * 1024 * 1024
     max_zip_entries: int = 50_000
-    max_zip_uncompressed_bytes: int = 4 * 1024 * 1024 * 1024
+    max_zip_uncompressed_bytes: int = 1024 * 1024 * 1024  # images and manifest only; other entries are not read
     max_zip_ratio: int = 200
     # requests that are not uploads (login, forms, decisions): the most a body may hold
     max_form_bytes: int = 64 * 1024

@@ -243,3 +243,34 @@ def test_sessions_end_after_the_idle_and_absolute_timeouts(portal, setting):
     expired = app_factory(settings.replace(**{setting: -1})).test_client()
     expired.set_cookie("session", _cookie(client))
     assert not _logged_in(expired)
+
+
+def _with_entry(archive: bytes, name: str, content: bytes) -> bytes:
+    import zipfile
+
+    buffer = io.BytesIO(archive)
+    with zipfile.ZipFile(buffer, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(name, content)
+    return buffer.getvalue()
+
+
+def test_zip_entries_that_are_not_images_are_skipped_unread_and_each_entry_is_capped(
+    pg_settings, app_factory, api_token, ham_dir
+):
+    from tests.ham_files import ham_zip
+
+    _, token = api_token("zip-limits")
+    headers = {"Authorization": f"Bearer {token}"}
+    archive, _ = ham_zip(ham_dir, 2)
+    # 150 MB of junk that compresses 1000-fold: never read (once it was read, then refused as a bomb)
+    junk = _with_entry(archive, "notes/backup.bin", bytes(150 * 1024 * 1024))
+    assert len(junk) < 3 * 1024 * 1024
+    client = app_factory(pg_settings).test_client()
+    reply = client.post("/api/v1/batches", headers=headers, data={"archive": (io.BytesIO(junk), "a.zip")})
+    assert reply.status_code == 201, reply.json
+    assert reply.json["accepted"] == 2
+    # an image entry over the image limit: refused by name before it is read
+    small = app_factory(pg_settings.replace(max_image_bytes=20_000)).test_client()
+    big = _with_entry(archive, "huge.jpg", b"\xff\xd8" + bytes(50_000))
+    reply = small.post("/api/v1/batches", headers=headers, data={"archive": (io.BytesIO(big), "b.zip")})
+    assert reply.status_code == 413 and "huge.jpg" in reply.json["error"], reply.json

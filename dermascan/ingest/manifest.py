@@ -177,10 +177,17 @@ def from_isic_layout(folder: Path, limit: int | None = None, offset: int = 0):
         return rows_to_inputs(rows, find)
 
 
-def read_zip(data: bytes, max_entries: int, max_total: int, max_ratio: int) -> dict[str, bytes]:
-    """Open a ZIP safely → {name: bytes}: refuses path traversal, absolute names, links, too many
-    entries, too much uncompressed data and suspicious compression ratios (ZIP bombs), checking
-    the declared sizes first and the real ones while reading."""
+def _wanted(name: str) -> bool:
+    """Images and the manifest are read; anything else in a ZIP is skipped unread."""
+    base = posixpath.basename(name.replace("\\", "/")).lower()
+    return base.endswith((*IMAGE_SUFFIXES, ".csv")) and not base.startswith("._")
+
+
+def read_zip(data: bytes, max_entries: int, max_total: int, max_ratio: int, max_entry: int) -> dict[str, bytes]:
+    """Open a ZIP safely → {name: bytes} of its images and manifest: refuses path traversal,
+    absolute names, links, too many entries, an entry over ``max_entry`` bytes, too much
+    uncompressed data and suspicious compression ratios (ZIP bombs), checking the declared sizes
+    first and the real ones while reading. Other entries are skipped without being read."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
@@ -188,6 +195,13 @@ def read_zip(data: bytes, max_entries: int, max_total: int, max_ratio: int) -> d
     infos = [i for i in archive.infolist() if not i.is_dir()]
     if len(infos) > max_entries:
         raise IngestError(f"the ZIP has {len(infos):,} files, over the limit of {max_entries:,}")
+    infos = [i for i in infos if _wanted(i.filename)]
+    for info in infos:
+        if info.file_size > max_entry:
+            raise IngestError(
+                f"the ZIP entry {info.filename!r} is {info.file_size:,} bytes, over the limit of {max_entry:,} for one file",
+                413,
+            )
     declared = sum(i.file_size for i in infos)
     if declared > max_total:
         raise IngestError(f"the ZIP would unpack to {declared:,} bytes, over the limit of {max_total:,}", 413)
@@ -228,7 +242,10 @@ def read_zip(data: bytes, max_entries: int, max_total: int, max_ratio: int) -> d
 
 def from_zip(data: bytes, settings, csv_text: str | None = None):
     """A ZIP of images plus a manifest CSV (inside the ZIP, or given separately)."""
-    files = read_zip(data, settings.max_zip_entries, settings.max_zip_uncompressed_bytes, settings.max_zip_ratio)
+    files = read_zip(
+        data, settings.max_zip_entries, settings.max_zip_uncompressed_bytes, settings.max_zip_ratio,
+        settings.max_image_bytes,
+    )  # fmt: skip
     csvs = [n for n in files if n.lower().endswith(".csv")]
     if csv_text is None:
         if not csvs:
