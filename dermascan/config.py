@@ -67,6 +67,9 @@ class Settings:
     login_attempts_per_minute: int = 10
     # the session cookie only over HTTPS (on behind TLS, as in docker-compose)
     session_cookie_secure: bool = False
+    # reverse proxies in front of the web process whose X-Forwarded-For/-Proto/-Host are trusted
+    # (ProxyFix); 0: none — the client address is the socket's, and the headers are ignored
+    trusted_proxies: int = 0
     # a portal session ends after this long without a request, and this long after its login
     session_idle_timeout_s: int = 30 * 60
     session_max_age_s: int = 12 * 3600

@@ -274,3 +274,30 @@ def test_zip_entries_that_are_not_images_are_skipped_unread_and_each_entry_is_ca
     big = _with_entry(archive, "huge.jpg", b"\xff\xd8" + bytes(50_000))
     reply = small.post("/api/v1/batches", headers=headers, data={"archive": (io.BytesIO(big), "b.zip")})
     assert reply.status_code == 413 and "huge.jpg" in reply.json["error"], reply.json
+
+
+def test_forwarded_addresses_are_believed_only_from_configured_proxies(portal):
+    """Without a trusted proxy an attacker cannot pick the address the throttle and the audit
+    trail see; with one, the client's address comes from its X-Forwarded-For."""
+    settings, app_factory = portal
+    from dermascan.schema import AuditEvent
+
+    for proxies, forwarded, seen in ((0, "198.51.100.1", "10.0.0.2"), (1, "198.51.100.1", "198.51.100.1")):
+        client = app_factory(settings.replace(trusted_proxies=proxies)).test_client()
+        page = client.get("/login")
+        client.post(
+            "/login",
+            data={"username": "dr-target", "password": "wrong", "csrf_token": csrf(page.text)},
+            environ_base={"REMOTE_ADDR": "10.0.0.2"},
+            headers={"X-Forwarded-For": forwarded},
+        )
+        with session_factory(settings.database_url)() as session:
+            last = session.query(AuditEvent).order_by(AuditEvent.id.desc()).first()
+        assert (last.action, last.ip) == ("login_failed", seen), proxies
+
+
+def test_overlong_usernames_are_a_form_error_not_a_server_error(portal):
+    settings, app_factory = portal
+    client = app_factory(settings).test_client()
+    reply = _login(client, "u" * 500, "x" * 20)
+    assert reply.status_code in (200, 400, 401) and "Username" in reply.text

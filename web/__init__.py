@@ -35,6 +35,13 @@ def create_app(settings: Settings | None = None, test_config: dict | None = None
     )
     if test_config:
         app.config.from_mapping(test_config)
+    if settings.trusted_proxies > 0:
+        # only the configured number of proxies' X-Forwarded-* are believed: with none, a client
+        # cannot pick its own address for the login throttle, the rate limits or the audit trail
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)
     app.extensions["dermascan_sessions"] = session_factory(settings.database_url)
 
     @app.before_request
