@@ -46,6 +46,7 @@ class StudyInput:
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
     sop_instance_uid: str | None = None
+    accession_number: str | None = None  # an identifier: stored only as a pseudonym
     row: int | None = None  # where it came from, for the validation report
 
 
@@ -197,6 +198,11 @@ class SubmitStudies:
                     "series_instance_uid": item.series_instance_uid,
                     "sop_instance_uid": item.sop_instance_uid,
                     "patient_pseudonym": pseudonymise(self.settings.secret_key, self.program_id, item.patient_id),
+                    "accession_pseudonym": pseudonymise(
+                        self.settings.secret_key,
+                        self.program_id,
+                        item.accession_number and f"accession:{item.accession_number}",
+                    ),
                     "metadata": meta,
                     "image_sha256": self.blobs.put(item.image, durable=False),
                     "image_format": info.format,

@@ -81,6 +81,18 @@ def test_stow_rs_with_dicomweb_client_is_scored_with_header_metadata(
         rows[0].patient_pseudonym == rows[1].patient_pseudonym == pseudonymise(settings.secret_key, program_id, "MRN-1")
     )
     assert "MRN-1" not in rows[0].patient_pseudonym
+    # so is the AccessionNumber: the reference shown and exported is the SOP Instance UID
+    for row, ds in zip(rows, instances, strict=True):
+        assert row.external_id == ds.SOPInstanceUID
+        assert row.accession_pseudonym == pseudonymise(
+            settings.secret_key, program_id, f"accession:{ds.AccessionNumber}"
+        )
+    exported = requests.get(
+        f"{server.url}/api/v1/batches/{rows[0].batch_id}/results?format=csv",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    ).text
+    assert all(ds.AccessionNumber not in exported and ds.PatientID not in exported for ds in instances)
     assert rows[0].image_format == "jpeg" and rows[1].image_format == "png"
     with session_factory(settings.database_url)() as session:
         assert len(list(session.scalars(select(Prediction)))) == 2

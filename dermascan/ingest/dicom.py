@@ -267,7 +267,10 @@ def parse_dataset(ds: Dataset, limits: Settings | None = None) -> ParsedInstance
             "sex": parse_sex(ds.get("PatientSex")),
             "anatom_site_general": parse_site(ds),
         },
-        external_id=str(ds.get("AccessionNumber", "") or "") or sop_instance,
+        # the reference is the SOP Instance UID; the AccessionNumber identifies a person's order, so
+        # like the PatientID it is kept only as a keyed pseudonym
+        external_id=sop_instance,
+        accession_number=str(ds.get("AccessionNumber", "") or "") or None,
         patient_id=str(ds.get("PatientID", "") or "") or None,
         study_instance_uid=str(ds.get("StudyInstanceUID", "") or "") or None,
         series_instance_uid=str(ds.get("SeriesInstanceUID", "") or "") or None,
