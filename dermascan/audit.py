@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from sqlalchemy.orm import Session
 
@@ -40,12 +40,13 @@ def record(
 CSV_COLUMNS = ["id", "at", "action", "user", "token_id", "object_type", "object_id", "detail", "ip"]
 
 
-def to_csv(events: Iterable[AuditEvent]) -> str:
+def to_csv(events: Iterable[AuditEvent], header: bool = True) -> str:
     import json
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    if header:
+        writer.writerow(CSV_COLUMNS)
     for e in events:
         writer.writerow(
             [
@@ -64,3 +65,28 @@ def to_csv(events: Iterable[AuditEvent]) -> str:
             ]
         )
     return buffer.getvalue()
+
+
+def stream_csv(factory, page: int = 2000) -> Iterator[str]:
+    """The whole trail as CSV text, a page of events at a time (keyset pagination in a session of
+    its own): memory stays flat however long the trail."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import joinedload
+
+    yield to_csv([], header=True)
+    last = 0
+    while True:
+        with factory() as session:
+            events = list(
+                session.scalars(
+                    select(AuditEvent)
+                    .options(joinedload(AuditEvent.user))
+                    .where(AuditEvent.id > last)
+                    .order_by(AuditEvent.id)
+                    .limit(page)
+                )
+            )
+            if not events:
+                return
+            yield to_csv(events, header=False)
+        last = events[-1].id

@@ -76,6 +76,9 @@ class Settings:
     # metrics (Prometheus): the worker serves them on this port (0: off); the admin page reads these URLs
     metrics_port: int = 0
     worker_metrics_urls: str = ""
+    # REST API and STOW-RS rate limits (Flask-Limiter notation): per bearer token, and per address
+    api_rate_limit: str = "1200 per minute"
+    api_address_rate_limit: str = "3000 per minute"
     # completion callbacks
     callback_retries: int = 5
     # hosts, addresses or networks (comma-separated) that callbacks may reach over http or at a

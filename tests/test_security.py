@@ -301,3 +301,47 @@ def test_overlong_usernames_are_a_form_error_not_a_server_error(portal):
     client = app_factory(settings).test_client()
     reply = _login(client, "u" * 500, "x" * 20)
     assert reply.status_code in (200, 400, 401) and "Username" in reply.text
+
+
+def test_api_and_stow_rs_are_rate_limited_per_token(pg_settings, app_factory, api_token):
+    settings = pg_settings.replace(api_rate_limit="3 per minute", api_address_rate_limit="100 per minute")
+    client = app_factory(settings).test_client()
+    _, first = api_token("limited-a")
+    _, second = api_token("limited-b")
+    statuses = [
+        client.get("/api/v1/batches", headers={"Authorization": f"Bearer {first}"}).status_code for _ in range(3)
+    ]
+    assert statuses == [200, 200, 200]
+    refused = client.post(
+        "/dicomweb/studies",
+        headers={"Authorization": f"Bearer {first}", "Content-Type": "multipart/related; boundary=x"},
+    )
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    assert "error" in refused.json
+    # another program's token is counted on its own
+    assert client.get("/api/v1/batches", headers={"Authorization": f"Bearer {second}"}).status_code == 200
+    # and one address cannot go around the limit with made-up tokens
+    per_address = app_factory(pg_settings.replace(api_address_rate_limit="2 per minute")).test_client()
+    codes = [
+        per_address.get("/api/v1/batches", headers={"Authorization": f"Bearer made-up-{i}"}).status_code
+        for i in range(3)
+    ]
+    assert codes == [401, 401, 429]
+
+
+def test_the_audit_csv_is_streamed_page_by_page(portal):
+    settings, app_factory = portal
+    from dermascan import audit
+
+    with session_factory(settings.database_url)() as session, session.begin():
+        create_user(session, "exporter", PASSWORD, "admin", get_or_create_program(session, "p").id)
+        for i in range(4500):  # more than two pages
+            audit.record(session, "case_viewed", object_type="study", object_id=i)
+    client = app_factory(settings).test_client()
+    assert _login(client, "exporter", PASSWORD).status_code == 302
+    reply = client.get("/admin/audit.csv")
+    assert reply.status_code == 200 and reply.is_streamed
+    rows = list(csv.DictReader(io.StringIO(reply.get_data(as_text=True))))
+    viewed = [r for r in rows if r["action"] == "case_viewed"]
+    assert [int(r["object_id"]) for r in viewed] == list(range(4500))
+    assert [int(r["id"]) for r in rows] == sorted(int(r["id"]) for r in rows)

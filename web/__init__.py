@@ -89,12 +89,14 @@ def create_app(settings: Settings | None = None, test_config: dict | None = None
             return jsonify({"error": message}), exc.code
         return exc
 
-    from web import api, auth, portal
+    from web import api, auth, dicomweb, portal
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(portal.bp)
     app.register_blueprint(api.bp)
-    for name in ("dicomweb", "referrals", "admin"):
+    app.register_blueprint(dicomweb.bp)
+    for name in ("referrals", "admin"):
         module = __import__(f"web.{name}", fromlist=["bp"])
         app.register_blueprint(module.bp)
+    extensions.limit_machine_doors(app, [api.bp, dicomweb.bp])
     return app

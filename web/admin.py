@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, abort, flash, redirect, render_template, request, url_for
+from flask import Blueprint, Response, abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select
@@ -192,12 +192,13 @@ def audit_log():
 @bp.get("/audit.csv")
 @role_required("admin")
 def audit_csv():
-    events = db().scalars(select(AuditEvent).order_by(AuditEvent.id))
-    body = audit.to_csv(events)
     audit_event("audit_exported", object_type="audit")
     db().commit()
+    factory = current_app.extensions["dermascan_sessions"]
     return Response(
-        body, mimetype="text/csv", headers={"Content-Disposition": "attachment; filename=dermascan-audit.csv"}
+        audit.stream_csv(factory),
+        mimetype="text/csv",
+        headers={"Content-Disposition": "attachment; filename=dermascan-audit.csv"},
     )
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
-from flask import Flask, session
+from flask import Flask, current_app, request, session
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
 from flask_login import LoginManager
 from flask_wtf.csrf import CSRFProtect
 
@@ -12,6 +15,39 @@ login_manager = LoginManager()
 login_manager.login_view = "auth.login"
 login_manager.login_message = "Please log in."
 csrf = CSRFProtect()
+
+
+def _token_key() -> str:
+    """Requests are counted per bearer token (its hash: the token itself is never a key)."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return "token:" + hashlib.sha256(value.strip().encode()).hexdigest()[:32]
+    return "address:" + (get_remote_address() or "")
+
+
+def _limit(name: str):
+    return lambda: getattr(current_app.config["DERMASCAN"], name)
+
+
+def limit_machine_doors(app: Flask, blueprints) -> Limiter:
+    """Per-token and per-address rate limits on every route of the machine doors (REST API,
+    STOW-RS). Redis in production, so every web process counts together; memory in the embedded
+    default. A storage failure lets the request through: the broker being down must not stop
+    uploads, which are stored first and queued later."""
+    settings = app.config["DERMASCAN"]
+    app.config.setdefault(
+        "RATELIMIT_STORAGE_URI", settings.broker_url if settings.broker_url.startswith("redis") else "memory://"
+    )
+    app.config.setdefault("RATELIMIT_STORAGE_OPTIONS", {"socket_connect_timeout": 1, "socket_timeout": 1})
+    limiter = Limiter(key_func=get_remote_address, default_limits=[], headers_enabled=True, swallow_errors=True)
+    limiter.init_app(app)
+    for blueprint in blueprints:
+        # one counter across every route of both doors (not one per route)
+        limiter.shared_limit(_limit("api_rate_limit"), scope="machine-doors-token", key_func=_token_key)(blueprint)
+        limiter.shared_limit(
+            _limit("api_address_rate_limit"), scope="machine-doors-address", key_func=get_remote_address
+        )(blueprint)
+    return limiter
 
 
 class PortalUser:
