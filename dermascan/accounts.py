@@ -61,6 +61,7 @@ def change_user(
     active: bool | None = None,
     password: str | None = None,
     role: Role | str | None = None,
+    all_programs: bool | None = None,
     by_user_id: int | None = None,
     ip: str | None = None,
 ) -> str:
@@ -79,6 +80,9 @@ def change_user(
     if role is not None and Role(role) != user.role:
         done.append(f"role {Role(user.role).value} → {Role(role).value}")
         user.role = Role(role)
+    if all_programs is not None and all_programs != user.all_programs:
+        user.all_programs = all_programs
+        done.append("granted every program's batches" if all_programs else "limited to their own program")
     if not done:
         raise AccountError(f"nothing to change for {user.username}")
     revoke_sessions(user)

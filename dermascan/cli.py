@@ -280,6 +280,16 @@ def _change_user(ctx, username: str, **change) -> None:
             raise click.ClickException(str(exc)) from exc
 
 
+@user.command("scope")
+@click.argument("username")
+@click.option("--all-programs/--own-program", required=True, help="Whose batches a specialist may open.")
+@click.pass_context
+def user_scope(ctx, username, all_programs):
+    """Grant a specialist every program's batches, or limit them to their own program's (referred
+    cases and their patient's other lesions are always visible to specialists)."""
+    _change_user(ctx, username, all_programs=all_programs)
+
+
 @user.command("disable")
 @click.argument("username")
 @click.pass_context

@@ -25,6 +25,7 @@ from sqlalchemy import (
     func,
     true,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING_CONVENTION = {
@@ -133,6 +134,9 @@ class User(Base):
     # part of every session cookie: logout, a password change, a new role or disabling the user
     # bump it, and every cookie issued before stops working
     session_version: Mapped[int] = mapped_column(default=0, server_default="0")
+    # a specialist sees referred cases of every program, but whole batches only of their own
+    # program unless an admin grants this (docs/security.md)
+    all_programs: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
     created_at: Mapped[timestamp]
     last_login_at: Mapped[optional_timestamp]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from sqlalchemy import select
 
 from dermascan import bundles, results
 from dermascan.accounts import create_token, create_user
@@ -179,3 +180,58 @@ def test_login_rate_limit(world, app_factory):
     assert (
         client.post("/login", data={"username": "admin", "password": PASSWORD, "csrf_token": token}).status_code == 429
     )
+
+
+def test_specialists_see_referred_cases_and_their_context_not_other_programs_batches(
+    pg_settings, tiny_bundle, ham_dir, app_factory
+):
+    """The access-scope rule of docs/security.md: a specialist of another program (or of none)
+    opens a referred case, its image and the same patient's other lesions, but not the batch, its
+    results CSV or an unrelated study of that program — until an admin grants every program.
+    An uploader without a program sees nothing (fail closed)."""
+    from dermascan.accounts import change_user, get_user
+    from dermascan.screening import submit
+    from tests.helpers import ham_inputs
+
+    settings = pg_settings
+    factory = session_factory(settings.database_url)
+    with factory() as session, session.begin():
+        site_a, site_b = get_or_create_program(session, "site-a"), get_or_create_program(session, "site-b")
+        create_user(session, "dr-b", PASSWORD, "specialist", site_b.id)
+        create_user(session, "orphan", PASSWORD, "uploader", None)
+        bundle = bundles.register(session, tiny_bundle)
+        a_id = site_a.id
+    inputs = ham_inputs(ham_dir, 3)
+    inputs[0].patient_id = inputs[1].patient_id = "MRN-42"  # two lesions of one patient
+    inputs[2].patient_id = "MRN-99"
+    result = submit(settings, a_id, inputs, source="test")
+    referred, context, unrelated = (a.study_id for a in result.accepted)
+    with factory() as session, session.begin():
+        for sid in (referred, context, unrelated):
+            session.get(Study, sid).status = StudyStatus.PROCESSING
+        results.record(
+            session, bundle.version, 0.5,
+            [results.ScoredStudy(referred, 0.9), results.ScoredStudy(context, 0.1), results.ScoredStudy(unrelated, 0.1)],
+        )  # fmt: skip
+        from dermascan.schema import Referral
+
+        referral_id = session.scalar(select(Referral.id).where(Referral.study_id == referred))
+    app = app_factory(settings)
+    client = app.test_client()
+    login(client, "dr-b")
+    assert client.get(f"/referrals/{referral_id}").status_code == 200
+    assert client.get(f"/studies/{referred}/image").status_code == 200
+    assert client.get(f"/studies/{context}/image").status_code == 200  # the patient's other lesion
+    assert client.get(f"/studies/{unrelated}/image").status_code == 404
+    batch_paths = [f"/batches/{result.batch_id}", f"/batches/{result.batch_id}/results.csv"]
+    assert [client.get(p).status_code for p in batch_paths] == [404, 404]
+    assert result.batch_id not in client.get("/batches").text
+    with factory() as session, session.begin():
+        change_user(session, get_user(session, "dr-b"), all_programs=True)
+    login(client, "dr-b")  # the change ended the session
+    assert [client.get(p).status_code for p in batch_paths] == [200, 200]
+    assert client.get(f"/studies/{unrelated}/image").status_code == 200
+    orphan = app.test_client()
+    login(orphan, "orphan")
+    assert result.batch_id not in orphan.get("/batches").text
+    assert orphan.get(f"/studies/{referred}/image").status_code == 404

@@ -81,6 +81,8 @@ class UserChangeForm(FlaskForm):
             ("enable", "enable"),
             ("set_role", "set role"),
             ("reset_password", "reset password"),
+            ("grant_all_programs", "see every program's batches"),
+            ("own_program_only", "own program's batches only"),
         ],
     )
     role = SelectField(
@@ -113,6 +115,8 @@ def change_user(user_id):
         "enable": {"active": True},
         "set_role": {"role": form.role.data or None},
         "reset_password": {"password": form.password.data or None},
+        "grant_all_programs": {"all_programs": True},
+        "own_program_only": {"all_programs": False},
     }[action]
     try:
         message = apply_change(db(), target, **change, by_user_id=current_user.id, ip=client_ip())

@@ -60,6 +60,7 @@ class PortalUser:
         self.program_id = row.program_id
         self.active = row.active
         self.session_version = row.session_version or 0
+        self.all_programs = bool(row.all_programs)
 
     is_authenticated = True
     is_anonymous = False

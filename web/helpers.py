@@ -49,8 +49,30 @@ def audit_event(action: str, **fields) -> None:
     audit.record(db(), action, user_id=user_id, ip=client_ip(), **fields)
 
 
+NO_PROGRAM = 0  # matches no program: a user without one sees nothing (fail closed)
+
+
 def program_scope():
-    """None for admins and specialists (all programs); the uploader's program otherwise."""
-    if current_user.has_role("admin", "specialist"):
+    """Whose batches the user sees: None for admins and for specialists an admin granted every
+    program; otherwise the user's own program, or NO_PROGRAM when they have none."""
+    if current_user.has_role("admin") or (current_user.has_role("specialist") and current_user.all_programs):
         return None
-    return current_user.program_id
+    return current_user.program_id or NO_PROGRAM
+
+
+def specialist_may_see(study) -> bool:
+    """A specialist sees a referred study, and the same patient's other lesions (its context),
+    in any program."""
+    from sqlalchemy import exists, select
+
+    from dermascan.schema import Referral, Study
+
+    if not current_user.has_role("specialist"):
+        return False
+    referred = exists().where(Referral.study_id == Study.id)
+    query = select(Study.id).where(referred, Study.program_id == study.program_id)
+    if study.patient_pseudonym:
+        query = query.where((Study.id == study.id) | (Study.patient_pseudonym == study.patient_pseudonym))
+    else:
+        query = query.where(Study.id == study.id)
+    return db().scalar(query.limit(1)) is not None

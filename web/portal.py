@@ -20,7 +20,7 @@ from dermascan.ingest import manifest
 from dermascan.ingest.errors import IngestError
 from dermascan.ingest.records import SITES
 from dermascan.schema import Batch, Prediction, Study
-from web.helpers import audit_event, db, program_scope, role_required, settings
+from web.helpers import audit_event, db, program_scope, role_required, settings, specialist_may_see
 
 bp = Blueprint("portal", __name__)
 UPLOAD_ROLES = ("uploader", "admin")
@@ -49,6 +49,8 @@ class BulkForm(FlaskForm):
 def _program_id() -> int:
     if current_user.program_id:
         return current_user.program_id
+    if not current_user.has_role("admin"):
+        abort(403, "your account belongs to no program: an administrator must set one before you can upload")
     return screening.get_or_create_program(db(), "default").id
 
 
@@ -63,7 +65,7 @@ def get_batch(batch_id: str) -> Batch:
 def get_study(study_id: int) -> Study:
     study = db().get(Study, study_id)
     scope = program_scope()
-    if study is None or (scope is not None and study.program_id != scope):
+    if study is None or (scope is not None and study.program_id != scope and not specialist_may_see(study)):
         abort(404)
     return study
 
