@@ -95,6 +95,14 @@ class BlobStore:
     def exists(self, digest: str) -> bool:
         return self.path(digest).exists()
 
+    def delete(self, digest: str) -> bool:
+        """Remove a blob (retention); False when it was not there."""
+        try:
+            self.path(digest).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
 
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)

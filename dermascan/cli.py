@@ -129,6 +129,29 @@ def web_command(host: str, port: int, workers: int) -> list[str]:
 
 
 @main.command()
+@click.option(
+    "--older-than",
+    "days",
+    type=click.FloatRange(min=0, min_open=True),
+    required=True,
+    help="Days since a study finished.",
+)
+@click.pass_context
+def purge(ctx, days):
+    """Delete the images and heat maps of studies finished more than DAYS ago whose referral, if
+    any, is decided (results, decisions and the audit trail are kept; audited)."""
+    from dermascan.retention import purge as run_purge
+
+    settings = _settings(ctx)
+    _ensure_db(settings)
+    totals = run_purge(session_factory(settings.database_url), settings.blob_dir, days, by="dermascan purge")
+    click.echo(
+        f"{totals['studies']} studies purged: {totals['images_deleted']} images and "
+        f"{totals['heatmaps_deleted']} heat maps deleted"
+    )
+
+
+@main.command()
 @click.pass_context
 def sweep(ctx):
     """Re-send studies left queued (or stuck processing) too long."""

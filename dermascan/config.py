@@ -61,6 +61,10 @@ class Settings:
     max_zip_ratio: int = 200
     # requests that are not uploads (login, forms, decisions): the most a body may hold
     max_form_bytes: int = 64 * 1024
+    # retention: images and heat maps of studies finished (and, if referred, decided) more than
+    # this many days ago are deleted by the sweeper; results, decisions and the audit trail stay.
+    # 0: keep them (then run `dermascan purge --older-than DAYS` when the hospital's policy says)
+    retention_days: int = 0
     # accounts
     claim_timeout_s: int = 1800
     # failed logins per (username, address) before each further attempt waits, doubling each time

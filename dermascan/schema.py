@@ -231,6 +231,8 @@ class Study(Base):
     enqueued_at: Mapped[optional_timestamp]
     started_at: Mapped[optional_timestamp]
     finished_at: Mapped[optional_timestamp]
+    # the image and heat map were deleted under the retention policy (results and decisions stay)
+    image_purged_at: Mapped[optional_timestamp]
 
     batch: Mapped[Batch | None] = relationship(back_populates="studies")
     predictions: Mapped[list[Prediction]] = relationship(back_populates="study", order_by="Prediction.created_at")

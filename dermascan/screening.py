@@ -396,4 +396,12 @@ def sweep(settings: Settings, now: dt.datetime | None = None, unsent_after_s: fl
             len(sent),
             claims,
         )
-    return {"found": len(rows), "stuck_processing": len(stuck), "sent": len(sent), "stale_claims": claims}
+    purged = {}
+    if settings.retention_days > 0:
+        from dermascan import retention
+
+        purged = retention.purge(factory, settings.blob_dir, settings.retention_days, now=now)
+    return {
+        "found": len(rows), "stuck_processing": len(stuck), "sent": len(sent), "stale_claims": claims,
+        "purged": purged.get("studies", 0),
+    }  # fmt: skip

@@ -261,6 +261,8 @@ def study_image(study_id):
     thumb = request.args.get("thumb")
     if thumb is not None and not (thumb.isdigit() and 16 <= int(thumb) <= 512):
         abort(400, "thumb must be a whole number of pixels from 16 to 512")
+    if study.image_purged_at is not None:
+        abort(410, "the image was deleted under the retention policy (the result and decision are kept)")
     try:
         data = BlobStore(settings().blob_dir).get(study.image_sha256)
     except BlobError:
