@@ -79,7 +79,9 @@ def main() -> None:
         if assoc.is_established:
             assoc.release()
         time.sleep(0.5)
-        rows.append(("C-STORE", f"{len(part10) / 1e6:.1f}", outcome, f"{elapsed:.2f}", f"{peak_rss_mb(scp.pid) - base:.0f}"))
+        rows.append(
+            ("C-STORE", f"{len(part10) / 1e6:.1f}", outcome, f"{elapsed:.2f}", f"{peak_rss_mb(scp.pid) - base:.0f}")
+        )
     finally:
         scp.terminate()
         scp.wait(10)
@@ -108,13 +110,18 @@ def main() -> None:
         reply = requests.post(
             f"http://127.0.0.1:{port}/dicomweb/studies",
             data=body,
-            headers={"Authorization": f"Bearer {token}", "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Content-Type": 'multipart/related; type="application/dicom"; boundary=b',
+            },
             timeout=120,
         )
         elapsed = time.perf_counter() - t0
         failed = reply.json().get("00081198", {}).get("Value", [{}])[0]
         outcome = f"{reply.status_code}, 0x{failed.get('00081197', {}).get('Value', [0])[0]:04X}"
-        rows.append(("STOW-RS", f"{len(part10) / 1e6:.1f}", outcome, f"{elapsed:.2f}", f"{peak_rss_mb(web.pid) - base:.0f}"))
+        rows.append(
+            ("STOW-RS", f"{len(part10) / 1e6:.1f}", outcome, f"{elapsed:.2f}", f"{peak_rss_mb(web.pid) - base:.0f}")
+        )
     finally:
         web.terminate()
         web.wait(10)

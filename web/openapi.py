@@ -109,6 +109,13 @@ JSON_RECORD = {
 }
 
 
+CALLBACK_DOC = (
+    "https URL POSTed when the batch completes, signed in X-DermaScan-Signature (t=<unix time>,v1=<HMAC-SHA256 "
+    "of '<t>.<body>'>) with the program's own callback secret (issued by an administrator). Loopback, private and "
+    "link-local addresses are refused; redirects are not followed."
+)
+
+
 def _paging(per_page_max: int) -> list[dict]:
     """The ``page`` and ``per_page`` query parameters (web/api.py: _pagination checks them)."""
     return [
@@ -205,7 +212,12 @@ def document() -> dict:
                                         "archive": {"type": "string", "format": "binary"},
                                         "manifest": {"type": "string", "format": "binary"},
                                         "label": {"type": "string"},
-                                        "callback_url": {"type": "string", "format": "uri"},
+                                        "callback_url": {
+                                            "type": "string",
+                                            "format": "uri",
+                                            "maxLength": 2000,
+                                            "description": CALLBACK_DOC,
+                                        },
                                     },
                                     "required": ["archive"],
                                 }
@@ -215,7 +227,12 @@ def document() -> dict:
                                     "type": "object",
                                     "properties": {
                                         "label": {"type": "string"},
-                                        "callback_url": {"type": "string", "format": "uri"},
+                                        "callback_url": {
+                                            "type": "string",
+                                            "format": "uri",
+                                            "maxLength": 2000,
+                                            "description": CALLBACK_DOC,
+                                        },
                                         "records": {"type": "array", "items": JSON_RECORD},
                                     },
                                     "required": ["records"],
