@@ -80,7 +80,7 @@ def test_sweep_command_resends_unsent_studies(make_settings, pg_url, private_red
     private_redis.start()
     time.sleep(5.5)  # older than the unsent grace period
     outcome = sweep(settings)
-    assert outcome == {"found": 2, "stuck_processing": 0, "sent": 2, "stale_claims": 0}
+    assert outcome == {"found": 2, "stuck_processing": 0, "sent": 2, "stale_claims": 0, "purged": 0}
     import redis
 
     assert redis.Redis.from_url(private_redis.url).llen("bulk") == 1  # one chunk message
