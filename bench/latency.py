@@ -37,8 +37,9 @@ def main(argv=None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     from dermascan.db import session_factory
+    from dermascan.identity import get_or_create_program
     from dermascan.schema import Study
-    from dermascan.screening import get_or_create_program, submit
+    from dermascan.submission import submit
     from model.bundle import read_manifest
     from tests.helpers import ham_inputs
 

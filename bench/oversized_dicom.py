@@ -91,7 +91,7 @@ def main() -> None:
         from dermascan.accounts import create_token
         from dermascan.config import Settings
         from dermascan.db import session_factory
-        from dermascan.screening import get_or_create_program
+        from dermascan.identity import get_or_create_program
         from web import create_app
         settings = Settings.from_env()
         with session_factory(settings.database_url)() as s, s.begin():

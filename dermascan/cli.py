@@ -155,7 +155,7 @@ def purge(ctx, days):
 @click.pass_context
 def sweep(ctx):
     """Re-send studies left queued (or stuck processing) too long."""
-    from dermascan.screening import sweep as run_sweep
+    from dermascan.sweeper import sweep as run_sweep
 
     click.echo(json.dumps(run_sweep(_settings(ctx))))
 
@@ -173,10 +173,10 @@ def submit(ctx, path, program, label, limit, interactive, idempotency_key):
     """Submit a folder of images (+ manifest.csv), a ZIP, or ISIC-2024-layout data. Prints the batch id."""
     from tqdm import tqdm
 
+    from dermascan.identity import get_or_create_program
     from dermascan.ingest import manifest
     from dermascan.ingest.errors import IngestError
-    from dermascan.screening import get_or_create_program
-    from dermascan.screening import submit as do_submit
+    from dermascan.submission import submit as do_submit
 
     settings = _settings(ctx)
     _ensure_db(settings)
@@ -281,7 +281,7 @@ def user():
 def user_add(ctx, username, role, program, password):
     """Create a portal user."""
     from dermascan.accounts import AccountError, create_user
-    from dermascan.screening import get_or_create_program
+    from dermascan.identity import get_or_create_program
 
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session, session.begin():
@@ -359,7 +359,7 @@ def token():
 def token_create(ctx, name, program):
     """Create an API token (printed once; only its hash is stored)."""
     from dermascan.accounts import create_token
-    from dermascan.screening import get_or_create_program
+    from dermascan.identity import get_or_create_program
 
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session, session.begin():
@@ -380,8 +380,8 @@ def program():
 def program_prevalence(ctx, name, value, clear):
     """Set the share of malignant lesions PROGRAM expects (e.g. 0.02): its displayed
     probabilities are re-weighed to it; the referral decision stays on the bundle's threshold."""
+    from dermascan.identity import get_or_create_program
     from dermascan.operating_point import PrevalenceError, set_expected_prevalence
-    from dermascan.screening import get_or_create_program
 
     if (value is None) == (not clear):
         raise click.UsageError("give a VALUE or --clear")
@@ -401,7 +401,7 @@ def program_callback_secret(ctx, name):
     """Issue PROGRAM a new callback signing secret and print it once (the previous one stops signing)."""
     from dermascan import audit
     from dermascan.accounts import issue_callback_secret
-    from dermascan.screening import get_or_create_program
+    from dermascan.identity import get_or_create_program
 
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session, session.begin():
@@ -629,11 +629,11 @@ def demo(ctx, once, port, timeout):
     """Screen the bundled example studies end to end (worker process + portal), embedded default."""
     from dermascan import bundles, migrate, reports
     from dermascan.accounts import create_user
+    from dermascan.identity import get_or_create_program
     from dermascan.ingest import manifest
     from dermascan.queue import QUEUES
     from dermascan.schema import Batch, Role, User
-    from dermascan.screening import get_or_create_program
-    from dermascan.screening import submit as do_submit
+    from dermascan.submission import submit as do_submit
 
     settings = _settings(ctx)
     click.echo(f"data directory: {settings.data_dir}")

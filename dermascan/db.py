@@ -7,6 +7,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from sqlalchemy import create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,3 +33,19 @@ def engine_for(url: str, pre_ping: bool = True) -> Engine:
 
 def session_factory(url: str, pre_ping: bool = True) -> sessionmaker[Session]:
     return sessionmaker(engine_for(url, pre_ping), expire_on_commit=False)
+
+
+def dialect_insert(session: Session, table):
+    """An INSERT with the dialect's ``ON CONFLICT`` support (PostgreSQL, SQLite)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"no ON CONFLICT support for {dialect}")
+
+
+def insert_ignoring_conflicts(session: Session, table, rows: list[dict], conflict: list[str]) -> None:
+    """One multi-row INSERT of ``rows``; a row whose ``conflict`` columns already exist is skipped."""
+    if rows:
+        session.execute(dialect_insert(session, table).values(rows).on_conflict_do_nothing(index_elements=conflict))

@@ -36,7 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
 
-from dermascan import screening
+from dermascan import identity, submission
 from dermascan.config import Settings
 from dermascan.db import session_factory
 from dermascan.ingest import dicom
@@ -231,7 +231,7 @@ class Receiver:
 
     def _store(self, event, parsed, program_id: int):
         batch_id = self._batch_for(event, program_id)
-        command = screening.SubmitStudies(self.settings, program_id, [parsed.study], source="dicom", batch_id=batch_id)
+        command = submission.SubmitStudies(self.settings, program_id, [parsed.study], source="dicom", batch_id=batch_id)
         with self.factory() as session, session.begin():
             return command.run(session)
 
@@ -279,7 +279,7 @@ class Receiver:
                 if ready:
                     self.pending[key] = []
             if chunk:
-                screening.enqueue(self.settings, chunk, interactive=False)
+                submission.enqueue(self.settings, chunk, interactive=False)
         return SUCCESS
 
     def handle_closed(self, event) -> None:
@@ -293,7 +293,7 @@ class Receiver:
                 count = select(func.count()).select_from(Study).where(Study.batch_id == batch_id).scalar_subquery()
                 session.execute(update(Batch).where(Batch.id == batch_id).values(total=count))
         if chunk:
-            screening.enqueue(self.settings, chunk, interactive=False)
+            submission.enqueue(self.settings, chunk, interactive=False)
 
 
 def make_ae(ae_title: str, allowed_callers: list[str] | None = None) -> AE:
@@ -324,7 +324,7 @@ def make_server(
 ):
     """A running (non-blocking) C-STORE server. Call ``shutdown()`` to stop it."""
     with session_factory(settings.database_url)() as session, session.begin():
-        program_ids = {name: screening.get_or_create_program(session, name).id for name in allow.programs()}
+        program_ids = {name: identity.get_or_create_program(session, name).id for name in allow.programs()}
     receiver = Receiver(settings, allow, program_ids)
     ae = make_ae(ae_title, None if allow.allow_any else sorted({c.ae_title for c in allow.callers}))
     handlers = [

@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dermascan import referral_policy
+from dermascan.db import insert_ignoring_conflicts
 from dermascan.schema import Batch, Prediction, Priority, Referral, Study, StudyStatus, utcnow
 
 
@@ -68,19 +68,6 @@ def gather_interactive(session: Session, exclude: Sequence[int], limit: int) -> 
     return ids
 
 
-def _insert_ignore(session: Session, table, rows: list[dict], conflict: list[str]):
-    if not rows:
-        return
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        stmt = postgresql.insert(table).values(rows).on_conflict_do_nothing(index_elements=conflict)
-    elif dialect == "sqlite":
-        stmt = sqlite.insert(table).values(rows).on_conflict_do_nothing(index_elements=conflict)
-    else:
-        stmt = insert(table).values(rows)
-    session.execute(stmt)
-
-
 def record(
     session: Session,
     bundle_version: str,
@@ -93,7 +80,7 @@ def record(
     above ``threshold``; every not-assessable image, to be checked by a person). The returned
     ``high_risk`` lists the study ids referred for their probability (they get heat maps)."""
     now = utcnow()
-    _insert_ignore(
+    insert_ignoring_conflicts(
         session,
         Prediction.__table__,
         [
@@ -134,7 +121,7 @@ def record(
                 )
             ).all()
         )
-        _insert_ignore(
+        insert_ignoring_conflicts(
             session,
             Referral.__table__,
             [

@@ -352,7 +352,7 @@ def api_token(pg_settings):
     """A bearer token for program 'telederm-a' → (program_id, token)."""
     from dermascan.accounts import create_token
     from dermascan.db import session_factory
-    from dermascan.screening import get_or_create_program
+    from dermascan.identity import get_or_create_program
 
     def make(program: str = "telederm-a"):
         with session_factory(pg_settings.database_url)() as session, session.begin():

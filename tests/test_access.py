@@ -11,8 +11,8 @@ from sqlalchemy import select
 from dermascan import bundles, results
 from dermascan.accounts import create_token, create_user
 from dermascan.db import session_factory
+from dermascan.identity import get_or_create_program
 from dermascan.schema import Study, StudyStatus
-from dermascan.screening import get_or_create_program
 
 ROLES = ("anonymous", "uploader", "specialist", "admin")
 PASSWORD = "correct-horse-battery"
@@ -64,7 +64,7 @@ TABLE = {
 @pytest.fixture
 def world(pg_settings, tiny_bundle, ham_dir, app_factory):
     """An app with one user per role, a scored and referred study, and a token."""
-    from dermascan.screening import submit
+    from dermascan.submission import submit
     from tests.helpers import ham_inputs
 
     settings = pg_settings
@@ -190,7 +190,7 @@ def test_specialists_see_referred_cases_and_their_context_not_other_programs_bat
     results CSV or an unrelated study of that program — until an admin grants every program.
     An uploader without a program sees nothing (fail closed)."""
     from dermascan.accounts import change_user, get_user
-    from dermascan.screening import submit
+    from dermascan.submission import submit
     from tests.helpers import ham_inputs
 
     settings = pg_settings

@@ -12,9 +12,10 @@ from dermascan import bundles
 from dermascan.accounts import authenticate, token_for
 from dermascan.cli import main
 from dermascan.db import session_factory
+from dermascan.identity import get_or_create_program
 from dermascan.operating_point import at_threshold
 from dermascan.schema import AuditEvent, ModelBundle, Prediction, User
-from dermascan.screening import get_or_create_program, submit
+from dermascan.submission import submit
 from tests.helpers import ham_inputs
 
 PASSWORD = "correct-horse-battery"

@@ -11,7 +11,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from dermascan.accounts import create_token
 from dermascan.db import session_factory
-from dermascan.screening import get_or_create_program
+from dermascan.identity import get_or_create_program
 
 
 def test_api_conforms_to_its_openapi_document(pg_settings, app_factory):

@@ -9,14 +9,14 @@ from sqlalchemy import select
 
 from dermascan.db import session_factory
 from dermascan.schema import Study, StudyStatus
-from dermascan.screening import submit
+from dermascan.submission import submit
 from tests.conftest import wait_for
 from tests.helpers import all_done, ham_inputs, program_id, status_counts
 
 
 def queued_interactive(settings, ham_dir, n: int, offset: int = 0) -> list[int]:
     """Interactive studies stored without sending messages (the test calls the scorer directly)."""
-    from dermascan.screening import SubmitStudies
+    from dermascan.submission import SubmitStudies
 
     pid = program_id(settings)
     with session_factory(settings.database_url)() as session, session.begin():

@@ -24,8 +24,8 @@ from sqlalchemy import select
 
 from dermascan.accounts import create_user
 from dermascan.db import session_factory
+from dermascan.identity import get_or_create_program
 from dermascan.schema import Prediction, Referral
-from dermascan.screening import get_or_create_program
 from tests.conftest import ROOT, wait_for
 from tests.ham_files import ham_zip
 

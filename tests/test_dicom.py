@@ -16,9 +16,9 @@ from sqlalchemy import select, text
 
 from dermascan.db import session_factory
 from dermascan.dicom_scp import AllowList, make_server
+from dermascan.identity import pseudonymise
 from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC
 from dermascan.schema import Prediction, Study
-from dermascan.screening import pseudonymise
 from tests.conftest import free_port, wait_for
 from tests.dicom_factory import SECONDARY_CAPTURE, make_instance, stow, to_bytes, write
 from tests.ham_files import ham_images, ham_rows

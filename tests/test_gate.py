@@ -214,7 +214,7 @@ def test_unusable_images_come_back_not_assessable_and_go_to_the_specialists(
     import re
 
     from dermascan.accounts import create_user
-    from dermascan.screening import get_or_create_program
+    from dermascan.identity import get_or_create_program
 
     with session_factory(pg_settings.database_url)() as session, session.begin():
         create_user(session, "dr-check", "long-enough-pass", "specialist", get_or_create_program(session, "s").id)

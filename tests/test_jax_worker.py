@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from dermascan.db import session_factory
 from dermascan.schema import Prediction, Study
-from dermascan.screening import submit
+from dermascan.submission import submit
 from tests.conftest import wait_for
 from tests.helpers import all_done, ham_inputs, program_id
 

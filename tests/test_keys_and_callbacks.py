@@ -16,8 +16,8 @@ from sqlalchemy import select
 from dermascan import callbacks, keys, queue
 from dermascan.accounts import create_user, issue_callback_secret
 from dermascan.db import session_factory
+from dermascan.identity import get_or_create_program, pseudonymise
 from dermascan.schema import AuditEvent, Program
-from dermascan.screening import get_or_create_program, pseudonymise
 from tests.test_security import PASSWORD, _login
 
 

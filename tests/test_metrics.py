@@ -9,7 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dermascan.accounts import create_user
 from dermascan.db import session_factory
-from dermascan.screening import get_or_create_program, submit
+from dermascan.identity import get_or_create_program
+from dermascan.submission import submit
 from tests.conftest import free_port, wait_for
 from tests.helpers import all_done, ham_inputs, program_id
 

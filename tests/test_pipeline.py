@@ -8,8 +8,10 @@ from sqlalchemy import func, select
 
 from dermascan.blobs import BlobStore
 from dermascan.db import session_factory
+from dermascan.ingest.types import StudyInput
 from dermascan.schema import ModelBundle, Prediction, Referral, Study, StudyStatus
-from dermascan.screening import StudyInput, submit, sweep
+from dermascan.submission import submit
+from dermascan.sweeper import sweep
 from tests.conftest import wait_for
 from tests.helpers import all_done, ham_inputs, program_id, status_counts
 

@@ -85,6 +85,27 @@ def test_model_imports_nothing_of_the_application():
     assert not bad, bad
 
 
+def test_ingest_imports_nothing_of_submission_storage_web_or_worker():
+    """dermascan/ingest turns bytes into study inputs and rejections, nothing more."""
+    allowed_own = {"dermascan.config", "dermascan.ingest"}
+    bad = {}
+    for path in (ROOT / "dermascan" / "ingest").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                own = name.startswith("dermascan") and not any(
+                    name == a or name.startswith(a + ".") for a in allowed_own
+                )
+                if own or top in {"web", "worker", "sqlalchemy", "celery", "kombu", "flask", "redis"}:
+                    bad.setdefault(str(path.relative_to(ROOT)), []).append(name)
+    assert not bad, bad
+
+
 def test_core_never_imports_web_or_worker():
     bad = {f: n & {"web", "worker"} for f, n in imports_of(ROOT / "dermascan").items() if n & {"web", "worker"}}
     assert not bad, bad

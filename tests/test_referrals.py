@@ -11,8 +11,9 @@ from sqlalchemy import select, update
 from dermascan import bundles, referrals, results
 from dermascan.accounts import create_user
 from dermascan.db import session_factory
+from dermascan.identity import get_or_create_program
 from dermascan.schema import Referral, ReferralStatus, Study, StudyStatus, utcnow
-from dermascan.screening import get_or_create_program, sweep
+from dermascan.sweeper import sweep
 
 
 def seed_referrals(settings, n: int, bundle_dir) -> list[int]:

@@ -9,7 +9,7 @@ import datetime as dt
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from dermascan import bundles, referrals, results, screening
+from dermascan import bundles, identity, referrals, results, submission
 from dermascan.accounts import create_user
 from dermascan.blobs import BlobStore
 from dermascan.cli import main
@@ -25,13 +25,13 @@ def test_purge_deletes_old_decided_images_and_keeps_what_is_still_needed(
     settings = pg_settings
     factory = session_factory(settings.database_url)
     with factory() as session, session.begin():
-        program = screening.get_or_create_program(session, "retention")
+        program = identity.get_or_create_program(session, "retention")
         bundle = bundles.register(session, tiny_bundle)
         admin = create_user(session, "keeper-of-records", PASSWORD, "admin", program.id)
         program_id, admin_id = program.id, admin.id
     inputs = ham_inputs(ham_dir, 5)
-    first = screening.submit(settings, program_id, inputs, source="test")
-    again = screening.submit(settings, program_id, ham_inputs(ham_dir, 1), source="test")  # same image as #0
+    first = submission.submit(settings, program_id, inputs, source="test")
+    again = submission.submit(settings, program_id, ham_inputs(ham_dir, 1), source="test")  # same image as #0
     old_benign, old_decided, old_open, recent, shared = [a.study_id for a in first.accepted]
     kept_twin = again.accepted[0].study_id
     blobs = BlobStore(settings.blob_dir)

@@ -11,7 +11,7 @@ import pytest
 
 from dermascan.accounts import create_token, create_user
 from dermascan.db import session_factory
-from dermascan.screening import get_or_create_program
+from dermascan.identity import get_or_create_program
 from tests.ham_files import json_records
 
 PASSWORD = "correct-horse-battery"
@@ -53,7 +53,7 @@ def _study_with_exif(settings, ham_dir) -> int:
     from PIL import Image
 
     from dermascan.ingest import manifest
-    from dermascan.screening import submit
+    from dermascan.submission import submit
 
     inputs, _ = manifest.from_isic_layout(ham_dir, limit=1)
     image = Image.open(io.BytesIO(inputs[0].image))

@@ -12,9 +12,9 @@ from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
 from dermascan import accounts, audit, bundles, operating_point
 from dermascan.accounts import AccountError, create_token, create_user
+from dermascan.identity import get_or_create_program
 from dermascan.operating_point import at_threshold
 from dermascan.schema import ApiToken, AuditEvent, Program, User, utcnow
-from dermascan.screening import get_or_create_program
 from web.helpers import audit_event, client_ip, db, role_required, settings
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")

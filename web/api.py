@@ -4,8 +4,6 @@ paginated results (JSON or CSV), single studies, and the OpenAPI document."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import math
 from functools import wraps
@@ -13,10 +11,10 @@ from functools import wraps
 from flask import Blueprint, Response, g, jsonify, request, url_for
 from sqlalchemy import false, func, select
 
-from dermascan import audit, callbacks, reports, screening
+from dermascan import audit, callbacks, reports, submission
 from dermascan.accounts import token_for
-from dermascan.ingest import manifest
-from dermascan.ingest.errors import IngestError, Rejection
+from dermascan.ingest import json_records, manifest
+from dermascan.ingest.errors import IngestError
 from dermascan.schema import Batch, Program, Study, utcnow
 from web.extensions import csrf
 from web.helpers import client_ip, db, settings
@@ -68,44 +66,6 @@ def _batch(batch_id: str) -> Batch | None:
     return batch if batch is not None and batch.program_id == g.program_id else None
 
 
-def _json_records(payload) -> tuple[list, list[Rejection]]:
-    records = payload.get("records") if isinstance(payload, dict) else None
-    if not isinstance(records, list):
-        raise IngestError('the JSON body needs a "records" list')
-    inputs, rejected = [], []
-    for index, record in enumerate(records, start=1):
-        if not isinstance(record, dict):
-            rejected.append(Rejection(index, "a record must be a JSON object"))
-            continue
-        external_id = record.get("external_id") or record.get("isic_id")
-        external_id = None if external_id is None else str(external_id)[:200]
-        encoded = record.get("image_base64")
-        if not isinstance(encoded, str) or not encoded:
-            rejected.append(Rejection(index, "image_base64 is missing", external_id, "image_base64"))
-            continue
-        try:
-            image = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            rejected.append(Rejection(index, "image_base64 is not valid base64", external_id, "image_base64"))
-            continue
-        meta = {
-            k: v for k, v in record.items() if k not in ("image_base64", "external_id", "patient_id", "idempotency_key")
-        }
-        unknown = [k for k in meta if not manifest.is_known_column(k)]
-        if unknown:
-            rejected.append(Rejection(index, f"unknown field(s) {', '.join(sorted(unknown))}", external_id, unknown[0]))
-            continue
-        key = record.get("idempotency_key")
-        inputs.append(
-            screening.StudyInput(
-                image=image, metadata=meta, external_id=external_id,
-                patient_id=None if record.get("patient_id") is None else str(record["patient_id"]),
-                idempotency_key=None if key is None else str(key)[:MAX_KEY], row=index,
-            )
-        )  # fmt: skip
-    return inputs, rejected
-
-
 def _callback_url(value) -> str | None:
     try:
         url = callbacks.check_url(settings(), value)
@@ -128,7 +88,7 @@ def create_batch():
     if key:
         earlier = db().scalar(select(Batch).where(Batch.program_id == g.program_id, Batch.idempotency_key == key))
         if earlier is not None:
-            reply = screening.replay(earlier).report()
+            reply = submission.replay(earlier).report()
             reply["replayed"] = True
             return jsonify(reply), 200
     mimetype = request.mimetype
@@ -150,7 +110,7 @@ def create_batch():
             payload = request.get_json(silent=True)
             if payload is None:
                 return error(400, "the body is not valid JSON")
-            inputs, rejected = _json_records(payload)
+            inputs, rejected = json_records.parse(payload, MAX_KEY)
             label, callback = payload.get("label"), _callback_url(payload.get("callback_url"))
         else:
             return error(
@@ -158,7 +118,7 @@ def create_batch():
             )
     except IngestError as exc:
         return error(exc.status, str(exc))
-    result = screening.submit(
+    result = submission.submit(
         settings(), g.program_id, inputs, source="api", label=None if label is None else str(label)[:200],
         idempotency_key=key, callback_url=callback, token_id=g.token_id, prior_rejections=rejected,
     )  # fmt: skip

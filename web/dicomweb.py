@@ -11,7 +11,7 @@ import re
 
 from flask import Blueprint, Response, g, json, request
 
-from dermascan import screening
+from dermascan import submission
 from dermascan.ingest import dicom
 from dermascan.ingest.errors import Rejection
 from dermascan.ingest.multipart import MultipartError, iter_parts
@@ -76,7 +76,7 @@ def stow(study_uid: str | None = None):
     if not inputs and not failed_items:
         return error(400, "the request contains no DICOM instances")
 
-    result = screening.submit(
+    result = submission.submit(
         limits, g.program_id, inputs, source="dicom", label="STOW-RS", token_id=g.token_id,
         prior_rejections=[Rejection(None, f["_reason"]) for f in failed_items],
     )  # fmt: skip

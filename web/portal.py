@@ -14,11 +14,12 @@ from sqlalchemy import select
 from wtforms import DecimalField, SelectField, StringField
 from wtforms.validators import Length, NumberRange, Optional
 
-from dermascan import reports, screening
+from dermascan import identity, reports, submission
 from dermascan.blobs import BlobError, BlobStore
 from dermascan.ingest import manifest
 from dermascan.ingest.errors import IngestError
 from dermascan.ingest.records import SITES
+from dermascan.ingest.types import StudyInput
 from dermascan.schema import Batch, Prediction, Study
 from web.helpers import audit_event, db, program_scope, role_required, settings, specialist_may_see
 
@@ -51,7 +52,7 @@ def _program_id() -> int:
         return current_user.program_id
     if not current_user.has_role("admin"):
         abort(403, "your account belongs to no program: an administrator must set one before you can upload")
-    return screening.get_or_create_program(db(), "default").id
+    return identity.get_or_create_program(db(), "default").id
 
 
 def get_batch(batch_id: str) -> Batch:
@@ -137,7 +138,7 @@ def upload_single():
         if _wants_json():
             return jsonify({"errors": form.errors}), 400
         return render_template("upload.html", single=form, bulk=BulkForm()), 400
-    item = screening.StudyInput(
+    item = StudyInput(
         image=form.image.data.read(),
         metadata={
             "age_approx": None if form.age_approx.data is None else float(form.age_approx.data),
@@ -148,7 +149,7 @@ def upload_single():
         patient_id=form.patient_id.data or None,
         row=1,
     )
-    result = screening.submit(
+    result = submission.submit(
         settings(), _program_id(), [item], source="portal", interactive=True, label=f"single: {item.external_id}",
         user_id=current_user.id,
     )  # fmt: skip
@@ -173,7 +174,7 @@ def upload_bulk():
         inputs, rejected = manifest.from_zip(form.archive.data.read(), settings(), csv_text)
     except IngestError as exc:
         return _upload_error(str(exc), exc.status)
-    result = screening.submit(
+    result = submission.submit(
         settings(), _program_id(), inputs, source="portal", label=form.label.data or form.archive.data.filename,
         user_id=current_user.id, prior_rejections=rejected,
     )  # fmt: skip

@@ -43,7 +43,7 @@ def heatmaps(study_ids: list[int]) -> int:
 
 @shared_task(name=queue.TASK_SWEEP)
 def sweep() -> dict:
-    from dermascan.screening import sweep as run_sweep
+    from dermascan.sweeper import sweep as run_sweep
 
     return run_sweep(_settings())
 

@@ -22,7 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBase
 
 from dermascan.config import Settings
 from dermascan.ingest.records import SITE_ALIASES, SITES
-from dermascan.screening import StudyInput
+from dermascan.ingest.types import StudyInput
 
 VL_PHOTOGRAPHIC = "1.2.840.10008.5.1.4.1.1.77.1.4"
 DERMOSCOPIC_PHOTOGRAPHY = "1.2.840.10008.5.1.4.1.1.77.1.7"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dermascan.ingest.errors import IngestError, Rejection
 from dermascan.ingest.records import FIELD_ALIASES, PASSTHROUGH_NUMERIC, PASSTHROUGH_TEXT
+from dermascan.ingest.types import StudyInput
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 ID_COLUMN = "isic_id"
@@ -101,8 +102,6 @@ def _image_name(row: dict) -> str | None:
 
 def rows_to_inputs(rows, find_image) -> tuple[list, list[Rejection]]:
     """Pair manifest rows with images via ``find_image(name) -> bytes | None``."""
-    from dermascan.screening import StudyInput
-
     inputs, rejected, seen = [], [], set()
     for line, row in rows:
         if "__error__" in row:

@@ -1,0 +1,32 @@
+"""Who a study belongs to: programs (hospital sites, teledermatology programs) and the keyed
+pseudonyms that stand in for patient and DICOM identifiers (never stored in clear)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dermascan import keys
+from dermascan.schema import Program
+
+
+def pseudonymise(secret_key: str, program_id: int, patient_id: str | None) -> str | None:
+    """A stable, non-reversible patient pseudonym: HMAC-SHA256 under the pseudonym key that
+    ``dermascan.keys`` derives from the installation secret (not the session key: rotating that
+    keeps every pseudonym)."""
+    if not patient_id or not str(patient_id).strip():
+        return None
+    message = f"{program_id}:{str(patient_id).strip()}".encode()
+    return hmac.new(keys.pseudonym_key(secret_key), message, hashlib.sha256).hexdigest()[:32]
+
+
+def get_or_create_program(session: Session, name: str) -> Program:
+    program = session.scalar(select(Program).where(Program.name == name))
+    if program is None:
+        program = Program(name=name)
+        session.add(program)
+        session.flush()
+    return program

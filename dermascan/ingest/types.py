@@ -1,0 +1,22 @@
+"""What every ingest path produces: one :class:`StudyInput` per study it could read (and
+:class:`~dermascan.ingest.errors.Rejection` for what it could not). Submission takes it from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StudyInput:
+    """One study as parsed by an ingest path, before validation."""
+
+    image: bytes
+    metadata: dict = field(default_factory=dict)
+    external_id: str | None = None
+    patient_id: str | None = None
+    idempotency_key: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    accession_number: str | None = None  # an identifier: stored only as a pseudonym
+    row: int | None = None  # where it came from, for the validation report
