@@ -11,8 +11,8 @@ import secrets
 from pathlib import Path
 
 from dermascan.config import Settings
-from tests.conftest import HAM, Worker, free_port  # noqa: F401  (re-exported)
-from tests.conftest import scratch_postgres as _scratch_postgres
+from tests.services import HAM, Worker, free_port  # noqa: F401  (re-exported)
+from tests.services import scratch_postgres as _scratch_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 

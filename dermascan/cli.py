@@ -26,7 +26,11 @@ from dermascan.db import session_factory
 log = logging.getLogger("dermascan")
 
 
-def _settings(ctx) -> Settings:
+def _settings(ctx, secret: bool = False) -> Settings:
+    """The command's settings; ``secret``: with the installation secret (made in the embedded
+    default if there is none yet) — only commands that pseudonymise, sign or serve ask for it."""
+    if secret:
+        ctx.obj = ctx.obj.with_secret()
     return ctx.obj
 
 
@@ -178,7 +182,7 @@ def submit(ctx, path, program, label, limit, interactive, idempotency_key):
     from dermascan.ingest.errors import IngestError
     from dermascan.submission import submit as do_submit
 
-    settings = _settings(ctx)
+    settings = _settings(ctx, secret=True)
     _ensure_db(settings)
     try:
         if path.is_dir() and manifest.isic_layout(path):
@@ -403,7 +407,7 @@ def program_callback_secret(ctx, name):
     from dermascan.accounts import issue_callback_secret
     from dermascan.identity import get_or_create_program
 
-    settings = _settings(ctx)
+    settings = _settings(ctx, secret=True)
     with session_factory(settings.database_url)() as session, session.begin():
         program = get_or_create_program(session, name)
         secret = issue_callback_secret(program, settings.secret_key)
@@ -448,7 +452,7 @@ def dicom_scp(ctx, ae_title, host, port, program, allowed, allow_any, tls_cert, 
         tls = tls_context(tls_cert, tls_key, tls_ca)
     except DoorError as exc:
         raise click.UsageError(str(exc)) from exc
-    settings = _settings(ctx)
+    settings = _settings(ctx, secret=True)
     _ensure_db(settings)
     server = make_server(settings, ae_title, host, port, allow, tls)
     callers = (
@@ -635,7 +639,7 @@ def demo(ctx, once, port, timeout):
     from dermascan.schema import Batch, Role, User
     from dermascan.submission import submit as do_submit
 
-    settings = _settings(ctx)
+    settings = _settings(ctx, secret=True)
     click.echo(f"data directory: {settings.data_dir}")
     click.echo(f"database:       {_redact(settings.database_url)}")
     click.echo(f"queue:          {settings.broker_url.split('://')[0]}")

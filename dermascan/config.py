@@ -1,8 +1,9 @@
 """Configuration from environment variables (prefix ``DERMASCAN_``), with an embedded default.
 
 Unset, everything lives under the data directory (default ``./var``): a SQLite database, kombu's
-filesystem transport as the queue, the blob store and the secret key, so ``dermascan demo`` runs
-with nothing but Python installed. Production sets ``DERMASCAN_DATABASE_URL`` (PostgreSQL) and
+filesystem transport as the queue, the blob store and the secret key (made when a command first
+needs it: reading settings writes nothing), so ``dermascan demo`` runs with nothing but Python
+installed. Production sets ``DERMASCAN_DATABASE_URL`` (PostgreSQL) and
 ``DERMASCAN_BROKER_URL`` (Redis).
 """
 
@@ -122,9 +123,15 @@ class Settings:
             fill["database_url"] = f"sqlite:///{data_dir / 'dermascan.sqlite'}"
         if not settings.broker_url:
             fill["broker_url"] = "filesystem://"
-        if not settings.secret_key:
-            fill["secret_key"] = _embedded_secret(data_dir)
         return dataclasses.replace(settings, **fill)
+
+    def with_secret(self) -> Settings:
+        """These settings with the installation secret: ``DERMASCAN_SECRET_KEY``, or in the
+        embedded default one kept in the data directory — made the first time a command needs
+        it (the web app, a worker, submission, the receiver), never by reading settings alone."""
+        if self.secret_key:
+            return self
+        return dataclasses.replace(self, secret_key=_embedded_secret(Path(self.data_dir)))
 
     def as_env(self) -> dict[str, str]:
         """The settings as environment variables, for child processes (worker, web)."""
@@ -161,14 +168,18 @@ def _parse(f: dataclasses.Field, raw: str):
 
 
 def _embedded_secret(data_dir: Path) -> str:
-    """A per-installation secret key kept in the data directory (embedded default only)."""
+    """A per-installation secret key kept in the data directory (embedded default only). Made
+    once, atomically: two processes starting together end up with the same key."""
     path = data_dir / "secret_key"
-    if path.exists():
-        return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_hex(32)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(key)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = data_dir / f".secret_key.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp.write_text(secrets.token_hex(32))
+        os.chmod(tmp, 0o600)
+        try:
+            os.link(tmp, path)  # fails if another process made it first: theirs is kept
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     return path.read_text().strip()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -182,10 +181,6 @@ def to_csv(rows: list[dict]) -> str:
     for row in rows:
         writer.writerow({k: csv_cells.safe(v) for k, v in row.items()})
     return buffer.getvalue()
-
-
-def to_json(rows: list[dict]) -> str:
-    return json.dumps(rows, indent=2)
 
 
 def probability_histogram(session: Session, batch_id: str, bins: int = 20) -> dict:

@@ -1,5 +1,5 @@
 """The database schema (SQLAlchemy 2, typed ORM). Alembic migrations in ``migrations/`` are the
-only way it changes; ``tests/test_migrations.py`` checks that the models and the migrations agree."""
+only way it changes; ``tests/test_project.py`` checks that the models and the migrations agree."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 
 from dermascan.db import session_factory
 from dermascan.schema import AuditEvent, Batch, Prediction, Study
-from tests.conftest import wait_for
 from tests.ham_files import ham_images, ham_rows, ham_zip, json_records, manifest_csv, read_csv_text, zip_bytes
+from tests.services import wait_for
 
 
 def auth(token):

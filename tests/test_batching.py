@@ -10,8 +10,8 @@ from sqlalchemy import select
 from dermascan.db import session_factory
 from dermascan.schema import Study, StudyStatus
 from dermascan.submission import submit
-from tests.conftest import wait_for
 from tests.helpers import all_done, ham_inputs, program_id, status_counts
+from tests.services import wait_for
 
 
 def queued_interactive(settings, ham_dir, n: int, offset: int = 0) -> list[int]:

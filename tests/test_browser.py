@@ -26,8 +26,8 @@ from dermascan.accounts import create_user
 from dermascan.db import session_factory
 from dermascan.identity import get_or_create_program
 from dermascan.schema import Prediction, Referral
-from tests.conftest import ROOT, wait_for
 from tests.ham_files import ham_zip
+from tests.services import ROOT, wait_for
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

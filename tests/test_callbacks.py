@@ -12,8 +12,8 @@ from dermascan import callbacks
 from dermascan.accounts import issue_callback_secret
 from dermascan.db import session_factory
 from dermascan.schema import Program
-from tests.conftest import wait_for
 from tests.ham_files import ham_zip
+from tests.services import wait_for
 
 
 class Receiver:

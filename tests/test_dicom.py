@@ -19,10 +19,10 @@ from dermascan.dicom_scp import AllowList, make_server
 from dermascan.identity import pseudonymise
 from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC
 from dermascan.schema import Prediction, Study
-from tests.conftest import free_port, wait_for
 from tests.dicom_factory import SECONDARY_CAPTURE, make_instance, stow, to_bytes, write
 from tests.ham_files import ham_images, ham_rows
 from tests.helpers import status_counts
+from tests.services import free_port, wait_for
 
 
 @pytest.fixture

@@ -25,9 +25,9 @@ from dermascan.db import session_factory
 from dermascan.dicom_scp import AllowList, DoorError, make_server, tls_context
 from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC
 from dermascan.schema import Program, Study
-from tests.conftest import free_port, wait_for
 from tests.dicom_factory import make_instance, stow, to_bytes
 from tests.ham_files import ham_images, ham_rows
+from tests.services import free_port, wait_for
 
 JPEG = "1.2.840.10008.1.2.4.50"
 

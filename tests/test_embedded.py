@@ -11,7 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, wait_for
+import pytest
+
+from tests.services import ROOT, wait_for
+
+pytestmark = pytest.mark.slow  # runs the real CLI, the demo and worker processes
 
 EXAMPLES = ROOT / "dermascan" / "examples"
 
@@ -92,7 +96,7 @@ def test_demo_serves_metrics_and_stops_everything_on_sigterm(tmp_path):
 
     import requests
 
-    from tests.conftest import free_port
+    from tests.services import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DERMASCAN_")}

@@ -16,8 +16,8 @@ from dermascan import referral_policy
 from model import calibration, gate_data, quality
 from model.data import IsicDataset, resize
 from model.ood import FeatureDistance
-from tests.conftest import wait_for
 from tests.ham_files import json_records, read_csv_text
+from tests.services import wait_for
 
 
 @pytest.fixture(scope="module")

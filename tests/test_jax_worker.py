@@ -13,8 +13,8 @@ from sqlalchemy import select
 from dermascan.db import session_factory
 from dermascan.schema import Prediction, Study
 from dermascan.submission import submit
-from tests.conftest import wait_for
 from tests.helpers import all_done, ham_inputs, program_id
+from tests.services import wait_for
 
 JAX = {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
 

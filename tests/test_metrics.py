@@ -11,8 +11,8 @@ from dermascan.accounts import create_user
 from dermascan.db import session_factory
 from dermascan.identity import get_or_create_program
 from dermascan.submission import submit
-from tests.conftest import free_port, wait_for
 from tests.helpers import all_done, ham_inputs, program_id
+from tests.services import free_port, wait_for
 
 
 def samples(text: str) -> dict:

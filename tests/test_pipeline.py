@@ -12,8 +12,8 @@ from dermascan.ingest.types import StudyInput
 from dermascan.schema import ModelBundle, Prediction, Referral, Study, StudyStatus
 from dermascan.submission import submit
 from dermascan.sweeper import sweep
-from tests.conftest import wait_for
 from tests.helpers import all_done, ham_inputs, program_id, status_counts
+from tests.services import wait_for
 
 
 def test_fifty_ham_studies_scored_and_referred_by_threshold(pg_settings, start_worker, ham_dir, tiny_bundle):

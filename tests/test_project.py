@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from dermascan import migrate
 from dermascan.schema import Base
-from tests.conftest import scratch_postgres
+from tests.services import scratch_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {
@@ -38,7 +38,7 @@ TABLES = {
 
 
 # -- migrations ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("dialect", [pytest.param("postgresql", marks=pytest.mark.slow), "sqlite"])
 def test_upgrade_to_head_matches_models_and_downgrades_to_empty(dialect, tmp_path):
     with contextlib.ExitStack() as stack:
         if dialect == "postgresql":
@@ -201,3 +201,20 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert "dermascan demo" in setup and "venv" in setup
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci[-1].strip() == tests.strip().splitlines()[-1].strip()
+
+
+def test_reading_settings_writes_nothing(tmp_path):
+    """Only commands that need the installation secret create it (no var/ appears in a checkout
+    because someone ran `dermascan evaluate` or `--help`)."""
+    from click.testing import CliRunner
+
+    from dermascan.cli import main
+    from dermascan.config import Settings
+
+    data = tmp_path / "var"
+    Settings.from_env(env={"DERMASCAN_DATA_DIR": str(data)})
+    assert CliRunner().invoke(main, ["--data-dir", str(data), "evaluate", "--help"], env={}).exit_code == 0
+    assert not data.exists()
+    secret = Settings.from_env(env={"DERMASCAN_DATA_DIR": str(data)}).with_secret().secret_key
+    assert len(secret) == 64 and (data / "secret_key").read_text() == secret
+    assert Settings.from_env(env={"DERMASCAN_DATA_DIR": str(data)}).with_secret().secret_key == secret

@@ -1,7 +1,7 @@
 """The Flask app: portal, referral queue, REST API and DICOMweb.
 
 Never imports ``model`` code that loads Keras or TensorFlow: the portal must start fast and small
-(``tests/test_doors.py`` checks it). Blueprints are imported inside the factory.
+(``tests/test_project.py`` checks it). Blueprints are imported inside the factory.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ CSP = (
 
 
 def create_app(settings: Settings | None = None, test_config: dict | None = None) -> Flask:
-    settings = settings or Settings.from_env()
+    settings = (settings or Settings.from_env()).with_secret()
     app = Flask(__name__)
     app.config.from_mapping(
         SECRET_KEY=keys.session_key(settings.secret_key, settings.session_key_version),

@@ -14,7 +14,7 @@ from celery.signals import worker_init, worker_process_init
 from dermascan.config import Settings
 from dermascan.queue import make_celery
 
-settings = Settings.from_env()
+settings = Settings.from_env().with_secret()
 if settings.metrics_port and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     # before prometheus_client is imported anywhere: children write here, the main process reads
     metrics_dir = Path(settings.data_dir) / "metrics" / f"worker-{os.getpid()}"

@@ -1,0 +1,225 @@
+"""The real services and processes that tests and benchmarks start: scratch PostgreSQL databases,
+a private redis-server, Celery worker subprocesses, the web app on a socket, the tiny model
+bundle. Plain code, no fixtures, so ``bench/`` uses it without importing ``conftest.py``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+from dermascan.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+HAM = Path(os.environ.get("DERMASCAN_TEST_DATA", ROOT.parent / "shared" / "data" / "ham10000"))
+PG_ADMIN_URL = os.environ.get("DERMASCAN_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+REDIS_HOST = os.environ.get("DERMASCAN_TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("DERMASCAN_TEST_REDIS_PORT", "6379"))
+ARTIFACTS = ROOT / "test-artifacts"
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def scoring_warm() -> str:
+    """The line a worker logs once every batch shape has run (imported late: it loads Keras)."""
+    from worker.scoring import WARM
+
+    return WARM
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def scratch_postgres(prefix: str = "dermascan_test", migrated: bool = True):
+    """A fresh (migrated) PostgreSQL database, dropped afterwards (tests and benchmarks)."""
+    from dermascan import migrate
+    from dermascan.db import engine_for
+
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    try:
+        if migrated:
+            migrate.upgrade(url)
+        yield url
+    finally:
+        engine_for(url).dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+TABLES = [
+    "audit_events",
+    "referrals",
+    "predictions",
+    "studies",
+    "batches",
+    "api_tokens",
+    "model_bundles",
+    "users",
+    "programs",
+]
+
+
+class PrivateRedis:
+    """A redis-server of our own on a free port, for tests that stop and start the broker."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def make_tiny_bundle(ham: Path, out: Path, n: int = 64, image_size: int = 32, version: str = "tiny-test") -> Path:
+    """Train the tiny-backbone fusion network one epoch on ``n`` real images and save a bundle
+    whose threshold is the median score (so about half the studies are referred)."""
+    import keras
+    import numpy as np
+
+    from model import bundle
+    from model.data import IsicDataset
+    from model.features import FeatureSpec
+    from model.network import NO_AUGMENTATION, build
+
+    keras.utils.set_random_seed(0)
+    ds = IsicDataset.open(ham, limit=n)
+    spec = FeatureSpec.fit(ds.metadata, min_count=1)
+    net = build(spec.dim, image_size, backbone="tiny", augmentation=NO_AUGMENTATION)
+    net.compile(optimizer="adam", loss="binary_crossentropy")
+    x = {"image": ds.load_images(image_size), "meta": spec.transform(ds.metadata)}
+    net.fit(x, ds.targets().astype("float32"), epochs=1, batch_size=16, verbose=0)
+    scores = net.predict(x, verbose=0).ravel()
+    from model.train import roc_table
+
+    y = ds.targets()
+    metrics = {
+        "note": "test bundle; ROC table on its own training images",
+        "roc_table": roc_table(y, scores),
+        "oof": {"n": int(y.size), "positives": int(y.sum())},
+    }
+    calibration = {"method": "none", "params": {}, "prevalence": float(y.mean())}
+    bundle.save(
+        net, spec, out, version=version, threshold=float(np.median(scores)), metrics=metrics,
+        extra={"calibration": calibration},
+    )  # fmt: skip
+    return out
+
+
+class Worker:
+    """A real ``celery worker`` subprocess (started through ``dermascan worker``)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        log: Path,
+        beat: bool = False,
+        queues: str = "interactive,bulk,maintenance,callbacks",
+        env: dict | None = None,
+    ):
+        self.settings = settings
+        self.log_path = log
+        cmd = [sys.executable, "-m", "dermascan.cli", "worker", "--queues", queues, "--concurrency", "1"]
+        if beat:
+            cmd.append("--beat")
+        env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.log_file = open(log, "ab")
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT
+        )
+
+    def wait_ready(self, timeout: float = 120, warm: bool = False) -> Worker:
+        """Until Celery reports ready (and, with ``warm``, the child has run every batch shape)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            log = self.log()
+            if " ready." in log and (not warm or scoring_warm() in log):
+                return self
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready after {timeout} s:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(30)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log_file.close()
+
+
+def wait_for(predicate, timeout: float = 120, interval: float = 0.2, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+
+
+class LiveServer:
+    """The real Flask app served over TCP by werkzeug's threaded server, in this process."""
+
+    def __init__(self, app):
+        from werkzeug.serving import make_server
+
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        import threading
+
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
