@@ -9,6 +9,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from dermascan.errors import NotFound
 from dermascan.schema import ModelBundle
 from model.bundle import read_manifest
 
@@ -42,3 +43,34 @@ def register(session: Session, bundle_dir: Path | str, activate: bool = True) ->
 
 def active(session: Session) -> ModelBundle | None:
     return session.scalar(select(ModelBundle).where(ModelBundle.active.is_(True)))
+
+
+def activate(session: Session, version: str, by_user_id: int | None = None, by: str | None = None) -> ModelBundle:
+    """Make a registered bundle the one that scores, in the caller's transaction; audited.
+    Activation is an admin act (``dermascan bundle activate``, the operating-point page)."""
+    from dermascan import audit
+
+    row = session.get(ModelBundle, version)
+    if row is None:
+        raise NotFound(f"no registered bundle {version!r} (register it first: dermascan bundle register PATH)")
+    before = active(session)
+    if before is not None and before.version == version:
+        return row
+    session.execute(update(ModelBundle).where(ModelBundle.version != version).values(active=False))
+    row.active = True
+    audit.record(
+        session, "bundle_activated", user_id=by_user_id, object_type="bundle", object_id=version,
+        detail={"previous": before.version if before else None, "by": by} if by else {"previous": before.version if before else None},
+    )  # fmt: skip
+    session.flush()
+    return row
+
+
+def register_for_worker(session: Session, bundle_dir: Path | str) -> ModelBundle:
+    """What a starting worker does: record its bundle without activating it — unless no bundle
+    is active yet (a new deployment), when the first one is activated, audited as such. A worker
+    with another bundle never takes over a deployment just by starting."""
+    row = register(session, bundle_dir, activate=False)
+    if active(session) is None:
+        activate(session, row.version, by="the first worker of a deployment with no active bundle")
+    return row

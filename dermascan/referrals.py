@@ -10,13 +10,24 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dermascan import referral_policy
+from dermascan.errors import Conflict, Invalid, NotAllowed, NotFound
 from dermascan.schema import Batch, Decision, Referral, ReferralStatus, Study, utcnow
 
 
-class ReferralError(Exception):
-    def __init__(self, message: str, status: int = 409):
-        super().__init__(message)
-        self.status = status
+class ReferralError(Conflict):
+    """The case is not in a state that allows this (the default kind)."""
+
+
+class CaseNotFound(ReferralError, NotFound):
+    pass
+
+
+class NotYourClaim(ReferralError, NotAllowed):
+    pass
+
+
+class UnknownDecision(ReferralError, Invalid):
+    pass
 
 
 @dataclass
@@ -128,12 +139,12 @@ def current_claim(session: Session, user_id: int, timeout_s: int) -> Referral | 
 def _own_claim(session: Session, referral_id: int, user_id: int, timeout_s: int) -> Referral:
     referral = session.scalar(select(Referral).where(Referral.id == referral_id).with_for_update())
     if referral is None:
-        raise ReferralError("no such case", 404)
+        raise CaseNotFound("no such case")
     if referral.status == ReferralStatus.DECIDED:
         raise ReferralError("this case has already been decided")
     stale = referral.claimed_at is not None and _aware(referral.claimed_at) < utcnow() - dt.timedelta(seconds=timeout_s)
     if referral.status != ReferralStatus.CLAIMED or referral.claimed_by_id != user_id or stale:
-        raise ReferralError("only the specialist holding the claim can do this; claim the case first", 403)
+        raise NotYourClaim("only the specialist holding the claim can do this; claim the case first")
     return referral
 
 
@@ -155,7 +166,7 @@ def decide(
     try:
         choice = Decision(decision)
     except ValueError:
-        raise ReferralError(f"unknown decision {decision!r}", 400) from None
+        raise UnknownDecision(f"unknown decision {decision!r}") from None
     referral = _own_claim(session, referral_id, user_id, timeout_s)
     referral.status = ReferralStatus.DECIDED
     referral.decision = choice

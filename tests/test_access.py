@@ -50,6 +50,7 @@ TABLE = {
     "admin.audit_csv": ("GET", "/admin/audit.csv", (A,)),
     "admin.model": ("GET", "/admin/model", (A,)),
     "admin.program_prevalence": ("POST", "/admin/model/prevalence", (A,)),
+    "admin.activate_bundle": ("POST", "/admin/model/bundles/{bundle}/activate", (A,)),
     "admin.metrics": ("GET", "/admin/metrics", (A,)),
     "api.list_batches": ("GET", "/api/v1/batches", TOKEN),
     "api.create_batch": ("POST", "/api/v1/batches", TOKEN),
@@ -92,7 +93,7 @@ def world(pg_settings, tiny_bundle, ham_dir, app_factory):
         user_id = session.scalar(select(User.id).where(User.username == "uploader"))
     ids = {
         "batch": result.batch_id, "study": study_id, "referral": referral_id, "token": token_id, "user": user_id,
-        "program": program_id,
+        "program": program_id, "bundle": bundle.version,
     }  # fmt: skip
     return settings, ids, plain
 

@@ -11,6 +11,7 @@ from sqlalchemy import select, update
 from dermascan import bundles, referrals, results
 from dermascan.accounts import create_user
 from dermascan.db import session_factory
+from dermascan.errors import NotAllowed
 from dermascan.identity import get_or_create_program
 from dermascan.schema import Referral, ReferralStatus, Study, StudyStatus, utcnow
 from dermascan.sweeper import sweep
@@ -90,7 +91,7 @@ def test_queue_order_stale_claims_and_decisions(pg_settings, tiny_bundle):
     # bob cannot decide alice's case
     with factory() as session, session.begin(), pytest.raises(referrals.ReferralError) as refused:
         referrals.decide(session, top.id, bob, "benign_no_action", None, 60)
-    assert refused.value.status == 403
+    assert isinstance(refused.value, NotAllowed)  # the web layer answers 403
     # alice's claim goes stale → back in the queue, bob can take it, alice can no longer decide
     with factory() as session, session.begin():
         session.execute(

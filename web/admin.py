@@ -12,9 +12,10 @@ from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
 from dermascan import accounts, audit, bundles, operating_point
 from dermascan.accounts import AccountError, create_token, create_user
+from dermascan.errors import DomainError
 from dermascan.identity import get_or_create_program
 from dermascan.operating_point import at_threshold
-from dermascan.schema import ApiToken, AuditEvent, Program, User, utcnow
+from dermascan.schema import ApiToken, AuditEvent, ModelBundle, Program, User, utcnow
 from web.helpers import audit_event, client_ip, db, role_required, settings
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -257,6 +258,8 @@ def _model_page(bundle, form, preview, current, prevalence_form=None) -> dict:
     ]  # fmt: skip
     return {
         "bundle": bundle,
+        "bundles": list(db().scalars(select(ModelBundle).order_by(ModelBundle.registered_at))),
+        "activate": RevokeForm(),
         "form": form,
         "preview": preview,
         "current": current,
@@ -264,6 +267,22 @@ def _model_page(bundle, form, preview, current, prevalence_form=None) -> dict:
         "expected": [e for e in expected if e["prevalence"] is not None],
         "prevalence_form": prevalence_form,
     }
+
+
+@bp.post("/model/bundles/<version>/activate")
+@role_required("admin")
+def activate_bundle(version):
+    """Make a registered bundle the one that scores (audited); workers with another bundle stop
+    taking work until theirs is active."""
+    if not RevokeForm().validate_on_submit():
+        abort(400)
+    try:
+        bundles.activate(db(), version, by_user_id=current_user.id)
+    except DomainError:
+        abort(404)
+    db().commit()
+    flash(f"Bundle {version} is now the one that scores.", "info")
+    return redirect(url_for("admin.model"))
 
 
 @bp.post("/model/prevalence")

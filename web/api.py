@@ -16,6 +16,7 @@ from dermascan.accounts import token_for
 from dermascan.ingest import json_records, manifest
 from dermascan.ingest.errors import IngestError
 from dermascan.schema import Batch, Program, Study, utcnow
+from web.errors import http_status
 from web.extensions import csrf
 from web.helpers import client_ip, db, settings
 
@@ -117,7 +118,7 @@ def create_batch():
                 415, f"unsupported content type {mimetype or 'none'}: use multipart/form-data or application/json"
             )
     except IngestError as exc:
-        return error(exc.status, str(exc))
+        return error(http_status(exc), str(exc))
     result = submission.submit(
         settings(), g.program_id, inputs, source="api", label=None if label is None else str(label)[:200],
         idempotency_key=key, callback_url=callback, token_id=g.token_id, prior_rejections=rejected,

@@ -21,6 +21,7 @@ from dermascan.ingest.errors import IngestError
 from dermascan.ingest.records import SITES
 from dermascan.ingest.types import StudyInput
 from dermascan.schema import Batch, Prediction, Study
+from web.errors import http_status
 from web.helpers import audit_event, db, program_scope, role_required, settings, specialist_may_see
 
 bp = Blueprint("portal", __name__)
@@ -173,7 +174,7 @@ def upload_bulk():
     try:
         inputs, rejected = manifest.from_zip(form.archive.data.read(), settings(), csv_text)
     except IngestError as exc:
-        return _upload_error(str(exc), exc.status)
+        return _upload_error(str(exc), http_status(exc))
     result = submission.submit(
         settings(), _program_id(), inputs, source="portal", label=form.label.data or form.archive.data.filename,
         user_id=current_user.id, prior_rejections=rejected,

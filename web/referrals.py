@@ -14,6 +14,7 @@ from dermascan import referrals as policy
 from dermascan.ingest.records import SITES
 from dermascan.schema import Decision, ModelBundle, Prediction, Program, Referral, ReferralStatus
 from model.calibration import at_prevalence
+from web.errors import http_status
 from web.helpers import audit_event, db, role_required, settings
 
 bp = Blueprint("referrals", __name__, url_prefix="/referrals")
@@ -154,7 +155,7 @@ def release(referral_id):
         referral = policy.release(db(), referral_id, current_user.id, settings().claim_timeout_s)
     except policy.ReferralError as exc:
         db().rollback()
-        abort(exc.status)
+        abort(http_status(exc))
     audit_event("release", object_type="referral", object_id=referral.id, detail={"study_id": referral.study_id})
     db().commit()
     return redirect(url_for("referrals.queue"))

@@ -35,6 +35,11 @@ class TransientError(Exception):
     """The database was unreachable: the task is retried (nothing was written)."""
 
 
+class BundleNotActive(TransientError):
+    """This worker's bundle is registered but not the deployment's active one: it takes no work
+    (nothing is claimed) until an admin activates it; the message is retried later."""
+
+
 def predictor(settings: Settings):
     """This process's predictor (loaded on first use); registers its bundle in the database."""
     current = _process_state.get("predictor")
@@ -51,7 +56,12 @@ def predictor(settings: Settings):
             mixed_precision=settings.mixed_precision,
         )
         with session_factory(settings.database_url)() as session, session.begin():
-            bundles.register(session, settings.model_bundle, activate=True)
+            row = bundles.register_for_worker(session, settings.model_bundle)
+            if not row.active:
+                log.warning(
+                    "bundle %s is registered but not active: this worker takes no work until an admin runs "
+                    "`dermascan bundle activate %s`", row.version, row.version,
+                )  # fmt: skip
         _process_state["predictor"] = current
         import keras
 
@@ -214,6 +224,9 @@ class ScoreStudies:
 
     def run(self) -> Outcome:
         pred = predictor(self.settings)
+        with self.factory() as session:
+            if not session.scalar(select(ModelBundle.active).where(ModelBundle.version == pred.version)):
+                raise BundleNotActive(f"bundle {pred.version} is not the active bundle")
         outcome = Outcome(skipped=0)
         items = self._claim()
         outcome.skipped = len(self.study_ids) - sum(1 for i in items if i.study_id in set(self.study_ids))
@@ -253,7 +266,7 @@ class ScoreStudies:
         t0 = time.perf_counter()
         try:
             with self.factory() as session, session.begin():
-                bundle = session.get(ModelBundle, pred.version) or bundles.register(session, self.settings.model_bundle)
+                bundle = session.get(ModelBundle, pred.version)
                 threshold = bundle.threshold
                 written = results.record(session, pred.version, threshold, scored, failed)
                 outcome.finished_batches = results.finished_batches(session, [i.batch_id for i in items])

@@ -23,6 +23,8 @@ def score(self, study_ids: list[int], interactive: bool = False) -> dict:
     settings = _settings()
     try:
         outcome = scoring.ScoreStudies(settings, study_ids, interactive=interactive).run()
+    except scoring.BundleNotActive as exc:
+        raise self.retry(exc=exc, countdown=60) from exc
     except scoring.TransientError as exc:
         raise self.retry(exc=exc) from exc
     # one small message per study: heat maps run when no scoring is waiting (maintenance queue)

@@ -2,14 +2,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dermascan.errors import Invalid, TooLarge
 
-class IngestError(Exception):
-    """The whole input is unusable (wrong type, too large, unsafe archive). ``status`` is the HTTP
-    status an API should answer with."""
 
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+class IngestError(Invalid):
+    """The whole input is unusable (wrong type, unsafe archive, a malformed body)."""
+
+
+class IngestTooLarge(IngestError, TooLarge):
+    """The whole input is over a size limit."""
 
 
 @dataclass

@@ -13,7 +13,7 @@ import posixpath
 import zipfile
 from pathlib import Path
 
-from dermascan.ingest.errors import IngestError, Rejection
+from dermascan.ingest.errors import IngestError, IngestTooLarge, Rejection
 from dermascan.ingest.records import FIELD_ALIASES, PASSTHROUGH_NUMERIC, PASSTHROUGH_TEXT
 from dermascan.ingest.types import StudyInput
 
@@ -197,13 +197,12 @@ def read_zip(data: bytes, max_entries: int, max_total: int, max_ratio: int, max_
     infos = [i for i in infos if _wanted(i.filename)]
     for info in infos:
         if info.file_size > max_entry:
-            raise IngestError(
+            raise IngestTooLarge(
                 f"the ZIP entry {info.filename!r} is {info.file_size:,} bytes, over the limit of {max_entry:,} for one file",
-                413,
             )
     declared = sum(i.file_size for i in infos)
     if declared > max_total:
-        raise IngestError(f"the ZIP would unpack to {declared:,} bytes, over the limit of {max_total:,}", 413)
+        raise IngestTooLarge(f"the ZIP would unpack to {declared:,} bytes, over the limit of {max_total:,}")
     out: dict[str, bytes] = {}
     total = 0
     for info in infos:
@@ -232,7 +231,7 @@ def read_zip(data: bytes, max_entries: int, max_total: int, max_ratio: int, max_
             raise IngestError(f"the ZIP entry {info.filename!r} is larger than it declares; refusing the archive")
         total += len(content)
         if total > max_total:
-            raise IngestError(f"the ZIP unpacks to more than {max_total:,} bytes", 413)
+            raise IngestTooLarge(f"the ZIP unpacks to more than {max_total:,} bytes")
         if normal.startswith("__MACOSX/") or posixpath.basename(normal).startswith("._"):
             continue
         out[normal] = content

@@ -1,0 +1,3 @@
+from dermascan.cli import main
+
+main()

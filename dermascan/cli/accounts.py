@@ -1,0 +1,156 @@
+"""``user``, ``token`` and ``program``: accounts, API tokens and program settings."""
+
+from __future__ import annotations
+
+import click
+
+from dermascan.cli.common import _settings, main
+from dermascan.db import session_factory
+
+
+# -- accounts ------------------------------------------------------------------------------------
+@main.group()
+def user():
+    """Portal accounts."""
+
+
+@user.command("add")
+@click.argument("username")
+@click.option("--role", type=click.Choice(["uploader", "specialist", "admin"]), required=True)
+@click.option("--program", default="default", show_default=True)
+@click.password_option(help="Prompted for when not given.")
+@click.pass_context
+def user_add(ctx, username, role, program, password):
+    """Create a portal user."""
+    from dermascan.accounts import AccountError, create_user
+    from dermascan.identity import get_or_create_program
+
+    settings = _settings(ctx)
+    with session_factory(settings.database_url)() as session, session.begin():
+        try:
+            create_user(session, username, password, role, get_or_create_program(session, program).id)
+        except AccountError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(f"user {username} ({role}) created")
+
+
+def _change_user(ctx, username: str, **change) -> None:
+    from dermascan.accounts import AccountError, change_user, get_user
+
+    settings = _settings(ctx)
+    with session_factory(settings.database_url)() as session, session.begin():
+        try:
+            click.echo(change_user(session, get_user(session, username), **change))
+        except AccountError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@user.command("scope")
+@click.argument("username")
+@click.option("--all-programs/--own-program", required=True, help="Whose batches a specialist may open.")
+@click.pass_context
+def user_scope(ctx, username, all_programs):
+    """Grant a specialist every program's batches, or limit them to their own program's (referred
+    cases and their patient's other lesions are always visible to specialists)."""
+    _change_user(ctx, username, all_programs=all_programs)
+
+
+@user.command("disable")
+@click.argument("username")
+@click.pass_context
+def user_disable(ctx, username):
+    """Disable a user (their sessions end at once)."""
+    _change_user(ctx, username, active=False)
+
+
+@user.command("enable")
+@click.argument("username")
+@click.pass_context
+def user_enable(ctx, username):
+    """Enable a disabled user."""
+    _change_user(ctx, username, active=True)
+
+
+@user.command("reset-password")
+@click.argument("username")
+@click.password_option(help="Prompted for when not given.")
+@click.pass_context
+def user_reset_password(ctx, username, password):
+    """Set a new password (the user's sessions end)."""
+    _change_user(ctx, username, password=password)
+
+
+@user.command("set-role")
+@click.argument("username")
+@click.argument("role", type=click.Choice(["uploader", "specialist", "admin"]))
+@click.pass_context
+def user_set_role(ctx, username, role):
+    """Give a user another role (their sessions end)."""
+    _change_user(ctx, username, role=role)
+
+
+@main.group()
+def token():
+    """REST API tokens."""
+
+
+@token.command("create")
+@click.argument("name")
+@click.option("--program", required=True, help="The program or site the token is scoped to.")
+@click.pass_context
+def token_create(ctx, name, program):
+    """Create an API token (printed once; only its hash is stored)."""
+    from dermascan.accounts import create_token
+    from dermascan.identity import get_or_create_program
+
+    settings = _settings(ctx)
+    with session_factory(settings.database_url)() as session, session.begin():
+        _, plain = create_token(session, get_or_create_program(session, program).id, name)
+    click.echo(plain)
+
+
+@main.group()
+def program():
+    """Programs and sites."""
+
+
+@program.command("prevalence")
+@click.argument("name")
+@click.argument("value", type=float, required=False)
+@click.option("--clear", is_flag=True, help="Show probabilities at the development data's prevalence again.")
+@click.pass_context
+def program_prevalence(ctx, name, value, clear):
+    """Set the share of malignant lesions PROGRAM expects (e.g. 0.02): its displayed
+    probabilities are re-weighed to it; the referral decision stays on the bundle's threshold."""
+    from dermascan.identity import get_or_create_program
+    from dermascan.operating_point import PrevalenceError, set_expected_prevalence
+
+    if (value is None) == (not clear):
+        raise click.UsageError("give a VALUE or --clear")
+    settings = _settings(ctx)
+    with session_factory(settings.database_url)() as session, session.begin():
+        try:
+            set_expected_prevalence(session, get_or_create_program(session, name), None if clear else value)
+        except PrevalenceError as exc:
+            raise click.BadParameter(str(exc), param_hint="VALUE") from exc
+    click.echo(f"program {name}: expected prevalence {'cleared' if clear else value}")
+
+
+@program.command("callback-secret")
+@click.argument("name")
+@click.pass_context
+def program_callback_secret(ctx, name):
+    """Issue PROGRAM a new callback signing secret and print it once (the previous one stops signing)."""
+    from dermascan import audit
+    from dermascan.accounts import issue_callback_secret
+    from dermascan.identity import get_or_create_program
+
+    settings = _settings(ctx, secret=True)
+    with session_factory(settings.database_url)() as session, session.begin():
+        program = get_or_create_program(session, name)
+        secret = issue_callback_secret(program, settings.secret_key)
+        audit.record(
+            session, "callback_secret_issued", object_type="program", object_id=program.id,
+            detail={"generation": program.callback_secret_generation, "by": "dermascan program callback-secret"},
+        )  # fmt: skip
+    click.echo(secret)

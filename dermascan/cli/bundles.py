@@ -1,0 +1,67 @@
+"""``dermascan bundle``: the model bundles a deployment knows, and which one decides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from sqlalchemy import select
+
+from dermascan.cli.common import _ensure_db, _settings, main
+from dermascan.db import session_factory
+
+
+@main.group()
+def bundle():
+    """Model bundles: register, list, activate (activation is audited)."""
+
+
+@bundle.command("list")
+@click.pass_context
+def bundle_list(ctx):
+    """The registered bundles; * marks the active one."""
+    from dermascan.schema import ModelBundle
+
+    settings = _settings(ctx)
+    _ensure_db(settings)
+    with session_factory(settings.database_url)() as session:
+        for row in session.scalars(select(ModelBundle).order_by(ModelBundle.registered_at)):
+            click.echo(f"{'*' if row.active else ' '} {row.version}  threshold {row.threshold:.4f}  {row.path}")
+
+
+@bundle.command("register")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--activate", is_flag=True, help="Also make it the bundle that scores.")
+@click.pass_context
+def bundle_register(ctx, path, activate):
+    """Record a bundle (its checksum verified); it decides nothing until activated."""
+    from dermascan import bundles
+
+    settings = _settings(ctx)
+    _ensure_db(settings)
+    with session_factory(settings.database_url)() as session, session.begin():
+        try:
+            row = bundles.register(session, path, activate=False)
+            if activate:
+                bundles.activate(session, row.version, by="dermascan bundle register --activate")
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(f"bundle {row.version} registered" + (" and active" if activate else ""))
+
+
+@bundle.command("activate")
+@click.argument("version")
+@click.pass_context
+def bundle_activate(ctx, version):
+    """Make a registered bundle the one that scores (workers with another bundle stop taking work)."""
+    from dermascan import bundles
+    from dermascan.errors import DomainError
+
+    settings = _settings(ctx)
+    _ensure_db(settings)
+    with session_factory(settings.database_url)() as session, session.begin():
+        try:
+            bundles.activate(session, version, by="dermascan bundle activate")
+        except DomainError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(f"bundle {version} is active")

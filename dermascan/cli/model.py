@@ -1,0 +1,158 @@
+"""``train`` and ``evaluate``: the model (Keras is imported inside the commands)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from dermascan.cli.common import _settings, main
+
+
+# -- the model -----------------------------------------------------------------------------------
+@main.command()
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="ISIC-2024 layout folder.",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path),
+    help="Checkpoints, out-of-fold predictions, report (default: OUT.work).",
+)
+@click.option("--folds", default=3, show_default=True)
+@click.option("--image-size", default=128, show_default=True)
+@click.option("--epochs", default=14, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option(
+    "--weights", type=click.Path(exists=True, dir_okay=False), help="Local NASNetMobile weights (include_top=False)."
+)
+@click.option("--target-sensitivity", default=0.95, show_default=True)
+@click.option(
+    "--threshold-confidence",
+    default=0.9,
+    show_default=True,
+    help="Share of bootstrap resamples of the out-of-fold positives that must reach the target sensitivity.",
+)
+@click.option(
+    "--calibration-fraction",
+    default=0.15,
+    show_default=True,
+    help="Share of patients held out of every fold model; the threshold and calibration are chosen there.",
+)
+@click.option("--max-members", type=int, help="Keep only the best N fold models in the bundle.")
+@click.option("--backbone", type=click.Choice(["nasnet_mobile", "tiny"]), default="nasnet_mobile", show_default=True)
+@click.option("--limit", type=int, help="Only the first N rows (smoke runs).")
+@click.option("--version", help="Bundle version (default: from the date).")
+@click.option(
+    "--only-folds", help="Train only these folds (e.g. 0,1); the bundle is made from the folds that are done."
+)
+def train(
+    data_dir,
+    out_dir,
+    work_dir,
+    folds,
+    image_size,
+    epochs,
+    batch_size,
+    weights,
+    target_sensitivity,
+    threshold_confidence,
+    calibration_fraction,
+    max_members,
+    backbone,
+    limit,
+    version,
+    only_folds,
+):
+    """Train the fusion model with patient-grouped CV and write a model bundle (resumable)."""
+    from model.train import TrainConfig
+    from model.train import train as run_training
+
+    logging.getLogger("model").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO)
+    cfg = TrainConfig(
+        image_size=image_size, folds=folds, epochs=epochs, batch_size=batch_size, weights=weights,
+        target_sensitivity=target_sensitivity, threshold_confidence=threshold_confidence,
+        calibration_fraction=calibration_fraction, max_members=max_members, backbone=backbone, limit=limit,
+        verbose=1 if sys.stderr.isatty() else 2,
+    )  # fmt: skip
+    work_dir = work_dir or out_dir.with_name(out_dir.name + ".work")
+    try:
+        train_folds = [int(k) for k in only_folds.split(",")] if only_folds else None
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of fold numbers", param_hint="--only-folds") from None
+    manifest = run_training(data_dir, out_dir, work_dir, cfg, version, train_folds)
+    oof = manifest["metrics"]["oof"]
+    click.echo(f"bundle {manifest['version']} written to {out_dir}")
+    cal = manifest["metrics"].get("calibration_set")
+    if cal:
+        op = cal["operating_point"]
+        click.echo(
+            f"out-of-fold AUC {oof['auc']:.4f}  pAUC80 {oof['pauc80']:.4f} (fold models on their own validation folds)"
+        )
+        click.echo(f"calibration set ({cal['n']} images, {cal['positives']} malignant; the shipped ensemble): AUC {cal['auc']:.4f}  "
+                   f"pAUC80 {cal['pauc80']:.4f}  {manifest['calibration']['method']} calibration, ECE {cal['ece_raw']:.4f} → {cal['ece']:.4f}")  # fmt: skip
+        click.echo(
+            f"threshold {manifest['threshold']:.4f}: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}"
+        )
+        return
+    click.echo(f"out-of-fold AUC {oof['auc']:.4f}  pAUC80 {oof['pauc80']:.4f}  threshold {manifest['threshold']:.4f} "
+               f"(sensitivity {oof['operating_point']['sensitivity']:.3f}, specificity {oof['operating_point']['specificity']:.3f})")  # fmt: skip
+
+
+@main.command()
+@click.option(
+    "--bundle",
+    "bundle_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Default: the configured bundle.",
+)
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_path", type=click.Path(path_type=Path), help="Write the metrics JSON here.")
+@click.option("--tta/--no-tta", default=None, help="Default: as the bundle recommends.")
+@click.option("--limit", type=int)
+@click.pass_context
+def evaluate(ctx, bundle_dir, data_dir, out_path, tta, limit):
+    """AUC, pAUC80 and sensitivity/specificity at the bundle's threshold on an ISIC-2024 folder."""
+    from tqdm import tqdm
+
+    from model.data import IsicDataset
+    from model.evaluate import evaluate as run_evaluation
+    from model.evaluate import write
+
+    bundle_dir = bundle_dir or _settings(ctx).model_bundle
+    total = len(IsicDataset.open(data_dir, limit=limit).ids)
+    with tqdm(total=total, desc="scoring", unit="img", file=sys.stderr, disable=None) as bar:
+        result = run_evaluation(bundle_dir, data_dir, tta=tta, progress=bar.update, limit=limit)
+    op = result["operating_point"]
+    click.echo(
+        f"bundle {result['bundle']} on {result['n']} images ({result['positives']} malignant), tta={result['tta']}"
+    )
+    click.echo(f"AUC     {result['auc']:.4f}  (95% CI {result['auc_ci95'][0]:.4f}–{result['auc_ci95'][1]:.4f})")
+    click.echo(
+        f"pAUC80  {result['pauc80']:.4f}  (95% CI {result['pauc80_ci95'][0]:.4f}–{result['pauc80_ci95'][1]:.4f})"
+    )
+    click.echo(f"at threshold {result['threshold']:.4f}: sensitivity {op['sensitivity']:.4f} ({op['tp']}/{op['tp'] + op['fn']}), "
+               f"specificity {op['specificity']:.4f} ({op['tn']}/{op['tn'] + op['fp']})")  # fmt: skip
+    cal, gate = result["calibration"], result["gate"]
+    click.echo(f"calibration ({cal['method']}): ECE {cal['ece']:.4f}, log loss {cal['log_loss']:.4f}")
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(gate["reasons"].items())) or "none"
+    click.echo(
+        f"not assessable: {gate['not_assessable']} of {gate['n']} ({gate['not_assessable_share']:.2%}; {reasons})"
+    )
+    if "assessable" in gate:
+        a = gate["assessable"]
+        click.echo(f"on the assessable ones: AUC {a['auc']:.4f}, sensitivity {a['operating_point']['sensitivity']:.4f}, "
+                   f"specificity {a['operating_point']['specificity']:.4f}")  # fmt: skip
+    out_path = out_path or Path(f"evaluation-{result['bundle']}.json")
+    write(result, out_path)
+    click.echo(f"written to {out_path}")
