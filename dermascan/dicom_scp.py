@@ -36,7 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
 
-from dermascan import identity, submission
+from dermascan import audit, identity, submission
 from dermascan.config import Settings
 from dermascan.db import session_factory
 from dermascan.ingest import dicom
@@ -224,6 +224,10 @@ class Receiver:
             session.add(batch)
             session.flush()
             batch_id = batch.id
+            audit.record(
+                session, "upload", object_type="batch", object_id=batch_id, ip=event.assoc.requestor.address,
+                detail={"source": "dicom", "calling_ae": calling},
+            )  # fmt: skip
         with self.lock:
             self.batches[key] = batch_id
             self.pending[key] = []

@@ -80,29 +80,42 @@ def record(
     above ``threshold``; every not-assessable image, to be checked by a person). The returned
     ``high_risk`` lists the study ids referred for their probability (they get heat maps)."""
     now = utcnow()
-    insert_ignoring_conflicts(
-        session,
-        Prediction.__table__,
-        [
-            {
-                "study_id": s.study_id,
-                "bundle_version": bundle_version,
-                "probability": float(s.probability),
-                "threshold": float(threshold),
-                "spread": None if s.spread is None else float(s.spread),
-                "assessable": bool(s.assessable),
-                "not_assessable_reason": None if s.assessable else (s.reason or "not assessable")[:120],
-                "feature_distance": None if s.distance is None else float(s.distance),
-                "created_at": now,
-            }
-            for s in scored
-        ],
-        ["study_id", "bundle_version"],
-    )
-    ids = [s.study_id for s in scored]
-    if ids:
+    _insert_predictions(session, bundle_version, threshold, scored, now)
+    _set_statuses(session, [s.study_id for s in scored], failed, now)
+    decided = [(s, referral_policy.decide(s.probability, threshold, s.assessable)) for s in scored]
+    referred = [(s, r) for s, r in decided if r is not None]
+    _insert_referrals(session, bundle_version, referred, now)
+    return {
+        "scored": len(scored),
+        "failed": len(failed),
+        "referred": len(referred),
+        "high_risk": [s.study_id for s, r in referred if r.category == referral_policy.HIGH_RISK],
+        "not_assessable": [s.study_id for s, r in referred if r.category == referral_policy.NOT_ASSESSABLE],
+    }
+
+
+def _insert_predictions(session: Session, bundle_version: str, threshold: float, scored, now) -> None:
+    rows = [
+        {
+            "study_id": s.study_id,
+            "bundle_version": bundle_version,
+            "probability": float(s.probability),
+            "threshold": float(threshold),
+            "spread": None if s.spread is None else float(s.spread),
+            "assessable": bool(s.assessable),
+            "not_assessable_reason": None if s.assessable else (s.reason or "not assessable")[:120],
+            "feature_distance": None if s.distance is None else float(s.distance),
+            "created_at": now,
+        }
+        for s in scored
+    ]
+    insert_ignoring_conflicts(session, Prediction.__table__, rows, ["study_id", "bundle_version"])
+
+
+def _set_statuses(session: Session, done_ids: list[int], failed: Sequence[tuple[int, str]], now) -> None:
+    if done_ids:
         session.execute(
-            update(Study).where(Study.id.in_(ids)).values(status=StudyStatus.DONE, finished_at=now, error=None)
+            update(Study).where(Study.id.in_(done_ids)).values(status=StudyStatus.DONE, finished_at=now, error=None)
         )
     for study_id, reason in failed:
         session.execute(
@@ -110,41 +123,27 @@ def record(
             .where(Study.id == study_id, Study.status != StudyStatus.DONE)
             .values(status=StudyStatus.FAILED, finished_at=now, error=reason[:2000])
         )
-    decided = [(s, referral_policy.decide(s.probability, threshold, s.assessable)) for s in scored]
-    referred = [(s, r) for s, r in decided if r is not None]
-    if referred:
-        predictions = dict(
-            session.execute(
-                select(Prediction.study_id, Prediction.id).where(
-                    Prediction.study_id.in_([s.study_id for s, _ in referred]),
-                    Prediction.bundle_version == bundle_version,
-                )
-            ).all()
-        )
-        insert_ignoring_conflicts(
-            session,
-            Referral.__table__,
-            [
-                {
-                    "study_id": s.study_id,
-                    "prediction_id": predictions[s.study_id],
-                    "probability": float(s.probability),
-                    "category": r.category,
-                    "tier": r.tier,
-                    "status": "open",
-                    "created_at": now,
-                }
-                for s, r in referred
-            ],
-            ["study_id"],
-        )
-    return {
-        "scored": len(ids),
-        "failed": len(failed),
-        "referred": len(referred),
-        "high_risk": [s.study_id for s, r in referred if r.category == referral_policy.HIGH_RISK],
-        "not_assessable": [s.study_id for s, r in referred if r.category == referral_policy.NOT_ASSESSABLE],
-    }
+
+
+def _insert_referrals(session: Session, bundle_version: str, referred, now) -> None:
+    """One referral per referred study (a redelivered batch adds none), tied to its prediction."""
+    if not referred:
+        return
+    predictions = dict(
+        session.execute(
+            select(Prediction.study_id, Prediction.id).where(
+                Prediction.study_id.in_([s.study_id for s, _ in referred]), Prediction.bundle_version == bundle_version
+            )
+        ).all()
+    )
+    rows = [
+        {
+            "study_id": s.study_id, "prediction_id": predictions[s.study_id], "probability": float(s.probability),
+            "category": r.category, "tier": r.tier, "status": "open", "created_at": now,
+        }
+        for s, r in referred
+    ]  # fmt: skip
+    insert_ignoring_conflicts(session, Referral.__table__, rows, ["study_id"])
 
 
 def finished_batches(session: Session, batch_ids: Sequence[str]) -> list[str]:

@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from dermascan import queue
+from dermascan import audit, queue
 from dermascan.blobs import BlobStore
 from dermascan.config import Settings
 from dermascan.db import dialect_insert, session_factory
@@ -103,6 +103,7 @@ class SubmitStudies:
         prior_rejections: Sequence[Rejection] = (),
         progress: Callable[[int], None] | None = None,
         batch_id: str | None = None,
+        ip: str | None = None,
     ):
         self.settings = settings
         self.program_id = program_id
@@ -118,6 +119,7 @@ class SubmitStudies:
         self.prior_rejections = list(prior_rejections)
         self.progress = progress
         self.batch_id = batch_id  # add to this existing batch (one per DICOM association)
+        self.ip = ip
         self.blobs = BlobStore(settings.blob_dir)
 
     def run(self, session: Session) -> SubmitResult:
@@ -141,6 +143,12 @@ class SubmitStudies:
             batch.total = len(result.accepted)
             batch.rejected = len(result.rejected)
             batch.report = result.report()
+            # the upload and its audit event commit together (or not at all)
+            audit.record(
+                session, "upload", user_id=self.user_id, token_id=self.token_id, object_type="batch",
+                object_id=batch.id, ip=self.ip,
+                detail={"source": self.source, "accepted": len(result.accepted), "rejected": len(result.rejected)},
+            )  # fmt: skip
         return result
 
     def _open_batch(self, session: Session) -> Batch | None:

@@ -138,3 +138,20 @@ def test_multipart_parts_stream_and_oversized_parts_are_dropped():
     ]
     with pytest.raises(MultipartError):
         list(iter_parts(io.BytesIO(body[:40]), "b", max_part_bytes=100))
+
+
+def test_an_upload_and_its_audit_event_commit_together(embedded, ham_dir):
+    from dermascan.schema import AuditEvent
+
+    with session_factory(embedded.database_url)() as session, session.begin():
+        program_id = get_or_create_program(session, "fast").id
+    factory = session_factory(embedded.database_url)
+    with pytest.raises(RuntimeError), factory() as session, session.begin():
+        SubmitStudies(embedded, program_id, ham_inputs(ham_dir, 1), source="test", ip="192.0.2.7").run(session)
+        raise RuntimeError("the caller's transaction fails after the submission")
+    with factory() as session:
+        assert session.query(Study).count() == 0 and session.query(AuditEvent).count() == 0
+    result = run(embedded, program_id, ham_inputs(ham_dir, 1), ip="192.0.2.7")
+    with factory() as session:
+        event = session.scalar(select(AuditEvent).where(AuditEvent.action == "upload"))
+        assert (event.object_id, event.ip, event.detail["accepted"]) == (result.batch_id, "192.0.2.7", 1)

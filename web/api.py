@@ -121,7 +121,7 @@ def create_batch():
         return error(http_status(exc), str(exc))
     result = submission.submit(
         settings(), g.program_id, inputs, source="api", label=None if label is None else str(label)[:200],
-        idempotency_key=key, callback_url=callback, token_id=g.token_id, prior_rejections=rejected,
+        idempotency_key=key, callback_url=callback, token_id=g.token_id, prior_rejections=rejected, ip=client_ip(),
     )  # fmt: skip
     reply = result.report()
     reply["replayed"] = result.replayed

@@ -17,7 +17,7 @@ from dermascan.ingest.errors import Rejection
 from dermascan.ingest.multipart import MultipartError, iter_parts
 from web.api import error, token_required
 from web.extensions import csrf
-from web.helpers import settings
+from web.helpers import client_ip, settings
 
 bp = Blueprint("dicomweb", __name__, url_prefix="/dicomweb")
 csrf.exempt(bp)
@@ -77,7 +77,7 @@ def stow(study_uid: str | None = None):
         return error(400, "the request contains no DICOM instances")
 
     result = submission.submit(
-        limits, g.program_id, inputs, source="dicom", label="STOW-RS", token_id=g.token_id,
+        limits, g.program_id, inputs, source="dicom", label="STOW-RS", token_id=g.token_id, ip=client_ip(),
         prior_rejections=[Rejection(None, f["_reason"]) for f in failed_items],
     )  # fmt: skip
     for rejection in result.rejected:

@@ -22,7 +22,7 @@ from dermascan.ingest.records import SITES
 from dermascan.ingest.types import StudyInput
 from dermascan.schema import Batch, Prediction, Study
 from web.errors import http_status
-from web.helpers import audit_event, db, program_scope, role_required, settings, specialist_may_see
+from web.helpers import audit_event, client_ip, db, program_scope, role_required, settings, specialist_may_see
 
 bp = Blueprint("portal", __name__)
 UPLOAD_ROLES = ("uploader", "admin")
@@ -114,13 +114,7 @@ def _wants_json() -> bool:
 
 
 def _finish_upload(result, status=201, single: bool = False):
-    audit_event(
-        "upload",
-        object_type="batch",
-        object_id=result.batch_id,
-        detail={"accepted": len(result.accepted), "rejected": len(result.rejected)},
-    )
-    db().commit()
+    """The answer to an upload (stored, and audited in the same transaction, by submission)."""
     report = result.report()
     if _wants_json():
         report["batch_url"] = url_for("portal.batch", batch_id=result.batch_id) if result.batch_id else None
@@ -152,7 +146,7 @@ def upload_single():
     )
     result = submission.submit(
         settings(), _program_id(), [item], source="portal", interactive=True, label=f"single: {item.external_id}",
-        user_id=current_user.id,
+        user_id=current_user.id, ip=client_ip(),
     )  # fmt: skip
     return _finish_upload(result, 201 if result.accepted else 422, single=True)
 
@@ -177,7 +171,7 @@ def upload_bulk():
         return _upload_error(str(exc), http_status(exc))
     result = submission.submit(
         settings(), _program_id(), inputs, source="portal", label=form.label.data or form.archive.data.filename,
-        user_id=current_user.id, prior_rejections=rejected,
+        user_id=current_user.id, prior_rejections=rejected, ip=client_ip(),
     )  # fmt: skip
     return _finish_upload(result, 201 if result.accepted else 422)
 
