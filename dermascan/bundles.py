@@ -34,10 +34,9 @@ def register(session: Session, bundle_dir: Path | str, activate: bool = True) ->
         )
     else:
         row.path = str(Path(bundle_dir).resolve())
-    if activate and not row.active:
-        session.execute(update(ModelBundle).where(ModelBundle.version != row.version).values(active=False))
-        row.active = True
     session.flush()
+    if activate and not row.active:
+        activate_version(session, row.version, by="registered with activation")
     return row
 
 
@@ -45,7 +44,9 @@ def active(session: Session) -> ModelBundle | None:
     return session.scalar(select(ModelBundle).where(ModelBundle.active.is_(True)))
 
 
-def activate(session: Session, version: str, by_user_id: int | None = None, by: str | None = None) -> ModelBundle:
+def activate_version(
+    session: Session, version: str, by_user_id: int | None = None, by: str | None = None
+) -> ModelBundle:
     """Make a registered bundle the one that scores, in the caller's transaction; audited.
     Activation is an admin act (``dermascan bundle activate``, the operating-point page)."""
     from dermascan import audit
@@ -72,5 +73,5 @@ def register_for_worker(session: Session, bundle_dir: Path | str) -> ModelBundle
     with another bundle never takes over a deployment just by starting."""
     row = register(session, bundle_dir, activate=False)
     if active(session) is None:
-        activate(session, row.version, by="the first worker of a deployment with no active bundle")
+        activate_version(session, row.version, by="the first worker of a deployment with no active bundle")
     return row

@@ -277,7 +277,7 @@ def activate_bundle(version):
     if not RevokeForm().validate_on_submit():
         abort(400)
     try:
-        bundles.activate(db(), version, by_user_id=current_user.id)
+        bundles.activate_version(db(), version, by_user_id=current_user.id)
     except DomainError:
         abort(404)
     db().commit()

@@ -43,7 +43,7 @@ def bundle_register(ctx, path, activate):
         try:
             row = bundles.register(session, path, activate=False)
             if activate:
-                bundles.activate(session, row.version, by="dermascan bundle register --activate")
+                bundles.activate_version(session, row.version, by="dermascan bundle register --activate")
         except ValueError as exc:
             raise click.ClickException(str(exc)) from exc
     click.echo(f"bundle {row.version} registered" + (" and active" if activate else ""))
@@ -61,7 +61,7 @@ def bundle_activate(ctx, version):
     _ensure_db(settings)
     with session_factory(settings.database_url)() as session, session.begin():
         try:
-            bundles.activate(session, version, by="dermascan bundle activate")
+            bundles.activate_version(session, version, by="dermascan bundle activate")
         except DomainError as exc:
             raise click.ClickException(str(exc)) from exc
     click.echo(f"bundle {version} is active")

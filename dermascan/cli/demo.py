@@ -30,12 +30,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 @click.pass_context
 def demo(ctx, once, port, timeout):
     """Screen the bundled example studies end to end (worker process + portal), embedded default."""
-    from dermascan import bundles, migrate, reports
-    from dermascan.accounts import create_user
-    from dermascan.identity import get_or_create_program
+    from dermascan import reports
     from dermascan.ingest import manifest
     from dermascan.queue import QUEUES
-    from dermascan.schema import Batch, Role, User
     from dermascan.submission import submit as do_submit
 
     settings = _settings(ctx, secret=True)
@@ -43,16 +40,8 @@ def demo(ctx, once, port, timeout):
     click.echo(f"database:       {_redact(settings.database_url)}")
     click.echo(f"queue:          {settings.broker_url.split('://')[0]}")
     click.echo(f"model bundle:   {settings.model_bundle}")
-    migrate.upgrade(settings.database_url)
-    password = None
+    program_id, password = _set_up(settings)
     factory = session_factory(settings.database_url)
-    with factory() as session, session.begin():
-        program = get_or_create_program(session, "demo")
-        if session.scalar(select(User).where(User.username == "admin")) is None:
-            password = secrets.token_urlsafe(12)
-            create_user(session, "admin", password, Role.ADMIN, program.id)
-        bundles.register(session, settings.model_bundle)
-        program_id = program.id
 
     metrics_port = _free_port()
     env = {
@@ -76,19 +65,7 @@ def demo(ctx, once, port, timeout):
             settings, program_id, inputs, source="demo", label="demo examples", prior_rejections=rejected
         )
         click.echo(f"submitted {len(result.accepted)} example studies as batch {result.batch_id}; waiting for scores…")
-        deadline = time.monotonic() + timeout
-        while True:
-            with factory() as session:
-                summary = reports.batch_summary(session, session.get(Batch, result.batch_id))
-            if summary["state"] == "complete":
-                break
-            if worker_proc.poll() is not None:
-                raise click.ClickException(
-                    f"the worker exited (code {worker_proc.returncode}); see {settings.data_dir / 'worker.log'}"
-                )
-            if time.monotonic() > deadline:
-                raise click.ClickException(f"not scored within {timeout:.0f} s: {summary['counts']}")
-            time.sleep(0.5)
+        _wait_until_scored(settings, result.batch_id, worker_proc, timeout)
         with factory() as session:
             rows = reports.result_rows(session, result.batch_id)
         click.echo()
@@ -108,15 +85,58 @@ def demo(ctx, once, port, timeout):
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        for proc in (web_proc, worker_proc):
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in (web_proc, worker_proc):
-            if proc is not None:
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+        _stop([p for p in (web_proc, worker_proc) if p is not None])
+
+
+def _set_up(settings) -> tuple[int, str | None]:
+    """Migrate, make the demo program, an admin (password returned the first time) and the
+    bundle active (the operator running the demo is the admin who activates it)."""
+    from dermascan import bundles, migrate
+    from dermascan.accounts import create_user
+    from dermascan.identity import get_or_create_program
+    from dermascan.schema import Role, User
+
+    migrate.upgrade(settings.database_url)
+    password = None
+    with session_factory(settings.database_url)() as session, session.begin():
+        program = get_or_create_program(session, "demo")
+        if session.scalar(select(User).where(User.username == "admin")) is None:
+            password = secrets.token_urlsafe(12)
+            create_user(session, "admin", password, Role.ADMIN, program.id)
+        bundles.register(session, settings.model_bundle, activate=True)
+        return program.id, password
+
+
+def _wait_until_scored(settings, batch_id: str, worker_proc, timeout: float) -> None:
+    from dermascan import reports
+    from dermascan.schema import Batch
+
+    factory = session_factory(settings.database_url)
+    deadline = time.monotonic() + timeout
+    while True:
+        with factory() as session:
+            summary = reports.batch_summary(session, session.get(Batch, batch_id))
+        if summary["state"] == "complete":
+            return
+        if worker_proc.poll() is not None:
+            raise click.ClickException(
+                f"the worker exited (code {worker_proc.returncode}); see {settings.data_dir / 'worker.log'}"
+            )
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"not scored within {timeout:.0f} s: {summary['counts']}")
+        time.sleep(0.5)
+
+
+def _stop(procs) -> None:
+    """SIGTERM to each process group the demo started, SIGKILL to any still there after 20 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _interrupt(signum, frame):
