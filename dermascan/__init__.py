@@ -1,5 +1,5 @@
-"""DermaScan's domain core: configuration, schema, blob storage, ingest, the screening service,
-the referral policy, the Celery app (names, queues, sending) and the ``dermascan`` CLI.
+"""DermaScan's domain core: configuration, schema, blob storage, ingest (parsing), submission,
+the sweeper, identity, the referral policy, the Celery app (names, queues, sending) and the CLI.
 
 Nothing here imports ``web/`` or ``worker/``; Keras is only imported inside the CLI's model
 commands, so the portal never loads it.
