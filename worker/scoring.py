@@ -224,8 +224,12 @@ class ScoreStudies:
 
     def run(self) -> Outcome:
         pred = predictor(self.settings)
-        with self.factory() as session:
-            if not session.scalar(select(ModelBundle.active).where(ModelBundle.version == pred.version)):
+        with self.factory() as session, session.begin():
+            # registered when the predictor loaded; again if the database lost it since
+            row = session.get(ModelBundle, pred.version) or bundles.register_for_worker(
+                session, self.settings.model_bundle
+            )
+            if not row.active:
                 raise BundleNotActive(f"bundle {pred.version} is not the active bundle")
         outcome = Outcome(skipped=0)
         items = self._claim()
