@@ -57,6 +57,7 @@ TABLE = {
     "api.get_batch": ("GET", "/api/v1/batches/{batch}", TOKEN),
     "api.batch_results": ("GET", "/api/v1/batches/{batch}/results", TOKEN),
     "api.get_study": ("GET", "/api/v1/studies/{study}", TOKEN),
+    "api.study_fhir": ("GET", "/api/v1/studies/{study}/fhir", TOKEN),
     "api.openapi": ("GET", "/api/v1/openapi.json", PUBLIC),
     "dicomweb.stow": ("POST", "/dicomweb/studies", TOKEN),
 }

@@ -27,6 +27,7 @@ def test_api_conforms_to_its_openapi_document(pg_settings, app_factory):
         "GET /api/v1/batches/{batch_id}",
         "GET /api/v1/batches/{batch_id}/results",
         "GET /api/v1/studies/{study_id}",
+        "GET /api/v1/studies/{study_id}/fhir",
     }
     for operation in operations:
         check_operation(operation, headers)

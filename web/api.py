@@ -5,13 +5,14 @@ paginated results (JSON or CSV), single studies, and the OpenAPI document."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from functools import wraps
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
 from sqlalchemy import false, func, select
 
-from dermascan import audit, callbacks, reports, submission
+from dermascan import audit, callbacks, fhir, reports, submission
 from dermascan.accounts import token_for
 from dermascan.ingest import json_records, manifest
 from dermascan.ingest.errors import IngestError
@@ -25,6 +26,7 @@ csrf.exempt(bp)
 
 MAX_PER_PAGE = 1000
 MAX_KEY = 200
+FHIR_JSON = "application/fhir+json"
 
 
 def error(status: int, message: str, **extra):
@@ -214,9 +216,11 @@ def batch_results(batch_id):
     batch = _batch(batch_id)
     if batch is None:
         return error(404, "no such batch")
-    fmt = request.args.get("format") or ("csv" if request.accept_mimetypes.best == "text/csv" else "json")
-    if fmt not in ("csv", "json"):
-        return error(400, "format must be csv or json")
+    fmt = request.args.get("format") or {"text/csv": "csv", FHIR_JSON: "fhir"}.get(
+        request.accept_mimetypes.best, "json"
+    )
+    if fmt not in ("csv", "json", "fhir"):
+        return error(400, "format must be csv, json or fhir")
     try:
         page, per_page = _pagination(500, MAX_PER_PAGE)
     except IngestError as exc:
@@ -231,6 +235,12 @@ def batch_results(batch_id):
         )
     if fmt == "csv":
         response = Response(reports.to_csv(rows), mimetype="text/csv")
+    elif fmt == "fhir":
+        studies = list(
+            db().scalars(select(Study).where(Study.id.in_([r["study_id"] for r in rows])).order_by(Study.id))
+        )
+        body = fhir.collection(fhir.study_reports(db(), studies))
+        response = Response(json.dumps(body), mimetype=FHIR_JSON)
     else:
         response = jsonify(
             {"batch_id": batch.id, "page": page, "per_page": per_page, "pages": pages, "total": total, "results": rows}
@@ -250,6 +260,17 @@ def get_study(study_id):
     row = reports.study_result(db(), study)
     row["batch_id"] = study.batch_id
     return jsonify(row)
+
+
+@bp.get("/studies/<int:study_id>/fhir")
+@token_required
+def study_fhir(study_id):
+    """The study's result as a FHIR R4 DiagnosticReport (Observations, ImagingStudy and the
+    algorithm as a Device contained)."""
+    study = db().get(Study, study_id)
+    if study is None or study.program_id != g.program_id:
+        return error(404, "no such study")
+    return Response(json.dumps(fhir.study_reports(db(), [study])[0]), mimetype=FHIR_JSON)
 
 
 @bp.get("/openapi.json")

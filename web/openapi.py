@@ -109,6 +109,12 @@ JSON_RECORD = {
 }
 
 
+FHIR_RESOURCE = {
+    "type": "object",
+    "required": ["resourceType"],
+    "properties": {"resourceType": {"type": "string"}},
+    "description": "A FHIR R4 resource (DiagnosticReport, or a collection Bundle of them)",
+}
 CALLBACK_DOC = (
     "https URL POSTed when the batch completes, signed in X-DermaScan-Signature (t=<unix time>,v1=<HMAC-SHA256 "
     "of '<t>.<body>'>) with the program's own callback secret (issued by an administrator). Loopback, private and "
@@ -268,7 +274,11 @@ def document() -> dict:
                     "operationId": "getBatchResults",
                     "parameters": [
                         batch_id,
-                        {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}},
+                        {
+                            "name": "format",
+                            "in": "query",
+                            "schema": {"type": "string", "enum": ["json", "csv", "fhir"]},
+                        },
                         *_paging(1000),
                     ],
                     "responses": {
@@ -279,9 +289,24 @@ def document() -> dict:
                                     "schema": _page_of("results", RESULT, batch_id={"type": "string"})
                                 },
                                 "text/csv": {"schema": {"type": "string"}},
+                                "application/fhir+json": {"schema": FHIR_RESOURCE},
                             },
                         },
                         **_errors(400, 401, 404),
+                    },
+                }
+            },
+            "/api/v1/studies/{study_id}/fhir": {
+                "get": {
+                    "operationId": "getStudyFhir",
+                    "parameters": [{"name": "study_id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+                    "responses": {
+                        "200": {
+                            "description": "The study's result as a FHIR R4 DiagnosticReport (Observations, "
+                            "ImagingStudy and the algorithm as a Device contained)",
+                            "content": {"application/fhir+json": {"schema": FHIR_RESOURCE}},
+                        },
+                        **_errors(401, 404),
                     },
                 }
             },

@@ -1,0 +1,200 @@
+"""Results for the EHR as FHIR R4: one DiagnosticReport per study, with its Observations
+(malignancy probability, referral, the specialist's decision once there is one), the
+ImagingStudy it came from (by Study Instance UID, when it arrived by DICOM) and the algorithm as
+a Device, all ``contained`` so the report stands alone; a batch is a ``collection`` Bundle.
+
+Plain dictionaries, built from the same result rows as the JSON and CSV exports; the tests
+validate them with fhir.resources' R4 models. The patient is identified only by DermaScan's
+keyed pseudonym (never the identifier the hospital sent).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from dermascan.schema import Decision, Referral, Study
+
+SYSTEM = "https://dermascan.example/fhir"  # DermaScan's own code systems and identifiers
+PSEUDONYM_SYSTEM = f"{SYSTEM}/patient-pseudonym"
+DECISION_LABELS = {
+    Decision.URGENT: "Urgent in-person review",
+    Decision.BIOPSY: "Biopsy or excision",
+    Decision.FOLLOW_UP: "Routine follow-up",
+    Decision.BENIGN: "Benign, no action",
+    Decision.POOR_QUALITY: "Image quality insufficient",
+}
+NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, SYSTEM)
+
+
+def _code(system: str, code: str, display: str) -> dict:
+    return {"coding": [{"system": system, "code": code, "display": display}], "text": display}
+
+
+def _observation(ident: str, code: dict, subject: dict, effective: str | None, **value) -> dict:
+    resource = {
+        "resourceType": "Observation",
+        "id": ident,
+        "status": "final",
+        "category": [_code("http://terminology.hl7.org/CodeSystem/observation-category", "imaging", "Imaging")],
+        "code": code,
+        "subject": subject,
+        "device": {"reference": "#algorithm"},
+        **value,
+    }
+    if effective:
+        resource["effectiveDateTime"] = effective
+    return resource
+
+
+def diagnostic_report(row: dict, study: Study, referral: Referral | None, bundle: dict | None) -> dict:
+    """The DiagnosticReport of one study's result ``row`` (``reports.study_row``)."""
+    subject = (
+        {
+            "identifier": {"system": PSEUDONYM_SYSTEM, "value": study.patient_pseudonym},
+            "display": "pseudonymised patient",
+        }
+        if study.patient_pseudonym
+        else {"display": "patient not identified"}
+    )
+    effective = row.get("finished_at")
+    contained = [_device(row, bundle)]
+    results = []
+    if row.get("probability") is not None:
+        contained.append(
+            _observation(
+                "probability", _code(SYSTEM, "malignancy-probability", "Probability of malignancy (calibrated)"),
+                subject, effective,
+                valueQuantity={"value": row["probability"], "unit": "probability", "system": "http://unitsofmeasure.org", "code": "1"},
+                referenceRange=[{"high": {"value": row["threshold"], "unit": "probability", "system": "http://unitsofmeasure.org", "code": "1"},
+                                 "text": "referral threshold"}],
+            )
+        )  # fmt: skip
+    if row.get("referral_category"):
+        label = {"high_risk": "Referred: high risk", "not_assessable": "Referred: not assessable, check the image"}
+        contained.append(
+            _observation(
+                "referral", _code(SYSTEM, "referral", "Referral to a specialist"), subject, effective,
+                valueCodeableConcept=_code(SYSTEM, row["referral_category"], label.get(row["referral_category"], row["referral_category"])),
+            )
+        )  # fmt: skip
+    elif row.get("referred") is False:
+        contained.append(
+            _observation("referral", _code(SYSTEM, "referral", "Referral to a specialist"), subject, effective,
+                         valueCodeableConcept=_code(SYSTEM, "not-referred", "Not referred"))
+        )  # fmt: skip
+    if referral is not None and referral.decision is not None:
+        decision = Decision(referral.decision)
+        observation = _observation(
+            "decision", _code(SYSTEM, "specialist-decision", "Specialist's decision"), subject,
+            referral.decided_at.isoformat() if referral.decided_at else effective,
+            valueCodeableConcept=_code(SYSTEM, decision.value, DECISION_LABELS[decision]),
+        )  # fmt: skip
+        observation.pop("device")
+        if referral.decided_by is not None:
+            observation["performer"] = [{"display": referral.decided_by.username}]
+        if referral.note:
+            observation["note"] = [{"text": referral.note}]
+        contained.append(observation)
+    results = [{"reference": f"#{r['id']}"} for r in contained if r["resourceType"] == "Observation"]
+    report = {
+        "resourceType": "DiagnosticReport",
+        "id": f"study-{row['study_id']}",
+        "identifier": [{"system": f"{SYSTEM}/study", "value": str(row["study_id"])}],
+        "status": _status(row, referral),
+        "category": [_code("http://terminology.hl7.org/CodeSystem/v2-0074", "IMG", "Diagnostic Imaging")],
+        "code": _code(SYSTEM, "skin-lesion-malignancy-screening", "Skin lesion malignancy screening (AI)"),
+        "subject": subject,
+        "performer": [{"reference": "#algorithm", "display": "DermaScan"}],
+        "result": results,
+        "contained": contained,
+    }
+    if effective:
+        report["effectiveDateTime"] = effective
+        report["issued"] = effective
+    if study.study_instance_uid:
+        contained.append(
+            {
+                "resourceType": "ImagingStudy",
+                "id": "imaging-study",
+                "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study.study_instance_uid}"}],
+                "status": "available",
+                "subject": subject if "identifier" in subject else {"display": subject["display"]},
+                "numberOfInstances": 1,
+            }
+        )
+        report["imagingStudy"] = [{"reference": "#imaging-study"}]
+    report["conclusion"] = _conclusion(row, referral)
+    return report
+
+
+def _device(row: dict, bundle: dict | None) -> dict:
+    device = {
+        "resourceType": "Device",
+        "id": "algorithm",
+        "deviceName": [{"name": "DermaScan skin-lesion screening model", "type": "model-name"}],
+        "type": _code(SYSTEM, "ai-algorithm", "AI algorithm (not a medical device)"),
+    }
+    version = row.get("bundle_version")
+    if version:
+        device["version"] = [{"value": version}]
+    if bundle and bundle.get("sha256"):
+        device["identifier"] = [{"system": f"{SYSTEM}/bundle-sha256", "value": bundle["sha256"]}]
+    return device
+
+
+def _status(row: dict, referral: Referral | None) -> str:
+    if row.get("status") != "done":
+        return "registered" if row.get("status") in ("queued", "processing") else "cancelled"
+    if referral is not None and referral.decision is None:
+        return "preliminary"  # awaiting the specialist
+    return "amended" if referral is not None else "final"
+
+
+def _conclusion(row: dict, referral: Referral | None) -> str:
+    if row.get("status") != "done":
+        return f"Not scored ({row.get('status')})."
+    if row.get("assessable") is False:
+        text = f"The image could not be assessed ({row.get('not_assessable_reason')}); referred for a person to check."
+    else:
+        verdict = "above" if row.get("referred") else "below"
+        text = (
+            f"Probability of malignancy {row['probability']:.3f}, {verdict} the referral threshold "
+            f"{row['threshold']:.3f}: {'referred to a specialist' if row.get('referred') else 'not referred'}."
+        )
+    if referral is not None and referral.decision is not None:
+        text += f" Specialist's decision: {DECISION_LABELS[Decision(referral.decision)]}."
+    return text
+
+
+def collection(reports: list[dict]) -> dict:
+    """A batch's reports as a FHIR ``collection`` Bundle."""
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"fullUrl": f"urn:uuid:{uuid.uuid5(NAMESPACE, r['id'])}", "resource": r} for r in reports],
+    }
+
+
+def study_reports(session, studies: list[Study]) -> list[dict]:
+    """The DiagnosticReports of ``studies``, from the same rows as the other exports."""
+    from sqlalchemy import select
+
+    from dermascan import reports
+    from dermascan.schema import ModelBundle
+
+    ids = [s.id for s in studies]
+    predictions = reports.latest_predictions(session, ids)
+    categories = reports.referral_categories(session, ids)
+    prevalence = reports.Prevalence(session)
+    referrals = {r.study_id: r for r in session.scalars(select(Referral).where(Referral.study_id.in_(ids)))}
+    versions = {p.bundle_version for p in predictions.values()}
+    bundles = {
+        b.version: {"sha256": b.sha256}
+        for b in session.scalars(select(ModelBundle).where(ModelBundle.version.in_(versions)))
+    }
+    out = []
+    for study in studies:
+        prediction = predictions.get(study.id)
+        row = reports.study_row(study, prediction, categories.get(study.id), prevalence.get(study, prediction))
+        out.append(diagnostic_report(row, study, referrals.get(study.id), bundles.get(row["bundle_version"])))
+    return out
