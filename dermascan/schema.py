@@ -109,6 +109,14 @@ class Decision(enum.StrEnum):
     POOR_QUALITY = "image_quality_insufficient"
 
 
+class OutcomeKind(enum.StrEnum):
+    """What histopathology (or the decision not to biopsy) found: the truth the model is judged on."""
+
+    MALIGNANT = "malignant"
+    BENIGN = "benign"
+    NOT_BIOPSIED = "not_biopsied"
+
+
 class Program(Base):
     """A hospital site or a teledermatology program; tokens, batches and studies belong to one."""
 
@@ -303,3 +311,17 @@ class AuditEvent(Base):
     ip: Mapped[str | None] = mapped_column(String(64))
 
     user: Mapped[User | None] = relationship()
+
+
+class Outcome(Base):
+    """A study's recorded outcome (one per study; a later record replaces it, both audited)."""
+
+    __tablename__ = "outcomes"
+    id: Mapped[intpk]
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
+    kind: Mapped[OutcomeKind] = mapped_column(_enum(OutcomeKind, "outcome_kind"))
+    diagnosis: Mapped[str | None] = mapped_column(String(200))  # the type: melanoma, BCC, nevus…
+    source: Mapped[str] = mapped_column(String(16))  # portal, api, csv
+    recorded_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id"))
+    recorded_at: Mapped[timestamp]

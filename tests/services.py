@@ -67,6 +67,7 @@ def scratch_postgres(prefix: str = "dermascan_test", migrated: bool = True):
 
 TABLES = [
     "audit_events",
+    "outcomes",
     "referrals",
     "predictions",
     "studies",

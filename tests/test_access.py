@@ -41,6 +41,7 @@ TABLE = {
     "referrals.case": ("GET", "/referrals/{referral}", (S, A)),
     "referrals.decide": ("POST", "/referrals/{referral}/decide", (S, A)),
     "referrals.release": ("POST", "/referrals/{referral}/release", (S, A)),
+    "referrals.record_outcome": ("POST", "/referrals/{referral}/outcome", (S, A)),
     "admin.users": ("GET", "/admin/users", (A,)),
     "admin.change_user": ("POST", "/admin/users/{user}", (A,)),
     "admin.tokens": ("GET", "/admin/tokens", (A,)),
@@ -58,6 +59,8 @@ TABLE = {
     "api.batch_results": ("GET", "/api/v1/batches/{batch}/results", TOKEN),
     "api.get_study": ("GET", "/api/v1/studies/{study}", TOKEN),
     "api.study_fhir": ("GET", "/api/v1/studies/{study}/fhir", TOKEN),
+    "api.record_outcome": ("PUT", "/api/v1/studies/{study}/outcome", TOKEN),
+    "api.import_outcomes": ("POST", "/api/v1/outcomes", TOKEN),
     "api.openapi": ("GET", "/api/v1/openapi.json", PUBLIC),
     "dicomweb.stow": ("POST", "/dicomweb/studies", TOKEN),
 }

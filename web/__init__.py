@@ -13,7 +13,9 @@ from dermascan import keys
 from dermascan.config import Settings
 from dermascan.db import session_factory
 
-UPLOAD_ENDPOINTS = {"portal.upload_single", "portal.upload_bulk", "api.create_batch", "dicomweb.stow"}
+UPLOAD_ENDPOINTS = {
+    "portal.upload_single", "portal.upload_bulk", "api.create_batch", "dicomweb.stow", "api.import_outcomes",
+}  # fmt: skip
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'"

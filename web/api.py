@@ -12,11 +12,12 @@ from functools import wraps
 from flask import Blueprint, Response, g, jsonify, request, url_for
 from sqlalchemy import false, func, select
 
-from dermascan import audit, callbacks, fhir, reports, submission
+from dermascan import audit, callbacks, fhir, outcomes, reports, submission
 from dermascan.accounts import token_for
+from dermascan.errors import DomainError
 from dermascan.ingest import json_records, manifest
 from dermascan.ingest.errors import IngestError
-from dermascan.schema import Batch, Program, Study, utcnow
+from dermascan.schema import Batch, Program, Study, iso_utc, utcnow
 from web.errors import http_status
 from web.extensions import csrf
 from web.helpers import client_ip, db, settings
@@ -271,6 +272,57 @@ def study_fhir(study_id):
     if study is None or study.program_id != g.program_id:
         return error(404, "no such study")
     return Response(json.dumps(fhir.study_reports(db(), [study])[0]), mimetype=FHIR_JSON)
+
+
+@bp.put("/studies/<int:study_id>/outcome")
+@token_required
+def record_outcome(study_id):
+    """Record (or replace) the study's outcome: ``{"outcome": "malignant"|"benign"|"not_biopsied",
+    "diagnosis": "melanoma"}``; audited."""
+    study = db().get(Study, study_id)
+    if study is None or study.program_id != g.program_id:
+        return error(404, "no such study")
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict):
+        return error(400, 'send a JSON object: {"outcome": "malignant", "diagnosis": "melanoma"}')
+    try:
+        row = outcomes.record(
+            db(), study, payload.get("outcome"), payload.get("diagnosis"), source="api", token_id=g.token_id,
+            ip=client_ip(),
+        )  # fmt: skip
+    except DomainError as exc:
+        db().rollback()
+        return error(http_status(exc), str(exc))
+    db().commit()
+    return jsonify(
+        {
+            "study_id": study.id,
+            "outcome": row.kind.value,
+            "diagnosis": row.diagnosis,
+            "recorded_at": iso_utc(row.recorded_at),
+        }
+    )
+
+
+@bp.post("/outcomes")
+@token_required
+def import_outcomes():
+    """A CSV of ``study_id,outcome,diagnosis`` (body ``text/csv``): all rows or none; every bad
+    row is reported with its line."""
+    try:
+        text = request.get_data(cache=False).decode("utf-8")
+    except UnicodeDecodeError:
+        return error(400, "the CSV is not UTF-8 text")
+    try:
+        report = outcomes.import_csv(db(), text, g.program_id, source="api", token_id=g.token_id, ip=client_ip())
+    except outcomes.OutcomeRowsInvalid as exc:
+        db().rollback()
+        return jsonify({"error": str(exc), "rows": exc.errors}), 400
+    except DomainError as exc:
+        db().rollback()
+        return error(http_status(exc), str(exc))
+    db().commit()
+    return jsonify(report)
 
 
 @bp.get("/openapi.json")

@@ -109,6 +109,24 @@ JSON_RECORD = {
 }
 
 
+OUTCOME_IN = {
+    "type": "object",
+    "required": ["outcome"],
+    "properties": {
+        "outcome": {"type": "string", "enum": ["malignant", "benign", "not_biopsied"]},
+        "diagnosis": {"type": "string", "maxLength": 200, "nullable": True},
+    },
+}
+OUTCOME_OUT = {
+    "type": "object",
+    "required": ["study_id", "outcome", "diagnosis", "recorded_at"],
+    "properties": {
+        "study_id": {"type": "integer"},
+        "outcome": {"type": "string", "enum": ["malignant", "benign", "not_biopsied"]},
+        "diagnosis": {"type": "string", "nullable": True},
+        "recorded_at": {"type": "string", "format": "date-time"},
+    },
+}
 FHIR_RESOURCE = {
     "type": "object",
     "required": ["resourceType"],
@@ -293,6 +311,46 @@ def document() -> dict:
                             },
                         },
                         **_errors(400, 401, 404),
+                    },
+                }
+            },
+            "/api/v1/studies/{study_id}/outcome": {
+                "put": {
+                    "operationId": "recordOutcome",
+                    "description": "Record (or replace) the study's outcome; audited.",
+                    "parameters": [{"name": "study_id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": OUTCOME_IN}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "The recorded outcome",
+                            "content": {"application/json": {"schema": OUTCOME_OUT}},
+                        },
+                        **_errors(400, 401, 404),
+                    },
+                }
+            },
+            "/api/v1/outcomes": {
+                "post": {
+                    "operationId": "importOutcomes",
+                    "description": "A CSV of study_id,outcome,diagnosis: all rows or none; every bad row is reported.",
+                    "requestBody": {"required": True, "content": {"text/csv": {"schema": {"type": "string"}}}},
+                    "responses": {
+                        "200": {
+                            "description": "Imported",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["imported"],
+                                        "properties": {"imported": {"type": "integer"}},
+                                    }
+                                }
+                            },
+                        },
+                        **_errors(400, 401, 413),
                     },
                 }
             },

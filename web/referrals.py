@@ -6,16 +6,17 @@ from flask import Blueprint, abort, flash, redirect, render_template, request, u
 from flask_login import current_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select
-from wtforms import HiddenField, RadioField, TextAreaField
+from wtforms import HiddenField, RadioField, SelectField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length
 
-from dermascan import referral_policy
+from dermascan import outcomes, referral_policy
 from dermascan import referrals as policy
+from dermascan.errors import DomainError
 from dermascan.ingest.records import SITES
-from dermascan.schema import Decision, ModelBundle, Prediction, Program, Referral, ReferralStatus
+from dermascan.schema import Decision, ModelBundle, Outcome, Prediction, Program, Referral, ReferralStatus
 from model.calibration import at_prevalence
 from web.errors import http_status
-from web.helpers import audit_event, db, role_required, settings
+from web.helpers import audit_event, client_ip, db, role_required, settings
 
 bp = Blueprint("referrals", __name__, url_prefix="/referrals")
 ROLES = ("specialist", "admin")
@@ -41,6 +42,16 @@ class DecisionForm(FlaskForm):
 
 class ReleaseForm(FlaskForm):
     pass
+
+
+class OutcomeForm(FlaskForm):
+    outcome = SelectField(
+        "Outcome",
+        choices=[("malignant", "Malignant (histopathology)"), ("benign", "Benign (histopathology)"),
+                 ("not_biopsied", "Not biopsied")],
+        validators=[DataRequired()],
+    )  # fmt: skip
+    diagnosis = StringField("Diagnosis (type)", validators=[Length(max=200)])
 
 
 def _filter(source) -> policy.QueueFilter:
@@ -116,7 +127,8 @@ def case(referral_id):
         "case.html", referral=referral, study=study, prediction=prediction, bundle=bundle, holds=holds,
         others=others, other_predictions=other_predictions, form=DecisionForm(), release=ReleaseForm(),
         labels=DECISION_LABELS, bundle_prevalence=bundle_prevalence, program_prevalence=program_prevalence,
-        program_probability=program_probability,
+        program_probability=program_probability, outcome_form=OutcomeForm(),
+        outcome=db().scalar(select(Outcome).where(Outcome.study_id == study.id)),
     )  # fmt: skip
 
 
@@ -144,6 +156,31 @@ def decide(referral_id):
     db().commit()
     flash(f"Decision saved: {DECISION_LABELS[form.decision.data]}.", "info")
     return redirect(url_for("referrals.queue"))
+
+
+@bp.post("/<int:referral_id>/outcome")
+@role_required(*ROLES)
+def record_outcome(referral_id):
+    """The case's histopathology (or not biopsied), recorded later by a specialist; audited."""
+    referral = db().get(Referral, referral_id)
+    if referral is None:
+        abort(404)
+    form = OutcomeForm()
+    if not form.validate_on_submit():
+        flash("Choose an outcome.", "error")
+        return redirect(url_for("referrals.case", referral_id=referral_id)), 303
+    try:
+        outcomes.record(
+            db(), referral.study, form.outcome.data, form.diagnosis.data, source="portal", user_id=current_user.id,
+            ip=client_ip(),
+        )  # fmt: skip
+    except DomainError as exc:
+        db().rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("referrals.case", referral_id=referral_id)), 303
+    db().commit()
+    flash("Outcome recorded.", "info")
+    return redirect(url_for("referrals.case", referral_id=referral_id))
 
 
 @bp.post("/<int:referral_id>/release")

@@ -110,3 +110,36 @@ def _table(rows: list[dict], extra: dict | None = None) -> str:
             line += f"  (not assessable: {row['not_assessable_reason']} — retake)"
         lines.append(line)
     return "\n".join(lines)
+
+
+@main.group()
+def outcomes():
+    """Recorded outcomes (histopathology or not biopsied)."""
+
+
+@outcomes.command("import")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--program", help="Only studies of this program (default: any).")
+@click.pass_context
+def outcomes_import(ctx, path, program):
+    """Import a CSV of study_id,outcome,diagnosis — all rows or none; bad rows are listed."""
+    from dermascan import outcomes as core
+    from dermascan.errors import DomainError
+    from dermascan.identity import get_or_create_program
+
+    settings = _settings(ctx)
+    _ensure_db(settings)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise click.ClickException(f"{path} is not UTF-8 text") from None
+    with session_factory(settings.database_url)() as session, session.begin():
+        program_id = get_or_create_program(session, program).id if program else None
+        try:
+            report = core.import_csv(session, text, program_id, source="csv")
+        except core.OutcomeRowsInvalid as exc:
+            lines = "\n".join(f"  line {e['line']}: {e['error']}" for e in exc.errors)
+            raise click.ClickException(f"{exc}\n{lines}") from exc
+        except DomainError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(f"{report['imported']} outcomes imported")
