@@ -95,12 +95,17 @@ def claim_next():
     return redirect(url_for("referrals.case", referral_id=referral.id))
 
 
-@bp.get("/<int:referral_id>")
-@role_required(*ROLES)
-def case(referral_id):
+def _referral(referral_id: int) -> Referral:
     referral = db().get(Referral, referral_id)
     if referral is None:
         abort(404)
+    return referral
+
+
+@bp.get("/<int:referral_id>")
+@role_required(*ROLES)
+def case(referral_id):
+    referral = _referral(referral_id)
     study = referral.study
     prediction = db().get(Prediction, referral.prediction_id)
     bundle = db().get(ModelBundle, prediction.bundle_version)
@@ -162,9 +167,7 @@ def decide(referral_id):
 @role_required(*ROLES)
 def record_outcome(referral_id):
     """The case's histopathology (or not biopsied), recorded later by a specialist; audited."""
-    referral = db().get(Referral, referral_id)
-    if referral is None:
-        abort(404)
+    referral = _referral(referral_id)
     form = OutcomeForm()
     if not form.validate_on_submit():
         flash("Choose an outcome.", "error")
