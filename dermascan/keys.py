@@ -7,6 +7,7 @@ gets its own key, so knowing one tells nothing about another:
   rotates it alone (every portal session ends) without touching the others.
 - ``pseudonym`` — the HMAC key of patient and DICOM identifier pseudonyms; never rotated with
   the session key, or the same patient would get a new pseudonym.
+- ``dicom-header`` — encrypts the DICOM headers kept for results sent back to the PACS.
 - ``callback:<program>:<generation>`` — each program's own completion-callback signing secret:
   a program that verifies its callbacks learns nothing that signs a session or another
   program's callbacks. ``dermascan program callback-secret`` issues a new generation.
@@ -36,6 +37,16 @@ def session_key(secret: str, version: int = 0) -> str:
 
 def pseudonym_key(secret: str) -> bytes:
     return derive(secret, "pseudonym")
+
+
+def header_cipher(secret: str):
+    """The cipher (Fernet: AES-128-CBC + HMAC) of stored DICOM headers, which hold the patient's
+    identifiers as received: kept only so results can go back to the PACS filed with the image."""
+    import base64
+
+    from cryptography.fernet import Fernet
+
+    return Fernet(base64.urlsafe_b64encode(derive(secret, "dicom-header")))
 
 
 def callback_secret(secret: str, program_id: int, generation: int) -> str:

@@ -1,4 +1,4 @@
-"""Retention: the images (and heat maps) of finished studies are deleted after a configured
+"""Retention: the images (heat maps, kept DICOM headers) of finished studies are deleted after a configured
 period; results, decisions and the audit trail are kept.
 
 A study is eligible when it finished more than ``older_than_days`` ago and nobody still needs its
@@ -60,6 +60,12 @@ def purge(factory, blob_dir, older_than_days: float, now: dt.datetime | None = N
             if not ids:
                 break
             images = set(session.scalars(select(Study.image_sha256).where(Study.id.in_(ids))))
+            # the DICOM header kept (encrypted) for the PACS goes with the image
+            images |= set(
+                session.scalars(
+                    select(Study.dicom_header_sha256).where(Study.id.in_(ids), Study.dicom_header_sha256.is_not(None))
+                )
+            )
             heatmaps = set(
                 session.scalars(
                     select(Prediction.heatmap_sha256).where(
@@ -70,6 +76,9 @@ def purge(factory, blob_dir, older_than_days: float, now: dt.datetime | None = N
             session.execute(update(Study).where(Study.id.in_(ids)).values(image_purged_at=now))
             kept = Study.image_purged_at.is_(None)
             still_images = set(session.scalars(select(Study.image_sha256).where(kept, Study.image_sha256.in_(images))))
+            still_images |= set(
+                session.scalars(select(Study.dicom_header_sha256).where(kept, Study.dicom_header_sha256.in_(images)))
+            )
             still_maps = set(
                 session.scalars(
                     select(Prediction.heatmap_sha256)

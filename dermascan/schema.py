@@ -226,6 +226,8 @@ class Study(Base):
     patient_pseudonym: Mapped[str | None] = mapped_column(String(64), index=True)
     # DICOM AccessionNumber, keyed like the patient pseudonym (never stored in clear)
     accession_pseudonym: Mapped[str | None] = mapped_column(String(64))
+    # the DICOM header as received (no pixel data), encrypted in the blob store (keys.header_cipher)
+    dicom_header_sha256: Mapped[str | None] = mapped_column(String(64))
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     image_sha256: Mapped[str] = mapped_column(String(64))
     image_format: Mapped[str] = mapped_column(String(16))

@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from dermascan import audit, queue
+from dermascan import audit, keys, queue
 from dermascan.blobs import BlobStore
 from dermascan.config import Settings
 from dermascan.db import dialect_insert, session_factory
@@ -135,7 +135,10 @@ class SubmitStudies:
         staged = self._validate(batch_id, result)
         # flush the blobs to disk (concurrently) while the rows go in with multi-row inserts; a
         # key already known (a retry, a re-sent SOP instance) inserts nothing
-        synced = _blob_flusher().submit(self.blobs.sync, [r["image_sha256"] for r in staged.rows])
+        digests = [r["image_sha256"] for r in staged.rows] + [
+            r["dicom_header_sha256"] for r in staged.rows if r["dicom_header_sha256"]
+        ]
+        synced = _blob_flusher().submit(self.blobs.sync, digests)
         ids, existing = insert_studies(session, self.program_id, staged.rows)
         synced.result()  # stored means on disk: only then may the caller commit and answer
         self._accept(staged, ids, existing, result)
@@ -208,6 +211,9 @@ class SubmitStudies:
             "sop_instance_uid": item.sop_instance_uid,
             "patient_pseudonym": pseudonymise(secret, self.program_id, item.patient_id),
             "accession_pseudonym": pseudonymise(secret, self.program_id, accession),
+            "dicom_header_sha256": self.blobs.put(keys.header_cipher(secret).encrypt(item.dicom_header), durable=False)
+            if item.dicom_header
+            else None,
             "metadata": meta,
             "image_sha256": self.blobs.put(item.image, durable=False),
             "image_format": info.format,

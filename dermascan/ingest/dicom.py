@@ -8,6 +8,7 @@ lossless PNG. Rejections carry the DICOM failure status (PS3.4 / PS3.18) to answ
 
 from __future__ import annotations
 
+import copy
 import io
 import re
 import warnings
@@ -244,6 +245,18 @@ def _image_bytes(ds: Dataset, limits: Settings) -> bytes:
     return buffer.getvalue()
 
 
+def header_bytes(ds: Dataset) -> bytes:
+    """The instance as received without its pixel data (Part 10): what a report sent back to the
+    PACS copies its patient and study modules from."""
+    header = copy.copy(ds)
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in header:
+            delattr(header, keyword)
+    buffer = io.BytesIO()
+    header.save_as(buffer, enforce_file_format=False)
+    return buffer.getvalue()
+
+
 def parse_dataset(ds: Dataset, limits: Settings | None = None) -> ParsedInstance:
     sop_class = str(ds.get("SOPClassUID", "") or "")
     sop_instance = str(ds.get("SOPInstanceUID", "") or "")
@@ -271,6 +284,7 @@ def parse_dataset(ds: Dataset, limits: Settings | None = None) -> ParsedInstance
         # like the PatientID it is kept only as a keyed pseudonym
         external_id=sop_instance,
         accession_number=str(ds.get("AccessionNumber", "") or "") or None,
+        dicom_header=header_bytes(ds),
         patient_id=str(ds.get("PatientID", "") or "") or None,
         study_instance_uid=str(ds.get("StudyInstanceUID", "") or "") or None,
         series_instance_uid=str(ds.get("SeriesInstanceUID", "") or "") or None,

@@ -19,4 +19,5 @@ class StudyInput:
     series_instance_uid: str | None = None
     sop_instance_uid: str | None = None
     accession_number: str | None = None  # an identifier: stored only as a pseudonym
+    dicom_header: bytes | None = None  # the DICOM header as received (no pixels), kept encrypted
     row: int | None = None  # where it came from, for the validation report

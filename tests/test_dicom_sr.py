@@ -1,0 +1,93 @@
+"""The AI result as a DICOM Structured Report (issue 13, item 1, the report itself): TID 1500 in a
+Comprehensive 3D SR, in the source study with the patient and study modules as received, a new
+series, the source image referenced, the probability, referral and algorithm identification;
+valid for dciodvfy (Debian's dicom3tools); the same UIDs on every rebuild (idempotent delivery)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from pydicom import dcmread
+
+from dermascan.dicom_sr import PROBABILITY, REFERRAL, AiResult, ai_result_report
+from dermascan.ingest.dicom import VL_PHOTOGRAPHIC
+from tests.dicom_factory import make_instance
+from tests.ham_files import ham_images, ham_rows
+
+
+def content_items(dataset):
+    for item in dataset.get("ContentSequence", []):
+        yield item
+        yield from content_items(item)
+
+
+@pytest.mark.parametrize("assessable", [True, False])
+def test_the_ai_result_report_is_valid_and_filed_with_its_image(ham_dir, tmp_path, assessable):
+    jpeg = next(iter(ham_images(ham_dir, ham_rows(ham_dir, 1).isic_id).values()))
+    source = make_instance(jpeg, sop_class=VL_PHOTOGRAPHIC, patient_id="MRN-SR", age=61, sex="male")
+    del source.PixelData  # the kept header is all the report needs
+    result = AiResult(0.8312 if assessable else None, 0.0616, "high_risk" if assessable else "not_assessable",
+                      "ham10000-test", "ab" * 32)  # fmt: skip
+    report = ai_result_report(source, result)
+    path = tmp_path / "sr.dcm"
+    report.save_as(path, enforce_file_format=True)
+
+    dciodvfy = shutil.which("dciodvfy", path="/usr/bin:/usr/local/bin")
+    assert dciodvfy, "dciodvfy is needed (Debian package dicom3tools; .ci/run installs it)"
+    checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, errors
+
+    sr = dcmread(path)
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.SeriesInstanceUID != source.SeriesInstanceUID
+    for keyword in ("PatientID", "PatientName", "PatientSex", "StudyDate", "AccessionNumber"):
+        assert sr.get(keyword) == source.get(keyword), keyword
+    assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
+    items = list(content_items(sr))
+    references = [r.ReferencedSOPInstanceUID for i in items for r in i.get("ReferencedSOPSequence", [])]
+    assert source.SOPInstanceUID in references
+    numbers = [i for i in items if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == PROBABILITY.value]
+    assert [float(n.MeasuredValueSequence[0].NumericValue) for n in numbers] == ([0.8312] if assessable else [])
+    referral = [i for i in items if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == REFERRAL.value]
+    assert referral[0].ConceptCodeSequence[0].CodeValue == ("HIGHRISK" if assessable else "NOTASSESS")
+    texts = " ".join(str(i.get("TextValue", "")) for i in items)
+    assert "ham10000-test" in texts and "ab" * 32 in texts  # the algorithm's version and bundle sha256
+    # rebuilt (a retried delivery): the same instance, so a PACS stores it once
+    again = ai_result_report(source, result)
+    assert (again.SeriesInstanceUID, again.SOPInstanceUID) == (sr.SeriesInstanceUID, sr.SOPInstanceUID)
+
+
+def test_the_header_is_kept_encrypted_at_ingest_and_the_report_is_built_from_it(tmp_path, ham_dir):
+    """From a STOW-RS/C-STORE parse to the report: the header as received is stored encrypted
+    (patient identifiers never in clear on disk) and is enough to build the report."""
+    import io
+
+    from dermascan import keys, migrate
+    from dermascan.blobs import BlobStore
+    from dermascan.config import Settings
+    from dermascan.db import session_factory
+    from dermascan.identity import get_or_create_program
+    from dermascan.ingest.dicom import parse_part10
+    from dermascan.schema import Study
+    from dermascan.submission import SubmitStudies
+    from tests.dicom_factory import to_bytes
+
+    settings = Settings.from_env(env={}, data_dir=tmp_path / "var", secret_key="sr-secret")
+    migrate.upgrade(settings.database_url)
+    jpeg = next(iter(ham_images(ham_dir, ham_rows(ham_dir, 1).isic_id).values()))
+    source = make_instance(jpeg, patient_id="MRN-KEPT")
+    parsed = parse_part10(to_bytes(source), settings)
+    with session_factory(settings.database_url)() as session, session.begin():
+        program_id = get_or_create_program(session, "pacs").id
+        study_id = SubmitStudies(settings, program_id, [parsed.study], source="dicom").run(session).new_study_ids[0]
+    with session_factory(settings.database_url)() as session:
+        digest = session.get(Study, study_id).dicom_header_sha256
+    stored = BlobStore(settings.blob_dir).get(digest)
+    assert b"MRN-KEPT" not in stored and b"Test^Patient" not in stored  # encrypted at rest
+    header = dcmread(io.BytesIO(keys.header_cipher(settings.secret_key).decrypt(stored)))
+    assert "PixelData" not in header and header.PatientID == "MRN-KEPT"
+    report = ai_result_report(header, AiResult(0.2, 0.0616, None, "v", "cd" * 32))
+    assert report.PatientID == "MRN-KEPT" and report.StudyInstanceUID == source.StudyInstanceUID
