@@ -1,8 +1,17 @@
-"""Content-addressed blob store: files named by their sha256 under the data directory.
+"""Content-addressed blob store: blobs named by their sha256, in one of two backends behind the
+same small interface (put, sync, get, get_many, exists, delete):
 
-Writes are atomic (temporary file in the same folder, fsync, rename), so a crash never leaves a
-half-written blob under a real name; reads check the sha256, so a damaged file is never scored.
-Web processes and workers share the folder (a volume in docker-compose).
+- ``BlobStore``: files under the data directory (the embedded default, and one-host installs).
+  Writes are atomic (temporary file in the same folder, fsync, rename), so a crash never leaves a
+  half-written blob under a real name.
+- ``S3BlobStore``: S3-compatible object storage (``DERMASCAN_BLOB_URL=s3://bucket/prefix``;
+  endpoint, region and credentials from the environment as AWS and MinIO clients expect:
+  ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``…), through boto3. A PUT has
+  succeeded (and is durable) before the row that names it commits: persist first, as on disk.
+
+Either way every read checks the sha256, so a damaged blob is never scored; a store that cannot
+be reached raises ``BlobUnavailable`` (the request is refused with 503, the worker retries),
+never ``BlobNotFound``. ``blob_store(settings)`` picks the backend.
 """
 
 from __future__ import annotations
@@ -23,6 +32,10 @@ class BlobNotFound(BlobError):
 
 class BlobCorrupt(BlobError):
     pass
+
+
+class BlobUnavailable(BlobError):
+    """The store cannot be reached now: nothing is wrong with the blob, try again later."""
 
 
 def sha256_hex(data: bytes) -> str:
@@ -92,6 +105,10 @@ class BlobStore:
             raise BlobCorrupt(f"blob {digest} is damaged (its content no longer matches its sha256)")
         return data
 
+    def get_many(self, digests) -> list[bytes | BlobError]:
+        """Each blob, or the error reading it (local files: read one after another)."""
+        return [_get_or_error(self.get, d) for d in digests]
+
     def exists(self, digest: str) -> bool:
         return self.path(digest).exists()
 
@@ -122,3 +139,106 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _get_or_error(get, digest: str) -> bytes | BlobError:
+    try:
+        return get(digest)
+    except BlobUnavailable:
+        raise
+    except BlobError as exc:
+        return exc
+
+
+class S3BlobStore:
+    """Blobs in an S3-compatible bucket under ``prefix``; reads of a batch run concurrently so
+    the object store's latency does not eat the workers' throughput."""
+
+    def __init__(self, url: str, workers: int = 16):
+        import boto3
+        from botocore.config import Config
+
+        rest = url.removeprefix("s3://")
+        self.bucket, _, prefix = rest.partition("/")
+        if not self.bucket:
+            raise ValueError(f"DERMASCAN_BLOB_URL {url!r}: s3://BUCKET[/PREFIX] is needed")
+        self.prefix = prefix.strip("/")
+        self.workers = workers
+        config = Config(
+            connect_timeout=3, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"},
+            max_pool_connections=max(10, workers),
+        )  # fmt: skip
+        self.client = boto3.client("s3", config=config)
+
+    def key(self, digest: str) -> str:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise BlobError(f"not a sha256 hex digest: {digest!r}")
+        name = f"{digest[:2]}/{digest}"
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _call(self, method: str, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self.client, method)(Bucket=self.bucket, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise BlobNotFound(f"blob {kwargs.get('Key')} is missing from s3://{self.bucket}") from None
+            if code.startswith("5") or code in ("SlowDown", "ServiceUnavailable", "InternalError"):
+                raise BlobUnavailable(f"the object store answered {code}") from None
+            raise BlobError(f"the object store refused {method}: {code}") from None
+        except BotoCoreError as exc:  # connection refused, timeouts, DNS
+            raise BlobUnavailable(f"the object store cannot be reached: {exc}") from None
+
+    def put(self, data: bytes, durable: bool = True) -> str:
+        digest = sha256_hex(data)
+        self._call("put_object", Key=self.key(digest), Body=data)
+        return digest
+
+    def sync(self, digests, workers: int = 16) -> None:
+        """Nothing to do: a PUT that returned is durable."""
+
+    def get(self, digest: str) -> bytes:
+        data = self._call("get_object", Key=self.key(digest))["Body"].read()
+        if sha256_hex(data) != digest:
+            raise BlobCorrupt(f"blob {digest} is damaged (its content no longer matches its sha256)")
+        return data
+
+    def get_many(self, digests) -> list[bytes | BlobError]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        digests = list(digests)
+        if len(digests) <= 1:
+            return [_get_or_error(self.get, d) for d in digests]
+        with ThreadPoolExecutor(min(self.workers, len(digests))) as pool:
+            return list(pool.map(lambda d: _get_or_error(self.get, d), digests))
+
+    def exists(self, digest: str) -> bool:
+        try:
+            self._call("head_object", Key=self.key(digest))
+        except BlobNotFound:
+            return False
+        return True
+
+    def delete(self, digest: str) -> bool:
+        exists = self.exists(digest)
+        self._call("delete_object", Key=self.key(digest))
+        return exists
+
+
+_stores: dict = {}
+
+
+def blob_store(settings) -> BlobStore | S3BlobStore:
+    """The store ``settings`` name: ``DERMASCAN_BLOB_URL`` (s3://…) or the data directory's folder.
+    One per process and URL (an S3 client is costly to make)."""
+    url = getattr(settings, "blob_url", "") or ""
+    if not url:
+        return BlobStore(settings.blob_dir)
+    if not url.startswith("s3://"):
+        raise ValueError(f"DERMASCAN_BLOB_URL must be s3://BUCKET[/PREFIX] (got {url!r})")
+    key = (os.getpid(), url, os.environ.get("AWS_ENDPOINT_URL"))
+    if key not in _stores:
+        _stores[key] = S3BlobStore(url)
+    return _stores[key]

@@ -31,6 +31,8 @@ class Settings:
     model_bundle: Path = field(default_factory=default_bundle_path)
     # the installation secret: never a key itself; dermascan.keys derives one per purpose
     secret_key: str = ""
+    # where images and heat maps live: "" = DATA_DIR/blobs; s3://bucket/prefix = object storage
+    blob_url: str = ""
     # bump to end every portal session (a new session/CSRF key); pseudonyms stay the same
     session_key_version: int = 0
     # the sweeper: studies queued (or processing) longer than these are sent again

@@ -20,7 +20,6 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from dermascan import audit
-from dermascan.blobs import BlobStore
 from dermascan.schema import Prediction, Referral, ReferralStatus, Study, StudyStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -46,13 +45,12 @@ def eligible(session: Session, cutoff: dt.datetime, limit: int = PAGE) -> list[i
     )
 
 
-def purge(factory, blob_dir, older_than_days: float, now: dt.datetime | None = None, by: str = "sweeper") -> dict:
+def purge(factory, blobs, older_than_days: float, now: dt.datetime | None = None, by: str = "sweeper") -> dict:
     """Delete the images and heat maps of eligible studies; returns the counts."""
     if older_than_days <= 0:
         raise ValueError("the retention period must be a positive number of days")
     now = now or utcnow()
     cutoff = now - dt.timedelta(days=older_than_days)
-    blobs = BlobStore(blob_dir)
     totals = {"studies": 0, "images_deleted": 0, "heatmaps_deleted": 0}
     while True:
         with factory() as session, session.begin():

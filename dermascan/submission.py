@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dermascan import audit, keys, queue
-from dermascan.blobs import BlobStore
+from dermascan.blobs import blob_store
 from dermascan.config import Settings
 from dermascan.db import dialect_insert, session_factory
 from dermascan.identity import pseudonymise
@@ -120,7 +120,7 @@ class SubmitStudies:
         self.progress = progress
         self.batch_id = batch_id  # add to this existing batch (one per DICOM association)
         self.ip = ip
-        self.blobs = BlobStore(settings.blob_dir)
+        self.blobs = blob_store(settings)
 
     def run(self, session: Session) -> SubmitResult:
         if self.make_batch and self.idempotency_key:

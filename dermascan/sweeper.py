@@ -70,8 +70,9 @@ def sweep(settings: Settings, now: dt.datetime | None = None, unsent_after_s: fl
     purged = {}
     if settings.retention_days > 0:
         from dermascan import retention
+        from dermascan.blobs import blob_store
 
-        purged = retention.purge(factory, settings.blob_dir, settings.retention_days, now=now)
+        purged = retention.purge(factory, blob_store(settings), settings.retention_days, now=now)
     return {
         "found": len(rows), "stuck_processing": len(stuck), "sent": len(sent), "stale_claims": claims,
         "purged": purged.get("studies", 0),

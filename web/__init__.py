@@ -10,6 +10,7 @@ from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from dermascan import keys
+from dermascan.blobs import BlobUnavailable
 from dermascan.config import Settings
 from dermascan.db import session_factory
 
@@ -78,6 +79,19 @@ def create_app(settings: Settings | None = None, test_config: dict | None = None
         headers.setdefault("Referrer-Policy", "no-referrer")
         if request.endpoint != "static":
             headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.errorhandler(BlobUnavailable)
+    def _store_down(exc: BlobUnavailable):
+        """The object store cannot be reached: nothing was stored (the transaction rolled back);
+        the sender retries later."""
+        message = "the image store is unreachable; nothing was stored — retry later"
+        if request.path.startswith(("/api/", "/dicomweb/")):
+            response = jsonify({"error": message})
+        else:
+            response = app.response_class(message, mimetype="text/plain")
+        response.status_code = 503
+        response.headers["Retry-After"] = "30"
         return response
 
     @app.errorhandler(HTTPException)

@@ -15,7 +15,7 @@ from wtforms import DecimalField, SelectField, StringField
 from wtforms.validators import Length, NumberRange, Optional
 
 from dermascan import identity, reports, submission
-from dermascan.blobs import BlobError, BlobStore
+from dermascan.blobs import BlobError, BlobUnavailable, blob_store
 from dermascan.ingest import manifest
 from dermascan.ingest.errors import IngestError
 from dermascan.ingest.records import SITES
@@ -260,7 +260,9 @@ def study_image(study_id):
     if study.image_purged_at is not None:
         abort(410, "the image was deleted under the retention policy (the result and decision are kept)")
     try:
-        data = BlobStore(settings().blob_dir).get(study.image_sha256)
+        data = blob_store(settings()).get(study.image_sha256)
+    except BlobUnavailable:
+        raise
     except BlobError:
         abort(404)
     return _image_response(data, int(thumb) if thumb else None, f"image/{study.image_format}")
@@ -285,6 +287,8 @@ def study_heatmap(study_id):
     if prediction is None:
         abort(404)
     try:
-        return _image_response(BlobStore(settings().blob_dir).get(prediction.heatmap_sha256), None, "image/png")
+        return _image_response(blob_store(settings()).get(prediction.heatmap_sha256), None, "image/png")
+    except BlobUnavailable:
+        raise
     except BlobError:
         abort(404)

@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 from dermascan import bundles, results
-from dermascan.blobs import BlobError, BlobStore
+from dermascan.blobs import BlobError, BlobUnavailable, blob_store
 from dermascan.config import Settings
 from dermascan.db import session_factory
 from dermascan.schema import ModelBundle, Prediction, Study, utcnow
@@ -159,7 +159,7 @@ class ScoreStudies:
         self.study_ids = list(study_ids)
         self.interactive = interactive
         self.factory = session_factory(settings.database_url)
-        self.blobs = BlobStore(settings.blob_dir)
+        self.blobs = blob_store(settings)
 
     def _claim(self) -> list[_Item]:
         items: list[_Item] = []
@@ -209,12 +209,13 @@ class ScoreStudies:
         """Read blobs and decode (runs in a thread while the model works on the previous piece)."""
         t0 = time.perf_counter()
         images, failed, keep = [], [], []
-        for item in items:
-            try:
-                images.append(self.blobs.get(item.sha256))
+        # concurrently on the object store; BlobUnavailable propagates: the task is retried
+        for item, data in zip(items, self.blobs.get_many([i.sha256 for i in items]), strict=True):
+            if isinstance(data, BlobError):
+                failed.append((item.study_id, str(data)))
+            else:
+                images.append(data)
                 keep.append(item)
-            except BlobError as exc:
-                failed.append((item.study_id, str(exc)))
         t1 = time.perf_counter()
         prepared = pred.pre_process(images, [i.meta for i in keep], [i.study_id for i in keep])
         for index, error in prepared.errors.items():
@@ -247,7 +248,10 @@ class ScoreStudies:
             for n in range(len(pieces)):
                 if n and not self.interactive:
                     served += self._serve_waiting_interactive()
-                kept, prepared, bad, (t_read, t_decode) = future.result()
+                try:
+                    kept, prepared, bad, (t_read, t_decode) = future.result()
+                except BlobUnavailable as exc:  # the studies stay claimed; the retry claims them again
+                    raise TransientError(str(exc)) from exc
                 if n + 1 < len(pieces):
                     future = pool.submit(self._prepare, pred, pieces[n + 1])
                 timing["read"] += t_read
@@ -322,7 +326,7 @@ def make_heatmaps(settings: Settings, study_ids: list[int]) -> int:
 
     pred = predictor(settings)
     cam = gradcam(pred)
-    blobs = BlobStore(settings.blob_dir)
+    blobs = blob_store(settings)
     factory = session_factory(settings.database_url)
     made = 0
     with factory() as session:

@@ -77,11 +77,12 @@ def web_command(host: str, port: int, workers: int) -> list[str]:
 def purge(ctx, days):
     """Delete the images and heat maps of studies finished more than DAYS ago whose referral, if
     any, is decided (results, decisions and the audit trail are kept; audited)."""
+    from dermascan.blobs import blob_store
     from dermascan.retention import purge as run_purge
 
     settings = _settings(ctx)
     _ensure_db(settings)
-    totals = run_purge(session_factory(settings.database_url), settings.blob_dir, days, by="dermascan purge")
+    totals = run_purge(session_factory(settings.database_url), blob_store(settings), days, by="dermascan purge")
     click.echo(
         f"{totals['studies']} studies purged: {totals['images_deleted']} images and "
         f"{totals['heatmaps_deleted']} heat maps deleted"
