@@ -129,12 +129,15 @@ def test_web_process_never_loads_keras_or_tensorflow(tmp_path):
 
 
 # -- docker-compose ----------------------------------------------------------------------------------
-def compose_config() -> dict:
+def compose_config(file: str = "docker-compose.yml", **extra_env) -> dict:
     binary = shutil.which("docker-compose")
     assert binary, "Debian's docker-compose (a real compose parser) is needed; .ci/run installs it"
-    env = {**os.environ, "POSTGRES_PASSWORD": "example", "DERMASCAN_SECRET_KEY": "example"}
+    env = {
+        **os.environ, "POSTGRES_PASSWORD": "example", "DERMASCAN_SECRET_KEY": "example",
+        "MINIO_ROOT_USER": "example", "MINIO_ROOT_PASSWORD": "example-password", **extra_env,
+    }  # fmt: skip
     done = subprocess.run(
-        [binary, "-f", str(ROOT / "docker-compose.yml"), "config"],
+        [binary, "-f", str(ROOT / file), "config"],
         capture_output=True,
         text=True,
         env=env,
@@ -166,6 +169,16 @@ def test_compose_file_is_valid_and_runs_only_real_commands():
     assert {"postgres", "redis", "migrate", "web", "worker-gpu", "worker-cpu", "beat", "dicom"} <= set(services)
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    # processes share no data volume: only PostgreSQL, Redis and the object store (MinIO)
+    assert {"minio", "bucket"} <= set(services)
+    mounts: dict[str, list[str]] = {}
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
+            mounts.setdefault(source, []).append(name)
+    assert {v: users for v, users in mounts.items() if len(users) > 1} == {}
+    for name in ("web", "worker-gpu", "worker-cpu", "dicom", "worker-callbacks"):
+        assert services[name]["environment"]["DERMASCAN_BLOB_URL"].startswith("s3://"), name
     # the DICOM door's allow-list comes from the environment (empty: the receiver refuses to start)
     assert "DERMASCAN_DICOM_ALLOW" in services["dicom"]["environment"]
     assert "--allow-any" not in services["dicom"]["command"]
@@ -218,3 +231,17 @@ def test_reading_settings_writes_nothing(tmp_path):
     secret = Settings.from_env(env={"DERMASCAN_DATA_DIR": str(data)}).with_secret().secret_key
     assert len(secret) == 64 and (data / "secret_key").read_text() == secret
     assert Settings.from_env(env={"DERMASCAN_DATA_DIR": str(data)}).with_secret().secret_key == secret
+
+
+def test_a_gpu_node_joins_the_central_stack_by_url_and_shares_no_volume():
+    config = compose_config(
+        "docker-compose.gpu-node.yml",
+        DERMASCAN_DATABASE_URL="postgresql+psycopg2://dermascan:pw@central:5432/dermascan",
+        DERMASCAN_BROKER_URL="redis://central:6379/0", AWS_ENDPOINT_URL="http://central:9000",
+        AWS_ACCESS_KEY_ID="key", AWS_SECRET_ACCESS_KEY="secret",
+    )  # fmt: skip
+    worker = config["services"]["worker-gpu"]
+    env = worker["environment"]
+    assert env["DERMASCAN_BROKER_URL"] == "redis://central:6379/0" and env["DERMASCAN_BLOB_URL"].startswith("s3://")
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    check_cli(worker["command"][1:])
