@@ -20,12 +20,28 @@ from tests.test_security import PASSWORD, _login
 BUCKET = "dermascan"
 
 
+class MotoServer:
+    """moto's S3 server in this process; its data outlives a stop and start (moto's backends are
+    process-wide), like a real store coming back after an outage."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.server = None
+
+    def start(self):
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self):
+        self.server.stop()
+
+
 @pytest.fixture
 def s3(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = MotoServer(port)
     server.start()
     env = {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
@@ -36,6 +52,7 @@ def s3(monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     boto3.client("s3").create_bucket(Bucket=BUCKET)
+    env["server"] = server
     yield env
     server.stop()
 
@@ -61,8 +78,36 @@ def test_web_and_worker_share_only_the_database_the_broker_and_the_object_store(
         data={"archive": (io.BytesIO(archive), "b.zip")},
     )
     assert reply.status_code == 201, reply.json
-    start_worker(worker_settings, env=s3)
-    wait_for(lambda: status_counts(web_settings).get("done") == 6, 180, message="scored from the object store")
+    # DICOM too: STOW-RS to the web app, C-STORE to a receiver with a data directory of its own
+    from pynetdicom import AE
+
+    from dermascan.dicom_scp import AllowList, make_server
+    from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY
+    from tests.dicom_factory import make_instance, to_bytes
+    from tests.ham_files import ham_images, ham_rows
+
+    jpegs = list(ham_images(ham_dir, ham_rows(ham_dir, 8).isic_id).values())[6:]
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + to_bytes(make_instance(jpegs[0])) + b"\r\n--b--\r\n"
+    stowed = client.post(
+        "/dicomweb/studies", data=body,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
+    )  # fmt: skip
+    assert stowed.status_code == 200, stowed.text
+    port = free_port()
+    receiver_settings = make_settings(data_dir=tmp_path / "receiver", **common)
+    server = make_server(
+        receiver_settings, "DERMASCAN", "127.0.0.1", port, AllowList.from_entries(["PACS=object-store"], "x")
+    )
+    try:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(DERMOSCOPIC_PHOTOGRAPHY, ["1.2.840.10008.1.2.4.50"])
+        assoc = ae.associate("127.0.0.1", port, ae_title="DERMASCAN")
+        assert assoc.send_c_store(make_instance(jpegs[1])).Status == 0x0000
+        assoc.release()
+    finally:
+        server.shutdown()
+    start_worker(worker_settings, env={k: v for k, v in s3.items() if k != "server"})
+    wait_for(lambda: status_counts(web_settings).get("done") == 8, 180, message="scored from the object store")
 
     def heatmaps():
         with session_factory(pg_url)() as session:
@@ -72,12 +117,15 @@ def test_web_and_worker_share_only_the_database_the_broker_and_the_object_store(
 
     with session_factory(pg_url)() as session:
         referred = [p.study_id for p in session.scalars(select(Prediction)) if p.probability >= p.threshold]
-        images = {s.image_sha256 for s in session.scalars(select(Study))}
+        studies = list(session.scalars(select(Study)))
+        images = {s.image_sha256 for s in studies}
+        headers = {s.dicom_header_sha256 for s in studies if s.dicom_header_sha256}  # the DICOM ones, encrypted
     assert referred, "the tiny bundle refers about half the studies"
     wait_for(lambda: heatmaps() == len(referred), 180, message="heat maps in the object store")
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="studies/")["Contents"]}
-    assert {f"studies/{d[:2]}/{d}" for d in images} <= keys and len(keys) == len(images) + len(referred)
-    assert not (tmp_path / "web" / "blobs").exists() and not (tmp_path / "worker" / "blobs").exists()
+    assert len(headers) == 2 and {f"studies/{d[:2]}/{d}" for d in images | headers} <= keys
+    assert len(keys) == len(images) + len(headers) + len(referred)
+    assert not any((tmp_path / d / "blobs").exists() for d in ("web", "worker", "receiver"))
     assert _login(client, "dr-s3", PASSWORD).status_code == 302
     assert client.get(f"/studies/{referred[0]}/image").status_code == 200
     heatmap = client.get(f"/studies/{referred[0]}/heatmap")
@@ -108,3 +156,22 @@ def test_an_unreachable_object_store_refuses_the_upload_and_stores_nothing(
     assert reply.status_code == 503 and "retry" in reply.json["error"] and reply.headers["Retry-After"]
     with session_factory(pg_url)() as session:
         assert session.scalar(select(func.count()).select_from(Study)) == 0
+
+
+def test_a_worker_retries_while_the_object_store_is_down(
+    make_settings, pg_url, redis_url, s3, start_worker, ham_dir, tmp_path
+):
+    """Stored while the store was up; scored by a worker that finds it down: retried, not failed
+    for good, and scored once the store is back."""
+    from dermascan.submission import submit
+    from tests.helpers import ham_inputs, program_id
+
+    settings = make_settings(database_url=pg_url, broker_url=redis_url, blob_url=f"s3://{BUCKET}/retry")
+    submit(settings, program_id(settings), ham_inputs(ham_dir, 3), source="test")
+    server = s3["server"]
+    server.stop()
+    worker = start_worker(settings, env={k: v for k, v in s3.items() if k != "server"})
+    wait_for(lambda: "cannot be reached" in worker.log(), 120, message="the worker meeting the outage")
+    assert status_counts(settings).get("failed", 0) == 0
+    server.start()
+    wait_for(lambda: status_counts(settings).get("done") == 3, 180, message="scored after the store came back")
