@@ -7,6 +7,10 @@ how close the worker gets to the model's own speed.
 
     python -m bench.throughput --n 2000 --batch 64            # CPU, TensorFlow
     python -m bench.throughput --n 2000 --embedded             # SQLite + filesystem queue
+    python -m bench.throughput --n 2000 --object-store         # images in S3 (moto's server)
+
+With ``--object-store`` the images live in an S3 protocol server (moto's standalone server, in
+this process; the worker reaches it over HTTP as it would MinIO) instead of the local folder.
 """
 
 from __future__ import annotations
@@ -56,7 +60,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--embedded", action="store_true", help="SQLite + filesystem queue instead of PostgreSQL + Redis"
     )
+    parser.add_argument("--object-store", action="store_true", help="images in S3 (moto's server) instead of a folder")
     args = parser.parse_args(argv)
+    blob_url = start_object_store() if args.object_store else ""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     from dermascan.db import session_factory
@@ -89,7 +95,7 @@ def main(argv=None) -> None:
         try:
             settings = support.settings(
                 tmp / "data", db_url, broker, args.bundle, tta=args.tta, bulk_chunk_size=args.chunk or args.batch,
-                predict_batch_sizes=(1, 8, args.batch), mixed_precision=args.mixed_precision,
+                predict_batch_sizes=(1, 8, args.batch), mixed_precision=args.mixed_precision, blob_url=blob_url,
             )  # fmt: skip
             from dermascan import migrate
 
@@ -132,7 +138,8 @@ def main(argv=None) -> None:
     rows = [
         ("raw network (Predictor.predict, fixed batch)", f"{size} px", args.batch, f"{per_study_raw:.1f} studies/s"),
         (
-            f"end to end ({'SQLite + filesystem' if args.embedded else 'PostgreSQL + Redis'} → worker → DB)",
+            f"end to end ({'SQLite + filesystem' if args.embedded else 'PostgreSQL + Redis'}"
+            f"{' + S3 (moto)' if args.object_store else ''} → worker → DB)",
             f"{size} px",
             args.batch,
             f"{e2e:.1f} studies/s",
@@ -146,6 +153,21 @@ def main(argv=None) -> None:
         f"bundle {manifest['version']}, TTA {'on (4 flips)' if args.tta else 'off'}, n={args.n}, chunk={args.chunk or args.batch}"
     )
     print(support.table(rows, ("path", "image", "batch", "rate")))
+
+
+def start_object_store() -> str:
+    """moto's S3 server on a free port, the AWS_* variables the worker inherits, a bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = support.free_port()
+    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )  # fmt: skip
+    boto3.client("s3").create_bucket(Bucket="bench")
+    return "s3://bench/studies"
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """Images in object storage (issue 12, item 1): the web process and a worker with data
 directories of their own, sharing only PostgreSQL, Redis and an S3 protocol server (moto's, the
-real S3 HTTP API to boto3) — a REST batch is scored, heat maps made, and the portal serves the
-image and the map; an unreachable store refuses the upload with 503 and stores nothing."""
+real S3 HTTP API to boto3) — portal, REST, STOW-RS and C-STORE studies are scored, heat maps
+made, and the portal serves the image and the map; an unreachable store refuses the upload with
+503 and stores nothing; a worker that finds it down retries until it is back."""
 
 from __future__ import annotations
+
+import io
+import re
 
 import boto3
 import pytest
@@ -68,10 +72,9 @@ def test_web_and_worker_share_only_the_database_the_broker_and_the_object_store(
     program_id, token = api_token("object-store")
     with session_factory(pg_url)() as session, session.begin():
         create_user(session, "dr-s3", PASSWORD, "specialist", program_id)
+        create_user(session, "nurse-s3", PASSWORD, "uploader", program_id)
     client = app_factory(web_settings).test_client()
     archive, _ = ham_zip(ham_dir, 6)
-    import io
-
     reply = client.post(
         "/api/v1/batches",
         headers={"Authorization": f"Bearer {token}"},
@@ -86,7 +89,17 @@ def test_web_and_worker_share_only_the_database_the_broker_and_the_object_store(
     from tests.dicom_factory import make_instance, to_bytes
     from tests.ham_files import ham_images, ham_rows
 
-    jpegs = list(ham_images(ham_dir, ham_rows(ham_dir, 8).isic_id).values())[6:]
+    jpegs = list(ham_images(ham_dir, ham_rows(ham_dir, 9).isic_id).values())[6:]
+    # the portal's single upload (a person waiting)
+    portal = app_factory(web_settings).test_client()
+    assert _login(portal, "nurse-s3", PASSWORD).status_code == 302
+    form_token = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', portal.get("/upload").text).group(1)
+    single = portal.post(
+        "/upload/single", headers={"Accept": "application/json"},
+        data={"csrf_token": form_token, "image": (io.BytesIO(jpegs[2]), "lesion.jpg"), "age_approx": "50",
+              "sex": "male", "anatom_site_general": "head/neck"},
+    )  # fmt: skip
+    assert single.status_code == 201, single.text
     body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + to_bytes(make_instance(jpegs[0])) + b"\r\n--b--\r\n"
     stowed = client.post(
         "/dicomweb/studies", data=body,
@@ -107,7 +120,7 @@ def test_web_and_worker_share_only_the_database_the_broker_and_the_object_store(
     finally:
         server.shutdown()
     start_worker(worker_settings, env={k: v for k, v in s3.items() if k != "server"})
-    wait_for(lambda: status_counts(web_settings).get("done") == 8, 180, message="scored from the object store")
+    wait_for(lambda: status_counts(web_settings).get("done") == 9, 180, message="scored from the object store")
 
     def heatmaps():
         with session_factory(pg_url)() as session:
@@ -142,8 +155,6 @@ def test_an_unreachable_object_store_refuses_the_upload_and_stores_nothing(
     settings = make_settings(database_url=pg_url, broker_url=redis_url, blob_url=f"s3://{BUCKET}/x")
     _, token = api_token("store-down")
     archive, _ = ham_zip(ham_dir, 2)
-    import io
-
     reply = (
         app_factory(settings)
         .test_client()
