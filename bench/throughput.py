@@ -9,8 +9,9 @@ how close the worker gets to the model's own speed.
     python -m bench.throughput --n 2000 --embedded             # SQLite + filesystem queue
     python -m bench.throughput --n 2000 --object-store         # images in S3 (moto's server)
 
-With ``--object-store`` the images live in an S3 protocol server (moto's standalone server, in
-this process; the worker reaches it over HTTP as it would MinIO) instead of the local folder.
+With ``--object-store`` the images live in an S3 protocol server instead of the local folder:
+the one ``AWS_ENDPOINT_URL`` names (MinIO, with ``AWS_ACCESS_KEY_ID``…), or else moto's
+standalone server in this process (the worker reaches it over HTTP as it would MinIO).
 """
 
 from __future__ import annotations
@@ -156,10 +157,16 @@ def main(argv=None) -> None:
 
 
 def start_object_store() -> str:
-    """moto's S3 server on a free port, the AWS_* variables the worker inherits, a bucket."""
+    """The S3 endpoint in AWS_ENDPOINT_URL (e.g. the MinIO of docker-compose.yml) if set, else
+    moto's S3 server on a free port; the worker inherits the AWS_* variables; a bucket."""
     import boto3
     from moto.server import ThreadedMotoServer
 
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        client = boto3.client("s3")
+        if "bench" not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+            client.create_bucket(Bucket="bench")
+        return "s3://bench/studies"
     port = support.free_port()
     ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
     os.environ.update(
