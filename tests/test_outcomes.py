@@ -107,7 +107,16 @@ def test_outcome_on_the_case_page_and_from_the_cli(pg_settings, tiny_bundle, app
         referral_id = session.scalar(select(Referral.id).where(Referral.study_id == ids[0]))
     client = app_factory(settings).test_client()
     assert _login(client, "dr-outcome", PASSWORD).status_code == 302
+    assert 'id="program-probability"' not in client.get(f"/referrals/{referral_id}").text  # no prevalence set
+    with factory() as session, session.begin():
+        from dermascan.reports import study_result
+        from dermascan.schema import Program
+
+        session.get(Program, program_id).expected_prevalence = 0.02
+        expected = study_result(session, session.get(Study, ids[0]))["probability_at_program_prevalence"]
     page = client.get(f"/referrals/{referral_id}")
+    # the case page shows the same re-weighed probability as the exports
+    assert f'<strong id="program-probability">{expected:.3f}</strong>' in page.text
     token = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page.text).group(1)
     reply = client.post(
         f"/referrals/{referral_id}/outcome",

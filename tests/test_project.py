@@ -106,6 +106,16 @@ def test_ingest_imports_nothing_of_submission_storage_web_or_worker():
     assert not bad, bad
 
 
+def test_web_imports_nothing_of_the_model_package():
+    """The portal reaches model facts through the core (dermascan.reports, operating_point), never model/."""
+    bad = {
+        f: n & {"model", "keras", "tensorflow", "jax"}
+        for f, n in imports_of(ROOT / "web").items()
+        if n & {"model", "keras", "tensorflow", "jax"}
+    }
+    assert not bad, bad
+
+
 def test_core_never_imports_web_or_worker():
     bad = {f: n & {"web", "worker"} for f, n in imports_of(ROOT / "dermascan").items() if n & {"web", "worker"}}
     assert not bad, bad

@@ -9,12 +9,11 @@ from sqlalchemy import select
 from wtforms import HiddenField, RadioField, SelectField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length
 
-from dermascan import outcomes, referral_policy
+from dermascan import outcomes, referral_policy, reports
 from dermascan import referrals as policy
 from dermascan.errors import DomainError
 from dermascan.ingest.records import SITES
 from dermascan.schema import Decision, ModelBundle, Outcome, Prediction, Program, Referral, ReferralStatus
-from model.calibration import at_prevalence
 from web.errors import http_status
 from web.helpers import audit_event, client_ip, db, role_required, settings
 
@@ -122,12 +121,12 @@ def case(referral_id):
         p.study_id: p for p in db().scalars(select(Prediction).where(Prediction.study_id.in_([o.id for o in others])))
     }
     bundle_prevalence = ((bundle.manifest if bundle else {}).get("calibration") or {}).get("prevalence")
-    program_prevalence = db().scalar(select(Program.expected_prevalence).where(Program.id == study.program_id))
-    program_probability = (
-        float(at_prevalence(prediction.probability, bundle_prevalence, program_prevalence))
-        if bundle_prevalence and program_prevalence and prediction.assessable
-        else None
-    )
+    # the probability at the program's expected prevalence, as every export reports it
+    prevalence = reports.Prevalence(db()).get(study, prediction)
+    program_prevalence = prevalence[1] if prevalence else None
+    program_probability = reports.study_row(study, prediction, referral.category, prevalence)[
+        "probability_at_program_prevalence"
+    ]
     return render_template(
         "case.html", referral=referral, study=study, prediction=prediction, bundle=bundle, holds=holds,
         others=others, other_predictions=other_predictions, form=DecisionForm(), release=ReleaseForm(),
