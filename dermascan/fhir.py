@@ -58,7 +58,6 @@ def diagnostic_report(row: dict, study: Study, referral: Referral | None, bundle
     )
     effective = row.get("finished_at")
     contained = [_device(row, bundle)]
-    results = []
     if row.get("probability") is not None:
         contained.append(
             _observation(

@@ -8,7 +8,6 @@ lossless PNG. Rejections carry the DICOM failure status (PS3.4 / PS3.18) to answ
 
 from __future__ import annotations
 
-import copy
 import io
 import re
 import warnings
@@ -19,6 +18,7 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
 from dermascan.config import Settings
@@ -245,15 +245,16 @@ def _image_bytes(ds: Dataset, limits: Settings) -> bytes:
     return buffer.getvalue()
 
 
+PIXEL_TAGS = {Tag("PixelData"), Tag("FloatPixelData"), Tag("DoubleFloatPixelData")}
+
+
 def header_bytes(ds: Dataset) -> bytes:
     """The instance as received without its pixel data (Part 10): what a report sent back to the
-    PACS copies its patient and study modules from."""
-    header = copy.copy(ds)
-    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        if keyword in header:
-            delattr(header, keyword)
+    PACS copies its patient and study modules from. ``ds`` itself is left as it was."""
+    header = Dataset({tag: element for tag, element in ds.items() if tag not in PIXEL_TAGS})
+    header.file_meta = ds.file_meta
     buffer = io.BytesIO()
-    header.save_as(buffer, enforce_file_format=False)
+    header.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
 
 
