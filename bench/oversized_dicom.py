@@ -19,7 +19,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import requests
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
@@ -27,7 +26,7 @@ from pynetdicom import AE
 from bench import support
 from bench.ingest import wait_port
 from dermascan.ingest.dicom import VL_PHOTOGRAPHIC
-from tests.dicom_factory import make_instance, to_bytes
+from tests.dicom_factory import monochrome_uncompressed, to_bytes
 from tests.ham_files import ham_images, ham_rows
 
 HAM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000"
@@ -35,14 +34,7 @@ HAM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000
 
 def instance(side: int = 7000):
     jpeg = next(iter(ham_images(HAM, ham_rows(HAM, 1).isic_id).values()))
-    ds = make_instance(jpeg, sop_class=VL_PHOTOGRAPHIC, compressed=False)
-    ds.Rows = ds.Columns = side
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 8, 8, 7, 0
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    if "PlanarConfiguration" in ds:
-        del ds.PlanarConfiguration
-    ds.PixelData = np.random.default_rng(0).integers(0, 255, side * side, dtype=np.uint8).tobytes()
-    return ds
+    return monochrome_uncompressed(jpeg, side, side)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -60,7 +52,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "dermascan.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
     rows = []
 
-    port = support_port()
+    port = support.free_port()
     scp = subprocess.Popen(
         [sys.executable, "-m", "dermascan.cli", "dicom-scp", "--host", "127.0.0.1", "--port", str(port), "--allow-any"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -86,7 +78,7 @@ def main() -> None:
         scp.terminate()
         scp.wait(10)
 
-    port = support_port()
+    port = support.free_port()
     code = textwrap.dedent(f"""
         from dermascan.accounts import create_token
         from dermascan.config import Settings
@@ -127,14 +119,6 @@ def main() -> None:
         web.wait(10)
     print(f"# oversized DICOM instance (7000 x 7000, 8-bit, uncompressed) — {support.machine()}")
     print(support.table(rows, ("door", "instance MB", "answer", "seconds to refusal", "extra peak memory MB")))
-
-
-def support_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def pseudonym_key(secret: str) -> bytes:
     return derive(secret, "pseudonym")
 
 
+@lru_cache(maxsize=8)
 def header_cipher(secret: str):
     """The cipher (Fernet: AES-128-CBC + HMAC) of stored DICOM headers, which hold the patient's
     identifiers as received: kept only so results can go back to the PACS filed with the image."""

@@ -121,3 +121,20 @@ def stow(
         },
         timeout=60,
     )
+
+
+def monochrome_uncompressed(jpeg: bytes, rows: int, columns: int) -> Dataset:
+    """An uncompressed 8-bit monochrome VL Photographic instance of rows × columns random pixels
+    (for the size limits: 7,000 × 7,000 is the 49 MB instance of the security review)."""
+    import numpy as np
+
+    from dermascan.ingest.dicom import VL_PHOTOGRAPHIC
+
+    ds = make_instance(jpeg, sop_class=VL_PHOTOGRAPHIC, compressed=False)
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = rows, columns, 1, 8, 8, 7
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelRepresentation = 0
+    if "PlanarConfiguration" in ds:
+        del ds.PlanarConfiguration
+    ds.PixelData = np.random.default_rng(0).integers(0, 255, rows * columns, dtype=np.uint8).tobytes()
+    return ds

@@ -8,7 +8,6 @@ import datetime as dt
 import ipaddress
 import ssl
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
@@ -25,7 +24,7 @@ from dermascan.db import session_factory
 from dermascan.dicom_scp import AllowList, DoorError, make_server, tls_context
 from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC
 from dermascan.schema import Program, Study
-from tests.dicom_factory import make_instance, stow, to_bytes
+from tests.dicom_factory import make_instance, monochrome_uncompressed, stow, to_bytes
 from tests.ham_files import ham_images, ham_rows
 from tests.services import free_port, wait_for
 
@@ -108,18 +107,6 @@ def test_an_address_no_entry_admits_is_closed_unread(pg_settings, receiver):
     assert not assoc.is_established
 
 
-def big_uncompressed(jpeg: bytes, rows: int, columns: int):
-    ds = make_instance(jpeg, sop_class=VL_PHOTOGRAPHIC, compressed=False)
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = rows, columns, 1, 8, 8, 7
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelRepresentation = 0
-    for keyword in ("PlanarConfiguration",):
-        if keyword in ds:
-            delattr(ds, keyword)
-    ds.PixelData = np.random.default_rng(0).integers(0, 255, rows * columns, dtype=np.uint8).tobytes()
-    return ds
-
-
 def test_a_dataset_over_the_cap_aborts_the_association_and_big_images_are_refused_from_the_header(
     pg_settings, receiver, jpegs
 ):
@@ -128,13 +115,13 @@ def test_a_dataset_over_the_cap_aborts_the_association_and_big_images_are_refuse
     syntax = (VL_PHOTOGRAPHIC, ExplicitVRLittleEndian)
     # 1,200 × 1,200 = 1.44 M pixels: under the byte cap, over the pixel limit → refused unread
     assoc = client("PACS", syntax).associate("127.0.0.1", port, ae_title="DERMASCAN")
-    assert assoc.send_c_store(big_uncompressed(jpegs[0], 1200, 1200)).Status == 0xA700
+    assert assoc.send_c_store(monochrome_uncompressed(jpegs[0], 1200, 1200)).Status == 0xA700
     # Pixel Data shorter than the header says → refused
-    short = big_uncompressed(jpegs[0], 500, 500)
+    short = monochrome_uncompressed(jpegs[0], 500, 500)
     short.PixelData = short.PixelData[:1000]
     assert assoc.send_c_store(short).Status == 0xA900
     # 1,600 × 1,600 = 2.56 MB: past the dataset cap → the association is aborted as it arrives
-    status = assoc.send_c_store(big_uncompressed(jpegs[0], 1600, 1600))
+    status = assoc.send_c_store(monochrome_uncompressed(jpegs[0], 1600, 1600))
     assert "Status" not in status  # no response: the association was aborted
     wait_for(lambda: not assoc.is_established, 10, message="the association aborted")
     assert stored(pg_settings) == []
@@ -147,8 +134,8 @@ def test_stow_rs_refuses_oversized_parts_and_stores_the_rest(pg_settings, live_s
     good = make_instance(jpegs[0])
     parts = [
         to_bytes(good),
-        to_bytes(big_uncompressed(jpegs[1], 1600, 1600)),
-        to_bytes(big_uncompressed(jpegs[1], 1100, 1100)),
+        to_bytes(monochrome_uncompressed(jpegs[1], 1600, 1600)),
+        to_bytes(monochrome_uncompressed(jpegs[1], 1100, 1100)),
     ]
     reply = stow(server.url, token, parts)
     assert reply.status_code == 202, reply.text
