@@ -50,6 +50,9 @@ class TrainConfig:
     weights_dtype: str = "float16"  # storage of the bundle's weights (they compute in float32)
     verbose: int = 2
     augmentation: dict = field(default_factory=dict)
+    # Polyak averaging of the weights (e.g. 0.99): validation, early stopping and the saved
+    # checkpoints use the averaged weights; None trains without it
+    ema_momentum: float | None = None
 
 
 def make_folds(targets: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -166,7 +169,12 @@ def train_fold(k: int, cfg: TrainConfig, work: Path, spec: FeatureSpec, x: dict,
             name=f"fold{k}",
         )
         model.compile(
-            optimizer=keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay),
+            optimizer=keras.optimizers.AdamW(
+                cfg.learning_rate,
+                weight_decay=cfg.weight_decay,
+                use_ema=cfg.ema_momentum is not None,
+                ema_momentum=cfg.ema_momentum or 0.99,
+            ),
             loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
             metrics=[keras.metrics.AUC(name="auc")],
         )
@@ -182,7 +190,15 @@ def train_fold(k: int, cfg: TrainConfig, work: Path, spec: FeatureSpec, x: dict,
     best_ckpt = keras.callbacks.ModelCheckpoint(best_path, "val_auc", mode="max", save_best_only=True)
     if history:
         best_ckpt.best = max(h["val_auc"] for h in history)
-    callbacks = [
+    callbacks = []
+    if cfg.ema_momentum is not None:
+        # first, so that every callback after it (checkpoints, early stopping) sees the averaged
+        # weights at the end of an epoch
+        swap = keras.callbacks.SwapEMAWeights(swap_on_epoch=True)
+        # a resumed fold's last checkpoint was written with the averages swapped in
+        swap._ema_weights_in_model = bool(history)
+        callbacks.append(swap)
+    callbacks += [
         early,
         plateau,
         _ResumeState(history, "val_auc").callback(early, plateau),

@@ -46,6 +46,11 @@ from dermascan.cli.common import _settings, main
     show_default=True,
     help="Share of patients held out of every fold model; the threshold and calibration are chosen there.",
 )
+@click.option(
+    "--ema-momentum",
+    type=click.FloatRange(0.5, 0.99999),
+    help="Exponential moving average of the weights (e.g. 0.99); checkpoints keep the averaged weights.",
+)
 @click.option("--max-members", type=int, help="Keep only the best N fold models in the bundle.")
 @click.option("--backbone", type=click.Choice(["nasnet_mobile", "tiny"]), default="nasnet_mobile", show_default=True)
 @click.option("--limit", type=int, help="Only the first N rows (smoke runs).")
@@ -65,6 +70,7 @@ def train(
     target_sensitivity,
     threshold_confidence,
     calibration_fraction,
+    ema_momentum,
     max_members,
     backbone,
     limit,
@@ -81,7 +87,7 @@ def train(
     cfg = TrainConfig(
         image_size=image_size, folds=folds, epochs=epochs, batch_size=batch_size, weights=weights,
         target_sensitivity=target_sensitivity, threshold_confidence=threshold_confidence,
-        calibration_fraction=calibration_fraction, max_members=max_members, backbone=backbone, limit=limit,
+        calibration_fraction=calibration_fraction, ema_momentum=ema_momentum, max_members=max_members, backbone=backbone, limit=limit,
         verbose=1 if sys.stderr.isatty() else 2,
     )  # fmt: skip
     work_dir = work_dir or out_dir.with_name(out_dir.name + ".work")
