@@ -91,6 +91,13 @@ class Settings:
     # hosts, addresses or networks (comma-separated) that callbacks may reach over http or at a
     # private address (an EHR on the hospital network); everything else: https to public addresses
     callback_allow_hosts: str = ""
+    # results back to the PACS (DICOM destinations): attempts per object and the first wait
+    # between them (doubling, at most 10 minutes); the AE title DermaScan calls from; a CA file
+    # for destinations with TLS (empty: the system's)
+    delivery_retries: int = 12
+    delivery_retry_s: float = 5.0
+    dicom_calling_ae: str = "DERMASCAN"
+    dicom_tls_ca_file: str = ""
 
     @property
     def is_embedded(self) -> bool:

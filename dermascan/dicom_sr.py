@@ -95,3 +95,119 @@ def ai_result_report(source: Dataset, result: AiResult) -> hd.sr.Comprehensive3D
         is_complete=True,
         series_description="DermaScan AI result (not a medical device)",
     )
+
+
+HEATMAP_SERIES_NUMBER = 9002
+DECISION_SERIES_NUMBER = 9003
+DECISION = hd.sr.CodedConcept("DECISION", SCHEME, "Specialist decision")
+COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
+
+
+def object_uids(source: Dataset, *parts: str) -> tuple[str, str]:
+    """(series, instance) UIDs of another object made for ``source``, stable across retries."""
+    seed = [source.StudyInstanceUID, source.SOPInstanceUID, *parts]
+    return generate_uid(entropy_srcs=[*seed, "series"]), generate_uid(entropy_srcs=[*seed, "instance"])
+
+
+def heatmap_capture(source: Dataset, overlay_rgb, bundle_version: str) -> hd.sc.SCImage:
+    """The Grad-CAM heat map burned into the lesion image, as a Secondary Capture in the source
+    study (a new series, the source image referenced).
+
+    Why a Secondary Capture with the overlay burned in rather than a Parametric Map: every PACS
+    viewer displays an RGB Secondary Capture as it is, while Parametric Maps need a viewer that
+    fuses a float map onto its source frame (few dermatology viewers do), and a dermoscopy
+    photograph has no patient coordinate system to register one in. The price: the pixels are
+    a picture for people, not data to compute on — which is all a heat map is for here.
+    """
+    series_uid, instance_uid = object_uids(source, bundle_version, "heatmap")
+    orientation = list(source.get("PatientOrientation") or [])
+    capture = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=overlay_rgb,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        # highdicom wants an orientation for a patient image; a photograph has none, so the
+        # source's is copied when it has one and the (type 2) attribute is left empty otherwise
+        patient_orientation=tuple(orientation) if len(orientation) == 2 else ("L", "F"),
+        series_instance_uid=series_uid,
+        series_number=HEATMAP_SERIES_NUMBER,
+        sop_instance_uid=instance_uid,
+        instance_number=1,
+        manufacturer="DermaScan",
+    )
+    if len(orientation) != 2:
+        capture.PatientOrientation = ""
+    capture.Laterality = source.get("Laterality") or ""  # type 2C (a paired body part): as received, else unknown
+    capture.BurnedInAnnotation = "YES"
+    capture.SeriesDescription = "DermaScan heat map (Grad-CAM, not a medical device)"
+    capture.ImageComments = f"Grad-CAM of bundle {bundle_version}: warm colours weighed most in the score"
+    derivation = Dataset()
+    derivation.ReferencedSOPClassUID = source.SOPClassUID
+    derivation.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    capture.SourceImageSequence = [derivation]
+    return capture
+
+
+DECISION_CODES = {  # code values are at most 16 characters (SH)
+    "urgent_in_person_review": "URGENT",
+    "biopsy_or_excision": "BIOPSY",
+    "routine_follow_up": "FOLLOWUP",
+    "benign_no_action": "BENIGN",
+    "image_quality_insufficient": "POORQUALITY",
+}
+
+
+@dataclass(frozen=True)
+class SpecialistDecision:
+    decision: str  # the Decision value
+    label: str  # how people read it
+    note: str | None
+    specialist: str  # the verifying observer's name, "Family^Given" or a login
+    organization: str
+    decided_at: object  # datetime (UTC)
+
+
+def decision_report(source: Dataset, ai_report: Dataset, decision: SpecialistDecision) -> hd.sr.Comprehensive3DSR:
+    """The specialist's decision on a referred study: a verified TID 1500 report by that
+    specialist (name and time in the verifying observer fields) that refers to the AI result
+    (listed in its evidence) and to the source image."""
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Person,
+        observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=decision.specialist),
+    )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[source.SOPInstanceUID, "lesion"]), identifier="lesion"),
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(DECISION, hd.sr.CodedConcept(DECISION_CODES[decision.decision], SCHEME, decision.label))
+        ],
+        source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)],
+    )  # fmt: skip
+    if decision.note:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(name=COMMENT, value=decision.note[:1024], relationship_type="CONTAINS")
+        )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_person_context=observer),
+        procedure_reported=IMAGING_PROCEDURE,
+        imaging_measurements=[group],
+    )
+    stamp = decision.decided_at.strftime("%Y%m%d%H%M%S")
+    series_uid, instance_uid = object_uids(source, "decision", stamp)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source, ai_report],
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=DECISION_SERIES_NUMBER,
+        sop_instance_uid=instance_uid,
+        instance_number=1,
+        manufacturer="DermaScan",
+        is_complete=True,
+        is_final=True,
+        is_verified=True,
+        verifying_observer_name=decision.specialist,
+        verifying_organization=decision.organization,
+        series_description="DermaScan specialist decision",
+    )
+    sr.VerifyingObserverSequence[0].VerificationDateTime = decision.decided_at.strftime("%Y%m%d%H%M%S+0000")
+    return sr

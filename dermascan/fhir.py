@@ -12,17 +12,10 @@ from __future__ import annotations
 
 import uuid
 
-from dermascan.schema import Decision, Referral, Study
+from dermascan.schema import DECISION_LABELS, Decision, Referral, Study
 
 SYSTEM = "https://dermascan.example/fhir"  # DermaScan's own code systems and identifiers
 PSEUDONYM_SYSTEM = f"{SYSTEM}/patient-pseudonym"
-DECISION_LABELS = {
-    Decision.URGENT: "Urgent in-person review",
-    Decision.BIOPSY: "Biopsy or excision",
-    Decision.FOLLOW_UP: "Routine follow-up",
-    Decision.BENIGN: "Benign, no action",
-    Decision.POOR_QUALITY: "Image quality insufficient",
-}
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, SYSTEM)
 
 

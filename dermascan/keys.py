@@ -8,6 +8,7 @@ gets its own key, so knowing one tells nothing about another:
 - ``pseudonym`` — the HMAC key of patient and DICOM identifier pseudonyms; never rotated with
   the session key, or the same patient would get a new pseudonym.
 - ``dicom-header`` — encrypts the DICOM headers kept for results sent back to the PACS.
+- ``dicom-destination`` — encrypts the STOW-RS passwords and tokens of DICOM destinations.
 - ``callback:<program>:<generation>`` — each program's own completion-callback signing secret:
   a program that verifies its callbacks learns nothing that signs a session or another
   program's callbacks. ``dermascan program callback-secret`` issues a new generation.
@@ -39,15 +40,24 @@ def pseudonym_key(secret: str) -> bytes:
     return derive(secret, "pseudonym")
 
 
-@lru_cache(maxsize=8)
-def header_cipher(secret: str):
-    """The cipher (Fernet: AES-128-CBC + HMAC) of stored DICOM headers, which hold the patient's
-    identifiers as received: kept only so results can go back to the PACS filed with the image."""
+@lru_cache(maxsize=16)
+def _fernet(secret: str, purpose: str):
     import base64
 
     from cryptography.fernet import Fernet
 
-    return Fernet(base64.urlsafe_b64encode(derive(secret, "dicom-header")))
+    return Fernet(base64.urlsafe_b64encode(derive(secret, purpose)))
+
+
+def header_cipher(secret: str):
+    """The cipher (Fernet: AES-128-CBC + HMAC) of stored DICOM headers, which hold the patient's
+    identifiers as received: kept only so results can go back to the PACS filed with the image."""
+    return _fernet(secret, "dicom-header")
+
+
+def destination_cipher(secret: str):
+    """The cipher of DICOM destinations' STOW-RS credentials (stored in the database)."""
+    return _fernet(secret, "dicom-destination")
 
 
 def callback_secret(secret: str, program_id: int, generation: int) -> str:

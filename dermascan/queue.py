@@ -5,8 +5,9 @@ It lives in the core so the web process and the CLI enqueue work without importi
 
 Queues, served in this order by every worker (kombu's ``priority`` cycle: the first non-empty
 queue wins): ``interactive`` (single studies from people waiting), ``bulk`` (chunks of a batch),
-``maintenance`` (heat maps, sweeps), ``callbacks`` (completion callbacks: their own queue, so
-a slow endpoint never holds a scoring worker; docker-compose serves it by a worker of its own).
+``maintenance`` (heat maps, sweeps), ``callbacks`` (outbound work: completion callbacks and
+results sent back to PACS destinations — their own queue, so a slow or unreachable endpoint
+never holds a scoring worker; docker-compose serves it by a worker of its own).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ TASK_SCORE = "dermascan.score"
 TASK_HEATMAPS = "dermascan.heatmaps"
 TASK_SWEEP = "dermascan.sweep"
 TASK_CALLBACK = "dermascan.batch_callback"
+TASK_DELIVER = "dermascan.deliver_dicom"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -76,6 +78,7 @@ def make_celery(settings: Settings) -> Celery:
             TASK_HEATMAPS: {"queue": MAINTENANCE},
             TASK_SWEEP: {"queue": MAINTENANCE},
             TASK_CALLBACK: {"queue": CALLBACKS},
+            TASK_DELIVER: {"queue": CALLBACKS},
         },
         # a submit must not hang while the broker is down: the studies are already committed
         # and the sweeper sends them later

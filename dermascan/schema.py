@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -107,6 +108,15 @@ class Decision(enum.StrEnum):
     FOLLOW_UP = "routine_follow_up"
     BENIGN = "benign_no_action"
     POOR_QUALITY = "image_quality_insufficient"
+
+
+DECISION_LABELS = {
+    Decision.URGENT: "Urgent in-person review",
+    Decision.BIOPSY: "Biopsy or excision",
+    Decision.FOLLOW_UP: "Routine follow-up",
+    Decision.BENIGN: "Benign, no action",
+    Decision.POOR_QUALITY: "Image quality insufficient",
+}
 
 
 class OutcomeKind(enum.StrEnum):
@@ -327,3 +337,54 @@ class Outcome(Base):
     recorded_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id"))
     recorded_at: Mapped[timestamp]
+
+
+class DicomDestination(Base):
+    """Where a program's results go back as DICOM (its PACS): a DIMSE C-STORE SCP or a STOW-RS
+    URL. Set by an administrator (hospital-network addresses are expected here)."""
+
+    __tablename__ = "dicom_destinations"
+    __table_args__ = (UniqueConstraint("program_id", "name", name="uq_dicom_destinations_program_name"),)
+    id: Mapped[intpk]
+    program_id: Mapped[int] = mapped_column(ForeignKey("programs.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))  # dimse | stow
+    host: Mapped[str | None] = mapped_column(String(255))
+    port: Mapped[int | None]
+    ae_title: Mapped[str | None] = mapped_column(String(16))
+    tls: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
+    url: Mapped[str | None] = mapped_column(String(2000))
+    username: Mapped[str | None] = mapped_column(String(255))
+    # the STOW-RS password or bearer token, encrypted (keys.destination_cipher)
+    secret_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    enabled: Mapped[bool] = mapped_column(default=True, server_default=true())
+    created_at: Mapped[timestamp]
+
+    program: Mapped[Program] = relationship()
+
+    @property
+    def target(self) -> str:
+        if self.kind == "dimse":
+            return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
+        return self.url or ""
+
+
+class Delivery(Base):
+    """One DICOM object of one study sent to one destination: its state, attempts and the last
+    reason. The object's SOP Instance UID is the same on every attempt (a PACS stores it once)."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("study_id", "destination_id", "object", name="uq_deliveries_study_destination_object"),
+    )
+    id: Mapped[intpk]
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    destination_id: Mapped[int] = mapped_column(ForeignKey("dicom_destinations.id", ondelete="CASCADE"))
+    object: Mapped[str] = mapped_column(String(16))  # ai_sr | heatmap | verified_sr
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(12), default="pending")  # pending | retrying | sent | failed
+    attempts: Mapped[int] = mapped_column(default=0)
+    detail: Mapped[str | None] = mapped_column(String(500))
+    updated_at: Mapped[timestamp]
+
+    destination: Mapped[DicomDestination] = relationship()

@@ -5,6 +5,7 @@ bundle. Plain code, no fixtures, so ``bench/`` uses it without importing ``conft
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -67,6 +68,8 @@ def scratch_postgres(prefix: str = "dermascan_test", migrated: bool = True):
 
 TABLES = [
     "audit_events",
+    "deliveries",
+    "dicom_destinations",
     "outcomes",
     "referrals",
     "predictions",
@@ -224,3 +227,87 @@ class LiveServer:
 
     def stop(self):
         self.server.shutdown()
+
+
+class Orthanc:
+    """A real PACS: Orthanc from Debian's packages (``orthanc``; ``orthanc-dicomweb`` for
+    STOW-RS), on free ports, storing in ``workdir``. It checks the called AE title, as a PACS
+    that knows its own name does; stop and start it again keep what it stored."""
+
+    PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+    def __init__(self, workdir: Path, aet: str = "ORTHANC"):
+        self.binary = shutil.which("Orthanc", path="/usr/sbin:/usr/bin:/usr/local/bin")
+        if not self.binary:
+            raise RuntimeError("Orthanc is not installed (Debian packages orthanc, orthanc-dicomweb; .ci/run installs them)")  # fmt: skip
+        self.aet, self.dicom_port, self.http_port = aet, free_port(), free_port()
+        self.workdir = Path(workdir)
+        storage = self.workdir / "storage"
+        storage.mkdir(parents=True, exist_ok=True)
+        self.config = self.workdir / "orthanc.json"
+        self.config.write_text(json.dumps({
+            "Name": "dermascan-test-pacs", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
+            "DicomAet": aet, "DicomPort": self.dicom_port, "HttpPort": self.http_port, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": True, "DicomAlwaysAllowStore": True,
+            "Plugins": [self.PLUGIN] if Path(self.PLUGIN).exists() else [],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "StorageCompression": False,
+        }))  # fmt: skip
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> Orthanc:
+        self.log_file = open(self.workdir / "orthanc.log", "ab")
+        self.proc = subprocess.Popen(
+            [self.binary, str(self.config)], stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        wait_for(lambda: self._answers(), 60, message="Orthanc to answer")
+        return self
+
+    def _answers(self) -> bool:
+        import requests
+
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"Orthanc exited with {self.proc.returncode}: see {self.workdir / 'orthanc.log'}")
+        try:
+            return requests.get(f"{self.url}/system", timeout=2).ok and _port_open(self.dicom_port)
+        except requests.RequestException:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+        self.log_file.close()
+
+    def get(self, path: str):
+        import requests
+
+        answer = requests.get(f"{self.url}{path}", timeout=30)
+        answer.raise_for_status()
+        return answer
+
+    def datasets(self, study_instance_uid: str) -> list:
+        """Every instance Orthanc holds in that study, read back through its REST API."""
+        import io
+
+        from pydicom import dcmread
+
+        found = self.get_json_post("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_instance_uid}})  # fmt: skip
+        return [dcmread(io.BytesIO(self.get(f"/instances/{i}/file").content)) for i in found]
+
+    def get_json_post(self, path: str, body: dict):
+        import requests
+
+        answer = requests.post(f"{self.url}{path}", json=body, timeout=30)
+        answer.raise_for_status()
+        return answer.json()
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0

@@ -93,3 +93,54 @@ def test_the_header_is_kept_encrypted_at_ingest_and_the_report_is_built_from_it(
     assert "PixelData" not in header and header.PatientID == "MRN-KEPT"
     report = ai_result_report(header, AiResult(0.2, 0.0616, None, "v", "cd" * 32))
     assert report.PatientID == "MRN-KEPT" and report.StudyInstanceUID == source.StudyInstanceUID
+
+
+def dciodvfy_errors(path) -> list[str]:
+    dciodvfy = shutil.which("dciodvfy", path="/usr/bin:/usr/local/bin")
+    assert dciodvfy, "dciodvfy is needed (Debian package dicom3tools; .ci/run installs it)"
+    checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_the_heat_map_and_the_specialists_verified_report_are_valid(ham_dir, tmp_path):
+    """Item 1's heat map (a Secondary Capture with the overlay burned in) and item 2's verified
+    report of the specialist's decision, which refers to the AI result; both in the source study."""
+    import datetime as dt
+
+    import numpy as np
+
+    from dermascan.dicom_sr import DECISION, SpecialistDecision, decision_report, heatmap_capture
+
+    jpeg = next(iter(ham_images(ham_dir, ham_rows(ham_dir, 1).isic_id).values()))
+    source = make_instance(jpeg, patient_id="MRN-MAP", age=48, sex="female")
+    del source.PixelData
+    overlay = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    capture = heatmap_capture(source, overlay, "v1")
+    capture.save_as(tmp_path / "map.dcm", enforce_file_format=True)
+    assert not dciodvfy_errors(tmp_path / "map.dcm")
+    sc = dcmread(tmp_path / "map.dcm")
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.BurnedInAnnotation == "YES"
+    assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.PatientID == "MRN-MAP"
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert (sc.Rows, sc.Columns, sc.SamplesPerPixel) == (96, 128, 3)
+    assert np.array_equal(sc.pixel_array, overlay)
+    assert heatmap_capture(source, overlay, "v1").SOPInstanceUID == sc.SOPInstanceUID  # stable on retry
+
+    ai = ai_result_report(source, AiResult(0.9, 0.06, "high_risk", "v1", "ab" * 32))
+    decided_at = dt.datetime(2026, 11, 29, 10, 30, tzinfo=dt.UTC)
+    decision = SpecialistDecision("biopsy_or_excision", "Biopsy or excision", "Irregular network, 7 mm.",
+                                  "House^Gregory", "Hospital B", decided_at)  # fmt: skip
+    report = decision_report(source, ai, decision)
+    report.save_as(tmp_path / "decision.dcm", enforce_file_format=True)
+    assert not dciodvfy_errors(tmp_path / "decision.dcm")
+    sr = dcmread(tmp_path / "decision.dcm")
+    assert sr.VerificationFlag == "VERIFIED" and sr.StudyInstanceUID == source.StudyInstanceUID
+    observer = sr.VerifyingObserverSequence[0]
+    assert (str(observer.VerifyingObserverName), observer.VerificationDateTime[:12]) == ("House^Gregory", "202611291030")
+    evidence = [i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]  # fmt: skip
+    assert ai.SOPInstanceUID in evidence and source.SOPInstanceUID in evidence  # refers to the AI result
+    items = list(content_items(sr))
+    codes_ = [i.ConceptCodeSequence[0].CodeValue for i in items if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == DECISION.value]  # fmt: skip
+    assert codes_ == ["BIOPSY"]
+    assert "Irregular network, 7 mm." in [str(i.get("TextValue", "")) for i in items]

@@ -12,7 +12,7 @@ from functools import wraps
 from flask import Blueprint, Response, g, jsonify, request, url_for
 from sqlalchemy import false, func, select
 
-from dermascan import audit, callbacks, fhir, outcomes, reports, submission
+from dermascan import audit, callbacks, delivery, fhir, outcomes, reports, submission
 from dermascan.accounts import token_for
 from dermascan.errors import DomainError
 from dermascan.ingest import json_records, manifest
@@ -260,6 +260,7 @@ def get_study(study_id):
         return error(404, "no such study")
     row = reports.study_result(db(), study)
     row["batch_id"] = study.batch_id
+    row["deliveries"] = delivery.deliveries(db(), study.id)  # results sent back to the PACS
     return jsonify(row)
 
 

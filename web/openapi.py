@@ -127,6 +127,25 @@ OUTCOME_OUT = {
         "recorded_at": {"type": "string", "format": "date-time"},
     },
 }
+DELIVERY = {
+    "type": "object",
+    "properties": {
+        "destination": {"type": "string"},
+        "target": {"type": "string"},
+        "object": {"type": "string", "enum": ["ai_sr", "heatmap", "verified_sr"]},
+        "status": {"type": "string", "enum": ["pending", "retrying", "sent", "failed"]},
+        "attempts": {"type": "integer"},
+        "detail": {"type": ["string", "null"]},
+        "sop_instance_uid": {"type": ["string", "null"]},
+        "updated_at": {"type": ["string", "null"]},
+    },
+}
+STUDY = {
+    "allOf": [
+        RESULT,
+        {"type": "object", "properties": {"deliveries": {"type": "array", "items": DELIVERY}}},
+    ]
+}
 FHIR_RESOURCE = {
     "type": "object",
     "required": ["resourceType"],
@@ -374,8 +393,10 @@ def document() -> dict:
                     "parameters": [{"name": "study_id", "in": "path", "required": True, "schema": {"type": "integer"}}],
                     "responses": {
                         "200": {
-                            "description": "One study and its result",
-                            "content": {"application/json": {"schema": RESULT}},
+                            "description": "One study, its result, and the results sent back to its "
+                            "program's PACS destinations (one entry per object and destination: "
+                            "status pending, retrying, sent or failed, with the reason)",
+                            "content": {"application/json": {"schema": STUDY}},
                         },
                         **_errors(401, 404),
                     },

@@ -9,23 +9,18 @@ from sqlalchemy import select
 from wtforms import HiddenField, RadioField, SelectField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length
 
-from dermascan import outcomes, referral_policy, reports
+from dermascan import delivery, outcomes, referral_policy, reports
 from dermascan import referrals as policy
 from dermascan.errors import DomainError
 from dermascan.ingest.records import SITES
-from dermascan.schema import Decision, ModelBundle, Outcome, Prediction, Program, Referral, ReferralStatus
+from dermascan.schema import DECISION_LABELS as LABELS
+from dermascan.schema import ModelBundle, Outcome, Prediction, Program, Referral, ReferralStatus
 from web.errors import http_status
 from web.helpers import audit_event, client_ip, db, role_required, settings
 
 bp = Blueprint("referrals", __name__, url_prefix="/referrals")
 ROLES = ("specialist", "admin")
-DECISION_LABELS = {
-    Decision.URGENT.value: "Urgent in-person review",
-    Decision.BIOPSY.value: "Biopsy or excision",
-    Decision.FOLLOW_UP.value: "Routine follow-up",
-    Decision.BENIGN.value: "Benign – no action",
-    Decision.POOR_QUALITY.value: "Image quality insufficient",
-}
+DECISION_LABELS = {decision.value: label for decision, label in LABELS.items()}
 
 
 class ClaimForm(FlaskForm):
@@ -133,6 +128,7 @@ def case(referral_id):
         labels=DECISION_LABELS, bundle_prevalence=bundle_prevalence, program_prevalence=program_prevalence,
         program_probability=program_probability, outcome_form=OutcomeForm(),
         outcome=db().scalar(select(Outcome).where(Outcome.study_id == study.id)),
+        deliveries=delivery.deliveries(db(), study.id),
     )  # fmt: skip
 
 
@@ -158,6 +154,8 @@ def decide(referral_id):
         detail={"study_id": referral.study_id, "decision": form.decision.data, "note": referral.note},
     )
     db().commit()
+    # the decision goes back to the PACS, verified by its author
+    delivery.schedule(settings(), [referral.study_id], objects=(delivery.VERIFIED_SR,))
     flash(f"Decision saved: {DECISION_LABELS[form.decision.data]}.", "info")
     return redirect(url_for("referrals.queue"))
 

@@ -118,6 +118,7 @@ class Outcome:
     skipped: int = 0
     not_assessable: int = 0
     referred_ids: list[int] = field(default_factory=list)
+    scored_ids: list[int] = field(default_factory=list)
     finished_batches: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
 
@@ -283,12 +284,14 @@ class ScoreStudies:
         timing["write"] = time.perf_counter() - t0
         outcome.scored, outcome.failed = len(scored), len(failed)
         outcome.referred_ids = written["high_risk"]
+        outcome.scored_ids = [s.study_id for s in scored]
         outcome.not_assessable = len(written["not_assessable"])
         outcome.timings = {k: round(v, 4) for k, v in timing.items()}
         outcome.timings["batch_size"] = len(items)
         _record_metrics(outcome, items)
         for other in served:
             outcome.referred_ids += other.referred_ids
+            outcome.scored_ids += other.scored_ids
             outcome.finished_batches += other.finished_batches
         log.info(
             "scored %d, failed %d, referred %d (%s)",

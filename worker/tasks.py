@@ -33,14 +33,48 @@ def score(self, study_ids: list[int], interactive: bool = False) -> dict:
         queue.send(settings, queue.TASK_HEATMAPS, [[study_id]])
     for batch_id in outcome.finished_batches:
         queue.send(settings, queue.TASK_CALLBACK, [batch_id, 0])
+    # results back to the PACS: now, or (referred for risk) once the heat map is made
+    waiting = set(outcome.referred_ids)
+    _schedule_delivery(settings, [i for i in outcome.scored_ids if i not in waiting])
     return outcome.summary()
+
+
+def _schedule_delivery(settings, study_ids: list[int]) -> None:
+    from dermascan import delivery
+
+    if study_ids:
+        try:
+            delivery.schedule(settings, study_ids)
+        except Exception:  # the results are committed; a failure here must not retry the scoring
+            log.exception("could not schedule the delivery of %d studies", len(study_ids))
 
 
 @shared_task(name=queue.TASK_HEATMAPS, acks_late=True)
 def heatmaps(study_ids: list[int]) -> int:
     from worker import scoring
 
-    return scoring.make_heatmaps(_settings(), study_ids)
+    settings = _settings()
+    try:
+        return scoring.make_heatmaps(settings, study_ids)
+    finally:
+        _schedule_delivery(settings, study_ids)
+
+
+@shared_task(name=queue.TASK_DELIVER, acks_late=True)
+def deliver_dicom(study_id: int, destination_id: int, attempt: int = 0) -> str:
+    from dermascan import delivery
+
+    settings = _settings()
+    status = delivery.deliver(settings, study_id, destination_id, attempt)
+    if status == "retry":
+        queue.send(
+            settings,
+            queue.TASK_DELIVER,
+            [study_id, destination_id, attempt + 1],
+            queue=queue.CALLBACKS,
+            countdown=delivery.retry_delay(settings, attempt),
+        )
+    return status
 
 
 @shared_task(name=queue.TASK_SWEEP)

@@ -1,0 +1,94 @@
+"""``destination``: where a program's results go back as DICOM (its PACS), and their deliveries."""
+
+from __future__ import annotations
+
+import click
+
+from dermascan.cli.common import _settings, main
+from dermascan.db import session_factory
+
+
+@main.group()
+def destination():
+    """DICOM destinations (PACS) a program's results are sent to."""
+
+
+@destination.command("add")
+@click.argument("program")
+@click.argument("name")
+@click.option("--dimse", metavar="HOST:PORT", help="A C-STORE SCP (give --ae too).")
+@click.option("--ae", "ae_title", help="The destination's AE title (DIMSE).")
+@click.option("--tls", is_flag=True, help="DIMSE over TLS (DERMASCAN_DICOM_TLS_CA_FILE: the CA, else the system's).")
+@click.option("--stow", "url", metavar="URL", help="A DICOMweb base URL that accepts STOW-RS.")
+@click.option("--username", help="STOW-RS basic-auth user (with the secret); without it the secret is a bearer token.")
+@click.option("--secret-env", metavar="VAR", help="Read the STOW-RS password or token from this environment variable.")
+@click.pass_context
+def destination_add(ctx, program, name, dimse, ae_title, tls, url, username, secret_env):
+    """Send PROGRAM's results (AI result SR, heat map, the specialist's verified SR) to NAME."""
+    import os
+
+    from dermascan import audit, delivery
+    from dermascan.identity import get_or_create_program
+
+    host = port = None
+    if dimse:
+        host, _, port_text = dimse.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise click.BadParameter("HOST:PORT", param_hint="--dimse")
+        port = int(port_text)
+    secret = None
+    if secret_env:
+        secret = os.environ.get(secret_env)
+        if not secret:
+            raise click.BadParameter(f"{secret_env} is not set", param_hint="--secret-env")
+    settings = _settings(ctx, secret=True)
+    with session_factory(settings.database_url)() as session, session.begin():
+        try:
+            row = delivery.add_destination(
+                session, settings, get_or_create_program(session, program), name, host=host, port=port,
+                ae_title=ae_title, tls=tls, url=url, username=username, secret=secret,
+            )  # fmt: skip
+        except delivery.BadDestination as exc:
+            raise click.ClickException(str(exc)) from exc
+        audit.record(
+            session, "destination_added", object_type="destination", object_id=row.id,
+            detail={"program": program, "name": name, "target": row.target, "by": "dermascan destination add"},
+        )  # fmt: skip
+        click.echo(f"destination {name} ({row.target}) added to program {program}")
+
+
+@destination.command("list")
+@click.pass_context
+def destination_list(ctx):
+    """Every destination with its delivery counts."""
+    from dermascan import delivery
+
+    settings = _settings(ctx)
+    with session_factory(settings.database_url)() as session:
+        counts = delivery.status_counts(session)
+        for row in delivery.destinations(session):
+            state = "enabled" if row.enabled else "disabled"
+            tally = ", ".join(f"{k} {v}" for k, v in sorted(counts.get(row.id, {}).items())) or "nothing sent yet"
+            click.echo(f"{row.program.name}\t{row.name}\t{row.kind}\t{row.target}\t{state}\t{tally}")
+
+
+@destination.command("disable")
+@click.argument("program")
+@click.argument("name")
+@click.option("--enable", is_flag=True, help="Enable it again instead.")
+@click.pass_context
+def destination_disable(ctx, program, name, enable):
+    """Stop (or, with --enable, resume) sending PROGRAM's results to NAME."""
+    from dermascan import audit, delivery
+
+    settings = _settings(ctx)
+    with session_factory(settings.database_url)() as session, session.begin():
+        row = delivery.find_destination(session, program, name)
+        if row is None:
+            raise click.ClickException(f"program {program} has no destination named {name!r}")
+        row.enabled = enable
+        audit.record(
+            session, "destination_enabled" if enable else "destination_disabled", object_type="destination",
+            object_id=row.id, detail={"program": program, "name": name, "by": "dermascan destination disable"},
+        )  # fmt: skip
+    click.echo(f"destination {name} {'enabled' if enable else 'disabled'}")
