@@ -134,7 +134,9 @@ def find_destination(session: Session, program: str, name: str) -> DicomDestinat
 def status_counts(session: Session) -> dict[int, dict[str, int]]:
     """Per destination id: how many objects are pending, retrying, sent and failed."""
     out: dict[int, dict[str, int]] = {}
-    query = select(Delivery.destination_id, Delivery.status, func.count()).group_by(Delivery.destination_id, Delivery.status)
+    query = select(Delivery.destination_id, Delivery.status, func.count()).group_by(
+        Delivery.destination_id, Delivery.status
+    )
     for destination_id, status, count in session.execute(query):
         out.setdefault(destination_id, {})[status] = count
     return out
@@ -143,7 +145,10 @@ def status_counts(session: Session) -> dict[int, dict[str, int]]:
 def recent_failures(session: Session, limit: int = 20) -> list[Delivery]:
     return list(
         session.scalars(
-            select(Delivery).where(Delivery.status.in_([FAILED, RETRYING])).order_by(Delivery.updated_at.desc()).limit(limit)
+            select(Delivery)
+            .where(Delivery.status.in_([FAILED, RETRYING]))
+            .order_by(Delivery.updated_at.desc())
+            .limit(limit)
         )
     )
 

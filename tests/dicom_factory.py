@@ -138,3 +138,21 @@ def monochrome_uncompressed(jpeg: bytes, rows: int, columns: int) -> Dataset:
         del ds.PlanarConfiguration
     ds.PixelData = np.random.default_rng(0).integers(0, 255, rows * columns, dtype=np.uint8).tobytes()
     return ds
+
+
+def dciodvfy_errors(path) -> list[str]:
+    """The errors dciodvfy (Debian's dicom3tools, the DICOM standard editor's validator) finds."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("dciodvfy", path="/usr/bin:/usr/local/bin")
+    assert tool, "dciodvfy is needed (Debian package dicom3tools; .ci/run installs it)"
+    checked = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+
+
+def content_items(dataset):
+    """Every content item of a structured report, depth first."""
+    for item in dataset.get("ContentSequence", []):
+        yield item
+        yield from content_items(item)

@@ -5,22 +5,13 @@ valid for dciodvfy (Debian's dicom3tools); the same UIDs on every rebuild (idemp
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 from pydicom import dcmread
 
 from dermascan.dicom_sr import PROBABILITY, REFERRAL, AiResult, ai_result_report
 from dermascan.ingest.dicom import VL_PHOTOGRAPHIC
-from tests.dicom_factory import make_instance
+from tests.dicom_factory import content_items, dciodvfy_errors, make_instance
 from tests.ham_files import ham_images, ham_rows
-
-
-def content_items(dataset):
-    for item in dataset.get("ContentSequence", []):
-        yield item
-        yield from content_items(item)
 
 
 @pytest.mark.parametrize("assessable", [True, False])
@@ -34,10 +25,7 @@ def test_the_ai_result_report_is_valid_and_filed_with_its_image(ham_dir, tmp_pat
     path = tmp_path / "sr.dcm"
     report.save_as(path, enforce_file_format=True)
 
-    dciodvfy = shutil.which("dciodvfy", path="/usr/bin:/usr/local/bin")
-    assert dciodvfy, "dciodvfy is needed (Debian package dicom3tools; .ci/run installs it)"
-    checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
-    errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+    errors = dciodvfy_errors(path)
     assert not errors, errors
 
     sr = dcmread(path)
@@ -95,13 +83,6 @@ def test_the_header_is_kept_encrypted_at_ingest_and_the_report_is_built_from_it(
     assert report.PatientID == "MRN-KEPT" and report.StudyInstanceUID == source.StudyInstanceUID
 
 
-def dciodvfy_errors(path) -> list[str]:
-    dciodvfy = shutil.which("dciodvfy", path="/usr/bin:/usr/local/bin")
-    assert dciodvfy, "dciodvfy is needed (Debian package dicom3tools; .ci/run installs it)"
-    checked = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
-
-
 def test_the_heat_map_and_the_specialists_verified_report_are_valid(ham_dir, tmp_path):
     """Item 1's heat map (a Secondary Capture with the overlay burned in) and item 2's verified
     report of the specialist's decision, which refers to the AI result; both in the source study."""
@@ -136,7 +117,10 @@ def test_the_heat_map_and_the_specialists_verified_report_are_valid(ham_dir, tmp
     sr = dcmread(tmp_path / "decision.dcm")
     assert sr.VerificationFlag == "VERIFIED" and sr.StudyInstanceUID == source.StudyInstanceUID
     observer = sr.VerifyingObserverSequence[0]
-    assert (str(observer.VerifyingObserverName), observer.VerificationDateTime[:12]) == ("House^Gregory", "202611291030")
+    assert (str(observer.VerifyingObserverName), observer.VerificationDateTime[:12]) == (
+        "House^Gregory",
+        "202611291030",
+    )
     evidence = [i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
                 for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]  # fmt: skip
     assert ai.SOPInstanceUID in evidence and source.SOPInstanceUID in evidence  # refers to the AI result
