@@ -47,6 +47,9 @@ TABLE = {
     "admin.tokens": ("GET", "/admin/tokens", (A,)),
     "admin.revoke_token": ("POST", "/admin/tokens/{token}/revoke", (A,)),
     "admin.issue_callback_secret": ("POST", "/admin/programs/{program}/callback-secret", (A,)),
+    "admin.destinations": ("GET", "/admin/destinations", (A,)),
+    "admin.toggle_destination": ("POST", "/admin/destinations/{destination}/enabled", (A,)),
+    "admin.resend_study": ("POST", "/admin/studies/{study}/resend", (A,)),
     "admin.audit_log": ("GET", "/admin/audit", (A,)),
     "admin.audit_csv": ("GET", "/admin/audit.csv", (A,)),
     "admin.model": ("GET", "/admin/model", (A,)),
@@ -81,7 +84,12 @@ def world(pg_settings, tiny_bundle, ham_dir, app_factory):
         _, plain = create_token(session, program.id, "bearer")
         token, _ = create_token(session, program.id, "to be revoked by the admin")
         bundle = bundles.register(session, tiny_bundle)
-        program_id, token_id = program.id, token.id
+        from dermascan import delivery
+
+        destination = delivery.add_destination(
+            session, settings, program, "pacs", host="127.0.0.1", port=1, ae_title="PACS"
+        )
+        program_id, token_id, destination_id = program.id, token.id, destination.id
     result = submit(settings, program_id, ham_inputs(ham_dir, 1), source="test")
     study_id = result.accepted[0].study_id
     with factory() as session, session.begin():
@@ -97,7 +105,7 @@ def world(pg_settings, tiny_bundle, ham_dir, app_factory):
         user_id = session.scalar(select(User.id).where(User.username == "uploader"))
     ids = {
         "batch": result.batch_id, "study": study_id, "referral": referral_id, "token": token_id, "user": user_id,
-        "program": program_id, "bundle": bundle.version,
+        "program": program_id, "bundle": bundle.version, "destination": destination_id,
     }  # fmt: skip
     return settings, ids, plain
 

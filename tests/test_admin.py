@@ -152,3 +152,58 @@ def test_user_add_and_token_create_commands(pg_settings):
         assert user is not None and user.role.value == "specialist" and user.program.name == "clinic"
         assert session.scalar(select(User).where(User.username == "x")) is None
         assert token_for(session, token.output.strip()).program.name == "telederm"
+
+
+def test_admin_configures_dicom_destinations_on_the_page_and_the_cli(pg_settings, tiny_bundle, app_factory):
+    """Issue 13, item 3: DIMSE and STOW-RS destinations from the admin page (the secret kept
+    encrypted, bad entries refused with a reason, nothing half-saved), disabled and listed by
+    the CLI; every change audited."""
+    from dermascan.schema import DicomDestination
+
+    settings = pg_settings
+    factory = session_factory(settings.database_url)
+    client, _ = admin_with_bundle(settings, tiny_bundle, app_factory)
+    page = client.get("/admin/destinations").text
+    assert "No destinations yet" in page
+    form = {"csrf_token": csrf(page), "program": "hospital-b"}
+    added = client.post("/admin/destinations", data={**form, "name": "pacs", "kind": "dimse", "host": "10.1.2.3",
+                                                     "port": "11112", "ae_title": "PACS_MAIN"}, follow_redirects=True)  # fmt: skip
+    assert "Destination pacs added: PACS_MAIN@10.1.2.3:11112." in added.text
+    added = client.post("/admin/destinations", data={**form, "name": "vna", "kind": "stow", "url": "https://vna.example/dicom-web",
+                                                     "username": "dermascan", "secret": "s3cret-vna-pass"}, follow_redirects=True)  # fmt: skip
+    assert "Destination vna added: https://vna.example/dicom-web." in added.text
+    for bad, reason in [
+        ({"name": "x", "kind": "dimse", "host": "h", "port": "104", "ae_title": "A\\B"}, "AE title"),
+        ({"name": "y", "kind": "stow", "url": "ftp://vna.example/"}, "http(s) URL"),
+        (
+            {"name": "pacs", "kind": "dimse", "host": "h", "port": "104", "ae_title": "PACS"},
+            "already has a destination",
+        ),
+        ({"name": "z", "kind": "dimse", "host": "h", "ae_title": "PACS"}, "port"),
+    ]:
+        answer = client.post("/admin/destinations", data={**form, **bad})
+        assert reason in answer.text, (bad, answer.text[-2000:])
+    with factory() as session:
+        rows = {d.name: d for d in session.scalars(select(DicomDestination))}
+        assert set(rows) == {"pacs", "vna"}
+        assert rows["vna"].secret_encrypted and b"s3cret-vna-pass" not in rows["vna"].secret_encrypted
+        pacs_id = rows["pacs"].id
+    client.post(
+        f"/admin/destinations/{pacs_id}/enabled", data={"csrf_token": csrf(client.get("/admin/destinations").text)}
+    )
+    listed = CliRunner().invoke(main, ["destination", "list"], env=settings.as_env())
+    assert listed.exit_code == 0, listed.output
+    assert "hospital-b\tpacs\tdimse\tPACS_MAIN@10.1.2.3:11112\tdisabled\tnothing sent yet" in listed.output
+    added = CliRunner().invoke(
+        main,
+        ["destination", "add", "hospital-b", "pacs2", "--dimse", "10.1.2.4:104", "--ae", "PACS2"],
+        env=settings.as_env(),
+    )
+    assert added.exit_code == 0, added.output
+    refused = CliRunner().invoke(
+        main, ["destination", "add", "hospital-b", "pacs3", "--dimse", "nohostport"], env=settings.as_env()
+    )
+    assert refused.exit_code != 0 and "HOST:PORT" in refused.output
+    with factory() as session:
+        actions = [e.action for e in session.scalars(select(AuditEvent).where(AuditEvent.object_type == "destination"))]
+    assert actions.count("destination_added") == 3 and "destination_disabled" in actions

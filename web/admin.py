@@ -1,5 +1,5 @@
-"""Admin pages: users, API tokens, the audit trail (with CSV export), the operating point
-(referral threshold) and the worker metrics."""
+"""Admin pages: users, API tokens, DICOM destinations (results back to the PACS), the audit trail
+(with CSV export), the operating point (referral threshold) and the worker metrics."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from flask import Blueprint, Response, abort, current_app, flash, redirect, rend
 from flask_login import current_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select
-from wtforms import BooleanField, DecimalField, PasswordField, SelectField, StringField
+from wtforms import BooleanField, DecimalField, IntegerField, PasswordField, RadioField, SelectField, StringField
 from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
-from dermascan import accounts, audit, bundles, operating_point
+from dermascan import accounts, audit, bundles, delivery, operating_point
 from dermascan.accounts import AccountError, create_token, create_user
 from dermascan.errors import DomainError
 from dermascan.identity import get_or_create_program
 from dermascan.operating_point import at_threshold
-from dermascan.schema import ApiToken, AuditEvent, ModelBundle, Program, User, utcnow
+from dermascan.schema import ApiToken, AuditEvent, DicomDestination, ModelBundle, Program, User, utcnow
 from web.helpers import audit_event, client_ip, db, role_required, settings
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -35,6 +35,19 @@ class TokenForm(FlaskForm):
 
 class RevokeForm(FlaskForm):
     pass
+
+
+class DestinationForm(FlaskForm):
+    program = StringField("Program / site", validators=[DataRequired(), Length(max=120)])
+    name = StringField("Name", validators=[DataRequired(), Length(max=64)])
+    kind = RadioField("Sent by", choices=[("dimse", "DIMSE C-STORE"), ("stow", "STOW-RS")], default="dimse")
+    host = StringField("Host", validators=[Optional(), Length(max=255)])
+    port = IntegerField("Port", validators=[Optional(), NumberRange(1, 65535)])
+    ae_title = StringField("AE title", validators=[Optional(), Length(max=16)])
+    tls = BooleanField("TLS")
+    url = StringField("DICOMweb URL", validators=[Optional(), Length(max=2000)])
+    username = StringField("User (basic auth; empty: the secret is a bearer token)", validators=[Optional(), Length(max=255)])  # fmt: skip
+    secret = PasswordField("Password or token", validators=[Optional(), Length(max=2000)])
 
 
 class PrevalenceForm(FlaskForm):
@@ -180,6 +193,66 @@ def revoke_token(token_id):
     audit_event("token_revoked", object_type="token", object_id=token.id)
     db().commit()
     return redirect(url_for("admin.tokens"))
+
+
+@bp.route("/destinations", methods=["GET", "POST"])
+@role_required("admin")
+def destinations():
+    """Where each program's results go back as DICOM; what was sent and what failed."""
+    form = DestinationForm()
+    if form.validate_on_submit():
+        dimse = form.kind.data == "dimse"
+        try:
+            row = delivery.add_destination(
+                db(), settings(), get_or_create_program(db(), form.program.data.strip()), form.name.data,
+                host=form.host.data if dimse else None, port=form.port.data if dimse else None,
+                ae_title=form.ae_title.data if dimse else None, tls=bool(form.tls.data) and dimse,
+                url=None if dimse else form.url.data, username=None if dimse else form.username.data,
+                secret=None if dimse else form.secret.data,
+            )  # fmt: skip
+        except DomainError as exc:
+            db().rollback()
+            flash(str(exc), "error")
+        else:
+            audit_event("destination_added", object_type="destination", object_id=row.id,
+                        detail={"program": row.program.name, "name": row.name, "target": row.target})  # fmt: skip
+            db().commit()
+            flash(f"Destination {row.name} added: {row.target}.", "info")
+            return redirect(url_for("admin.destinations"))
+    elif request.method == "POST":
+        flash("Check the destination's fields.", "error")
+    return render_template(
+        "admin_destinations.html", form=form, destinations=delivery.destinations(db()),
+        counts=delivery.status_counts(db()), failures=delivery.recent_failures(db()), action=RevokeForm(),
+    )  # fmt: skip
+
+
+@bp.post("/destinations/<int:destination_id>/enabled")
+@role_required("admin")
+def toggle_destination(destination_id):
+    if not RevokeForm().validate_on_submit():
+        abort(400)
+    row = db().get(DicomDestination, destination_id)
+    if row is None:
+        abort(404)
+    row.enabled = not row.enabled
+    audit_event("destination_enabled" if row.enabled else "destination_disabled", object_type="destination",
+                object_id=row.id, detail={"program": row.program.name, "name": row.name})  # fmt: skip
+    db().commit()
+    return redirect(url_for("admin.destinations"))
+
+
+@bp.post("/studies/<int:study_id>/resend")
+@role_required("admin")
+def resend_study(study_id):
+    """Send a study's failed deliveries again (after the destination was fixed)."""
+    if not RevokeForm().validate_on_submit():
+        abort(400)
+    audit_event("delivery_resent", object_type="study", object_id=study_id)
+    db().commit()
+    sent = delivery.resend(settings(), study_id)
+    flash(f"Study {study_id}: {sent} deliveries sent again.", "info")
+    return redirect(url_for("admin.destinations"))
 
 
 @bp.get("/audit")
