@@ -1,7 +1,9 @@
 """Results back to the hospital's PACS: per-program DICOM destinations (DIMSE C-STORE to an AE,
 or STOW-RS to a DICOMweb URL) and the delivery of each study's objects to them.
 
-What goes, for a study that arrived by DICOM (its header was kept, encrypted):
+What goes, for a study that arrived by DICOM (its header was kept, encrypted) — and, when its
+program asks for it (``Program.dicom_results_for_all``), for a study from the portal or the
+REST API under UIDs DermaScan makes (``dicom_sr.synthetic_source``):
 - ``ai_sr`` — the AI result (``dicom_sr.ai_result_report``), once the study is scored;
 - ``heatmap`` — the Grad-CAM overlay as a Secondary Capture, for studies that have one
   (referred for risk: heat maps are made for them only);
@@ -195,7 +197,12 @@ def schedule(settings: Settings, study_ids, objects: tuple[str, ...] = OBJECTS) 
     factory = session_factory(settings.database_url)
     with factory() as session, session.begin():
         studies = session.scalars(
-            select(Study).where(Study.id.in_(list(study_ids)), Study.dicom_header_sha256.is_not(None))
+            select(Study)
+            .join(Program, Program.id == Study.program_id)
+            .where(
+                Study.id.in_(list(study_ids)),
+                Study.dicom_header_sha256.is_not(None) | Program.dicom_results_for_all.is_(True),
+            )
         ).all()
         targets: dict[int, list[DicomDestination]] = {}
         for study in studies:
@@ -236,10 +243,22 @@ def resend(settings: Settings, study_id: int) -> int:
 # --- the objects --------------------------------------------------------------------------
 
 
+def source_header(settings: Settings, study: Study, blobs) -> Dataset:
+    """The source image's DICOM header: as received, or made for a study that came otherwise."""
+    if study.dicom_header_sha256:
+        encrypted = blobs.get(study.dicom_header_sha256)
+        return dcmread(io.BytesIO(keys.header_cipher(settings.secret_key).decrypt(encrypted)))
+    meta = study.meta or {}
+    key = f"{keys.derive(settings.secret_key, 'dicom-uid').hex()[:16]}:{study.id}:{study.image_sha256}"
+    return dicom_sr.synthetic_source(
+        key, study.patient_pseudonym, meta.get("sex"), meta.get("age_approx"), study.created_at
+    )
+
+
 def build_objects(settings: Settings, session: Session, study: Study, kinds) -> dict[str, Dataset]:
     """The DICOM objects of ``kinds`` for a study (BlobUnavailable propagates: retry later)."""
     blobs = blob_store(settings)
-    header = dcmread(io.BytesIO(keys.header_cipher(settings.secret_key).decrypt(blobs.get(study.dicom_header_sha256))))
+    header = source_header(settings, study, blobs)
     prediction = latest_predictions(session, [study.id])[study.id]
     bundle = session.get(ModelBundle, prediction.bundle_version)
     referral = session.scalar(select(Referral).where(Referral.study_id == study.id))

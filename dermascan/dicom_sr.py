@@ -211,3 +211,34 @@ def decision_report(source: Dataset, ai_report: Dataset, decision: SpecialistDec
     )
     sr.VerifyingObserverSequence[0].VerificationDateTime = decision.decided_at.strftime("%Y%m%d%H%M%S+0000")
     return sr
+
+
+VL_PHOTOGRAPHIC_IMAGE = "1.2.840.10008.5.1.4.1.1.77.1.4"
+
+
+def synthetic_source(key: str, pseudonym: str | None, sex: str | None, age: float | None, created_at) -> Dataset:
+    """The DICOM identity of a study that came from the portal or the REST API (item 5), for a
+    program that wants its results in the PACS too: UIDs made from ``key`` (stable: the same on
+    every retry) and a minimal patient module from the pseudonym — DermaScan holds no name, birth
+    date or medical record number for these studies, so the PACS files them under the pseudonym.
+    The reports refer to the lesion image by these UIDs; the image itself stays in DermaScan."""
+    ds = Dataset()
+    ds.PatientID = (pseudonym or f"DERMASCAN-{key}")[:64]
+    ds.IssuerOfPatientID = "DermaScan pseudonym"
+    ds.PatientName = ""
+    ds.PatientBirthDate = ""
+    ds.PatientSex = {"male": "M", "female": "F"}.get((sex or "").lower(), "")
+    if isinstance(age, int | float) and 0 <= age < 1000:
+        ds.PatientAge = f"{min(int(age), 999):03d}Y"
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=["dermascan-study", key])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=["dermascan-series", key])
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["dermascan-image", key])
+    ds.SOPClassUID = VL_PHOTOGRAPHIC_IMAGE
+    ds.Modality = "XC"
+    ds.StudyID = ""
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyDate = created_at.strftime("%Y%m%d")
+    ds.StudyTime = created_at.strftime("%H%M%S")
+    ds.StudyDescription = "DermaScan lesion screening"
+    return ds

@@ -8,6 +8,8 @@ gets its own key, so knowing one tells nothing about another:
 - ``pseudonym`` — the HMAC key of patient and DICOM identifier pseudonyms; never rotated with
   the session key, or the same patient would get a new pseudonym.
 - ``dicom-header`` — encrypts the DICOM headers kept for results sent back to the PACS.
+- ``dicom-uid`` — part of the UIDs made for studies that did not arrive by DICOM (unique to
+  the installation, not guessable from a study id).
 - ``dicom-destination`` — encrypts the STOW-RS passwords and tokens of DICOM destinations.
 - ``callback:<program>:<generation>`` — each program's own completion-callback signing secret:
   a program that verifies its callbacks learns nothing that signs a session or another

@@ -138,6 +138,9 @@ class Program(Base):
     expected_prevalence: Mapped[float | None] = mapped_column(Float)
     # which generation of its callback signing secret is current (0: none issued; dermascan.keys)
     callback_secret_generation: Mapped[int] = mapped_column(default=0, server_default="0")
+    # results go back to the program's DICOM destinations for studies from the portal and the
+    # REST API too (not only for those that arrived by DICOM), under UIDs DermaScan makes
+    dicom_results_for_all: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
     created_at: Mapped[timestamp]
 
 

@@ -188,9 +188,12 @@ def test_admin_configures_dicom_destinations_on_the_page_and_the_cli(pg_settings
         assert set(rows) == {"pacs", "vna"}
         assert rows["vna"].secret_encrypted and b"s3cret-vna-pass" not in rows["vna"].secret_encrypted
         pacs_id = rows["pacs"].id
-    client.post(
-        f"/admin/destinations/{pacs_id}/enabled", data={"csrf_token": csrf(client.get("/admin/destinations").text)}
-    )
+    token = csrf(client.get("/admin/destinations").text)
+    client.post(f"/admin/destinations/{pacs_id}/enabled", data={"csrf_token": token})
+    with factory() as session:
+        program_id = get_or_create_program(session, "hospital-b").id
+    client.post(f"/admin/programs/{program_id}/dicom-results", data={"csrf_token": token})
+    assert "<td>every study</td>" in client.get("/admin/destinations").text
     listed = CliRunner().invoke(main, ["destination", "list"], env=settings.as_env())
     assert listed.exit_code == 0, listed.output
     assert "hospital-b\tpacs\tdimse\tPACS_MAIN@10.1.2.3:11112\tdisabled\tnothing sent yet" in listed.output
@@ -207,3 +210,7 @@ def test_admin_configures_dicom_destinations_on_the_page_and_the_cli(pg_settings
     with factory() as session:
         actions = [e.action for e in session.scalars(select(AuditEvent).where(AuditEvent.object_type == "destination"))]
     assert actions.count("destination_added") == 3 and "destination_disabled" in actions
+    with factory() as session:
+        assert session.scalar(select(AuditEvent.detail).where(AuditEvent.action == "program_dicom_results")) == {
+            "all_studies": True
+        }

@@ -277,3 +277,39 @@ def test_a_pacs_that_is_down_gets_the_result_once_back_and_a_refusing_one_fails_
              and delivery_states(settings)[(study.id, "pacs", "ai_sr")][0] == "sent", 60, message="the resend")  # fmt: skip
     assert instances() == stored
     assert [ds.SOPClassUID for ds in orthanc.datasets(source.StudyInstanceUID)].count(COMPREHENSIVE_3D_SR) == 1
+
+
+def test_a_program_that_asks_gets_the_results_of_its_rest_api_studies_in_the_pacs_too(
+    pg_settings, start_worker, orthanc, ham_dir, tmp_path
+):
+    """Item 5: studies without a DICOM identity get an SR only when their program asks; then
+    under UIDs DermaScan makes, filed under the patient's pseudonym."""
+    from click.testing import CliRunner
+
+    from dermascan.cli import main
+    from dermascan.submission import submit
+    from tests.helpers import ham_inputs
+
+    settings = pg_settings.replace(delivery_retry_s=0.5)
+    add_destination(settings, "telederm", "pacs", url=f"{orthanc.url}/dicom-web")
+    add_destination(settings, "quiet", "pacs", url=f"{orthanc.url}/dicom-web")
+    asked = CliRunner().invoke(main, ["program", "dicom-results", "telederm", "--all-studies"], env=settings.as_env())
+    assert asked.exit_code == 0, asked.output
+    with session_factory(settings.database_url)() as session, session.begin():
+        programs = {name: get_or_create_program(session, name).id for name in ("telederm", "quiet")}
+    wanted = submit(settings, programs["telederm"], ham_inputs(ham_dir, 2), source="api").accepted
+    submit(settings, programs["quiet"], ham_inputs(ham_dir, 1, offset=2), source="api")  # did not ask: nothing sent
+    start_worker(settings)
+    wait_for(lambda: all(s.status == "done" for s in study_rows(settings)) and len(study_rows(settings)) == 3, 120,
+             message="the studies scored")  # fmt: skip
+    ids = {a.study_id for a in wanted}
+    wait_for(lambda: all(delivery_states(settings).get((i, "pacs", "ai_sr"), ("",))[0] == "sent" for i in ids), 120,
+             message="the SRs delivered")  # fmt: skip
+    assert {key[0] for key in delivery_states(settings)} <= ids  # the program that did not ask: nothing
+    studies = {s.id: s for s in study_rows(settings)}
+    for study_id in ids:
+        pseudonym = studies[study_id].patient_pseudonym
+        (patient,) = orthanc.get_json_post("/tools/find", {"Level": "Study", "Query": {"PatientID": pseudonym[:64]}, "Expand": True})  # fmt: skip
+        (sr,) = [ds for ds in orthanc.datasets(patient["MainDicomTags"]["StudyInstanceUID"]) if ds.SOPClassUID == COMPREHENSIVE_3D_SR]  # fmt: skip
+        assert sr.PatientID == pseudonym[:64] and str(sr.PatientName) == ""
+        assert not dciodvfy_errors(sr, tmp_path / f"api-{study_id}.dcm")

@@ -224,6 +224,7 @@ def destinations():
     return render_template(
         "admin_destinations.html", form=form, destinations=delivery.destinations(db()),
         counts=delivery.status_counts(db()), failures=delivery.recent_failures(db()), action=RevokeForm(),
+        programs=list(db().scalars(select(Program).order_by(Program.name))),
     )  # fmt: skip
 
 
@@ -238,6 +239,22 @@ def toggle_destination(destination_id):
     row.enabled = not row.enabled
     audit_event("destination_enabled" if row.enabled else "destination_disabled", object_type="destination",
                 object_id=row.id, detail={"program": row.program.name, "name": row.name})  # fmt: skip
+    db().commit()
+    return redirect(url_for("admin.destinations"))
+
+
+@bp.post("/programs/<int:program_id>/dicom-results")
+@role_required("admin")
+def program_dicom_results(program_id):
+    """Whether the program's portal and API studies get their results in its PACS too."""
+    if not RevokeForm().validate_on_submit():
+        abort(400)
+    program = db().get(Program, program_id)
+    if program is None:
+        abort(404)
+    program.dicom_results_for_all = not program.dicom_results_for_all
+    audit_event("program_dicom_results", object_type="program", object_id=program.id,
+                detail={"all_studies": program.dicom_results_for_all})  # fmt: skip
     db().commit()
     return redirect(url_for("admin.destinations"))
 

@@ -136,6 +136,28 @@ def program_prevalence(ctx, name, value, clear):
     click.echo(f"program {name}: expected prevalence {'cleared' if clear else value}")
 
 
+@program.command("dicom-results")
+@click.argument("name")
+@click.option("--all-studies/--dicom-only", required=True,
+              help="Send results to the program's DICOM destinations for every study, or only for those that came by DICOM.")  # fmt: skip
+@click.pass_context
+def program_dicom_results(ctx, name, all_studies):
+    """Whether NAME's studies from the portal and the REST API get their results in its PACS too
+    (under UIDs DermaScan makes and the patient's pseudonym)."""
+    from dermascan import audit
+    from dermascan.identity import get_or_create_program
+
+    settings = _settings(ctx)
+    with session_factory(settings.database_url)() as session, session.begin():
+        program = get_or_create_program(session, name)
+        program.dicom_results_for_all = all_studies
+        audit.record(
+            session, "program_dicom_results", object_type="program", object_id=program.id,
+            detail={"all_studies": all_studies, "by": "dermascan program dicom-results"},
+        )  # fmt: skip
+    click.echo(f"program {name}: results to the PACS for {'every study' if all_studies else 'DICOM studies only'}")
+
+
 @program.command("callback-secret")
 @click.argument("name")
 @click.pass_context

@@ -1,4 +1,5 @@
-"""DICOM destinations per program and the delivery of results to them
+"""DICOM destinations per program and the delivery of results to them (and, per program, for
+studies that did not arrive by DICOM)
 
 Revision ID: 0010
 Revises: 0009
@@ -17,6 +18,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("programs") as batch:
+        batch.add_column(sa.Column("dicom_results_for_all", sa.Boolean(), server_default=sa.false(), nullable=False))
     op.create_table(
         "dicom_destinations",
         sa.Column("id", sa.Integer(), primary_key=True),
@@ -63,3 +66,5 @@ def downgrade() -> None:
     op.drop_index("ix_deliveries_study_id", "deliveries")
     op.drop_table("deliveries")
     op.drop_table("dicom_destinations")
+    with op.batch_alter_table("programs") as batch:
+        batch.drop_column("dicom_results_for_all")
