@@ -1,6 +1,12 @@
 """The model bundles known to the database. The bundle's manifest is read without Keras, so the
 portal can show the operating point; the referral threshold starts as the bundle's own and an
-admin may move it (issue: operating point)."""
+admin may move it (issue: operating point).
+
+A bundle's state: ``active`` (exactly one: it decides — referrals, results, deliveries),
+``shadow`` (any number: every study the active bundle scores is scored by them too, in the same
+worker batch, and stored as shadow predictions that decide nothing), ``registered`` (known, idle)
+or ``retired``. Every change of state is audited; activation is one transaction, so there is
+never a moment with two active bundles or none."""
 
 from __future__ import annotations
 
@@ -9,8 +15,8 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from dermascan.errors import NotFound
-from dermascan.schema import ModelBundle
+from dermascan.errors import Conflict, NotFound
+from dermascan.schema import ModelBundle, utcnow
 from model.bundle import read_manifest
 
 
@@ -58,11 +64,46 @@ def activate_version(
     if before is not None and before.version == version:
         return row
     session.execute(update(ModelBundle).where(ModelBundle.version != version).values(active=False))
-    row.active = True
+    row.active, row.shadow, row.retired_at = True, False, None  # a promoted shadow stops shadowing
     audit.record(
         session, "bundle_activated", user_id=by_user_id, object_type="bundle", object_id=version,
         detail={"previous": before.version if before else None, "by": by} if by else {"previous": before.version if before else None},
     )  # fmt: skip
+    session.flush()
+    return row
+
+
+def shadows(session: Session) -> list[ModelBundle]:
+    return list(session.scalars(select(ModelBundle).where(ModelBundle.shadow.is_(True)).order_by(ModelBundle.version)))
+
+
+def _change(session, version, action, by_user_id, by) -> ModelBundle:
+    from dermascan import audit
+
+    row = session.get(ModelBundle, version)
+    if row is None:
+        raise NotFound(f"no registered bundle {version!r} (register it first: dermascan bundle register PATH)")
+    if row.active:
+        raise Conflict(f"bundle {version} is the active bundle: activate another one first")
+    audit.record(
+        session, action, user_id=by_user_id, object_type="bundle", object_id=version,
+        detail={"previous_state": row.state, **({"by": by} if by else {})},
+    )  # fmt: skip
+    return row
+
+
+def shadow_version(session: Session, version: str, by_user_id: int | None = None, by: str | None = None) -> ModelBundle:
+    """Score in shadow from now on: beside the active bundle, deciding nothing; audited."""
+    row = _change(session, version, "bundle_shadowed", by_user_id, by)
+    row.shadow, row.retired_at = True, None
+    session.flush()
+    return row
+
+
+def retire_version(session: Session, version: str, by_user_id: int | None = None, by: str | None = None) -> ModelBundle:
+    """Stop using a bundle (shadow or idle); its predictions stay; audited."""
+    row = _change(session, version, "bundle_retired", by_user_id, by)
+    row.shadow, row.retired_at = False, utcnow()
     session.flush()
     return row
 

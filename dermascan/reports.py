@@ -81,10 +81,13 @@ def batch_summary(session: Session, batch: Batch) -> dict:
 
 
 def latest_predictions(session: Session, study_ids) -> dict[int, Prediction]:
-    """The newest prediction per study."""
+    """The newest deciding prediction per study (shadow bundles' predictions decide nothing and
+    are never a study's result)."""
     out: dict[int, Prediction] = {}
     for p in session.scalars(
-        select(Prediction).where(Prediction.study_id.in_(list(study_ids))).order_by(Prediction.created_at)
+        select(Prediction)
+        .where(Prediction.study_id.in_(list(study_ids)), Prediction.shadow.is_(False))
+        .order_by(Prediction.created_at, Prediction.id)
     ):
         out[p.study_id] = p
     return out
@@ -189,7 +192,7 @@ def probability_histogram(session: Session, batch_id: str, bins: int = 20) -> di
     rows = session.execute(
         select(Prediction.probability, Prediction.threshold)
         .join(Study, Study.id == Prediction.study_id)
-        .where(Study.batch_id == batch_id, Prediction.assessable.is_(True))
+        .where(Study.batch_id == batch_id, Prediction.assessable.is_(True), Prediction.shadow.is_(False))
     ).all()
     counts = [0] * bins
     for probability, _ in rows:

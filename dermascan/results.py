@@ -94,7 +94,16 @@ def record(
     }
 
 
-def _insert_predictions(session: Session, bundle_version: str, threshold: float, scored, now) -> None:
+def record_shadow(session: Session, bundle_version: str, threshold: float, scored: Sequence[ScoredStudy]) -> int:
+    """A shadow bundle's predictions for the same studies, in the caller's transaction: stored
+    with their bundle version and ``shadow``; no status, referral, result or delivery follows."""
+    _insert_predictions(session, bundle_version, threshold, scored, utcnow(), shadow=True)
+    return len(scored)
+
+
+def _insert_predictions(
+    session: Session, bundle_version: str, threshold: float, scored, now, shadow: bool = False
+) -> None:
     rows = [
         {
             "study_id": s.study_id,
@@ -105,6 +114,7 @@ def _insert_predictions(session: Session, bundle_version: str, threshold: float,
             "assessable": bool(s.assessable),
             "not_assessable_reason": None if s.assessable else (s.reason or "not assessable")[:120],
             "feature_distance": None if s.distance is None else float(s.distance),
+            "shadow": shadow,
             "created_at": now,
         }
         for s in scored

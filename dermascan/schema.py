@@ -191,9 +191,20 @@ class ModelBundle(Base):
     manifest: Mapped[dict[str, Any]]
     threshold: Mapped[float] = mapped_column(Float)
     active: Mapped[bool] = mapped_column(default=False)
+    # scores every study the active bundle scores, in the same worker batch, and decides nothing
+    shadow: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
+    retired_at: Mapped[optional_timestamp]
     registered_at: Mapped[timestamp]
     threshold_changed_at: Mapped[optional_timestamp]
     threshold_changed_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+
+    @property
+    def state(self) -> str:
+        if self.active:
+            return "active"
+        if self.shadow:
+            return "shadow"
+        return "retired" if self.retired_at is not None else "registered"
 
 
 class Batch(Base):
@@ -280,6 +291,8 @@ class Prediction(Base):
     not_assessable_reason: Mapped[str | None] = mapped_column(String(120))
     feature_distance: Mapped[float | None] = mapped_column(Float)
     heatmap_sha256: Mapped[str | None] = mapped_column(String(64))
+    # made by a shadow bundle: stored for comparison, never a referral, a result or a delivery
+    shadow: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
     created_at: Mapped[timestamp]
 
     study: Mapped[Study] = relationship(back_populates="predictions")

@@ -56,6 +56,7 @@ TABLE = {
     "admin.model": ("GET", "/admin/model", (A,)),
     "admin.program_prevalence": ("POST", "/admin/model/prevalence", (A,)),
     "admin.activate_bundle": ("POST", "/admin/model/bundles/{bundle}/activate", (A,)),
+    "admin.bundle_state": ("POST", "/admin/model/bundles/{bundle}/shadow", (A,)),
     "admin.metrics": ("GET", "/admin/metrics", (A,)),
     "api.list_batches": ("GET", "/api/v1/batches", TOKEN),
     "api.create_batch": ("POST", "/api/v1/batches", TOKEN),

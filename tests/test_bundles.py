@@ -50,3 +50,77 @@ def test_a_new_worker_bundle_decides_nothing_until_an_admin_activates_it(
         assert event.detail["previous"] == first.version
     listed = CliRunner().invoke(main, ["bundle", "list"], env=settings.as_env()).output
     assert "* tiny-second" in listed
+
+
+def test_a_shadow_bundle_scores_the_same_studies_in_the_same_batch_and_decides_nothing(
+    pg_settings, start_worker, ham_dir
+):
+    """Issue 15, item 1: the tiny bundle decides, the default bundle runs in shadow. Every study
+    gets both predictions, only the active one's makes referrals and results; retiring stops the
+    shadow, activation is atomic; every change audited."""
+    from dermascan.reports import study_result
+    from dermascan.schema import Referral, Study
+    from model.bundle import read_manifest
+    from tests.services import ROOT
+
+    settings = pg_settings
+    default = read_manifest(ROOT / "model" / "bundles" / "default", verify=False)["version"]
+    env = settings.as_env()
+    cli = CliRunner()
+    worker = start_worker(settings)
+    wait_for(lambda: bundles_in(settings).get("tiny-test") == "active", 60, message="the tiny bundle active")
+    for args in (["bundle", "register", str(ROOT / "model" / "bundles" / "default")], ["bundle", "shadow", default]):
+        done = cli.invoke(main, args, env=env)
+        assert done.exit_code == 0, done.output
+    assert bundles_in(settings) == {"tiny-test": "active", default: "shadow"}
+    refused = cli.invoke(main, ["bundle", "retire", "tiny-test"], env=env)
+    assert refused.exit_code != 0 and "active bundle" in refused.output
+    # the shadow would refer everything, the active bundle nothing it can assess: only its decision counts
+    with session_factory(settings.database_url)() as session, session.begin():
+        session.get(ModelBundle, default).threshold = 0.0
+        session.get(ModelBundle, "tiny-test").threshold = 1.0
+
+    first = submit(settings, program_id(settings), ham_inputs(ham_dir, 6), source="test")
+    wait_for(lambda: status_counts(settings, first.batch_id).get("done") == 6, 240, message="scored")
+    with session_factory(settings.database_url)() as session:
+        predictions = list(session.scalars(select(Prediction)))
+        by_study: dict[int, dict[str, Prediction]] = {}
+        for p in predictions:
+            by_study.setdefault(p.study_id, {})[p.bundle_version] = p
+        assert len(by_study) == 6 and all(set(v) == {"tiny-test", default} for v in by_study.values())
+        assert all(v[default].shadow and not v["tiny-test"].shadow for v in by_study.values())
+        for referral in session.scalars(select(Referral)):
+            assert referral.category == "not_assessable"  # never the shadow's high-risk call
+            assert session.get(Prediction, referral.prediction_id).bundle_version == "tiny-test"
+        for study in session.scalars(select(Study)):
+            result = study_result(session, study)
+            assert result["bundle_version"] == "tiny-test"  # results say which bundle decided
+            if result["assessable"]:
+                assert result["probability"] == round(by_study[study.id]["tiny-test"].probability, 6)
+    assert "loaded shadow bundle " + default in worker.log()
+
+    done = cli.invoke(main, ["bundle", "retire", default], env=env)
+    assert done.exit_code == 0 and bundles_in(settings)[default] == "retired"
+    second = submit(settings, program_id(settings), ham_inputs(ham_dir, 2, offset=6), source="test")
+    wait_for(lambda: status_counts(settings, second.batch_id).get("done") == 2, 120, message="scored after retiring")
+    with session_factory(settings.database_url)() as session:
+        versions = session.scalars(
+            select(Prediction.bundle_version).join(Study).where(Study.batch_id == second.batch_id)
+        ).all()
+    assert sorted(versions) == ["tiny-test", "tiny-test"]
+
+    done = cli.invoke(main, ["bundle", "activate", default], env=env)
+    assert done.exit_code == 0 and bundles_in(settings) == {"tiny-test": "registered", default: "active"}
+    with session_factory(settings.database_url)() as session:
+        actions = [
+            (e.action, e.object_id)
+            for e in session.scalars(
+                select(AuditEvent).where(AuditEvent.object_type == "bundle").order_by(AuditEvent.id)
+            )
+        ]
+    assert actions[-3:] == [("bundle_shadowed", default), ("bundle_retired", default), ("bundle_activated", default)]
+
+
+def bundles_in(settings) -> dict[str, str]:
+    with session_factory(settings.database_url)() as session:
+        return {b.version: b.state for b in session.scalars(select(ModelBundle))}

@@ -375,6 +375,23 @@ def activate_bundle(version):
     return redirect(url_for("admin.model"))
 
 
+@bp.post("/model/bundles/<version>/<any(shadow, retire):change>")
+@role_required("admin")
+def bundle_state(version, change):
+    """Put a bundle in shadow, or retire it (audited); the active bundle cannot be either."""
+    if not RevokeForm().validate_on_submit():
+        abort(400)
+    try:
+        row = getattr(bundles, f"{change}_version")(db(), version, by_user_id=current_user.id)
+    except DomainError as exc:
+        db().rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("admin.model"))
+    db().commit()
+    flash(f"Bundle {version} is now {row.state}.", "info")
+    return redirect(url_for("admin.model"))
+
+
 @bp.post("/model/prevalence")
 @role_required("admin")
 def program_prevalence():

@@ -113,7 +113,10 @@ def case(referral_id):
     )
     others = policy.same_patient(db(), study)
     other_predictions = {
-        p.study_id: p for p in db().scalars(select(Prediction).where(Prediction.study_id.in_([o.id for o in others])))
+        p.study_id: p
+        for p in db().scalars(
+            select(Prediction).where(Prediction.study_id.in_([o.id for o in others]), Prediction.shadow.is_(False))
+        )
     }
     bundle_prevalence = ((bundle.manifest if bundle else {}).get("calibration") or {}).get("prevalence")
     # the probability at the program's expected prevalence, as every export reports it

@@ -35,7 +35,7 @@ def observe(outcome, latencies: dict[str, list[float]]) -> None:
     SCORED.labels("failed").inc(outcome.failed)
     if outcome.timings.get("batch_size"):
         BATCH_SIZE.observe(outcome.timings["batch_size"])
-    for stage in ("read", "decode", "infer", "write"):
+    for stage in ("read", "decode", "infer", "shadow", "write"):
         if stage in outcome.timings:
             STAGE.labels(stage).observe(outcome.timings[stage])
     for priority, values in latencies.items():

@@ -69,6 +69,36 @@ def predictor(settings: Settings):
     return current
 
 
+def shadow_predictors(settings: Settings, rows) -> dict:
+    """Predictors of the bundles in shadow (loaded once per process from their registered path;
+    a bundle this machine does not have is skipped, with a warning, until it does)."""
+    from model.predictor import Predictor
+
+    loaded = _process_state.setdefault("shadows", {})
+    out = {}
+    for row in rows:
+        if row.version not in loaded:
+            if not Path(row.path).is_dir():
+                if row.version not in _process_state.setdefault("missing", set()):
+                    log.warning("shadow bundle %s is not at %s on this machine: not scored here", row.version, row.path)
+                    _process_state["missing"].add(row.version)
+                continue
+            loaded[row.version] = Predictor(
+                row.path, batch_sizes=settings.predict_batch_sizes, tta=predictor(settings).tta,
+                mixed_precision=settings.mixed_precision,
+            )  # fmt: skip
+            log.info("loaded shadow bundle %s", row.version)
+        out[row.version] = loaded[row.version]
+    return out
+
+
+def _scored(items, scores) -> list[results.ScoredStudy]:
+    return [
+        results.ScoredStudy(i.study_id, s.probability, s.spread, s.assessable, s.reason, s.distance)
+        for i, s in zip(items, scores, strict=True)
+    ]
+
+
 def configure_backend(settings: Settings) -> None:
     """JAX: a persistent compilation cache in the data directory, so a restarted worker does not
     compile its batch shapes again (NASNetMobile's first XLA compile takes about a minute)."""
@@ -222,7 +252,8 @@ class ScoreStudies:
         for index, error in prepared.errors.items():
             failed.append((keep[index].study_id, f"image cannot be decoded: {error.reason}"))
         t2 = time.perf_counter()
-        return [keep[i] for i in prepared.ok], prepared, failed, (t1 - t0, t2 - t1)
+        ok = list(prepared.ok)
+        return [keep[i] for i in ok], prepared, failed, (t1 - t0, t2 - t1), [images[i] for i in ok]
 
     def run(self) -> Outcome:
         pred = predictor(self.settings)
@@ -233,6 +264,7 @@ class ScoreStudies:
             )
             if not row.active:
                 raise BundleNotActive(f"bundle {pred.version} is not the active bundle")
+            shadow_preds = shadow_predictors(self.settings, bundles.shadows(session))
         outcome = Outcome(skipped=0)
         items = self._claim()
         outcome.skipped = len(self.study_ids) - sum(1 for i in items if i.study_id in set(self.study_ids))
@@ -241,6 +273,7 @@ class ScoreStudies:
         piece = max(pred.batch_sizes)
         pieces = [items[i : i + piece] for i in range(0, len(items), piece)]
         scored: list[results.ScoredStudy] = []
+        shadow_scored: dict[str, list[results.ScoredStudy]] = {}
         failed: list[tuple[int, str]] = []
         timing = {"read": 0.0, "decode": 0.0, "infer": 0.0, "write": 0.0}
         served: list[Outcome] = []
@@ -250,7 +283,7 @@ class ScoreStudies:
                 if n and not self.interactive:
                     served += self._serve_waiting_interactive()
                 try:
-                    kept, prepared, bad, (t_read, t_decode) = future.result()
+                    kept, prepared, bad, (t_read, t_decode), kept_images = future.result()
                 except BlobUnavailable as exc:  # the studies stay claimed; the retry claims them again
                     raise TransientError(str(exc)) from exc
                 if n + 1 < len(pieces):
@@ -261,23 +294,24 @@ class ScoreStudies:
                 t0 = time.perf_counter()
                 scores = pred.post_process(prepared, pred.predict(prepared.pixels, prepared.meta))
                 timing["infer"] += time.perf_counter() - t0
-                for item, score in zip(kept, scores, strict=True):
-                    scored.append(
-                        results.ScoredStudy(
-                            item.study_id,
-                            score.probability,
-                            score.spread,
-                            score.assessable,
-                            score.reason,
-                            score.distance,
-                        )
-                    )
+                scored += _scored(kept, scores)
+                for version, shadow in shadow_preds.items():  # the same studies, deciding nothing
+                    t1 = time.perf_counter()
+                    try:
+                        their = shadow.pre_process(kept_images, [i.meta for i in kept], [i.study_id for i in kept])
+                        shadow_scored.setdefault(version, [])
+                        shadow_scored[version] += _scored([kept[i] for i in their.ok], shadow.post_process(their, shadow.predict(their.pixels, their.meta)))  # fmt: skip
+                    except Exception:  # a shadow bundle never stops the active one scoring
+                        log.exception("shadow bundle %s failed on a piece of %d studies", version, len(kept))
+                    timing["shadow"] = timing.get("shadow", 0.0) + time.perf_counter() - t1
         t0 = time.perf_counter()
         try:
             with self.factory() as session, session.begin():
                 bundle = session.get(ModelBundle, pred.version)
                 threshold = bundle.threshold
                 written = results.record(session, pred.version, threshold, scored, failed)
+                for version, theirs in shadow_scored.items():
+                    results.record_shadow(session, version, session.get(ModelBundle, version).threshold, theirs)
                 outcome.finished_batches = results.finished_batches(session, [i.batch_id for i in items])
         except OperationalError as exc:
             raise TransientError(str(exc)) from exc

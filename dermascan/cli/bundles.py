@@ -13,20 +13,22 @@ from dermascan.db import session_factory
 
 @main.group()
 def bundle():
-    """Model bundles: register, list, activate (activation is audited)."""
+    """Model bundles: register, list, activate, shadow, retire (every change audited)."""
 
 
 @bundle.command("list")
 @click.pass_context
 def bundle_list(ctx):
-    """The registered bundles; * marks the active one."""
+    """The registered bundles and their state; * marks the active one."""
     from dermascan.schema import ModelBundle
 
     settings = _settings(ctx)
     _ensure_db(settings)
     with session_factory(settings.database_url)() as session:
         for row in session.scalars(select(ModelBundle).order_by(ModelBundle.registered_at)):
-            click.echo(f"{'*' if row.active else ' '} {row.version}  threshold {row.threshold:.4f}  {row.path}")
+            click.echo(
+                f"{'*' if row.active else ' '} {row.version}  {row.state}  threshold {row.threshold:.4f}  {row.path}"
+            )
 
 
 @bundle.command("register")
@@ -65,3 +67,34 @@ def bundle_activate(ctx, version):
         except DomainError as exc:
             raise click.ClickException(str(exc)) from exc
     click.echo(f"bundle {version} is active")
+
+
+def _change_state(ctx, version: str, change: str) -> None:
+    from dermascan import bundles
+    from dermascan.errors import DomainError
+
+    settings = _settings(ctx)
+    _ensure_db(settings)
+    with session_factory(settings.database_url)() as session, session.begin():
+        try:
+            row = getattr(bundles, f"{change}_version")(session, version, by=f"dermascan bundle {change}")
+        except DomainError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"bundle {version} is {row.state}")
+
+
+@bundle.command("shadow")
+@click.argument("version")
+@click.pass_context
+def bundle_shadow(ctx, version):
+    """Score every study in shadow too, beside the active bundle: stored, compared on the
+    monitoring page, never a referral or a result. Workers load it from its registered path."""
+    _change_state(ctx, version, "shadow")
+
+
+@bundle.command("retire")
+@click.argument("version")
+@click.pass_context
+def bundle_retire(ctx, version):
+    """Stop scoring with a bundle that is in shadow or idle (its predictions stay)."""
+    _change_state(ctx, version, "retire")
