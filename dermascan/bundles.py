@@ -10,6 +10,7 @@ never a moment with two active bundles or none."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -23,6 +24,9 @@ from model.bundle import read_manifest
 def register(session: Session, bundle_dir: Path | str, activate: bool = True) -> ModelBundle:
     """Record a bundle (verifying its checksum); with ``activate`` make it the one that scores."""
     manifest = read_manifest(bundle_dir, verify=True)
+    reference = Path(bundle_dir) / "reference.json"  # the development data's profile (monitoring)
+    if reference.is_file():
+        manifest["reference"] = json.loads(reference.read_text())
     row = session.get(ModelBundle, manifest["version"])
     if row is None:
         row = ModelBundle(
@@ -40,6 +44,8 @@ def register(session: Session, bundle_dir: Path | str, activate: bool = True) ->
         )
     else:
         row.path = str(Path(bundle_dir).resolve())
+        if "reference" in manifest and row.manifest.get("reference") != manifest["reference"]:
+            row.manifest = manifest
     session.flush()
     if activate and not row.active:
         activate_version(session, row.version, by="registered with activation")

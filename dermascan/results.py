@@ -23,6 +23,7 @@ class ScoredStudy:
     assessable: bool = True
     reason: str | None = None  # why the image could not be assessed
     distance: float | None = None  # the gate's feature distance
+    stats: dict | None = None  # image statistics for monitoring (brightness, contrast, sharpness, size)
 
 
 def claim(session: Session, study_ids: Sequence[int]) -> list[Study]:
@@ -115,6 +116,7 @@ def _insert_predictions(
             "not_assessable_reason": None if s.assessable else (s.reason or "not assessable")[:120],
             "feature_distance": None if s.distance is None else float(s.distance),
             "shadow": shadow,
+            "image_stats": s.stats,
             "created_at": now,
         }
         for s in scored

@@ -293,6 +293,8 @@ class Prediction(Base):
     heatmap_sha256: Mapped[str | None] = mapped_column(String(64))
     # made by a shadow bundle: stored for comparison, never a referral, a result or a delivery
     shadow: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
+    # brightness, contrast, sharpness, min_side of the model's input (monitoring's image drift)
+    image_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[timestamp]
 
     study: Mapped[Study] = relationship(back_populates="predictions")

@@ -37,6 +37,7 @@ class Score:
     assessable: bool = True
     reason: str | None = None  # why the image is not assessable
     distance: float | None = None  # feature distance from the development lesions
+    stats: dict | None = None  # the image statistics monitoring tracks (model.reference)
 
 
 class Prepared(NamedTuple):
@@ -217,8 +218,11 @@ class Predictor:
 
     def post_process(self, prepared: Prepared, predicted: Predicted) -> list[Score]:
         """Scores with the gate's verdict: a not-assessable image gets its reason and no referral."""
+        from model.reference import image_stats
+
         reasons, distance = self.gate.reasons(prepared.pixels, prepared.sizes, predicted.features)
         spread = predicted.spread
+        stats = image_stats(prepared.pixels, prepared.sizes) if len(prepared.pixels) else []
         return [
             Score(
                 float(p),
@@ -227,6 +231,7 @@ class Predictor:
                 reasons[i] is None,
                 reasons[i],
                 None if distance is None else round(float(distance[i]), 4),
+                stats[i],
             )
             for i, p in enumerate(np.clip(predicted.probability, 0.0, 1.0))
         ]

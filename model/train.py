@@ -482,6 +482,9 @@ def assemble(
     for picture in ("roc.png", "reliability.png"):
         if (work / picture).exists():
             shutil.copy(work / picture, Path(out_dir) / picture)
+    from model.reference import write_profile
+
+    write_profile(out_dir, data_dir, cfg.image_size, cfg.limit)  # what monitoring compares with
     return manifest
 
 

@@ -94,7 +94,7 @@ def shadow_predictors(settings: Settings, rows) -> dict:
 
 def _scored(items, scores) -> list[results.ScoredStudy]:
     return [
-        results.ScoredStudy(i.study_id, s.probability, s.spread, s.assessable, s.reason, s.distance)
+        results.ScoredStudy(i.study_id, s.probability, s.spread, s.assessable, s.reason, s.distance, s.stats)
         for i, s in zip(items, scores, strict=True)
     ]
 

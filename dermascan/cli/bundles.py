@@ -98,3 +98,20 @@ def bundle_shadow(ctx, version):
 def bundle_retire(ctx, version):
     """Stop scoring with a bundle that is in shadow or idle (its predictions stay)."""
     _change_state(ctx, version, "retire")
+
+
+@bundle.command("profile")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="The development data (ISIC-2024 layout) the bundle was made from.")  # fmt: skip
+@click.pass_context
+def bundle_profile(ctx, path, data_dir):
+    """Write the development data's profile (metadata and image statistics) into a bundle made
+    before training wrote one; monitoring measures drift against it. Register the bundle again
+    to load it into a running deployment."""
+    from model.bundle import read_manifest
+    from model.reference import write_profile
+
+    manifest = read_manifest(path, verify=False)
+    built = write_profile(path, data_dir, int(manifest["image_size"]))
+    click.echo(f"profile of {built['n']} development images written to {path / 'reference.json'}")

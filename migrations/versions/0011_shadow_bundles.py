@@ -1,5 +1,5 @@
-"""shadow bundles: a bundle may score in shadow (never deciding) or be retired; predictions
-say whether they were made in shadow
+"""shadow bundles and monitoring: a bundle may score in shadow (never deciding) or be retired;
+predictions say whether they were made in shadow and keep the image statistics drift is measured on
 
 Revision ID: 0011
 Revises: 0010
@@ -23,10 +23,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("retired_at", sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table("predictions") as batch:
         batch.add_column(sa.Column("shadow", sa.Boolean(), server_default=sa.false(), nullable=False))
+        batch.add_column(sa.Column("image_stats", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("predictions") as batch:
+        batch.drop_column("image_stats")
         batch.drop_column("shadow")
     with op.batch_alter_table("model_bundles") as batch:
         batch.drop_column("retired_at")

@@ -1,0 +1,239 @@
+"""Watching the deployed model, per program and week (issue 15): what it did (studies, referral
+rate, what specialists decided), how right it was where the truth is known (PPV against
+recorded outcomes; sensitivity among verified malignant lesions), whether its inputs and scores
+still look like the data it was validated on (PSI, ``model.reference``), and how the shadow
+bundles compare. The admin monitoring page, the Prometheus metrics and the monthly report all
+read :func:`window` — one computation, three views.
+
+Verification bias, said plainly: outcomes are recorded mostly for referred lesions (they are the
+ones biopsied). PPV among referred studies with an outcome is sound; sensitivity is computed
+only over malignant lesions that have an outcome, and a malignant lesion the model did not refer
+is rarely biopsied, so that figure overstates the true sensitivity. It is shown with its count
+and this caveat, never as the model's sensitivity.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dermascan import operating_point
+from dermascan.schema import (
+    Decision,
+    ModelBundle,
+    Outcome,
+    OutcomeKind,
+    Prediction,
+    Program,
+    Referral,
+    Study,
+    StudyStatus,
+    utcnow,
+)
+from model import reference
+
+TRACKED = ("score", *reference.NUMERIC, *reference.CATEGORICAL)
+
+
+@dataclass
+class Window:
+    program: str
+    program_id: int
+    start: dt.datetime
+    end: dt.datetime
+    bundle: str | None = None
+    studies: int = 0
+    referred: int = 0
+    high_risk: int = 0
+    not_assessable: int = 0
+    decided: int = 0
+    decided_benign: int = 0
+    with_outcome: int = 0
+    referred_malignant: int = 0
+    referred_benign: int = 0
+    missed_malignant: int = 0  # not referred, outcome malignant (verified only)
+    expected_rate: float | None = None  # high-risk referral rate the bundle's validation predicts
+    band: tuple[float, float] | None = None
+    drift: dict = field(default_factory=dict)  # feature → PSI (None: too few studies)
+    shadows: dict = field(default_factory=dict)  # bundle → {n, agreement, auc, active_auc}
+    scores: list = field(default_factory=list)  # the deciding bundle's assessable scores
+
+    @property
+    def referral_rate(self) -> float | None:
+        return self.referred / self.studies if self.studies else None
+
+    @property
+    def high_risk_rate(self) -> float | None:
+        return self.high_risk / self.studies if self.studies else None
+
+    @property
+    def benign_share(self) -> float | None:
+        return self.decided_benign / self.decided if self.decided else None
+
+    @property
+    def ppv(self) -> float | None:
+        known = self.referred_malignant + self.referred_benign
+        return self.referred_malignant / known if known else None
+
+    @property
+    def verified_sensitivity(self) -> float | None:
+        malignant = self.referred_malignant + self.missed_malignant
+        return self.referred_malignant / malignant if malignant else None
+
+    @property
+    def alerts(self) -> list[str]:
+        out = [
+            f"{name} drifted (PSI {value:.2f} > {reference.DRIFT})"
+            for name, value in self.drift.items()
+            if value is not None and value > reference.DRIFT
+        ]
+        rate = self.high_risk_rate
+        if self.band and rate is not None and self.studies >= reference.MIN_STUDIES and not self.band[0] <= rate <= self.band[1]:  # fmt: skip
+            out.append(f"high-risk referral rate {rate:.1%} outside the expected {self.band[0]:.1%}–{self.band[1]:.1%}")
+        return out
+
+    def as_dict(self) -> dict:
+        return {
+            "program": self.program, "start": self.start.date().isoformat(), "end": self.end.date().isoformat(),
+            "bundle": self.bundle, "studies": self.studies, "referred": self.referred, "high_risk": self.high_risk,
+            "not_assessable": self.not_assessable, "referral_rate": self.referral_rate,
+            "high_risk_rate": self.high_risk_rate, "expected_rate": self.expected_rate,
+            "band": list(self.band) if self.band else None, "decided": self.decided, "benign_share": self.benign_share,
+            "with_outcome": self.with_outcome, "ppv": self.ppv, "verified_sensitivity": self.verified_sensitivity,
+            "verified_malignant": self.referred_malignant + self.missed_malignant, "drift": self.drift,
+            "shadows": self.shadows, "alerts": self.alerts,
+        }  # fmt: skip
+
+
+def week_start(day: dt.datetime | dt.date) -> dt.datetime:
+    day = day.date() if isinstance(day, dt.datetime) else day
+    monday = day - dt.timedelta(days=day.weekday())
+    return dt.datetime(monday.year, monday.month, monday.day, tzinfo=dt.UTC)
+
+
+def window(session: Session, program: Program, start: dt.datetime, end: dt.datetime) -> Window:
+    """The figures of one program's studies scored in [start, end)."""
+    out = Window(program.name, program.id, start, end)
+    studies = list(
+        session.scalars(
+            select(Study).where(
+                Study.program_id == program.id,
+                Study.status == StudyStatus.DONE,
+                Study.finished_at >= start,
+                Study.finished_at < end,
+            )
+        )
+    )
+    if not studies:
+        return out
+    ids = [s.id for s in studies]
+    deciding: dict[int, Prediction] = {}
+    shadow: dict[str, dict[int, Prediction]] = {}
+    for p in session.scalars(select(Prediction).where(Prediction.study_id.in_(ids)).order_by(Prediction.created_at)):
+        if p.shadow:
+            shadow.setdefault(p.bundle_version, {})[p.study_id] = p
+        else:
+            deciding[p.study_id] = p
+    referrals = {r.study_id: r for r in session.scalars(select(Referral).where(Referral.study_id.in_(ids)))}
+    outcomes = {o.study_id: o for o in session.scalars(select(Outcome).where(Outcome.study_id.in_(ids)))}
+    out.studies = len(studies)
+    out.referred = len(referrals)
+    out.high_risk = sum(1 for r in referrals.values() if r.category == "high_risk")
+    out.not_assessable = sum(1 for r in referrals.values() if r.category == "not_assessable")
+    decided = [r for r in referrals.values() if r.decision is not None]
+    out.decided = len(decided)
+    out.decided_benign = sum(1 for r in decided if r.decision == Decision.BENIGN)
+    out.with_outcome = len(outcomes)
+    for study_id, o in outcomes.items():
+        if o.kind == OutcomeKind.MALIGNANT:
+            if study_id in referrals:
+                out.referred_malignant += 1
+            else:
+                out.missed_malignant += 1
+        elif o.kind == OutcomeKind.BENIGN and study_id in referrals:
+            out.referred_benign += 1
+
+    versions = {p.bundle_version for p in deciding.values()}
+    bundle = session.get(ModelBundle, max(versions, key=lambda v: sum(p.bundle_version == v for p in deciding.values()))) if versions else None  # fmt: skip
+    manifest = bundle.manifest if bundle is not None else {}
+    out.bundle = bundle.version if bundle is not None else None
+    out.scores = [p.probability for p in deciding.values() if p.assessable]
+    stream: dict[str, list] = {name: [] for name in (*reference.NUMERIC, *reference.CATEGORICAL)}
+    for s in studies:
+        meta = s.meta or {}
+        stats = (deciding.get(s.id).image_stats if s.id in deciding else None) or {}
+        for name in ("age_approx", *reference.CATEGORICAL):
+            stream[name].append(meta.get(name))
+        for name in reference.IMAGE_STATS:
+            stream[name].append(stats.get(name))
+    profile = manifest.get("reference") or {}
+    out.drift = {"score": reference.score_psi((manifest.get("metrics") or {}).get("score_histogram"), out.scores)}
+    out.drift.update(reference.drift(profile, stream))
+    out.expected_rate, out.band = _expected_band(manifest, bundle, program, out.studies)
+    for version, theirs in shadow.items():
+        out.shadows[version] = _compare(session, version, theirs, deciding, outcomes)
+    return out
+
+
+def _expected_band(manifest, bundle, program, n) -> tuple[float | None, tuple[float, float] | None]:
+    """The high-risk referral rate the bundle's validation predicts at the program's expected
+    prevalence (else the validation data's), with a band: half to one and a half times it,
+    widened by three binomial standard errors for the window's size."""
+    if bundle is None:
+        return None, None
+    point = operating_point.at_threshold(manifest, bundle.threshold)
+    prevalence = program.expected_prevalence or operating_point.validation_prevalence(manifest)
+    per_1000 = operating_point.referrals_per_1000(point, prevalence)
+    if per_1000 is None:
+        return None, None
+    rate = per_1000 / 1000.0
+    noise = 3 * (rate * (1 - rate) / max(n, 1)) ** 0.5
+    return rate, (max(0.0, 0.5 * rate - noise), min(1.0, 1.5 * rate + noise))
+
+
+def _compare(session, version, theirs, deciding, outcomes) -> dict:
+    """A shadow bundle against the deciding one on the same studies: how often they would make
+    the same referral call, and each one's AUC where outcomes are known."""
+    bundle = session.get(ModelBundle, version)
+    both = [(deciding[i], p) for i, p in theirs.items() if i in deciding]
+    agree = [
+        (a.probability >= a.threshold and a.assessable) == (s.probability >= bundle.threshold and s.assessable)
+        for a, s in both
+    ]
+    known = [(i, o.kind == OutcomeKind.MALIGNANT) for i, o in outcomes.items() if o.kind != OutcomeKind.NOT_BIOPSIED]
+    return {
+        "n": len(both),
+        "agreement": round(sum(agree) / len(agree), 4) if agree else None,
+        "auc": _auc([(theirs[i].probability, y) for i, y in known if i in theirs]),
+        "active_auc": _auc([(deciding[i].probability, y) for i, y in known if i in deciding]),
+        "outcomes": len(known),
+    }
+
+
+def _auc(pairs) -> float | None:
+    positives = [p for p, y in pairs if y]
+    negatives = [p for p, y in pairs if not y]
+    if not positives or not negatives:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return round(wins / (len(positives) * len(negatives)), 4)
+
+
+def weeks(session: Session, program: Program, count: int = 12, now: dt.datetime | None = None) -> list[Window]:
+    """The program's last ``count`` weeks (Monday to Monday), oldest first."""
+    this_week = week_start(now or utcnow())
+    starts = [this_week - dt.timedelta(weeks=k) for k in range(count - 1, -1, -1)]
+    return [window(session, program, s, s + dt.timedelta(weeks=1)) for s in starts]
+
+
+def month(session: Session, program: Program, year: int, month_: int) -> Window:
+    start = dt.datetime(year, month_, 1, tzinfo=dt.UTC)
+    end = dt.datetime(year + (month_ == 12), month_ % 12 + 1, 1, tzinfo=dt.UTC)
+    return window(session, program, start, end)
+
+
+def programs(session: Session) -> list[Program]:
+    return list(session.scalars(select(Program).order_by(Program.name)))
