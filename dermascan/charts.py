@@ -64,7 +64,8 @@ def score_distribution(scores, histogram: dict | None) -> str:
             )
     ax.set_xlabel("calibrated score")
     ax.set_ylabel("share of studies")
-    ax.legend(fontsize=8)
+    if histogram:
+        ax.legend(fontsize=8)
     return _png(plt, fig)
 
 

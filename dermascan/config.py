@@ -83,6 +83,9 @@ class Settings:
     # metrics (Prometheus): the worker serves them on this port (0: off); the admin page reads these URLs
     metrics_port: int = 0
     worker_metrics_urls: str = ""
+    # Prometheus scrapes the monitoring gauges (/admin/monitoring/metrics) with this bearer token
+    # (empty: only a logged-in admin can read them)
+    monitoring_metrics_token: str = ""
     # REST API and STOW-RS rate limits (Flask-Limiter notation): per bearer token, and per address
     api_rate_limit: str = "1200 per minute"
     api_address_rate_limit: str = "3000 per minute"

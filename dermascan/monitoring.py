@@ -36,6 +36,7 @@ from dermascan.schema import (
 from model import reference
 
 TRACKED = ("score", *reference.NUMERIC, *reference.CATEGORICAL)
+DRIFT, MOVED, MIN_STUDIES = reference.DRIFT, reference.MOVED, reference.MIN_STUDIES
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Window:
     drift: dict = field(default_factory=dict)  # feature → PSI (None: too few studies)
     shadows: dict = field(default_factory=dict)  # bundle → {n, agreement, auc, active_auc}
     scores: list = field(default_factory=list)  # the deciding bundle's assessable scores
+    auc: float | None = None  # the deciding bundle's, on studies with a malignant or benign outcome
+    auc_outcomes: int = 0
 
     @property
     def referral_rate(self) -> float | None:
@@ -104,6 +107,7 @@ class Window:
             "band": list(self.band) if self.band else None, "decided": self.decided, "benign_share": self.benign_share,
             "with_outcome": self.with_outcome, "ppv": self.ppv, "verified_sensitivity": self.verified_sensitivity,
             "verified_malignant": self.referred_malignant + self.missed_malignant, "drift": self.drift,
+            "auc": self.auc, "auc_outcomes": self.auc_outcomes,
             "shadows": self.shadows, "alerts": self.alerts,
         }  # fmt: skip
 
@@ -173,8 +177,11 @@ def window(session: Session, program: Program, start: dt.datetime, end: dt.datet
     out.drift = {"score": reference.score_psi((manifest.get("metrics") or {}).get("score_histogram"), out.scores)}
     out.drift.update(reference.drift(profile, stream))
     out.expected_rate, out.band = _expected_band(manifest, bundle, program, out.studies)
+    known = [(i, o.kind == OutcomeKind.MALIGNANT) for i, o in outcomes.items() if o.kind != OutcomeKind.NOT_BIOPSIED]
+    out.auc = _auc([(deciding[i].probability, y) for i, y in known if i in deciding])
+    out.auc_outcomes = sum(1 for i, _ in known if i in deciding)
     for version, theirs in shadow.items():
-        out.shadows[version] = _compare(session, version, theirs, deciding, outcomes)
+        out.shadows[version] = _compare(session, version, theirs, deciding, known)
     return out
 
 
@@ -194,7 +201,7 @@ def _expected_band(manifest, bundle, program, n) -> tuple[float | None, tuple[fl
     return rate, (max(0.0, 0.5 * rate - noise), min(1.0, 1.5 * rate + noise))
 
 
-def _compare(session, version, theirs, deciding, outcomes) -> dict:
+def _compare(session, version, theirs, deciding, known) -> dict:
     """A shadow bundle against the deciding one on the same studies: how often they would make
     the same referral call, and each one's AUC where outcomes are known."""
     bundle = session.get(ModelBundle, version)
@@ -203,7 +210,6 @@ def _compare(session, version, theirs, deciding, outcomes) -> dict:
         (a.probability >= a.threshold and a.assessable) == (s.probability >= bundle.threshold and s.assessable)
         for a, s in both
     ]
-    known = [(i, o.kind == OutcomeKind.MALIGNANT) for i, o in outcomes.items() if o.kind != OutcomeKind.NOT_BIOPSIED]
     return {
         "n": len(both),
         "agreement": round(sum(agree) / len(agree), 4) if agree else None,
@@ -233,6 +239,11 @@ def month(session: Session, program: Program, year: int, month_: int) -> Window:
     start = dt.datetime(year, month_, 1, tzinfo=dt.UTC)
     end = dt.datetime(year + (month_ == 12), month_ % 12 + 1, 1, tzinfo=dt.UTC)
     return window(session, program, start, end)
+
+
+def rolling(session: Session, program: Program, days: int, now: dt.datetime | None = None) -> Window:
+    end = now or utcnow()
+    return window(session, program, end - dt.timedelta(days=days), end)
 
 
 def programs(session: Session) -> list[Program]:

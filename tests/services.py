@@ -134,12 +134,13 @@ def make_tiny_bundle(ham: Path, out: Path, n: int = 64, image_size: int = 32, ve
     x = {"image": ds.load_images(image_size), "meta": spec.transform(ds.metadata)}
     net.fit(x, ds.targets().astype("float32"), epochs=1, batch_size=16, verbose=0)
     scores = net.predict(x, verbose=0).ravel()
-    from model.train import roc_table
+    from model.train import roc_table, score_histogram
 
     y = ds.targets()
     metrics = {
         "note": "test bundle; ROC table on its own training images",
         "roc_table": roc_table(y, scores),
+        "score_histogram": score_histogram(scores),
         "oof": {"n": int(y.size), "positives": int(y.sum())},
     }
     calibration = {"method": "none", "params": {}, "prevalence": float(y.mean())}

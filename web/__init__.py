@@ -111,7 +111,7 @@ def create_app(settings: Settings | None = None, test_config: dict | None = None
     app.register_blueprint(portal.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(dicomweb.bp)
-    for name in ("referrals", "admin"):
+    for name in ("referrals", "admin", "monitoring"):
         module = __import__(f"web.{name}", fromlist=["bp"])
         app.register_blueprint(module.bp)
     extensions.limit_machine_doors(app, [api.bp, dicomweb.bp])

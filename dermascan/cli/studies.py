@@ -143,3 +143,33 @@ def outcomes_import(ctx, path, program):
         except DomainError as exc:
             raise click.ClickException(str(exc)) from exc
     click.echo(f"{report['imported']} outcomes imported")
+
+
+@main.group()
+def report():
+    """Reports for clinical governance."""
+
+
+@report.command("monthly")
+@click.option("--program", "program_name", required=True)
+@click.option("--month", required=True, help="YYYY-MM")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.pass_context
+def report_monthly(ctx, program_name, month, out_path):
+    """Write PROGRAM's monthly model governance report (HTML, printable to PDF)."""
+    from sqlalchemy import select
+
+    from dermascan import governance
+    from dermascan.schema import Program
+
+    try:
+        year, number = governance.month_bounds(month)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--month") from None
+    settings = _settings(ctx)
+    with session_factory(settings.database_url)() as session:
+        program = session.scalar(select(Program).where(Program.name == program_name))
+        if program is None:
+            raise click.ClickException(f"no program named {program_name!r}")
+        out_path.write_text(governance.monthly_report(session, program, year, number))
+    click.echo(f"report for {program_name}, {month} written to {out_path}")
