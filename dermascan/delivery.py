@@ -247,7 +247,7 @@ def source_header(settings: Settings, study: Study, blobs) -> Dataset:
     """The source image's DICOM header: as received, or made for a study that came otherwise."""
     if study.dicom_header_sha256:
         encrypted = blobs.get(study.dicom_header_sha256)
-        return dcmread(io.BytesIO(keys.header_cipher(settings.secret_key).decrypt(encrypted)))
+        return dicom_sr.complete(dcmread(io.BytesIO(keys.header_cipher(settings.secret_key).decrypt(encrypted))))
     meta = study.meta or {}
     key = f"{keys.derive(settings.secret_key, 'dicom-uid').hex()[:16]}:{study.id}:{study.image_sha256}"
     return dicom_sr.synthetic_source(
@@ -303,7 +303,8 @@ def send_dimse(settings: Settings, destination: DicomDestination, datasets: list
     from pynetdicom.sop_class import SecondaryCaptureImageStorage  # noqa: F401 (registers the class names)
 
     ae = AE(ae_title=settings.dicom_calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    # bounded waits: a destination that does not answer costs a worker seconds, not minutes
+    ae.connection_timeout, ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = 5, 10, 30, 30
     for sop_class in sorted({ds.SOPClassUID for ds in datasets}):
         ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     tls_args = None
@@ -331,11 +332,24 @@ def send_dimse(settings: Settings, destination: DicomDestination, datasets: list
             assoc.release()
 
 
+def _timed_session():
+    import requests
+
+    class TimedSession(requests.Session):
+        """dicomweb-client gives no timeout: every request gets one (connect 5 s, read 60 s)."""
+
+        def request(self, *args, **kwargs):
+            kwargs.setdefault("timeout", (5, 60))
+            return super().request(*args, **kwargs)
+
+    return TimedSession()
+
+
 def send_stow(settings: Settings, destination: DicomDestination, datasets: list[Dataset]) -> None:
     import requests
     from dicomweb_client.api import DICOMwebClient
 
-    session = requests.Session()
+    session = _timed_session()
     if destination.secret_encrypted:
         secret = keys.destination_cipher(settings.secret_key).decrypt(destination.secret_encrypted).decode()
         if destination.username:
@@ -379,6 +393,9 @@ def deliver(settings: Settings, study_id: int, destination_id: int, attempt: int
                 status, detail, objects = RETRYING, f"object store unavailable: {exc}", {}
             except BlobError as exc:  # the header or heat map is gone (retention): nothing to send
                 status, detail, objects = FAILED, f"cannot build the objects: {exc}", {}
+            except Exception as exc:  # a header the reports cannot be built from: say so, do not retry
+                log.exception("delivery of study %s: the objects could not be built", study_id)
+                status, detail, objects = FAILED, f"cannot build the objects: {type(exc).__name__}: {exc}", {}
         session.expunge(destination)
     if status is None:
         send = send_dimse if destination.kind == "dimse" else send_stow

@@ -47,6 +47,22 @@ class AiResult:
     bundle_sha256: str
 
 
+# attributes of the patient and general study modules that are type 2 (present, possibly empty):
+# a modality that left one out still gets its results back, with it empty
+TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber")  # fmt: skip
+
+
+def complete(source: Dataset) -> Dataset:
+    """A copy of the source header with the type 2 attributes the reports carry over present."""
+    out = Dataset()
+    out.update(source)
+    for keyword in TYPE_2:
+        if keyword not in out:
+            setattr(out, keyword, "")
+    return out
+
+
 def uids(study_instance_uid: str, sop_instance_uid: str, bundle_version: str) -> tuple[str, str]:
     """(series, instance) UIDs of the report: the same on every retry of the same result."""
     seed = [study_instance_uid, sop_instance_uid, bundle_version]

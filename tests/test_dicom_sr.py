@@ -128,3 +128,28 @@ def test_the_heat_map_and_the_specialists_verified_report_are_valid(ham_dir, tmp
     codes_ = [i.ConceptCodeSequence[0].CodeValue for i in items if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == DECISION.value]  # fmt: skip
     assert codes_ == ["BIOPSY"]
     assert "Irregular network, 7 mm." in [str(i.get("TextValue", "")) for i in items]
+
+
+def test_a_header_missing_type_2_attributes_still_gets_valid_reports(ham_dir, tmp_path):
+    """Modalities leave out type 2 attributes (patient name, study ID, accession number…): the
+    results still go back, with them empty, and stay valid."""
+    from dermascan.dicom_sr import complete
+
+    jpeg = next(iter(ham_images(ham_dir, ham_rows(ham_dir, 1).isic_id).values()))
+    source = make_instance(jpeg)
+    del source.PixelData
+    for keyword in (
+        "PatientName",
+        "StudyID",
+        "ReferringPhysicianName",
+        "AccessionNumber",
+        "StudyTime",
+        "PatientBirthDate",
+    ):
+        if keyword in source:
+            delattr(source, keyword)
+    report = ai_result_report(complete(source), AiResult(0.3, 0.06, None, "v", "ab" * 32))
+    report.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    assert not dciodvfy_errors(tmp_path / "sr.dcm")
+    assert report.StudyInstanceUID == source.StudyInstanceUID and report.PatientName == ""
+    assert "PatientName" not in source  # the header as received is left as it was
