@@ -214,3 +214,37 @@ def test_admin_configures_dicom_destinations_on_the_page_and_the_cli(pg_settings
         assert session.scalar(select(AuditEvent.detail).where(AuditEvent.action == "program_dicom_results")) == {
             "all_studies": True
         }
+
+
+def test_admin_puts_a_bundle_in_shadow_and_retires_it_on_the_model_page(
+    pg_settings, tiny_bundle, app_factory, tmp_path
+):
+    import json
+    import shutil
+
+    settings = pg_settings
+    client, _ = admin_with_bundle(settings, tiny_bundle, app_factory)
+    second = tmp_path / "second"
+    shutil.copytree(tiny_bundle, second)
+    manifest = json.loads((second / "manifest.json").read_text())
+    manifest["version"] = "tiny-candidate"
+    (second / "manifest.json").write_text(json.dumps(manifest))
+    with session_factory(settings.database_url)() as session, session.begin():
+        bundles.register(session, second, activate=False)
+    page = client.get("/admin/model").text
+    assert "Shadow tiny-candidate" in page
+    token = csrf(page)
+    client.post("/admin/model/bundles/tiny-candidate/shadow", data={"csrf_token": token})
+    refused = client.post("/admin/model/bundles/tiny-test/retire", data={"csrf_token": token}, follow_redirects=True)
+    assert "is the active bundle" in refused.text
+    with session_factory(settings.database_url)() as session:
+        assert {b.version: b.state for b in session.scalars(select(ModelBundle))} == {
+            "tiny-test": "active",
+            "tiny-candidate": "shadow",
+        }
+    client.post("/admin/model/bundles/tiny-candidate/retire", data={"csrf_token": token})
+    with session_factory(settings.database_url)() as session:
+        assert session.get(ModelBundle, "tiny-candidate").state == "retired"
+        assert [
+            e.action for e in session.scalars(select(AuditEvent).where(AuditEvent.object_id == "tiny-candidate"))
+        ] == ["bundle_shadowed", "bundle_retired"]
