@@ -101,6 +101,9 @@ class Settings:
     delivery_retry_s: float = 5.0
     dicom_calling_ae: str = "DERMASCAN"
     dicom_tls_ca_file: str = ""
+    # DermaScan's own certificate and key, for destinations that require one (mutual TLS)
+    dicom_tls_client_cert: str = ""
+    dicom_tls_client_key: str = ""
 
     @property
     def is_embedded(self) -> bool:

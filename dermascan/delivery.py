@@ -310,6 +310,9 @@ def send_dimse(settings: Settings, destination: DicomDestination, datasets: list
     tls_args = None
     if destination.tls:
         context = ssl.create_default_context(cafile=settings.dicom_tls_ca_file or None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if settings.dicom_tls_client_cert:
+            context.load_cert_chain(settings.dicom_tls_client_cert, settings.dicom_tls_client_key or None)
         tls_args = (context, destination.host)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if assoc.is_rejected:

@@ -313,3 +313,56 @@ def test_a_program_that_asks_gets_the_results_of_its_rest_api_studies_in_the_pac
         (sr,) = [ds for ds in orthanc.datasets(patient["MainDicomTags"]["StudyInstanceUID"]) if ds.SOPClassUID == COMPREHENSIVE_3D_SR]  # fmt: skip
         assert sr.PatientID == pseudonym[:64] and str(sr.PatientName) == ""
         assert not dciodvfy_errors(sr, tmp_path / f"api-{study_id}.dcm")
+
+
+def test_results_go_by_dicom_tls_to_a_pacs_that_requires_our_certificate(ham_jpegs, tmp_path):
+    """DIMSE over TLS (PS3.15 B.1) to a storage SCP that checks its certificate chain both ways:
+    DermaScan verifies the PACS against the configured CA and shows its own certificate."""
+    import ssl
+
+    from pynetdicom import AE as ServerAE
+    from pynetdicom import evt
+    from pynetdicom.sop_class import ComprehensiveSRStorage  # noqa: F401 (the name is registered)
+
+    from dermascan.config import Settings
+    from dermascan.dicom_sr import AiResult, ai_result_report
+    from dermascan.schema import DicomDestination
+    from tests.test_dicom_door import make_cert
+
+    ca_cert, _, ca_key, ca_name = make_cert(tmp_path, "ca")
+    pacs_cert, pacs_key, _, _ = make_cert(tmp_path, "pacs", ca_key, ca_name)
+    our_cert, our_key, _, _ = make_cert(tmp_path, "dermascan", ca_key, ca_name)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(str(pacs_cert), str(pacs_key))
+    server_context.load_verify_locations(str(ca_cert))
+    server_context.verify_mode = ssl.CERT_REQUIRED
+    received = []
+
+    def on_store(event):
+        received.append(event.dataset.SOPInstanceUID)
+        return 0x0000
+
+    pacs = ServerAE(ae_title="TLSPACS")
+    pacs.add_supported_context(COMPREHENSIVE_3D_SR, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False, ssl_context=server_context,
+                               evt_handlers=[(evt.EVT_C_STORE, on_store)])  # fmt: skip
+    try:
+        source = make_instance(ham_jpegs[0])
+        del source.PixelData
+        report = ai_result_report(source, AiResult(0.4, 0.06, None, "v", "ab" * 32))
+        target = DicomDestination(name="tls", kind="dimse", host="127.0.0.1", port=port, ae_title="TLSPACS", tls=True)
+        trusted = Settings.from_env(env={}, data_dir=tmp_path, dicom_tls_ca_file=str(ca_cert),
+                                    dicom_tls_client_cert=str(our_cert), dicom_tls_client_key=str(our_key))  # fmt: skip
+        delivery.send_dimse(trusted, target, [report])
+        assert received == [report.SOPInstanceUID]
+        # without our certificate the PACS refuses the handshake; a PACS we cannot verify is not sent to
+        for settings in (
+            trusted.replace(dicom_tls_client_cert="", dicom_tls_client_key=""),
+            trusted.replace(dicom_tls_ca_file=""),
+        ):
+            with pytest.raises(delivery.Unreachable):
+                delivery.send_dimse(settings, target, [report])
+        assert received == [report.SOPInstanceUID]
+    finally:
+        server.shutdown()
