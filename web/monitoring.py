@@ -19,7 +19,7 @@ bp = Blueprint("monitoring", __name__, url_prefix="/admin/monitoring")
 RATE_DAYS, DRIFT_DAYS = 7, 28  # the gauges: rates over the last week, drift over four (more studies)
 
 
-def _program() -> Program | None:
+def _program() -> tuple[Program | None, list[Program]]:
     programs = monitoring.programs(db())
     wanted = request.args.get("program", type=int)
     chosen = next((p for p in programs if p.id == wanted), None) if wanted else None
