@@ -176,14 +176,14 @@ def deliveries(session: Session, study_id: int) -> list[dict]:
 # --- scheduling ---------------------------------------------------------------------------
 
 
-def _available(session: Session, study: Study) -> list[str]:
-    prediction = latest_predictions(session, [study.id]).get(study.id)
+def _available(prediction, referral) -> list[str]:
+    """The objects a study has to send: the AI result once scored, the heat map once made, the
+    verified report once decided."""
     if prediction is None:
         return []
     objects = [AI_SR]
     if prediction.heatmap_sha256:
         objects.append(HEATMAP)
-    referral = session.scalar(select(Referral).where(Referral.study_id == study.id))
     if referral is not None and referral.status == ReferralStatus.DECIDED:
         objects.append(VERIFIED_SR)
     return objects
@@ -205,16 +205,21 @@ def schedule(settings: Settings, study_ids, objects: tuple[str, ...] = OBJECTS) 
             )
         ).all()
         targets: dict[int, list[DicomDestination]] = {}
+        for program_id in {s.program_id for s in studies}:
+            targets[program_id] = [d for d in destinations(session, program_id) if d.enabled]
+        studies = [s for s in studies if targets[s.program_id]]
+        if not studies:
+            return 0
+        ids = [s.id for s in studies]
+        # one query each for the whole batch (this runs after every scored batch)
+        predictions = latest_predictions(session, ids)
+        referrals = {r.study_id: r for r in session.scalars(select(Referral).where(Referral.study_id.in_(ids)))}
+        existing_rows: dict[int, list[Delivery]] = {}
+        for row in session.scalars(select(Delivery).where(Delivery.study_id.in_(ids))):
+            existing_rows.setdefault(row.study_id, []).append(row)
         for study in studies:
-            if study.program_id not in targets:
-                targets[study.program_id] = [d for d in destinations(session, study.program_id) if d.enabled]
-            if not targets[study.program_id]:
-                continue
-            wanted = [o for o in _available(session, study) if o in objects]
-            existing = {
-                (d.destination_id, d.object): d
-                for d in session.scalars(select(Delivery).where(Delivery.study_id == study.id))
-            }
+            wanted = [o for o in _available(predictions.get(study.id), referrals.get(study.id)) if o in objects]
+            existing = {(d.destination_id, d.object): d for d in existing_rows.get(study.id, [])}
             for destination in targets[study.program_id]:
                 for obj in wanted:
                     row = existing.get((destination.id, obj))
@@ -225,8 +230,7 @@ def schedule(settings: Settings, study_ids, objects: tuple[str, ...] = OBJECTS) 
                     else:
                         continue
                     due.add((study.id, destination.id))
-    sent = sum(queue.send(settings, queue.TASK_DELIVER, [s, d, 0], queue=queue.CALLBACKS) for s, d in sorted(due))
-    return sent
+    return sum(queue.send(settings, queue.TASK_DELIVER, [s, d, 0], queue=queue.CALLBACKS) for s, d in sorted(due))
 
 
 def resend(settings: Settings, study_id: int) -> int:

@@ -63,10 +63,21 @@ def complete(source: Dataset) -> Dataset:
     return out
 
 
-def uids(study_instance_uid: str, sop_instance_uid: str, bundle_version: str) -> tuple[str, str]:
-    """(series, instance) UIDs of the report: the same on every retry of the same result."""
-    seed = [study_instance_uid, sop_instance_uid, bundle_version]
-    return generate_uid(entropy_srcs=[*seed, "series"]), generate_uid(entropy_srcs=[*seed, "sr"])
+def object_uids(source: Dataset, *parts: str) -> tuple[str, str]:
+    """(series, instance) UIDs of an object made for ``source``: derived from its study and
+    instance and ``parts``, so every retry of a delivery sends the same instance."""
+    seed = [source.StudyInstanceUID, source.SOPInstanceUID, *parts]
+    return generate_uid(entropy_srcs=[*seed, "series"]), generate_uid(entropy_srcs=[*seed, "instance"])
+
+
+def _document(source: Dataset, evidence, report, series_number: int, uid_parts, description: str, **flags):
+    """A Comprehensive 3D SR of ``report`` in the source study, in a series of its own."""
+    series_uid, instance_uid = object_uids(source, *uid_parts)
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence, content=report, series_instance_uid=series_uid, series_number=series_number,
+        sop_instance_uid=instance_uid, instance_number=1, manufacturer="DermaScan", is_complete=True,
+        series_description=description, **flags,
+    )  # fmt: skip
 
 
 def ai_result_report(source: Dataset, result: AiResult) -> hd.sr.Comprehensive3DSR:
@@ -99,30 +110,14 @@ def ai_result_report(source: Dataset, result: AiResult) -> hd.sr.Comprehensive3D
         procedure_reported=IMAGING_PROCEDURE,
         imaging_measurements=[group],
     )
-    series_uid, instance_uid = uids(source.StudyInstanceUID, source.SOPInstanceUID, result.bundle_version)
-    return hd.sr.Comprehensive3DSR(
-        evidence=[source],
-        content=report,
-        series_instance_uid=series_uid,
-        series_number=SERIES_NUMBER,
-        sop_instance_uid=instance_uid,
-        instance_number=1,
-        manufacturer="DermaScan",
-        is_complete=True,
-        series_description="DermaScan AI result (not a medical device)",
-    )
+    return _document(source, [source], report, SERIES_NUMBER, [result.bundle_version, "sr"],
+                     "DermaScan AI result (not a medical device)")  # fmt: skip
 
 
 HEATMAP_SERIES_NUMBER = 9002
 DECISION_SERIES_NUMBER = 9003
 DECISION = hd.sr.CodedConcept("DECISION", SCHEME, "Specialist decision")
 COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
-
-
-def object_uids(source: Dataset, *parts: str) -> tuple[str, str]:
-    """(series, instance) UIDs of another object made for ``source``, stable across retries."""
-    seed = [source.StudyInstanceUID, source.SOPInstanceUID, *parts]
-    return generate_uid(entropy_srcs=[*seed, "series"]), generate_uid(entropy_srcs=[*seed, "instance"])
 
 
 def heatmap_capture(source: Dataset, overlay_rgb, bundle_version: str) -> hd.sc.SCImage:
@@ -208,23 +203,12 @@ def decision_report(source: Dataset, ai_report: Dataset, decision: SpecialistDec
         procedure_reported=IMAGING_PROCEDURE,
         imaging_measurements=[group],
     )
-    stamp = decision.decided_at.strftime("%Y%m%d%H%M%S")
-    series_uid, instance_uid = object_uids(source, "decision", stamp)
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[source, ai_report],
-        content=report,
-        series_instance_uid=series_uid,
-        series_number=DECISION_SERIES_NUMBER,
-        sop_instance_uid=instance_uid,
-        instance_number=1,
-        manufacturer="DermaScan",
-        is_complete=True,
-        is_final=True,
-        is_verified=True,
-        verifying_observer_name=decision.specialist,
+    sr = _document(
+        source, [source, ai_report], report, DECISION_SERIES_NUMBER,
+        ["decision", decision.decided_at.strftime("%Y%m%d%H%M%S")], "DermaScan specialist decision",
+        is_final=True, is_verified=True, verifying_observer_name=decision.specialist,
         verifying_organization=decision.organization,
-        series_description="DermaScan specialist decision",
-    )
+    )  # fmt: skip
     sr.VerifyingObserverSequence[0].VerificationDateTime = decision.decided_at.strftime("%Y%m%d%H%M%S+0000")
     return sr
 

@@ -15,6 +15,7 @@ and this caveat, never as the model's sensitivity.
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
@@ -33,9 +34,8 @@ from dermascan.schema import (
     StudyStatus,
     utcnow,
 )
-from model import reference
+from model import metrics, reference
 
-TRACKED = ("score", *reference.NUMERIC, *reference.CATEGORICAL)
 DRIFT, MOVED, MIN_STUDIES = reference.DRIFT, reference.MOVED, reference.MIN_STUDIES
 
 
@@ -98,19 +98,6 @@ class Window:
             out.append(f"high-risk referral rate {rate:.1%} outside the expected {self.band[0]:.1%}–{self.band[1]:.1%}")
         return out
 
-    def as_dict(self) -> dict:
-        return {
-            "program": self.program, "start": self.start.date().isoformat(), "end": self.end.date().isoformat(),
-            "bundle": self.bundle, "studies": self.studies, "referred": self.referred, "high_risk": self.high_risk,
-            "not_assessable": self.not_assessable, "referral_rate": self.referral_rate,
-            "high_risk_rate": self.high_risk_rate, "expected_rate": self.expected_rate,
-            "band": list(self.band) if self.band else None, "decided": self.decided, "benign_share": self.benign_share,
-            "with_outcome": self.with_outcome, "ppv": self.ppv, "verified_sensitivity": self.verified_sensitivity,
-            "verified_malignant": self.referred_malignant + self.missed_malignant, "drift": self.drift,
-            "auc": self.auc, "auc_outcomes": self.auc_outcomes,
-            "shadows": self.shadows, "alerts": self.alerts,
-        }  # fmt: skip
-
 
 def week_start(day: dt.datetime | dt.date) -> dt.datetime:
     day = day.date() if isinstance(day, dt.datetime) else day
@@ -160,8 +147,8 @@ def window(session: Session, program: Program, start: dt.datetime, end: dt.datet
         elif o.kind == OutcomeKind.BENIGN and study_id in referrals:
             out.referred_benign += 1
 
-    versions = {p.bundle_version for p in deciding.values()}
-    bundle = session.get(ModelBundle, max(versions, key=lambda v: sum(p.bundle_version == v for p in deciding.values()))) if versions else None  # fmt: skip
+    versions = Counter(p.bundle_version for p in deciding.values()).most_common(1)
+    bundle = session.get(ModelBundle, versions[0][0]) if versions else None  # the one that decided most
     manifest = bundle.manifest if bundle is not None else {}
     out.bundle = bundle.version if bundle is not None else None
     out.scores = [p.probability for p in deciding.values() if p.assessable]
@@ -220,12 +207,11 @@ def _compare(session, version, theirs, deciding, known) -> dict:
 
 
 def _auc(pairs) -> float | None:
-    positives = [p for p, y in pairs if y]
-    negatives = [p for p, y in pairs if not y]
-    if not positives or not negatives:
+    """The AUC of (score, malignant) pairs (model.metrics), None without both classes."""
+    labels = [y for _, y in pairs]
+    if len(set(labels)) < 2:
         return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
-    return round(wins / (len(positives) * len(negatives)), 4)
+    return round(metrics.auc(labels, [p for p, _ in pairs]), 4)
 
 
 def weeks(session: Session, program: Program, count: int = 12, now: dt.datetime | None = None) -> list[Window]:
@@ -235,13 +221,8 @@ def weeks(session: Session, program: Program, count: int = 12, now: dt.datetime 
     return [window(session, program, s, s + dt.timedelta(weeks=1)) for s in starts]
 
 
-def month(session: Session, program: Program, year: int, month_: int) -> Window:
-    start = dt.datetime(year, month_, 1, tzinfo=dt.UTC)
-    end = dt.datetime(year + (month_ == 12), month_ % 12 + 1, 1, tzinfo=dt.UTC)
-    return window(session, program, start, end)
-
-
 def rolling(session: Session, program: Program, days: int, now: dt.datetime | None = None) -> Window:
+    """The program's last ``days`` days up to now."""
     end = now or utcnow()
     return window(session, program, end - dt.timedelta(days=days), end)
 

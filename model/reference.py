@@ -118,12 +118,10 @@ def drift(reference_profile: dict, stream: dict[str, Sequence]) -> dict[str, flo
         if len(values) < MIN_STUDIES:
             out[name] = None
             continue
-        counts = counts_like(feature, values)
-        reference = list(feature["counts"])
-        if sum(reference[-1:]) == 0 and feature["kind"] == "numeric" and counts[-1] == len(values):
+        if all(v is None or v == "" for v in values):
             out[name] = None  # the stream never says (e.g. no age given): nothing to compare
             continue
-        out[name] = round(psi(reference, counts), 4)
+        out[name] = round(psi(feature["counts"], counts_like(feature, values)), 4)
     return out
 
 

@@ -92,6 +92,18 @@ def shadow_predictors(settings: Settings, rows) -> dict:
     return out
 
 
+def _score_in_shadow(version: str, shadow, items, images) -> list[results.ScoredStudy]:
+    """A shadow bundle's scores of a piece the active bundle scored (its own input size); a
+    failing shadow bundle is logged and never stops the active one."""
+    try:
+        theirs = shadow.pre_process(images, [i.meta for i in items], [i.study_id for i in items])
+        scores = shadow.post_process(theirs, shadow.predict(theirs.pixels, theirs.meta))
+    except Exception:
+        log.exception("shadow bundle %s failed on a piece of %d studies", version, len(items))
+        return []
+    return _scored([items[i] for i in theirs.ok], scores)
+
+
 def _scored(items, scores) -> list[results.ScoredStudy]:
     return [
         results.ScoredStudy(i.study_id, s.probability, s.spread, s.assessable, s.reason, s.distance, s.stats)
@@ -275,7 +287,7 @@ class ScoreStudies:
         scored: list[results.ScoredStudy] = []
         shadow_scored: dict[str, list[results.ScoredStudy]] = {}
         failed: list[tuple[int, str]] = []
-        timing = {"read": 0.0, "decode": 0.0, "infer": 0.0, "write": 0.0}
+        timing = {"read": 0.0, "decode": 0.0, "infer": 0.0, "shadow": 0.0, "write": 0.0}
         served: list[Outcome] = []
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(self._prepare, pred, pieces[0])
@@ -295,15 +307,10 @@ class ScoreStudies:
                 scores = pred.post_process(prepared, pred.predict(prepared.pixels, prepared.meta))
                 timing["infer"] += time.perf_counter() - t0
                 scored += _scored(kept, scores)
+                t0 = time.perf_counter()
                 for version, shadow in shadow_preds.items():  # the same studies, deciding nothing
-                    t1 = time.perf_counter()
-                    try:
-                        their = shadow.pre_process(kept_images, [i.meta for i in kept], [i.study_id for i in kept])
-                        shadow_scored.setdefault(version, [])
-                        shadow_scored[version] += _scored([kept[i] for i in their.ok], shadow.post_process(their, shadow.predict(their.pixels, their.meta)))  # fmt: skip
-                    except Exception:  # a shadow bundle never stops the active one scoring
-                        log.exception("shadow bundle %s failed on a piece of %d studies", version, len(kept))
-                    timing["shadow"] = timing.get("shadow", 0.0) + time.perf_counter() - t1
+                    shadow_scored.setdefault(version, []).extend(_score_in_shadow(version, shadow, kept, kept_images))
+                timing["shadow"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
             with self.factory() as session, session.begin():
