@@ -29,6 +29,8 @@ class Gate:
     features: FeatureDistance | None = None
     false_flag_rate: float | None = None
     report: dict | None = None  # how often it flagged held-out lesions and the negatives, when fitted
+    # the ensemble members (by position) whose features the distance reads; None: all of them
+    feature_members: list[int] | None = None
 
     def reasons(self, pixels: np.ndarray, sizes: np.ndarray | None, features: np.ndarray | None):
         """Per image: None (assessable) or the reason it is not; and the feature distances."""
@@ -59,6 +61,8 @@ class Gate:
                 "false_flag_rate": self.false_flag_rate,
                 "method": "Mahalanobis distance (PCA, whitened) + residual energy on the members' image features",
             }
+            if self.feature_members is not None:
+                block["ood"]["members"] = list(self.feature_members)
         return block
 
     @classmethod
@@ -74,4 +78,5 @@ class Gate:
                 raise BundleError(f"{path}: missing, or its checksum does not match the manifest")
             gate.features = FeatureDistance.load(path)
             gate.false_flag_rate = ood.get("false_flag_rate")
+            gate.feature_members = ood.get("members")
         return gate

@@ -2,7 +2,7 @@
 development images' features.
 
 The features are the image branch's pooled features (``image_features``) of every ensemble
-member, side by side. A Gaussian is fitted to the development images' features in a reduced
+member (or of the members the gate names), side by side. A Gaussian is fitted to the development images' features in a reduced
 space (PCA, whitened): the score is the Mahalanobis distance there plus the energy the PCA does
 not explain (the residual, scaled by its development mean), so an image whose features are
 unlike every lesion's — in the main directions or off them — scores high. The threshold is
@@ -14,6 +14,7 @@ Only :func:`feature_network` imports Keras; fitting and scoring are numpy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,26 +23,34 @@ import numpy as np
 IMAGE_FEATURES = "image_features"
 
 
-def feature_network(network):
+def feature_network(network, feature_members: Sequence[int] | None = None):
     """A model with the same inputs as ``network`` and two outputs: its probability and the
     image-branch features of each member (concatenated). Works for a single fusion model and for
-    an ensemble of them (members are nested models)."""
+    an ensemble of them (members are nested models). ``feature_members``: the members (by
+    position) whose features the gate reads — all of them when None; every member still votes."""
     import keras
 
     members = [layer for layer in network.layers if isinstance(layer, keras.Model)]
     if not members:
         return keras.Model(network.inputs, [network.outputs[0], network.get_layer(IMAGE_FEATURES).output])
+    chosen = set(range(len(members)) if feature_members is None else feature_members)
+    if not chosen or not chosen <= set(range(len(members))):
+        raise ValueError(f"feature members {sorted(chosen)} are not among the network's {len(members)} members")
     image_in = keras.Input(network.get_layer("image").output.shape[1:], dtype="uint8", name="image")
     meta_in = keras.Input(network.get_layer("meta").output.shape[1:], dtype="float32", name="meta")
+    inputs = {"image": image_in, "meta": meta_in}
     probabilities, features = [], []
-    for member in members:
+    for k, member in enumerate(members):
+        if k not in chosen:
+            probabilities.append(member(inputs))
+            continue
         both = keras.Model(member.inputs, [member.outputs[0], member.get_layer(IMAGE_FEATURES).output])
-        p, f = both({"image": image_in, "meta": meta_in})
+        p, f = both(inputs)
         probabilities.append(p)
         features.append(f)
     probability = keras.layers.Average()(probabilities) if len(members) > 1 else probabilities[0]
-    feats = keras.layers.Concatenate()(features) if len(members) > 1 else features[0]
-    return keras.Model({"image": image_in, "meta": meta_in}, [probability, feats], name=f"{network.name}_features")
+    feats = keras.layers.Concatenate()(features) if len(features) > 1 else features[0]
+    return keras.Model(inputs, [probability, feats], name=f"{network.name}_features")
 
 
 @dataclass

@@ -129,7 +129,7 @@ class Predictor:
         if self.gate.features is not None:
             from model.ood import feature_network
 
-            self._forward = feature_network(self.network)
+            self._forward = feature_network(self.network, self.gate.feature_members)
         else:
             self._forward = self.network
         self.spec = self.bundle.spec

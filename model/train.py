@@ -418,8 +418,6 @@ def assemble(
 
     import keras
 
-    from model import bundle
-
     work = Path(work_dir)
     spec = FeatureSpec.from_json((work / "feature_spec.json").read_text())
     ranked = sorted(report["folds"], key=lambda f: f["auc"], reverse=True)
@@ -452,22 +450,39 @@ def assemble(
     dataset = IsicDataset.open(data_dir, limit=cfg.limit)
     fold = np.load(work / "split.npy") if (work / "split.npy").exists() else np.zeros(len(dataset.ids), int)
     if (fold < 0).any():
-        cal = calibrate(work, dataset.targets(), fold, [f["fold"] for f in members], cfg)
-        threshold = cal["threshold"]
-        extra["calibration"] = cal["manifest"]
-        metrics_block["calibration_set"] = cal["metrics"]
-        metrics_block["threshold_rule"] = cal["rule"]
-        metrics_block["roc_table"] = roc_table(cal["y"], cal["calibrated"])
-        metrics_block["score_histogram"] = score_histogram(cal["calibrated"])
+        scores = member_cal_scores(work, fold, [f["fold"] for f in members])
+        threshold = with_calibration(metrics_block, extra, calibrate(work, dataset.targets(), fold, scores, cfg))
+    training = {"members": [f"fold{f['fold']}" for f in members], "duration_s": round(seconds, 1)}
+    manifest = save_bundle(network, spec, out_dir, data_dir, dataset, fold, cfg, version, threshold, metrics_block, training, extra)  # fmt: skip
+    for picture in ("roc.png", "reliability.png"):
+        if (work / picture).exists():
+            shutil.copy(work / picture, Path(out_dir) / picture)
+    return manifest
+
+
+def with_calibration(metrics_block: dict, extra: dict, cal: dict) -> float:
+    """Put what :func:`calibrate` found into a bundle's metrics and manifest; its threshold."""
+    extra["calibration"] = cal["manifest"]
+    metrics_block["calibration_set"] = cal["metrics"]
+    metrics_block["threshold_rule"] = cal["rule"]
+    metrics_block["roc_table"] = roc_table(cal["y"], cal["calibrated"])
+    metrics_block["score_histogram"] = score_histogram(cal["calibrated"])
+    return cal["threshold"]
+
+
+def save_bundle(
+    network, spec, out_dir, data_dir, dataset, fold, cfg: TrainConfig, version, threshold, metrics_block, training, extra,
+    gate_members: list[int] | None = None,
+) -> dict:  # fmt: skip
+    """Fit the gate, write the network, the manifest and the development profile."""
+    import keras
+
+    from model import bundle
+    from model.reference import write_profile
+
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    extra["gate"] = fit_gate(network, dataset, fold, cfg).manifest_block(Path(out_dir))
-    training = {
-        "config": asdict(cfg),
-        "members": [f"fold{f['fold']}" for f in members],
-        "duration_s": round(seconds, 1),
-        "keras": keras.__version__,
-        "backend": keras.backend.backend(),
-    }
+    extra["gate"] = fit_gate(network, dataset, fold, cfg, gate_members).manifest_block(Path(out_dir))
+    training = {"config": asdict(cfg), **training, "keras": keras.__version__, "backend": keras.backend.backend()}
     manifest = bundle.save(
         network,
         spec,
@@ -479,11 +494,6 @@ def assemble(
         extra=extra,
         weights_dtype=cfg.weights_dtype,
     )
-    for picture in ("roc.png", "reliability.png"):
-        if (work / picture).exists():
-            shutil.copy(work / picture, Path(out_dir) / picture)
-    from model.reference import write_profile
-
     write_profile(out_dir, data_dir, cfg.image_size, cfg.limit)  # what monitoring compares with
     return manifest
 
@@ -495,13 +505,8 @@ def score_histogram(scores: np.ndarray, bins: int = 20) -> dict:
     return {"edges": [round(float(e), 4) for e in edges], "counts": counts.astype(int).tolist()}
 
 
-def calibrate(work: Path, y: np.ndarray, fold: np.ndarray, members: list[int], cfg: TrainConfig) -> dict:
-    """On the calibration set (rows no member trained on, ``fold == -1``): the shipped ensemble's
-    own scores (the mean of its members' TTA scores, as the averaged graph computes them), a
-    calibration map chosen by cross-validated log loss, and the referral threshold on the
-    calibrated scores with the bootstrap rule. Writes the ROC and the reliability diagram."""
-    from model import calibration
-
+def member_cal_scores(work: Path, fold: np.ndarray, members: list[int]) -> list[np.ndarray]:
+    """Each fold model's TTA scores on the calibration set, saved when the fold finished."""
     cal_idx = np.flatnonzero(fold < 0)
     per_member = []
     for k in members:
@@ -509,6 +514,18 @@ def calibrate(work: Path, y: np.ndarray, fold: np.ndarray, members: list[int], c
         if "cal_mean" not in saved or not np.array_equal(saved["cal_index"], cal_idx):
             raise ValueError(f"fold {k} has no scores on this calibration set: retrain it")
         per_member.append(saved["cal_mean"])
+    return per_member
+
+
+def calibrate(pictures: Path, y: np.ndarray, fold: np.ndarray, per_member: list[np.ndarray], cfg: TrainConfig) -> dict:
+    """On the calibration set (rows no member trained on, ``fold == -1``): the shipped ensemble's
+    own scores (the mean of its members' TTA scores ``per_member``, as the averaged graph computes
+    them), a calibration map chosen by cross-validated log loss, and the referral threshold on the
+    calibrated scores with the bootstrap rule. Writes the ROC and the reliability diagram into
+    ``pictures``."""
+    from model import calibration
+
+    cal_idx = np.flatnonzero(fold < 0)
     yc, raw = y[cal_idx], np.mean(per_member, axis=0)
     if yc.sum() == 0 or yc.sum() == yc.size:
         raise ValueError("the calibration set needs malignant and benign lesions: use more data or a larger fraction")
@@ -528,12 +545,12 @@ def calibrate(work: Path, y: np.ndarray, fold: np.ndarray, members: list[int], c
         }
     )
     metrics.roc_png(
-        work / "roc.png",
+        pictures / "roc.png",
         {"calibration set (shipped ensemble)": (yc, calibrated)},
         {f"threshold {threshold:.3f}": summary["operating_point"]},
-        title=f"DermaScan ensemble of {len(members)}, {cfg.image_size}px: held-out calibration set",
+        title=f"DermaScan ensemble of {len(per_member)}, {cfg.image_size}px: held-out calibration set",
     )
-    reliability_png(work / "reliability.png", yc, raw, calibrated, calibrator.method)
+    reliability_png(pictures / "reliability.png", yc, raw, calibrated, calibrator.method)
     log.info(
         "calibration set: %d images (%d malignant), AUC %.4f, %s calibration (ECE %.4f → %.4f), threshold %.4f",
         yc.size, yc.sum(), summary["auc"], calibrator.method, summary["ece_raw"], summary["ece"], threshold,
@@ -583,11 +600,14 @@ def reliability_png(path: Path, y: np.ndarray, raw: np.ndarray, calibrated: np.n
     plt.close(fig)
 
 
-def fit_gate(network, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConfig):
+def fit_gate(
+    network, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConfig, feature_members: list[int] | None = None
+):
     """The not-assessable gate of this bundle: quality thresholds beyond the development images'
-    range, and the feature distance fitted on the development images' features with its
-    threshold at ``gate_false_flag_rate`` of the calibration set (held-out lesions). Without a
-    calibration set the threshold is taken on the development images themselves."""
+    range, and the feature distance fitted on the development images' features (of all members,
+    or of ``feature_members``) with its threshold at ``gate_false_flag_rate`` of the calibration
+    set (held-out lesions). Without a calibration set the threshold is taken on the development
+    images themselves."""
     from model import gate_data, quality
     from model.data import resize
     from model.gate import Gate
@@ -596,12 +616,12 @@ def fit_gate(network, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConfig):
     sizes = np.zeros((len(dataset.ids), 2), np.float32)
     pixels = dataset.load_images(cfg.image_size, sizes=sizes)
     thresholds = quality.fit_thresholds(quality.measure(pixels, sizes))
-    net = feature_network(network)
+    net = feature_network(network, feature_members)
     features = image_features(net, pixels)
     held = fold < 0 if (fold < 0).any() else np.ones(len(pixels), bool)
     distance = FeatureDistance.fit(features[~held] if (~held).any() else features, cfg.gate_components)
     distance.choose_threshold(features[held], cfg.gate_false_flag_rate)
-    gate = Gate(thresholds, distance, cfg.gate_false_flag_rate)
+    gate = Gate(thresholds, distance, cfg.gate_false_flag_rate, feature_members=feature_members)
     reasons, _ = gate.reasons(pixels[held], sizes[held], features[held])
     gate.report = {"held_out_lesions": _flag_summary(["lesion"] * len(reasons), reasons)}
     held_ids = [dataset.ids[i] for i in np.flatnonzero(held)[:160]]

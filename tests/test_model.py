@@ -325,3 +325,65 @@ def test_evaluate_command(trained_bundle, ham_dir, tmp_path):
     assert 0 <= report["calibration"]["ece"] <= 1 and len(report["calibration"]["reliability"]) == 10
     assert report["gate"]["n"] == 120 and sum(report["gate"]["reasons"].values()) == report["gate"]["not_assessable"]
     assert "ECE" in result.output and "not assessable" in result.output
+
+
+def test_combine_averages_two_runs_on_one_split_and_refuses_another_split(trained_bundle, ham_dir, tmp_path):
+    """`dermascan combine`: a bundle and a second run (weight averaging on) on the same split →
+    one four-member bundle, calibrated and gated on the held-out set; another split is refused."""
+    import keras
+    from click.testing import CliRunner
+
+    from dermascan.cli import main
+
+    second = tmp_path / "ema"
+    run = CliRunner().invoke(
+        main,
+        ["train", "--data", str(ham_dir), "--out", str(second / "bundle"), "--work-dir", str(second / "work"),
+         "--folds", "2", "--epochs", "1", "--limit", "96", "--backbone", "tiny", "--image-size", "32",
+         "--ema-momentum", "0.9", "--version", "tiny-ema"],
+    )  # fmt: skip
+    assert run.exit_code == 0, run.output
+    out = tmp_path / "combined"
+    result = CliRunner().invoke(
+        main,
+        ["combine", str(trained_bundle), str(second / "work"), "--data", str(ham_dir), "--out", str(out),
+         "--version", "tiny-combined", "--gate-members", "0,1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "4 members" in result.output and "threshold" in result.output
+    manifest = read_manifest(out)
+    held = int((np.load(trained_bundle.with_name("bundle.work") / "split.npy") < 0).sum())
+    assert manifest["training"]["members"] == ["tiny-cv/fold0", "tiny-cv/fold1", "work/fold0", "work/fold1"]
+    assert manifest["metrics"]["calibration_set"]["n"] == held
+    assert len(manifest["metrics"]["members_on_calibration_set"]) == 4
+    assert manifest["gate"]["ood"]["members"] == [0, 1]
+    assert 0 < manifest["threshold"] < 1 and (out / "reliability.png").is_file() and (out / "reference.json").is_file()
+    # the combined network is the mean of the four members; the gate reads the first two's features
+    dataset = IsicDataset.open(ham_dir, limit=12)
+    pixels = dataset.load_images(32)
+    meta = FeatureSpec.from_dict(manifest["feature_spec"]).transform(dataset.metadata)
+    combined = Predictor(out, batch_sizes=(16,))
+    raw, features = combined.predict_raw(pixels, meta)
+    source = Predictor(trained_bundle, batch_sizes=(16,))
+    first = source.predict_raw(pixels, meta)[0]
+    others = [
+        keras.saving.load_model(second / "work" / f"fold{k}" / "best.keras", compile=False).predict(
+            {"image": pixels, "meta": meta}, verbose=0
+        )
+        for k in (0, 1)
+    ]
+    expected = (2 * np.ravel(first) + np.ravel(others[0]) + np.ravel(others[1])) / 4
+    np.testing.assert_allclose(np.ravel(raw), expected, atol=2e-3)
+    two_members = source.gate.features.mean.size  # the source bundle's gate reads its two members
+    assert features.shape[1] == combined.gate.features.mean.size == two_members
+    assert all(0 <= s.probability <= 1 for s in combined.score(list(pixels), dataset.metadata.to_dict("records")))
+    # a run on another split cannot join: its calibration set was not held out of all members
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(second / "work", shuffled)
+    np.save(shuffled / "split.npy", np.random.default_rng(1).permutation(np.load(shuffled / "split.npy")))
+    refused = CliRunner().invoke(
+        main, ["combine", str(trained_bundle), str(shuffled), "--data", str(ham_dir), "--out", str(tmp_path / "x"),
+               "--version", "x"],
+    )  # fmt: skip
+    assert refused.exit_code != 0 and "another split" in refused.output
+    assert not (tmp_path / "x").exists()

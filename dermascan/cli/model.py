@@ -12,15 +12,22 @@ from dermascan.cli.common import _settings, main
 
 
 # -- the model -----------------------------------------------------------------------------------
+def _data_and_out(command):
+    """The training data (ISIC-2024 layout) and the bundle folder to write."""
+    command = click.option(
+        "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder to write."
+    )(command)
+    return click.option(
+        "--data",
+        "data_dir",
+        required=True,
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help="ISIC-2024 layout folder (the one the sources were trained on, for combine).",
+    )(command)
+
+
 @main.command()
-@click.option(
-    "--data",
-    "data_dir",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="ISIC-2024 layout folder.",
-)
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
+@_data_and_out
 @click.option(
     "--work-dir",
     type=click.Path(path_type=Path),
@@ -98,20 +105,58 @@ def train(
     manifest = run_training(data_dir, out_dir, work_dir, cfg, version, train_folds)
     oof = manifest["metrics"]["oof"]
     click.echo(f"bundle {manifest['version']} written to {out_dir}")
-    cal = manifest["metrics"].get("calibration_set")
-    if cal:
-        op = cal["operating_point"]
+    if manifest["metrics"].get("calibration_set"):
         click.echo(
             f"out-of-fold AUC {oof['auc']:.4f}  pAUC80 {oof['pauc80']:.4f} (fold models on their own validation folds)"
         )
-        click.echo(f"calibration set ({cal['n']} images, {cal['positives']} malignant; the shipped ensemble): AUC {cal['auc']:.4f}  "
-                   f"pAUC80 {cal['pauc80']:.4f}  {manifest['calibration']['method']} calibration, ECE {cal['ece_raw']:.4f} → {cal['ece']:.4f}")  # fmt: skip
-        click.echo(
-            f"threshold {manifest['threshold']:.4f}: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}"
-        )
+        _echo_calibration_set(manifest)
         return
     click.echo(f"out-of-fold AUC {oof['auc']:.4f}  pAUC80 {oof['pauc80']:.4f}  threshold {manifest['threshold']:.4f} "
                f"(sensitivity {oof['operating_point']['sensitivity']:.3f}, specificity {oof['operating_point']['specificity']:.3f})")  # fmt: skip
+
+
+def _echo_calibration_set(manifest: dict) -> None:
+    cal, op = manifest["metrics"]["calibration_set"], manifest["metrics"]["calibration_set"]["operating_point"]
+    click.echo(f"calibration set ({cal['n']} images, {cal['positives']} malignant; the shipped ensemble): AUC {cal['auc']:.4f}  "
+               f"pAUC80 {cal['pauc80']:.4f}  {manifest['calibration']['method']} calibration, ECE {cal['ece_raw']:.4f} → {cal['ece']:.4f}")  # fmt: skip
+    click.echo(
+        f"threshold {manifest['threshold']:.4f}: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}"
+    )
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_data_and_out
+@click.option("--version", required=True, help="Version of the combined bundle.")
+@click.option(
+    "--gate-members",
+    help="Members (0-based, in the order of the sources) whose image features the not-assessable gate reads "
+    "(default: all).",
+)
+def combine(sources, data_dir, out_dir, version, gate_members):
+    """Average the members of several training runs on the same split (work folders or bundles) into one
+    bundle; calibration, threshold and gate are fitted again on the held-out calibration set."""
+    from model.combine import combine as run_combine
+    from model.errors import ModelError
+
+    logging.getLogger("model").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO)
+    try:
+        members = [int(k) for k in gate_members.split(",")] if gate_members else None
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of member numbers", param_hint="--gate-members") from None
+    try:
+        manifest = run_combine(data_dir, out_dir, list(sources), version, gate_members=members)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"bundle {manifest['version']} written to {out_dir}: {len(manifest['training']['members'])} members")
+    for row in manifest["metrics"]["members_on_calibration_set"]:
+        click.echo(f"  {row['member']}: calibration-set AUC {row['auc']:.4f}  pAUC80 {row['pauc80']:.4f}")
+    _echo_calibration_set(manifest)
+    negatives = (manifest["gate"].get("report") or {}).get("negatives")
+    if negatives:
+        click.echo(f"gate: flags {negatives['flagged_share']:.1%} of {negatives['n']} made-up negatives")
 
 
 @main.command()

@@ -1,0 +1,181 @@
+"""One bundle from the members of several training runs on the same split.
+
+Runs of ``dermascan train`` on the same data with the same seed, number of folds and calibration
+fraction hold the same patients out of every member (the calibration set). Their members can
+therefore be averaged in one ensemble whose calibration-set scores are still held out: the
+calibration map, the referral threshold and the not-assessable gate are fitted on them exactly as
+``train`` fits them for one run. This is how two runs that differ in one setting (say, with and
+without an average of the weights) become one stronger ensemble without training again.
+
+A source is a training work folder (its finished folds' ``best.keras``) or a bundle folder (its
+members). Every source must agree on the split, the metadata encoding and the image size; the
+split is compared row by row, so a source trained on other data, or with another seed, is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from model import metrics
+from model.data import IsicDataset
+from model.errors import ModelError
+from model.features import FeatureSpec
+from model.train import (
+    TrainConfig,
+    calibrate,
+    data_fingerprint,
+    ensemble,
+    save_bundle,
+    split_rows,
+    tta_predict,
+    with_calibration,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Source:
+    path: Path
+    cfg: TrainConfig
+    spec: FeatureSpec
+    labels: list[str]  # one per member: "<source>/fold<k>"
+    models: list  # keras models, in member order
+    folds: list[dict]  # each member's fold report (its own validation fold)
+    oof: dict | None  # the run's pooled out-of-fold metrics, when known
+    split: np.ndarray | None = None
+
+
+def _config(values: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def _is_bundle(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+def read_config(path: Path) -> TrainConfig:
+    if _is_bundle(path):
+        return _config(json.loads((path / "manifest.json").read_text()).get("training", {}).get("config", {}))
+    if (path / "config.json").is_file():
+        return _config(json.loads((path / "config.json").read_text()))
+    raise ModelError(f"{path}: neither a bundle (manifest.json) nor a training work folder (config.json)")
+
+
+def open_source(path: Path, dataset: IsicDataset) -> Source:
+    """The members of a bundle or of a training work folder, with their split."""
+    import keras
+
+    cfg = read_config(path)
+    if _is_bundle(path):
+        from model import bundle
+
+        loaded = bundle.load(path)
+        manifest = loaded.manifest
+        nested = [layer for layer in loaded.network.layers if isinstance(layer, keras.Model)] or [loaded.network]
+        names = manifest.get("training", {}).get("members") or [f"member{k}" for k in range(len(nested))]
+        by_name = {f"fold{f['fold']}": f for f in manifest.get("metrics", {}).get("folds", [])}
+        split = split_rows(dataset.targets(), dataset.groups(), cfg)
+        return Source(
+            path, cfg, loaded.spec, [f"{manifest['version']}/{n}" for n in names], nested,
+            [by_name.get(n, {}) for n in names], manifest.get("metrics", {}).get("oof"), split,
+        )  # fmt: skip
+    report_path = path / "cv_report.json"
+    if not report_path.is_file() or not (path / "split.npy").is_file():
+        raise ModelError(f"{path}: no finished fold (cv_report.json and split.npy are missing)")
+    report = json.loads(report_path.read_text())
+    folds = sorted(report["folds"], key=lambda f: f["fold"])
+    models = [keras.saving.load_model(path / f"fold{f['fold']}" / "best.keras", compile=False) for f in folds]
+    spec = FeatureSpec.from_json((path / "feature_spec.json").read_text())
+    labels = [f"{path.name}/fold{f['fold']}" for f in folds]
+    return Source(path, cfg, spec, labels, models, folds, report.get("oof"), np.load(path / "split.npy"))
+
+
+def combine(
+    data_dir, out_dir, paths: list[Path], version: str, gate_members: list[int] | None = None, progress=None
+) -> dict:
+    """Average the members of ``paths`` (bundles or work folders) into one bundle at ``out_dir``.
+
+    The calibration set is scored once by every member (with the test-time flips); the map,
+    the threshold and the gate are fitted as in training. ``gate_members``: the members (by
+    position in the combined ensemble) whose features the gate reads — all of them by default.
+    """
+    paths = [Path(p) for p in paths]
+    out = Path(out_dir).resolve()
+    if len(paths) < 2:
+        raise ModelError("combine needs at least two sources")
+    if any(p.resolve() == out for p in paths):
+        raise ModelError(f"{out_dir}: the output folder is one of the sources")
+    configs = [read_config(p) for p in paths]
+    cfg = configs[0]
+    for p, c in zip(paths[1:], configs[1:], strict=True):
+        for name in ("image_size", "folds", "seed", "calibration_fraction", "limit", "tta"):
+            if getattr(c, name) != getattr(cfg, name):
+                raise ModelError(f"{p}: {name} is {getattr(c, name)!r}, the first source's is {getattr(cfg, name)!r}")
+    dataset = IsicDataset.open(data_dir, limit=cfg.limit)
+    y = dataset.targets()
+    sources = []
+    for p in paths:
+        src = open_source(p, dataset)
+        if src.split is None or src.split.shape != y.shape:
+            raise ModelError(f"{p}: its split does not cover this data ({len(y)} rows)")
+        if sources and not np.array_equal(src.split, sources[0].split):
+            raise ModelError(f"{p}: trained on another split than {paths[0]} (other data, seed or folds)")
+        if sources and src.spec != sources[0].spec:
+            raise ModelError(f"{p}: encodes the metadata differently from {paths[0]}")
+        sources.append(src)
+        log.info("%s: %d members", p, len(src.models))
+    fold = sources[0].split
+    cal_idx = np.flatnonzero(fold < 0)
+    if not cal_idx.size:
+        raise ModelError("the sources hold out no calibration set (trained with --calibration-fraction 0)")
+    ids = [dataset.ids[i] for i in cal_idx]
+    images = dataset.load_images(cfg.image_size, ids=ids)
+    meta = sources[0].spec.transform(dataset.metadata.iloc[cal_idx])
+    models = [m for s in sources for m in s.models]
+    labels = [label for s in sources for label in s.labels]
+    if gate_members is not None and not set(gate_members) <= set(range(len(models))):
+        raise ModelError(f"gate members {gate_members}: the ensemble has members 0..{len(models) - 1}")
+    per_member, on_cal = [], []
+    for label, model in zip(labels, models, strict=True):
+        scores = tta_predict(model, images, meta, tta=cfg.tta)[0]
+        per_member.append(scores)
+        on_cal.append({"member": label, "auc": metrics.auc(y[cal_idx], scores),
+                       "pauc80": metrics.pauc_above_tpr(y[cal_idx], scores)})  # fmt: skip
+        log.info("%s on the calibration set: AUC %.4f", label, on_cal[-1]["auc"])
+        if progress:
+            progress(label)
+    network = ensemble(models, name="dermascan_ensemble")
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_block = {
+        "data": {
+            **data_fingerprint(data_dir),
+            "description": f"members of {len(sources)} training runs on one patient-grouped split; "
+            "the calibration set is held out of every member",
+        },
+        "folds": [{**f, "member": label} for s in sources for label, f in zip(s.labels, s.folds, strict=True)],
+        "members_on_calibration_set": on_cal,
+        "sources": [
+            {
+                "path": str(s.path),
+                "members": s.labels,
+                "oof": s.oof,
+                "ema_momentum": s.cfg.ema_momentum,
+                "epochs": s.cfg.epochs,
+            }
+            for s in sources
+        ],  # fmt: skip
+    }
+    extra = {"inference": {"tta": cfg.tta}}
+    threshold = with_calibration(metrics_block, extra, calibrate(out, y, fold, per_member, cfg))
+    training = {"members": labels, "combined_from": [str(p) for p in paths]}
+    return save_bundle(
+        network, sources[0].spec, out, data_dir, dataset, fold, cfg, version, threshold, metrics_block, training, extra,
+        gate_members=gate_members,
+    )  # fmt: skip
