@@ -86,15 +86,26 @@ def open_source(path: Path, dataset: IsicDataset) -> Source:
             path, cfg, loaded.spec, [f"{manifest['version']}/{n}" for n in names], nested,
             [by_name.get(n, {}) for n in names], manifest.get("metrics", {}).get("oof"), split,
         )  # fmt: skip
-    report_path = path / "cv_report.json"
-    if not report_path.is_file() or not (path / "split.npy").is_file():
-        raise ModelError(f"{path}: no finished fold (cv_report.json and split.npy are missing)")
-    report = json.loads(report_path.read_text())
-    folds = sorted(report["folds"], key=lambda f: f["fold"])
+    if not (path / "split.npy").is_file() or not (path / "feature_spec.json").is_file():
+        raise ModelError(f"{path}: not a training work folder with a split (split.npy, feature_spec.json)")
+    split = np.load(path / "split.npy")
+    y = dataset.targets()
+    folds = []
+    for k in range(cfg.folds):  # the finished folds: a run still training the next one can join
+        if (path / f"fold{k}" / "oof.npz").is_file() and (path / f"fold{k}" / "best.keras").is_file():
+            saved = np.load(path / f"fold{k}" / "oof.npz")
+            scores, idx = saved["mean"], saved["index"]
+            folds.append({"fold": k, "n_val": int(idx.size), "auc": metrics.auc(y[idx], scores),
+                          "pauc80": metrics.pauc_above_tpr(y[idx], scores)})  # fmt: skip
+    if not folds:
+        raise ModelError(f"{path}: no finished fold")
     models = [keras.saving.load_model(path / f"fold{f['fold']}" / "best.keras", compile=False) for f in folds]
     spec = FeatureSpec.from_json((path / "feature_spec.json").read_text())
     labels = [f"{path.name}/fold{f['fold']}" for f in folds]
-    return Source(path, cfg, spec, labels, models, folds, report.get("oof"), np.load(path / "split.npy"))
+    oof = None
+    if (path / "cv_report.json").is_file():
+        oof = json.loads((path / "cv_report.json").read_text()).get("oof")
+    return Source(path, cfg, spec, labels, models, folds, oof, split)
 
 
 def combine(
