@@ -49,6 +49,7 @@ class Source:
     folds: list[dict]  # each member's fold report (its own validation fold)
     oof: dict | None  # the run's pooled out-of-fold metrics, when known
     split: np.ndarray | None = None
+    cal_scores: list | None = None  # each member's TTA scores on the calibration set, when saved
 
 
 def _config(values: dict) -> TrainConfig:
@@ -90,13 +91,16 @@ def open_source(path: Path, dataset: IsicDataset) -> Source:
         raise ModelError(f"{path}: not a training work folder with a split (split.npy, feature_spec.json)")
     split = np.load(path / "split.npy")
     y = dataset.targets()
-    folds = []
+    folds, cal_scores = [], []
+    cal_idx = np.flatnonzero(split < 0)
     for k in range(cfg.folds):  # the finished folds: a run still training the next one can join
         if (path / f"fold{k}" / "oof.npz").is_file() and (path / f"fold{k}" / "best.keras").is_file():
             saved = np.load(path / f"fold{k}" / "oof.npz")
             scores, idx = saved["mean"], saved["index"]
             folds.append({"fold": k, "n_val": int(idx.size), "auc": metrics.auc(y[idx], scores),
                           "pauc80": metrics.pauc_above_tpr(y[idx], scores)})  # fmt: skip
+            same = "cal_mean" in saved and np.array_equal(saved["cal_index"], cal_idx)
+            cal_scores.append(saved["cal_mean"] if same else None)
     if not folds:
         raise ModelError(f"{path}: no finished fold")
     models = [keras.saving.load_model(path / f"fold{f['fold']}" / "best.keras", compile=False) for f in folds]
@@ -105,12 +109,10 @@ def open_source(path: Path, dataset: IsicDataset) -> Source:
     oof = None
     if (path / "cv_report.json").is_file():
         oof = json.loads((path / "cv_report.json").read_text()).get("oof")
-    return Source(path, cfg, spec, labels, models, folds, oof, split)
+    return Source(path, cfg, spec, labels, models, folds, oof, split, cal_scores)
 
 
-def combine(
-    data_dir, out_dir, paths: list[Path], version: str, gate_members: list[int] | None = None, progress=None
-) -> dict:
+def combine(data_dir, out_dir, paths: list[Path], version: str, gate_members: list[int] | None = None) -> dict:
     """Average the members of ``paths`` (bundles or work folders) into one bundle at ``out_dir``.
 
     The calibration set is scored once by every member (with the test-time flips); the map,
@@ -146,22 +148,23 @@ def combine(
     cal_idx = np.flatnonzero(fold < 0)
     if not cal_idx.size:
         raise ModelError("the sources hold out no calibration set (trained with --calibration-fraction 0)")
-    ids = [dataset.ids[i] for i in cal_idx]
-    images = dataset.load_images(cfg.image_size, ids=ids)
-    meta = sources[0].spec.transform(dataset.metadata.iloc[cal_idx])
     models = [m for s in sources for m in s.models]
     labels = [label for s in sources for label in s.labels]
+    saved = [c for s in sources for c in (s.cal_scores or [None] * len(s.models))]
     if gate_members is not None and not set(gate_members) <= set(range(len(models))):
         raise ModelError(f"gate members {gate_members}: the ensemble has members 0..{len(models) - 1}")
+    images = meta = None
     per_member, on_cal = [], []
-    for label, model in zip(labels, models, strict=True):
-        scores = tta_predict(model, images, meta, tta=cfg.tta)[0]
+    for label, model, scores in zip(labels, models, saved, strict=True):
+        if scores is None:  # scored here, with the same flips as training scores them
+            if images is None:
+                images = dataset.load_images(cfg.image_size, ids=[dataset.ids[i] for i in cal_idx])
+                meta = sources[0].spec.transform(dataset.metadata.iloc[cal_idx])
+            scores = tta_predict(model, images, meta, tta=cfg.tta)[0]
         per_member.append(scores)
         on_cal.append({"member": label, "auc": metrics.auc(y[cal_idx], scores),
                        "pauc80": metrics.pauc_above_tpr(y[cal_idx], scores)})  # fmt: skip
         log.info("%s on the calibration set: AUC %.4f", label, on_cal[-1]["auc"])
-        if progress:
-            progress(label)
     network = ensemble(models, name="dermascan_ensemble")
     out.mkdir(parents=True, exist_ok=True)
     metrics_block = {
