@@ -50,11 +50,16 @@ class Source:
     oof: dict | None  # the run's pooled out-of-fold metrics, when known
     split: np.ndarray | None = None
     cal_scores: list | None = None  # each member's TTA scores on the calibration set, when saved
+    validation_positives: list | None = None  # each member's scores of its validation fold's malignant lesions
 
 
 def _config(values: dict) -> TrainConfig:
     known = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def _fold_number(name: str) -> int:
+    return int(name[4:]) if name.startswith("fold") and name[4:].isdigit() else 0
 
 
 def _is_bundle(path: Path) -> bool:
@@ -80,7 +85,9 @@ def open_source(path: Path, dataset: IsicDataset) -> Source:
         loaded = bundle.load(path)
         manifest = loaded.manifest
         nested = [layer for layer in loaded.network.layers if isinstance(layer, keras.Model)] or [loaded.network]
-        names = manifest.get("training", {}).get("members") or [f"member{k}" for k in range(len(nested))]
+        # the network holds its members in fold order (see ``model.train.assemble``)
+        names = sorted(manifest.get("training", {}).get("members") or [], key=_fold_number)
+        names = names if len(names) == len(nested) else [f"member{k}" for k in range(len(nested))]
         by_name = {f"fold{f['fold']}": f for f in manifest.get("metrics", {}).get("folds", [])}
         split = split_rows(dataset.targets(), dataset.groups(), cfg)
         return Source(
@@ -91,7 +98,7 @@ def open_source(path: Path, dataset: IsicDataset) -> Source:
         raise ModelError(f"{path}: not a training work folder with a split (split.npy, feature_spec.json)")
     split = np.load(path / "split.npy")
     y = dataset.targets()
-    folds, cal_scores = [], []
+    folds, cal_scores, validation = [], [], []
     cal_idx = np.flatnonzero(split < 0)
     for k in range(cfg.folds):  # the finished folds: a run still training the next one can join
         if (path / f"fold{k}" / "oof.npz").is_file() and (path / f"fold{k}" / "best.keras").is_file():
@@ -101,6 +108,7 @@ def open_source(path: Path, dataset: IsicDataset) -> Source:
                           "pauc80": metrics.pauc_above_tpr(y[idx], scores)})  # fmt: skip
             same = "cal_mean" in saved and np.array_equal(saved["cal_index"], cal_idx)
             cal_scores.append(saved["cal_mean"] if same else None)
+            validation.append(scores[y[idx] == 1])
     if not folds:
         raise ModelError(f"{path}: no finished fold")
     models = [keras.saving.load_model(path / f"fold{f['fold']}" / "best.keras", compile=False) for f in folds]
@@ -109,7 +117,7 @@ def open_source(path: Path, dataset: IsicDataset) -> Source:
     oof = None
     if (path / "cv_report.json").is_file():
         oof = json.loads((path / "cv_report.json").read_text()).get("oof")
-    return Source(path, cfg, spec, labels, models, folds, oof, split, cal_scores)
+    return Source(path, cfg, spec, labels, models, folds, oof, split, cal_scores, validation)
 
 
 def combine(data_dir, out_dir, paths: list[Path], version: str, gate_members: list[int] | None = None) -> dict:
@@ -151,6 +159,8 @@ def combine(data_dir, out_dir, paths: list[Path], version: str, gate_members: li
     models = [m for s in sources for m in s.models]
     labels = [label for s in sources for label in s.labels]
     saved = [c for s in sources for c in (s.cal_scores or [None] * len(s.models))]
+    # a bundle keeps no validation scores: the threshold's level comes from the members that have them
+    validation = [v for s in sources for v in (s.validation_positives or [None] * len(s.models))]
     if gate_members is not None and not set(gate_members) <= set(range(len(models))):
         raise ModelError(f"gate members {gate_members}: the ensemble has members 0..{len(models) - 1}")
     images = meta = None
@@ -187,7 +197,7 @@ def combine(data_dir, out_dir, paths: list[Path], version: str, gate_members: li
         ],  # fmt: skip
     }
     extra = {"inference": {"tta": cfg.tta}}
-    threshold = with_calibration(metrics_block, extra, calibrate(out, y, fold, per_member, cfg))
+    threshold = with_calibration(metrics_block, extra, calibrate(out, y, fold, per_member, cfg, validation))
     training = {"members": labels, "combined_from": [str(p) for p in paths]}
     return save_bundle(
         network, sources[0].spec, out, data_dir, dataset, fold, cfg, version, threshold, metrics_block, training, extra,

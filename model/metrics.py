@@ -92,6 +92,61 @@ def conservative_threshold(
     return float(min(threshold, np.quantile(picks, 1.0 - confidence)))
 
 
+def _at_level(positives: np.ndarray, level: float) -> float:
+    """The highest threshold that calls ``level`` of these positive scores positive."""
+    ordered = np.sort(positives)
+    k = min(max(int(np.ceil(level * ordered.size)), 1), ordered.size)
+    return float(ordered[ordered.size - k])
+
+
+def transferred_threshold(
+    positives: np.ndarray,
+    member_positives: list[np.ndarray],
+    member_validation_positives: list[np.ndarray],
+    target: float = 0.95,
+    confidence: float = 0.0,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """The ensemble's threshold for ``target`` sensitivity on new patients, chosen on a small
+    held-out set with the help of larger ones.
+
+    ``positives``: the ensemble's scores of the held-out set's malignant lesions (the only data
+    no member trained on). ``member_positives[k]``: member k's own scores of the same lesions;
+    ``member_validation_positives[k]``: its scores of the malignant lesions of its own validation
+    fold (patients it never trained on, several times as many). Each member's threshold for the
+    target on its validation fold shows what share of the held-out lesions a typical cohort's
+    ``target`` corresponds to (lower when the held-out set's malignant lesions happen to be harder
+    than usual); the ensemble's threshold is taken on the held-out set at that share (the mean over
+    members). With ``confidence``, the threshold holds in that share of bootstrap resamples of all
+    these lesions together. Returns the threshold and the held-out level it was taken at.
+    """
+    positives = np.asarray(positives, float)
+    members = [np.asarray(m, float) for m in member_positives]
+    validation = [np.asarray(v, float) for v in member_validation_positives]
+    if not members or len(members) != len(validation) or any(m.size != positives.size for m in members):
+        raise ValueError("one score array per member, on the same held-out lesions, and one validation array each")
+
+    def level(rows: np.ndarray, picks: list[np.ndarray]) -> float:
+        shares = [
+            np.mean(m[rows] >= _at_level(v[p], target)) for m, v, p in zip(members, validation, picks, strict=True)
+        ]
+        return float(np.mean(shares))
+
+    everything = np.arange(positives.size)
+    found = level(everything, [np.arange(v.size) for v in validation])
+    threshold = _at_level(positives, found)
+    if confidence <= 0:
+        return threshold, found
+    rng = np.random.default_rng(seed)
+    picks = []
+    for _ in range(n_boot):
+        rows = rng.integers(0, positives.size, positives.size)
+        drawn = [rng.integers(0, v.size, v.size) for v in validation]
+        picks.append(_at_level(positives[rows], level(rows, drawn)))
+    return float(min(threshold, np.quantile(picks, 1.0 - confidence))), found
+
+
 def bootstrap_ci(metric, y_true, y_score, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0):
     """Percentile bootstrap CI of ``metric(y_true, y_score)``, resampling cases (stratified)."""
     y_true, y_score = _check(y_true, y_score)

@@ -450,9 +450,11 @@ def assemble(
     dataset = IsicDataset.open(data_dir, limit=cfg.limit)
     fold = np.load(work / "split.npy") if (work / "split.npy").exists() else np.zeros(len(dataset.ids), int)
     if (fold < 0).any():
-        scores = member_cal_scores(work, fold, [f["fold"] for f in members])
-        threshold = with_calibration(metrics_block, extra, calibrate(work, dataset.targets(), fold, scores, cfg))
-    training = {"members": [f"fold{f['fold']}" for f in members], "duration_s": round(seconds, 1)}
+        y_all, used = dataset.targets(), [f["fold"] for f in sorted(members, key=lambda f: f["fold"])]
+        scores, validation = member_cal_scores(work, fold, used), member_validation_scores(work, y_all, used)
+        threshold = with_calibration(metrics_block, extra, calibrate(work, y_all, fold, scores, cfg, validation))
+    in_network = sorted(members, key=lambda f: f["fold"])  # the order of the members in the graph
+    training = {"members": [f"fold{f['fold']}" for f in in_network], "duration_s": round(seconds, 1)}
     manifest = save_bundle(network, spec, out_dir, data_dir, dataset, fold, cfg, version, threshold, metrics_block, training, extra)  # fmt: skip
     for picture in ("roc.png", "reliability.png"):
         if (work / picture).exists():
@@ -517,12 +519,27 @@ def member_cal_scores(work: Path, fold: np.ndarray, members: list[int]) -> list[
     return per_member
 
 
-def calibrate(pictures: Path, y: np.ndarray, fold: np.ndarray, per_member: list[np.ndarray], cfg: TrainConfig) -> dict:
+def member_validation_scores(work: Path, y: np.ndarray, members: list[int]) -> list[np.ndarray]:
+    """Each fold model's TTA scores of the malignant lesions of its own validation fold."""
+    out = []
+    for k in members:
+        saved = np.load(work / f"fold{k}" / "oof.npz")
+        out.append(saved["mean"][y[saved["index"]] == 1])
+    return out
+
+
+def calibrate(
+    pictures: Path, y: np.ndarray, fold: np.ndarray, per_member: list[np.ndarray], cfg: TrainConfig,
+    validation_positives: list[np.ndarray | None] | None = None,
+) -> dict:  # fmt: skip
     """On the calibration set (rows no member trained on, ``fold == -1``): the shipped ensemble's
     own scores (the mean of its members' TTA scores ``per_member``, as the averaged graph computes
     them), a calibration map chosen by cross-validated log loss, and the referral threshold on the
-    calibrated scores with the bootstrap rule. Writes the ROC and the reliability diagram into
-    ``pictures``."""
+    calibrated scores with the bootstrap rule. With ``validation_positives`` (per member, its
+    scores of its own validation fold's malignant lesions, or None), the threshold is taken at the
+    calibration-set sensitivity that the members' validation folds show corresponds to the target
+    on a typical cohort (:func:`model.metrics.transferred_threshold`). Writes the ROC and the
+    reliability diagram into ``pictures``."""
     from model import calibration
 
     cal_idx = np.flatnonzero(fold < 0)
@@ -531,8 +548,27 @@ def calibrate(pictures: Path, y: np.ndarray, fold: np.ndarray, per_member: list[
         raise ValueError("the calibration set needs malignant and benign lesions: use more data or a larger fraction")
     calibrator, candidates = calibration.choose(yc, raw)
     calibrated = calibrator(raw)
-    threshold = metrics.conservative_threshold(yc, calibrated, cfg.target_sensitivity, cfg.threshold_confidence)
+    known = [(m, v) for m, v in zip(per_member, validation_positives or [], strict=False) if v is not None and v.size]
+    rule = (f"highest threshold with sensitivity >= {cfg.target_sensitivity} in {cfg.threshold_confidence:.0%} "
+            "of bootstrap resamples of the calibration-set positives, on the shipped ensemble's calibrated scores")  # fmt: skip
+    level = None
+    if known:
+        threshold, level = metrics.transferred_threshold(
+            calibrated[yc == 1], [m[yc == 1] for m, _ in known], [v for _, v in known],
+            cfg.target_sensitivity, cfg.threshold_confidence, seed=cfg.seed,
+        )  # fmt: skip
+        rule = (f"sensitivity {cfg.target_sensitivity} on a typical cohort: the calibration-set sensitivity that "
+                f"matches it for the members on their own validation folds ({level:.3f}), on the shipped ensemble's "
+                f"calibrated scores, holding in {cfg.threshold_confidence:.0%} of bootstrap resamples of the "
+                "calibration-set and validation-fold positives")  # fmt: skip
+    else:
+        threshold = metrics.conservative_threshold(yc, calibrated, cfg.target_sensitivity, cfg.threshold_confidence)
     summary = metrics.summary(yc, calibrated, threshold)
+    if level is not None:
+        summary["threshold_level"] = {
+            "calibration_set_sensitivity": level,
+            "members_with_validation_scores": len(known),
+        }
     summary.update(
         {
             "raw_auc": metrics.auc(yc, raw),
@@ -567,8 +603,7 @@ def calibrate(pictures: Path, y: np.ndarray, fold: np.ndarray, per_member: list[
             "ece": summary["ece"],
             "fitted_on": "held-out calibration set (patients no member trained on)",
         },
-        "rule": f"highest threshold with sensitivity >= {cfg.target_sensitivity} in {cfg.threshold_confidence:.0%} "
-        "of bootstrap resamples of the calibration-set positives, on the shipped ensemble's calibrated scores",
+        "rule": rule,
     }
 
 
