@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +203,47 @@ def combine(data_dir, out_dir, paths: list[Path], version: str, gate_members: li
         network, sources[0].spec, out, data_dir, dataset, fold, cfg, version, threshold, metrics_block, training, extra,
         gate_members=gate_members,
     )  # fmt: skip
+
+
+def unpack(bundle_dir, data_dir, work_dir) -> Path:
+    """Re-create a training work folder from a bundle: its members as the fold checkpoints, their
+    scores of their own validation folds and of the calibration set computed again, the split,
+    metadata encoding and configuration it was trained with. ``dermascan train --work-dir`` on
+    that folder then trains nothing and assembles the bundle again — with today's calibration,
+    threshold rule and gate — which is how a bundle made before a rule changed gets the new rule."""
+    from model import bundle
+
+    bundle_dir, work = Path(bundle_dir), Path(work_dir)
+    cfg = read_config(bundle_dir)
+    dataset = IsicDataset.open(data_dir, limit=cfg.limit)
+    source = open_source(bundle_dir, dataset)
+    loaded = bundle.read_manifest(bundle_dir, verify=False)
+    if (
+        loaded.get("metrics", {}).get("data", {}).get("metadata", {}).get("sha256")
+        != data_fingerprint(data_dir)["metadata"]["sha256"]
+    ):
+        raise ModelError(f"{data_dir}: not the data {bundle_dir} was trained on (metadata digest differs)")
+    folds = [_fold_number(label.rsplit("/", 1)[-1]) for label in source.labels]
+    if sorted(folds) != sorted(set(folds)):
+        raise ModelError(f"{bundle_dir}: its members do not name distinct folds")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    (work / "feature_spec.json").write_text(source.spec.to_json())
+    np.save(work / "split.npy", source.split)
+    images = dataset.load_images(cfg.image_size)
+    meta = source.spec.transform(dataset.metadata)
+    cal_idx = np.flatnonzero(source.split < 0)
+    for k, model in zip(folds, source.models, strict=True):
+        val_idx = np.flatnonzero(source.split == k)
+        (work / f"fold{k}").mkdir(exist_ok=True)
+        model.save(work / f"fold{k}" / "best.keras")
+        mean, spread, plain = tta_predict(model, images[val_idx], meta[val_idx], tta=cfg.tta)
+        cal = tta_predict(model, images[cal_idx], meta[cal_idx], tta=cfg.tta)
+        np.savez(
+            work / f"fold{k}" / "oof.npz", mean=mean, spread=spread, plain=plain, index=val_idx,
+            cal_mean=cal[0], cal_spread=cal[1], cal_plain=cal[2], cal_index=cal_idx,
+        )  # fmt: skip
+        log.info(
+            "fold %d: AUC %.4f on its validation fold (scored again)", k, metrics.auc(dataset.targets()[val_idx], mean)
+        )
+    return work

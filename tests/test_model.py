@@ -427,3 +427,44 @@ def test_combine_averages_two_runs_on_one_split_and_refuses_another_split(traine
     )  # fmt: skip
     assert refused.exit_code != 0 and "another split" in refused.output
     assert not (tmp_path / "x").exists()
+
+
+def test_unpack_then_assemble_again_gives_the_same_members_without_training(trained_bundle, ham_dir, tmp_path):
+    """`dermascan unpack` re-creates a bundle's work folder; `train --work-dir` on it trains nothing and
+    writes a bundle with the same members, split and calibration set (and today's rules)."""
+    from click.testing import CliRunner
+
+    from dermascan.cli import main
+
+    work = tmp_path / "work"
+    done = CliRunner().invoke(main, ["unpack", str(trained_bundle), "--data", str(ham_dir), "--work-dir", str(work)])
+    assert done.exit_code == 0, done.output
+    original = trained_bundle.with_name("bundle.work")
+    np.testing.assert_array_equal(np.load(work / "split.npy"), np.load(original / "split.npy"))
+    for k in (0, 1):  # the held-out scores computed again are the ones training saved (float16 weights aside)
+        again, saved = np.load(work / f"fold{k}" / "oof.npz"), np.load(original / f"fold{k}" / "oof.npz")
+        np.testing.assert_array_equal(again["index"], saved["index"])
+        np.testing.assert_allclose(again["cal_mean"], saved["cal_mean"], atol=5e-3)
+    out = tmp_path / "again"
+    rebuilt = CliRunner().invoke(
+        main,
+        ["train", "--data", str(ham_dir), "--out", str(out), "--work-dir", str(work), "--folds", "2", "--epochs", "1",
+         "--limit", "96", "--backbone", "tiny", "--image-size", "32", "--version", "tiny-again"],
+    )  # fmt: skip
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert not (work / "fold0" / "history.csv").exists()  # nothing was trained
+    dataset = IsicDataset.open(ham_dir, limit=12)
+    records = dataset.metadata.to_dict("records")
+    images = dataset.read_bytes(dataset.ids)
+    before = Predictor(trained_bundle, batch_sizes=(16,)).predict_raw(*_prepared(trained_bundle, images, records))[0]
+    after = Predictor(out, batch_sizes=(16,)).predict_raw(*_prepared(out, images, records))[0]
+    np.testing.assert_allclose(after, before, atol=1e-3)
+    wrong = CliRunner().invoke(
+        main, ["unpack", str(trained_bundle), "--data", str(tmp_path), "--work-dir", str(tmp_path / "w")]
+    )
+    assert wrong.exit_code != 0
+
+
+def _prepared(bundle_dir, images, records):
+    prepared = Predictor(bundle_dir, batch_sizes=(16,)).pre_process(images, records)
+    return prepared.pixels, prepared.meta

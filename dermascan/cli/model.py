@@ -207,3 +207,29 @@ def evaluate(ctx, bundle_dir, data_dir, out_path, tta, limit):
     out_path = out_path or Path(f"evaluation-{result['bundle']}.json")
     write(result, out_path)
     click.echo(f"written to {out_path}")
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The ISIC-2024 layout folder the bundle was trained on.",
+)
+@click.option("--work-dir", required=True, type=click.Path(path_type=Path), help="Training work folder to create.")
+def unpack(bundle_dir, data_dir, work_dir):
+    """Re-create a bundle's training work folder (members as fold checkpoints, their held-out scores computed
+    again), so that `dermascan train --work-dir` assembles it again with today's calibration, threshold and gate."""
+    from model.combine import unpack as run_unpack
+    from model.errors import ModelError
+
+    logging.getLogger("model").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO)
+    try:
+        work = run_unpack(bundle_dir, data_dir, work_dir)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{bundle_dir} unpacked into {work}; assemble it again with `dermascan train --work-dir {work} ...`")
