@@ -173,7 +173,7 @@ class Worker:
             cmd, env=env, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT
         )
 
-    def wait_ready(self, timeout: float = 120, warm: bool = False) -> Worker:
+    def wait_ready(self, timeout: float = 240, warm: bool = False) -> Worker:
         """Until Celery reports ready (and, with ``warm``, the child has run every batch shape)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
