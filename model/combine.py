@@ -30,6 +30,7 @@ from model.train import (
     calibrate,
     data_fingerprint,
     ensemble,
+    fold_scores,
     save_bundle,
     split_rows,
     tta_predict,
@@ -98,17 +99,13 @@ def open_source(path: Path, dataset: IsicDataset) -> Source:
         raise ModelError(f"{path}: not a training work folder with a split (split.npy, feature_spec.json)")
     split = np.load(path / "split.npy")
     y = dataset.targets()
-    folds, cal_scores, validation = [], [], []
-    cal_idx = np.flatnonzero(split < 0)
+    folds, finished = [], []
     for k in range(cfg.folds):  # the finished folds: a run still training the next one can join
-        if (path / f"fold{k}" / "oof.npz").is_file() and (path / f"fold{k}" / "best.keras").is_file():
-            saved = np.load(path / f"fold{k}" / "oof.npz")
-            scores, idx = saved["mean"], saved["index"]
-            folds.append({"fold": k, "n_val": int(idx.size), "auc": metrics.auc(y[idx], scores),
-                          "pauc80": metrics.pauc_above_tpr(y[idx], scores)})  # fmt: skip
-            same = "cal_mean" in saved and np.array_equal(saved["cal_index"], cal_idx)
-            cal_scores.append(saved["cal_mean"] if same else None)
-            validation.append(scores[y[idx] == 1])
+        saved = fold_scores(path, k, split)
+        if saved is not None and (path / f"fold{k}" / "best.keras").is_file():
+            folds.append({"fold": k, "n_val": int(saved.index.size), "auc": metrics.auc(y[saved.index], saved.scores),
+                          "pauc80": metrics.pauc_above_tpr(y[saved.index], saved.scores)})  # fmt: skip
+            finished.append(saved)
     if not folds:
         raise ModelError(f"{path}: no finished fold")
     models = [keras.saving.load_model(path / f"fold{f['fold']}" / "best.keras", compile=False) for f in folds]
@@ -117,7 +114,10 @@ def open_source(path: Path, dataset: IsicDataset) -> Source:
     oof = None
     if (path / "cv_report.json").is_file():
         oof = json.loads((path / "cv_report.json").read_text()).get("oof")
-    return Source(path, cfg, spec, labels, models, folds, oof, split, cal_scores, validation)
+    cal_scores = [f.cal_scores for f in finished]
+    return Source(
+        path, cfg, spec, labels, models, folds, oof, split, cal_scores, [f.validation_positives(y) for f in finished]
+    )
 
 
 def combine(data_dir, out_dir, paths: list[Path], version: str, gate_members: list[int] | None = None) -> dict:
@@ -211,18 +211,16 @@ def unpack(bundle_dir, data_dir, work_dir) -> Path:
     metadata encoding and configuration it was trained with. ``dermascan train --work-dir`` on
     that folder then trains nothing and assembles the bundle again — with today's calibration,
     threshold rule and gate — which is how a bundle made before a rule changed gets the new rule."""
-    from model import bundle
+    from model.bundle import file_sha256, read_manifest
+    from model.data import METADATA_FILES, find_file
 
     bundle_dir, work = Path(bundle_dir), Path(work_dir)
+    trained_on = read_manifest(bundle_dir, verify=False).get("metrics", {}).get("data", {}).get("metadata", {})
+    if trained_on.get("sha256") != file_sha256(find_file(Path(data_dir), METADATA_FILES)):
+        raise ModelError(f"{data_dir}: not the data {bundle_dir} was trained on (metadata digest differs)")
     cfg = read_config(bundle_dir)
     dataset = IsicDataset.open(data_dir, limit=cfg.limit)
     source = open_source(bundle_dir, dataset)
-    loaded = bundle.read_manifest(bundle_dir, verify=False)
-    if (
-        loaded.get("metrics", {}).get("data", {}).get("metadata", {}).get("sha256")
-        != data_fingerprint(data_dir)["metadata"]["sha256"]
-    ):
-        raise ModelError(f"{data_dir}: not the data {bundle_dir} was trained on (metadata digest differs)")
     folds = [_fold_number(label.rsplit("/", 1)[-1]) for label in source.labels]
     if sorted(folds) != sorted(set(folds)):
         raise ModelError(f"{bundle_dir}: its members do not name distinct folds")

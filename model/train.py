@@ -422,9 +422,9 @@ def assemble(
     spec = FeatureSpec.from_json((work / "feature_spec.json").read_text())
     ranked = sorted(report["folds"], key=lambda f: f["auc"], reverse=True)
     members = ranked[: cfg.max_members] if cfg.max_members else ranked
+    in_network = sorted(members, key=lambda f: f["fold"])  # the order of the members in the graph
     models = [  # compile=False: a bundle carries no optimizer state (it would triple its size)
-        keras.saving.load_model(work / f"fold{f['fold']}" / "best.keras", compile=False)
-        for f in sorted(members, key=lambda f: f["fold"])
+        keras.saving.load_model(work / f"fold{f['fold']}" / "best.keras", compile=False) for f in in_network
     ]
     network = ensemble(models)
     import pandas as pd
@@ -450,10 +450,12 @@ def assemble(
     dataset = IsicDataset.open(data_dir, limit=cfg.limit)
     fold = np.load(work / "split.npy") if (work / "split.npy").exists() else np.zeros(len(dataset.ids), int)
     if (fold < 0).any():
-        y_all, used = dataset.targets(), [f["fold"] for f in sorted(members, key=lambda f: f["fold"])]
-        scores, validation = member_cal_scores(work, fold, used), member_validation_scores(work, y_all, used)
+        y_all, saved = dataset.targets(), [fold_scores(work, f["fold"], fold) for f in in_network]
+        missing = [f["fold"] for f, s in zip(in_network, saved, strict=True) if s is None or s.cal_scores is None]
+        if missing:
+            raise ValueError(f"fold(s) {missing} have no scores on this calibration set: retrain them")
+        scores, validation = [s.cal_scores for s in saved], [s.validation_positives(y_all) for s in saved]
         threshold = with_calibration(metrics_block, extra, calibrate(work, y_all, fold, scores, cfg, validation))
-    in_network = sorted(members, key=lambda f: f["fold"])  # the order of the members in the graph
     training = {"members": [f"fold{f['fold']}" for f in in_network], "duration_s": round(seconds, 1)}
     manifest = save_bundle(network, spec, out_dir, data_dir, dataset, fold, cfg, version, threshold, metrics_block, training, extra)  # fmt: skip
     for picture in ("roc.png", "reliability.png"):
@@ -507,25 +509,27 @@ def score_histogram(scores: np.ndarray, bins: int = 20) -> dict:
     return {"edges": [round(float(e), 4) for e in edges], "counts": counts.astype(int).tolist()}
 
 
-def member_cal_scores(work: Path, fold: np.ndarray, members: list[int]) -> list[np.ndarray]:
-    """Each fold model's TTA scores on the calibration set, saved when the fold finished."""
-    cal_idx = np.flatnonzero(fold < 0)
-    per_member = []
-    for k in members:
-        saved = np.load(work / f"fold{k}" / "oof.npz")
-        if "cal_mean" not in saved or not np.array_equal(saved["cal_index"], cal_idx):
-            raise ValueError(f"fold {k} has no scores on this calibration set: retrain it")
-        per_member.append(saved["cal_mean"])
-    return per_member
+@dataclass
+class FoldScores:
+    """What a finished fold saved (``oof.npz``): its TTA scores of its own validation fold and,
+    when scored on this calibration set, of the calibration set."""
+
+    index: np.ndarray  # rows of its validation fold
+    scores: np.ndarray  # its scores of them
+    cal_scores: np.ndarray | None
+
+    def validation_positives(self, y: np.ndarray) -> np.ndarray:
+        return self.scores[y[self.index] == 1]
 
 
-def member_validation_scores(work: Path, y: np.ndarray, members: list[int]) -> list[np.ndarray]:
-    """Each fold model's TTA scores of the malignant lesions of its own validation fold."""
-    out = []
-    for k in members:
-        saved = np.load(work / f"fold{k}" / "oof.npz")
-        out.append(saved["mean"][y[saved["index"]] == 1])
-    return out
+def fold_scores(work: Path, k: int, fold: np.ndarray) -> FoldScores | None:
+    """The scores fold ``k`` of a work folder saved, or None while it has not finished."""
+    path = Path(work) / f"fold{k}" / "oof.npz"
+    if not path.is_file():
+        return None
+    saved = np.load(path)
+    same = "cal_mean" in saved and np.array_equal(saved["cal_index"], np.flatnonzero(fold < 0))
+    return FoldScores(saved["index"], saved["mean"], saved["cal_mean"] if same else None)
 
 
 def calibrate(
