@@ -19,6 +19,25 @@ PREFIX = "DERMASCAN_"
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
+class MissingExtra(RuntimeError):
+    """A feature needs an optional extra that this install lacks; the message says which."""
+
+
+def require_extra(module: str, extra: str, purpose: str) -> None:
+    """Raise :class:`MissingExtra` — one line naming the extra to install — when ``module`` is
+    not installed. Call it before importing an optional extra's package."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtra(f"{purpose} needs the '{extra}' extra ({module} is not installed): pip install 'dermascan[{extra}]'")
+
+
+def check_backend() -> None:
+    """KERAS_BACKEND=jax (GPU workers) needs the gpu extra: say so before Keras fails to import."""
+    if os.environ.get("KERAS_BACKEND", "tensorflow") == "jax":
+        require_extra("jax", "gpu", "KERAS_BACKEND=jax")
+
+
 def default_bundle_path() -> Path:
     return PACKAGE_ROOT.parent / "model" / "bundles" / "default"
 

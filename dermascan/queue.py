@@ -34,6 +34,8 @@ TASK_HEATMAPS = "dermascan.heatmaps"
 TASK_SWEEP = "dermascan.sweep"
 TASK_CALLBACK = "dermascan.batch_callback"
 TASK_DELIVER = "dermascan.deliver_dicom"
+# a worker's start-up lines begin with this (``dermascan demo`` shows them to the person waiting)
+STARTING = "start-up: "
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -248,12 +248,15 @@ class Predictor:
             out[i] = score
         return out
 
-    def warm_up(self) -> float:
-        """Run every fixed batch shape once (compiles on JAX, traces on TensorFlow). Returns seconds."""
+    def warm_up(self, progress=None) -> float:
+        """Run every fixed batch shape once (compiles on JAX, traces on TensorFlow). Returns seconds.
+        ``progress(done, size, seconds)`` is called after each shape."""
         t0 = time.perf_counter()
-        for size in self.batch_sizes:
+        for done, size in enumerate(self.batch_sizes, 1):
             pixels = np.zeros((size, self.image_size, self.image_size, 3), np.uint8)
             self._run(pixels, np.zeros((size, self.spec.dim), np.float32))
+            if progress is not None:
+                progress(done, size, time.perf_counter() - t0)
         seconds = time.perf_counter() - t0
         log.info("predictor %s warmed up %s in %.1f s", self.version, self.batch_sizes, seconds)
         return seconds

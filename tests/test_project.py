@@ -226,6 +226,27 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert ci[-1].strip() == tests.strip().splitlines()[-1].strip()
 
 
+def test_ci_checks_the_plain_install_the_readme_gives():
+    """.ci/run runs .ci/plain-install (a venv made by the README's first command, no extras,
+    then the demo and every process) before the tests, which run with the test extras."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    steps = [line.strip() for line in ci.splitlines() if line.strip() and not line.strip().startswith(("#", "log "))]
+    plain = next(i for i, line in enumerate(steps) if line == "bash .ci/plain-install")
+    assert plain < len(steps) - 1
+    script = (ROOT / ".ci" / "plain-install").read_text()
+    assert "README.md" in script and "check_imports.py" in script and "demo --once" in script
+
+
+def test_a_missing_extra_is_named_in_one_line(monkeypatch):
+    from dermascan.config import MissingExtra, check_backend, require_extra
+
+    with pytest.raises(MissingExtra) as caught:
+        require_extra("no_such_module_dermascan", "edge", "the edge scorer")
+    assert str(caught.value).count("\n") == 0 and "pip install 'dermascan[edge]'" in str(caught.value)
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    check_backend()  # jax is installed with the test extras: no error
+
+
 def test_reading_settings_writes_nothing(tmp_path):
     """Only commands that need the installation secret create it (no var/ appears in a checkout
     because someone ran `dermascan evaluate` or `--help`)."""

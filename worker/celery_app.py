@@ -11,9 +11,13 @@ from pathlib import Path
 
 from celery.signals import worker_init, worker_process_init
 
-from dermascan.config import Settings
+from dermascan.config import MissingExtra, Settings, check_backend
 from dermascan.queue import make_celery
 
+try:
+    check_backend()
+except MissingExtra as exc:
+    raise SystemExit(str(exc)) from None
 settings = Settings.from_env().with_secret()
 if settings.metrics_port and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     # before prometheus_client is imported anywhere: children write here, the main process reads

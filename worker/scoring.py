@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from dermascan import bundles, results
 from dermascan.blobs import BlobError, BlobUnavailable, blob_store
 from dermascan.config import Settings
 from dermascan.db import session_factory
+from dermascan.queue import STARTING
 from dermascan.schema import ModelBundle, Prediction, Study, utcnow
 
 log = logging.getLogger(__name__)
@@ -126,31 +128,67 @@ def configure_backend(settings: Settings) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-WARM = "warm: taking work"  # logged when every shape and Grad-CAM have run once
+WARM = "warm: taking work"  # logged when every batch shape has run once (scoring is warm)
+HEATMAPS_WARM = "heat maps warm"  # logged when Grad-CAM has run once (it warms after scoring)
 
 
 def warm_up(settings: Settings) -> None:
+    """Load the bundle, run every fixed batch shape once, then take work; Grad-CAM warms up in a
+    thread meanwhile (the first heat map waits for it instead of tracing it twice)."""
     try:
+        log.info("%sloading the model bundle %s…", STARTING, settings.model_bundle)
         pred = predictor(settings)
-        pred.warm_up()
-        t0 = time.perf_counter()  # Grad-CAM traces once too: not on the first referred study
+        shapes = len(pred.batch_sizes)
+        log.info("%swarming up %d batch shape(s) %s (about a minute on a laptop)…", STARTING, shapes, pred.batch_sizes)
+        pred.warm_up(
+            progress=lambda done, size, seconds: log.info(
+                "%sbatch shape %d warm (%d of %d, %.0f s)", STARTING, size, done, shapes, seconds
+            )
+        )
+    except Exception:  # the first task will raise the same error with its context
+        log.exception("warm-up failed")
+        return
+    log.info(WARM)
+    threading.Thread(target=_warm_gradcam, args=(pred,), name="gradcam-warm-up", daemon=True).start()
+
+
+_gradcam_lock = threading.Lock()
+
+
+def _warm_gradcam(pred) -> None:
+    t0 = time.perf_counter()
+    try:
         gradcam(pred).heatmap(
             np.zeros((1, pred.image_size, pred.image_size, 3), np.uint8), np.zeros((1, pred.spec.dim), np.float32)
         )
-        log.info("Grad-CAM warmed up in %.1f s", time.perf_counter() - t0)
-    except Exception:  # the first task will raise the same error with its context
-        log.exception("warm-up failed")
-    log.info(WARM)
+    except Exception:  # the first heat map task raises the same error with its context
+        log.exception("Grad-CAM warm-up failed")
+        return
+    log.info("%s%s (Grad-CAM traced in %.1f s)", STARTING, HEATMAPS_WARM, time.perf_counter() - t0)
 
 
 def gradcam(pred):
-    """The process's Grad-CAM of the loaded bundle's network."""
+    """The process's Grad-CAM of the loaded bundle's network. While the warm-up thread traces it,
+    a heat map task waits here for it."""
     from model.gradcam import GradCam
 
-    cam = _process_state.get("gradcam")
-    if cam is None or cam[0] is not pred:
-        cam = _process_state["gradcam"] = (pred, GradCam(pred.network))
+    with _gradcam_lock:
+        cam = _process_state.get("gradcam")
+        if cam is None or cam[0] is not pred:
+            cam = _process_state["gradcam"] = (pred, _Traced(GradCam(pred.network)))
     return cam[1]
+
+
+class _Traced:
+    """A Grad-CAM whose calls run one at a time (the warm-up thread and a task never trace it
+    twice, side by side)."""
+
+    def __init__(self, cam):
+        self._cam, self._lock = cam, threading.Lock()
+
+    def heatmap(self, pixels, meta):
+        with self._lock:
+            return self._cam.heatmap(pixels, meta)
 
 
 @dataclass

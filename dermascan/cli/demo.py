@@ -50,42 +50,124 @@ def demo(ctx, once, port, timeout):
         "DERMASCAN_METRICS_PORT": str(metrics_port),
         "DERMASCAN_WORKER_METRICS_URLS": f"http://127.0.0.1:{metrics_port}/metrics",
     }
+    log_path = settings.data_dir / "worker.log"
+    log_path.write_bytes(b"")  # this run's log only: the demo reads the worker's start-up from it
     worker_proc = subprocess.Popen(worker_command(settings, ",".join(QUEUES), 1, True, "prefork"), env=env,
-                                   stdout=open(settings.data_dir / "worker.log", "ab"), stderr=subprocess.STDOUT,
+                                   stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
-    click.echo(f"worker started (pid {worker_proc.pid}, log {settings.data_dir / 'worker.log'}, "
-               f"metrics http://127.0.0.1:{metrics_port}/metrics)")  # fmt: skip
+    click.echo(
+        f"worker started (pid {worker_proc.pid}, log {log_path}, metrics http://127.0.0.1:{metrics_port}/metrics)"
+    )
     web_proc = None
     # SIGTERM (kill, timeout, a supervisor) stops everything the demo started, as Ctrl-C does
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    started = time.monotonic()
     try:
         inputs, rejected = manifest.from_folder(EXAMPLES)
         diagnosis = {i.external_id: i.metadata.get("diagnosis", "") for i in inputs}
         result = do_submit(
             settings, program_id, inputs, source="demo", label="demo examples", prior_rejections=rejected
         )
-        click.echo(f"submitted {len(result.accepted)} example studies as batch {result.batch_id}; waiting for scores…")
-        _wait_until_scored(settings, result.batch_id, worker_proc, timeout)
+        click.echo(f"submitted {len(result.accepted)} example studies as batch {result.batch_id}")
+        watch = _Progress(settings, result.batch_id, worker_proc, log_path, started)
+        watch.until_scored(timeout)
         with factory() as session:
             rows = reports.result_rows(session, result.batch_id)
+        if once:  # the table says whether each referred example has its heat map: wait for them
+            watch.until_heatmaps(rows, timeout)
+        with factory() as session:
+            rows = reports.result_rows(session, result.batch_id)
+            predictions = reports.latest_predictions(session, [r["study_id"] for r in rows])
+        heat = {i: bool(p.heatmap_sha256) for i, p in predictions.items()}
         click.echo()
-        click.echo(_table(rows, {"HAM10000 dx": lambda r: diagnosis.get(r["external_id"], "")}))
+        click.echo(_table(rows, {
+            "HAM10000 dx": lambda r: diagnosis.get(r["external_id"], ""),
+            "heat map": lambda r: ("yes" if heat.get(r["study_id"]) else "not yet") if r["referred"] else "-",
+        }))  # fmt: skip
         if rows and rows[0]["threshold"] is not None:
             click.echo(
                 f"\nreferral threshold {rows[0]['threshold']:.4f} (bundle {rows[0]['bundle_version']}); not a medical device"
             )
+        click.echo(f"{time.monotonic() - started:.0f} s from the start of the demo to the table")
         if once:
             return
         web_proc = subprocess.Popen(web_command("127.0.0.1", port, 2), env=env, start_new_session=True)
         click.echo(f"\nportal: http://127.0.0.1:{port}/")
         click.echo("login:  admin / " + (password or "(the password printed by the first demo run)"))
         click.echo("Ctrl-C stops the portal and the worker.")
-        web_proc.wait()
+        if web_proc.wait() != 0:
+            raise click.ClickException(f"the portal exited (code {web_proc.returncode}): see its log above")
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop([p for p in (web_proc, worker_proc) if p is not None])
+
+
+class _Progress:
+    """What the demo shows while it waits: the worker's start-up lines as it logs them (loading
+    the bundle, each batch shape warmed), then how many studies are scored and heat maps made."""
+
+    def __init__(self, settings, batch_id: str, worker_proc, log_path: Path, started: float):
+        self.settings, self.batch_id, self.worker_proc = settings, batch_id, worker_proc
+        self.log_path, self.started, self.offset, self.last = log_path, started, 0, None
+        self.factory = session_factory(settings.database_url)
+        self.quiet_since = time.monotonic()
+        self.doing = "starting the worker"
+
+    def _say(self, text: str) -> None:
+        click.echo(f"[{time.monotonic() - self.started:5.0f} s] {text}")
+        self.quiet_since = time.monotonic()
+
+    def _poll(self, timeout: float, deadline: float, what: str) -> None:
+        from dermascan.cli.processes import start_up_lines
+
+        with open(self.log_path, "rb") as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        self.offset += len(chunk)
+        for line in start_up_lines(chunk.decode("utf-8", "replace")):
+            self._say(f"worker: {line}")
+            self.doing = line.rstrip("…").split(" (")[0]
+        if time.monotonic() - self.quiet_since > 20:
+            self._say(f"… {self.doing} (waiting for {what})" if self.doing else f"waiting for {what}…")
+        if self.worker_proc.poll() is not None:
+            raise click.ClickException(f"the worker exited (code {self.worker_proc.returncode}); see {self.log_path}")
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"{what}: not done within {timeout:.0f} s (see {self.log_path})")
+        time.sleep(0.5)
+
+    def until_scored(self, timeout: float) -> None:
+        from dermascan import reports
+        from dermascan.schema import Batch
+
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.factory() as session:
+                summary = reports.batch_summary(session, session.get(Batch, self.batch_id))
+            counts = summary["counts"]
+            now = (counts["done"] + counts["failed"], counts["total"])
+            if now != self.last and now[0]:
+                self._say(f"scored {now[0]} of {now[1]}")
+            self.last = now
+            if summary["state"] == "complete":
+                return
+            self._poll(timeout, deadline, "the scores")
+
+    def until_heatmaps(self, rows: list[dict], timeout: float) -> None:
+        from dermascan import reports
+
+        referred = [r["study_id"] for r in rows if r["referred"]]
+        deadline, last = time.monotonic() + timeout, None
+        while referred:
+            with self.factory() as session:
+                made = sum(1 for p in reports.latest_predictions(session, referred).values() if p.heatmap_sha256)
+            if made != last:
+                self._say(f"heat maps of the referred examples: {made} of {len(referred)}")
+                last = made
+            if made == len(referred):
+                return
+            self._poll(timeout, deadline, "the heat maps")
 
 
 def _set_up(settings) -> tuple[int, str | None]:
@@ -107,34 +189,15 @@ def _set_up(settings) -> tuple[int, str | None]:
         return program.id, password
 
 
-def _wait_until_scored(settings, batch_id: str, worker_proc, timeout: float) -> None:
-    from dermascan import reports
-    from dermascan.schema import Batch
-
-    factory = session_factory(settings.database_url)
-    deadline = time.monotonic() + timeout
-    while True:
-        with factory() as session:
-            summary = reports.batch_summary(session, session.get(Batch, batch_id))
-        if summary["state"] == "complete":
-            return
-        if worker_proc.poll() is not None:
-            raise click.ClickException(
-                f"the worker exited (code {worker_proc.returncode}); see {settings.data_dir / 'worker.log'}"
-            )
-        if time.monotonic() > deadline:
-            raise click.ClickException(f"not scored within {timeout:.0f} s: {summary['counts']}")
-        time.sleep(0.5)
-
-
 def _stop(procs) -> None:
-    """SIGTERM to each process group the demo started, SIGKILL to any still there after 20 s."""
+    """SIGTERM to each process the demo started (gunicorn's and Celery's own warm shutdown: they
+    stop their children), SIGKILL to a process group still there after 30 s."""
     for proc in procs:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
     for proc in procs:
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
 

@@ -16,6 +16,13 @@ from dermascan.db import session_factory
 
 
 # -- processes -----------------------------------------------------------------------------------
+def start_up_lines(log_text: str) -> list[str]:
+    """The start-up lines in a worker's log (what it logged after ``queue.STARTING``)."""
+    from dermascan.queue import STARTING
+
+    return [line.split(STARTING, 1)[1].strip() for line in log_text.splitlines() if STARTING in line]
+
+
 def worker_command(settings: Settings, queues: str, concurrency: int, beat: bool, pool: str) -> list[str]:
     cmd = [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",

@@ -103,7 +103,7 @@ def _table(rows: list[dict], extra: dict | None = None) -> str:
         ref = "" if row["referred"] is None else ("YES" if row["referred"] else "no")
         line = f"{row['study_id']:>6}  {(row['external_id'] or '')[:16]:<16} {row['status']:<10} {p:>11}  {ref:<8}"
         if extra:
-            line += "  " + "  ".join(str(f(row)) for f in extra.values())
+            line += "  " + "  ".join(f"{f(row)!s:<{len(name)}}" for name, f in extra.items())
         if row.get("error"):
             line += f"  ({row['error']})"
         if row.get("assessable") is False:
