@@ -57,7 +57,9 @@ def main() -> int:
     for line in missing:
         print(line)
     if missing:
-        print(f"{len(missing)} production import(s) not installed by `pip install -e .`: add them to [project].dependencies")
+        print(
+            f"{len(missing)} production import(s) not installed by `pip install -e .`: add them to [project].dependencies"
+        )
         return 1
     print("every production import is installed by the plain install")
     return 0

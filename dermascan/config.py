@@ -29,7 +29,9 @@ def require_extra(module: str, extra: str, purpose: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        raise MissingExtra(f"{purpose} needs the '{extra}' extra ({module} is not installed): pip install 'dermascan[{extra}]'")
+        raise MissingExtra(
+            f"{purpose} needs the '{extra}' extra ({module} is not installed): pip install 'dermascan[{extra}]'"
+        )
 
 
 def check_backend() -> None:
