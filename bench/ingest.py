@@ -77,8 +77,8 @@ def send_to_scp(command: list[str], port: int, called: str, folder: Path, env: d
 
 def bench_rest(settings, n: int, workdir: Path) -> dict:
     from dermascan.accounts import create_token
-    from dermascan.db import session_factory
     from dermascan.identity import get_or_create_program
+    from dermascan.infra.db import session_factory
 
     with session_factory(settings.database_url)() as session, session.begin():
         _, token = create_token(session, get_or_create_program(session, "bench").id, "bench")
@@ -109,8 +109,8 @@ def bench_cstore(settings, folder: Path, n: int) -> dict:
     seconds = send_to_scp(command, port, "DERMASCAN", folder, {**os.environ, **settings.as_env()})
     from sqlalchemy import func, select
 
-    from dermascan.db import session_factory
-    from dermascan.schema import Study
+    from dermascan.infra.db import session_factory
+    from dermascan.infra.schema import Study
 
     with session_factory(settings.database_url)() as session:
         stored = session.scalar(select(func.count()).select_from(Study).where(Study.source == "dicom"))

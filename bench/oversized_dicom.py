@@ -82,7 +82,7 @@ def main() -> None:
     code = textwrap.dedent(f"""
         from dermascan.accounts import create_token
         from dermascan.config import Settings
-        from dermascan.db import session_factory
+        from dermascan.infra.db import session_factory
         from dermascan.identity import get_or_create_program
         from web import create_app
         settings = Settings.from_env()

@@ -66,9 +66,9 @@ def main(argv=None) -> None:
     blob_url = start_object_store() if args.object_store else ""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from dermascan.db import session_factory
     from dermascan.identity import get_or_create_program
-    from dermascan.schema import Study
+    from dermascan.infra.db import session_factory
+    from dermascan.infra.schema import Study
     from dermascan.submission import submit
     from model.bundle import read_manifest
     from tests.helpers import ham_inputs
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
                 tmp / "data", db_url, broker, args.bundle, tta=args.tta, bulk_chunk_size=args.chunk or args.batch,
                 predict_batch_sizes=(1, 8, args.batch), mixed_precision=args.mixed_precision, blob_url=blob_url,
             )  # fmt: skip
-            from dermascan import migrate
+            from dermascan.infra import migrate
 
             migrate.upgrade(settings.database_url)
             factory = session_factory(settings.database_url)

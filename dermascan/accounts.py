@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from dermascan import keys
-from dermascan.schema import ApiToken, Program, Role, User, utcnow
+from dermascan.infra.schema import ApiToken, Program, Role, User, utcnow
 
 TOKEN_PREFIX = "dsk_"
 MIN_PASSWORD = 10

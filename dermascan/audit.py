@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from sqlalchemy.orm import Session
 
 from dermascan import csv_cells
-from dermascan.schema import AuditEvent, iso_utc, utcnow
+from dermascan.infra.schema import AuditEvent, iso_utc, utcnow
 
 
 def record(

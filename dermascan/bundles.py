@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dermascan.errors import Conflict, NotFound
-from dermascan.schema import ModelBundle, utcnow
+from dermascan.infra.schema import ModelBundle, utcnow
 from model.bundle import read_manifest
 
 

@@ -30,9 +30,9 @@ from sqlalchemy import func, select
 
 from dermascan import keys
 from dermascan.config import Settings
-from dermascan.db import session_factory
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Batch, Program, Study, iso_utc
 from dermascan.reports import referral_counts
-from dermascan.schema import Batch, Program, Study, iso_utc
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-DermaScan-Signature"

@@ -30,13 +30,13 @@ from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dermascan import dicom_sr, keys, queue
-from dermascan.blobs import BlobError, BlobUnavailable, blob_store
+from dermascan import dicom_sr, keys
 from dermascan.config import Settings
-from dermascan.db import session_factory
 from dermascan.errors import Invalid
-from dermascan.reports import latest_predictions
-from dermascan.schema import (
+from dermascan.infra import broker
+from dermascan.infra.blobs import BlobError, BlobUnavailable, blob_store
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import (
     DECISION_LABELS,
     Decision,
     Delivery,
@@ -49,6 +49,7 @@ from dermascan.schema import (
     User,
     utcnow,
 )
+from dermascan.reports import latest_predictions
 
 log = logging.getLogger(__name__)
 AI_SR, HEATMAP, VERIFIED_SR = "ai_sr", "heatmap", "verified_sr"
@@ -230,7 +231,7 @@ def schedule(settings: Settings, study_ids, objects: tuple[str, ...] = OBJECTS) 
                     else:
                         continue
                     due.add((study.id, destination.id))
-    return sum(queue.send(settings, queue.TASK_DELIVER, [s, d, 0], queue=queue.CALLBACKS) for s, d in sorted(due))
+    return sum(broker.send(settings, broker.TASK_DELIVER, [s, d, 0], queue=broker.CALLBACKS) for s, d in sorted(due))
 
 
 def resend(settings: Settings, study_id: int) -> int:
@@ -241,7 +242,7 @@ def resend(settings: Settings, study_id: int) -> int:
         for row in rows:
             row.status, row.attempts = PENDING, 0
         pairs = sorted({(row.study_id, row.destination_id) for row in rows})
-    return sum(queue.send(settings, queue.TASK_DELIVER, [s, d, 0], queue=queue.CALLBACKS) for s, d in pairs)
+    return sum(broker.send(settings, broker.TASK_DELIVER, [s, d, 0], queue=broker.CALLBACKS) for s, d in pairs)
 
 
 # --- the objects --------------------------------------------------------------------------

@@ -38,9 +38,9 @@ from sqlalchemy.exc import DBAPIError
 
 from dermascan import audit, identity, submission
 from dermascan.config import Settings
-from dermascan.db import session_factory
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Batch, Study
 from dermascan.ingest import dicom
-from dermascan.schema import Batch, Study
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 
-from dermascan.schema import DECISION_LABELS, Decision, Referral, Study
+from dermascan.infra.schema import DECISION_LABELS, Decision, Referral, Study
 
 SYSTEM = "https://dermascan.example/fhir"  # DermaScan's own code systems and identifiers
 PSEUDONYM_SYSTEM = f"{SYSTEM}/patient-pseudonym"
@@ -172,7 +172,7 @@ def study_reports(session, studies: list[Study]) -> list[dict]:
     from sqlalchemy import select
 
     from dermascan import reports
-    from dermascan.schema import ModelBundle
+    from dermascan.infra.schema import ModelBundle
 
     ids = [s.id for s in studies]
     predictions = reports.latest_predictions(session, ids)

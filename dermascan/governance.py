@@ -13,7 +13,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from dermascan import charts, monitoring, operating_point
-from dermascan.schema import AuditEvent, ModelBundle, Program, utcnow
+from dermascan.infra.schema import AuditEvent, ModelBundle, Program, utcnow
 from model import reference
 
 CHANGES = ("bundle_activated", "bundle_shadowed", "bundle_retired", "threshold_changed", "program_prevalence_set",

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dermascan import keys
-from dermascan.schema import Program
+from dermascan.infra.schema import Program
 
 
 def pseudonymise(secret_key: str, program_id: int, patient_id: str | None) -> str | None:

@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dermascan import operating_point
-from dermascan.schema import (
+from dermascan.infra.schema import (
     Decision,
     ModelBundle,
     Outcome,

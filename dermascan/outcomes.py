@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from dermascan import audit
 from dermascan.errors import Invalid, NotFound
-from dermascan.schema import Outcome, OutcomeKind, Study, utcnow
+from dermascan.infra.schema import Outcome, OutcomeKind, Study, utcnow
 
 CSV_COLUMNS = ("study_id", "outcome", "diagnosis")
 MAX_DIAGNOSIS = 200

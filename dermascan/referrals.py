@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from dermascan import referral_policy
 from dermascan.errors import Conflict, Invalid, NotAllowed, NotFound
-from dermascan.schema import Batch, Decision, Referral, ReferralStatus, Study, utcnow
+from dermascan.infra.schema import Batch, Decision, Referral, ReferralStatus, Study, utcnow
 
 
 class ReferralError(Conflict):

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dermascan import csv_cells, referral_policy
-from dermascan.schema import Batch, ModelBundle, Prediction, Program, Referral, Study, StudyStatus, iso_utc
+from dermascan.infra.schema import Batch, ModelBundle, Prediction, Program, Referral, Study, StudyStatus, iso_utc
 from model.calibration import at_prevalence
 
 RESULT_COLUMNS = [

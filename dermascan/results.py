@@ -11,8 +11,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dermascan import referral_policy
-from dermascan.db import insert_ignoring_conflicts
-from dermascan.schema import Batch, Prediction, Priority, Referral, Study, StudyStatus, utcnow
+from dermascan.infra.db import insert_ignoring_conflicts
+from dermascan.infra.schema import Batch, Prediction, Priority, Referral, Study, StudyStatus, utcnow
 
 
 @dataclass

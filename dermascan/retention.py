@@ -20,7 +20,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from dermascan import audit
-from dermascan.schema import Prediction, Referral, ReferralStatus, Study, StudyStatus, utcnow
+from dermascan.infra.schema import Prediction, Referral, ReferralStatus, Study, StudyStatus, utcnow
 
 log = logging.getLogger(__name__)
 PAGE = 500

@@ -19,16 +19,17 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from dermascan import audit, keys, queue
-from dermascan.blobs import blob_store
+from dermascan import audit, keys
 from dermascan.config import Settings
-from dermascan.db import dialect_insert, session_factory
 from dermascan.identity import pseudonymise
+from dermascan.infra import broker
+from dermascan.infra.blobs import blob_store
+from dermascan.infra.db import dialect_insert, session_factory
+from dermascan.infra.schema import Batch, Priority, Study, StudyStatus, utcnow
 from dermascan.ingest.errors import Rejection
 from dermascan.ingest.images import ImageRejected, inspect_image
 from dermascan.ingest.records import FieldError, clean_metadata
 from dermascan.ingest.types import StudyInput
-from dermascan.schema import Batch, Priority, Study, StudyStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +315,7 @@ def enqueue(settings: Settings, study_ids: Sequence[int], interactive: bool) -> 
     """After the commit: send the ids and stamp ``enqueued_at`` on those that were sent."""
     if not study_ids:
         return []
-    sent = queue.send_scoring(settings, study_ids, interactive)
+    sent = broker.send_scoring(settings, study_ids, interactive)
     if sent:
         factory = session_factory(settings.database_url)
         with factory() as session, session.begin():

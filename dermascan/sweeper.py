@@ -12,8 +12,8 @@ from sqlalchemy import and_, or_, select, update
 
 from dermascan import referrals
 from dermascan.config import Settings
-from dermascan.db import session_factory
-from dermascan.schema import Priority, Study, StudyStatus, utcnow
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Priority, Study, StudyStatus, utcnow
 from dermascan.submission import enqueue
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def sweep(settings: Settings, now: dt.datetime | None = None, unsent_after_s: fl
     purged = {}
     if settings.retention_days > 0:
         from dermascan import retention
-        from dermascan.blobs import blob_store
+        from dermascan.infra.blobs import blob_store
 
         purged = retention.purge(factory, blob_store(settings), settings.retention_days, now=now)
     return {

@@ -6,7 +6,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import engine_from_config, pool, text
 
-from dermascan.schema import Base
+from dermascan.infra.schema import Base
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):

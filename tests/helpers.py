@@ -6,9 +6,9 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from dermascan.db import session_factory
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Prediction, Program, Referral, Study, StudyStatus
 from dermascan.ingest import manifest
-from dermascan.schema import Prediction, Program, Referral, Study, StudyStatus
 
 
 def ham_inputs(ham: Path, n: int, offset: int = 0):

@@ -46,8 +46,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def scratch_postgres(prefix: str = "dermascan_test", migrated: bool = True):
     """A fresh (migrated) PostgreSQL database, dropped afterwards (tests and benchmarks)."""
-    from dermascan import migrate
-    from dermascan.db import engine_for
+    from dermascan.infra import migrate
+    from dermascan.infra.db import engine_for
 
     name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")

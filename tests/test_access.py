@@ -10,9 +10,9 @@ from sqlalchemy import select
 
 from dermascan import bundles, results
 from dermascan.accounts import create_token, create_user
-from dermascan.db import session_factory
 from dermascan.identity import get_or_create_program
-from dermascan.schema import Study, StudyStatus
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Study, StudyStatus
 
 ROLES = ("anonymous", "uploader", "specialist", "admin")
 PASSWORD = "correct-horse-battery"
@@ -102,10 +102,10 @@ def world(pg_settings, tiny_bundle, ham_dir, app_factory):
         results.record(session, bundle.version, 0.0, [results.ScoredStudy(study_id, 0.9)])
         from sqlalchemy import select
 
-        from dermascan.schema import Referral
+        from dermascan.infra.schema import Referral
 
         referral_id = session.scalar(select(Referral.id))
-        from dermascan.schema import User
+        from dermascan.infra.schema import User
 
         user_id = session.scalar(select(User.id).where(User.username == "uploader"))
     ids = {
@@ -178,7 +178,7 @@ def test_form_without_csrf_token_is_refused(world, app_factory):
     with session_factory(settings.database_url)() as session:
         from sqlalchemy import select
 
-        from dermascan.schema import User
+        from dermascan.infra.schema import User
 
         assert session.scalar(select(User).where(User.username == "mallory")) is None
 
@@ -231,7 +231,7 @@ def test_specialists_see_referred_cases_and_their_context_not_other_programs_bat
             session, bundle.version, 0.5,
             [results.ScoredStudy(referred, 0.9), results.ScoredStudy(context, 0.1), results.ScoredStudy(unrelated, 0.1)],
         )  # fmt: skip
-        from dermascan.schema import Referral
+        from dermascan.infra.schema import Referral
 
         referral_id = session.scalar(select(Referral.id).where(Referral.study_id == referred))
     app = app_factory(settings)

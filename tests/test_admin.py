@@ -11,10 +11,10 @@ from sqlalchemy import select
 from dermascan import bundles
 from dermascan.accounts import authenticate, token_for
 from dermascan.cli import main
-from dermascan.db import session_factory
 from dermascan.identity import get_or_create_program
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import AuditEvent, ModelBundle, Prediction, User
 from dermascan.operating_point import at_threshold
-from dermascan.schema import AuditEvent, ModelBundle, Prediction, User
 from dermascan.submission import submit
 from tests.helpers import ham_inputs
 
@@ -82,7 +82,7 @@ def test_operating_point_page_draws_the_roc_and_expected_referrals_at_a_programs
     pg_settings, tiny_bundle, app_factory, ham_dir
 ):
     from dermascan import operating_point, reports
-    from dermascan.schema import Program, Study
+    from dermascan.infra.schema import Program, Study
     from model import calibration
     from worker.scoring import ScoreStudies
 
@@ -158,7 +158,7 @@ def test_admin_configures_dicom_destinations_on_the_page_and_the_cli(pg_settings
     """Issue 13, item 3: DIMSE and STOW-RS destinations from the admin page (the secret kept
     encrypted, bad entries refused with a reason, nothing half-saved), disabled and listed by
     the CLI; every change audited."""
-    from dermascan.schema import DicomDestination
+    from dermascan.infra.schema import DicomDestination
 
     settings = pg_settings
     factory = session_factory(settings.database_url)

@@ -10,8 +10,8 @@ import requests
 from PIL import Image
 from sqlalchemy import func, select
 
-from dermascan.db import session_factory
-from dermascan.schema import AuditEvent, Batch, Prediction, Study
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import AuditEvent, Batch, Prediction, Study
 from tests.ham_files import ham_images, ham_rows, ham_zip, json_records, manifest_csv, read_csv_text, zip_bytes
 from tests.services import wait_for
 

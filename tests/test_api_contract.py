@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from dermascan.accounts import create_token
-from dermascan.db import session_factory
 from dermascan.identity import get_or_create_program
+from dermascan.infra.db import session_factory
 
 
 def test_api_conforms_to_its_openapi_document(pg_settings, app_factory):
@@ -56,7 +56,7 @@ def test_every_timestamp_has_an_explicit_utc_offset(database, make_settings, req
     import datetime as dt
     import io
 
-    from dermascan import migrate
+    from dermascan.infra import migrate
     from tests.ham_files import json_records
 
     if database == "sqlite":

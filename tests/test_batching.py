@@ -7,8 +7,8 @@ import time
 
 from sqlalchemy import select
 
-from dermascan.db import session_factory
-from dermascan.schema import Study, StudyStatus
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Study, StudyStatus
 from dermascan.submission import submit
 from tests.helpers import all_done, ham_inputs, program_id, status_counts
 from tests.services import wait_for

@@ -23,9 +23,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
 from dermascan.accounts import create_user
-from dermascan.db import session_factory
 from dermascan.identity import get_or_create_program
-from dermascan.schema import Prediction, Referral
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Prediction, Referral
 from tests.ham_files import ham_zip
 from tests.services import ROOT, wait_for
 

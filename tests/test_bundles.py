@@ -11,8 +11,8 @@ from sqlalchemy import select
 
 from dermascan import bundles
 from dermascan.cli import main
-from dermascan.db import session_factory
-from dermascan.schema import AuditEvent, ModelBundle, Prediction
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import AuditEvent, ModelBundle, Prediction
 from dermascan.submission import submit
 from tests.helpers import ham_inputs, program_id, status_counts
 from tests.services import wait_for
@@ -58,8 +58,8 @@ def test_a_shadow_bundle_scores_the_same_studies_in_the_same_batch_and_decides_n
     """Issue 15, item 1: the tiny bundle decides, the default bundle runs in shadow. Every study
     gets both predictions, only the active one's makes referrals and results; retiring stops the
     shadow, activation is atomic; every change audited."""
+    from dermascan.infra.schema import Referral, Study
     from dermascan.reports import study_result
-    from dermascan.schema import Referral, Study
     from model.bundle import read_manifest
     from tests.services import ROOT
 

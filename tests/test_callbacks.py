@@ -10,8 +10,8 @@ import requests
 
 from dermascan import callbacks
 from dermascan.accounts import issue_callback_secret
-from dermascan.db import session_factory
-from dermascan.schema import Program
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Program
 from tests.ham_files import ham_zip
 from tests.services import wait_for
 

@@ -9,15 +9,16 @@ import io
 import pytest
 from sqlalchemy import select
 
-from dermascan import migrate, queue, results
+from dermascan import results
 from dermascan.config import Settings
-from dermascan.db import session_factory
 from dermascan.identity import get_or_create_program, pseudonymise
+from dermascan.infra import broker, migrate
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Batch, ModelBundle, Prediction, Referral, Study, StudyStatus
 from dermascan.ingest import json_records
 from dermascan.ingest.errors import IngestError
 from dermascan.ingest.multipart import MultipartError, iter_parts
 from dermascan.ingest.types import StudyInput
-from dermascan.schema import Batch, ModelBundle, Prediction, Referral, Study, StudyStatus
 from dermascan.submission import SubmitStudies
 from tests.helpers import ham_inputs
 
@@ -91,13 +92,13 @@ def test_results_are_recorded_once_and_the_referral_rule_decides(embedded, ham_d
 
 
 def test_queue_order_and_routes(embedded):
-    assert queue.QUEUES == ("interactive", "bulk", "maintenance", "callbacks")
-    router = queue.celery_for(embedded).amqp.router
+    assert broker.QUEUES == ("interactive", "bulk", "maintenance", "callbacks")
+    router = broker.celery_for(embedded).amqp.router
     routes = {task: router.route({}, task)["queue"].name for task in (
-        queue.TASK_SCORE, queue.TASK_HEATMAPS, queue.TASK_SWEEP, queue.TASK_CALLBACK)}  # fmt: skip
+        broker.TASK_SCORE, broker.TASK_HEATMAPS, broker.TASK_SWEEP, broker.TASK_CALLBACK)}  # fmt: skip
     assert routes == {
-        queue.TASK_SCORE: "bulk", queue.TASK_HEATMAPS: "maintenance",
-        queue.TASK_SWEEP: "maintenance", queue.TASK_CALLBACK: "callbacks",
+        broker.TASK_SCORE: "bulk", broker.TASK_HEATMAPS: "maintenance",
+        broker.TASK_SWEEP: "maintenance", broker.TASK_CALLBACK: "callbacks",
     }  # fmt: skip
 
 
@@ -141,7 +142,7 @@ def test_multipart_parts_stream_and_oversized_parts_are_dropped():
 
 
 def test_an_upload_and_its_audit_event_commit_together(embedded, ham_dir):
-    from dermascan.schema import AuditEvent
+    from dermascan.infra.schema import AuditEvent
 
     with session_factory(embedded.database_url)() as session, session.begin():
         program_id = get_or_create_program(session, "fast").id

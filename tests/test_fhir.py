@@ -9,8 +9,8 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from sqlalchemy import select
 
 from dermascan import bundles, referrals, results
-from dermascan.db import session_factory
-from dermascan.schema import Decision, Referral, ReferralStatus, Study, StudyStatus, utcnow
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Decision, Referral, ReferralStatus, Study, StudyStatus, utcnow
 from dermascan.submission import submit
 from tests.helpers import ham_inputs
 

@@ -165,8 +165,8 @@ def test_unusable_images_come_back_not_assessable_and_go_to_the_specialists(
     """A gray card and a black frame through the REST API: done, ``assessable: false`` with a
     reason, no probability and no referral decision, in JSON and CSV; each waits in the
     specialists' queue as "not assessable"; real lesions are assessable."""
-    from dermascan.db import session_factory
-    from dermascan.schema import Referral
+    from dermascan.infra.db import session_factory
+    from dermascan.infra.schema import Referral
 
     server = live_server(pg_settings)
     _, token = api_token()

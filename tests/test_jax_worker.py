@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
-from dermascan.db import session_factory
-from dermascan.schema import Prediction, Study
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Prediction, Study
 from dermascan.submission import submit
 from tests.helpers import all_done, ham_inputs, program_id
 from tests.services import wait_for

@@ -13,11 +13,12 @@ import pytest
 from flask import Flask
 from sqlalchemy import select
 
-from dermascan import callbacks, keys, queue
+from dermascan import callbacks, keys
 from dermascan.accounts import create_user, issue_callback_secret
-from dermascan.db import session_factory
 from dermascan.identity import get_or_create_program, pseudonymise
-from dermascan.schema import AuditEvent, Program
+from dermascan.infra import broker
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import AuditEvent, Program
 from tests.test_security import PASSWORD, _login
 
 
@@ -171,6 +172,6 @@ def test_addresses_are_checked_at_connect_time_and_redirects_are_not_followed(pg
 
 
 def test_callbacks_have_their_own_queue(pg_settings):
-    app = queue.celery_for(pg_settings)
-    assert app.amqp.router.route({}, queue.TASK_CALLBACK)["queue"].name == queue.CALLBACKS
-    assert app.amqp.router.route({}, queue.TASK_SCORE)["queue"].name == queue.BULK
+    app = broker.celery_for(pg_settings)
+    assert app.amqp.router.route({}, broker.TASK_CALLBACK)["queue"].name == broker.CALLBACKS
+    assert app.amqp.router.route({}, broker.TASK_SCORE)["queue"].name == broker.BULK

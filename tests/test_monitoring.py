@@ -21,9 +21,9 @@ from sqlalchemy import select
 from dermascan import monitoring, outcomes
 from dermascan.accounts import create_user
 from dermascan.cli import main
-from dermascan.db import session_factory
 from dermascan.identity import get_or_create_program
-from dermascan.schema import Prediction, Program, Referral, Study, utcnow
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Prediction, Program, Referral, Study, utcnow
 from dermascan.submission import submit
 from tests.helpers import ham_inputs, status_counts
 from tests.services import ROOT, wait_for

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import func, select
 
 from dermascan.accounts import create_user
-from dermascan.db import session_factory
-from dermascan.schema import Prediction, Study
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Prediction, Study
 from tests.ham_files import ham_zip
 from tests.helpers import status_counts
 from tests.services import free_port, wait_for

@@ -11,8 +11,8 @@ from sqlalchemy import select
 from dermascan import bundles, results
 from dermascan.accounts import create_user
 from dermascan.cli import main
-from dermascan.db import session_factory
-from dermascan.schema import AuditEvent, Outcome, OutcomeKind, Referral, Study, StudyStatus
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import AuditEvent, Outcome, OutcomeKind, Referral, Study, StudyStatus
 from dermascan.submission import submit
 from tests.helpers import ham_inputs
 from tests.test_security import PASSWORD, _login
@@ -109,8 +109,8 @@ def test_outcome_on_the_case_page_and_from_the_cli(pg_settings, tiny_bundle, app
     assert _login(client, "dr-outcome", PASSWORD).status_code == 302
     assert 'id="program-probability"' not in client.get(f"/referrals/{referral_id}").text  # no prevalence set
     with factory() as session, session.begin():
+        from dermascan.infra.schema import Program
         from dermascan.reports import study_result
-        from dermascan.schema import Program
 
         session.get(Program, program_id).expected_prevalence = 0.02
         expected = study_result(session, session.get(Study, ids[0]))["probability_at_program_prevalence"]

@@ -16,12 +16,12 @@ from sqlalchemy import select, update
 
 from dermascan import delivery
 from dermascan.accounts import create_user
-from dermascan.db import session_factory
 from dermascan.dicom_scp import AllowList, make_server
 from dermascan.dicom_sr import DECISION, PROBABILITY
 from dermascan.identity import get_or_create_program
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Delivery, ModelBundle, Prediction, Referral, ReferralStatus, Study, utcnow
 from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC
-from dermascan.schema import Delivery, ModelBundle, Prediction, Referral, ReferralStatus, Study, utcnow
 from tests.dicom_factory import content_items, make_instance
 from tests.dicom_factory import dciodvfy_errors as validate
 from tests.ham_files import ham_images, ham_rows
@@ -326,7 +326,7 @@ def test_results_go_by_dicom_tls_to_a_pacs_that_requires_our_certificate(ham_jpe
 
     from dermascan.config import Settings
     from dermascan.dicom_sr import AiResult, ai_result_report
-    from dermascan.schema import DicomDestination
+    from dermascan.infra.schema import DicomDestination
     from tests.test_dicom_door import make_cert
 
     ca_cert, _, ca_key, ca_name = make_cert(tmp_path, "ca")

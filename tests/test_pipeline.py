@@ -6,10 +6,10 @@ import time
 
 from sqlalchemy import func, select
 
-from dermascan.blobs import BlobStore
-from dermascan.db import session_factory
+from dermascan.infra.blobs import BlobStore
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import ModelBundle, Prediction, Referral, Study, StudyStatus
 from dermascan.ingest.types import StudyInput
-from dermascan.schema import ModelBundle, Prediction, Referral, Study, StudyStatus
 from dermascan.submission import submit
 from dermascan.sweeper import sweep
 from tests.helpers import all_done, ham_inputs, program_id, status_counts

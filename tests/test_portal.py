@@ -8,9 +8,9 @@ import re
 from sqlalchemy import select
 
 from dermascan.accounts import create_user
-from dermascan.db import session_factory
 from dermascan.identity import get_or_create_program
-from dermascan.schema import Priority, Study, StudyStatus
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Priority, Study, StudyStatus
 from tests.ham_files import ham_images, ham_rows, ham_zip
 
 PASSWORD = "correct-horse-battery"

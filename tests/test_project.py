@@ -19,8 +19,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
-from dermascan import migrate
-from dermascan.schema import Base
+from dermascan.infra import migrate
+from dermascan.infra.schema import Base
 from tests.services import scratch_postgres
 
 ROOT = Path(__file__).resolve().parents[1]

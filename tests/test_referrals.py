@@ -10,10 +10,10 @@ from sqlalchemy import select, update
 
 from dermascan import bundles, referrals, results
 from dermascan.accounts import create_user
-from dermascan.db import session_factory
 from dermascan.errors import NotAllowed
 from dermascan.identity import get_or_create_program
-from dermascan.schema import Referral, ReferralStatus, Study, StudyStatus, utcnow
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import Referral, ReferralStatus, Study, StudyStatus, utcnow
 from dermascan.sweeper import sweep
 
 

@@ -11,10 +11,19 @@ from sqlalchemy import select
 
 from dermascan import bundles, identity, referrals, results, submission
 from dermascan.accounts import create_user
-from dermascan.blobs import BlobStore
 from dermascan.cli import main
-from dermascan.db import session_factory
-from dermascan.schema import AuditEvent, Decision, Prediction, Referral, ReferralStatus, Study, StudyStatus, utcnow
+from dermascan.infra.blobs import BlobStore
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import (
+    AuditEvent,
+    Decision,
+    Prediction,
+    Referral,
+    ReferralStatus,
+    Study,
+    StudyStatus,
+    utcnow,
+)
 from tests.helpers import ham_inputs
 from tests.test_security import PASSWORD, _login
 

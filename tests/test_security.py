@@ -10,8 +10,8 @@ import re
 import pytest
 
 from dermascan.accounts import create_token, create_user
-from dermascan.db import session_factory
 from dermascan.identity import get_or_create_program
+from dermascan.infra.db import session_factory
 from tests.ham_files import json_records
 
 PASSWORD = "correct-horse-battery"
@@ -198,7 +198,7 @@ def test_disabling_a_user_or_resetting_the_password_ends_their_sessions(portal):
     from click.testing import CliRunner
 
     from dermascan.cli import main
-    from dermascan.schema import AuditEvent, User
+    from dermascan.infra.schema import AuditEvent, User
 
     settings, app_factory = portal
     with session_factory(settings.database_url)() as session, session.begin():
@@ -280,7 +280,7 @@ def test_forwarded_addresses_are_believed_only_from_configured_proxies(portal):
     """Without a trusted proxy an attacker cannot pick the address the throttle and the audit
     trail see; with one, the client's address comes from its X-Forwarded-For."""
     settings, app_factory = portal
-    from dermascan.schema import AuditEvent
+    from dermascan.infra.schema import AuditEvent
 
     for proxies, forwarded, seen in ((0, "198.51.100.1", "10.0.0.2"), (1, "198.51.100.1", "198.51.100.1")):
         client = app_factory(settings.replace(trusted_proxies=proxies)).test_client()

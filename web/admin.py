@@ -14,8 +14,8 @@ from dermascan import accounts, audit, bundles, delivery, operating_point
 from dermascan.accounts import AccountError, create_token, create_user
 from dermascan.errors import DomainError
 from dermascan.identity import get_or_create_program
+from dermascan.infra.schema import ApiToken, AuditEvent, DicomDestination, ModelBundle, Program, User, utcnow
 from dermascan.operating_point import at_threshold
-from dermascan.schema import ApiToken, AuditEvent, DicomDestination, ModelBundle, Program, User, utcnow
 from web.helpers import audit_event, client_ip, db, role_required, settings
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")

@@ -15,9 +15,9 @@ from sqlalchemy import false, func, select
 from dermascan import audit, callbacks, delivery, fhir, outcomes, reports, submission
 from dermascan.accounts import token_for
 from dermascan.errors import DomainError
+from dermascan.infra.schema import Batch, Program, Study, iso_utc, utcnow
 from dermascan.ingest import json_records, manifest
 from dermascan.ingest.errors import IngestError
-from dermascan.schema import Batch, Program, Study, iso_utc, utcnow
 from web.errors import http_status
 from web.extensions import csrf
 from web.helpers import client_ip, db, settings

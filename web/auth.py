@@ -16,7 +16,7 @@ from wtforms.validators import DataRequired, Length
 
 from dermascan import audit
 from dermascan.accounts import authenticate, revoke_sessions
-from dermascan.schema import AuditEvent, User, utcnow
+from dermascan.infra.schema import AuditEvent, User, utcnow
 from web.extensions import PortalUser, start_session
 from web.helpers import client_ip, db, settings
 

@@ -83,7 +83,7 @@ def init_app(app: Flask) -> None:
 
     @login_manager.user_loader
     def load_user(user_id: str):
-        from dermascan.schema import User
+        from dermascan.infra.schema import User
         from web.helpers import db
 
         ident, _, version = user_id.partition(".")

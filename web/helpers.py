@@ -65,7 +65,7 @@ def specialist_may_see(study) -> bool:
     in any program."""
     from sqlalchemy import exists, select
 
-    from dermascan.schema import Referral, Study
+    from dermascan.infra.schema import Referral, Study
 
     if not current_user.has_role("specialist"):
         return False

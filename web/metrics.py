@@ -20,7 +20,7 @@ def headline(rows: list[dict]) -> dict:
     broker); the rest from the database, so it holds whatever workers are reachable."""
     from sqlalchemy import func, select
 
-    from dermascan.schema import Study, StudyStatus, utcnow
+    from dermascan.infra.schema import Study, StudyStatus, utcnow
 
     depths: dict[str, float] = {}
     for row in rows:

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from dermascan import charts, governance, monitoring
-from dermascan.schema import ModelBundle, Program, utcnow
+from dermascan.infra.schema import ModelBundle, Program, utcnow
 from web.helpers import db, role_required, settings
 
 bp = Blueprint("monitoring", __name__, url_prefix="/admin/monitoring")

@@ -12,7 +12,7 @@ from pathlib import Path
 from celery.signals import worker_init, worker_process_init
 
 from dermascan.config import MissingExtra, Settings, check_backend
-from dermascan.queue import make_celery
+from dermascan.infra.broker import make_celery
 
 try:
     check_backend()
@@ -43,11 +43,11 @@ def _serve_metrics(**_):
 def _load_model(**_):
     """Load the bundle and run every fixed batch shape once, before the child takes work (not in
     a worker that only delivers callbacks)."""
-    from dermascan import queue
+    from dermascan.infra import broker
     from worker import scoring
 
-    served = set(os.environ.get("DERMASCAN_WORKER_QUEUES", ",".join(queue.QUEUES)).split(","))
-    if not served & set(queue.SCORING_QUEUES):
+    served = set(os.environ.get("DERMASCAN_WORKER_QUEUES", ",".join(broker.QUEUES)).split(","))
+    if not served & set(broker.SCORING_QUEUES):
         return
     scoring.configure_backend(settings)
     scoring.warm_up(settings)

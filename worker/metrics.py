@@ -52,13 +52,13 @@ class QueueDepthCollector:
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
-        from dermascan import queue
+        from dermascan.infra import broker
 
         family = GaugeMetricFamily("dermascan_queue_depth", "Messages waiting per queue", labels=["queue"])
         try:
             with self.app.connection_for_read() as connection:
                 channel = connection.default_channel
-                for name in queue.QUEUES:
+                for name in broker.QUEUES:
                     try:
                         depth = channel.queue_declare(queue=name, passive=True).message_count
                     except Exception:

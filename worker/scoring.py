@@ -22,11 +22,11 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 from dermascan import bundles, results
-from dermascan.blobs import BlobError, BlobUnavailable, blob_store
 from dermascan.config import Settings
-from dermascan.db import session_factory
-from dermascan.queue import STARTING
-from dermascan.schema import ModelBundle, Prediction, Study, utcnow
+from dermascan.infra.blobs import BlobError, BlobUnavailable, blob_store
+from dermascan.infra.broker import STARTING
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import ModelBundle, Prediction, Study, utcnow
 
 log = logging.getLogger(__name__)
 

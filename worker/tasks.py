@@ -6,8 +6,8 @@ import logging
 
 from celery import current_app, shared_task
 
-from dermascan import queue
 from dermascan.config import Settings
+from dermascan.infra import broker
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,7 @@ def _settings() -> Settings:
     return current_app.conf.dermascan_settings
 
 
-@shared_task(name=queue.TASK_SCORE, bind=True, acks_late=True, max_retries=5, default_retry_delay=10)
+@shared_task(name=broker.TASK_SCORE, bind=True, acks_late=True, max_retries=5, default_retry_delay=10)
 def score(self, study_ids: list[int], interactive: bool = False) -> dict:
     from worker import scoring
 
@@ -30,9 +30,9 @@ def score(self, study_ids: list[int], interactive: bool = False) -> dict:
     # one small message per study: heat maps run when no scoring is waiting (maintenance queue)
     # and never hold up an interactive study for more than one Grad-CAM
     for study_id in outcome.referred_ids:
-        queue.send(settings, queue.TASK_HEATMAPS, [[study_id]])
+        broker.send(settings, broker.TASK_HEATMAPS, [[study_id]])
     for batch_id in outcome.finished_batches:
-        queue.send(settings, queue.TASK_CALLBACK, [batch_id, 0])
+        broker.send(settings, broker.TASK_CALLBACK, [batch_id, 0])
     # results back to the PACS: now, or (referred for risk) once the heat map is made
     waiting = set(outcome.referred_ids)
     _schedule_delivery(settings, [i for i in outcome.scored_ids if i not in waiting])
@@ -49,7 +49,7 @@ def _schedule_delivery(settings, study_ids: list[int]) -> None:
             log.exception("could not schedule the delivery of %d studies", len(study_ids))
 
 
-@shared_task(name=queue.TASK_HEATMAPS, acks_late=True)
+@shared_task(name=broker.TASK_HEATMAPS, acks_late=True)
 def heatmaps(study_ids: list[int]) -> int:
     from worker import scoring
 
@@ -60,31 +60,31 @@ def heatmaps(study_ids: list[int]) -> int:
         _schedule_delivery(settings, study_ids)
 
 
-@shared_task(name=queue.TASK_DELIVER, acks_late=True)
+@shared_task(name=broker.TASK_DELIVER, acks_late=True)
 def deliver_dicom(study_id: int, destination_id: int, attempt: int = 0) -> str:
     from dermascan import delivery
 
     settings = _settings()
     status = delivery.deliver(settings, study_id, destination_id, attempt)
     if status == "retry":
-        queue.send(
+        broker.send(
             settings,
-            queue.TASK_DELIVER,
+            broker.TASK_DELIVER,
             [study_id, destination_id, attempt + 1],
-            queue=queue.CALLBACKS,
+            queue=broker.CALLBACKS,
             countdown=delivery.retry_delay(settings, attempt),
         )
     return status
 
 
-@shared_task(name=queue.TASK_SWEEP)
+@shared_task(name=broker.TASK_SWEEP)
 def sweep() -> dict:
     from dermascan.sweeper import sweep as run_sweep
 
     return run_sweep(_settings())
 
 
-@shared_task(name=queue.TASK_CALLBACK, acks_late=True)
+@shared_task(name=broker.TASK_CALLBACK, acks_late=True)
 def batch_callback(batch_id: str, attempt: int = 0) -> str:
     from dermascan import callbacks
 
@@ -92,5 +92,5 @@ def batch_callback(batch_id: str, attempt: int = 0) -> str:
     status = callbacks.deliver(settings, batch_id, attempt)
     if status == "retry":
         delay = min(600, 2 ** (attempt + 1))
-        queue.send(settings, queue.TASK_CALLBACK, [batch_id, attempt + 1], countdown=delay)
+        broker.send(settings, broker.TASK_CALLBACK, [batch_id, attempt + 1], countdown=delay)
     return status

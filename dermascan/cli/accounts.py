@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from dermascan.cli.common import _settings, main
-from dermascan.db import session_factory
+from dermascan.infra.db import session_factory
 
 
 # -- accounts ------------------------------------------------------------------------------------

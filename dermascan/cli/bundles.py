@@ -8,7 +8,7 @@ import click
 from sqlalchemy import select
 
 from dermascan.cli.common import _ensure_db, _settings, main
-from dermascan.db import session_factory
+from dermascan.infra.db import session_factory
 
 
 @main.group()
@@ -20,7 +20,7 @@ def bundle():
 @click.pass_context
 def bundle_list(ctx):
     """The registered bundles and their state; * marks the active one."""
-    from dermascan.schema import ModelBundle
+    from dermascan.infra.schema import ModelBundle
 
     settings = _settings(ctx)
     _ensure_db(settings)

@@ -35,6 +35,6 @@ def main(ctx, data_dir, verbose):
 
 def _ensure_db(settings: Settings) -> None:
     if settings.is_embedded:
-        from dermascan import migrate
+        from dermascan.infra import migrate
 
         migrate.upgrade(settings.database_url)

@@ -18,7 +18,7 @@ def db():
 @click.pass_context
 def db_upgrade(ctx, revision):
     """Migrate the database to REVISION (default: head)."""
-    from dermascan import migrate
+    from dermascan.infra import migrate
 
     migrate.upgrade(_settings(ctx).database_url, revision)
     click.echo(f"database at {revision}: {_redact(_settings(ctx).database_url)}")
@@ -29,7 +29,7 @@ def db_upgrade(ctx, revision):
 @click.pass_context
 def db_downgrade(ctx, revision):
     """Migrate the database down to REVISION ('base' empties it)."""
-    from dermascan import migrate
+    from dermascan.infra import migrate
 
     migrate.downgrade(_settings(ctx).database_url, revision)
     click.echo(f"database at {revision}")

@@ -17,7 +17,7 @@ from dermascan.cli.common import _settings, main
 from dermascan.cli.database import _redact
 from dermascan.cli.processes import web_command, worker_command
 from dermascan.cli.studies import _table
-from dermascan.db import session_factory
+from dermascan.infra.db import session_factory
 
 # -- the demo ------------------------------------------------------------------------------------
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -31,8 +31,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def demo(ctx, once, port, timeout):
     """Screen the bundled example studies end to end (worker process + portal), embedded default."""
     from dermascan import reports
+    from dermascan.infra.broker import QUEUES
     from dermascan.ingest import manifest
-    from dermascan.queue import QUEUES
     from dermascan.submission import submit as do_submit
 
     settings = _settings(ctx, secret=True)
@@ -139,7 +139,7 @@ class _Progress:
 
     def until_scored(self, timeout: float) -> None:
         from dermascan import reports
-        from dermascan.schema import Batch
+        from dermascan.infra.schema import Batch
 
         deadline = time.monotonic() + timeout
         while True:
@@ -173,10 +173,11 @@ class _Progress:
 def _set_up(settings) -> tuple[int, str | None]:
     """Migrate, make the demo program, an admin (password returned the first time) and the
     bundle active (the operator running the demo is the admin who activates it)."""
-    from dermascan import bundles, migrate
+    from dermascan import bundles
     from dermascan.accounts import create_user
     from dermascan.identity import get_or_create_program
-    from dermascan.schema import Role, User
+    from dermascan.infra import migrate
+    from dermascan.infra.schema import Role, User
 
     migrate.upgrade(settings.database_url)
     password = None

@@ -12,13 +12,13 @@ import click
 
 from dermascan.cli.common import _ensure_db, _settings, main
 from dermascan.config import Settings
-from dermascan.db import session_factory
+from dermascan.infra.db import session_factory
 
 
 # -- processes -----------------------------------------------------------------------------------
 def start_up_lines(log_text: str) -> list[str]:
     """The start-up lines in a worker's log (what it logged after ``queue.STARTING``)."""
-    from dermascan.queue import STARTING
+    from dermascan.infra.broker import STARTING
 
     return [line.split(STARTING, 1)[1].strip() for line in log_text.splitlines() if STARTING in line]
 
@@ -84,7 +84,7 @@ def web_command(host: str, port: int, workers: int) -> list[str]:
 def purge(ctx, days):
     """Delete the images and heat maps of studies finished more than DAYS ago whose referral, if
     any, is decided (results, decisions and the audit trail are kept; audited)."""
-    from dermascan.blobs import blob_store
+    from dermascan.infra.blobs import blob_store
     from dermascan.retention import purge as run_purge
 
     settings = _settings(ctx)

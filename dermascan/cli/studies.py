@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from dermascan.cli.common import _ensure_db, _settings, main
-from dermascan.db import session_factory
+from dermascan.infra.db import session_factory
 
 
 # -- submitting and results ----------------------------------------------------------------------
@@ -69,7 +69,7 @@ def submit(ctx, path, program, label, limit, interactive, idempotency_key):
 def results(ctx, batch_id, fmt, wait):
     """Print a batch's results."""
     from dermascan import reports
-    from dermascan.schema import Batch
+    from dermascan.infra.schema import Batch
 
     settings = _settings(ctx)
     factory = session_factory(settings.database_url)
@@ -160,7 +160,7 @@ def report_monthly(ctx, program_name, month, out_path):
     from sqlalchemy import select
 
     from dermascan import governance
-    from dermascan.schema import Program
+    from dermascan.infra.schema import Program
 
     try:
         year, number = governance.month_bounds(month)
