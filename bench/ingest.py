@@ -76,9 +76,9 @@ def send_to_scp(command: list[str], port: int, called: str, folder: Path, env: d
 
 
 def bench_rest(settings, n: int, workdir: Path) -> dict:
-    from dermascan.accounts import create_token
-    from dermascan.identity import get_or_create_program
     from dermascan.infra.db import session_factory
+    from dermascan.security.accounts import create_token
+    from dermascan.security.identity import get_or_create_program
 
     with session_factory(settings.database_url)() as session, session.begin():
         _, token = create_token(session, get_or_create_program(session, "bench").id, "bench")

@@ -36,9 +36,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from dermascan.identity import get_or_create_program
     from dermascan.infra.db import session_factory
     from dermascan.infra.schema import Study
+    from dermascan.security.identity import get_or_create_program
     from dermascan.submission import submit
     from model.bundle import read_manifest
     from tests.helpers import ham_inputs

@@ -80,10 +80,10 @@ def main() -> None:
 
     port = support.free_port()
     code = textwrap.dedent(f"""
-        from dermascan.accounts import create_token
+        from dermascan.security.accounts import create_token
         from dermascan.config import Settings
         from dermascan.infra.db import session_factory
-        from dermascan.identity import get_or_create_program
+        from dermascan.security.identity import get_or_create_program
         from web import create_app
         settings = Settings.from_env()
         with session_factory(settings.database_url)() as s, s.begin():

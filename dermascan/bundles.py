@@ -61,7 +61,7 @@ def activate_version(
 ) -> ModelBundle:
     """Make a registered bundle the one that scores, in the caller's transaction; audited.
     Activation is an admin act (``dermascan bundle activate``, the operating-point page)."""
-    from dermascan import audit
+    from dermascan.security import audit
 
     row = session.get(ModelBundle, version)
     if row is None:
@@ -84,7 +84,7 @@ def shadows(session: Session) -> list[ModelBundle]:
 
 
 def _change(session, version, action, by_user_id, by) -> ModelBundle:
-    from dermascan import audit
+    from dermascan.security import audit
 
     row = session.get(ModelBundle, version)
     if row is None:

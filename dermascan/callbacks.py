@@ -3,7 +3,7 @@ retried with exponential backoff on their own queue (``callbacks``), so a slow e
 holds a scoring worker.
 
 The signature header is ``X-DermaScan-Signature: t=<unix time>,v1=<hex hmac>`` over
-``<t>.<body>`` with the program's own callback secret (``dermascan.keys``; issued and rotated by
+``<t>.<body>`` with the program's own callback secret (``dermascan.security.keys``; issued and rotated by
 ``dermascan program callback-secret``), the scheme Stripe and GitHub webhooks use; the receiver
 recomputes it and rejects stale timestamps.
 
@@ -28,11 +28,11 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 
-from dermascan import keys
 from dermascan.config import Settings
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Batch, Program, Study, iso_utc
 from dermascan.reports import referral_counts
+from dermascan.security import keys
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-DermaScan-Signature"

@@ -50,7 +50,7 @@ class Settings:
     database_url: str = ""
     broker_url: str = ""
     model_bundle: Path = field(default_factory=default_bundle_path)
-    # the installation secret: never a key itself; dermascan.keys derives one per purpose
+    # the installation secret: never a key itself; dermascan.security.keys derives one per purpose
     secret_key: str = ""
     # where images and heat maps live: "" = DATA_DIR/blobs; s3://bucket/prefix = object storage
     blob_url: str = ""

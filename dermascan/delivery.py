@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dermascan import dicom_sr, keys
+from dermascan import dicom_sr
 from dermascan.config import Settings
 from dermascan.errors import Invalid
 from dermascan.infra import broker
@@ -50,6 +50,7 @@ from dermascan.infra.schema import (
     utcnow,
 )
 from dermascan.reports import latest_predictions
+from dermascan.security import keys
 
 log = logging.getLogger(__name__)
 AI_SR, HEATMAP, VERIFIED_SR = "ai_sr", "heatmap", "verified_sr"

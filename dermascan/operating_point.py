@@ -71,7 +71,7 @@ class PrevalenceError(ValueError):
 def set_expected_prevalence(session, program, value: float | None, user_id: int | None = None) -> None:
     """Set (or clear, with None) a program's expected malignant share, audited in the caller's
     transaction. The displayed probability is re-weighed to it; referral decisions do not change."""
-    from dermascan import audit
+    from dermascan.security import audit
 
     if value is not None and not 0 < value <= 0.5:
         raise PrevalenceError(f"expected prevalence must lie in (0, 0.5], got {value}")

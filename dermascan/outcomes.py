@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dermascan import audit
 from dermascan.errors import Invalid, NotFound
 from dermascan.infra.schema import Outcome, OutcomeKind, Study, utcnow
+from dermascan.security import audit
 
 CSV_COLUMNS = ("study_id", "outcome", "diagnosis")
 MAX_DIAGNOSIS = 200

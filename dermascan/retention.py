@@ -19,8 +19,8 @@ import logging
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from dermascan import audit
 from dermascan.infra.schema import Prediction, Referral, ReferralStatus, Study, StudyStatus, utcnow
+from dermascan.security import audit
 
 log = logging.getLogger(__name__)
 PAGE = 500

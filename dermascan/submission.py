@@ -19,9 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from dermascan import audit, keys
 from dermascan.config import Settings
-from dermascan.identity import pseudonymise
 from dermascan.infra import broker
 from dermascan.infra.blobs import blob_store
 from dermascan.infra.db import dialect_insert, session_factory
@@ -30,6 +28,8 @@ from dermascan.ingest.errors import Rejection
 from dermascan.ingest.images import ImageRejected, inspect_image
 from dermascan.ingest.records import FieldError, clean_metadata
 from dermascan.ingest.types import StudyInput
+from dermascan.security import audit, keys
+from dermascan.security.identity import pseudonymise
 
 log = logging.getLogger(__name__)
 

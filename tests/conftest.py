@@ -46,9 +46,9 @@ def pg_settings(make_settings, pg_url, redis_url) -> Settings:
 @pytest.fixture
 def api_token(pg_settings):
     """A bearer token for program 'telederm-a' → (program_id, token)."""
-    from dermascan.accounts import create_token
-    from dermascan.identity import get_or_create_program
     from dermascan.infra.db import session_factory
+    from dermascan.security.accounts import create_token
+    from dermascan.security.identity import get_or_create_program
 
     def make(program: str = "telederm-a"):
         with session_factory(pg_settings.database_url)() as session, session.begin():

@@ -18,7 +18,7 @@ def ham_inputs(ham: Path, n: int, offset: int = 0):
 
 
 def program_id(settings, name: str = "test-program") -> int:
-    from dermascan.identity import get_or_create_program
+    from dermascan.security.identity import get_or_create_program
 
     with session_factory(settings.database_url)() as session, session.begin():
         return get_or_create_program(session, name).id

@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import select
 
 from dermascan import bundles, results
-from dermascan.accounts import create_token, create_user
-from dermascan.identity import get_or_create_program
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Study, StudyStatus
+from dermascan.security.accounts import create_token, create_user
+from dermascan.security.identity import get_or_create_program
 
 ROLES = ("anonymous", "uploader", "specialist", "admin")
 PASSWORD = "correct-horse-battery"
@@ -207,7 +207,7 @@ def test_specialists_see_referred_cases_and_their_context_not_other_programs_bat
     opens a referred case, its image and the same patient's other lesions, but not the batch, its
     results CSV or an unrelated study of that program — until an admin grants every program.
     An uploader without a program sees nothing (fail closed)."""
-    from dermascan.accounts import change_user, get_user
+    from dermascan.security.accounts import change_user, get_user
     from dermascan.submission import submit
     from tests.helpers import ham_inputs
 

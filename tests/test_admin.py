@@ -9,12 +9,12 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from dermascan import bundles
-from dermascan.accounts import authenticate, token_for
 from dermascan.cli import main
-from dermascan.identity import get_or_create_program
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import AuditEvent, ModelBundle, Prediction, User
 from dermascan.operating_point import at_threshold
+from dermascan.security.accounts import authenticate, token_for
+from dermascan.security.identity import get_or_create_program
 from dermascan.submission import submit
 from tests.helpers import ham_inputs
 
@@ -33,7 +33,7 @@ def login(client, username):
 
 def admin_with_bundle(settings, tiny_bundle, app_factory):
     """A logged-in admin's client, with the tiny bundle registered; and the bundle's manifest."""
-    from dermascan.accounts import create_user
+    from dermascan.security.accounts import create_user
 
     with session_factory(settings.database_url)() as session, session.begin():
         create_user(session, "chief", PASSWORD, "admin", get_or_create_program(session, "x").id)

@@ -9,9 +9,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from dermascan.accounts import create_token
-from dermascan.identity import get_or_create_program
 from dermascan.infra.db import session_factory
+from dermascan.security.accounts import create_token
+from dermascan.security.identity import get_or_create_program
 
 
 def test_api_conforms_to_its_openapi_document(pg_settings, app_factory):

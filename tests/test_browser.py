@@ -22,10 +22,10 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
-from dermascan.accounts import create_user
-from dermascan.identity import get_or_create_program
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Prediction, Referral
+from dermascan.security.accounts import create_user
+from dermascan.security.identity import get_or_create_program
 from tests.ham_files import ham_zip
 from tests.services import ROOT, wait_for
 

@@ -11,7 +11,6 @@ from sqlalchemy import select
 
 from dermascan import results
 from dermascan.config import Settings
-from dermascan.identity import get_or_create_program, pseudonymise
 from dermascan.infra import broker, migrate
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Batch, ModelBundle, Prediction, Referral, Study, StudyStatus
@@ -19,6 +18,7 @@ from dermascan.ingest import json_records
 from dermascan.ingest.errors import IngestError
 from dermascan.ingest.multipart import MultipartError, iter_parts
 from dermascan.ingest.types import StudyInput
+from dermascan.security.identity import get_or_create_program, pseudonymise
 from dermascan.submission import SubmitStudies
 from tests.helpers import ham_inputs
 

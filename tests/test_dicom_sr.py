@@ -53,14 +53,14 @@ def test_the_header_is_kept_encrypted_at_ingest_and_the_report_is_built_from_it(
     (patient identifiers never in clear on disk) and is enough to build the report."""
     import io
 
-    from dermascan import keys
     from dermascan.config import Settings
-    from dermascan.identity import get_or_create_program
     from dermascan.infra import migrate
     from dermascan.infra.blobs import BlobStore
     from dermascan.infra.db import session_factory
     from dermascan.infra.schema import Study
     from dermascan.ingest.dicom import parse_dataset
+    from dermascan.security import keys
+    from dermascan.security.identity import get_or_create_program
     from dermascan.submission import SubmitStudies
     from tests.dicom_factory import to_bytes
 

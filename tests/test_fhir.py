@@ -21,7 +21,7 @@ def test_study_results_as_fhir_diagnostic_reports(pg_settings, tiny_bundle, app_
     factory = session_factory(settings.database_url)
     with factory() as session, session.begin():
         bundle = bundles.register(session, tiny_bundle)
-        from dermascan.accounts import create_user
+        from dermascan.security.accounts import create_user
 
         doctor = create_user(session, "dr-fhir", "correct-horse-battery", "specialist", program_id)
         doctor_id = doctor.id

@@ -213,8 +213,8 @@ def test_unusable_images_come_back_not_assessable_and_go_to_the_specialists(
     # a specialist sees them in the queue in their own category, and the case page says why
     import re
 
-    from dermascan.accounts import create_user
-    from dermascan.identity import get_or_create_program
+    from dermascan.security.accounts import create_user
+    from dermascan.security.identity import get_or_create_program
 
     with session_factory(pg_settings.database_url)() as session, session.begin():
         create_user(session, "dr-check", "long-enough-pass", "specialist", get_or_create_program(session, "s").id)

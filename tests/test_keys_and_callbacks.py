@@ -13,12 +13,13 @@ import pytest
 from flask import Flask
 from sqlalchemy import select
 
-from dermascan import callbacks, keys
-from dermascan.accounts import create_user, issue_callback_secret
-from dermascan.identity import get_or_create_program, pseudonymise
+from dermascan import callbacks
 from dermascan.infra import broker
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import AuditEvent, Program
+from dermascan.security import keys
+from dermascan.security.accounts import create_user, issue_callback_secret
+from dermascan.security.identity import get_or_create_program, pseudonymise
 from tests.test_security import PASSWORD, _login
 
 

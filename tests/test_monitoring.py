@@ -19,11 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from dermascan import monitoring, outcomes
-from dermascan.accounts import create_user
 from dermascan.cli import main
-from dermascan.identity import get_or_create_program
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Prediction, Program, Referral, Study, utcnow
+from dermascan.security.accounts import create_user
+from dermascan.security.identity import get_or_create_program
 from dermascan.submission import submit
 from tests.helpers import ham_inputs, status_counts
 from tests.services import ROOT, wait_for

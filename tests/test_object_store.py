@@ -13,9 +13,9 @@ import boto3
 import pytest
 from sqlalchemy import func, select
 
-from dermascan.accounts import create_user
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Prediction, Study
+from dermascan.security.accounts import create_user
 from tests.ham_files import ham_zip
 from tests.helpers import status_counts
 from tests.services import free_port, wait_for

@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from dermascan import bundles, results
-from dermascan.accounts import create_user
 from dermascan.cli import main
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import AuditEvent, Outcome, OutcomeKind, Referral, Study, StudyStatus
+from dermascan.security.accounts import create_user
 from dermascan.submission import submit
 from tests.helpers import ham_inputs
 from tests.test_security import PASSWORD, _login
@@ -92,7 +92,7 @@ def test_outcome_on_the_case_page_and_from_the_cli(pg_settings, tiny_bundle, app
     settings = pg_settings
     factory = session_factory(settings.database_url)
     with factory() as session, session.begin():
-        from dermascan.identity import get_or_create_program
+        from dermascan.security.identity import get_or_create_program
 
         program_id = get_or_create_program(session, "clinic").id
         create_user(session, "dr-outcome", PASSWORD, "specialist", program_id)

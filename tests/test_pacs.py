@@ -15,13 +15,13 @@ from pynetdicom import AE
 from sqlalchemy import select, update
 
 from dermascan import delivery
-from dermascan.accounts import create_user
 from dermascan.dicom_scp import AllowList, make_server
 from dermascan.dicom_sr import DECISION, PROBABILITY
-from dermascan.identity import get_or_create_program
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Delivery, ModelBundle, Prediction, Referral, ReferralStatus, Study, utcnow
 from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC
+from dermascan.security.accounts import create_user
+from dermascan.security.identity import get_or_create_program
 from tests.dicom_factory import content_items, make_instance
 from tests.dicom_factory import dciodvfy_errors as validate
 from tests.ham_files import ham_images, ham_rows

@@ -7,10 +7,10 @@ import re
 
 from sqlalchemy import select
 
-from dermascan.accounts import create_user
-from dermascan.identity import get_or_create_program
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Priority, Study, StudyStatus
+from dermascan.security.accounts import create_user
+from dermascan.security.identity import get_or_create_program
 from tests.ham_files import ham_images, ham_rows, ham_zip
 
 PASSWORD = "correct-horse-battery"

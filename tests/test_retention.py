@@ -9,8 +9,7 @@ import datetime as dt
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from dermascan import bundles, identity, referrals, results, submission
-from dermascan.accounts import create_user
+from dermascan import bundles, referrals, results, submission
 from dermascan.cli import main
 from dermascan.infra.blobs import BlobStore
 from dermascan.infra.db import session_factory
@@ -24,6 +23,8 @@ from dermascan.infra.schema import (
     StudyStatus,
     utcnow,
 )
+from dermascan.security import identity
+from dermascan.security.accounts import create_user
 from tests.helpers import ham_inputs
 from tests.test_security import PASSWORD, _login
 

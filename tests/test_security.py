@@ -9,9 +9,9 @@ import re
 
 import pytest
 
-from dermascan.accounts import create_token, create_user
-from dermascan.identity import get_or_create_program
 from dermascan.infra.db import session_factory
+from dermascan.security.accounts import create_token, create_user
+from dermascan.security.identity import get_or_create_program
 from tests.ham_files import json_records
 
 PASSWORD = "correct-horse-battery"
@@ -153,7 +153,7 @@ def test_login_keeps_a_path_on_the_site_and_refuses_a_large_body(portal):
 
 def test_unknown_users_cost_a_password_check(portal, monkeypatch):
     """No timing assertion: an unknown username runs the same password hash check as a real one."""
-    from dermascan import accounts
+    from dermascan.security import accounts
 
     settings, _ = portal
     calls = []
@@ -331,7 +331,7 @@ def test_api_and_stow_rs_are_rate_limited_per_token(pg_settings, app_factory, ap
 
 def test_the_audit_csv_is_streamed_page_by_page(portal):
     settings, app_factory = portal
-    from dermascan import audit
+    from dermascan.security import audit
 
     with session_factory(settings.database_url)() as session, session.begin():
         create_user(session, "exporter", PASSWORD, "admin", get_or_create_program(session, "p").id)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from dermascan import keys
 from dermascan.config import Settings
 from dermascan.infra.blobs import BlobUnavailable
 from dermascan.infra.db import session_factory
+from dermascan.security import keys
 
 UPLOAD_ENDPOINTS = {
     "portal.upload_single", "portal.upload_bulk", "api.create_batch", "dicomweb.stow", "api.import_outcomes",

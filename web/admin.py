@@ -10,12 +10,13 @@ from sqlalchemy import select
 from wtforms import BooleanField, DecimalField, IntegerField, PasswordField, RadioField, SelectField, StringField
 from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
-from dermascan import accounts, audit, bundles, delivery, operating_point
-from dermascan.accounts import AccountError, create_token, create_user
+from dermascan import bundles, delivery, operating_point
 from dermascan.errors import DomainError
-from dermascan.identity import get_or_create_program
 from dermascan.infra.schema import ApiToken, AuditEvent, DicomDestination, ModelBundle, Program, User, utcnow
 from dermascan.operating_point import at_threshold
+from dermascan.security import accounts, audit
+from dermascan.security.accounts import AccountError, create_token, create_user
+from dermascan.security.identity import get_or_create_program
 from web.helpers import audit_event, client_ip, db, role_required, settings
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -111,7 +112,7 @@ class UserChangeForm(FlaskForm):
 @role_required("admin")
 def change_user(user_id):
     """Disable, enable, set a role or reset a password: each ends the user's sessions, audited."""
-    from dermascan.accounts import change_user as apply_change
+    from dermascan.security.accounts import change_user as apply_change
 
     target = db().get(User, user_id)
     if target is None:

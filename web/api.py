@@ -12,12 +12,13 @@ from functools import wraps
 from flask import Blueprint, Response, g, jsonify, request, url_for
 from sqlalchemy import false, func, select
 
-from dermascan import audit, callbacks, delivery, fhir, outcomes, reports, submission
-from dermascan.accounts import token_for
+from dermascan import callbacks, delivery, fhir, outcomes, reports, submission
 from dermascan.errors import DomainError
 from dermascan.infra.schema import Batch, Program, Study, iso_utc, utcnow
 from dermascan.ingest import json_records, manifest
 from dermascan.ingest.errors import IngestError
+from dermascan.security import audit
+from dermascan.security.accounts import token_for
 from web.errors import http_status
 from web.extensions import csrf
 from web.helpers import client_ip, db, settings

@@ -14,9 +14,9 @@ from sqlalchemy import func, select
 from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired, Length
 
-from dermascan import audit
-from dermascan.accounts import authenticate, revoke_sessions
 from dermascan.infra.schema import AuditEvent, User, utcnow
+from dermascan.security import audit
+from dermascan.security.accounts import authenticate, revoke_sessions
 from web.extensions import PortalUser, start_session
 from web.helpers import client_ip, db, settings
 

@@ -8,8 +8,8 @@ from flask import abort, current_app, g, request
 from flask_login import current_user, login_required
 from sqlalchemy.orm import Session
 
-from dermascan import audit
 from dermascan.config import Settings
+from dermascan.security import audit
 
 
 def db() -> Session:

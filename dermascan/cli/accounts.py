@@ -22,8 +22,8 @@ def user():
 @click.pass_context
 def user_add(ctx, username, role, program, password):
     """Create a portal user."""
-    from dermascan.accounts import AccountError, create_user
-    from dermascan.identity import get_or_create_program
+    from dermascan.security.accounts import AccountError, create_user
+    from dermascan.security.identity import get_or_create_program
 
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session, session.begin():
@@ -35,7 +35,7 @@ def user_add(ctx, username, role, program, password):
 
 
 def _change_user(ctx, username: str, **change) -> None:
-    from dermascan.accounts import AccountError, change_user, get_user
+    from dermascan.security.accounts import AccountError, change_user, get_user
 
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session, session.begin():
@@ -100,8 +100,8 @@ def token():
 @click.pass_context
 def token_create(ctx, name, program):
     """Create an API token (printed once; only its hash is stored)."""
-    from dermascan.accounts import create_token
-    from dermascan.identity import get_or_create_program
+    from dermascan.security.accounts import create_token
+    from dermascan.security.identity import get_or_create_program
 
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session, session.begin():
@@ -122,8 +122,8 @@ def program():
 def program_prevalence(ctx, name, value, clear):
     """Set the share of malignant lesions PROGRAM expects (e.g. 0.02): its displayed
     probabilities are re-weighed to it; the referral decision stays on the bundle's threshold."""
-    from dermascan.identity import get_or_create_program
     from dermascan.operating_point import PrevalenceError, set_expected_prevalence
+    from dermascan.security.identity import get_or_create_program
 
     if (value is None) == (not clear):
         raise click.UsageError("give a VALUE or --clear")
@@ -144,8 +144,8 @@ def program_prevalence(ctx, name, value, clear):
 def program_dicom_results(ctx, name, all_studies):
     """Whether NAME's studies from the portal and the REST API get their results in its PACS too
     (under UIDs DermaScan makes and the patient's pseudonym)."""
-    from dermascan import audit
-    from dermascan.identity import get_or_create_program
+    from dermascan.security import audit
+    from dermascan.security.identity import get_or_create_program
 
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session, session.begin():
@@ -163,9 +163,9 @@ def program_dicom_results(ctx, name, all_studies):
 @click.pass_context
 def program_callback_secret(ctx, name):
     """Issue PROGRAM a new callback signing secret and print it once (the previous one stops signing)."""
-    from dermascan import audit
-    from dermascan.accounts import issue_callback_secret
-    from dermascan.identity import get_or_create_program
+    from dermascan.security import audit
+    from dermascan.security.accounts import issue_callback_secret
+    from dermascan.security.identity import get_or_create_program
 
     settings = _settings(ctx, secret=True)
     with session_factory(settings.database_url)() as session, session.begin():

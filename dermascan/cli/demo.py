@@ -174,10 +174,10 @@ def _set_up(settings) -> tuple[int, str | None]:
     """Migrate, make the demo program, an admin (password returned the first time) and the
     bundle active (the operator running the demo is the admin who activates it)."""
     from dermascan import bundles
-    from dermascan.accounts import create_user
-    from dermascan.identity import get_or_create_program
     from dermascan.infra import migrate
     from dermascan.infra.schema import Role, User
+    from dermascan.security.accounts import create_user
+    from dermascan.security.identity import get_or_create_program
 
     migrate.upgrade(settings.database_url)
     password = None

@@ -27,8 +27,9 @@ def destination_add(ctx, program, name, dimse, ae_title, tls, url, username, sec
     """Send PROGRAM's results (AI result SR, heat map, the specialist's verified SR) to NAME."""
     import os
 
-    from dermascan import audit, delivery
-    from dermascan.identity import get_or_create_program
+    from dermascan import delivery
+    from dermascan.security import audit
+    from dermascan.security.identity import get_or_create_program
 
     host = port = None
     if dimse:
@@ -79,7 +80,8 @@ def destination_list(ctx):
 @click.pass_context
 def destination_disable(ctx, program, name, enable):
     """Stop (or, with --enable, resume) sending PROGRAM's results to NAME."""
-    from dermascan import audit, delivery
+    from dermascan import delivery
+    from dermascan.security import audit
 
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session, session.begin():

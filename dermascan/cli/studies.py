@@ -26,9 +26,9 @@ def submit(ctx, path, program, label, limit, interactive, idempotency_key):
     """Submit a folder of images (+ manifest.csv), a ZIP, or ISIC-2024-layout data. Prints the batch id."""
     from tqdm import tqdm
 
-    from dermascan.identity import get_or_create_program
     from dermascan.ingest import manifest
     from dermascan.ingest.errors import IngestError
+    from dermascan.security.identity import get_or_create_program
     from dermascan.submission import submit as do_submit
 
     settings = _settings(ctx, secret=True)
@@ -125,7 +125,7 @@ def outcomes_import(ctx, path, program):
     """Import a CSV of study_id,outcome,diagnosis — all rows or none; bad rows are listed."""
     from dermascan import outcomes as core
     from dermascan.errors import DomainError
-    from dermascan.identity import get_or_create_program
+    from dermascan.security.identity import get_or_create_program
 
     settings = _settings(ctx)
     _ensure_db(settings)

@@ -136,7 +136,7 @@ class Program(Base):
     # the share of malignant lesions the program expects among its studies: the displayed
     # probability is re-weighed to it (the referral decision is not)
     expected_prevalence: Mapped[float | None] = mapped_column(Float)
-    # which generation of its callback signing secret is current (0: none issued; dermascan.keys)
+    # which generation of its callback signing secret is current (0: none issued; dermascan.security.keys)
     callback_secret_generation: Mapped[int] = mapped_column(default=0, server_default="0")
     # results go back to the program's DICOM destinations for studies from the portal and the
     # REST API too (not only for those that arrived by DICOM), under UIDs DermaScan makes

@@ -8,8 +8,8 @@ from collections.abc import Iterable, Iterator
 
 from sqlalchemy.orm import Session
 
-from dermascan import csv_cells
 from dermascan.infra.schema import AuditEvent, iso_utc, utcnow
+from dermascan.security import csv_cells
 
 
 def record(

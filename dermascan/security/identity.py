@@ -9,13 +9,13 @@ import hmac
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dermascan import keys
 from dermascan.infra.schema import Program
+from dermascan.security import keys
 
 
 def pseudonymise(secret_key: str, program_id: int, patient_id: str | None) -> str | None:
     """A stable, non-reversible patient pseudonym: HMAC-SHA256 under the pseudonym key that
-    ``dermascan.keys`` derives from the installation secret (not the session key: rotating that
+    ``dermascan.security.keys`` derives from the installation secret (not the session key: rotating that
     keeps every pseudonym)."""
     if not patient_id or not str(patient_id).strip():
         return None

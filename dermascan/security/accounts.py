@@ -9,8 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from dermascan import keys
 from dermascan.infra.schema import ApiToken, Program, Role, User, utcnow
+from dermascan.security import keys
 
 TOKEN_PREFIX = "dsk_"
 MIN_PASSWORD = 10
@@ -67,7 +67,7 @@ def change_user(
 ) -> str:
     """Disable or enable a user, set a new password or role — each ends the user's sessions and
     is audited in the caller's transaction. Returns what was done, for people."""
-    from dermascan import audit
+    from dermascan.security import audit
 
     done = []
     if active is not None and active != user.active:
@@ -134,6 +134,6 @@ def token_for(session: Session, plain: str) -> ApiToken | None:
 
 def issue_callback_secret(program: Program, installation_secret: str) -> str:
     """A new callback signing secret for ``program`` (to show once): the previous one stops
-    signing. Derived from the installation secret (``dermascan.keys``), so nothing secret is stored."""
+    signing. Derived from the installation secret (``dermascan.security.keys``), so nothing secret is stored."""
     program.callback_secret_generation = (program.callback_secret_generation or 0) + 1
     return keys.callback_secret(installation_secret, program.id, program.callback_secret_generation)
