@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 from dermascan.config import Settings
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Batch, Program, Study, iso_utc
-from dermascan.reports import referral_counts
+from dermascan.screening.reports import referral_counts
 from dermascan.security import keys
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ from dermascan.infra.schema import (
     User,
     utcnow,
 )
-from dermascan.reports import latest_predictions
+from dermascan.screening.reports import latest_predictions
 from dermascan.security import keys
 
 log = logging.getLogger(__name__)

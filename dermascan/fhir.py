@@ -171,8 +171,8 @@ def study_reports(session, studies: list[Study]) -> list[dict]:
     """The DiagnosticReports of ``studies``, from the same rows as the other exports."""
     from sqlalchemy import select
 
-    from dermascan import reports
     from dermascan.infra.schema import ModelBundle
+    from dermascan.screening import reports
 
     ids = [s.id for s in studies]
     predictions = reports.latest_predictions(session, ids)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from dermascan import referral_policy
 from dermascan.errors import Conflict, Invalid, NotAllowed, NotFound
 from dermascan.infra.schema import Batch, Decision, Referral, ReferralStatus, Study, utcnow
+from dermascan.screening import referral_policy
 
 
 class ReferralError(Conflict):

@@ -8,9 +8,10 @@ import re
 import pytest
 from sqlalchemy import select
 
-from dermascan import bundles, results
+from dermascan import bundles
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Study, StudyStatus
+from dermascan.screening import results
 from dermascan.security.accounts import create_token, create_user
 from dermascan.security.identity import get_or_create_program
 

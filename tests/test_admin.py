@@ -81,8 +81,9 @@ def test_admin_moves_the_threshold_after_seeing_what_it_means(pg_settings, tiny_
 def test_operating_point_page_draws_the_roc_and_expected_referrals_at_a_programs_prevalence(
     pg_settings, tiny_bundle, app_factory, ham_dir
 ):
-    from dermascan import operating_point, reports
+    from dermascan import operating_point
     from dermascan.infra.schema import Program, Study
+    from dermascan.screening import reports
     from model import calibration
     from worker.scoring import ScoreStudies
 

@@ -59,7 +59,7 @@ def test_a_shadow_bundle_scores_the_same_studies_in_the_same_batch_and_decides_n
     gets both predictions, only the active one's makes referrals and results; retiring stops the
     shadow, activation is atomic; every change audited."""
     from dermascan.infra.schema import Referral, Study
-    from dermascan.reports import study_result
+    from dermascan.screening.reports import study_result
     from model.bundle import read_manifest
     from tests.services import ROOT
 

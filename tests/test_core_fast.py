@@ -9,7 +9,6 @@ import io
 import pytest
 from sqlalchemy import select
 
-from dermascan import results
 from dermascan.config import Settings
 from dermascan.infra import broker, migrate
 from dermascan.infra.db import session_factory
@@ -18,6 +17,7 @@ from dermascan.ingest import json_records
 from dermascan.ingest.errors import IngestError
 from dermascan.ingest.multipart import MultipartError, iter_parts
 from dermascan.ingest.types import StudyInput
+from dermascan.screening import results
 from dermascan.security.identity import get_or_create_program, pseudonymise
 from dermascan.submission import SubmitStudies
 from tests.helpers import ham_inputs

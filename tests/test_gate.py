@@ -12,7 +12,7 @@ import pytest
 import requests
 from PIL import Image
 
-from dermascan import referral_policy
+from dermascan.screening import referral_policy
 from model import calibration, gate_data, quality
 from model.data import IsicDataset, resize
 from model.ood import FeatureDistance

@@ -8,10 +8,11 @@ import re
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from dermascan import bundles, results
+from dermascan import bundles
 from dermascan.cli import main
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import AuditEvent, Outcome, OutcomeKind, Referral, Study, StudyStatus
+from dermascan.screening import results
 from dermascan.security.accounts import create_user
 from dermascan.submission import submit
 from tests.helpers import ham_inputs
@@ -110,7 +111,7 @@ def test_outcome_on_the_case_page_and_from_the_cli(pg_settings, tiny_bundle, app
     assert 'id="program-probability"' not in client.get(f"/referrals/{referral_id}").text  # no prevalence set
     with factory() as session, session.begin():
         from dermascan.infra.schema import Program
-        from dermascan.reports import study_result
+        from dermascan.screening.reports import study_result
 
         session.get(Program, program_id).expected_prevalence = 0.02
         expected = study_result(session, session.get(Study, ids[0]))["probability_at_program_prevalence"]

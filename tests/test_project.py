@@ -107,7 +107,7 @@ def test_ingest_imports_nothing_of_submission_storage_web_or_worker():
 
 
 def test_web_imports_nothing_of_the_model_package():
-    """The portal reaches model facts through the core (dermascan.reports, operating_point), never model/."""
+    """The portal reaches model facts through the core (dermascan.screening.reports, operating_point), never model/."""
     bad = {
         f: n & {"model", "keras", "tensorflow", "jax"}
         for f, n in imports_of(ROOT / "web").items()

@@ -12,11 +12,12 @@ from functools import wraps
 from flask import Blueprint, Response, g, jsonify, request, url_for
 from sqlalchemy import false, func, select
 
-from dermascan import callbacks, delivery, fhir, outcomes, reports, submission
+from dermascan import callbacks, delivery, fhir, outcomes, submission
 from dermascan.errors import DomainError
 from dermascan.infra.schema import Batch, Program, Study, iso_utc, utcnow
 from dermascan.ingest import json_records, manifest
 from dermascan.ingest.errors import IngestError
+from dermascan.screening import reports
 from dermascan.security import audit
 from dermascan.security.accounts import token_for
 from web.errors import http_status

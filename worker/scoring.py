@@ -21,12 +21,13 @@ from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
-from dermascan import bundles, results
+from dermascan import bundles
 from dermascan.config import Settings
 from dermascan.infra.blobs import BlobError, BlobUnavailable, blob_store
 from dermascan.infra.broker import STARTING
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import ModelBundle, Prediction, Study, utcnow
+from dermascan.screening import results
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 @click.pass_context
 def demo(ctx, once, port, timeout):
     """Screen the bundled example studies end to end (worker process + portal), embedded default."""
-    from dermascan import reports
     from dermascan.infra.broker import QUEUES
     from dermascan.ingest import manifest
+    from dermascan.screening import reports
     from dermascan.submission import submit as do_submit
 
     settings = _settings(ctx, secret=True)
@@ -138,8 +138,8 @@ class _Progress:
         time.sleep(0.5)
 
     def until_scored(self, timeout: float) -> None:
-        from dermascan import reports
         from dermascan.infra.schema import Batch
+        from dermascan.screening import reports
 
         deadline = time.monotonic() + timeout
         while True:
@@ -155,7 +155,7 @@ class _Progress:
             self._poll(timeout, deadline, "the scores")
 
     def until_heatmaps(self, rows: list[dict], timeout: float) -> None:
-        from dermascan import reports
+        from dermascan.screening import reports
 
         referred = [r["study_id"] for r in rows if r["referred"]]
         deadline, last = time.monotonic() + timeout, None

@@ -68,8 +68,8 @@ def submit(ctx, path, program, label, limit, interactive, idempotency_key):
 @click.pass_context
 def results(ctx, batch_id, fmt, wait):
     """Print a batch's results."""
-    from dermascan import reports
     from dermascan.infra.schema import Batch
+    from dermascan.screening import reports
 
     settings = _settings(ctx)
     factory = session_factory(settings.database_url)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from dermascan import referral_policy
 from dermascan.infra.db import insert_ignoring_conflicts
 from dermascan.infra.schema import Batch, Prediction, Priority, Referral, Study, StudyStatus, utcnow
+from dermascan.screening import referral_policy
 
 
 @dataclass

@@ -8,8 +8,8 @@ import io
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dermascan import referral_policy
 from dermascan.infra.schema import Batch, ModelBundle, Prediction, Program, Referral, Study, StudyStatus, iso_utc
+from dermascan.screening import referral_policy
 from dermascan.security import csv_cells
 from model.calibration import at_prevalence
 
