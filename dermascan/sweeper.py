@@ -10,10 +10,10 @@ import logging
 
 from sqlalchemy import and_, or_, select, update
 
-from dermascan import referrals
 from dermascan.config import Settings
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Priority, Study, StudyStatus, utcnow
+from dermascan.referrals import queue as referrals
 from dermascan.submission import enqueue
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,10 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from sqlalchemy import select
 
-from dermascan import bundles, referrals
+from dermascan import bundles
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Decision, Referral, ReferralStatus, Study, StudyStatus, utcnow
+from dermascan.referrals import queue as referrals
 from dermascan.screening import results
 from dermascan.submission import submit
 from tests.helpers import ham_inputs

@@ -18,10 +18,11 @@ from PIL import Image, ImageEnhance
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from dermascan import monitoring, outcomes
+from dermascan import monitoring
 from dermascan.cli import main
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Prediction, Program, Referral, Study, utcnow
+from dermascan.referrals import outcomes
 from dermascan.security.accounts import create_user
 from dermascan.security.identity import get_or_create_program
 from dermascan.submission import submit

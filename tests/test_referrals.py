@@ -8,10 +8,11 @@ import threading
 import pytest
 from sqlalchemy import select, update
 
-from dermascan import bundles, referrals
+from dermascan import bundles
 from dermascan.errors import NotAllowed
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Referral, ReferralStatus, Study, StudyStatus, utcnow
+from dermascan.referrals import queue as referrals
 from dermascan.screening import results
 from dermascan.security.accounts import create_user
 from dermascan.security.identity import get_or_create_program

@@ -123,8 +123,8 @@ def outcomes():
 @click.pass_context
 def outcomes_import(ctx, path, program):
     """Import a CSV of study_id,outcome,diagnosis — all rows or none; bad rows are listed."""
-    from dermascan import outcomes as core
     from dermascan.errors import DomainError
+    from dermascan.referrals import outcomes as core
     from dermascan.security.identity import get_or_create_program
 
     settings = _settings(ctx)
