@@ -121,7 +121,7 @@ def bench_cstore(settings, folder: Path, n: int) -> dict:
 NOOP_SCP = """
 import sys
 from pynetdicom import evt
-from dermascan.dicom_scp import NoDelayServer, make_ae
+from dermascan.intake.dicom_scp import NoDelayServer, make_ae
 
 def store(event):
     event.dataset  # decoded, as a real handler must; nothing stored

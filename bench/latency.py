@@ -38,8 +38,8 @@ def main(argv=None) -> None:
 
     from dermascan.infra.db import session_factory
     from dermascan.infra.schema import Study
+    from dermascan.intake.submission import submit
     from dermascan.security.identity import get_or_create_program
-    from dermascan.submission import submit
     from model.bundle import read_manifest
     from tests.helpers import ham_inputs
 

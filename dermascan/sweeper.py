@@ -13,8 +13,8 @@ from sqlalchemy import and_, or_, select, update
 from dermascan.config import Settings
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Priority, Study, StudyStatus, utcnow
+from dermascan.intake.submission import enqueue
 from dermascan.referrals import queue as referrals
-from dermascan.submission import enqueue
 
 log = logging.getLogger(__name__)
 

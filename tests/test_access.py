@@ -78,7 +78,7 @@ TABLE = {
 @pytest.fixture
 def world(pg_settings, tiny_bundle, ham_dir, app_factory):
     """An app with one user per role, a scored and referred study, and a token."""
-    from dermascan.submission import submit
+    from dermascan.intake.submission import submit
     from tests.helpers import ham_inputs
 
     settings = pg_settings
@@ -208,8 +208,8 @@ def test_specialists_see_referred_cases_and_their_context_not_other_programs_bat
     opens a referred case, its image and the same patient's other lesions, but not the batch, its
     results CSV or an unrelated study of that program — until an admin grants every program.
     An uploader without a program sees nothing (fail closed)."""
+    from dermascan.intake.submission import submit
     from dermascan.security.accounts import change_user, get_user
-    from dermascan.submission import submit
     from tests.helpers import ham_inputs
 
     settings = pg_settings

@@ -12,10 +12,10 @@ from dermascan import bundles
 from dermascan.cli import main
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import AuditEvent, ModelBundle, Prediction, User
+from dermascan.intake.submission import submit
 from dermascan.operating_point import at_threshold
 from dermascan.security.accounts import authenticate, token_for
 from dermascan.security.identity import get_or_create_program
-from dermascan.submission import submit
 from tests.helpers import ham_inputs
 
 PASSWORD = "correct-horse-battery"

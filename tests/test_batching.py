@@ -9,14 +9,14 @@ from sqlalchemy import select
 
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Study, StudyStatus
-from dermascan.submission import submit
+from dermascan.intake.submission import submit
 from tests.helpers import all_done, ham_inputs, program_id, status_counts
 from tests.services import wait_for
 
 
 def queued_interactive(settings, ham_dir, n: int, offset: int = 0) -> list[int]:
     """Interactive studies stored without sending messages (the test calls the scorer directly)."""
-    from dermascan.submission import SubmitStudies
+    from dermascan.intake.submission import SubmitStudies
 
     pid = program_id(settings)
     with session_factory(settings.database_url)() as session, session.begin():

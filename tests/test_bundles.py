@@ -13,7 +13,7 @@ from dermascan import bundles
 from dermascan.cli import main
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import AuditEvent, ModelBundle, Prediction
-from dermascan.submission import submit
+from dermascan.intake.submission import submit
 from tests.helpers import ham_inputs, program_id, status_counts
 from tests.services import wait_for
 

@@ -17,9 +17,9 @@ from dermascan.ingest import json_records
 from dermascan.ingest.errors import IngestError
 from dermascan.ingest.multipart import MultipartError, iter_parts
 from dermascan.ingest.types import StudyInput
+from dermascan.intake.submission import SubmitStudies
 from dermascan.screening import results
 from dermascan.security.identity import get_or_create_program, pseudonymise
-from dermascan.submission import SubmitStudies
 from tests.helpers import ham_inputs
 
 

@@ -14,10 +14,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select, text
 
-from dermascan.dicom_scp import AllowList, make_server
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Prediction, Study
 from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC
+from dermascan.intake.dicom_scp import AllowList, make_server
 from dermascan.security.identity import pseudonymise
 from tests.dicom_factory import SECONDARY_CAPTURE, make_instance, stow, to_bytes, write
 from tests.ham_files import ham_images, ham_rows

@@ -20,10 +20,10 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from dermascan.cli import main
-from dermascan.dicom_scp import AllowList, DoorError, make_server, tls_context
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Program, Study
 from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC
+from dermascan.intake.dicom_scp import AllowList, DoorError, make_server, tls_context
 from tests.dicom_factory import make_instance, monochrome_uncompressed, stow, to_bytes
 from tests.ham_files import ham_images, ham_rows
 from tests.services import free_port, wait_for

@@ -59,9 +59,9 @@ def test_the_header_is_kept_encrypted_at_ingest_and_the_report_is_built_from_it(
     from dermascan.infra.db import session_factory
     from dermascan.infra.schema import Study
     from dermascan.ingest.dicom import parse_dataset
+    from dermascan.intake.submission import SubmitStudies
     from dermascan.security import keys
     from dermascan.security.identity import get_or_create_program
-    from dermascan.submission import SubmitStudies
     from tests.dicom_factory import to_bytes
 
     settings = Settings.from_env(env={}, data_dir=tmp_path / "var", secret_key="sr-secret")

@@ -11,9 +11,9 @@ from sqlalchemy import select
 from dermascan import bundles
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Decision, Referral, ReferralStatus, Study, StudyStatus, utcnow
+from dermascan.intake.submission import submit
 from dermascan.referrals import queue as referrals
 from dermascan.screening import results
-from dermascan.submission import submit
 from tests.helpers import ham_inputs
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Prediction, Study
-from dermascan.submission import submit
+from dermascan.intake.submission import submit
 from tests.helpers import all_done, ham_inputs, program_id
 from tests.services import wait_for
 

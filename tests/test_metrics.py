@@ -8,9 +8,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from dermascan.infra.db import session_factory
+from dermascan.intake.submission import submit
 from dermascan.security.accounts import create_user
 from dermascan.security.identity import get_or_create_program
-from dermascan.submission import submit
 from tests.helpers import all_done, ham_inputs, program_id
 from tests.services import free_port, wait_for
 

@@ -22,10 +22,10 @@ from dermascan import monitoring
 from dermascan.cli import main
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Prediction, Program, Referral, Study, utcnow
+from dermascan.intake.submission import submit
 from dermascan.referrals import outcomes
 from dermascan.security.accounts import create_user
 from dermascan.security.identity import get_or_create_program
-from dermascan.submission import submit
 from tests.helpers import ham_inputs, status_counts
 from tests.services import ROOT, wait_for
 

@@ -84,8 +84,8 @@ def test_web_and_worker_share_only_the_database_the_broker_and_the_object_store(
     # DICOM too: STOW-RS to the web app, C-STORE to a receiver with a data directory of its own
     from pynetdicom import AE
 
-    from dermascan.dicom_scp import AllowList, make_server
     from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY
+    from dermascan.intake.dicom_scp import AllowList, make_server
     from tests.dicom_factory import make_instance, to_bytes
     from tests.ham_files import ham_images, ham_rows
 
@@ -174,7 +174,7 @@ def test_a_worker_retries_while_the_object_store_is_down(
 ):
     """Stored while the store was up; scored by a worker that finds it down: retried, not failed
     for good, and scored once the store is back."""
-    from dermascan.submission import submit
+    from dermascan.intake.submission import submit
     from tests.helpers import ham_inputs, program_id
 
     settings = make_settings(database_url=pg_url, broker_url=redis_url, blob_url=f"s3://{BUCKET}/retry")

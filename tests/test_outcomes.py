@@ -12,9 +12,9 @@ from dermascan import bundles
 from dermascan.cli import main
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import AuditEvent, Outcome, OutcomeKind, Referral, Study, StudyStatus
+from dermascan.intake.submission import submit
 from dermascan.screening import results
 from dermascan.security.accounts import create_user
-from dermascan.submission import submit
 from tests.helpers import ham_inputs
 from tests.test_security import PASSWORD, _login
 

@@ -15,11 +15,11 @@ from pynetdicom import AE
 from sqlalchemy import select, update
 
 from dermascan import delivery
-from dermascan.dicom_scp import AllowList, make_server
 from dermascan.dicom_sr import DECISION, PROBABILITY
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Delivery, ModelBundle, Prediction, Referral, ReferralStatus, Study, utcnow
 from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC
+from dermascan.intake.dicom_scp import AllowList, make_server
 from dermascan.security.accounts import create_user
 from dermascan.security.identity import get_or_create_program
 from tests.dicom_factory import content_items, make_instance
@@ -287,7 +287,7 @@ def test_a_program_that_asks_gets_the_results_of_its_rest_api_studies_in_the_pac
     from click.testing import CliRunner
 
     from dermascan.cli import main
-    from dermascan.submission import submit
+    from dermascan.intake.submission import submit
     from tests.helpers import ham_inputs
 
     settings = pg_settings.replace(delivery_retry_s=0.5)

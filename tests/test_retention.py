@@ -9,7 +9,7 @@ import datetime as dt
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from dermascan import bundles, submission
+from dermascan import bundles
 from dermascan.cli import main
 from dermascan.infra.blobs import BlobStore
 from dermascan.infra.db import session_factory
@@ -23,6 +23,7 @@ from dermascan.infra.schema import (
     StudyStatus,
     utcnow,
 )
+from dermascan.intake import submission
 from dermascan.referrals import queue as referrals
 from dermascan.screening import results
 from dermascan.security import identity

@@ -53,7 +53,7 @@ def _study_with_exif(settings, ham_dir) -> int:
     from PIL import Image
 
     from dermascan.ingest import manifest
-    from dermascan.submission import submit
+    from dermascan.intake.submission import submit
 
     inputs, _ = manifest.from_isic_layout(ham_dir, limit=1)
     image = Image.open(io.BytesIO(inputs[0].image))

@@ -11,10 +11,10 @@ import re
 
 from flask import Blueprint, Response, g, json, request
 
-from dermascan import submission
 from dermascan.ingest import dicom
 from dermascan.ingest.errors import Rejection
 from dermascan.ingest.multipart import MultipartError, iter_parts
+from dermascan.intake import submission
 from web.api import error, token_required
 from web.extensions import csrf
 from web.helpers import client_ip, settings

@@ -14,13 +14,13 @@ from sqlalchemy import select
 from wtforms import DecimalField, SelectField, StringField
 from wtforms.validators import Length, NumberRange, Optional
 
-from dermascan import submission
 from dermascan.infra.blobs import BlobError, BlobUnavailable, blob_store
 from dermascan.infra.schema import Batch, Prediction, Study
 from dermascan.ingest import manifest
 from dermascan.ingest.errors import IngestError
 from dermascan.ingest.records import SITES
 from dermascan.ingest.types import StudyInput
+from dermascan.intake import submission
 from dermascan.screening import reports
 from dermascan.security import identity
 from web.errors import http_status

@@ -32,8 +32,8 @@ def demo(ctx, once, port, timeout):
     """Screen the bundled example studies end to end (worker process + portal), embedded default."""
     from dermascan.infra.broker import QUEUES
     from dermascan.ingest import manifest
+    from dermascan.intake.submission import submit as do_submit
     from dermascan.screening import reports
-    from dermascan.submission import submit as do_submit
 
     settings = _settings(ctx, secret=True)
     click.echo(f"data directory: {settings.data_dir}")

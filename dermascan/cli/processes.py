@@ -132,7 +132,7 @@ def sweep(ctx):
 @click.pass_context
 def dicom_scp(ctx, ae_title, host, port, program, allowed, allow_any, tls_cert, tls_key, tls_ca):
     """Run the DICOM C-STORE receiver (C-ECHO, VL Photographic and Dermoscopic Photography)."""
-    from dermascan.dicom_scp import AllowList, DoorError, make_server, tls_context
+    from dermascan.intake.dicom_scp import AllowList, DoorError, make_server, tls_context
 
     try:
         allow = AllowList.from_entries(allowed, program, allow_any)

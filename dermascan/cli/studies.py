@@ -28,8 +28,8 @@ def submit(ctx, path, program, label, limit, interactive, idempotency_key):
 
     from dermascan.ingest import manifest
     from dermascan.ingest.errors import IngestError
+    from dermascan.intake.submission import submit as do_submit
     from dermascan.security.identity import get_or_create_program
-    from dermascan.submission import submit as do_submit
 
     settings = _settings(ctx, secret=True)
     _ensure_db(settings)

@@ -1,7 +1,7 @@
 """DICOM → studies: VL Photographic and Dermoscopic Photography images, uncompressed or JPEG
 baseline, with age, sex and anatomic site read from the header.
 
-Used by STOW-RS (``web/dicomweb.py``) and the C-STORE receiver (``dermascan/dicom_scp.py``).
+Used by STOW-RS (``web/dicomweb.py``) and the C-STORE receiver (``dermascan/intake/dicom_scp.py``).
 A JPEG baseline frame is stored as is (it is a JPEG file); uncompressed pixels are stored as
 lossless PNG. Rejections carry the DICOM failure status (PS3.4 / PS3.18) to answer with.
 """

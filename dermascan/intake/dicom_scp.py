@@ -36,11 +36,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
 
-from dermascan import submission
 from dermascan.config import Settings
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Batch, Study
 from dermascan.ingest import dicom
+from dermascan.intake import submission
 from dermascan.security import audit, identity
 
 log = logging.getLogger(__name__)
