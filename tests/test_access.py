@@ -90,7 +90,7 @@ def world(pg_settings, tiny_bundle, ham_dir, app_factory):
         _, plain = create_token(session, program.id, "bearer")
         token, _ = create_token(session, program.id, "to be revoked by the admin")
         bundle = bundles.register(session, tiny_bundle)
-        from dermascan import delivery
+        from dermascan.results_out import delivery
 
         destination = delivery.add_destination(
             session, settings, program, "pacs", host="127.0.0.1", port=1, ae_title="PACS"

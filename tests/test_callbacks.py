@@ -8,9 +8,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
 
-from dermascan import callbacks
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Program
+from dermascan.results_out import callbacks
 from dermascan.security.accounts import issue_callback_secret
 from tests.ham_files import ham_zip
 from tests.services import wait_for

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from pydicom import dcmread
 
-from dermascan.dicom_sr import PROBABILITY, REFERRAL, AiResult, ai_result_report
 from dermascan.ingest.dicom import VL_PHOTOGRAPHIC
+from dermascan.results_out.dicom_sr import PROBABILITY, REFERRAL, AiResult, ai_result_report
 from tests.dicom_factory import content_items, dciodvfy_errors, make_instance
 from tests.ham_files import ham_images, ham_rows
 
@@ -91,7 +91,7 @@ def test_the_heat_map_and_the_specialists_verified_report_are_valid(ham_dir, tmp
 
     import numpy as np
 
-    from dermascan.dicom_sr import DECISION, SpecialistDecision, decision_report, heatmap_capture
+    from dermascan.results_out.dicom_sr import DECISION, SpecialistDecision, decision_report, heatmap_capture
 
     jpeg = next(iter(ham_images(ham_dir, ham_rows(ham_dir, 1).isic_id).values()))
     source = make_instance(jpeg, patient_id="MRN-MAP", age=48, sex="female")
@@ -134,7 +134,7 @@ def test_the_heat_map_and_the_specialists_verified_report_are_valid(ham_dir, tmp
 def test_a_header_missing_type_2_attributes_still_gets_valid_reports(ham_dir, tmp_path):
     """Modalities leave out type 2 attributes (patient name, study ID, accession number…): the
     results still go back, with them empty, and stay valid."""
-    from dermascan.dicom_sr import complete
+    from dermascan.results_out.dicom_sr import complete
 
     jpeg = next(iter(ham_images(ham_dir, ham_rows(ham_dir, 1).isic_id).values()))
     source = make_instance(jpeg)

@@ -13,10 +13,10 @@ import pytest
 from flask import Flask
 from sqlalchemy import select
 
-from dermascan import callbacks
 from dermascan.infra import broker
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import AuditEvent, Program
+from dermascan.results_out import callbacks
 from dermascan.security import keys
 from dermascan.security.accounts import create_user, issue_callback_secret
 from dermascan.security.identity import get_or_create_program, pseudonymise

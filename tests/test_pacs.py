@@ -14,12 +14,12 @@ from dicomweb_client.api import DICOMwebClient
 from pynetdicom import AE
 from sqlalchemy import select, update
 
-from dermascan import delivery
-from dermascan.dicom_sr import DECISION, PROBABILITY
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Delivery, ModelBundle, Prediction, Referral, ReferralStatus, Study, utcnow
 from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC
 from dermascan.intake.dicom_scp import AllowList, make_server
+from dermascan.results_out import delivery
+from dermascan.results_out.dicom_sr import DECISION, PROBABILITY
 from dermascan.security.accounts import create_user
 from dermascan.security.identity import get_or_create_program
 from tests.dicom_factory import content_items, make_instance
@@ -325,8 +325,8 @@ def test_results_go_by_dicom_tls_to_a_pacs_that_requires_our_certificate(ham_jpe
     from pynetdicom.sop_class import ComprehensiveSRStorage  # noqa: F401 (the name is registered)
 
     from dermascan.config import Settings
-    from dermascan.dicom_sr import AiResult, ai_result_report
     from dermascan.infra.schema import DicomDestination
+    from dermascan.results_out.dicom_sr import AiResult, ai_result_report
     from tests.test_dicom_door import make_cert
 
     ca_cert, _, ca_key, ca_name = make_cert(tmp_path, "ca")

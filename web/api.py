@@ -12,13 +12,13 @@ from functools import wraps
 from flask import Blueprint, Response, g, jsonify, request, url_for
 from sqlalchemy import false, func, select
 
-from dermascan import callbacks, delivery, fhir
 from dermascan.errors import DomainError
 from dermascan.infra.schema import Batch, Program, Study, iso_utc, utcnow
 from dermascan.ingest import json_records, manifest
 from dermascan.ingest.errors import IngestError
 from dermascan.intake import submission
 from dermascan.referrals import outcomes
+from dermascan.results_out import callbacks, delivery, fhir
 from dermascan.screening import reports
 from dermascan.security import audit
 from dermascan.security.accounts import token_for

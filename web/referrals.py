@@ -9,13 +9,13 @@ from sqlalchemy import select
 from wtforms import HiddenField, RadioField, SelectField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length
 
-from dermascan import delivery
 from dermascan.errors import DomainError
 from dermascan.infra.schema import DECISION_LABELS as LABELS
 from dermascan.infra.schema import ModelBundle, Outcome, Prediction, Program, Referral, ReferralStatus
 from dermascan.ingest.records import SITES
 from dermascan.referrals import outcomes
 from dermascan.referrals import queue as policy
+from dermascan.results_out import delivery
 from dermascan.screening import referral_policy, reports
 from web.errors import http_status
 from web.helpers import audit_event, client_ip, db, role_required, settings

@@ -40,7 +40,7 @@ def score(self, study_ids: list[int], interactive: bool = False) -> dict:
 
 
 def _schedule_delivery(settings, study_ids: list[int]) -> None:
-    from dermascan import delivery
+    from dermascan.results_out import delivery
 
     if study_ids:
         try:
@@ -62,7 +62,7 @@ def heatmaps(study_ids: list[int]) -> int:
 
 @shared_task(name=broker.TASK_DELIVER, acks_late=True)
 def deliver_dicom(study_id: int, destination_id: int, attempt: int = 0) -> str:
-    from dermascan import delivery
+    from dermascan.results_out import delivery
 
     settings = _settings()
     status = delivery.deliver(settings, study_id, destination_id, attempt)
@@ -86,7 +86,7 @@ def sweep() -> dict:
 
 @shared_task(name=broker.TASK_CALLBACK, acks_late=True)
 def batch_callback(batch_id: str, attempt: int = 0) -> str:
-    from dermascan import callbacks
+    from dermascan.results_out import callbacks
 
     settings = _settings()
     status = callbacks.deliver(settings, batch_id, attempt)

@@ -27,7 +27,7 @@ def destination_add(ctx, program, name, dimse, ae_title, tls, url, username, sec
     """Send PROGRAM's results (AI result SR, heat map, the specialist's verified SR) to NAME."""
     import os
 
-    from dermascan import delivery
+    from dermascan.results_out import delivery
     from dermascan.security import audit
     from dermascan.security.identity import get_or_create_program
 
@@ -62,7 +62,7 @@ def destination_add(ctx, program, name, dimse, ae_title, tls, url, username, sec
 @click.pass_context
 def destination_list(ctx):
     """Every destination with its delivery counts."""
-    from dermascan import delivery
+    from dermascan.results_out import delivery
 
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session:
@@ -80,7 +80,7 @@ def destination_list(ctx):
 @click.pass_context
 def destination_disable(ctx, program, name, enable):
     """Stop (or, with --enable, resume) sending PROGRAM's results to NAME."""
-    from dermascan import delivery
+    from dermascan.results_out import delivery
     from dermascan.security import audit
 
     settings = _settings(ctx)

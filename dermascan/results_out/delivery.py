@@ -30,7 +30,6 @@ from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dermascan import dicom_sr
 from dermascan.config import Settings
 from dermascan.errors import Invalid
 from dermascan.infra import broker
@@ -49,6 +48,7 @@ from dermascan.infra.schema import (
     User,
     utcnow,
 )
+from dermascan.results_out import dicom_sr
 from dermascan.screening.reports import latest_predictions
 from dermascan.security import keys
 
