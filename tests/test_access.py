@@ -8,7 +8,7 @@ import re
 import pytest
 from sqlalchemy import select
 
-from dermascan import bundles
+from dermascan.governance import bundles
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Study, StudyStatus
 from dermascan.screening import results

@@ -8,12 +8,12 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from dermascan import bundles
 from dermascan.cli import main
+from dermascan.governance import bundles
+from dermascan.governance.operating_point import at_threshold
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import AuditEvent, ModelBundle, Prediction, User
 from dermascan.intake.submission import submit
-from dermascan.operating_point import at_threshold
 from dermascan.security.accounts import authenticate, token_for
 from dermascan.security.identity import get_or_create_program
 from tests.helpers import ham_inputs
@@ -81,7 +81,7 @@ def test_admin_moves_the_threshold_after_seeing_what_it_means(pg_settings, tiny_
 def test_operating_point_page_draws_the_roc_and_expected_referrals_at_a_programs_prevalence(
     pg_settings, tiny_bundle, app_factory, ham_dir
 ):
-    from dermascan import operating_point
+    from dermascan.governance import operating_point
     from dermascan.infra.schema import Program, Study
     from dermascan.screening import reports
     from model import calibration

@@ -9,8 +9,8 @@ import shutil
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from dermascan import bundles
 from dermascan.cli import main
+from dermascan.governance import bundles
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import AuditEvent, ModelBundle, Prediction
 from dermascan.intake.submission import submit

@@ -8,7 +8,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from sqlalchemy import select
 
-from dermascan import bundles
+from dermascan.governance import bundles
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Decision, Referral, ReferralStatus, Study, StudyStatus, utcnow
 from dermascan.intake.submission import submit

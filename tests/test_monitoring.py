@@ -18,8 +18,8 @@ from PIL import Image, ImageEnhance
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from dermascan import monitoring
 from dermascan.cli import main
+from dermascan.governance import monitoring
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Prediction, Program, Referral, Study, utcnow
 from dermascan.intake.submission import submit

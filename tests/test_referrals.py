@@ -8,8 +8,8 @@ import threading
 import pytest
 from sqlalchemy import select, update
 
-from dermascan import bundles
 from dermascan.errors import NotAllowed
+from dermascan.governance import bundles
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Referral, ReferralStatus, Study, StudyStatus, utcnow
 from dermascan.referrals import queue as referrals

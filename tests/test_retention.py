@@ -9,8 +9,8 @@ import datetime as dt
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from dermascan import bundles
 from dermascan.cli import main
+from dermascan.governance import bundles
 from dermascan.infra.blobs import BlobStore
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import (

@@ -10,10 +10,10 @@ from sqlalchemy import select
 from wtforms import BooleanField, DecimalField, IntegerField, PasswordField, RadioField, SelectField, StringField
 from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
-from dermascan import bundles, operating_point
 from dermascan.errors import DomainError
+from dermascan.governance import bundles, operating_point
+from dermascan.governance.operating_point import at_threshold
 from dermascan.infra.schema import ApiToken, AuditEvent, DicomDestination, ModelBundle, Program, User, utcnow
-from dermascan.operating_point import at_threshold
 from dermascan.results_out import delivery
 from dermascan.security import accounts, audit
 from dermascan.security.accounts import AccountError, create_token, create_user

@@ -11,7 +11,8 @@ from flask import Blueprint, Response, abort, render_template, request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from dermascan import charts, governance, monitoring
+from dermascan.governance import charts, monitoring
+from dermascan.governance import report as governance
 from dermascan.infra.schema import ModelBundle, Program, utcnow
 from web.helpers import db, role_required, settings
 

@@ -21,8 +21,8 @@ from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
-from dermascan import bundles
 from dermascan.config import Settings
+from dermascan.governance import bundles
 from dermascan.infra.blobs import BlobError, BlobUnavailable, blob_store
 from dermascan.infra.broker import STARTING
 from dermascan.infra.db import session_factory

@@ -122,7 +122,7 @@ def program():
 def program_prevalence(ctx, name, value, clear):
     """Set the share of malignant lesions PROGRAM expects (e.g. 0.02): its displayed
     probabilities are re-weighed to it; the referral decision stays on the bundle's threshold."""
-    from dermascan.operating_point import PrevalenceError, set_expected_prevalence
+    from dermascan.governance.operating_point import PrevalenceError, set_expected_prevalence
     from dermascan.security.identity import get_or_create_program
 
     if (value is None) == (not clear):

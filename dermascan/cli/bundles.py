@@ -37,7 +37,7 @@ def bundle_list(ctx):
 @click.pass_context
 def bundle_register(ctx, path, activate):
     """Record a bundle (its checksum verified); it decides nothing until activated."""
-    from dermascan import bundles
+    from dermascan.governance import bundles
 
     settings = _settings(ctx)
     _ensure_db(settings)
@@ -56,8 +56,8 @@ def bundle_register(ctx, path, activate):
 @click.pass_context
 def bundle_activate(ctx, version):
     """Make a registered bundle the one that scores (workers with another bundle stop taking work)."""
-    from dermascan import bundles
     from dermascan.errors import DomainError
+    from dermascan.governance import bundles
 
     settings = _settings(ctx)
     _ensure_db(settings)
@@ -70,8 +70,8 @@ def bundle_activate(ctx, version):
 
 
 def _change_state(ctx, version: str, change: str) -> None:
-    from dermascan import bundles
     from dermascan.errors import DomainError
+    from dermascan.governance import bundles
 
     settings = _settings(ctx)
     _ensure_db(settings)

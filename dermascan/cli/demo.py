@@ -173,7 +173,7 @@ class _Progress:
 def _set_up(settings) -> tuple[int, str | None]:
     """Migrate, make the demo program, an admin (password returned the first time) and the
     bundle active (the operator running the demo is the admin who activates it)."""
-    from dermascan import bundles
+    from dermascan.governance import bundles
     from dermascan.infra import migrate
     from dermascan.infra.schema import Role, User
     from dermascan.security.accounts import create_user

@@ -159,7 +159,7 @@ def report_monthly(ctx, program_name, month, out_path):
     """Write PROGRAM's monthly model governance report (HTML, printable to PDF)."""
     from sqlalchemy import select
 
-    from dermascan import governance
+    from dermascan.governance import report as governance
     from dermascan.infra.schema import Program
 
     try:

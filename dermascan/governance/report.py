@@ -12,7 +12,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from dermascan import charts, monitoring, operating_point
+from dermascan.governance import charts, monitoring, operating_point
 from dermascan.infra.schema import AuditEvent, ModelBundle, Program, utcnow
 from model import reference
 

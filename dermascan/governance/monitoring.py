@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dermascan import operating_point
+from dermascan.governance import operating_point
 from dermascan.infra.schema import (
     Decision,
     ModelBundle,
