@@ -11,7 +11,7 @@ from dermascan.infra.db import session_factory
 from dermascan.infra.schema import ModelBundle, Prediction, Referral, Study, StudyStatus
 from dermascan.ingest.types import StudyInput
 from dermascan.intake.submission import submit
-from dermascan.sweeper import sweep
+from dermascan.upkeep.sweeper import sweep
 from tests.helpers import all_done, ham_inputs, program_id, status_counts
 from tests.services import wait_for
 

@@ -16,7 +16,7 @@ from dermascan.referrals import queue as referrals
 from dermascan.screening import results
 from dermascan.security.accounts import create_user
 from dermascan.security.identity import get_or_create_program
-from dermascan.sweeper import sweep
+from dermascan.upkeep.sweeper import sweep
 
 
 def seed_referrals(settings, n: int, bundle_dir) -> list[int]:

@@ -79,7 +79,7 @@ def deliver_dicom(study_id: int, destination_id: int, attempt: int = 0) -> str:
 
 @shared_task(name=broker.TASK_SWEEP)
 def sweep() -> dict:
-    from dermascan.sweeper import sweep as run_sweep
+    from dermascan.upkeep.sweeper import sweep as run_sweep
 
     return run_sweep(_settings())
 

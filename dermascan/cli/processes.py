@@ -85,7 +85,7 @@ def purge(ctx, days):
     """Delete the images and heat maps of studies finished more than DAYS ago whose referral, if
     any, is decided (results, decisions and the audit trail are kept; audited)."""
     from dermascan.infra.blobs import blob_store
-    from dermascan.retention import purge as run_purge
+    from dermascan.upkeep.retention import purge as run_purge
 
     settings = _settings(ctx)
     _ensure_db(settings)
@@ -100,7 +100,7 @@ def purge(ctx, days):
 @click.pass_context
 def sweep(ctx):
     """Re-send studies left queued (or stuck processing) too long."""
-    from dermascan.sweeper import sweep as run_sweep
+    from dermascan.upkeep.sweeper import sweep as run_sweep
 
     click.echo(json.dumps(run_sweep(_settings(ctx))))
 

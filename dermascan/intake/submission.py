@@ -3,7 +3,7 @@ ids are enqueued. Every way in (the portal, the REST API, STOW-RS, the C-STORE r
 reads "parse (``dermascan.ingest``), then submit".
 
 Persist first, then enqueue: if the broker is down, or the process dies after the commit, the
-sweeper (``dermascan.sweeper``) sends the studies later. Nothing accepted is lost.
+sweeper (``dermascan.upkeep.sweeper``) sends the studies later. Nothing accepted is lost.
 """
 
 from __future__ import annotations

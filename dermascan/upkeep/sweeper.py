@@ -69,8 +69,8 @@ def sweep(settings: Settings, now: dt.datetime | None = None, unsent_after_s: fl
         )
     purged = {}
     if settings.retention_days > 0:
-        from dermascan import retention
         from dermascan.infra.blobs import blob_store
+        from dermascan.upkeep import retention
 
         purged = retention.purge(factory, blob_store(settings), settings.retention_days, now=now)
     return {
