@@ -112,6 +112,7 @@ class Settings:
     api_address_rate_limit: str = "3000 per minute"
     # completion callbacks
     callback_retries: int = 5
+    callback_retry_s: float = 2.0  # first wait; doubling, at most 10 min (results_out.retry)
     # hosts, addresses or networks (comma-separated) that callbacks may reach over http or at a
     # private address (an EHR on the hospital network); everything else: https to public addresses
     callback_allow_hosts: str = ""

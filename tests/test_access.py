@@ -90,9 +90,9 @@ def world(pg_settings, tiny_bundle, ham_dir, app_factory):
         _, plain = create_token(session, program.id, "bearer")
         token, _ = create_token(session, program.id, "to be revoked by the admin")
         bundle = bundles.register(session, tiny_bundle)
-        from dermascan.results_out import delivery
+        from dermascan.results_out import destinations
 
-        destination = delivery.add_destination(
+        destination = destinations.add_destination(
             session, settings, program, "pacs", host="127.0.0.1", port=1, ae_title="PACS"
         )
         program_id, token_id, destination_id = program.id, token.id, destination.id

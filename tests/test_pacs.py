@@ -18,7 +18,7 @@ from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Delivery, ModelBundle, Prediction, Referral, ReferralStatus, Study, utcnow
 from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC
 from dermascan.intake.dicom_scp import AllowList, make_server
-from dermascan.results_out import delivery
+from dermascan.results_out import destinations, scheduling, transports
 from dermascan.results_out.dicom_sr import DECISION, PROBABILITY
 from dermascan.security.accounts import create_user
 from dermascan.security.identity import get_or_create_program
@@ -73,7 +73,7 @@ def c_store(port: int, datasets) -> None:
 
 def add_destination(settings, program: str, name: str, **target) -> None:
     with session_factory(settings.database_url)() as session, session.begin():
-        delivery.add_destination(session, settings, get_or_create_program(session, program), name, **target)
+        destinations.add_destination(session, settings, get_or_create_program(session, program), name, **target)
 
 
 def study_rows(settings) -> list[Study]:
@@ -272,7 +272,7 @@ def test_a_pacs_that_is_down_gets_the_result_once_back_and_a_refusing_one_fails_
     # the same SOP Instance UIDs, so the PACS still holds one copy
     with session_factory(settings.database_url)() as session, session.begin():
         session.execute(update(Delivery).where(Delivery.study_id == study.id).values(status="failed"))
-    delivery.resend(settings, study.id)
+    scheduling.resend(settings, study.id)
     wait_for(lambda: delivery_states(settings)[(study.id, "pacs", "ai_sr")][1] == 1
              and delivery_states(settings)[(study.id, "pacs", "ai_sr")][0] == "sent", 60, message="the resend")  # fmt: skip
     assert instances() == stored
@@ -354,15 +354,15 @@ def test_results_go_by_dicom_tls_to_a_pacs_that_requires_our_certificate(ham_jpe
         target = DicomDestination(name="tls", kind="dimse", host="127.0.0.1", port=port, ae_title="TLSPACS", tls=True)
         trusted = Settings.from_env(env={}, data_dir=tmp_path, dicom_tls_ca_file=str(ca_cert),
                                     dicom_tls_client_cert=str(our_cert), dicom_tls_client_key=str(our_key))  # fmt: skip
-        delivery.send_dimse(trusted, target, [report])
+        transports.send_dimse(trusted, target, [report])
         assert received == [report.SOPInstanceUID]
         # without our certificate the PACS refuses the handshake; a PACS we cannot verify is not sent to
         for settings in (
             trusted.replace(dicom_tls_client_cert="", dicom_tls_client_key=""),
             trusted.replace(dicom_tls_ca_file=""),
         ):
-            with pytest.raises(delivery.Unreachable):
-                delivery.send_dimse(settings, target, [report])
+            with pytest.raises(transports.Unreachable):
+                transports.send_dimse(settings, target, [report])
         assert received == [report.SOPInstanceUID]
     finally:
         server.shutdown()

@@ -14,7 +14,8 @@ from dermascan.errors import DomainError
 from dermascan.governance import bundles, operating_point
 from dermascan.governance.operating_point import at_threshold
 from dermascan.infra.schema import ApiToken, AuditEvent, DicomDestination, ModelBundle, Program, User, utcnow
-from dermascan.results_out import delivery
+from dermascan.results_out import delivery_status, scheduling
+from dermascan.results_out import destinations as dicom_destinations
 from dermascan.security import accounts, audit
 from dermascan.security.accounts import AccountError, create_token, create_user
 from dermascan.security.identity import get_or_create_program
@@ -205,7 +206,7 @@ def destinations():
     if form.validate_on_submit():
         dimse = form.kind.data == "dimse"
         try:
-            row = delivery.add_destination(
+            row = dicom_destinations.add_destination(
                 db(), settings(), get_or_create_program(db(), form.program.data.strip()), form.name.data,
                 host=form.host.data if dimse else None, port=form.port.data if dimse else None,
                 ae_title=form.ae_title.data if dimse else None, tls=bool(form.tls.data) and dimse,
@@ -224,8 +225,8 @@ def destinations():
     elif request.method == "POST":
         flash("Check the destination's fields.", "error")
     return render_template(
-        "admin_destinations.html", form=form, destinations=delivery.destinations(db()),
-        counts=delivery.status_counts(db()), failures=delivery.recent_failures(db()), action=RevokeForm(),
+        "admin_destinations.html", form=form, destinations=dicom_destinations.listed(db()),
+        counts=delivery_status.status_counts(db()), failures=delivery_status.recent_failures(db()), action=RevokeForm(),
         programs=list(db().scalars(select(Program).order_by(Program.name))),
     )  # fmt: skip
 
@@ -269,7 +270,7 @@ def resend_study(study_id):
         abort(400)
     audit_event("delivery_resent", object_type="study", object_id=study_id)
     db().commit()
-    sent = delivery.resend(settings(), study_id)
+    sent = scheduling.resend(settings(), study_id)
     flash(f"Study {study_id}: {sent} deliveries sent again.", "info")
     return redirect(url_for("admin.destinations"))
 

@@ -18,7 +18,7 @@ from dermascan.ingest import json_records, manifest
 from dermascan.ingest.errors import IngestError
 from dermascan.intake import submission
 from dermascan.referrals import outcomes
-from dermascan.results_out import callbacks, delivery, fhir
+from dermascan.results_out import callbacks, delivery_status, fhir
 from dermascan.screening import reports
 from dermascan.security import audit
 from dermascan.security.accounts import token_for
@@ -93,10 +93,10 @@ def create_batch():
     key = request.headers.get("Idempotency-Key")
     if key is not None and (not key.strip() or len(key) > MAX_KEY):
         return error(400, f"Idempotency-Key must be 1–{MAX_KEY} characters")
-    if key:
-        earlier = db().scalar(select(Batch).where(Batch.program_id == g.program_id, Batch.idempotency_key == key))
+    if key:  # a retry is answered before its body is parsed again
+        earlier = submission.find_replay(db(), g.program_id, key)
         if earlier is not None:
-            reply = submission.replay(earlier).report()
+            reply = earlier.report()
             reply["replayed"] = True
             return jsonify(reply), 200
     mimetype = request.mimetype
@@ -264,7 +264,7 @@ def get_study(study_id):
         return error(404, "no such study")
     row = reports.study_result(db(), study)
     row["batch_id"] = study.batch_id
-    row["deliveries"] = delivery.deliveries(db(), study.id)  # results sent back to the PACS
+    row["deliveries"] = delivery_status.deliveries(db(), study.id)  # results sent back to the PACS
     return jsonify(row)
 
 

@@ -15,7 +15,7 @@ from dermascan.infra.schema import ModelBundle, Outcome, Prediction, Program, Re
 from dermascan.ingest.records import SITES
 from dermascan.referrals import outcomes
 from dermascan.referrals import queue as policy
-from dermascan.results_out import delivery
+from dermascan.results_out import delivery_status, objects, scheduling
 from dermascan.screening import referral_policy, reports
 from web.errors import http_status
 from web.helpers import audit_event, client_ip, db, role_required, settings
@@ -133,7 +133,7 @@ def case(referral_id):
         labels=DECISION_LABELS, bundle_prevalence=bundle_prevalence, program_prevalence=program_prevalence,
         program_probability=program_probability, outcome_form=OutcomeForm(),
         outcome=db().scalar(select(Outcome).where(Outcome.study_id == study.id)),
-        deliveries=delivery.deliveries(db(), study.id),
+        deliveries=delivery_status.deliveries(db(), study.id),
     )  # fmt: skip
 
 
@@ -160,7 +160,7 @@ def decide(referral_id):
     )
     db().commit()
     # the decision goes back to the PACS, verified by its author
-    delivery.schedule(settings(), [referral.study_id], objects=(delivery.VERIFIED_SR,))
+    scheduling.schedule(settings(), [referral.study_id], objects=(objects.VERIFIED_SR,))
     flash(f"Decision saved: {DECISION_LABELS[form.decision.data]}.", "info")
     return redirect(url_for("referrals.queue"))
 

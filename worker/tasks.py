@@ -40,11 +40,11 @@ def score(self, study_ids: list[int], interactive: bool = False) -> dict:
 
 
 def _schedule_delivery(settings, study_ids: list[int]) -> None:
-    from dermascan.results_out import delivery
+    from dermascan.results_out import scheduling
 
     if study_ids:
         try:
-            delivery.schedule(settings, study_ids)
+            scheduling.schedule(settings, study_ids)
         except Exception:  # the results are committed; a failure here must not retry the scoring
             log.exception("could not schedule the delivery of %d studies", len(study_ids))
 
@@ -91,6 +91,7 @@ def batch_callback(batch_id: str, attempt: int = 0) -> str:
     settings = _settings()
     status = callbacks.deliver(settings, batch_id, attempt)
     if status == "retry":
-        delay = min(600, 2 ** (attempt + 1))
-        broker.send(settings, broker.TASK_CALLBACK, [batch_id, attempt + 1], countdown=delay)
+        broker.send(
+            settings, broker.TASK_CALLBACK, [batch_id, attempt + 1], countdown=callbacks.retry_delay(settings, attempt)
+        )
     return status

@@ -27,7 +27,7 @@ def destination_add(ctx, program, name, dimse, ae_title, tls, url, username, sec
     """Send PROGRAM's results (AI result SR, heat map, the specialist's verified SR) to NAME."""
     import os
 
-    from dermascan.results_out import delivery
+    from dermascan.results_out import destinations
     from dermascan.security import audit
     from dermascan.security.identity import get_or_create_program
 
@@ -45,11 +45,11 @@ def destination_add(ctx, program, name, dimse, ae_title, tls, url, username, sec
     settings = _settings(ctx, secret=True)
     with session_factory(settings.database_url)() as session, session.begin():
         try:
-            row = delivery.add_destination(
+            row = destinations.add_destination(
                 session, settings, get_or_create_program(session, program), name, host=host, port=port,
                 ae_title=ae_title, tls=tls, url=url, username=username, secret=secret,
             )  # fmt: skip
-        except delivery.BadDestination as exc:
+        except destinations.BadDestination as exc:
             raise click.ClickException(str(exc)) from exc
         audit.record(
             session, "destination_added", object_type="destination", object_id=row.id,
@@ -62,12 +62,12 @@ def destination_add(ctx, program, name, dimse, ae_title, tls, url, username, sec
 @click.pass_context
 def destination_list(ctx):
     """Every destination with its delivery counts."""
-    from dermascan.results_out import delivery
+    from dermascan.results_out import delivery_status, destinations
 
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session:
-        counts = delivery.status_counts(session)
-        for row in delivery.destinations(session):
+        counts = delivery_status.status_counts(session)
+        for row in destinations.listed(session):
             state = "enabled" if row.enabled else "disabled"
             tally = ", ".join(f"{k} {v}" for k, v in sorted(counts.get(row.id, {}).items())) or "nothing sent yet"
             click.echo(f"{row.program.name}\t{row.name}\t{row.kind}\t{row.target}\t{state}\t{tally}")
@@ -80,12 +80,12 @@ def destination_list(ctx):
 @click.pass_context
 def destination_disable(ctx, program, name, enable):
     """Stop (or, with --enable, resume) sending PROGRAM's results to NAME."""
-    from dermascan.results_out import delivery
+    from dermascan.results_out import destinations
     from dermascan.security import audit
 
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session, session.begin():
-        row = delivery.find_destination(session, program, name)
+        row = destinations.find_destination(session, program, name)
         if row is None:
             raise click.ClickException(f"program {program} has no destination named {name!r}")
         row.enabled = enable

@@ -33,15 +33,13 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBase
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
 
 from dermascan.config import Settings
 from dermascan.infra.db import session_factory
-from dermascan.infra.schema import Batch, Study
 from dermascan.ingest import dicom
 from dermascan.intake import submission
-from dermascan.security import audit, identity
+from dermascan.security import identity
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +174,8 @@ class Receiver:
         self.settings = settings
         self.allow = allow
         self.program_ids = program_ids
-        # no liveness ping per instance (a round trip each); a dropped connection is retried once
-        self.factory = session_factory(settings.database_url, pre_ping=False)
         self.lock = threading.Lock()
-        self.batches: dict[int, str] = {}
-        self.pending: dict[int, list[int]] = {}
+        self.streams: dict[int, submission.BatchStream] = {}
         self.received: dict[int, int] = {}  # bytes of the dataset arriving on each association
 
     def program_of(self, assoc) -> int | None:
@@ -210,35 +205,18 @@ class Receiver:
             )  # fmt: skip
             event.assoc.abort()
 
-    def _batch_for(self, event, program_id: int) -> str:
+    def _stream_for(self, event, program_id: int) -> submission.BatchStream:
+        """The association's batch (one per association), made on its first instance."""
         key = id(event.assoc)
         with self.lock:
-            if key in self.batches:
-                return self.batches[key]
-        calling = event.assoc.requestor.ae_title
-        with self.factory() as session, session.begin():
-            batch = Batch(
-                program_id=program_id,
-                source="dicom",
-                label=f"C-STORE from {calling} at {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S}",
-            )
-            session.add(batch)
-            session.flush()
-            batch_id = batch.id
-            audit.record(
-                session, "upload", object_type="batch", object_id=batch_id, ip=event.assoc.requestor.address,
-                detail={"source": "dicom", "calling_ae": calling},
-            )  # fmt: skip
-        with self.lock:
-            self.batches[key] = batch_id
-            self.pending[key] = []
-        return batch_id
-
-    def _store(self, event, parsed, program_id: int):
-        batch_id = self._batch_for(event, program_id)
-        command = submission.SubmitStudies(self.settings, program_id, [parsed.study], source="dicom", batch_id=batch_id)
-        with self.factory() as session, session.begin():
-            return command.run(session)
+            if key not in self.streams:
+                calling = event.assoc.requestor.ae_title
+                self.streams[key] = submission.BatchStream(
+                    self.settings, program_id, "dicom",
+                    f"C-STORE from {calling} at {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S}",
+                    ip=event.assoc.requestor.address, detail={"calling_ae": calling},
+                )  # fmt: skip
+            return self.streams[key]
 
     def handle_echo(self, event) -> int:
         return SUCCESS
@@ -259,9 +237,10 @@ class Receiver:
         except Exception as exc:  # pydicom raises many kinds for a malformed dataset
             log.info("C-STORE refused, cannot read the dataset: %s", exc)
             return dicom.CANNOT_UNDERSTAND
+        stream = self._stream_for(event, program_id)
         for attempt in (1, 2):  # once more when the pooled connection had been dropped
             try:
-                result = self._store(event, parsed, program_id)
+                result = stream.add(parsed.study)
                 break
             except DBAPIError as exc:
                 if attempt == 1 and exc.connection_invalidated:
@@ -275,30 +254,15 @@ class Receiver:
         if result.rejected:
             log.info("C-STORE refused: %s", result.rejected[0].reason)
             return dicom.CANNOT_UNDERSTAND
-        if result.new_study_ids:
-            key = id(event.assoc)
-            with self.lock:
-                self.pending[key].extend(result.new_study_ids)
-                ready = len(self.pending[key]) >= self.settings.bulk_chunk_size
-                chunk = self.pending.pop(key) if ready else None
-                if ready:
-                    self.pending[key] = []
-            if chunk:
-                submission.enqueue(self.settings, chunk, interactive=False)
         return SUCCESS
 
     def handle_closed(self, event) -> None:
         key = id(event.assoc)
         with self.lock:
-            chunk = self.pending.pop(key, [])
-            batch_id = self.batches.pop(key, None)
+            stream = self.streams.pop(key, None)
             self.received.pop(key, None)
-        if batch_id:
-            with self.factory() as session, session.begin():
-                count = select(func.count()).select_from(Study).where(Study.batch_id == batch_id).scalar_subquery()
-                session.execute(update(Batch).where(Batch.id == batch_id).values(total=count))
-        if chunk:
-            submission.enqueue(self.settings, chunk, interactive=False)
+        if stream is not None:
+            stream.close()
 
 
 def make_ae(ae_title: str, allowed_callers: list[str] | None = None) -> AE:

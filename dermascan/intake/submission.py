@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -125,11 +126,9 @@ class SubmitStudies:
 
     def run(self, session: Session) -> SubmitResult:
         if self.make_batch and self.idempotency_key:
-            earlier = session.scalar(
-                select(Batch).where(Batch.program_id == self.program_id, Batch.idempotency_key == self.idempotency_key)
-            )
+            earlier = find_replay(session, self.program_id, self.idempotency_key)
             if earlier is not None:
-                return replay(earlier)
+                return earlier
         batch = self._open_batch(session)
         batch_id = batch.id if batch is not None else self.batch_id
         result = SubmitResult(batch_id, rejected=list(self.prior_rejections), interactive=self.interactive)
@@ -159,18 +158,10 @@ class SubmitStudies:
         """A new batch row, unless batching is off or the studies join an existing batch."""
         if not self.make_batch or self.batch_id:
             return None
-        batch = Batch(
-            program_id=self.program_id,
-            source=self.source,
-            label=self.label,
-            idempotency_key=self.idempotency_key,
-            callback_url=self.callback_url,
-            submitted_by_id=self.user_id,
-            token_id=self.token_id,
-        )
-        session.add(batch)
-        session.flush()
-        return batch
+        return open_batch(
+            session, self.program_id, self.source, self.label, idempotency_key=self.idempotency_key,
+            callback_url=self.callback_url, user_id=self.user_id, token_id=self.token_id,
+        )  # fmt: skip
 
     def _validate(self, batch_id: str | None, result: SubmitResult) -> _Staged:
         """Check every input in Python (the image at the door, the metadata) and stage the rows
@@ -293,6 +284,25 @@ def insert_studies(session: Session, program_id: int, rows: list[dict], chunk: i
     return ids, existing
 
 
+def open_batch(session: Session, program_id: int, source: str, label: str | None, **columns) -> Batch:
+    """A new Batch row (flushed, so it has its id) in the caller's transaction."""
+    batch = Batch(
+        program_id=program_id, source=source, label=label, idempotency_key=columns.get("idempotency_key"),
+        callback_url=columns.get("callback_url"), submitted_by_id=columns.get("user_id"),
+        token_id=columns.get("token_id"),
+    )  # fmt: skip
+    session.add(batch)
+    session.flush()
+    return batch
+
+
+def find_replay(session: Session, program_id: int, key: str) -> SubmitResult | None:
+    """The answer to an upload whose Idempotency-Key this program used before (the first upload's
+    report), or None. The one lookup of a replay, for every door that takes a key."""
+    earlier = session.scalar(select(Batch).where(Batch.program_id == program_id, Batch.idempotency_key == key))
+    return None if earlier is None else replay(earlier)
+
+
 def replay(batch: Batch) -> SubmitResult:
     """The answer to a retried upload (same Idempotency-Key): the first upload's report, no new rows."""
     report = batch.report or {}
@@ -338,9 +348,67 @@ def submit(settings: Settings, program_id: int, inputs: Sequence[StudyInput], **
         if not key:
             raise
         with factory() as session:
-            earlier = session.scalar(select(Batch).where(Batch.program_id == program_id, Batch.idempotency_key == key))
-            if earlier is None:
-                raise
-            return replay(earlier)
+            earlier = find_replay(session, program_id, key)
+        if earlier is None:
+            raise
+        return earlier
     enqueue(settings, result.new_study_ids, command.interactive)
     return result
+
+
+class BatchStream:
+    """A batch that fills over time — one DICOM association: the Batch row and its upload audit
+    event are written with the first study, each study is stored as it arrives (its own
+    transaction: a C-STORE is answered once the instance is safe), new studies are enqueued in
+    chunks of ``bulk_chunk_size`` as they accrue, and :meth:`close` sets the total and enqueues the
+    rest. The same submission path as every other door, one study at a time."""
+
+    def __init__(self, settings: Settings, program_id: int, source: str, label: str, *, ip: str | None = None,
+                 detail: dict | None = None):  # fmt: skip
+        self.settings, self.program_id, self.source, self.label = settings, program_id, source, label
+        self.ip, self.detail = ip, detail or {}
+        # no liveness ping per instance (a round trip each); a dropped connection is retried once
+        self.factory = session_factory(settings.database_url, pre_ping=False)
+        self.batch_id: str | None = None
+        self.pending: list[int] = []
+        self.lock = threading.Lock()
+
+    def _opened(self) -> str:
+        with self.lock:
+            if self.batch_id is not None:
+                return self.batch_id
+        with self.factory() as session, session.begin():
+            batch = open_batch(session, self.program_id, self.source, self.label)
+            audit.record(
+                session, "upload", object_type="batch", object_id=batch.id, ip=self.ip,
+                detail={"source": self.source, **self.detail},
+            )  # fmt: skip
+            batch_id = batch.id
+        with self.lock:
+            self.batch_id = self.batch_id or batch_id
+            return self.batch_id
+
+    def add(self, item: StudyInput) -> SubmitResult:
+        """Store one study in the batch (opening it first); enqueue a full chunk."""
+        command = SubmitStudies(self.settings, self.program_id, [item], source=self.source, batch_id=self._opened())
+        with self.factory() as session, session.begin():
+            result = command.run(session)
+        chunk = None
+        with self.lock:
+            self.pending.extend(result.new_study_ids)
+            if len(self.pending) >= self.settings.bulk_chunk_size:
+                chunk, self.pending = self.pending, []
+        if chunk:
+            enqueue(self.settings, chunk, interactive=False)
+        return result
+
+    def close(self) -> None:
+        """The batch's total (what was stored), and the studies not yet enqueued."""
+        with self.lock:
+            chunk, self.pending, batch_id = self.pending, [], self.batch_id
+        if batch_id is not None:
+            with self.factory() as session, session.begin():
+                count = select(func.count()).select_from(Study).where(Study.batch_id == batch_id).scalar_subquery()
+                session.execute(update(Batch).where(Batch.id == batch_id).values(total=count))
+        if chunk:
+            enqueue(self.settings, chunk, interactive=False)

@@ -31,6 +31,7 @@ from sqlalchemy import func, select
 from dermascan.config import Settings
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Batch, Program, Study, iso_utc
+from dermascan.results_out import retry
 from dermascan.screening.reports import referral_counts
 from dermascan.security import keys
 
@@ -216,3 +217,7 @@ def deliver(settings: Settings, batch_id: str, attempt: int) -> str:
     with factory() as session, session.begin():
         session.get(Batch, batch_id).callback_status = f"{status} (attempt {attempt + 1})"
     return status
+
+
+def retry_delay(settings: Settings, attempt: int) -> float:
+    return retry.delay(settings.callback_retry_s, attempt)

@@ -1,0 +1,80 @@
+"""PACS destinations per program: a DIMSE C-STORE peer (host, port, AE title, optional TLS) or a
+STOW-RS URL (optional credentials, kept encrypted). What an administrator enters is validated here
+before it is kept (the admin page and ``dermascan destination`` both come through here)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dermascan.config import Settings
+from dermascan.errors import Invalid
+from dermascan.infra.schema import DicomDestination, Program
+from dermascan.security import keys
+
+
+class BadDestination(Invalid):
+    """A destination an administrator entered that cannot be used (kept out of the database)."""
+
+
+def _ae_title(value: str) -> str:
+    value = (value or "").strip()
+    if not value or len(value) > 16 or not value.isascii() or "\\" in value or not value.isprintable():
+        raise BadDestination("an AE title is 1 to 16 printable ASCII characters, no backslash")
+    return value
+
+
+def add_destination(
+    session: Session,
+    settings: Settings,
+    program: Program,
+    name: str,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    ae_title: str | None = None,
+    tls: bool = False,
+    url: str | None = None,
+    username: str | None = None,
+    secret: str | None = None,
+) -> DicomDestination:
+    """A DIMSE destination (host, port, AE title) or a STOW-RS one (url, optional credentials)."""
+    name = (name or "").strip()
+    if not name or len(name) > 64:
+        raise BadDestination("a destination needs a name of at most 64 characters")
+    if session.scalar(
+        select(DicomDestination).where(DicomDestination.program_id == program.id, DicomDestination.name == name)
+    ):
+        raise BadDestination(f"program {program.name} already has a destination named {name!r}")
+    if bool(url) == bool(host):
+        raise BadDestination("give either a host, port and AE title (DIMSE) or a STOW-RS URL, not both")
+    row = DicomDestination(program_id=program.id, name=name, enabled=True)
+    if host:
+        if not port or not 0 < int(port) < 65536:
+            raise BadDestination("a DIMSE destination needs a port between 1 and 65535")
+        row.kind, row.host, row.port, row.ae_title, row.tls = "dimse", host.strip(), int(port), _ae_title(ae_title), tls
+    else:
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+            raise BadDestination("a STOW-RS destination needs an http(s) URL without credentials in it")
+        row.kind, row.url, row.username = "stow", url.strip(), (username or None)
+        if secret:
+            row.secret_encrypted = keys.destination_cipher(settings.secret_key).encrypt(secret.encode())
+    session.add(row)
+    session.flush()
+    return row
+
+
+def listed(session: Session, program_id: int | None = None) -> list[DicomDestination]:
+    query = select(DicomDestination).order_by(DicomDestination.program_id, DicomDestination.name)
+    if program_id is not None:
+        query = query.where(DicomDestination.program_id == program_id)
+    return list(session.scalars(query))
+
+
+def find_destination(session: Session, program: str, name: str) -> DicomDestination | None:
+    return session.scalar(
+        select(DicomDestination).join(Program).where(Program.name == program, DicomDestination.name == name)
+    )
