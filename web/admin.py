@@ -6,17 +6,16 @@ from __future__ import annotations
 from flask import Blueprint, Response, abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
-from sqlalchemy import select
 from wtforms import BooleanField, DecimalField, IntegerField, PasswordField, RadioField, SelectField, StringField
 from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
 from dermascan.errors import DomainError
 from dermascan.governance import bundles, operating_point
 from dermascan.governance.operating_point import at_threshold
-from dermascan.infra.schema import ApiToken, AuditEvent, DicomDestination, ModelBundle, Program, User, utcnow
+from dermascan.infra.schema import ApiToken, DicomDestination, Program, User, utcnow
 from dermascan.results_out import delivery_status, scheduling
 from dermascan.results_out import destinations as dicom_destinations
-from dermascan.security import accounts, audit
+from dermascan.security import accounts, audit, identity
 from dermascan.security.accounts import AccountError, create_token, create_user
 from dermascan.security.identity import get_or_create_program
 from web.helpers import audit_event, client_ip, db, role_required, settings
@@ -86,7 +85,7 @@ def users():
             db().commit()
             flash(f"User {user.username} ({form.role.data}) created.", "info")
             return redirect(url_for("admin.users"))
-    rows = list(db().scalars(select(User).order_by(User.username)))
+    rows = accounts.users(db())
     return render_template("admin_users.html", form=form, users=rows, change=UserChangeForm())
 
 
@@ -161,8 +160,8 @@ def tokens():
 
 
 def _tokens_page(form, **shown):
-    rows = list(db().scalars(select(ApiToken).order_by(ApiToken.created_at.desc())))
-    programs = list(db().scalars(select(Program).order_by(Program.name)))
+    rows = accounts.tokens(db())
+    programs = identity.programs(db())
     return render_template("admin_tokens.html", form=form, tokens=rows, programs=programs, revoke=RevokeForm(), **shown)
 
 
@@ -227,7 +226,7 @@ def destinations():
     return render_template(
         "admin_destinations.html", form=form, destinations=dicom_destinations.listed(db()),
         counts=delivery_status.status_counts(db()), failures=delivery_status.recent_failures(db()), action=RevokeForm(),
-        programs=list(db().scalars(select(Program).order_by(Program.name))),
+        programs=identity.programs(db()),
     )  # fmt: skip
 
 
@@ -280,10 +279,7 @@ def resend_study(study_id):
 def audit_log():
     page = max(1, request.args.get("page", 1, type=int))
     action = request.args.get("action") or None
-    query = select(AuditEvent).order_by(AuditEvent.id.desc())
-    if action:
-        query = query.where(AuditEvent.action == action)
-    events = list(db().scalars(query.offset((page - 1) * 100).limit(100)))
+    events = audit.events_page(db(), page, 100, action)
     return render_template("admin_audit.html", events=events, page=page, action=action)
 
 
@@ -334,7 +330,7 @@ def _model_page(bundle, form, preview, current, prevalence_form=None) -> dict:
     """The operating-point page's context: the ROC curve with the current (and previewed) point,
     and the referrals to expect per 1,000 studies at the validation data's prevalence and at
     each program's expected prevalence."""
-    programs = list(db().scalars(select(Program).order_by(Program.name)))
+    programs = identity.programs(db())
     prevalence_form = prevalence_form or PrevalenceForm()
     prevalence_form.program.choices = [(p.id, p.name) for p in programs]
     own = operating_point.validation_prevalence(bundle.manifest)
@@ -351,7 +347,7 @@ def _model_page(bundle, form, preview, current, prevalence_form=None) -> dict:
     ]  # fmt: skip
     return {
         "bundle": bundle,
-        "bundles": list(db().scalars(select(ModelBundle).order_by(ModelBundle.registered_at))),
+        "bundles": bundles.listed(db()),
         "activate": RevokeForm(),
         "form": form,
         "preview": preview,
@@ -402,7 +398,7 @@ def program_prevalence():
     if bundle is None:
         abort(404)
     form = PrevalenceForm()
-    form.program.choices = [(p.id, p.name) for p in db().scalars(select(Program))]
+    form.program.choices = [(p.id, p.name) for p in identity.programs(db())]
     if not form.validate_on_submit():
         current = at_threshold(bundle.manifest, bundle.threshold)
         context = _model_page(

@@ -10,7 +10,6 @@ import math
 from functools import wraps
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
-from sqlalchemy import false, func, select
 
 from dermascan.errors import DomainError
 from dermascan.infra.schema import Batch, Program, Study, iso_utc, utcnow
@@ -175,18 +174,10 @@ def list_batches():
         after, before = _query_time("created_after"), _query_time("created_before")
     except IngestError as exc:
         return error(400, str(exc))
-    query = select(Batch).where(Batch.program_id == g.program_id)
-    label = request.args.get("label")
-    if label:  # no stored label holds a NUL (PostgreSQL refuses one as a parameter)
-        query = query.where(Batch.label == label if "\x00" not in label else false())
-    if after is not None:
-        query = query.where(Batch.created_at >= after)
-    if before is not None:
-        query = query.where(Batch.created_at < before)
-    total = db().scalar(select(func.count()).select_from(query.subquery()))
-    batches = db().scalars(
-        query.order_by(Batch.created_at.desc(), Batch.id.desc()).offset((page - 1) * per_page).limit(per_page)
-    )
+    total, batches = reports.program_batches(
+        db(), g.program_id, label=request.args.get("label"), created_after=after, created_before=before,
+        page=page, per_page=per_page,
+    )  # fmt: skip
     pages = max(1, math.ceil(total / per_page))
     response = jsonify(
         {
@@ -241,9 +232,7 @@ def batch_results(batch_id):
     if fmt == "csv":
         response = Response(reports.to_csv(rows), mimetype="text/csv")
     elif fmt == "fhir":
-        studies = list(
-            db().scalars(select(Study).where(Study.id.in_([r["study_id"] for r in rows])).order_by(Study.id))
-        )
+        studies = reports.studies_in_order(db(), [r["study_id"] for r in rows])
         body = fhir.collection(fhir.study_reports(db(), studies))
         response = Response(json.dumps(body), mimetype=FHIR_JSON)
     else:

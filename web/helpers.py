@@ -4,12 +4,27 @@ from __future__ import annotations
 
 from functools import wraps
 
-from flask import abort, current_app, g, request
+from flask import Flask, abort, current_app, g, request
 from flask_login import current_user, login_required
 from sqlalchemy.orm import Session
 
 from dermascan.config import Settings
+from dermascan.infra.db import session_factory
 from dermascan.security import audit
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    """The request's database session: opened on first use (:func:`db`), rolled back on an error
+    and closed when the request ends."""
+    app.extensions["dermascan_sessions"] = session_factory(settings.database_url)
+
+    @app.teardown_appcontext
+    def _close_session(exc):
+        session = g.pop("db", None)
+        if session is not None:
+            if exc is not None:
+                session.rollback()
+            session.close()
 
 
 def db() -> Session:

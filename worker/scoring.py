@@ -44,32 +44,43 @@ class BundleNotActive(TransientError):
 
 
 def predictor(settings: Settings):
-    """This process's predictor (loaded on first use); registers its bundle in the database."""
+    """This process's predictor, loaded on first use. Loading touches no database: recording the
+    bundle there is its own act (:func:`register_bundle`)."""
     current = _process_state.get("predictor")
     if current is None:
-        from model.bundle import read_manifest
-        from model.predictor import Predictor
-
-        manifest = read_manifest(settings.model_bundle, verify=False)
-        tta = settings.tta if settings.tta is not None else bool(manifest.get("inference", {}).get("tta", False))
-        current = Predictor(
-            settings.model_bundle,
-            batch_sizes=settings.predict_batch_sizes,
-            tta=tta,
-            mixed_precision=settings.mixed_precision,
-        )
-        with session_factory(settings.database_url)() as session, session.begin():
-            row = bundles.register_for_worker(session, settings.model_bundle)
-            if not row.active:
-                log.warning(
-                    "bundle %s is registered but not active: this worker takes no work until an admin runs "
-                    "`dermascan bundle activate %s`", row.version, row.version,
-                )  # fmt: skip
-        _process_state["predictor"] = current
-        import keras
-
-        log.info("loaded bundle %s (tta=%s, backend %s)", current.version, tta, keras.backend.backend())
+        current = _process_state["predictor"] = load_predictor(settings)
     return current
+
+
+def load_predictor(settings: Settings):
+    """The configured bundle as a Predictor, with the TTA setting it recommends unless overridden."""
+    import keras
+
+    from model.bundle import read_manifest
+    from model.predictor import Predictor
+
+    manifest = read_manifest(settings.model_bundle, verify=False)
+    tta = settings.tta if settings.tta is not None else bool(manifest.get("inference", {}).get("tta", False))
+    loaded = Predictor(
+        settings.model_bundle,
+        batch_sizes=settings.predict_batch_sizes,
+        tta=tta,
+        mixed_precision=settings.mixed_precision,
+    )
+    log.info("loaded bundle %s (tta=%s, backend %s)", loaded.version, tta, keras.backend.backend())
+    return loaded
+
+
+def register_bundle(settings: Settings, session) -> ModelBundle:
+    """Record this worker's bundle in the deployment (activated only when none is active yet); a
+    bundle that is not active takes no work, and the worker says so."""
+    row = bundles.register_for_worker(session, settings.model_bundle)
+    if not row.active:
+        log.warning(
+            "bundle %s is registered but not active: this worker takes no work until an admin runs "
+            "`dermascan bundle activate %s`", row.version, row.version,
+        )  # fmt: skip
+    return row
 
 
 def shadow_predictors(settings: Settings, rows) -> dict:
@@ -139,6 +150,8 @@ def warm_up(settings: Settings) -> None:
     try:
         log.info("%sloading the model bundle %s…", STARTING, settings.model_bundle)
         pred = predictor(settings)
+        with session_factory(settings.database_url)() as session, session.begin():
+            register_bundle(settings, session)
         shapes = len(pred.batch_sizes)
         log.info("%swarming up %d batch shape(s) %s (about a minute on a laptop)…", STARTING, shapes, pred.batch_sizes)
         pred.warm_up(
@@ -307,80 +320,98 @@ class ScoreStudies:
         return [keep[i] for i in ok], prepared, failed, (t1 - t0, t2 - t1), [images[i] for i in ok]
 
     def run(self) -> Outcome:
+        """Score the claimed studies in named steps: check the bundle may decide, claim, score the
+        pieces (serving waiting interactive studies between bulk pieces), write in one
+        transaction, then merge what was served on the way."""
         pred = predictor(self.settings)
-        with self.factory() as session, session.begin():
-            # registered when the predictor loaded; again if the database lost it since
-            row = session.get(ModelBundle, pred.version) or bundles.register_for_worker(
-                session, self.settings.model_bundle
-            )
-            if not row.active:
-                raise BundleNotActive(f"bundle {pred.version} is not the active bundle")
-            shadow_preds = shadow_predictors(self.settings, bundles.shadows(session))
+        shadow_preds = self._bundles_that_score(pred)
         outcome = Outcome(skipped=0)
         items = self._claim()
         outcome.skipped = len(self.study_ids) - sum(1 for i in items if i.study_id in set(self.study_ids))
         if not items:
             return outcome
+        work = self._score_pieces(pred, shadow_preds, items)
+        self._write(pred, items, work, outcome)
+        _record_metrics(outcome, items)
+        for other in work.served:
+            outcome.referred_ids += other.referred_ids
+            outcome.scored_ids += other.scored_ids
+            outcome.finished_batches += other.finished_batches
+        log.info(
+            "scored %d, failed %d, referred %d (%s)",
+            outcome.scored, outcome.failed, len(outcome.referred_ids), outcome.timings,
+        )  # fmt: skip
+        return outcome
+
+    def _bundles_that_score(self, pred) -> dict:
+        """The active-bundle check (this worker's bundle must be the deciding one: registered
+        again if the database lost it) and the shadow bundles' predictors."""
+        with self.factory() as session, session.begin():
+            row = session.get(ModelBundle, pred.version) or register_bundle(self.settings, session)
+            if not row.active:
+                raise BundleNotActive(f"bundle {pred.version} is not the active bundle")
+            return shadow_predictors(self.settings, bundles.shadows(session))
+
+    def _score_pieces(self, pred, shadow_preds: dict, items: list[_Item]) -> _Work:
+        """Pieces of the largest batch shape; the next piece is read and decoded in a thread while
+        the model scores this one; each piece is scored by the shadow bundles too."""
         piece = max(pred.batch_sizes)
         pieces = [items[i : i + piece] for i in range(0, len(items), piece)]
-        scored: list[results.ScoredStudy] = []
-        shadow_scored: dict[str, list[results.ScoredStudy]] = {}
-        failed: list[tuple[int, str]] = []
-        timing = {"read": 0.0, "decode": 0.0, "infer": 0.0, "shadow": 0.0, "write": 0.0}
-        served: list[Outcome] = []
+        work = _Work()
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(self._prepare, pred, pieces[0])
             for n in range(len(pieces)):
                 if n and not self.interactive:
-                    served += self._serve_waiting_interactive()
+                    work.served += self._serve_waiting_interactive()
                 try:
                     kept, prepared, bad, (t_read, t_decode), kept_images = future.result()
                 except BlobUnavailable as exc:  # the studies stay claimed; the retry claims them again
                     raise TransientError(str(exc)) from exc
                 if n + 1 < len(pieces):
                     future = pool.submit(self._prepare, pred, pieces[n + 1])
-                timing["read"] += t_read
-                timing["decode"] += t_decode
-                failed += bad
+                work.timing["read"] += t_read
+                work.timing["decode"] += t_decode
+                work.failed += bad
                 t0 = time.perf_counter()
                 scores = pred.post_process(prepared, pred.predict(prepared.pixels, prepared.meta))
-                timing["infer"] += time.perf_counter() - t0
-                scored += _scored(kept, scores)
+                work.timing["infer"] += time.perf_counter() - t0
+                work.scored += _scored(kept, scores)
                 t0 = time.perf_counter()
                 for version, shadow in shadow_preds.items():  # the same studies, deciding nothing
-                    shadow_scored.setdefault(version, []).extend(_score_in_shadow(version, shadow, kept, kept_images))
-                timing["shadow"] += time.perf_counter() - t0
+                    work.shadow.setdefault(version, []).extend(_score_in_shadow(version, shadow, kept, kept_images))
+                work.timing["shadow"] += time.perf_counter() - t0
+        return work
+
+    def _write(self, pred, items: list[_Item], work: _Work, outcome: Outcome) -> None:
+        """Predictions, statuses, referrals and shadow predictions in one transaction."""
         t0 = time.perf_counter()
         try:
             with self.factory() as session, session.begin():
-                bundle = session.get(ModelBundle, pred.version)
-                threshold = bundle.threshold
-                written = results.record(session, pred.version, threshold, scored, failed)
-                for version, theirs in shadow_scored.items():
+                threshold = session.get(ModelBundle, pred.version).threshold
+                written = results.record(session, pred.version, threshold, work.scored, work.failed)
+                for version, theirs in work.shadow.items():
                     results.record_shadow(session, version, session.get(ModelBundle, version).threshold, theirs)
                 outcome.finished_batches = results.finished_batches(session, [i.batch_id for i in items])
         except OperationalError as exc:
             raise TransientError(str(exc)) from exc
-        timing["write"] = time.perf_counter() - t0
-        outcome.scored, outcome.failed = len(scored), len(failed)
+        work.timing["write"] = time.perf_counter() - t0
+        outcome.scored, outcome.failed = len(work.scored), len(work.failed)
         outcome.referred_ids = written["high_risk"]
-        outcome.scored_ids = [s.study_id for s in scored]
+        outcome.scored_ids = [s.study_id for s in work.scored]
         outcome.not_assessable = len(written["not_assessable"])
-        outcome.timings = {k: round(v, 4) for k, v in timing.items()}
+        outcome.timings = {k: round(v, 4) for k, v in work.timing.items()}
         outcome.timings["batch_size"] = len(items)
-        _record_metrics(outcome, items)
-        for other in served:
-            outcome.referred_ids += other.referred_ids
-            outcome.scored_ids += other.scored_ids
-            outcome.finished_batches += other.finished_batches
-        log.info(
-            "scored %d, failed %d, referred %d (%s)",
-            outcome.scored,
-            outcome.failed,
-            len(outcome.referred_ids),
-            outcome.timings,
-        )
-        return outcome
+
+
+@dataclass
+class _Work:
+    """What scoring the pieces of a claim produced, before it is written."""
+
+    scored: list = field(default_factory=list)
+    shadow: dict = field(default_factory=dict)
+    failed: list = field(default_factory=list)
+    served: list = field(default_factory=list)  # outcomes of interactive studies served between pieces
+    timing: dict = field(default_factory=lambda: dict.fromkeys(("read", "decode", "infer", "shadow", "write"), 0.0))
 
 
 def _record_metrics(outcome: Outcome, items: list[_Item]) -> None:

@@ -122,3 +122,8 @@ def register_for_worker(session: Session, bundle_dir: Path | str) -> ModelBundle
     if active(session) is None:
         activate_version(session, row.version, by="the first worker of a deployment with no active bundle")
     return row
+
+
+def listed(session: Session) -> list[ModelBundle]:
+    """Every registered bundle, in the order they were registered."""
+    return list(session.scalars(select(ModelBundle).order_by(ModelBundle.registered_at)))

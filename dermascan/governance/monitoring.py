@@ -106,39 +106,75 @@ def week_start(day: dt.datetime | dt.date) -> dt.datetime:
 
 
 def window(session: Session, program: Program, start: dt.datetime, end: dt.datetime) -> Window:
-    """The figures of one program's studies scored in [start, end)."""
+    """The figures of one program's studies scored in [start, end), in four steps: what was read,
+    what the specialists and outcomes say, how the inputs and scores drifted, how the shadow
+    bundles compare."""
     out = Window(program.name, program.id, start, end)
-    studies = list(
-        session.scalars(
-            select(Study).where(
-                Study.program_id == program.id,
-                Study.status == StudyStatus.DONE,
-                Study.finished_at >= start,
-                Study.finished_at < end,
+    rows = _WindowRows.read(session, program.id, start, end)
+    if not rows.studies:
+        return out
+    _count_referrals_and_outcomes(out, rows)
+    bundle = _deciding_bundle(session, rows)
+    _drift(out, rows, bundle, program)
+    known = [
+        (i, o.kind == OutcomeKind.MALIGNANT) for i, o in rows.outcomes.items() if o.kind != OutcomeKind.NOT_BIOPSIED
+    ]
+    out.auc = _auc([(rows.deciding[i].probability, y) for i, y in known if i in rows.deciding])
+    out.auc_outcomes = sum(1 for i, _ in known if i in rows.deciding)
+    for version, theirs in rows.shadow.items():
+        out.shadows[version] = _compare(session, version, theirs, rows.deciding, known)
+    return out
+
+
+@dataclass
+class _WindowRows:
+    """The rows a window reads, once: its studies, their deciding and shadow predictions, their
+    referrals and outcomes."""
+
+    studies: list
+    deciding: dict
+    shadow: dict
+    referrals: dict
+    outcomes: dict
+
+    @classmethod
+    def read(cls, session: Session, program_id: int, start: dt.datetime, end: dt.datetime) -> _WindowRows:
+        studies = list(
+            session.scalars(
+                select(Study).where(
+                    Study.program_id == program_id,
+                    Study.status == StudyStatus.DONE,
+                    Study.finished_at >= start,
+                    Study.finished_at < end,
+                )
             )
         )
-    )
-    if not studies:
-        return out
-    ids = [s.id for s in studies]
-    deciding: dict[int, Prediction] = {}
-    shadow: dict[str, dict[int, Prediction]] = {}
-    for p in session.scalars(select(Prediction).where(Prediction.study_id.in_(ids)).order_by(Prediction.created_at)):
-        if p.shadow:
-            shadow.setdefault(p.bundle_version, {})[p.study_id] = p
-        else:
-            deciding[p.study_id] = p
-    referrals = {r.study_id: r for r in session.scalars(select(Referral).where(Referral.study_id.in_(ids)))}
-    outcomes = {o.study_id: o for o in session.scalars(select(Outcome).where(Outcome.study_id.in_(ids)))}
-    out.studies = len(studies)
+        ids = [s.id for s in studies]
+        deciding: dict[int, Prediction] = {}
+        shadow: dict[str, dict[int, Prediction]] = {}
+        if ids:
+            query = select(Prediction).where(Prediction.study_id.in_(ids)).order_by(Prediction.created_at)
+            for p in session.scalars(query):
+                if p.shadow:
+                    shadow.setdefault(p.bundle_version, {})[p.study_id] = p
+                else:
+                    deciding[p.study_id] = p
+        referrals = {r.study_id: r for r in session.scalars(select(Referral).where(Referral.study_id.in_(ids)))}
+        outcomes = {o.study_id: o for o in session.scalars(select(Outcome).where(Outcome.study_id.in_(ids)))}
+        return cls(studies, deciding, shadow, referrals, outcomes)
+
+
+def _count_referrals_and_outcomes(out: Window, rows: _WindowRows) -> None:
+    referrals = rows.referrals
+    out.studies = len(rows.studies)
     out.referred = len(referrals)
     out.high_risk = sum(1 for r in referrals.values() if r.category == "high_risk")
     out.not_assessable = sum(1 for r in referrals.values() if r.category == "not_assessable")
     decided = [r for r in referrals.values() if r.decision is not None]
     out.decided = len(decided)
     out.decided_benign = sum(1 for r in decided if r.decision == Decision.BENIGN)
-    out.with_outcome = len(outcomes)
-    for study_id, o in outcomes.items():
+    out.with_outcome = len(rows.outcomes)
+    for study_id, o in rows.outcomes.items():
         if o.kind == OutcomeKind.MALIGNANT:
             if study_id in referrals:
                 out.referred_malignant += 1
@@ -147,15 +183,23 @@ def window(session: Session, program: Program, start: dt.datetime, end: dt.datet
         elif o.kind == OutcomeKind.BENIGN and study_id in referrals:
             out.referred_benign += 1
 
-    versions = Counter(p.bundle_version for p in deciding.values()).most_common(1)
-    bundle = session.get(ModelBundle, versions[0][0]) if versions else None  # the one that decided most
+
+def _deciding_bundle(session: Session, rows: _WindowRows) -> ModelBundle | None:
+    """The bundle that decided most of the window's studies."""
+    versions = Counter(p.bundle_version for p in rows.deciding.values()).most_common(1)
+    return session.get(ModelBundle, versions[0][0]) if versions else None
+
+
+def _drift(out: Window, rows: _WindowRows, bundle: ModelBundle | None, program: Program) -> None:
+    """Scores, metadata and image statistics against the bundle's development profile, and the
+    referral rate against what its validation predicts."""
     manifest = bundle.manifest if bundle is not None else {}
     out.bundle = bundle.version if bundle is not None else None
-    out.scores = [p.probability for p in deciding.values() if p.assessable]
+    out.scores = [p.probability for p in rows.deciding.values() if p.assessable]
     stream: dict[str, list] = {name: [] for name in (*reference.NUMERIC, *reference.CATEGORICAL)}
-    for s in studies:
+    for s in rows.studies:
         meta = s.meta or {}
-        stats = (deciding.get(s.id).image_stats if s.id in deciding else None) or {}
+        stats = (rows.deciding.get(s.id).image_stats if s.id in rows.deciding else None) or {}
         for name in ("age_approx", *reference.CATEGORICAL):
             stream[name].append(meta.get(name))
         for name in reference.IMAGE_STATS:
@@ -164,12 +208,6 @@ def window(session: Session, program: Program, start: dt.datetime, end: dt.datet
     out.drift = {"score": reference.score_psi((manifest.get("metrics") or {}).get("score_histogram"), out.scores)}
     out.drift.update(reference.drift(profile, stream))
     out.expected_rate, out.band = _expected_band(manifest, bundle, program, out.studies)
-    known = [(i, o.kind == OutcomeKind.MALIGNANT) for i, o in outcomes.items() if o.kind != OutcomeKind.NOT_BIOPSIED]
-    out.auc = _auc([(deciding[i].probability, y) for i, y in known if i in deciding])
-    out.auc_outcomes = sum(1 for i, _ in known if i in deciding)
-    for version, theirs in shadow.items():
-        out.shadows[version] = _compare(session, version, theirs, deciding, known)
-    return out
 
 
 def _expected_band(manifest, bundle, program, n) -> tuple[float | None, tuple[float, float] | None]:

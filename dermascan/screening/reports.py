@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 
-from sqlalchemy import func, select
+from sqlalchemy import false, func, select
 from sqlalchemy.orm import Session
 
 from dermascan.infra.schema import Batch, ModelBundle, Prediction, Program, Referral, Study, StudyStatus, iso_utc
@@ -200,3 +200,27 @@ def probability_histogram(session: Session, batch_id: str, bins: int = 20) -> di
         counts[min(int(probability * bins), bins - 1)] += 1
     thresholds = sorted({round(t, 4) for _, t in rows})
     return {"counts": counts, "max": max(counts) if rows else 0, "n": len(rows), "thresholds": thresholds}
+
+
+def program_batches(
+    session: Session, program_id: int, *, label: str | None = None, created_after=None, created_before=None,
+    page: int = 1, per_page: int = 50,
+) -> tuple[int, list[Batch]]:  # fmt: skip
+    """A program's batches, newest first, filtered by label and creation time: (total, one page)."""
+    query = select(Batch).where(Batch.program_id == program_id)
+    if label:  # no stored label holds a NUL (PostgreSQL refuses one as a parameter)
+        query = query.where(Batch.label == label if "\x00" not in label else false())
+    if created_after is not None:
+        query = query.where(Batch.created_at >= created_after)
+    if created_before is not None:
+        query = query.where(Batch.created_at < created_before)
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    rows = session.scalars(
+        query.order_by(Batch.created_at.desc(), Batch.id.desc()).offset((page - 1) * per_page).limit(per_page)
+    )
+    return total, list(rows)
+
+
+def studies_in_order(session: Session, study_ids) -> list[Study]:
+    """These studies, by id."""
+    return list(session.scalars(select(Study).where(Study.id.in_(list(study_ids))).order_by(Study.id)))

@@ -137,3 +137,13 @@ def issue_callback_secret(program: Program, installation_secret: str) -> str:
     signing. Derived from the installation secret (``dermascan.security.keys``), so nothing secret is stored."""
     program.callback_secret_generation = (program.callback_secret_generation or 0) + 1
     return keys.callback_secret(installation_secret, program.id, program.callback_secret_generation)
+
+
+def users(session: Session) -> list[User]:
+    """Every portal account, by user name (the admin's users page)."""
+    return list(session.scalars(select(User).order_by(User.username)))
+
+
+def tokens(session: Session) -> list[ApiToken]:
+    """Every API token, newest first (the admin's tokens page)."""
+    return list(session.scalars(select(ApiToken).order_by(ApiToken.created_at.desc())))

@@ -6,6 +6,7 @@ import csv
 import io
 from collections.abc import Iterable, Iterator
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dermascan.infra.schema import AuditEvent, iso_utc, utcnow
@@ -90,3 +91,11 @@ def stream_csv(factory, page: int = 2000) -> Iterator[str]:
                 return
             yield to_csv(events, header=False)
         last = events[-1].id
+
+
+def events_page(session: Session, page: int, per_page: int = 100, action: str | None = None) -> list[AuditEvent]:
+    """One page of the audit trail, newest first, optionally of one action."""
+    query = select(AuditEvent).order_by(AuditEvent.id.desc())
+    if action:
+        query = query.where(AuditEvent.action == action)
+    return list(session.scalars(query.offset((page - 1) * per_page).limit(per_page)))

@@ -30,3 +30,8 @@ def get_or_create_program(session: Session, name: str) -> Program:
         session.add(program)
         session.flush()
     return program
+
+
+def programs(session: Session) -> list[Program]:
+    """Every program, by name."""
+    return list(session.scalars(select(Program).order_by(Program.name)))
