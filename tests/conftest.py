@@ -18,7 +18,22 @@ pytest_plugins = [
 
 
 @pytest.fixture
+def embedded_settings(tmp_path) -> Settings:
+    """The fast tier's settings: the embedded default (SQLite, the filesystem queue) in a temporary
+    folder, migrated, with the bundled default model named but never loaded — nothing to train,
+    nothing running (`pytest -m "not slow"`)."""
+    from dermascan.infra import migrate
+
+    settings = Settings.from_env(env={}, data_dir=tmp_path / "var", secret_key="fast-tier-secret")
+    migrate.upgrade(settings.database_url)
+    return settings
+
+
+@pytest.fixture
 def make_settings(tmp_path, tiny_bundle):
+    """Settings with the tiny trained bundle (slow: it trains once per session) — for tests that
+    score with a worker or a predictor."""
+
     def make(**overrides) -> Settings:
         values = dict(
             data_dir=tmp_path / "data",
@@ -61,7 +76,11 @@ def api_token(pg_settings):
 
 # the fast tier (`pytest -m "not slow"`): whatever needs PostgreSQL, Redis, a trained model or a
 # process of its own is slow, marked here from the fixtures it asks for so no test can forget
-SLOW_FIXTURES = {"pg_server_url", "pg_url", "redis_url", "private_redis", "tiny_bundle", "start_worker", "live_server"}
+# (``trained_bundle``: test_model.py trains a pipeline of its own, tens of seconds)
+SLOW_FIXTURES = {
+    "pg_server_url", "pg_url", "redis_url", "private_redis", "tiny_bundle", "trained_bundle", "start_worker",
+    "live_server",
+}  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,6 +11,14 @@ from dermascan.infra.schema import Prediction, Program, Referral, Study, StudySt
 from dermascan.ingest import manifest
 
 
+def store(settings, program_id: int, inputs, **options):
+    """SubmitStudies in one transaction (no enqueue): what the doors store."""
+    from dermascan.intake.submission import SubmitStudies
+
+    with session_factory(settings.database_url)() as session, session.begin():
+        return SubmitStudies(settings, program_id, inputs, source="test", **options).run(session)
+
+
 def ham_inputs(ham: Path, n: int, offset: int = 0):
     inputs, rejected = manifest.from_isic_layout(ham, limit=n, offset=offset)
     assert not rejected, rejected

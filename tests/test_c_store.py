@@ -1,12 +1,15 @@
-"""The DICOM door (issue 11): the C-STORE receiver's allow-list, called-AE check, source pinning,
-per-caller programs, dataset size cap and TLS; pixel limits checked from the header before
-anything is decoded, on both C-STORE and STOW-RS — with pynetdicom as the real client."""
+"""intake/dicom_scp, the C-STORE door, with real clients (dcmtk's storescu and pynetdicom): studies
+stored in one batch per association and scored; the allow-list, called-AE check, source pinning,
+per-caller programs, dataset size cap and TLS; pixel limits checked from the header before anything
+is decoded; a dropped database connection survived."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import shutil
 import ssl
+import subprocess
 
 import pytest
 from click.testing import CliRunner
@@ -14,18 +17,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from dermascan.cli import main
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Program, Study
 from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC
 from dermascan.intake.dicom_scp import AllowList, DoorError, make_server, tls_context
-from tests.dicom_factory import make_instance, monochrome_uncompressed, stow, to_bytes
+from tests.dicom_factory import SECONDARY_CAPTURE, make_instance, monochrome_uncompressed, write
 from tests.ham_files import ham_images, ham_rows
+from tests.helpers import status_counts
 from tests.services import free_port, wait_for
 
 JPEG = "1.2.840.10008.1.2.4.50"
@@ -33,16 +38,16 @@ JPEG = "1.2.840.10008.1.2.4.50"
 
 @pytest.fixture
 def jpegs(ham_dir):
-    return list(ham_images(ham_dir, ham_rows(ham_dir, 3).isic_id).values())
+    return list(ham_images(ham_dir, ham_rows(ham_dir, 6).isic_id).values())
 
 
 @pytest.fixture
 def receiver(pg_settings):
     servers = []
 
-    def start(entries=(), settings=None, allow_any=False, tls=None):
+    def start(entries=(), settings=None, allow_any=False, tls=None, program="door"):
         port = free_port()
-        allow = AllowList.from_entries(list(entries), "door", allow_any)
+        allow = AllowList.from_entries(list(entries), program, allow_any)
         servers.append(make_server(settings or pg_settings, "DERMASCAN", "127.0.0.1", port, allow, tls))
         return port
 
@@ -127,30 +132,6 @@ def test_a_dataset_over_the_cap_aborts_the_association_and_big_images_are_refuse
     assert stored(pg_settings) == []
 
 
-def test_stow_rs_refuses_oversized_parts_and_stores_the_rest(pg_settings, live_server, api_token, jpegs):
-    settings = pg_settings.replace(max_dicom_bytes=2_000_000, max_image_pixels=1_000_000)
-    server = live_server(settings)
-    _, token = api_token("stow-limits")
-    good = make_instance(jpegs[0])
-    parts = [
-        to_bytes(good),
-        to_bytes(monochrome_uncompressed(jpegs[1], 1600, 1600)),
-        to_bytes(monochrome_uncompressed(jpegs[1], 1100, 1100)),
-    ]
-    reply = stow(server.url, token, parts)
-    assert reply.status_code == 202, reply.text
-    answer = reply.json()
-    failed = answer["00081198"]["Value"]
-    assert [item["00081197"]["Value"][0] for item in failed] == [0xA700, 0xA700]
-    reasons = [item["00000902"]["Value"][0] for item in failed]
-    assert "part 2" in reasons[0] and "limit" in reasons[0]
-    assert "part 3" in reasons[1] and "pixels" in reasons[1]
-    assert [uid for uid, _ in stored(pg_settings)] == [good.SOPInstanceUID]
-    # a body that breaks off before its closing boundary is refused as a whole
-    cut = stow(server.url, token, parts, cut=len(to_bytes(good)) + 200)
-    assert cut.status_code == 400
-
-
 def make_cert(tmp_path, name: str, issuer_key=None, issuer_name=None):
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -200,3 +181,104 @@ def test_dicom_tls_with_required_client_certificates(pg_settings, receiver, jpeg
     )
     assert not client("PACS").associate("127.0.0.1", port, ae_title="DERMASCAN").is_established
     assert [uid for uid, _ in stored(pg_settings)] == [ds.SOPInstanceUID]
+
+
+def studies(settings) -> list[Study]:
+    with session_factory(settings.database_url)() as session:
+        return list(session.scalars(select(Study).order_by(Study.id)))
+
+
+def test_storescu_and_pynetdicom_store_and_get_scored(pg_settings, receiver, start_worker, jpegs, tmp_path):
+    settings = pg_settings
+    port = receiver(allow_any=True, program="hospital-b")
+    # C-ECHO
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DERMASCAN")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+    # dcmtk's storescu (a client we did not write) sends a JPEG and an uncompressed instance
+    files = []
+    for i, (jpeg, compressed) in enumerate([(jpegs[0], True), (jpegs[1], False)]):
+        path = tmp_path / f"i{i}.dcm"
+        write(
+            make_instance(
+                jpeg, age=45 + i, sex="female", site="upper extremity", patient_id="PAT-9", compressed=compressed
+            ),
+            path,
+        )
+        files.append(path)
+    storescu = shutil.which("storescu", path="/usr/bin:/usr/local/bin")
+    assert storescu, "dcmtk's storescu is needed (Debian package dcmtk; .ci/run installs it)"
+    done = subprocess.run(
+        [storescu, "-aet", "MODALITY", "-aec", "DERMASCAN", "-R", "-xy", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"TCP_NODELAY": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+
+    # pynetdicom as a second client, with a SOP class we do not accept
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(DERMOSCOPIC_PHOTOGRAPHY, ["1.2.840.10008.1.2.4.50"])
+    ae.add_requested_context(SECONDARY_CAPTURE, ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", port, ae_title="DERMASCAN")
+    good = make_instance(jpegs[2], age=80, sex="male", site="posterior torso")
+    assert assoc.send_c_store(good).Status == 0x0000
+    assert assoc.send_c_store(good).Status == 0x0000  # re-sent: no second study
+    sc = make_instance(jpegs[3], sop_class=SECONDARY_CAPTURE, compressed=False)
+    assert assoc.send_c_store(sc).Status == 0x0122
+    nopix = make_instance(jpegs[4], with_pixels=False)
+    nopix.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"
+    status = assoc.send_c_store(nopix)
+    assert status.Status == 0xA900
+    assoc.release()
+
+    start_worker(settings)
+    wait_for(lambda: status_counts(settings).get("done") == 3, 120, message="C-STORE studies scored")
+    rows = studies(settings)
+    assert [(s.meta["age_approx"], s.meta["sex"], s.meta["anatom_site_general"]) for s in rows] == [
+        (45.0, "female", "upper extremity"),
+        (46.0, "female", "upper extremity"),
+        (80.0, "male", "posterior torso"),
+    ]
+    assert rows[0].sop_instance_uid == dcmread(files[0]).SOPInstanceUID
+    assert {s.source for s in rows} == {"dicom"}
+    assert rows[0].batch_id == rows[1].batch_id != rows[2].batch_id  # one batch per association
+
+
+def test_calling_ae_allow_list(pg_settings, receiver):
+    port = receiver(["TRUSTED"], program="hospital-b")
+    ae = AE(ae_title="STRANGER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DERMASCAN")
+    assert assoc.is_rejected
+    ae = AE(ae_title="TRUSTED")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DERMASCAN")
+    assert assoc.is_established
+    assoc.release()
+
+
+def test_c_store_survives_a_dropped_database_connection(pg_settings, receiver, jpegs):
+    """The receiver skips the pool's per-checkout ping (a round trip per instance): a connection the
+    database dropped (restart, failover, idle timeout) is found on use and the instance stored again."""
+    port = receiver(allow_any=True, program="hospital-b")
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(DERMOSCOPIC_PHOTOGRAPHY, ["1.2.840.10008.1.2.4.50"])
+    assoc = ae.associate("127.0.0.1", port, ae_title="DERMASCAN")
+    assert assoc.send_c_store(make_instance(jpegs[0])).Status == 0x0000
+    with session_factory(pg_settings.database_url)() as session:
+        dropped = session.scalar(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    assert dropped >= 1  # the receiver's pooled connection among them
+    assert assoc.send_c_store(make_instance(jpegs[1])).Status == 0x0000
+    assoc.release()
+    assert len(studies(pg_settings)) == 2

@@ -327,7 +327,7 @@ def test_results_go_by_dicom_tls_to_a_pacs_that_requires_our_certificate(ham_jpe
     from dermascan.config import Settings
     from dermascan.infra.schema import DicomDestination
     from dermascan.results_out.dicom_sr import AiResult, ai_result_report
-    from tests.test_dicom_door import make_cert
+    from tests.test_c_store import make_cert
 
     ca_cert, _, ca_key, ca_name = make_cert(tmp_path, "ca")
     pacs_cert, pacs_key, _, _ = make_cert(tmp_path, "pacs", ca_key, ca_name)

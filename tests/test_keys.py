@@ -1,24 +1,14 @@
-"""One key per purpose (HKDF) and callbacks that cannot be turned against the network (issue 11,
-items 1 and 4): a cookie signed with the installation secret opens nothing, rotating the session
-key ends sessions but keeps pseudonyms, each program signs with its own rotatable secret, and a
-callback never reaches loopback, private or metadata addresses, nor follows a redirect."""
+"""security/keys: one key per purpose (HKDF) — a cookie signed with the installation secret opens
+nothing, rotating the session key ends sessions but keeps pseudonyms. (Each program's callback
+signing secret is tested with the callbacks, in test_callbacks.py.)"""
 
 from __future__ import annotations
 
-import io
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-import pytest
 from flask import Flask
-from sqlalchemy import select
 
-from dermascan.infra import broker
 from dermascan.infra.db import session_factory
-from dermascan.infra.schema import AuditEvent, Program
-from dermascan.results_out import callbacks
 from dermascan.security import keys
-from dermascan.security.accounts import create_user, issue_callback_secret
+from dermascan.security.accounts import create_user
 from dermascan.security.identity import get_or_create_program, pseudonymise
 from tests.test_security import PASSWORD, _login
 
@@ -56,123 +46,3 @@ def test_a_cookie_signed_with_the_installation_secret_opens_nothing(pg_settings,
     assert keys.pseudonym_key(pg_settings.secret_key) not in (
         pg_settings.secret_key.encode(), bytes.fromhex(keys.session_key(pg_settings.secret_key)),
     )  # fmt: skip
-
-
-def test_each_program_signs_with_its_own_rotatable_secret(pg_settings, app_factory):
-    with session_factory(pg_settings.database_url)() as session, session.begin():
-        a, b = get_or_create_program(session, "prog-a"), get_or_create_program(session, "prog-b")
-        create_user(session, "keeper", PASSWORD, "admin", a.id)
-        first_a, first_b = (
-            issue_callback_secret(a, pg_settings.secret_key),
-            issue_callback_secret(b, pg_settings.secret_key),
-        )
-        a_id = a.id
-    assert first_a != first_b and first_a.startswith("whsec_")
-    body = b'{"event": "batch.completed"}'
-    header = callbacks.sign(first_a, body)
-    assert callbacks.verify(first_a, body, header)
-    assert not callbacks.verify(first_b, body, header)
-    assert not callbacks.verify(pg_settings.secret_key, body, header)
-    # the admin rotates prog-a's secret on the tokens page: shown once, the old one stops signing
-    client = app_factory(pg_settings).test_client()
-    assert _login(client, "keeper", PASSWORD).status_code == 302
-    page = client.get("/admin/tokens")
-    token = page.text.split('name="csrf_token" type="hidden" value="')[1].split('"')[0]
-    reply = client.post(f"/admin/programs/{a_id}/callback-secret", data={"csrf_token": token})
-    assert reply.status_code == 200
-    second = reply.text.split('id="new-callback-secret">')[1].split("<")[0]
-    assert second not in (first_a, first_b) and reply.text.count(second) == 1
-    assert "<title>API tokens · DermaScan</title>" in reply.text
-    assert second not in client.get("/admin/tokens").text  # not shown again
-    with session_factory(pg_settings.database_url)() as session:
-        generation = session.get(Program, a_id).callback_secret_generation
-        assert session.scalar(select(AuditEvent).where(AuditEvent.action == "callback_secret_issued"))
-    assert keys.callback_secret(pg_settings.secret_key, a_id, generation) == second
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "http://127.0.0.1:6379/",
-        "http://169.254.169.254/latest/meta-data/",
-        "http://[::1]:8080/x",
-        "https://10.0.0.5/hook",
-        "https://[::ffff:127.0.0.1]/hook",
-        "https://169.254.169.254/",
-        "http://ehr.example.org/hook",  # http to a host nobody listed
-        "https://user:pw@ehr.example.org/hook",
-        "file:///etc/passwd",
-        "gopher://ehr.example.org/",
-    ],
-)
-def test_callback_urls_that_could_reach_the_inside_are_refused(pg_settings, url):
-    with pytest.raises(callbacks.CallbackRefused):
-        callbacks.check_url(pg_settings, url)
-
-
-def test_callback_urls_are_refused_by_the_api(pg_settings, app_factory, api_token, ham_dir):
-    from tests.ham_files import ham_zip
-
-    program_id, token = api_token("ssrf")
-    client = app_factory(pg_settings).test_client()
-    archive, _ = ham_zip(ham_dir, 1)
-    headers = {"Authorization": f"Bearer {token}"}
-    for url in ("http://169.254.169.254/latest/meta-data/", "https://hooks.example.org/dermascan"):
-        reply = client.post(
-            "/api/v1/batches", headers=headers, data={"archive": (io.BytesIO(archive), "a.zip"), "callback_url": url}
-        )
-        assert reply.status_code == 400 and "callback" in reply.json["error"], reply.json
-    # the second was refused only for want of a secret: with one issued it is accepted
-    with session_factory(pg_settings.database_url)() as session, session.begin():
-        issue_callback_secret(session.get(Program, program_id), pg_settings.secret_key)
-    reply = client.post(
-        "/api/v1/batches",
-        headers=headers,
-        data={"archive": (io.BytesIO(archive), "a.zip"), "callback_url": "https://hooks.example.org/dermascan"},
-    )
-    assert reply.status_code == 201, reply.json
-
-
-class Hook:
-    def __init__(self, status: int = 204, location: str | None = None):
-        self.calls = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                hook.calls.append(self.path)
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                self.send_response(status)
-                if location:
-                    self.send_header("Location", location)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_port
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
-def test_addresses_are_checked_at_connect_time_and_redirects_are_not_followed(pg_settings):
-    target = Hook()
-    # "localhost" passes the URL check (a name), but resolves to loopback: refused when connecting
-    listed_by_ip = pg_settings.replace(callback_allow_hosts="")
-    with pytest.raises(callbacks.CallbackRefused, match="loopback"):
-        callbacks.post(listed_by_ip, f"https://localhost:{target.port}/hook", b"{}", {})
-    assert target.calls == []
-    # an admin-listed host is reached; its redirect to another inside address is not followed
-    allowed = pg_settings.replace(callback_allow_hosts="127.0.0.1")
-    assert callbacks.post(allowed, f"http://127.0.0.1:{target.port}/hook", b"{}", {}) == 204
-    redirecting = Hook(status=302, location=f"http://127.0.0.1:{target.port}/stolen")
-    assert callbacks.post(allowed, f"http://127.0.0.1:{redirecting.port}/hook", b"{}", {}) == 302
-    assert target.calls == ["/hook"] and redirecting.calls == ["/hook"]
-    for hook in (target, redirecting):
-        hook.server.shutdown()
-
-
-def test_callbacks_have_their_own_queue(pg_settings):
-    app = broker.celery_for(pg_settings)
-    assert app.amqp.router.route({}, broker.TASK_CALLBACK)["queue"].name == broker.CALLBACKS
-    assert app.amqp.router.route({}, broker.TASK_SCORE)["queue"].name == broker.BULK

@@ -106,6 +106,92 @@ def test_ingest_imports_nothing_of_submission_storage_web_or_worker():
     assert not bad, bad
 
 
+# -- the rooms of dermascan/ (CONTRIBUTING.md: where things go) ------------------------------------
+CORE_ROOMS = {"infra", "security", "screening", "ingest"}
+SIDE_ROOMS = {"intake", "referrals", "results_out", "governance"}
+ROOMS = CORE_ROOMS | SIDE_ROOMS | {"upkeep", "cli"}
+# what each room may import of dermascan, besides itself, config and errors
+ROOM_DOORS = {
+    "infra": set(),
+    "security": {"infra"},
+    "ingest": set(),
+    "screening": {"infra", "security"},
+    **{room: CORE_ROOMS for room in SIDE_ROOMS},  # a side room never imports another side room
+    "upkeep": CORE_ROOMS | SIDE_ROOMS,
+    "cli": ROOMS,
+}
+
+
+def dermascan_imports(path: Path) -> set[str]:
+    """The dermascan modules a file imports (dotted, at any depth, lazy imports included)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("dermascan"):
+            out |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("dermascan")}
+    return out
+
+
+def test_the_core_is_in_rooms_with_a_docstring_each():
+    top = sorted(p.stem for p in (ROOT / "dermascan").glob("*.py"))
+    assert top == ["__init__", "config", "errors"], top
+    rooms = sorted(p.name for p in (ROOT / "dermascan").iterdir() if (p / "__init__.py").is_file())
+    assert set(rooms) == ROOMS, rooms
+    for room in rooms:
+        doc = ast.get_docstring(ast.parse((ROOT / "dermascan" / room / "__init__.py").read_text()))
+        assert doc and len(doc) > 80, f"dermascan/{room}/__init__.py needs a docstring that says what the room is"
+
+
+def test_each_room_imports_only_through_its_doors():
+    bad = {}
+    for room, allowed in ROOM_DOORS.items():
+        for path in (ROOT / "dermascan" / room).rglob("*.py"):
+            for name in dermascan_imports(path):
+                parts = name.split(".")
+                target = parts[1] if len(parts) > 1 else None
+                if target in (None, room, "config", "errors", "__version__") or target not in ROOMS:
+                    continue
+                if target not in allowed:
+                    bad.setdefault(str(path.relative_to(ROOT)), set()).add(name)
+    assert not bad, bad
+
+
+def test_no_import_cycles_among_the_core_modules():
+    """Module-level imports of dermascan/ form no cycle (lazy imports inside functions may)."""
+    modules = {}
+    for path in (ROOT / "dermascan").rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        tree = ast.parse(path.read_text())
+        deps = set()
+        for node in tree.body:  # top level only
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.level == 0
+                and node.module.startswith("dermascan")
+            ):
+                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("dermascan")}
+        modules[name] = deps
+    graph = {m: {d for d in deps if d in modules and d != m} for m, deps in modules.items()}
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        state[node] = 1
+        for dep in graph[node]:
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " → ".join([*trail[trail.index(dep) :], dep]))
+            if dep not in state:
+                visit(dep, [*trail, dep])
+        state[node] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+
+
 def test_web_imports_nothing_of_the_model_package():
     """The portal reaches model facts through the core (dermascan.screening.reports, operating_point), never model/."""
     bad = {

@@ -1,28 +1,22 @@
-"""DICOM ingest with real clients: dicomweb-client's STOW-RS against the live web app, and
-dcmtk's storescu and pynetdicom against the C-STORE receiver."""
+"""STOW-RS, the DICOMweb door, with dicomweb-client against the live web app: instances scored with
+their header's metadata, each bad instance reported in the failure list while the rest are kept,
+oversized parts and images refused from the header. (The C-STORE door: test_c_store.py.)"""
 
 from __future__ import annotations
-
-import shutil
-import subprocess
 
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
-from pydicom import dcmread
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Prediction, Study
 from dermascan.ingest.dicom import DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC
-from dermascan.intake.dicom_scp import AllowList, make_server
 from dermascan.security.identity import pseudonymise
-from tests.dicom_factory import SECONDARY_CAPTURE, make_instance, stow, to_bytes, write
+from tests.dicom_factory import SECONDARY_CAPTURE, make_instance, monochrome_uncompressed, stow, to_bytes
 from tests.ham_files import ham_images, ham_rows
 from tests.helpers import status_counts
-from tests.services import free_port, wait_for
+from tests.services import wait_for
 
 
 @pytest.fixture
@@ -130,113 +124,27 @@ def test_stow_rs_reports_each_bad_instance(pg_settings, live_server, api_token, 
 
 
 # -- C-STORE -------------------------------------------------------------------------------------
-@pytest.fixture
-def scp(pg_settings):
-    servers = []
-
-    def start(settings=None, allowed=None):
-        port = free_port()
-        allow = AllowList.from_entries(allowed or [], "hospital-b", allow_any=not allowed)
-        server = make_server(settings or pg_settings, "DERMASCAN", "127.0.0.1", port, allow)
-        servers.append(server)
-        return port
-
-    yield start
-    for server in servers:
-        server.shutdown()
 
 
-def test_storescu_and_pynetdicom_store_and_get_scored(pg_settings, scp, start_worker, ham_jpegs, tmp_path):
-    settings = pg_settings
-    port = scp()
-    # C-ECHO
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DERMASCAN")
-    assert assoc.is_established
-    assert assoc.send_c_echo().Status == 0x0000
-    assoc.release()
-
-    # dcmtk's storescu (a client we did not write) sends a JPEG and an uncompressed instance
-    files = []
-    for i, (jpeg, compressed) in enumerate([(ham_jpegs[0], True), (ham_jpegs[1], False)]):
-        path = tmp_path / f"i{i}.dcm"
-        write(
-            make_instance(
-                jpeg, age=45 + i, sex="female", site="upper extremity", patient_id="PAT-9", compressed=compressed
-            ),
-            path,
-        )
-        files.append(path)
-    storescu = shutil.which("storescu", path="/usr/bin:/usr/local/bin")
-    assert storescu, "dcmtk's storescu is needed (Debian package dcmtk; .ci/run installs it)"
-    done = subprocess.run(
-        [storescu, "-aet", "MODALITY", "-aec", "DERMASCAN", "-R", "-xy", "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"TCP_NODELAY": "1"},
-    )
-    assert done.returncode == 0, done.stderr
-
-    # pynetdicom as a second client, with a SOP class we do not accept
-    ae = AE(ae_title="PACS")
-    ae.add_requested_context(DERMOSCOPIC_PHOTOGRAPHY, ["1.2.840.10008.1.2.4.50"])
-    ae.add_requested_context(SECONDARY_CAPTURE, ["1.2.840.10008.1.2.1"])
-    assoc = ae.associate("127.0.0.1", port, ae_title="DERMASCAN")
-    good = make_instance(ham_jpegs[2], age=80, sex="male", site="posterior torso")
-    assert assoc.send_c_store(good).Status == 0x0000
-    assert assoc.send_c_store(good).Status == 0x0000  # re-sent: no second study
-    sc = make_instance(ham_jpegs[3], sop_class=SECONDARY_CAPTURE, compressed=False)
-    assert assoc.send_c_store(sc).Status == 0x0122
-    nopix = make_instance(ham_jpegs[4], with_pixels=False)
-    nopix.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"
-    status = assoc.send_c_store(nopix)
-    assert status.Status == 0xA900
-    assoc.release()
-
-    start_worker(settings)
-    wait_for(lambda: status_counts(settings).get("done") == 3, 120, message="C-STORE studies scored")
-    rows = studies(settings)
-    assert [(s.meta["age_approx"], s.meta["sex"], s.meta["anatom_site_general"]) for s in rows] == [
-        (45.0, "female", "upper extremity"),
-        (46.0, "female", "upper extremity"),
-        (80.0, "male", "posterior torso"),
+def test_stow_rs_refuses_oversized_parts_and_stores_the_rest(pg_settings, live_server, api_token, ham_jpegs):
+    settings = pg_settings.replace(max_dicom_bytes=2_000_000, max_image_pixels=1_000_000)
+    server = live_server(settings)
+    _, token = api_token("stow-limits")
+    good = make_instance(ham_jpegs[0])
+    parts = [
+        to_bytes(good),
+        to_bytes(monochrome_uncompressed(ham_jpegs[1], 1600, 1600)),
+        to_bytes(monochrome_uncompressed(ham_jpegs[1], 1100, 1100)),
     ]
-    assert rows[0].sop_instance_uid == dcmread(files[0]).SOPInstanceUID
-    assert {s.source for s in rows} == {"dicom"}
-    assert rows[0].batch_id == rows[1].batch_id != rows[2].batch_id  # one batch per association
-
-
-def test_calling_ae_allow_list(pg_settings, scp):
-    port = scp(allowed=["TRUSTED"])
-    ae = AE(ae_title="STRANGER")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DERMASCAN")
-    assert assoc.is_rejected
-    ae = AE(ae_title="TRUSTED")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DERMASCAN")
-    assert assoc.is_established
-    assoc.release()
-
-
-def test_c_store_survives_a_dropped_database_connection(pg_settings, scp, ham_jpegs):
-    """The receiver skips the pool's per-checkout ping (a round trip per instance): a connection the
-    database dropped (restart, failover, idle timeout) is found on use and the instance stored again."""
-    port = scp()
-    ae = AE(ae_title="PACS")
-    ae.add_requested_context(DERMOSCOPIC_PHOTOGRAPHY, ["1.2.840.10008.1.2.4.50"])
-    assoc = ae.associate("127.0.0.1", port, ae_title="DERMASCAN")
-    assert assoc.send_c_store(make_instance(ham_jpegs[0])).Status == 0x0000
-    with session_factory(pg_settings.database_url)() as session:
-        dropped = session.scalar(
-            text(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        )
-    assert dropped >= 1  # the receiver's pooled connection among them
-    assert assoc.send_c_store(make_instance(ham_jpegs[1])).Status == 0x0000
-    assoc.release()
-    assert len(studies(pg_settings)) == 2
+    reply = stow(server.url, token, parts)
+    assert reply.status_code == 202, reply.text
+    answer = reply.json()
+    failed = answer["00081198"]["Value"]
+    assert [item["00081197"]["Value"][0] for item in failed] == [0xA700, 0xA700]
+    reasons = [item["00000902"]["Value"][0] for item in failed]
+    assert "part 2" in reasons[0] and "limit" in reasons[0]
+    assert "part 3" in reasons[1] and "pixels" in reasons[1]
+    assert [s.sop_instance_uid for s in studies(pg_settings)] == [good.SOPInstanceUID]
+    # a body that breaks off before its closing boundary is refused as a whole
+    cut = stow(server.url, token, parts, cut=len(to_bytes(good)) + 200)
+    assert cut.status_code == 400

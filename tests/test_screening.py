@@ -1,0 +1,48 @@
+"""screening/ on the embedded default (the fast tier): a batch's results are recorded once (per study
+and bundle version) and the referral rule decides; the broker's queue order and task routes."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from dermascan.infra import broker
+from dermascan.infra.db import session_factory
+from dermascan.infra.schema import ModelBundle, Prediction, Referral, Study, StudyStatus
+from dermascan.screening import results
+from dermascan.security.identity import get_or_create_program
+from tests.helpers import ham_inputs, store
+
+
+def test_results_are_recorded_once_and_the_referral_rule_decides(embedded_settings, ham_dir):
+    with session_factory(embedded_settings.database_url)() as session, session.begin():
+        program_id = get_or_create_program(session, "fast").id
+        session.add(ModelBundle(version="unit", sha256="0" * 64, path="-", manifest={}, threshold=0.5))
+    ids = store(embedded_settings, program_id, ham_inputs(ham_dir, 4)).new_study_ids
+    scored = [
+        results.ScoredStudy(ids[0], 0.9),
+        results.ScoredStudy(ids[1], 0.5),  # at the threshold: referred
+        results.ScoredStudy(ids[2], 0.1),
+        results.ScoredStudy(ids[3], 0.01, assessable=False, reason="too dark"),  # never cleared
+    ]
+    factory = session_factory(embedded_settings.database_url)
+    with factory() as session, session.begin():
+        outcome = results.record(session, "unit", 0.5, scored)
+    assert outcome["high_risk"] == [ids[0], ids[1]] and outcome["not_assessable"] == [ids[3]]
+    with factory() as session, session.begin():  # recorded again (a redelivered message): no duplicates
+        results.record(session, "unit", 0.5, scored)
+    with factory() as session:
+        assert session.query(Prediction).count() == 4
+        referrals = {r.study_id: r.category for r in session.scalars(select(Referral))}
+        assert referrals == {ids[0]: "high_risk", ids[1]: "high_risk", ids[3]: "not_assessable"}
+        assert {s.status for s in session.scalars(select(Study))} == {StudyStatus.DONE}
+
+
+def test_queue_order_and_routes(embedded_settings):
+    assert broker.QUEUES == ("interactive", "bulk", "maintenance", "callbacks")
+    router = broker.celery_for(embedded_settings).amqp.router
+    routes = {task: router.route({}, task)["queue"].name for task in (
+        broker.TASK_SCORE, broker.TASK_HEATMAPS, broker.TASK_SWEEP, broker.TASK_CALLBACK)}  # fmt: skip
+    assert routes == {
+        broker.TASK_SCORE: "bulk", broker.TASK_HEATMAPS: "maintenance",
+        broker.TASK_SWEEP: "maintenance", broker.TASK_CALLBACK: "callbacks",
+    }  # fmt: skip
