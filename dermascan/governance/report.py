@@ -21,7 +21,7 @@ CHANGES = ("bundle_activated", "bundle_shadowed", "bundle_retired", "threshold_c
 
 
 def _environment() -> Environment:
-    env = Environment(loader=PackageLoader("dermascan", "templates"), autoescape=select_autoescape(["html"]))
+    env = Environment(loader=PackageLoader("dermascan.governance", "templates"), autoescape=select_autoescape(["html"]))
     env.filters["pct"] = lambda v, digits=1: "–" if v is None else f"{100 * v:.{digits}f} %"
     env.filters["num"] = lambda v, digits=3: "–" if v is None else f"{v:.{digits}f}"
     return env
