@@ -76,6 +76,8 @@ class Settings:
     # ingest limits
     max_request_bytes: int = 512 * 1024 * 1024
     max_image_bytes: int = 25 * 1024 * 1024
+    # the outcome CSV import: 100,000 rows of study_id,outcome,diagnosis fit in about 25 MB
+    max_outcome_csv_bytes: int = 25 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     # one DICOM instance: the C-STORE receiver aborts an association past it, STOW-RS refuses a
     # part past it, and no uncompressed image whose pixels would take more is decoded
@@ -116,6 +118,9 @@ class Settings:
     # hosts, addresses or networks (comma-separated) that callbacks may reach over http or at a
     # private address (an EHR on the hospital network); everything else: https to public addresses
     callback_allow_hosts: str = ""
+    # PACS destinations may be on hospital (private) networks, never on loopback, link-local,
+    # unspecified, multicast or reserved addresses — unless listed here (hosts or networks)
+    destination_allow_hosts: str = ""
     # results back to the PACS (DICOM destinations): attempts per object and the first wait
     # between them (doubling, at most 10 minutes); the AE title DermaScan calls from; a CA file
     # for destinations with TLS (empty: the system's)

@@ -46,6 +46,8 @@ def make_settings(tmp_path, tiny_bundle):
             bulk_chunk_size=8,
             predict_batch_sizes=(1, 8),
             tta=False,
+            # the tests' own PACS (Orthanc) listens on this machine: an operator's exception
+            destination_allow_hosts="127.0.0.1,localhost",
         )
         values.update(overrides)
         return Settings.from_env(env={}, **values)

@@ -353,7 +353,8 @@ def test_results_go_by_dicom_tls_to_a_pacs_that_requires_our_certificate(ham_jpe
         report = ai_result_report(source, AiResult(0.4, 0.06, None, "v", "ab" * 32))
         target = DicomDestination(name="tls", kind="dimse", host="127.0.0.1", port=port, ae_title="TLSPACS", tls=True)
         trusted = Settings.from_env(env={}, data_dir=tmp_path, dicom_tls_ca_file=str(ca_cert),
-                                    dicom_tls_client_cert=str(our_cert), dicom_tls_client_key=str(our_key))  # fmt: skip
+                                    dicom_tls_client_cert=str(our_cert), dicom_tls_client_key=str(our_key),
+                                    destination_allow_hosts="127.0.0.1")  # fmt: skip
         transports.send_dimse(trusted, target, [report])
         assert received == [report.SOPInstanceUID]
         # without our certificate the PACS refuses the handshake; a PACS we cannot verify is not sent to

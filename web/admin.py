@@ -18,7 +18,7 @@ from dermascan.results_out import destinations as dicom_destinations
 from dermascan.security import accounts, audit, identity
 from dermascan.security.accounts import AccountError, create_token, create_user
 from dermascan.security.identity import get_or_create_program
-from web.helpers import audit_event, client_ip, db, role_required, settings
+from web.helpers import audit_event, client_ip, db, page_arg, role_required, settings
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -220,13 +220,16 @@ def destinations():
                         detail={"program": row.program.name, "name": row.name, "target": row.target})  # fmt: skip
             db().commit()
             flash(f"Destination {row.name} added: {row.target}.", "info")
+            for warning in dicom_destinations.warnings(row):
+                flash(f"Destination {row.name} {warning}.", "warning")
             return redirect(url_for("admin.destinations"))
     elif request.method == "POST":
         flash("Check the destination's fields.", "error")
+    rows = dicom_destinations.listed(db())
     return render_template(
-        "admin_destinations.html", form=form, destinations=dicom_destinations.listed(db()),
+        "admin_destinations.html", form=form, destinations=rows,
         counts=delivery_status.status_counts(db()), failures=delivery_status.recent_failures(db()), action=RevokeForm(),
-        programs=identity.programs(db()),
+        programs=identity.programs(db()), warnings={d.id: dicom_destinations.warnings(d) for d in rows},
     )  # fmt: skip
 
 
@@ -277,8 +280,8 @@ def resend_study(study_id):
 @bp.get("/audit")
 @role_required("admin")
 def audit_log():
-    page = max(1, request.args.get("page", 1, type=int))
-    action = request.args.get("action") or None
+    page = page_arg()
+    action = (request.args.get("action") or None) and request.args["action"][:64]
     events = audit.events_page(db(), page, 100, action)
     return render_template("admin_audit.html", events=events, page=page, action=action)
 

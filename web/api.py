@@ -5,6 +5,7 @@ paginated results (JSON or CSV), single studies, and the OpenAPI document."""
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import math
 from functools import wraps
@@ -15,6 +16,7 @@ from dermascan.errors import DomainError
 from dermascan.infra.schema import Batch, Program, Study, iso_utc, utcnow
 from dermascan.ingest import json_records, manifest
 from dermascan.ingest.errors import IngestError
+from dermascan.ingest.numbers import NumberError
 from dermascan.intake import submission
 from dermascan.referrals import outcomes
 from dermascan.results_out import callbacks, delivery_status, fhir
@@ -23,7 +25,7 @@ from dermascan.security import audit
 from dermascan.security.accounts import token_for
 from web.errors import http_status
 from web.extensions import csrf
-from web.helpers import client_ip, db, settings
+from web.helpers import BadJson, client_ip, db, int_arg, json_body, settings
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 csrf.exempt(bp)
@@ -114,9 +116,10 @@ def create_batch():
             inputs, rejected = manifest.from_zip(archive.read(), settings(), csv_text)
             label, callback = request.form.get("label"), _callback_url(request.form.get("callback_url"))
         elif mimetype == "application/json":
-            payload = request.get_json(silent=True)
-            if payload is None:
-                return error(400, "the body is not valid JSON")
+            try:
+                payload = json_body()
+            except BadJson as exc:
+                return error(400, str(exc))
             inputs, rejected = json_records.parse(payload, MAX_KEY)
             label, callback = payload.get("label"), _callback_url(payload.get("callback_url"))
         else:
@@ -141,13 +144,7 @@ MAX_PAGE = 1_000_000
 
 def _pagination(default: int, most: int) -> tuple[int, int]:
     """``page`` and ``per_page`` from the query (IngestError, a 400, when they are not valid)."""
-    try:
-        page, per_page = int(request.args.get("page", 1)), int(request.args.get("per_page", default))
-    except ValueError:
-        raise IngestError("page and per_page must be integers") from None
-    if not 1 <= page <= MAX_PAGE or not 1 <= per_page <= most:
-        raise IngestError(f"page must be 1–{MAX_PAGE} and per_page 1–{most}")
-    return page, per_page
+    return int_arg("page", 1, 1, MAX_PAGE), int_arg("per_page", default, 1, most)
 
 
 def _query_time(name: str) -> dt.datetime | None:
@@ -157,11 +154,11 @@ def _query_time(name: str) -> dt.datetime | None:
         return None
     try:
         parsed = dt.datetime.fromisoformat(value)
-    except ValueError:
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
+    except (ValueError, OverflowError):
         raise IngestError(
             f"{name} must be an ISO 8601 date or date-time, e.g. 2026-11-28 or 2026-11-28T22:00:00Z"
         ) from None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
 
 
 @bp.get("/batches")
@@ -172,7 +169,7 @@ def list_batches():
     try:
         page, per_page = _pagination(50, MAX_BATCHES_PER_PAGE)
         after, before = _query_time("created_after"), _query_time("created_before")
-    except IngestError as exc:
+    except (IngestError, NumberError) as exc:
         return error(400, str(exc))
     total, batches = reports.program_batches(
         db(), g.program_id, label=request.args.get("label"), created_after=after, created_before=before,
@@ -219,7 +216,7 @@ def batch_results(batch_id):
         return error(400, "format must be csv, json or fhir")
     try:
         page, per_page = _pagination(500, MAX_PER_PAGE)
-    except IngestError as exc:
+    except (IngestError, NumberError) as exc:
         return error(400, str(exc))
     total = reports.status_counts(db(), batch.id)["total"]
     rows = reports.result_rows(db(), batch.id, offset=(page - 1) * per_page, limit=per_page)
@@ -276,7 +273,10 @@ def record_outcome(study_id):
     study = db().get(Study, study_id)
     if study is None or study.program_id != g.program_id:
         return error(404, "no such study")
-    payload = request.get_json(silent=True)
+    try:
+        payload = json_body()
+    except BadJson as exc:
+        return error(400, f'{exc}: send a JSON object, e.g. {{"outcome": "malignant", "diagnosis": "melanoma"}}')
     if not isinstance(payload, dict):
         return error(400, 'send a JSON object: {"outcome": "malignant", "diagnosis": "melanoma"}')
     try:
@@ -303,15 +303,13 @@ def record_outcome(study_id):
 def import_outcomes():
     """A CSV of ``study_id,outcome,diagnosis`` (body ``text/csv``): all rows or none; every bad
     row is reported with its line."""
-    try:
-        text = request.get_data(cache=False).decode("utf-8")
-    except UnicodeDecodeError:
-        return error(400, "the CSV is not UTF-8 text")
+    # read as it arrives, within its own limit (web.headers: DERMASCAN_MAX_OUTCOME_CSV_BYTES)
+    text = io.TextIOWrapper(request.stream, encoding="utf-8-sig", newline="")
     try:
         report = outcomes.import_csv(db(), text, g.program_id, source="api", token_id=g.token_id, ip=client_ip())
     except outcomes.OutcomeRowsInvalid as exc:
         db().rollback()
-        return jsonify({"error": str(exc), "rows": exc.errors}), 400
+        return jsonify({"error": str(exc), "rows": exc.errors, "bad_rows": exc.count}), 400
     except DomainError as exc:
         db().rollback()
         return error(http_status(exc), str(exc))

@@ -66,6 +66,8 @@ def stow(study_uid: str | None = None):
     boundary = params.get("boundary")
     if not boundary:
         return error(400, "the multipart/related content type has no boundary")
+    if study_uid is not None and not dicom.valid_uid(study_uid):
+        return error(400, "the study in the URL is not a valid UID (digits and dots, at most 64 characters)")
     limits = settings()
     inputs, failed_items, index_uid = [], [], {}
     try:

@@ -36,6 +36,15 @@ def init_app(app: Flask, settings: Settings) -> None:
         response.headers["Retry-After"] = "30"
         return response
 
+    @app.errorhandler(DomainError)
+    def _refused(exc: DomainError):
+        """A refusal the view did not answer itself (a bad query argument, say): its status by
+        kind, its message — never a server error."""
+        status = http_status(exc)
+        if _machine_door():
+            return jsonify({"error": str(exc)}), status
+        return app.response_class(str(exc), status=status, mimetype="text/plain")
+
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         if _machine_door():

@@ -84,11 +84,16 @@ def init_app(app: Flask) -> None:
     @login_manager.user_loader
     def load_user(user_id: str):
         from dermascan.infra.schema import User
+        from dermascan.ingest import numbers
         from web.helpers import db
 
         ident, _, version = user_id.partition(".")
-        row = db().get(User, int(ident)) if ident.isdigit() and version.isdigit() else None
-        if row is None or not row.active or (row.session_version or 0) != int(version):
+        try:
+            ident, version = numbers.parse_int(ident, "user", 1, 2**31 - 1), numbers.parse_int(version, "version", 0)
+        except numbers.NumberError:
+            return None
+        row = db().get(User, ident)
+        if row is None or not row.active or (row.session_version or 0) != version:
             return None  # disabled, or the cookie was revoked (logout, new password or role)
         return PortalUser(row)
 

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from dermascan.config import Settings
 from dermascan.infra.db import session_factory
+from dermascan.ingest import numbers
 from dermascan.security import audit
 
 
@@ -35,6 +36,55 @@ def db() -> Session:
 
 def settings() -> Settings:
     return current_app.config["DERMASCAN"]
+
+
+MAX_ID = 2**31 - 1  # the database's integer ids
+
+
+def int_arg(name: str, default: int | None = None, minimum: int | None = 1, maximum: int | None = MAX_ID) -> int | None:
+    """An integer query argument in range (ASCII digits only), ``default`` when absent; a
+    NumberError (400, naming the argument) otherwise."""
+    value = request.args.get(name)
+    if value in (None, ""):
+        return default
+    return numbers.parse_int(value, name, minimum, maximum)
+
+
+def page_arg(most: int = 1_000_000) -> int:
+    """``?page=``, clamped to [1, most] (a page past the end is the last possible one)."""
+    return numbers.page_number(request.args.get("page"), most)
+
+
+MAX_JSON_DEPTH = 32
+
+
+class BadJson(ValueError):
+    """A body that is not JSON DermaScan will read; the message says why."""
+
+
+def json_body():
+    """The request's JSON body, or BadJson: not JSON, or nested deeper than MAX_JSON_DEPTH (a
+    body nested thousands deep made the parser itself fail)."""
+    try:
+        value = request.get_json(silent=True)
+    except RecursionError:
+        raise BadJson(f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    if value is None:
+        raise BadJson("the body is not valid JSON")
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BadJson(f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+        if isinstance(item, dict):
+            if any("\x00" in k for k in item):
+                raise BadJson("the JSON body contains a NUL character")
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, str) and "\x00" in item:
+            raise BadJson("the JSON body contains a NUL character")
+    return value
 
 
 def client_ip() -> str | None:

@@ -14,7 +14,8 @@ from prometheus_client.core import GaugeMetricFamily
 from dermascan.governance import charts, monitoring
 from dermascan.governance import report as governance
 from dermascan.infra.schema import ModelBundle, Program, utcnow
-from web.helpers import db, role_required, settings
+from dermascan.ingest.numbers import NumberError
+from web.helpers import db, int_arg, role_required, settings
 
 bp = Blueprint("monitoring", __name__, url_prefix="/admin/monitoring")
 RATE_DAYS, DRIFT_DAYS = 7, 28  # the gauges: rates over the last week, drift over four (more studies)
@@ -22,7 +23,10 @@ RATE_DAYS, DRIFT_DAYS = 7, 28  # the gauges: rates over the last week, drift ove
 
 def _program() -> tuple[Program | None, list[Program]]:
     programs = monitoring.programs(db())
-    wanted = request.args.get("program", type=int)
+    try:
+        wanted = int_arg("program")
+    except NumberError:
+        abort(404)
     chosen = next((p for p in programs if p.id == wanted), None) if wanted else None
     if wanted and chosen is None:
         abort(404)

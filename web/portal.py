@@ -18,13 +18,24 @@ from dermascan.infra.blobs import BlobError, BlobUnavailable, blob_store
 from dermascan.infra.schema import Batch, Prediction, Study
 from dermascan.ingest import manifest
 from dermascan.ingest.errors import IngestError
+from dermascan.ingest.numbers import NumberError
 from dermascan.ingest.records import SITES
 from dermascan.ingest.types import StudyInput
 from dermascan.intake import submission
 from dermascan.screening import reports
 from dermascan.security import identity
 from web.errors import http_status
-from web.helpers import audit_event, client_ip, db, program_scope, role_required, settings, specialist_may_see
+from web.helpers import (
+    audit_event,
+    client_ip,
+    db,
+    int_arg,
+    page_arg,
+    program_scope,
+    role_required,
+    settings,
+    specialist_may_see,
+)
 
 bp = Blueprint("portal", __name__)
 UPLOAD_ROLES = ("uploader", "admin")
@@ -189,8 +200,8 @@ def _upload_error(message: str, status: int):
 @role_required(*VIEW_ROLES)
 def batch(batch_id):
     b = get_batch(batch_id)
-    page = max(1, request.args.get("page", 1, type=int))
     per_page = 100
+    page = page_arg(max(1, -(-b.total // per_page)) if b.total else 1)
     rows = reports.result_rows(db(), b.id, offset=(page - 1) * per_page, limit=per_page)
     summary = reports.batch_summary(db(), b)
     return render_template(
@@ -256,8 +267,9 @@ def _image_response(data: bytes, thumb: int | None, mimetype: str = "image/jpeg"
 @role_required(*VIEW_ROLES)
 def study_image(study_id):
     study = get_study(study_id)
-    thumb = request.args.get("thumb")
-    if thumb is not None and not (thumb.isdigit() and 16 <= int(thumb) <= 512):
+    try:
+        thumb = int_arg("thumb", None, 16, 512)
+    except NumberError:
         abort(400, "thumb must be a whole number of pixels from 16 to 512")
     if study.image_purged_at is not None:
         abort(410, "the image was deleted under the retention policy (the result and decision are kept)")
@@ -267,7 +279,7 @@ def study_image(study_id):
         raise
     except BlobError:
         abort(404)
-    return _image_response(data, int(thumb) if thumb else None, f"image/{study.image_format}")
+    return _image_response(data, thumb, f"image/{study.image_format}")
 
 
 @bp.route("/studies/<int:study_id>/result")

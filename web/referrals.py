@@ -12,13 +12,14 @@ from wtforms.validators import DataRequired, Length
 from dermascan.errors import DomainError
 from dermascan.infra.schema import DECISION_LABELS as LABELS
 from dermascan.infra.schema import ModelBundle, Outcome, Prediction, Program, Referral, ReferralStatus
+from dermascan.ingest import numbers
 from dermascan.ingest.records import SITES
 from dermascan.referrals import outcomes
 from dermascan.referrals import queue as policy
 from dermascan.results_out import delivery_status, objects, scheduling
 from dermascan.screening import referral_policy, reports
 from web.errors import http_status
-from web.helpers import audit_event, client_ip, db, role_required, settings
+from web.helpers import MAX_ID, audit_event, client_ip, db, role_required, settings
 
 bp = Blueprint("referrals", __name__, url_prefix="/referrals")
 ROLES = ("specialist", "admin")
@@ -50,11 +51,19 @@ class OutcomeForm(FlaskForm):
     diagnosis = StringField("Diagnosis (type)", validators=[Length(max=200)])
 
 
+def _id_or_none(value) -> int | None:
+    """A filter's id: an integer in the database's range, else no filter (the queue unfiltered)."""
+    try:
+        return None if value in (None, "") else numbers.parse_int(value, "program", 1, MAX_ID)
+    except numbers.NumberError:
+        return None
+
+
 def _filter(source) -> policy.QueueFilter:
     program = source.get("program") or None
     return policy.QueueFilter(
         site=source.get("site") or None,
-        program_id=int(program) if program and str(program).isdigit() else None,
+        program_id=_id_or_none(program),
         batch_id=source.get("batch") or None,
     )
 

@@ -33,10 +33,15 @@ def destination_add(ctx, program, name, dimse, ae_title, tls, url, username, sec
 
     host = port = None
     if dimse:
+        from dermascan.ingest import numbers
+
         host, _, port_text = dimse.rpartition(":")
-        if not host or not port_text.isdigit():
-            raise click.BadParameter("HOST:PORT", param_hint="--dimse")
-        port = int(port_text)
+        try:
+            port = numbers.parse_int(port_text, "port", 1, 65535)
+        except numbers.NumberError:
+            host = ""
+        if not host:
+            raise click.BadParameter("HOST:PORT with a port from 1 to 65535", param_hint="--dimse")
     secret = None
     if secret_env:
         secret = os.environ.get(secret_env)

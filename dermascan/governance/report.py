@@ -7,6 +7,7 @@ monthly`` writes it to a file."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import or_, select
@@ -28,12 +29,14 @@ def _environment() -> Environment:
 
 
 def month_bounds(value: str) -> tuple[int, int]:
-    """'2026-11' → (2026, 11); ValueError with a clear message otherwise."""
-    try:
-        year, month = (int(p) for p in value.split("-"))
-        dt.date(year, month, 1)
-    except (ValueError, TypeError):
-        raise ValueError(f"a month is written YYYY-MM, not {value!r}") from None
+    """'2026-11' → (2026, 11); ValueError with a clear message otherwise (years 2000–2999: a
+    report covers a month that can have studies, and the month after it must exist too)."""
+    text = str(value or "")
+    if not re.fullmatch(r"[0-9]{4}-[0-9]{2}", text):
+        raise ValueError(f"a month is written YYYY-MM, not {text[:20]!r}")
+    year, month = int(text[:4]), int(text[5:])
+    if not (2000 <= year <= 2999 and 1 <= month <= 12):
+        raise ValueError(f"a month is YYYY-MM with a year from 2000 to 2999, not {text!r}")
     return year, month
 
 

@@ -78,6 +78,46 @@ BODY_PART_SITES = {
 }  # fmt: skip
 
 
+UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+UID_MAX = 64
+
+
+def valid_uid(value) -> bool:
+    """PS3.5 §9.1: digits and dots, no empty component, no leading zero in a component, at most
+    64 characters."""
+    text = str(value or "")
+    return 0 < len(text) <= UID_MAX and UID_PATTERN.fullmatch(text) is not None
+
+
+def uid_or_none(value) -> str | None:
+    """A UID safe to echo back (in a failure item, a log line), or None."""
+    return str(value) if valid_uid(value) else None
+
+
+def _shown_uid(value) -> str:
+    text = str(value)
+    return repr(text if len(text) <= 70 else text[:69] + "…")
+
+
+def check_uids(ds: Dataset, sop_class: str) -> None:
+    """The instance's SOP Instance, Study and Series UIDs are UIDs (they are reused in the reports
+    sent back to the PACS): anything else refuses the instance."""
+    for keyword, label in (("SOPInstanceUID", "SOP Instance UID"), ("StudyInstanceUID", "Study Instance UID"),
+                           ("SeriesInstanceUID", "Series Instance UID")):  # fmt: skip
+        value = ds.get(keyword)
+        if value in (None, ""):
+            raise DicomRejected(
+                f"the instance has no {label}", DATA_SET_DOES_NOT_MATCH_SOP_CLASS, sop_class,
+                uid_or_none(ds.get("SOPInstanceUID")),
+            )  # fmt: skip
+        if not valid_uid(value):
+            raise DicomRejected(
+                f"the {label} {_shown_uid(value)} is not a valid UID (digits and dots, no leading zeros, "
+                f"at most {UID_MAX} characters)",
+                DATA_SET_DOES_NOT_MATCH_SOP_CLASS, sop_class, uid_or_none(ds.get("SOPInstanceUID")),
+            )  # fmt: skip
+
+
 class DicomRejected(ValueError):
     def __init__(
         self,
@@ -122,8 +162,8 @@ def read_part10(data: bytes) -> Dataset:
         raise DicomRejected(
             "the DICOM file is truncated",
             CANNOT_UNDERSTAND,
-            str(ds.get("SOPClassUID", "")) or None,
-            str(ds.get("SOPInstanceUID", "")) or None,
+            uid_or_none(ds.get("SOPClassUID")),
+            uid_or_none(ds.get("SOPInstanceUID")),
         )
     return ds
 
@@ -263,12 +303,11 @@ def parse_dataset(ds: Dataset, limits: Settings | None = None) -> ParsedInstance
     sop_instance = str(ds.get("SOPInstanceUID", "") or "")
     if sop_class not in SUPPORTED_SOP_CLASSES:
         raise DicomRejected(
-            f"SOP class {sop_class or '(none)'} is not supported (accepted: "
+            f"SOP class {_shown_uid(sop_class) if sop_class else '(none)'} is not supported (accepted: "
             + ", ".join(f"{name} {uid}" for uid, name in SUPPORTED_SOP_CLASSES.items()) + ")",
-            SOP_CLASS_NOT_SUPPORTED, sop_class, sop_instance,
+            SOP_CLASS_NOT_SUPPORTED, uid_or_none(sop_class), uid_or_none(sop_instance),
         )  # fmt: skip
-    if not sop_instance:
-        raise DicomRejected("the instance has no SOP Instance UID", CANNOT_UNDERSTAND, sop_class)
+    check_uids(ds, sop_class)
     try:
         image = _image_bytes(ds, limits or Settings())
     except DicomRejected as exc:

@@ -11,6 +11,22 @@ from dermascan.ingest.manifest import is_known_column
 from dermascan.ingest.types import StudyInput
 
 
+class _NotText(ValueError):
+    pass
+
+
+def _text(value, most: int) -> str | None:
+    """An identifier given as text or a number → text (at most ``most`` characters); an object,
+    a list or an integer too long to write raises _NotText."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise _NotText
+    if isinstance(value, int) and abs(value) >= 10**most:
+        raise _NotText
+    return str(value)[:most]
+
+
 def parse(payload, max_key: int = 200) -> tuple[list[StudyInput], list[Rejection]]:
     """``{"records": [...]}`` → study inputs and the records' rejections (row = position, from 1).
     A body without a ``records`` list raises IngestError."""
@@ -22,8 +38,13 @@ def parse(payload, max_key: int = 200) -> tuple[list[StudyInput], list[Rejection
         if not isinstance(record, dict):
             rejected.append(Rejection(index, "a record must be a JSON object"))
             continue
-        external_id = record.get("external_id") or record.get("isic_id")
-        external_id = None if external_id is None else str(external_id)[:200]
+        try:
+            external_id = _text(record.get("external_id") or record.get("isic_id"), 200)
+            patient_id = _text(record.get("patient_id"), 200)
+            key = _text(record.get("idempotency_key"), max_key)
+        except _NotText:
+            rejected.append(Rejection(index, "external_id, isic_id, patient_id and idempotency_key must be text"))
+            continue
         encoded = record.get("image_base64")
         if not isinstance(encoded, str) or not encoded:
             rejected.append(Rejection(index, "image_base64 is missing", external_id, "image_base64"))
@@ -36,16 +57,15 @@ def parse(payload, max_key: int = 200) -> tuple[list[StudyInput], list[Rejection
         meta = {
             k: v for k, v in record.items() if k not in ("image_base64", "external_id", "patient_id", "idempotency_key")
         }
-        unknown = [k for k in meta if not is_known_column(k)]
+        unknown = sorted(str(k)[:60] for k in meta if not is_known_column(k))
         if unknown:
-            rejected.append(Rejection(index, f"unknown field(s) {', '.join(sorted(unknown))}", external_id, unknown[0]))
+            shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            rejected.append(Rejection(index, f"unknown field(s) {shown}", external_id, unknown[0]))
             continue
-        key = record.get("idempotency_key")
         inputs.append(
             StudyInput(
-                image=image, metadata=meta, external_id=external_id,
-                patient_id=None if record.get("patient_id") is None else str(record["patient_id"]),
-                idempotency_key=None if key is None else str(key)[:max_key], row=index,
+                image=image, metadata=meta, external_id=external_id, patient_id=patient_id,
+                idempotency_key=key, row=index,
             )
         )  # fmt: skip
     return inputs, rejected

@@ -100,9 +100,71 @@ def _image_name(row: dict) -> str | None:
     return row.get("image") or row.get(ID_COLUMN) or None
 
 
+class AmbiguousImage(ValueError):
+    """A manifest row names an image that more than one file of the upload could be."""
+
+
+class ImageIndex:
+    """The images of an upload by their full path inside it, for pairing manifest rows.
+
+    A name with a folder in it (``left/lesion.jpg``) is matched by its path — relative to the
+    manifest's folder, then to the archive's root; exactly, then ignoring case, then without its
+    extension. A bare file name (``lesion.jpg``, or an id like ``ISIC_0024306``) is matched by the
+    files of that name in any folder: one is taken, two or more make the row ambiguous (one
+    patient's result must never be computed on another's image that happens to share its name).
+    """
+
+    def __init__(self, entries: dict, base: str = ""):
+        self.entries = entries  # path → bytes, or a callable that reads them
+        self.base = base.strip("/") + "/" if base.strip("/") else ""
+
+    @staticmethod
+    def _stem(path: str) -> str:
+        root, ext = posixpath.splitext(path)
+        return root if ext.lower() in IMAGE_SUFFIXES else path
+
+    def _unique(self, candidates: list[str], name: str) -> str | None:
+        found = sorted(set(candidates))
+        if len(found) > 1:
+            shown = ", ".join(found[:4]) + (", …" if len(found) > 4 else "")
+            raise AmbiguousImage(
+                f"the image {name!r} matches several files in the upload ({shown}): name it by its path in the ZIP"
+            )
+        return found[0] if found else None
+
+    def resolve(self, name: str) -> str | None:
+        """The path of the image ``name`` names (None: no such image; AmbiguousImage: several)."""
+        wanted = posixpath.normpath(name.replace("\\", "/").strip()).lstrip("/")
+        if wanted in (".", "") or wanted.startswith("../"):
+            return None
+        paths = list(self.entries)
+        if "/" in wanted:
+            for candidate in (self.base + wanted, wanted):
+                if candidate in self.entries:
+                    return candidate
+            for key in (str.lower, lambda p: self._stem(p).lower()):
+                for candidate in (self.base + wanted, wanted):
+                    hit = self._unique([p for p in paths if key(p) == key(candidate)], name)
+                    if hit:
+                        return hit
+            return None
+        lower = wanted.lower()
+        by_name = [p for p in paths if posixpath.basename(p).lower() == lower]
+        if by_name:
+            return self._unique(by_name, name)
+        return self._unique([p for p in paths if self._stem(posixpath.basename(p)).lower() == lower], name)
+
+    def read(self, path: str) -> bytes:
+        value = self.entries[path]
+        return value() if callable(value) else value
+
+
 def rows_to_inputs(rows, find_image) -> tuple[list, list[Rejection]]:
-    """Pair manifest rows with images via ``find_image(name) -> bytes | None``."""
+    """Pair manifest rows with images: ``find_image`` is an :class:`ImageIndex` or a function
+    ``name -> bytes | None``. A row whose image another row already took is refused: two rows,
+    one image, is a manifest mistake that would score one lesion twice under two names."""
     inputs, rejected, seen = [], [], set()
+    taken: dict[str, int] = {}
     for line, row in rows:
         if "__error__" in row:
             rejected.append(Rejection(line, f"row {row['__error__']}"))
@@ -118,7 +180,22 @@ def rows_to_inputs(rows, find_image) -> tuple[list, list[Rejection]]:
             )
             continue
         seen.add(external_id)
-        data = find_image(name)
+        if isinstance(find_image, ImageIndex):
+            try:
+                path = find_image.resolve(name)
+            except AmbiguousImage as exc:
+                rejected.append(Rejection(line, f"row {line} is ambiguous: {exc}", external_id, "image"))
+                continue
+            if path is not None and path in taken:
+                rejected.append(Rejection(
+                    line, f"the image {path!r} is already the image of line {taken[path]}", external_id, "image"
+                ))  # fmt: skip
+                continue
+            data = None if path is None else find_image.read(path)
+            if path is not None:
+                taken[path] = line
+        else:
+            data = find_image(name)
         if data is None:
             rejected.append(
                 Rejection(line, f"no image named {name!r} (.jpg, .jpeg or .png) was found", external_id, "image")
@@ -134,19 +211,14 @@ def from_folder(folder: Path, limit: int | None = None):
     """A folder of images with an optional ``manifest.csv`` (or ``metadata.csv``); without one,
     every image is a study with unknown metadata."""
     folder = Path(folder)
-    images = {p.name.lower(): p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    by_stem = {p.stem.lower(): p for p in images.values()}
-
-    def find(name: str):
-        path = images.get(name.lower()) or by_stem.get(Path(name).stem.lower())
-        return path.read_bytes() if path else None
-
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    index = ImageIndex({p.name: p.read_bytes for p in files})
     csv_path = next((folder / n for n in ("manifest.csv", "metadata.csv") if (folder / n).is_file()), None)
     if csv_path is None:
-        rows = [(i + 1, {ID_COLUMN: p.stem, "image": p.name}) for i, p in enumerate(sorted(images.values()))]
+        rows = [(i + 1, {ID_COLUMN: p.stem, "image": p.name}) for i, p in enumerate(files)]
     else:
         rows = read_csv(csv_path.read_text(encoding="utf-8-sig"))
-    return rows_to_inputs(rows[:limit] if limit else rows, find)
+    return rows_to_inputs(rows[:limit] if limit else rows, index)
 
 
 def isic_layout(folder: Path) -> bool:
@@ -234,6 +306,10 @@ def read_zip(data: bytes, max_entries: int, max_total: int, max_ratio: int, max_
             raise IngestTooLarge(f"the ZIP unpacks to more than {max_total:,} bytes")
         if normal.startswith("__MACOSX/") or posixpath.basename(normal).startswith("._"):
             continue
+        if normal in out:
+            raise IngestError(
+                f"the ZIP holds two entries named {normal!r}: which one is the image is not known; refusing the archive"
+            )
         out[normal] = content
     return out
 
@@ -245,6 +321,7 @@ def from_zip(data: bytes, settings, csv_text: str | None = None):
         settings.max_image_bytes,
     )  # fmt: skip
     csvs = [n for n in files if n.lower().endswith(".csv")]
+    csv_text_from_zip = csv_text is None
     if csv_text is None:
         if not csvs:
             raise IngestError("the ZIP has no manifest CSV (download the template from the upload page)")
@@ -256,15 +333,6 @@ def from_zip(data: bytes, settings, csv_text: str | None = None):
             csv_text = files[csvs[0]].decode("utf-8-sig")
         except UnicodeDecodeError:
             raise IngestError(f"{csvs[0]} is not UTF-8 text") from None
-    images = {}
-    for name, content in files.items():
-        if name.lower().endswith(IMAGE_SUFFIXES):
-            base = posixpath.basename(name).lower()
-            images.setdefault(base, content)
-            images.setdefault(posixpath.splitext(base)[0], content)
-
-    def find(name: str):
-        key = posixpath.basename(name.replace("\\", "/")).lower()
-        return images.get(key) or images.get(posixpath.splitext(key)[0])
-
-    return rows_to_inputs(read_csv(csv_text), find)
+    images = {name: content for name, content in files.items() if name.lower().endswith(IMAGE_SUFFIXES)}
+    base = posixpath.dirname(csvs[0]) if csvs and csv_text_from_zip else ""
+    return rows_to_inputs(read_csv(csv_text), ImageIndex(images, base))

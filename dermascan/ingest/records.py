@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from dermascan.ingest import numbers
 from model.features import ISIC_CATEGORICAL, ISIC_NUMERIC
 
 # The anatomic sites the model's feature spec knows (ISIC 2024 words, plus the three ISIC 2020
@@ -76,34 +77,45 @@ def _blank(value) -> bool:
     return isinstance(value, str) and value.strip().lower() in MISSING
 
 
+def shown(value, most: int = 40) -> str:
+    """A value as an error message may quote it: short, and safe for any input (an int of
+    thousands of digits cannot even be turned into text)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return f"a number of about {value.bit_length() * 0.30103:.0f} digits"
+    if isinstance(value, dict | list):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 1] + "…"
+
+
 def clean_age(value) -> float | None:
     if _blank(value):
         return None
     try:
-        age = float(str(value).strip())
-    except ValueError:
-        raise FieldError("age_approx", f"{value!r} is not a number of years") from None
-    if not math.isfinite(age) or age < 0 or age > 120:
-        raise FieldError("age_approx", f"{value!r} is outside 0–120 years")
+        age = numbers.parse_float(value, "age_approx")
+    except numbers.NumberError:
+        raise FieldError("age_approx", f"{shown(value)} is not a number of years") from None
+    if age < 0 or age > 120:
+        raise FieldError("age_approx", f"{shown(value)} is outside 0–120 years")
     return age
 
 
 def clean_sex(value) -> str | None:
     if _blank(value):
         return None
-    text = str(value).strip().lower()
+    text = str(value).strip().lower() if isinstance(value, str) else ""
     if text not in SEXES:
-        raise FieldError("sex", f"{value!r} is not one of male, female (or empty when unknown)")
+        raise FieldError("sex", f"{shown(value)} is not one of male, female (or empty when unknown)")
     return SEXES[text]
 
 
 def clean_site(value) -> str | None:
     if _blank(value):
         return None
-    text = " ".join(str(value).strip().lower().replace("_", " ").split())
+    text = " ".join(value.strip().lower().replace("_", " ").split()) if isinstance(value, str) else ""
     text = SITE_ALIASES.get(text, text)
     if text not in SITES:
-        raise FieldError("anatom_site_general", f"{value!r} is not a known site ({', '.join(SITES)})")
+        raise FieldError("anatom_site_general", f"{shown(value)} is not a known site ({', '.join(SITES)})")
     return text
 
 
@@ -122,12 +134,13 @@ def clean_metadata(record: dict) -> dict:
     for name in PASSTHROUGH_NUMERIC:
         if not _blank(record.get(name)):
             try:
-                number = float(record[name])
-            except (TypeError, ValueError):
-                raise FieldError(name, f"{record[name]!r} is not a number") from None
-            if math.isfinite(number):
-                out[name] = number
+                out[name] = numbers.parse_float(record[name], name)
+            except numbers.NumberError:
+                raise FieldError(name, f"{shown(record[name])} is not a number") from None
     for name in PASSTHROUGH_TEXT:
-        if not _blank(record.get(name)):
-            out[name] = str(record[name]).strip()
+        value = record.get(name)
+        if not _blank(value):
+            if not isinstance(value, str | int | float):
+                raise FieldError(name, f"{shown(value)} is not text")
+            out[name] = str(value).strip()[:200]
     return out

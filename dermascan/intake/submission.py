@@ -175,6 +175,7 @@ class SubmitStudies:
                 staged.entries.append(_Entry(item, row=None, key=key))  # the same study twice in one upload
                 continue
             try:
+                _no_nul(item)
                 info = inspect_image(item.image, self.settings.max_image_bytes, self.settings.max_image_pixels)
                 meta = clean_metadata(item.metadata)
             except ImageRejected as exc:
@@ -232,6 +233,15 @@ class SubmitStudies:
     def _tick(self):
         if self.progress:
             self.progress(1)
+
+
+def _no_nul(item: StudyInput) -> None:
+    """A NUL character is in no identifier or metadata value (and the database refuses one)."""
+    texts = [item.external_id, item.patient_id, item.idempotency_key, item.accession_number]
+    texts += [k for k in item.metadata] + [v for v in item.metadata.values() if isinstance(v, str)]
+    for text in texts:
+        if isinstance(text, str) and "\x00" in text:
+            raise FieldError("metadata", "a NUL character is not allowed in an identifier or a metadata value")
 
 
 _flusher: tuple[int, ThreadPoolExecutor] | None = None

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
-import ipaddress
 import json
 import logging
 import socket
@@ -33,33 +32,22 @@ from dermascan.infra.db import session_factory
 from dermascan.infra.schema import Batch, Program, Study, iso_utc
 from dermascan.results_out import retry
 from dermascan.screening.reports import referral_counts
-from dermascan.security import keys
+from dermascan.security import keys, outbound
+from dermascan.security.outbound import OutboundRefused
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-DermaScan-Signature"
 MAX_URL = 2000
 
 
-class CallbackRefused(ValueError):
+class CallbackRefused(OutboundRefused):
     """A callback URL or address that DermaScan will not call."""
 
 
-def allowed_hosts(settings: Settings) -> list[str]:
-    return [h.strip().lower() for h in settings.callback_allow_hosts.split(",") if h.strip()]
-
-
-def _listed(host: str, ip, listed: list[str]) -> bool:
-    """The admin listed this host name, or an address or network that holds ``ip``."""
-    host = host.lower().strip("[]")
-    for entry in listed:
-        if entry == host:
-            return True
-        try:
-            if ip is not None and ip in ipaddress.ip_network(entry, strict=False):
-                return True
-        except ValueError:
-            continue
-    return False
+def policy(settings: Settings) -> outbound.Policy:
+    """Callbacks go to the internet: no private, loopback, link-local or other inside address,
+    unless the operator listed the host in DERMASCAN_CALLBACK_ALLOW_HOSTS."""
+    return outbound.Policy(False, tuple(outbound.listed_hosts(settings.callback_allow_hosts)), "callback_url")
 
 
 def check_url(settings: Settings, url) -> str | None:
@@ -67,70 +55,47 @@ def check_url(settings: Settings, url) -> str | None:
     if url in (None, ""):
         return None
     url = str(url).strip()
-    parts = urlsplit(url)
-    host = parts.hostname or ""
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname or "", parts.port
+    except ValueError:
+        raise CallbackRefused("callback_url is not a valid URL") from None
     if len(url) > MAX_URL or parts.scheme not in ("http", "https") or not host:
         raise CallbackRefused(f"callback_url must be an https URL of at most {MAX_URL} characters")
     if parts.username or parts.password:
         raise CallbackRefused("callback_url must not carry credentials")
-    listed = allowed_hosts(settings)
-    try:
-        literal = ipaddress.ip_address(host)
-    except ValueError:
-        literal = None
-    if parts.scheme == "http" and not _listed(host, literal, listed):
+    rule = policy(settings)
+    if parts.scheme == "http" and not rule.is_listed(host):
         raise CallbackRefused(
             "callback_url must use https (http only for hosts an administrator allowed in DERMASCAN_CALLBACK_ALLOW_HOSTS)"
         )
-    if literal is not None and not _public(literal) and not _listed(host, literal, listed):
-        raise CallbackRefused(f"callback_url points at a {_kind(literal)} address, which DermaScan does not call")
+    try:
+        rule.check_host(host)
+    except OutboundRefused as exc:
+        raise CallbackRefused(str(exc)) from None
     return url
 
 
-def _public(ip) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
-def _kind(ip) -> str:
-    for name in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
-        if getattr(ip, f"is_{name}", False):
-            return name.replace("_", "-")
-    return "non-public"
-
-
-def _connect(host: str, port: int, timeout: float, listed: list[str]) -> socket.socket:
+def _connect(host: str, port: int, timeout: float, rule: outbound.Policy) -> socket.socket:
     """Resolve, check every address at connect time, connect to the first allowed one."""
-    refused = None
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        ip = ipaddress.ip_address(address[0])
-        if not (_public(ip) or _listed(host, ip, listed)):
-            refused = CallbackRefused(f"{host} resolves to a {_kind(ip)} address ({ip}), which DermaScan does not call")
-            continue
-        sock = socket.socket(family, kind, proto)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(address)
-        except OSError:
-            sock.close()
-            raise
-        return sock
-    raise refused or OSError(f"{host} did not resolve")
+    try:
+        return rule.connect(host, port, timeout)
+    except OutboundRefused as exc:
+        raise CallbackRefused(str(exc)) from None
 
 
 class _GuardedHTTP(http.client.HTTPConnection):
-    listed: list[str] = []
+    rule: outbound.Policy
 
     def connect(self):
-        self.sock = _connect(self.host, self.port, self.timeout, self.listed)
+        self.sock = _connect(self.host, self.port, self.timeout, self.rule)
 
 
 class _GuardedHTTPS(http.client.HTTPSConnection):
-    listed: list[str] = []
+    rule: outbound.Policy
 
     def connect(self):
-        sock = _connect(self.host, self.port, self.timeout, self.listed)
+        sock = _connect(self.host, self.port, self.timeout, self.rule)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
@@ -138,12 +103,11 @@ def post(settings: Settings, url: str, body: bytes, headers: dict, timeout: floa
     """POST once through the guarded connection; the HTTP status (a redirect is not followed)."""
     url = check_url(settings, url)
     parts = urlsplit(url)
-    listed = allowed_hosts(settings)
     if parts.scheme == "https":
         connection = _GuardedHTTPS(parts.hostname, parts.port, timeout=timeout, context=ssl.create_default_context())
     else:
         connection = _GuardedHTTP(parts.hostname, parts.port, timeout=timeout)
-    connection.listed = listed
+    connection.rule = policy(settings)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
         connection.request("POST", path, body=body, headers=headers)

@@ -12,11 +12,38 @@ from sqlalchemy.orm import Session
 from dermascan.config import Settings
 from dermascan.errors import Invalid
 from dermascan.infra.schema import DicomDestination, Program
-from dermascan.security import keys
+from dermascan.security import keys, outbound
 
 
 class BadDestination(Invalid):
     """A destination an administrator entered that cannot be used (kept out of the database)."""
+
+
+def policy(settings: Settings) -> outbound.Policy:
+    """PACS live on hospital networks: private addresses are allowed; DermaScan's own host,
+    link-local (cloud metadata), unspecified, multicast and reserved ones are not, unless the
+    operator listed the host in DERMASCAN_DESTINATION_ALLOW_HOSTS."""
+    return outbound.Policy(True, tuple(outbound.listed_hosts(settings.destination_allow_hosts)), "destination")
+
+
+def _check_host(settings: Settings, host: str) -> None:
+    try:
+        policy(settings).check_host(host)
+    except outbound.OutboundRefused as exc:
+        raise BadDestination(f"{exc} (an operator may list it in DERMASCAN_DESTINATION_ALLOW_HOSTS)") from None
+
+
+def warnings(destination: DicomDestination) -> list[str]:
+    """What an administrator should know about a destination that works but is not safe."""
+    out = []
+    if destination.kind == "stow" and (destination.url or "").lower().startswith("http://"):
+        if destination.secret_encrypted:
+            out.append("sends its credentials over plain http: anyone on the network path can read them — use https")
+        else:
+            out.append("plain http: results travel unencrypted — use https")
+    if destination.kind == "dimse" and not destination.tls:
+        out.append("DIMSE without TLS: results travel unencrypted on the hospital network")
+    return out
 
 
 def _ae_title(value: str) -> str:
@@ -52,14 +79,30 @@ def add_destination(
         raise BadDestination("give either a host, port and AE title (DIMSE) or a STOW-RS URL, not both")
     row = DicomDestination(program_id=program.id, name=name, enabled=True)
     if host:
-        if not port or not 0 < int(port) < 65536:
+        host = host.strip()
+        if len(host) > 253 or any(c.isspace() or c in "/@?#" for c in host):
+            raise BadDestination("a DIMSE destination needs a host name or address")
+        if not isinstance(port, int) or not 0 < port < 65536:
             raise BadDestination("a DIMSE destination needs a port between 1 and 65535")
-        row.kind, row.host, row.port, row.ae_title, row.tls = "dimse", host.strip(), int(port), _ae_title(ae_title), tls
+        _check_host(settings, host)
+        row.kind, row.host, row.port, row.ae_title, row.tls = "dimse", host, port, _ae_title(ae_title), tls
     else:
-        parts = urlsplit(url.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        url = url.strip()
+        try:
+            parts = urlsplit(url)
+            _ = parts.port
+        except ValueError:
+            raise BadDestination("a STOW-RS destination needs a valid http(s) URL") from None
+        if (
+            len(url) > 2000
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.username
+            or parts.password
+        ):
             raise BadDestination("a STOW-RS destination needs an http(s) URL without credentials in it")
-        row.kind, row.url, row.username = "stow", url.strip(), (username or None)
+        _check_host(settings, parts.hostname)
+        row.kind, row.url, row.username = "stow", url, (username or None)
         if secret:
             row.secret_encrypted = keys.destination_cipher(settings.secret_key).encrypt(secret.encode())
     session.add(row)

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 
 from dermascan.config import Settings
 from dermascan.infra.schema import DicomDestination
-from dermascan.security import keys
+from dermascan.security import keys, outbound
 
 STORE_OK = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the warnings (coercion, elements discarded)
 
@@ -71,7 +71,9 @@ def send_dimse(settings: Settings, destination: DicomDestination, datasets: list
         if settings.dicom_tls_client_cert:
             context.load_cert_chain(settings.dicom_tls_client_cert, settings.dicom_tls_client_key or None)
         tls_args = (context, destination.host)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    # the address checked at connect time is the one connected to (the name is kept for TLS)
+    address = _checked_address(settings, destination.host, destination.port)
+    assoc = ae.associate(address, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if assoc.is_rejected:
         primitive = assoc.acceptor.primitive
         reason = f"{primitive.result_str}, {primitive.reason_str}" if primitive is not None else "rejected"
@@ -92,24 +94,68 @@ def send_dimse(settings: Settings, destination: DicomDestination, datasets: list
             assoc.release()
 
 
-def _timed_session():
+def _checked_address(settings: Settings, host: str, port: int) -> str:
+    """The first address of ``host`` the destination rule allows (Refused when none is)."""
+    from dermascan.results_out.destinations import policy
+
+    try:
+        return policy(settings).resolve(host, port)[0][3][0]
+    except outbound.OutboundRefused as exc:
+        raise Refused(str(exc)) from None
+    except OSError as exc:
+        raise Unreachable(f"{host}: {exc}") from None
+
+
+def _timed_session(settings: Settings):
+    """A requests session for dicomweb-client: every request has a timeout (connect 5 s, read 60 s),
+    every connection is made to an address the destination rule allows (checked after resolving,
+    for each connection), and no redirect is followed."""
     import requests
+    import urllib3
+    from requests.adapters import HTTPAdapter
+
+    from dermascan.results_out.destinations import policy
+
+    rule = policy(settings)
+
+    def new_conn(self):
+        try:
+            return rule.connect(
+                self._dns_host, self.port, self.timeout if isinstance(self.timeout, int | float) else None
+            )
+        except outbound.OutboundRefused as exc:
+            raise Refused(str(exc)) from None
+
+    http_cls = type("GuardedHTTPConnection", (urllib3.connection.HTTPConnection,), {"_new_conn": new_conn})
+    https_cls = type("GuardedHTTPSConnection", (urllib3.connection.HTTPSConnection,), {"_new_conn": new_conn})
+    pools = {
+        "http": type("GuardedHTTPPool", (urllib3.HTTPConnectionPool,), {"ConnectionCls": http_cls}),
+        "https": type("GuardedHTTPSPool", (urllib3.HTTPSConnectionPool,), {"ConnectionCls": https_cls}),
+    }
+
+    class GuardedAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
 
     class TimedSession(requests.Session):
-        """dicomweb-client gives no timeout: every request gets one (connect 5 s, read 60 s)."""
-
         def request(self, *args, **kwargs):
             kwargs.setdefault("timeout", (5, 60))
+            kwargs["allow_redirects"] = False
             return super().request(*args, **kwargs)
 
-    return TimedSession()
+    session = TimedSession()
+    session.trust_env = False  # no proxy from the environment: the rule is checked on the real peer
+    for prefix in ("http://", "https://"):
+        session.mount(prefix, GuardedAdapter())
+    return session
 
 
 def send_stow(settings: Settings, destination: DicomDestination, datasets: list[Dataset]) -> None:
     import requests
     from dicomweb_client.api import DICOMwebClient
 
-    session = _timed_session()
+    session = _timed_session(settings)
     if destination.secret_encrypted:
         secret = keys.destination_cipher(settings.secret_key).decrypt(destination.secret_encrypted).decode()
         if destination.username:
