@@ -53,6 +53,10 @@ class TrainConfig:
     # Polyak averaging of the weights (e.g. 0.99): validation, early stopping and the saved
     # checkpoints use the averaged weights; None trains without it
     ema_momentum: float | None = None
+    # "plateau": ReduceLROnPlateau on validation AUC; "cosine": cosine decay over all the epochs
+    # (the only schedule that needs no validation data, so a network trained on every development
+    # image can use it)
+    lr_schedule: str = "plateau"
 
 
 def make_folds(targets: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -138,19 +142,29 @@ def _read_history(path: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-def train_fold(k: int, cfg: TrainConfig, work: Path, spec: FeatureSpec, x: dict, y: np.ndarray, train_idx, val_idx):
-    """Train one fold (resuming from its last checkpoint). Returns the best model."""
+def train_fold(
+    k: int, cfg: TrainConfig, work: Path, spec: FeatureSpec, x: dict, y: np.ndarray, train_idx, val_idx,
+    *, targets: np.ndarray | None = None, folder: str | None = None,
+):  # fmt: skip
+    """Train one fold (resuming from its last checkpoint). Returns the best model.
+
+    ``targets``: what the network learns on its training rows (default ``y``; soft scores for a
+    distilled student); validation always uses the labels ``y``. With no validation rows the
+    network trains its full ``cfg.epochs`` (cosine schedule) and the last epoch is kept.
+    ``folder``: the checkpoint folder inside ``work`` (default ``fold<k>``)."""
     import keras
 
     from model.network import Augmentation, build
 
-    fold_dir = work / f"fold{k}"
+    fold_dir = work / (folder or f"fold{k}")
+    validated = len(val_idx) > 0
+    if not validated and cfg.lr_schedule != "cosine":
+        raise ValueError("a network without validation rows needs lr_schedule='cosine' (nothing to plateau on)")
     fold_dir.mkdir(parents=True, exist_ok=True)
     best_path, last_path, hist_path = fold_dir / "best.keras", fold_dir / "last.keras", fold_dir / "history.csv"
     history = _read_history(hist_path)
-    done = (fold_dir / "done").exists()
-    if done:
-        return keras.saving.load_model(best_path)
+    if (fold_dir / "done").exists():
+        return keras.saving.load_model(best_path if validated else last_path)
 
     keras.utils.set_random_seed(cfg.seed + k)
     if last_path.exists() and history:
@@ -168,9 +182,13 @@ def train_fold(k: int, cfg: TrainConfig, work: Path, spec: FeatureSpec, x: dict,
             backbone=cfg.backbone,
             name=f"fold{k}",
         )
+        learning_rate = cfg.learning_rate
+        if cfg.lr_schedule == "cosine":
+            steps = cfg.epochs * int(np.ceil(len(train_idx) / cfg.batch_size))
+            learning_rate = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, steps, alpha=0.01)
         model.compile(
             optimizer=keras.optimizers.AdamW(
-                cfg.learning_rate,
+                learning_rate,
                 weight_decay=cfg.weight_decay,
                 use_ema=cfg.ema_momentum is not None,
                 ema_momentum=cfg.ema_momentum or 0.99,
@@ -179,17 +197,10 @@ def train_fold(k: int, cfg: TrainConfig, work: Path, spec: FeatureSpec, x: dict,
             metrics=[keras.metrics.AUC(name="auc")],
         )
 
-    def take(idx):
-        return {"image": x["image"][idx], "meta": x["meta"][idx]}, y[idx].astype("float32")
+    def take(idx, labels):
+        return {"image": x["image"][idx], "meta": x["meta"][idx]}, labels[idx].astype("float32")
 
-    (xt, yt), (xv, yv) = take(train_idx), take(val_idx)
-    early = keras.callbacks.EarlyStopping("val_auc", mode="max", patience=cfg.patience)
-    plateau = keras.callbacks.ReduceLROnPlateau(
-        "val_auc", mode="max", factor=0.5, patience=max(1, cfg.patience // 2), min_lr=1e-5, verbose=1
-    )
-    best_ckpt = keras.callbacks.ModelCheckpoint(best_path, "val_auc", mode="max", save_best_only=True)
-    if history:
-        best_ckpt.best = max(h["val_auc"] for h in history)
+    (xt, yt), (xv, yv) = take(train_idx, y if targets is None else targets), take(val_idx, y)
     callbacks = []
     if cfg.ema_momentum is not None:
         # first, so that every callback after it (checkpoints, early stopping) sees the averaged
@@ -198,15 +209,21 @@ def train_fold(k: int, cfg: TrainConfig, work: Path, spec: FeatureSpec, x: dict,
         # a resumed fold's last checkpoint was written with the averages swapped in
         swap._ema_weights_in_model = bool(history)
         callbacks.append(swap)
-    callbacks += [
-        early,
-        plateau,
-        _ResumeState(history, "val_auc").callback(early, plateau),
-        best_ckpt,
-        keras.callbacks.ModelCheckpoint(last_path),
-        keras.callbacks.CSVLogger(str(hist_path), append=True),
-    ]
-    if len(history) < cfg.epochs and not (history and _ResumeState(history, "val_auc").wait >= cfg.patience):
+    stopped = False
+    if validated:
+        early = keras.callbacks.EarlyStopping("val_auc", mode="max", patience=cfg.patience)
+        best_ckpt = keras.callbacks.ModelCheckpoint(best_path, "val_auc", mode="max", save_best_only=True)
+        watched = [early]
+        if cfg.lr_schedule != "cosine":  # a schedule owns the learning rate: nothing to reduce
+            watched.append(keras.callbacks.ReduceLROnPlateau(
+                "val_auc", mode="max", factor=0.5, patience=max(1, cfg.patience // 2), min_lr=1e-5, verbose=1
+            ))  # fmt: skip
+        if history:
+            best_ckpt.best = max(h["val_auc"] for h in history)
+        callbacks += [*watched, _ResumeState(history, "val_auc").callback(*watched), best_ckpt]
+        stopped = bool(history) and _ResumeState(history, "val_auc").wait >= cfg.patience
+    callbacks += [keras.callbacks.ModelCheckpoint(last_path), keras.callbacks.CSVLogger(str(hist_path), append=True)]
+    if len(history) < cfg.epochs and not stopped:
         t0 = time.time()
         model.fit(
             xt,
@@ -214,13 +231,13 @@ def train_fold(k: int, cfg: TrainConfig, work: Path, spec: FeatureSpec, x: dict,
             batch_size=cfg.batch_size,
             epochs=cfg.epochs,
             initial_epoch=len(history),
-            validation_data=(xv, yv),
+            validation_data=(xv, yv) if validated else None,
             callbacks=callbacks,
             verbose=cfg.verbose,
         )
-        log.info("fold %d: trained in %.0f s", k, time.time() - t0)
+        log.info("%s: trained in %.0f s", fold_dir.name, time.time() - t0)
     (fold_dir / "done").write_text(json.dumps({"finished": time.time()}))
-    return keras.saving.load_model(best_path)
+    return keras.saving.load_model(best_path if validated else last_path)
 
 
 def cross_validate(data_dir, work_dir, cfg: TrainConfig, train_folds: list[int] | None = None) -> dict:
@@ -534,7 +551,7 @@ def fold_scores(work: Path, k: int, fold: np.ndarray) -> FoldScores | None:
 
 def calibrate(
     pictures: Path, y: np.ndarray, fold: np.ndarray, per_member: list[np.ndarray], cfg: TrainConfig,
-    validation_positives: list[np.ndarray | None] | None = None,
+    validation_positives: list[np.ndarray | None] | None = None, level_rule: tuple[float, str] | None = None,
 ) -> dict:  # fmt: skip
     """On the calibration set (rows no member trained on, ``fold == -1``): the shipped ensemble's
     own scores (the mean of its members' TTA scores ``per_member``, as the averaged graph computes
@@ -542,7 +559,8 @@ def calibrate(
     calibrated scores with the bootstrap rule. With ``validation_positives`` (per member, its
     scores of its own validation fold's malignant lesions, or None), the threshold is taken at the
     calibration-set sensitivity that the members' validation folds show corresponds to the target
-    on a typical cohort (:func:`model.metrics.transferred_threshold`). Writes the ROC and the
+    on a typical cohort (:func:`model.metrics.transferred_threshold`); with ``level_rule`` (level,
+    description) it is taken at that calibration-set sensitivity. Writes the ROC and the
     reliability diagram into ``pictures``."""
     from model import calibration
 
@@ -556,7 +574,10 @@ def calibrate(
     rule = (f"highest threshold with sensitivity >= {cfg.target_sensitivity} in {cfg.threshold_confidence:.0%} "
             "of bootstrap resamples of the calibration-set positives, on the shipped ensemble's calibrated scores")  # fmt: skip
     level = None
-    if known:
+    if level_rule is not None:  # a level chosen by the caller (model.threshold's resampling)
+        level, rule = level_rule
+        threshold = metrics._at_level(calibrated[yc == 1], level)
+    elif known:
         threshold, level = metrics.transferred_threshold(
             calibrated[yc == 1], [m[yc == 1] for m, _ in known], [v for _, v in known],
             cfg.target_sensitivity, cfg.threshold_confidence, seed=cfg.seed,

@@ -12,6 +12,18 @@ from dermascan.cli.common import _settings, main
 
 
 # -- the model -----------------------------------------------------------------------------------
+def _folder(*names, help: str):  # noqa: A002 (click's own word)
+    """A required option naming an existing folder."""
+    return click.option(*names, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help=help)
+
+
+def _log_progress() -> None:
+    """Training, combining and distilling say what they do as they go (model's INFO lines)."""
+    logging.getLogger("model").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO)
+
+
 def _data_and_out(command):
     """The training data (ISIC-2024 layout) and the bundle folder to write."""
     command = click.option(
@@ -88,9 +100,7 @@ def train(
     from model.train import TrainConfig
     from model.train import train as run_training
 
-    logging.getLogger("model").setLevel(logging.INFO)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO)
+    _log_progress()
     cfg = TrainConfig(
         image_size=image_size, folds=folds, epochs=epochs, batch_size=batch_size, weights=weights,
         target_sensitivity=target_sensitivity, threshold_confidence=threshold_confidence,
@@ -139,9 +149,7 @@ def combine(sources, data_dir, out_dir, version, gate_members):
     from model.combine import combine as run_combine
     from model.errors import ModelError
 
-    logging.getLogger("model").setLevel(logging.INFO)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO)
+    _log_progress()
     try:
         members = [int(k) for k in gate_members.split(",")] if gate_members else None
     except ValueError:
@@ -211,13 +219,7 @@ def evaluate(ctx, bundle_dir, data_dir, out_path, tta, limit):
 
 @main.command()
 @click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--data",
-    "data_dir",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The ISIC-2024 layout folder the bundle was trained on.",
-)
+@_folder("--data", "data_dir", help="The ISIC-2024 layout folder the bundle was trained on.")
 @click.option("--work-dir", required=True, type=click.Path(path_type=Path), help="Training work folder to create.")
 def unpack(bundle_dir, data_dir, work_dir):
     """Re-create a bundle's training work folder (members as fold checkpoints, their held-out scores computed
@@ -225,11 +227,68 @@ def unpack(bundle_dir, data_dir, work_dir):
     from model.combine import unpack as run_unpack
     from model.errors import ModelError
 
-    logging.getLogger("model").setLevel(logging.INFO)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO)
+    _log_progress()
     try:
         work = run_unpack(bundle_dir, data_dir, work_dir)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{bundle_dir} unpacked into {work}; assemble it again with `dermascan train --work-dir {work} ...`")
+
+
+@main.command()
+@_folder("--teacher", "teacher_dir", help="The ensemble bundle whose out-of-fold scores the student learns from.")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--work-dir", required=True, type=click.Path(path_type=Path), help="Teacher scores and checkpoints.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Write the student bundle here once trained.")
+@click.option("--version", help="Version of the student bundle (default: from the date).")
+@click.option("--image-size", default=128, show_default=True)
+@click.option("--epochs", default=16, show_default=True)
+@click.option("--alpha", default=0.5, show_default=True, help="Weight of the teacher's score in the target.")
+@click.option("--ema-momentum", type=click.FloatRange(0.5, 0.99999), default=0.99, show_default=True)
+@click.option("--augment", type=click.Choice(["standard", "strong"]), default="standard", show_default=True)
+@click.option("--folds", "only_folds", help="Fold students to train (e.g. 0 or 0,1,2): each validated on its fold.")
+@click.option("--final/--no-final", default=True, show_default=True, help="Train the student on every development row.")
+@click.option("--limit", type=int, help="Only the first N rows (smoke runs).")
+@click.option("--backbone", type=click.Choice(["nasnet_mobile", "tiny"]), default="nasnet_mobile", show_default=True)
+def distill(
+    teacher_dir, data_dir, work_dir, out_dir, version, image_size, epochs, alpha, ema_momentum, augment, only_folds,
+    final, limit, backbone,
+):  # fmt: skip
+    """Distil an ensemble bundle into one network (resumable): fold students measure the recipe, the final student
+    (every development row) ships; calibration, threshold and gate are fitted on the held-out calibration set."""
+    from model.distill import STRONG_AUGMENTATION, DistillConfig
+    from model.distill import distill as run_distill
+    from model.errors import ModelError
+
+    _log_progress()
+    try:
+        folds = [int(k) for k in only_folds.split(",")] if only_folds else []
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of fold numbers", param_hint="--folds") from None
+    teacher_cfg = read_teacher_config(teacher_dir)
+    cfg = DistillConfig(
+        image_size=image_size, epochs=epochs, alpha=alpha, ema_momentum=ema_momentum, limit=limit or teacher_cfg.limit,
+        backbone=backbone,
+        folds=teacher_cfg.folds, seed=teacher_cfg.seed, calibration_fraction=teacher_cfg.calibration_fraction,
+        augmentation=STRONG_AUGMENTATION if augment == "strong" else {},
+        verbose=1 if sys.stderr.isatty() else 2,
+    )  # fmt: skip
+    try:
+        summary = run_distill(data_dir, teacher_dir, work_dir, cfg, folds, final)
+        for row in summary["students"]:
+            shown = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
+            click.echo(f"student {row['student']}: {shown}")
+        if out_dir is not None and final:
+            from model.distill import assemble
+
+            manifest = assemble(data_dir, out_dir, work_dir, version, teacher_dir)
+            click.echo(f"bundle {manifest['version']} written to {out_dir}")
+            _echo_calibration_set(manifest)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def read_teacher_config(teacher_dir: Path):
+    from model.combine import read_config
+
+    return read_config(teacher_dir)

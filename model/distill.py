@@ -1,0 +1,302 @@
+"""Distillation: one fusion network taught by an ensemble bundle.
+
+The teacher is a bundle trained with ``dermascan train`` (or assembled by ``combine``) on a
+patient-grouped split that holds a calibration set out of every member. Each development image is
+scored once by the members that did **not** train on it (the members of its own validation fold:
+its out-of-fold teacher score, the mean of their test-time flips), and the calibration set is not
+scored by the teacher at all. A student — the same NASNetMobile image branch + metadata branch,
+one network — then learns on a blend of that soft score and the label::
+
+    target = alpha * teacher + (1 - alpha) * label
+
+Students are trained per fold (on the development rows outside fold k, validated on fold k: these
+measure a recipe and give the out-of-fold scores the threshold rule reads) and once on every
+development row (``final``: a fixed number of epochs with a cosine schedule, no validation, the
+last weights kept) — the network that ships. The calibration patients stay out of teacher and
+student alike, so the bundle's calibration map, threshold and gate are fitted on scores of
+patients neither ever saw, exactly as for a trained ensemble.
+
+Everything is resumable: ``work/teacher.npz`` is computed once; each student checkpoints every
+epoch in ``work/fold<k>/`` or ``work/final/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from model import metrics
+from model.data import IsicDataset
+from model.errors import ModelError
+from model.train import TrainConfig, split_rows, tta_predict
+
+log = logging.getLogger(__name__)
+
+TEACHER_FILE = "teacher.npz"
+FINAL = "final"
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """A student's training: :class:`TrainConfig` plus the blend of teacher and label."""
+
+    alpha: float = 0.5  # weight of the teacher's soft score in the target (0: labels only)
+    lr_schedule: str = "cosine"
+    ema_momentum: float | None = 0.99
+    label_smoothing: float = 0.0  # the teacher's soft score already softens the target
+    teacher: dict = field(default_factory=dict)  # the teacher bundle's version and weights digest
+
+    @classmethod
+    def read(cls, path: Path) -> DistillConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(Path(path).read_text()).items() if k in known})
+
+
+def member_folds(labels: list[str]) -> list[int]:
+    """The validation fold of each member, from its label (``<run>/fold<k>``)."""
+    out = []
+    for label in labels:
+        name = label.rsplit("/", 1)[-1]
+        if not (name.startswith("fold") and name[4:].isdigit()):
+            raise ModelError(f"member {label!r}: its label names no fold, so its out-of-fold rows are unknown")
+        out.append(int(name[4:]))
+    return out
+
+
+def teacher_scores(teacher_dir: Path, dataset: IsicDataset, work: Path) -> dict:
+    """Out-of-fold teacher scores of every development row (NaN on the calibration set),
+    computed once and kept in ``work/teacher.npz``. Returns ``{"soft", "split", "version"}``."""
+    from model.bundle import read_manifest
+    from model.combine import open_source
+
+    path = work / TEACHER_FILE
+    manifest = read_manifest(teacher_dir, verify=False)
+    if path.is_file():
+        saved = np.load(path)
+        if str(saved["version"]) == manifest["version"] and saved["soft"].shape == (len(dataset.ids),):
+            return {"soft": saved["soft"], "split": saved["split"], "version": str(saved["version"])}
+        raise ModelError(
+            f"{path}: made by teacher {saved['version']}, not {manifest['version']}: use a new work folder"
+        )
+    source = open_source(Path(teacher_dir), dataset)
+    split = source.split
+    folds = member_folds(source.labels)
+    if not (split < 0).any():
+        raise ModelError(f"{teacher_dir}: its members hold out no calibration set; a student needs one")
+    needed = sorted(set(np.unique(split[split >= 0]).tolist()))
+    if sorted(set(folds)) != needed:
+        raise ModelError(f"{teacher_dir}: members cover folds {sorted(set(folds))}, the split has {needed}")
+    soft = np.full(len(dataset.ids), np.nan)
+    meta = source.spec.transform(dataset.metadata)
+    for k in needed:
+        rows = np.flatnonzero(split == k)
+        images = dataset.load_images(source.cfg.image_size, ids=[dataset.ids[i] for i in rows])
+        scores = [
+            tta_predict(model, images, meta[rows], tta=source.cfg.tta)[0]
+            for model, fold in zip(source.models, folds, strict=True)
+            if fold == k
+        ]
+        soft[rows] = np.mean(scores, axis=0)
+        log.info(
+            "teacher: fold %d scored by %d member(s), AUC %.4f", k, len(scores),
+            metrics.auc(dataset.targets()[rows], soft[rows]),
+        )  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
+    np.savez(path, soft=soft, split=split, version=np.array(manifest["version"]))
+    return {"soft": soft, "split": split, "version": manifest["version"]}
+
+
+def blend(y: np.ndarray, soft: np.ndarray, alpha: float) -> np.ndarray:
+    """The student's target: the teacher's soft score and the label, weighted by ``alpha``; rows
+    the teacher did not score (the calibration set) keep their label (and are never trained on)."""
+    out = y.astype(np.float64).copy()
+    known = ~np.isnan(soft)
+    out[known] = alpha * soft[known] + (1.0 - alpha) * y[known]
+    return out
+
+
+def distill(
+    data_dir, teacher_dir, work_dir, cfg: DistillConfig, folds: list[int] | None = None, final: bool = True
+) -> dict:
+    """Train (or resume) the fold students ``folds`` and, with ``final``, the student on every
+    development row. Returns a summary of the finished students."""
+    from model.features import FeatureSpec
+    from model.train import train_fold
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    dataset = IsicDataset.open(data_dir, limit=cfg.limit)
+    y = dataset.targets()
+    teacher = teacher_scores(Path(teacher_dir), dataset, work)
+    split = split_rows(y, dataset.groups(), cfg)
+    if not np.array_equal(split, teacher["split"]):
+        raise ModelError(
+            "the student's split (seed, folds, calibration fraction) differs from the teacher's: "
+            "the calibration patients would not stay out of both"
+        )
+    from model.bundle import read_manifest
+
+    manifest = read_manifest(teacher_dir, verify=False)
+    cfg.teacher = {"version": manifest["version"], "weights_sha256": manifest["weights_sha256"]}
+    (work / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    np.save(work / "split.npy", split)
+    spec_path = work / "feature_spec.json"
+    spec = FeatureSpec.from_json(spec_path.read_text()) if spec_path.exists() else FeatureSpec.fit(dataset.metadata)
+    spec_path.write_text(spec.to_json())
+    targets = blend(y, teacher["soft"], cfg.alpha)
+    todo = [k for k in (folds or []) if not (work / f"fold{k}" / "oof.npz").exists()]
+    want_final = final and not (work / FINAL / "cal.npz").exists()
+    if todo or want_final:
+        t0 = time.time()
+        x = {"image": dataset.load_images(cfg.image_size), "meta": spec.transform(dataset.metadata)}
+        log.info("decoded %d images at %d px in %.1f s", y.size, cfg.image_size, time.time() - t0)
+        cal_idx = np.flatnonzero(split < 0)
+        for k in todo:
+            train_idx, val_idx = np.flatnonzero((split != k) & (split >= 0)), np.flatnonzero(split == k)
+            model = train_fold(k, cfg, work, spec, x, y, train_idx, val_idx, targets=targets)
+            mean, spread, plain = tta_predict(model, x["image"][val_idx], x["meta"][val_idx], tta=cfg.tta)
+            cal = tta_predict(model, x["image"][cal_idx], x["meta"][cal_idx], tta=cfg.tta)
+            np.savez(
+                work / f"fold{k}" / "oof.npz", mean=mean, spread=spread, plain=plain, index=val_idx,
+                cal_mean=cal[0], cal_spread=cal[1], cal_plain=cal[2], cal_index=cal_idx,
+            )  # fmt: skip
+            del model
+        if want_final:
+            train_idx = np.flatnonzero(split >= 0)
+            model = train_fold(-1, cfg, work, spec, x, y, train_idx, np.zeros(0, int), targets=targets, folder=FINAL)
+            cal = tta_predict(model, x["image"][cal_idx], x["meta"][cal_idx], tta=cfg.tta)
+            np.savez(work / FINAL / "cal.npz", mean=cal[0], spread=cal[1], plain=cal[2], index=cal_idx)
+            del model
+    return report(work, dataset, split, teacher["soft"])
+
+
+def report(work: Path, dataset: IsicDataset, split: np.ndarray, soft: np.ndarray) -> dict:
+    """Each finished student on its validation fold and on the calibration set, beside the
+    teacher's out-of-fold scores of the same rows (``work/distill_report.json``)."""
+    from model.train import _read_history
+
+    y = dataset.targets()
+    cal = np.flatnonzero(split < 0)
+    out: dict = {"students": [], "teacher_oof_auc": metrics.auc(y[split >= 0], soft[split >= 0])}
+    for k in sorted(int(p.name[4:]) for p in work.glob("fold*") if p.name[4:].isdigit()):
+        path = work / f"fold{k}" / "oof.npz"
+        if not path.is_file():
+            continue
+        saved = np.load(path)
+        idx = saved["index"]
+        history = _read_history(work / f"fold{k}" / "history.csv")
+        out["students"].append({
+            "student": f"fold{k}",
+            "validation_auc": metrics.auc(y[idx], saved["mean"]),
+            "validation_pauc80": metrics.pauc_above_tpr(y[idx], saved["mean"]),
+            "teacher_validation_auc": metrics.auc(y[idx], soft[idx]),
+            "calibration_set_auc": metrics.auc(y[cal], saved["cal_mean"]),
+            "calibration_set_pauc80": metrics.pauc_above_tpr(y[cal], saved["cal_mean"]),
+            "epochs_run": len(history),
+            "validation_auc_by_epoch": [round(h["val_auc"], 4) for h in history],
+        })  # fmt: skip
+    if (work / FINAL / "cal.npz").is_file():
+        saved = np.load(work / FINAL / "cal.npz")
+        out["students"].append({
+            "student": FINAL,
+            "calibration_set_auc": metrics.auc(y[cal], saved["mean"]),
+            "calibration_set_pauc80": metrics.pauc_above_tpr(y[cal], saved["mean"]),
+        })  # fmt: skip
+    for row in out["students"]:
+        log.info("student %s: %s", row["student"], {k: v for k, v in row.items() if k != "student"})
+    (work / "distill_report.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+# Stronger colour and scale augmentation for a student (the issue's "try" list): zoom ±20 %,
+# brightness/contrast/saturation ±20 %; rotation, flips and cutout as standard.
+STRONG_AUGMENTATION = {"zoom": 0.2, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2}
+
+
+def tta_choice(y: np.ndarray, with_flips: np.ndarray, plain: np.ndarray, gain: float = 0.002) -> tuple[bool, dict]:
+    """Keep the four flips only when they buy at least ``gain`` of AUC on the calibration set:
+    they cost four forward passes instead of one."""
+    auc_flips, auc_plain = metrics.auc(y, with_flips), metrics.auc(y, plain)
+    keep = auc_flips - auc_plain >= gain
+    return keep, {"auc_with_flips": auc_flips, "auc_plain": auc_plain, "required_gain": gain, "kept": keep}
+
+
+def assemble(data_dir, out_dir, work_dir, version: str | None = None, teacher_dir=None) -> dict:
+    """The student bundle: the final student's network; on the held-out calibration set its
+    calibration map, the flips if they earn their cost, the referral threshold at the level that
+    resampling shows lands on target for new patients (:mod:`model.threshold`), and the gate fitted
+    on the student's own features."""
+    import datetime as dt
+
+    import keras
+
+    from model import threshold as rules
+    from model.features import FeatureSpec
+    from model.train import calibrate, data_fingerprint, roc_table, save_bundle, score_histogram
+
+    work = Path(work_dir)
+    cfg = DistillConfig.read(work / "config.json")
+    if not (work / FINAL / "cal.npz").is_file():
+        raise ModelError(f"{work}: the final student has not finished (no {FINAL}/cal.npz)")
+    dataset = IsicDataset.open(data_dir, limit=cfg.limit)
+    y, groups = dataset.targets(), dataset.groups()
+    split = np.load(work / "split.npy")
+    teacher = np.load(work / TEACHER_FILE)
+    cal_idx = np.flatnonzero(split < 0)
+    saved = np.load(work / FINAL / "cal.npz")
+    keep_flips, tta_report = tta_choice(y[cal_idx], saved["mean"], saved["plain"])
+    cfg.tta = keep_flips
+    scores = saved["mean"] if keep_flips else saved["plain"]
+    # the rule: resample the teacher's out-of-fold scores of the development patients
+    dev = (split >= 0) & (y == 1) & ~np.isnan(teacher["soft"])
+    outcomes = rules.simulate(
+        teacher["soft"][dev], groups[dev], int(y[cal_idx].sum()), np.arange(0.930, 0.9751, 0.0025), seed=cfg.seed
+    )
+    chosen = rules.choose_level(outcomes, (0.95, 0.965))
+    rule = (
+        f"the calibrated score that refers {chosen.level:.4f} of the held-out calibration set's malignant lesions: "
+        f"the level at which {len(chosen.draws)} patient-grouped resamples of the development data (calibration-sized "
+        f"draws, scored out of fold) give an expected sensitivity of {chosen.mean:.3f} on the other patients "
+        f"(5th–95th percentile {chosen.low:.3f}–{chosen.high:.3f}); target band 0.95–0.965"
+    )
+    cal = calibrate(work, y, split, [scores], cfg, level_rule=(chosen.level, rule))
+    model = keras.saving.load_model(work / FINAL / "last.keras", compile=False)
+    spec = FeatureSpec.from_json((work / "feature_spec.json").read_text())
+    version = version or f"dermascan-student{cfg.image_size}px-{dt.datetime.now(dt.UTC):%Y%m%d%H%M}"
+    teacher_cal = {}
+    if teacher_dir is not None:
+        from model.bundle import read_manifest
+
+        teacher_cal = read_manifest(teacher_dir, verify=False).get("metrics", {}).get("calibration_set", {})
+    metrics_block = {
+        "data": {
+            **data_fingerprint(data_dir),
+            "description": "one network distilled from the teacher's out-of-fold scores on every development row; "
+            "the calibration set held out of teacher and student",
+        },
+        "calibration_set": cal["metrics"],
+        "teacher_on_calibration_set": {
+            k: teacher_cal.get(k) for k in ("auc", "auc_ci95", "pauc80", "pauc80_ci95", "ece")
+        },
+        "threshold_rule": rule,
+        "threshold_simulation": [o.as_dict() for o in outcomes],
+        "cohort_spread": rules.cohort_spread(chosen),
+        "tta": tta_report,
+        "roc_table": roc_table(cal["y"], cal["calibrated"]),
+        "score_histogram": score_histogram(cal["calibrated"]),
+        "students": report(work, dataset, split, teacher["soft"])["students"],
+    }
+    extra = {"inference": {"tta": keep_flips}, "calibration": cal["manifest"]}
+    training = {"members": ["student"], "teacher": cfg.teacher, "distilled": True}
+    manifest = save_bundle(model, spec, out_dir, data_dir, dataset, split, cfg, version, cal["threshold"], metrics_block, training, extra)  # fmt: skip
+    import shutil
+
+    for picture in ("roc.png", "reliability.png"):
+        if (work / picture).exists():
+            shutil.copy(work / picture, Path(out_dir) / picture)
+    return manifest
