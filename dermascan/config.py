@@ -59,7 +59,16 @@ class Settings:
     # the sweeper: studies queued (or processing) longer than these are sent again
     sweep_queued_after_s: int = 120
     sweep_processing_after_s: int = 1800
-    sweep_interval_s: int = 60
+    sweep_interval_s: int = 30
+    # a queued study sent longer ago than this whose message the broker no longer holds (lost
+    # with a broker that restarted) is sent again
+    sweep_lost_after_s: int = 30
+    # a worker holds the studies it scores under a lease of this many seconds, renewed by its
+    # heartbeat every third of it; an expired lease is taken over at the next sweep
+    lease_s: int = 60
+    # every worker runs the sweep on this schedule (one at a time across the deployment); 0: only
+    # `dermascan sweep` or the beat service sweep
+    worker_sweeps: bool = True
     # Redis: an unacknowledged message is redelivered after this; must exceed the longest batch
     visibility_timeout_s: int = 3600
     # batching

@@ -82,7 +82,14 @@ def test_sweep_command_resends_unsent_studies(make_settings, pg_url, private_red
     private_redis.start()
     time.sleep(5.5)  # older than the unsent grace period
     outcome = sweep(settings)
-    assert outcome == {"found": 2, "stuck_processing": 0, "sent": 2, "stale_claims": 0, "purged": 0}
+    assert outcome == {
+        "found": 2,
+        "stuck_processing": 0,
+        "sent": 2,
+        "stale_claims": 0,
+        "purged": 0,
+        "broker_read": True,
+    }
     import redis
 
     assert redis.Redis.from_url(private_redis.url).llen("bulk") == 1  # one chunk message
@@ -92,8 +99,8 @@ def test_worker_killed_mid_batch_loses_and_duplicates_nothing(make_settings, pg_
     settings = make_settings(
         database_url=pg_url,
         broker_url=redis_url,
-        visibility_timeout_s=8,
-        sweep_processing_after_s=6,
+        visibility_timeout_s=3600,  # the killed worker's message is not redelivered: the lease recovers it
+        lease_s=6,
         sweep_interval_s=1,
     )
     n = 160
@@ -108,7 +115,7 @@ def test_worker_killed_mid_batch_loses_and_duplicates_nothing(make_settings, pg_
     first.kill()  # SIGKILL to the worker's whole process group
     counts = status_counts(settings)
     assert counts.get("done", 0) < n
-    start_worker(settings, beat=True)
+    start_worker(settings)  # no beat: the worker's own sweeper takes the dead worker's studies over
     wait_for(lambda: all_done(settings, n, result.batch_id), 240, message="all studies scored after the restart")
     with session_factory(settings.database_url)() as session:
         per_study = dict(session.execute(select(Prediction.study_id, func.count()).group_by(Prediction.study_id)).all())
@@ -169,3 +176,27 @@ def test_rejected_input_is_reported_and_others_accepted(pg_settings, ham_dir):
     assert "not an image" in reasons["gif"]
     assert "outside 0–120" in reasons["old"]
     assert "not one of male, female" in reasons["sexless"]
+
+
+def test_messages_lost_with_the_broker_are_found_and_sent_again(
+    make_settings, pg_url, private_redis, start_worker, ham_dir
+):
+    """A Redis without persistence restarts: the queued studies' messages are gone. The sweeper
+    compares what is queued in the database with what the broker holds and sends the missing ones
+    again — none of those still in the broker (a backlog is not flooded with duplicates)."""
+    from dermascan.infra import broker
+
+    private_redis.start()
+    settings = make_settings(database_url=pg_url, broker_url=private_redis.url, sweep_lost_after_s=0)
+    first = submit(settings, program_id(settings), ham_inputs(ham_dir, 24), source="test")
+    assert broker.held_study_ids(settings) == set(first.new_study_ids)
+    assert sweep(settings)["sent"] == 0  # every queued study's message is in the broker
+    private_redis.stop()
+    private_redis.start()  # empty: the messages went with it
+    assert broker.held_study_ids(settings) == set()
+    assert sweep(settings)["sent"] == 24
+    assert broker.held_study_ids(settings) == set(first.new_study_ids)
+    start_worker(settings.replace(worker_sweeps=False))
+    wait_for(lambda: all_done(settings, 24, first.batch_id), 120, message="the re-sent studies scored")
+    with session_factory(settings.database_url)() as session:
+        assert session.scalar(select(func.count()).select_from(Prediction)) == 24

@@ -46,3 +46,41 @@ def test_queue_order_and_routes(embedded_settings):
         broker.TASK_SCORE: "bulk", broker.TASK_HEATMAPS: "maintenance",
         broker.TASK_SWEEP: "maintenance", broker.TASK_CALLBACK: "callbacks",
     }  # fmt: skip
+
+
+def test_a_lease_is_taken_renewed_expired_and_checked_when_results_are_written(embedded_settings, ham_dir):
+    """Worker A claims under a lease; B cannot take the studies while it lives; once it runs out
+    B takes them over; A, waking up, writes nothing (its results would be a second opinion over
+    B's); B's results go in and the studies are done with no lease left."""
+    import datetime as dt
+
+    from dermascan.infra.schema import utcnow
+
+    with session_factory(embedded_settings.database_url)() as session, session.begin():
+        program_id = get_or_create_program(session, "lease").id
+        session.add(ModelBundle(version="unit", sha256="0" * 64, path="-", manifest={}, threshold=0.5))
+    ids = store(embedded_settings, program_id, ham_inputs(ham_dir, 3)).new_study_ids
+    factory = session_factory(embedded_settings.database_url)
+    with factory() as session, session.begin():
+        assert [s.id for s in results.claim(session, ids, "worker-a", 60)] == ids
+    with factory() as session, session.begin():
+        assert results.claim(session, ids, "worker-b", 60) == []  # A's lease is alive
+        assert [s.id for s in results.claim(session, ids, "worker-a", 60)] == ids  # A's retry keeps them
+        assert results.renew_leases(session, "worker-a", 60) == 3
+    with factory() as session, session.begin():  # A stalls: its lease runs out
+        session.query(Study).update({Study.lease_until: utcnow() - dt.timedelta(seconds=1)})
+    with factory() as session, session.begin():
+        assert [s.id for s in results.claim(session, ids, "worker-b", 60)] == ids
+    scored = [results.ScoredStudy(i, 0.9) for i in ids]
+    with factory() as session, session.begin():
+        late = results.record(session, "unit", 0.5, scored, owner="worker-a")
+    assert late["lost_lease"] == ids and late["scored"] == 0
+    with factory() as session:
+        assert session.query(Prediction).count() == 0
+    with factory() as session, session.begin():
+        written = results.record(session, "unit", 0.5, scored, owner="worker-b")
+    assert written["scored_ids"] == ids and written["lost_lease"] == []
+    with factory() as session:
+        rows = list(session.scalars(select(Study)))
+        assert {s.status for s in rows} == {StudyStatus.DONE} and {s.lease_owner for s in rows} == {None}
+        assert session.query(Prediction).count() == 3

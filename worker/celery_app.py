@@ -7,9 +7,10 @@ fork-safe), or eagerly by ``worker_process_init`` when warm-up is on.
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 
 from dermascan.config import MissingExtra, Settings, check_backend
 from dermascan.infra.broker import make_celery
@@ -39,6 +40,24 @@ def _serve_metrics(**_):
         metrics.serve(app, settings.metrics_port)
 
 
+_sweeping = threading.Event()
+
+
+@worker_ready.connect
+def _start_sweeping(**_):
+    """Every worker sweeps on a schedule (one sweep at a time across the deployment): recovery
+    from lost messages and dead workers needs no beat service."""
+    if settings.worker_sweeps:
+        from dermascan.upkeep.sweeper import run_forever
+
+        threading.Thread(target=run_forever, args=(settings, _sweeping), name="sweeper", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_sweeping(**_):
+    _sweeping.set()
+
+
 @worker_process_init.connect
 def _load_model(**_):
     """Load the bundle and run every fixed batch shape once, before the child takes work (not in
@@ -49,5 +68,6 @@ def _load_model(**_):
     served = set(os.environ.get("DERMASCAN_WORKER_QUEUES", ",".join(broker.QUEUES)).split(","))
     if not served & set(broker.SCORING_QUEUES):
         return
+    scoring.Heartbeat(settings).start()  # renews the leases of the studies this process scores
     scoring.configure_backend(settings)
     scoring.warm_up(settings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,43 @@ from dermascan.screening import results
 log = logging.getLogger(__name__)
 
 _process_state: dict = {}
+
+
+def lease_owner() -> str:
+    """This worker process's name on the leases it holds: host, pid and a random part (a pid is
+    reused after a restart; the lease of the process before must not look like ours)."""
+    current = _process_state.get("owner")
+    if current is None or current[0] != os.getpid():
+        import secrets
+        import socket
+
+        name = f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(4)}"
+        current = _process_state["owner"] = (os.getpid(), name)
+    return current[1]
+
+
+class Heartbeat:
+    """Renews this process's leases every third of the lease, from a thread of its own — the
+    process's pulse, not the task's: a task busy in a long forward pass keeps its studies, a
+    process that is gone (killed, frozen) loses them within one lease."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="lease-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        factory = session_factory(self.settings.database_url)
+        while not self.stop.wait(max(1.0, self.settings.lease_s / 3)):
+            try:
+                with factory() as session, session.begin():
+                    results.renew_leases(session, lease_owner(), self.settings.lease_s)
+            except Exception as exc:  # the database is restarting: the next beat tries again
+                log.warning("lease heartbeat failed: %s", exc)
 
 
 class TransientError(Exception):
@@ -255,12 +293,13 @@ class ScoreStudies:
         self.interactive = interactive
         self.factory = session_factory(settings.database_url)
         self.blobs = blob_store(settings)
+        self.owner = lease_owner()
 
     def _claim(self) -> list[_Item]:
         items: list[_Item] = []
         try:
             with self.factory() as session, session.begin():
-                for s in results.claim(session, self.study_ids):
+                for s in results.claim(session, self.study_ids, self.owner, self.settings.lease_s):
                     items.append(_item(s))
             if self.interactive:
                 items += self._gather(items)
@@ -276,7 +315,13 @@ class ScoreStudies:
         seen = [i.study_id for i in items]
         while len(items) + len(extra) < self.settings.batch_max_size:
             with self.factory() as session, session.begin():
-                ids = results.gather_interactive(session, seen, self.settings.batch_max_size - len(items) - len(extra))
+                ids = results.gather_interactive(
+                    session,
+                    seen,
+                    self.settings.batch_max_size - len(items) - len(extra),
+                    self.owner,
+                    self.settings.lease_s,
+                )
                 if ids:
                     for s in session.scalars(select(Study).where(Study.id.in_(ids))):
                         extra.append(_item(s))
@@ -292,7 +337,9 @@ class ScoreStudies:
         so a person waits for at most one piece of bulk work, however large the chunk."""
         try:
             with self.factory() as session, session.begin():
-                ids = results.gather_interactive(session, [], self.settings.batch_max_size)
+                ids = results.gather_interactive(
+                    session, [], self.settings.batch_max_size, self.owner, self.settings.lease_s
+                )
         except OperationalError:
             return []
         if not ids:
@@ -388,16 +435,22 @@ class ScoreStudies:
         try:
             with self.factory() as session, session.begin():
                 threshold = session.get(ModelBundle, pred.version).threshold
-                written = results.record(session, pred.version, threshold, work.scored, work.failed)
+                written = results.record(session, pred.version, threshold, work.scored, work.failed, self.owner)
                 for version, theirs in work.shadow.items():
                     results.record_shadow(session, version, session.get(ModelBundle, version).threshold, theirs)
                 outcome.finished_batches = results.finished_batches(session, [i.batch_id for i in items])
         except OperationalError as exc:
             raise TransientError(str(exc)) from exc
         work.timing["write"] = time.perf_counter() - t0
-        outcome.scored, outcome.failed = len(work.scored), len(work.failed)
+        if written["lost_lease"]:
+            log.warning(
+                "%d studies were taken over by another worker while this one scored them (its lease ran out): "
+                "their results are that worker's, nothing written here", len(written["lost_lease"]),
+            )  # fmt: skip
+        outcome.scored = len(written["scored_ids"])
+        outcome.failed = written["failed"]
         outcome.referred_ids = written["high_risk"]
-        outcome.scored_ids = [s.study_id for s in work.scored]
+        outcome.scored_ids = written["scored_ids"]
         outcome.not_assessable = len(written["not_assessable"])
         outcome.timings = {k: round(v, 4) for k, v in work.timing.items()}
         outcome.timings["batch_size"] = len(items)

@@ -78,10 +78,10 @@ def deliver_dicom(study_id: int, destination_id: int, attempt: int = 0) -> str:
 
 
 @shared_task(name=broker.TASK_SWEEP)
-def sweep() -> dict:
-    from dermascan.upkeep.sweeper import sweep as run_sweep
+def sweep() -> dict | None:
+    from dermascan.upkeep.sweeper import guarded_sweep
 
-    return run_sweep(_settings())
+    return guarded_sweep(_settings())
 
 
 @shared_task(name=broker.TASK_CALLBACK, acks_late=True)

@@ -99,10 +99,12 @@ def purge(ctx, days):
 @main.command()
 @click.pass_context
 def sweep(ctx):
-    """Re-send studies left queued (or stuck processing) too long."""
-    from dermascan.upkeep.sweeper import sweep as run_sweep
+    """Re-send studies whose message was lost or whose worker's lease ran out (workers do this on
+    their own every DERMASCAN_SWEEP_INTERVAL_S; this is the same sweep, once, now)."""
+    from dermascan.upkeep.sweeper import guarded_sweep
 
-    click.echo(json.dumps(run_sweep(_settings(ctx))))
+    result = guarded_sweep(_settings(ctx))
+    click.echo(json.dumps(result if result is not None else {"skipped": "another sweep is running"}))
 
 
 @main.command("dicom-scp")

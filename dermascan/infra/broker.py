@@ -12,6 +12,8 @@ never holds a scoring worker; docker-compose serves it by a worker of its own).
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -144,3 +146,55 @@ def send(settings: Settings, task: str, args: list, queue: str = MAINTENANCE, co
     except Exception as exc:
         log.warning("could not send %s: %s", task, exc)
         return False
+
+
+# -- what the broker holds ---------------------------------------------------------------------------
+def _score_ids(message: dict) -> list[int]:
+    """The study ids of a score message (Celery's protocol 2, JSON body), else []."""
+    if (message.get("headers") or {}).get("task") != TASK_SCORE:
+        return []
+    body = message.get("body") or ""
+    if (message.get("properties") or {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    args = json.loads(body)[0]
+    return [int(i) for i in args[0]] if args and isinstance(args[0], list) else []
+
+
+def held_study_ids(settings: Settings) -> set[int] | None:
+    """The ids of every study a score message in the broker names — waiting in a queue or
+    delivered to a worker and not yet acknowledged — or None when the broker cannot be read
+    (down, or a transport this does not know). The sweeper re-sends a queued study whose message
+    is in neither: a Redis without persistence that restarted lost it."""
+    try:
+        if settings.broker_url.startswith("filesystem"):
+            raw = [p.read_bytes() for p in (settings.queue_dir / "messages").glob("*") if p.is_file()]
+            messages = [json.loads(r) for r in raw]
+        elif settings.broker_url.startswith(("redis://", "rediss://")):
+            messages = _redis_messages(settings)
+        else:
+            return None
+        out: set[int] = set()
+        for message in messages:
+            out.update(_score_ids(message))
+        return out
+    except Exception as exc:  # noqa: BLE001 — any failure means "cannot tell"
+        log.info("the broker's messages cannot be read (%s): the sweeper goes by age alone", exc)
+        return None
+
+
+def _redis_messages(settings: Settings) -> list[dict]:
+    from kombu.transport.redis import PRIORITY_STEPS
+
+    app = celery_for(settings)
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        client, sep = channel.client, channel.sep
+        keys = [q for q in QUEUES] + [f"{q}{sep}{p}" for q in QUEUES for p in PRIORITY_STEPS if p]
+        pipe = client.pipeline()
+        for key in keys:
+            pipe.lrange(key, 0, -1)
+        pipe.hvals(channel.unacked_key)
+        *queued, unacked = pipe.execute()
+    out = [json.loads(item) for items in queued for item in items]
+    out += [json.loads(item)[0] for item in unacked]
+    return out

@@ -237,6 +237,7 @@ class Study(Base):
         UniqueConstraint("program_id", "idempotency_key", name="uq_studies_program_idempotency"),
         Index("ix_studies_status_enqueued", "status", "enqueued_at"),
         Index("ix_studies_batch_status", "batch_id", "status"),
+        Index("ix_studies_status_lease", "status", "lease_until"),
     )
     id: Mapped[intpk]
     program_id: Mapped[int] = mapped_column(ForeignKey("programs.id"))
@@ -264,6 +265,9 @@ class Study(Base):
     created_at: Mapped[timestamp]
     enqueued_at: Mapped[optional_timestamp]
     started_at: Mapped[optional_timestamp]
+    # the worker process scoring it and until when (renewed by its heartbeat; cleared when stored)
+    lease_owner: Mapped[str | None] = mapped_column(String(120))
+    lease_until: Mapped[optional_timestamp]
     finished_at: Mapped[optional_timestamp]
     # the image and heat map were deleted under the retention policy (results and decisions stay)
     image_purged_at: Mapped[optional_timestamp]

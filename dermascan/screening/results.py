@@ -1,13 +1,16 @@
-"""Writing screening results: claiming studies for scoring, then predictions, statuses and
-referrals in one transaction — idempotently, so a redelivered message or a second worker never
-writes a second prediction for the same study and bundle version."""
+"""Writing screening results: claiming studies for scoring under a lease, then predictions,
+statuses and referrals in one transaction — idempotently, so a redelivered message or a second
+worker never writes a second prediction for the same study and bundle version, and only for the
+studies the writing worker still holds (a worker that stalled past its lease writes nothing over
+the one that took over)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dermascan.infra.db import insert_ignoring_conflicts
@@ -26,26 +29,53 @@ class ScoredStudy:
     stats: dict | None = None  # image statistics for monitoring (brightness, contrast, sharpness, size)
 
 
-def claim(session: Session, study_ids: Sequence[int]) -> list[Study]:
-    """The studies of a message that still need scoring (queued, or processing by a worker that
-    died), marked processing. Done and failed studies are skipped: a redelivery does no harm."""
+def claim(session: Session, study_ids: Sequence[int], owner: str = "", lease_s: float = 60.0) -> list[Study]:
+    """The studies of a message that still need scoring, taken under a lease held by ``owner``
+    until now + ``lease_s``: queued ones, ones this owner already holds (a retried task), and
+    processing ones whose lease ran out (their worker died or stalled). A study another worker
+    holds under a live lease, and done or failed ones, are skipped: a redelivery does no harm."""
+    now = utcnow()
     rows = list(
         session.scalars(
             select(Study)
-            .where(Study.id.in_(list(study_ids)), Study.status.in_([StudyStatus.QUEUED, StudyStatus.PROCESSING]))
+            .where(
+                Study.id.in_(list(study_ids)),
+                or_(
+                    Study.status == StudyStatus.QUEUED,
+                    and_(
+                        Study.status == StudyStatus.PROCESSING,
+                        or_(Study.lease_until.is_(None), Study.lease_until < now, Study.lease_owner == owner),
+                    ),
+                ),
+            )
             .order_by(Study.id)
+            .with_for_update(skip_locked=True)
         )
     )
     if rows:
         session.execute(
             update(Study)
             .where(Study.id.in_([s.id for s in rows]))
-            .values(status=StudyStatus.PROCESSING, started_at=utcnow(), attempts=Study.attempts + 1)
-        )
+            .values(
+                status=StudyStatus.PROCESSING, started_at=now, attempts=Study.attempts + 1,
+                lease_owner=owner or None, lease_until=now + dt.timedelta(seconds=lease_s),
+            )
+        )  # fmt: skip
     return rows
 
 
-def gather_interactive(session: Session, exclude: Sequence[int], limit: int) -> list[int]:
+def renew_leases(session: Session, owner: str, lease_s: float) -> int:
+    """The heartbeat: extend every lease ``owner`` holds on studies it is scoring."""
+    return session.execute(
+        update(Study)
+        .where(Study.lease_owner == owner, Study.status == StudyStatus.PROCESSING)
+        .values(lease_until=utcnow() + dt.timedelta(seconds=lease_s))
+    ).rowcount
+
+
+def gather_interactive(
+    session: Session, exclude: Sequence[int], limit: int, owner: str = "", lease_s: float = 60.0
+) -> list[int]:
     """Claim up to ``limit`` more queued interactive studies for a dynamic batch (each still has
     its own message; when that arrives, the study is done and the message is a no-op)."""
     if limit <= 0:
@@ -61,12 +91,30 @@ def gather_interactive(session: Session, exclude: Sequence[int], limit: int) -> 
     )
     ids = list(session.scalars(query))
     if ids:
+        now = utcnow()
         session.execute(
             update(Study)
             .where(Study.id.in_(ids), Study.status == StudyStatus.QUEUED)
-            .values(status=StudyStatus.PROCESSING, started_at=utcnow(), attempts=Study.attempts + 1)
-        )
+            .values(
+                status=StudyStatus.PROCESSING, started_at=now, attempts=Study.attempts + 1,
+                lease_owner=owner or None, lease_until=now + dt.timedelta(seconds=lease_s),
+            )
+        )  # fmt: skip
     return ids
+
+
+def still_held(session: Session, owner: str, study_ids: Sequence[int]) -> set[int]:
+    """Of ``study_ids``, those ``owner`` still holds (locked until the caller commits): a worker
+    that lost its lease — it stalled and another took the study over — writes nothing for them."""
+    if not study_ids:
+        return set()
+    return set(
+        session.scalars(
+            select(Study.id)
+            .where(Study.id.in_(list(study_ids)), Study.lease_owner == owner, Study.status == StudyStatus.PROCESSING)
+            .with_for_update()
+        )
+    )
 
 
 def record(
@@ -75,12 +123,19 @@ def record(
     threshold: float,
     scored: Sequence[ScoredStudy],
     failed: Sequence[tuple[int, str]] = (),
+    owner: str | None = None,
 ) -> dict:
     """Write one batch's results in the caller's transaction: predictions (one multi-row insert,
     duplicates ignored), statuses, and the referrals the referral policy decides (high risk at or
     above ``threshold``; every not-assessable image, to be checked by a person). The returned
     ``high_risk`` lists the study ids referred for their probability (they get heat maps)."""
     now = utcnow()
+    lost: list[int] = []
+    if owner is not None:  # results are written only for the studies this worker still holds
+        held = still_held(session, owner, [s.study_id for s in scored] + [f[0] for f in failed])
+        lost = sorted(({s.study_id for s in scored} | {f[0] for f in failed}) - held)
+        scored = [s for s in scored if s.study_id in held]
+        failed = [f for f in failed if f[0] in held]
     _insert_predictions(session, bundle_version, threshold, scored, now)
     _set_statuses(session, [s.study_id for s in scored], failed, now)
     decided = [(s, referral_policy.decide(s.probability, threshold, s.assessable)) for s in scored]
@@ -92,6 +147,8 @@ def record(
         "referred": len(referred),
         "high_risk": [s.study_id for s, r in referred if r.category == referral_policy.HIGH_RISK],
         "not_assessable": [s.study_id for s, r in referred if r.category == referral_policy.NOT_ASSESSABLE],
+        "lost_lease": lost,
+        "scored_ids": [s.study_id for s in scored],
     }
 
 
@@ -127,13 +184,15 @@ def _insert_predictions(
 def _set_statuses(session: Session, done_ids: list[int], failed: Sequence[tuple[int, str]], now) -> None:
     if done_ids:
         session.execute(
-            update(Study).where(Study.id.in_(done_ids)).values(status=StudyStatus.DONE, finished_at=now, error=None)
+            update(Study)
+            .where(Study.id.in_(done_ids))
+            .values(status=StudyStatus.DONE, finished_at=now, error=None, lease_owner=None, lease_until=None)
         )
     for study_id, reason in failed:
         session.execute(
             update(Study)
             .where(Study.id == study_id, Study.status != StudyStatus.DONE)
-            .values(status=StudyStatus.FAILED, finished_at=now, error=reason[:2000])
+            .values(status=StudyStatus.FAILED, finished_at=now, error=reason[:2000], lease_owner=None, lease_until=None)
         )
 
 
