@@ -160,3 +160,41 @@ def dicom_scp(ctx, ae_title, host, port, program, allowed, allow_any, tls_cert, 
         pass
     finally:
         server.shutdown()
+
+
+@main.command()
+@click.option("--fix", is_flag=True, help="Remove the blobs no row refers to (older than the grace period).")
+@click.option("--quick", is_flag=True, help="Check that blobs exist, without reading them to compare their sha256.")
+@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=3600, show_default=True,
+              help="Seconds an unreferenced blob is left alone (an upload in flight).")  # fmt: skip
+@click.option("--stalled-after", "stalled_h", type=click.FloatRange(min=0), default=6.0, show_default=True,
+              help="Hours after which a study still queued or processing is listed.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
+@click.pass_context
+def check(ctx, fix, quick, grace_s, stalled_h, as_json):
+    """Check what is stored: every kept study's image, DICOM header and heat map in the blob store
+    with its sha256; blobs no row refers to; studies with no result far too long. Exit 1 when not clean."""
+    from dermascan.upkeep.check import check as run_check
+
+    settings = _settings(ctx)
+    _ensure_db(settings)
+    report = run_check(settings, fix=fix, verify=not quick, grace_s=grace_s, stalled_after_s=stalled_h * 3600)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        click.echo(f"{report.checked} blobs checked{' (existence only)' if quick else ' (sha256 read back)'}")
+        for study_id, what, digest in report.missing:
+            click.echo(f"MISSING  study {study_id}: its {what} {digest}")
+        for study_id, what, digest in report.corrupt:
+            click.echo(f"DAMAGED  study {study_id}: its {what} {digest} no longer matches its sha256")
+        for digest, age in report.orphans:
+            click.echo(f"ORPHAN   blob {digest} ({age / 3600:.1f} h old) no row refers to{' — removed' if fix else ''}")
+        for study_id, status, hours in report.stalled:
+            click.echo(f"STALLED  study {study_id} still {status} {hours} h after it was accepted")
+        if report.young_orphans:
+            click.echo(
+                f"{report.young_orphans} unreferenced blob(s) younger than {grace_s:.0f} s left alone (uploads in flight)"
+            )
+        click.echo("clean" if report.clean else ("fixed: " if fix else "") + "not clean")
+    if not report.clean and not (fix and not (report.missing or report.corrupt or report.stalled)):
+        ctx.exit(1)

@@ -120,6 +120,19 @@ class BlobStore:
             return False
         return True
 
+    def listing(self):
+        """Every blob in the store: (digest, seconds since it was last written)."""
+        import time
+
+        now = time.time()
+        for folder in sorted(self.root.glob("??")) if self.root.is_dir() else []:
+            for path in folder.iterdir():
+                if len(path.name) == 64 and not path.name.startswith("."):
+                    try:
+                        yield path.name, now - path.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+
 
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -225,6 +238,23 @@ class S3BlobStore:
         exists = self.exists(digest)
         self._call("delete_object", Key=self.key(digest))
         return exists
+
+    def listing(self):
+        """Every blob under the prefix: (digest, seconds since it was last written)."""
+        import datetime as dt
+
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        token = None
+        while True:
+            page = self._call("list_objects_v2", Prefix=prefix, **({"ContinuationToken": token} if token else {}))
+            now = dt.datetime.now(dt.UTC)
+            for item in page.get("Contents", []):
+                name = item["Key"].rsplit("/", 1)[-1]
+                if len(name) == 64:
+                    yield name, (now - item["LastModified"]).total_seconds()
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
 
 
 _stores: dict = {}
