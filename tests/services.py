@@ -151,6 +151,60 @@ def make_tiny_bundle(ham: Path, out: Path, n: int = 64, image_size: int = 32, ve
     return out
 
 
+class PrivatePostgres:
+    """A PostgreSQL server of our own (initdb in a scratch folder, a free port, trust auth on
+    127.0.0.1), for tests that restart the database. Debian's binaries; as root it runs as the
+    ``postgres`` user, as PostgreSQL insists."""
+
+    def __init__(self, workdir: Path):
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+        if not bins:
+            raise RuntimeError("PostgreSQL's server binaries are not installed (Debian package postgresql)")
+        import tempfile
+
+        self.bin, self.port = bins[-1], free_port()
+        # a folder of its own under /tmp: the postgres user cannot enter pytest's root-only folders
+        self.root = Path(tempfile.mkdtemp(prefix="dermascan-pg-"))
+        self.data, self.socket_dir = self.root / "data", self.root / "sock"
+        self.socket_dir.mkdir()
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+            shutil.chown(self.socket_dir, "postgres")
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+        self.start()
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "dermascan")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/dermascan"
+
+    def _run(self, tool: str, *args: str) -> None:
+        cmd = [str(self.bin / tool), *args]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/tmp", text=True)
+        if done.returncode:
+            raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+
+    def _ctl(self, action: str, *args: str) -> None:
+        options = f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            "pg_ctl", action, "-D", str(self.data), "-w", "-t", "60", "-o", options, "-l", str(self.data / "log"), *args
+        )
+
+    def start(self) -> None:
+        self._ctl("start")
+
+    def restart(self) -> None:
+        """A fast restart: every connection is cut, as when the database server is restarted."""
+        self._ctl("restart", "-m", "fast")
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._ctl("stop", "-m", "fast")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 class Worker:
     """A real ``celery worker`` subprocess (started through ``dermascan worker``)."""
 

@@ -66,6 +66,7 @@ TABLE = {
     "api.create_batch": ("POST", "/api/v1/batches", TOKEN),
     "api.get_batch": ("GET", "/api/v1/batches/{batch}", TOKEN),
     "api.batch_results": ("GET", "/api/v1/batches/{batch}/results", TOKEN),
+    "api.export_batch": ("GET", "/api/v1/batches/{batch}/export", TOKEN),
     "api.get_study": ("GET", "/api/v1/studies/{study}", TOKEN),
     "api.study_fhir": ("GET", "/api/v1/studies/{study}/fhir", TOKEN),
     "api.record_outcome": ("PUT", "/api/v1/studies/{study}/outcome", TOKEN),

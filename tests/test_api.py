@@ -259,3 +259,28 @@ def test_openapi_document_is_served(pg_settings, live_server):
     server = live_server(pg_settings)
     doc = requests.get(f"{server.url}/api/v1/openapi.json", timeout=30).json()
     assert doc["openapi"].startswith("3.") and "/api/v1/batches" in doc["paths"]
+
+
+def test_a_whole_batch_exports_streamed_as_csv_json_and_fhir(pg_settings, app_factory, api_token, ham_dir):
+    """/export: every result of the batch in one download, written a page at a time (pages of two
+    here, so the stream crosses several), the same rows as the paged /results."""
+    import json
+
+    from dermascan.results_out import export
+
+    _, token = api_token()
+    client = app_factory(pg_settings).test_client()
+    records = json_records(ham_dir, 5)
+    batch = client.post("/api/v1/batches", headers=auth(token), json={"records": records}).json["batch_id"]
+    export.PAGE, page = 2, export.PAGE  # small pages: the stream crosses several
+    try:
+        csv_rows = read_csv_text(client.get(f"/api/v1/batches/{batch}/export?format=csv", headers=auth(token)).text)
+        body = json.loads(client.get(f"/api/v1/batches/{batch}/export?format=json", headers=auth(token)).data)
+        fhir = json.loads(client.get(f"/api/v1/batches/{batch}/export?format=fhir", headers=auth(token)).data)
+    finally:
+        export.PAGE = page
+    paged = client.get(f"/api/v1/batches/{batch}/results", headers=auth(token)).json["results"]
+    assert [int(r["study_id"]) for r in csv_rows] == [r["study_id"] for r in paged]
+    assert body["results"] == paged and body["batch"]["batch_id"] == batch
+    assert fhir["resourceType"] == "Bundle" and len(fhir["entry"]) == 5
+    assert client.get(f"/api/v1/batches/{batch}/export?format=xml", headers=auth(token)).status_code == 400

@@ -26,6 +26,7 @@ def test_api_conforms_to_its_openapi_document(pg_settings, app_factory):
         "POST /api/v1/batches",
         "GET /api/v1/batches/{batch_id}",
         "GET /api/v1/batches/{batch_id}/results",
+        "GET /api/v1/batches/{batch_id}/export",
         "GET /api/v1/studies/{study_id}",
         "GET /api/v1/studies/{study_id}/fhir",
         "PUT /api/v1/studies/{study_id}/outcome",

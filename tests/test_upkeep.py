@@ -39,7 +39,9 @@ def test_check_finds_missing_damaged_and_orphaned_blobs_and_stalled_studies(embe
     os.utime(blobs.path(old), (two_days_ago, two_days_ago))
     with session_factory(settings.database_url)() as session, session.begin():
         session.execute(
-            update(Study).where(Study.id == ids[3]).values(status=StudyStatus.QUEUED, created_at=utcnow() - dt.timedelta(days=1))
+            update(Study)
+            .where(Study.id == ids[3])
+            .values(status=StudyStatus.QUEUED, created_at=utcnow() - dt.timedelta(days=1))
         )
     report = check(settings)
     assert [(s, w) for s, w, _ in report.missing] == [(ids[0], "image")]

@@ -242,6 +242,23 @@ def batch_results(batch_id):
     return response
 
 
+@bp.get("/batches/<batch_id>/export")
+@token_required
+def export_batch(batch_id):
+    """The whole batch's results as one download (``format`` csv, json or fhir), streamed: memory
+    stays flat however large the batch (the paged ``/results`` is the alternative for clients
+    that prefer pages)."""
+    from web.portal import streamed_export
+
+    batch = db().get(Batch, batch_id)
+    if batch is None or batch.program_id != g.program_id:
+        return error(404, "no such batch")
+    fmt = request.args.get("format") or "json"
+    if fmt not in ("csv", "json", "fhir"):
+        return error(400, "format must be csv, json or fhir")
+    return streamed_export(batch, fmt)
+
+
 @bp.get("/studies/<int:study_id>")
 @token_required
 def get_study(study_id):

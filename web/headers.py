@@ -42,7 +42,7 @@ class Segment(UnicodeConverter):
 
 
 def _has_nul(values) -> bool:
-    return any("\x00" in key or any("\x00" in v for v in vals) for key, vals in values.lists())
+    return any("\x00" in str(key) or any("\x00" in str(v) for v in vals) for key, vals in values.lists())
 
 
 def init_app(app: Flask, settings: Settings) -> None:

@@ -216,7 +216,11 @@ def document() -> dict:
                     "operationId": "listBatches",
                     "summary": "The program's batches, newest first (filter by label and creation time; paginated)",
                     "parameters": [
-                        {"name": "label", "in": "query", "schema": {"type": "string", "maxLength": 200}},
+                        {
+                            "name": "label",
+                            "in": "query",
+                            "schema": {"type": "string", "maxLength": 200, "pattern": "^[^\\x00]*$"},
+                        },
                         {
                             "name": "created_after",
                             "in": "query",
@@ -324,6 +328,38 @@ def document() -> dict:
                             "content": {
                                 "application/json": {
                                     "schema": _page_of("results", RESULT, batch_id={"type": "string"})
+                                },
+                                "text/csv": {"schema": {"type": "string"}},
+                                "application/fhir+json": {"schema": FHIR_RESOURCE},
+                            },
+                        },
+                        **_errors(400, 401, 404),
+                    },
+                }
+            },
+            "/api/v1/batches/{batch_id}/export": {
+                "get": {
+                    "operationId": "exportBatch",
+                    "description": "The whole batch's results as one download, streamed (flat memory however large "
+                    "the batch).",
+                    "parameters": [
+                        batch_id,
+                        {
+                            "name": "format",
+                            "in": "query",
+                            "schema": {"type": "string", "enum": ["json", "csv", "fhir"]},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "Every result of the batch",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["batch", "results"],
+                                        "properties": {"batch": BATCH, "results": {"type": "array", "items": RESULT}},
+                                    }
                                 },
                                 "text/csv": {"schema": {"type": "string"}},
                                 "application/fhir+json": {"schema": FHIR_RESOURCE},

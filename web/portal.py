@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from flask import Blueprint, Response, abort, flash, jsonify, redirect, render_template, request, url_for
+from flask import Blueprint, Response, abort, current_app, flash, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileAllowed, FileField, FileRequired
@@ -22,6 +22,7 @@ from dermascan.ingest.numbers import NumberError
 from dermascan.ingest.records import SITES
 from dermascan.ingest.types import StudyInput
 from dermascan.intake import submission
+from dermascan.results_out import export
 from dermascan.screening import reports
 from dermascan.security import identity
 from web.errors import http_status
@@ -226,18 +227,24 @@ def batch_status(batch_id):
 @role_required(*VIEW_ROLES)
 def batch_results(batch_id, fmt):
     b = get_batch(batch_id)
-    rows = reports.result_rows(db(), b.id)
+    if fmt not in ("csv", "json", "fhir"):
+        abort(404)
     audit_event("export", object_type="batch", object_id=b.id, detail={"format": fmt})
     db().commit()
+    return streamed_export(b, fmt)
+
+
+def streamed_export(b, fmt: str) -> Response:
+    """The whole batch as one download, streamed a page of rows at a time (flat memory)."""
+    factory = current_app.extensions["dermascan_sessions"]
     if fmt == "csv":
-        return Response(
-            reports.to_csv(rows),
-            mimetype="text/csv",
-            headers={"Content-Disposition": f"attachment; filename=dermascan-{b.id}.csv"},
-        )
-    if fmt == "json":
-        return jsonify({"batch": reports.batch_summary(db(), b), "results": rows})
-    abort(404)
+        body, mimetype = export.stream_csv(factory, b.id), "text/csv"
+    elif fmt == "json":
+        body, mimetype = export.stream_json(factory, b.id, reports.batch_summary(db(), b)), "application/json"
+    else:
+        body, mimetype = export.stream_fhir(factory, b.id), "application/fhir+json"
+    name = f"dermascan-{b.id}.{'fhir.json' if fmt == 'fhir' else fmt}"
+    return Response(body, mimetype=mimetype, headers={"Content-Disposition": f"attachment; filename={name}"})
 
 
 MAX_SERVED_SIDE = 2048

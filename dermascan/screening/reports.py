@@ -94,8 +94,13 @@ def latest_predictions(session: Session, study_ids) -> dict[int, Prediction]:
     return out
 
 
-def result_rows(session: Session, batch_id: str, offset: int = 0, limit: int | None = None) -> list[dict]:
-    query = select(Study).where(Study.batch_id == batch_id).order_by(Study.id).offset(offset)
+def result_rows(
+    session: Session, batch_id: str, offset: int = 0, limit: int | None = None, after_id: int | None = None
+) -> list[dict]:
+    """A batch's result rows in study order: a page by offset, or (``after_id``, keyset) the
+    rows after a study — what a streamed export reads, a page at a time."""
+    query = select(Study).where(Study.batch_id == batch_id).order_by(Study.id)
+    query = query.where(Study.id > after_id) if after_id is not None else query.offset(offset)
     if limit is not None:
         query = query.limit(limit)
     studies = list(session.scalars(query))
