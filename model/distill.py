@@ -49,6 +49,10 @@ class DistillConfig(TrainConfig):
     lr_schedule: str = "cosine"
     ema_momentum: float | None = 0.99
     label_smoothing: float = 0.0  # the teacher's soft score already softens the target
+    # the student's gate: the feature distance and an explicit lesion check, 1 % of held-out
+    # lesions each (the quality checks flag a few more)
+    gate_false_flag_rate: float = 0.01
+    lesion_check_rate: float | None = 0.01
     teacher: dict = field(default_factory=dict)  # the teacher bundle's version and weights digest
 
     @classmethod

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import BundleError
-from model.ood import FeatureDistance
+from model.ood import FeatureDistance, LesionCheck
 from model.quality import QualityThresholds, measure
 
 GATE_FILE = "gate.npz"
+LESION_CHECK_FILE = "lesion_check.npz"
 NOT_A_LESION = "not a dermoscopic lesion image"
 
 
@@ -31,6 +32,7 @@ class Gate:
     report: dict | None = None  # how often it flagged held-out lesions and the negatives, when fitted
     # the ensemble members (by position) whose features the distance reads; None: all of them
     feature_members: list[int] | None = None
+    lesion_check: LesionCheck | None = None  # the explicit is-this-dermoscopy signal, when fitted
 
     def reasons(self, pixels: np.ndarray, sizes: np.ndarray | None, features: np.ndarray | None):
         """Per image: None (assessable) or the reason it is not; and the feature distances."""
@@ -39,6 +41,10 @@ class Gate:
         if self.features is not None and features is not None and len(pixels):
             distance = self.features.score(features)
             for i in np.flatnonzero(distance > self.features.threshold):
+                if found[i] is None:
+                    found[i] = NOT_A_LESION
+        if self.lesion_check is not None and features is not None and len(pixels):
+            for i in np.flatnonzero(self.lesion_check.score(features) < self.lesion_check.threshold):
                 if found[i] is None:
                     found[i] = NOT_A_LESION
         return found, distance
@@ -63,6 +69,14 @@ class Gate:
             }
             if self.feature_members is not None:
                 block["ood"]["members"] = list(self.feature_members)
+        if self.lesion_check is not None:
+            path = Path(directory) / LESION_CHECK_FILE
+            self.lesion_check.save(path)
+            block["lesion_check"] = {
+                "file": LESION_CHECK_FILE, "sha256": file_sha256(path), "threshold": self.lesion_check.threshold,
+                "method": "logistic regression of development lesions against photographs and other medical images, "
+                "on the PCA-reduced image features; flagged below the threshold",
+            }  # fmt: skip
         return block
 
     @classmethod
@@ -79,4 +93,12 @@ class Gate:
             gate.features = FeatureDistance.load(path)
             gate.false_flag_rate = ood.get("false_flag_rate")
             gate.feature_members = ood.get("members")
+        check = block.get("lesion_check")
+        if check:
+            from model.bundle import file_sha256
+
+            path = Path(directory) / check["file"]
+            if not path.is_file() or file_sha256(path) != check["sha256"]:
+                raise BundleError(f"{path}: missing, or its checksum does not match the manifest")
+            gate.lesion_check = LesionCheck.load(path)
         return gate

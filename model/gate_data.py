@@ -159,3 +159,183 @@ def negatives(lesions, seed: int = 0, n_synthetic: int = 140, n_charts: int = 24
         *degraded(lesions, seed),
     ]
     return [k for k, _ in pairs], [img for _, img in pairs]
+
+
+# -- photographs and other medical images (the kinds the feature distance alone let through) -----
+def _registry_photographs() -> list[tuple[str, np.ndarray]]:
+    """Photographs that packages from the registries ship: scikit-learn's two sample photographs
+    (a temple, a flower) and matplotlib's portrait. (scikit-image's samples are kept out: an
+    acceptance set uses them.)"""
+    from matplotlib import cbook
+    from sklearn.datasets import load_sample_images
+
+    out = [(f"sklearn-{i}", np.asarray(img, np.uint8)) for i, img in enumerate(load_sample_images().images)]
+    with cbook.get_sample_data("grace_hopper.jpg") as fh:
+        out.append(("grace_hopper", np.asarray(Image.open(fh).convert("RGB"))))
+    return out
+
+
+def _variants(name: str, img: np.ndarray, n: int, rng) -> Iterator[tuple[str, np.ndarray]]:
+    """Crops at several scales, turned, tinted and re-lit: one photograph, many framings."""
+    h, w = img.shape[:2]
+    for _ in range(n):
+        side = int(min(h, w) * rng.uniform(0.25, 0.95))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = img[y : y + side, x : x + int(side * rng.uniform(0.8, 1.3)) if x + side * 1.3 < w else x + side]
+        out = np.rot90(crop, int(rng.integers(0, 4))).astype(float)
+        out = out * rng.uniform(0.7, 1.2, 3) + rng.uniform(-25, 25)  # white balance, exposure
+        yield name, np.ascontiguousarray(out.clip(0, 255).astype(np.uint8))
+
+
+def photographs(per_picture: int = 40, seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
+    """Ordinary photographs: the registries' sample photographs, whole and in many framings."""
+    rng = _rng(seed + 7)
+    for name, img in _registry_photographs():
+        yield f"photo-{name}", img
+        yield from ((f"photo-{n}", v) for n, v in _variants(name, img, per_picture, rng))
+
+
+def scenes(n: int = 60, seed: int = 0, size: int = 256) -> Iterator[tuple[str, np.ndarray]]:
+    """Made-up photographs of things: a mug on a table, a vehicle on a road, a furry animal's coat,
+    a rocket against the sky — smooth shading, hard edges, specular highlights, fur and sky: what a
+    camera pointed at the world sees, and dermoscopy never does."""
+    rng = _rng(seed + 11)
+    kinds = ("mug", "vehicle", "fur", "rocket")
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        w, h = size, int(size * rng.uniform(0.7, 1.0))
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        if kind == "fur":
+            base = rng.uniform([120, 60, 20], [230, 170, 110])
+            strands = np.sin(xx * rng.uniform(60, 140) + np.cumsum(rng.normal(0, 0.4, (h, w)), axis=0) * 0.3)
+            shade = 0.75 + 0.25 * strands[..., None] + rng.normal(0, 0.06, (h, w, 1))
+            img = base * shade * (0.8 + 0.4 * yy[..., None])
+        else:
+            top = (
+                rng.uniform([60, 120, 180], [150, 200, 255])
+                if kind in ("rocket", "vehicle")
+                else rng.uniform(120, 230, 3)
+            )
+            bottom = rng.uniform(40, 160, 3)
+            img = top * (1 - yy[..., None]) + bottom * yy[..., None]
+            canvas = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+            draw = ImageDraw.Draw(canvas)
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            cx, cy = int(w * rng.uniform(0.35, 0.65)), int(h * rng.uniform(0.4, 0.6))
+            if kind == "mug":
+                bw, bh = int(w * 0.25), int(h * 0.35)
+                draw.rectangle([cx - bw, cy - bh, cx + bw, cy + bh], fill=colour)
+                draw.ellipse([cx + bw - 10, cy - bh // 2, cx + bw + 40, cy + bh // 2], outline=colour, width=12)
+                draw.ellipse([cx - bw, cy - bh - 12, cx + bw, cy - bh + 12], fill=(60, 35, 20))
+                draw.rectangle([cx - bw + 8, cy - bh + 10, cx - bw + 22, cy + bh - 10], fill=(250, 250, 250))
+            elif kind == "vehicle":
+                draw.rounded_rectangle([cx - 90, cy - 30, cx + 90, cy + 25], 18, fill=colour)
+                draw.rectangle([cx - 50, cy - 60, cx + 40, cy - 28], fill=tuple(int(c * 0.8) for c in colour))
+                for dx in (-55, 55):
+                    draw.ellipse([cx + dx - 22, cy + 5, cx + dx + 22, cy + 49], fill=(20, 20, 20))
+                draw.rectangle([0, cy + 40, w, h], fill=(70, 70, 75))
+            else:  # rocket
+                draw.polygon([(cx, cy - 100), (cx - 25, cy - 40), (cx + 25, cy - 40)], fill=colour)
+                draw.rectangle([cx - 25, cy - 40, cx + 25, cy + 70], fill=(235, 235, 240))
+                draw.polygon([(cx - 25, cy + 40), (cx - 55, cy + 90), (cx - 25, cy + 70)], fill=colour)
+                draw.polygon([(cx + 25, cy + 40), (cx + 55, cy + 90), (cx + 25, cy + 70)], fill=colour)
+                draw.ellipse([cx - 30, cy + 70, cx + 30, cy + 130], fill=(255, 170, 40))
+            img = np.asarray(canvas.filter(ImageFilter.GaussianBlur(0.8)), dtype=float)
+            img = img + rng.normal(0, 4, img.shape)
+        yield f"scene-{kind}", np.ascontiguousarray(np.asarray(img).clip(0, 255).astype(np.uint8))
+
+
+def fundus(n: int = 24, seed: int = 0, size: int = 256) -> Iterator[tuple[str, np.ndarray]]:
+    """Made-up retina fundus photographs: an orange-red disc on black, a bright optic disc, dark
+    branching vessels — the colour of skin, the look of nothing dermoscopic."""
+    rng = _rng(seed + 13)
+    for _ in range(n):
+        yy, xx = (np.mgrid[0:size, 0:size] - size / 2) / (size / 2)
+        r = np.hypot(yy, xx)
+        base = np.array(rng.uniform([170, 60, 20], [240, 120, 50]))
+        img = base * np.clip(1.15 - 0.5 * r**2, 0, 1)[..., None]
+        ox, oy = rng.uniform(-0.5, 0.5, 2)
+        disc = np.exp(-(((xx - ox) ** 2 + (yy - oy) ** 2) / 0.012))
+        img = img + disc[..., None] * np.array([60, 80, 50])
+        canvas = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(canvas)
+        cx, cy = (ox + 1) * size / 2, (oy + 1) * size / 2
+        for _ in range(int(rng.integers(6, 12))):
+            x, y, angle = cx, cy, rng.uniform(0, 2 * np.pi)
+            for _ in range(25):
+                nx, ny = x + 8 * np.cos(angle), y + 8 * np.sin(angle)
+                draw.line([x, y, nx, ny], fill=(110, 20, 15), width=int(rng.integers(2, 5)))
+                x, y, angle = nx, ny, angle + rng.normal(0, 0.25)
+        img = np.asarray(canvas, dtype=float)
+        img[r > 0.95] = 0
+        yield "medical-fundus", np.ascontiguousarray(img.clip(0, 255).astype(np.uint8))
+
+
+def dicom_samples(seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
+    """The medical images pydicom ships as test data (CT, MR, ultrasound, secondary captures):
+    grey ones as they are, and coloured by a colour map as a viewer would show them."""
+    import warnings
+
+    import matplotlib
+    import pydicom
+    from pydicom.data import get_testdata_files
+
+    rng = _rng(seed + 17)
+    cmaps = ("inferno", "hot", "viridis", "bone")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in sorted(get_testdata_files("*.dcm")):
+            try:
+                ds = pydicom.dcmread(path)
+                pixels = np.asarray(ds.pixel_array, dtype=float)
+            except Exception:  # noqa: BLE001 — a test file its decoders cannot read is skipped
+                continue
+            if pixels.ndim == 4 or pixels.ndim == 3 and pixels.shape[-1] != 3:
+                pixels = pixels[0]
+            if pixels.ndim < 2 or min(pixels.shape[:2]) < 64:
+                continue
+            pixels = (pixels - pixels.min()) / (np.ptp(pixels) or 1)
+            if pixels.ndim == 2:
+                grey = np.repeat((pixels * 255).astype(np.uint8)[..., None], 3, axis=2)
+                yield "medical-dicom", grey
+                coloured = matplotlib.colormaps[cmaps[int(rng.integers(0, len(cmaps)))]](pixels)[..., :3]
+                yield "medical-dicom-colour", (coloured * 255).astype(np.uint8)
+            else:
+                yield "medical-dicom", (pixels * 255).astype(np.uint8)
+
+
+def histology(n: int = 24, seed: int = 0, size: int = 256) -> Iterator[tuple[str, np.ndarray]]:
+    """Made-up H&E histology: pink stroma with purple nuclei — pinks and purples a dermoscopic image
+    shares, in a texture it never has."""
+    rng = _rng(seed + 19)
+    for _ in range(n):
+        img = np.ones((size, size, 3)) * rng.uniform([225, 160, 190], [250, 195, 220])
+        img = img + np.asarray(Image.fromarray((rng.random((size // 8, size // 8)) * 255).astype(np.uint8)).resize((size, size)))[..., None] * 0.15 - 20  # fmt: skip
+        canvas = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(canvas)
+        for _ in range(int(rng.integers(80, 240))):
+            x, y, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(2, 6)
+            draw.ellipse([x - r, y - r * 0.8, x + r, y + r * 0.8], fill=tuple(int(c) for c in rng.uniform([60, 30, 110], [120, 70, 170])))  # fmt: skip
+        yield "medical-histology", np.asarray(canvas.filter(ImageFilter.GaussianBlur(0.7)))
+
+
+def world(seed: int = 0, part: str = "all") -> tuple[list[str], list[np.ndarray]]:
+    """Photographs, made-up scenes and other medical images, split in two halves that share no
+    source picture or generator draw (``part`` "fit": what an explicit is-this-dermoscopy check
+    learns from; "report": what measures it; "all")."""
+    pairs = [
+        *photographs(seed=seed),
+        *scenes(seed=seed),
+        *fundus(seed=seed),
+        *dicom_samples(seed),
+        *histology(seed=seed),
+    ]
+    if part != "all":
+        sources = sorted({k for k, _ in pairs if k.startswith("photo-")})
+        held_photo = sources[-1]  # one whole source photograph (and its framings) is for reporting only
+
+        def reporting(i: int, kind: str) -> bool:
+            return kind == held_photo if kind.startswith("photo-") else i % 2 == 1
+
+        pairs = [(k, img) for i, (k, img) in enumerate(pairs) if reporting(i, k) == (part == "report")]
+    return [k for k, _ in pairs], [img for _, img in pairs]

@@ -115,3 +115,54 @@ class FeatureDistance:
                 float(data["residual_mean"]),
                 float(data["threshold"]),
             )
+
+
+@dataclass
+class LesionCheck:
+    """An explicit "is this a dermoscopic lesion image" signal from the same features: a logistic
+    regression of development lesions against photographs, scenes and other medical images
+    (``model.gate_data.world``, its "fit" half), on the features standardised and reduced to
+    their main directions. The score is the log-odds of "lesion"; below ``threshold`` (set on
+    held-out lesions at a false-flag rate) the image is not a dermoscopic lesion. Plain arrays,
+    so any runtime can score it (the edge package does, in numpy)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    components: np.ndarray  # (k, d)
+    coef: np.ndarray  # (k,)
+    intercept: float
+    threshold: float = float("-inf")
+
+    @classmethod
+    def fit(cls, lesions: np.ndarray, others: np.ndarray, components: int = 128, c: float = 0.05) -> LesionCheck:
+        from sklearn.linear_model import LogisticRegression
+
+        x = np.concatenate([lesions, others]).astype(np.float64)
+        mean, scale = lesions.mean(axis=0), lesions.std(axis=0) + 1e-6
+        z = (x - mean) / scale
+        k = int(min(components, len(lesions) - 1, z.shape[1]))
+        # main directions of both kinds together: those that tell them apart are kept too
+        _, _, vt = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
+        proj = z @ vt[:k].T
+        y = np.r_[np.ones(len(lesions)), np.zeros(len(others))]
+        model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000).fit(proj, y)
+        return cls(mean, scale, vt[:k], model.coef_[0], float(model.intercept_[0]))
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        z = (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
+        return (z @ self.components.T) @ self.coef + self.intercept
+
+    def choose_threshold(self, held_out_lesions: np.ndarray, false_flag_rate: float) -> float:
+        self.threshold = float(np.quantile(self.score(held_out_lesions), false_flag_rate))
+        return self.threshold
+
+    def save(self, path: Path) -> None:
+        np.savez(path, mean=self.mean.astype(np.float32), scale=self.scale.astype(np.float32),
+                 components=self.components.astype(np.float32), coef=self.coef.astype(np.float32),
+                 intercept=np.float64(self.intercept), threshold=np.float64(self.threshold))  # fmt: skip
+
+    @classmethod
+    def load(cls, path: Path) -> LesionCheck:
+        with np.load(path) as data:
+            return cls(*(data[k].astype(np.float64) for k in ("mean", "scale", "components", "coef")),
+                       float(data["intercept"]), float(data["threshold"]))  # fmt: skip

@@ -44,6 +44,9 @@ class TrainConfig:
     calibration_fraction: float = 0.15
     gate_false_flag_rate: float = 0.015  # share of held-out lesions the feature gate may flag
     gate_components: int = 32  # PCA components of the feature distance
+    # the explicit is-this-dermoscopy check (model.ood.LesionCheck): its false-flag rate on held-out
+    # lesions, or None for none (the feature distance and the quality checks alone)
+    lesion_check_rate: float | None = None
     max_members: int | None = None  # keep only the best N fold models in the bundle
     limit: int | None = None  # use only the first N rows (smoke runs, tests)
     backbone: str = "nasnet_mobile"  # "tiny" for fast tests of the pipeline around the network
@@ -671,7 +674,7 @@ def fit_gate(
     from model import gate_data, quality
     from model.data import resize
     from model.gate import Gate
-    from model.ood import FeatureDistance, feature_network
+    from model.ood import FeatureDistance, LesionCheck, feature_network
 
     sizes = np.zeros((len(dataset.ids), 2), np.float32)
     pixels = dataset.load_images(cfg.image_size, sizes=sizes)
@@ -682,11 +685,20 @@ def fit_gate(
     distance = FeatureDistance.fit(features[~held] if (~held).any() else features, cfg.gate_components)
     distance.choose_threshold(features[held], cfg.gate_false_flag_rate)
     gate = Gate(thresholds, distance, cfg.gate_false_flag_rate, feature_members=feature_members)
+    if cfg.lesion_check_rate is not None:
+        fit_kinds, fit_images = gate_data.world(seed=cfg.seed, part="fit")
+        fit_pixels = np.stack([resize(img, cfg.image_size) for img in fit_images])
+        check = LesionCheck.fit(features[~held] if (~held).any() else features, image_features(net, fit_pixels))
+        check.choose_threshold(features[held], cfg.lesion_check_rate)
+        gate.lesion_check = check
+        log.info("gate: lesion check fitted against %d photographs and other medical images", len(fit_kinds))
     reasons, _ = gate.reasons(pixels[held], sizes[held], features[held])
     gate.report = {"held_out_lesions": _flag_summary(["lesion"] * len(reasons), reasons)}
     held_ids = [dataset.ids[i] for i in np.flatnonzero(held)[:160]]
     originals = [decode_original(b) for b in dataset.read_bytes(held_ids)]
     kinds, negatives = gate_data.negatives(originals, seed=cfg.seed)
+    world_kinds, world_images = gate_data.world(seed=cfg.seed, part="report")  # none of them fitted anything
+    kinds, negatives = kinds + world_kinds, negatives + world_images
     neg_pixels = np.stack([resize(img, cfg.image_size) for img in negatives])
     neg_sizes = np.array([[img.shape[1], img.shape[0]] for img in negatives], np.float32)
     neg_reasons, _ = gate.reasons(neg_pixels, neg_sizes, image_features(net, neg_pixels))
@@ -725,8 +737,8 @@ def _flag_summary(kinds: list[str], reasons: list) -> dict:
     by_reason: dict[str, int] = {}
     for kind, reason in zip(kinds, reasons, strict=True):
         key = kind.split("-")[0] if not kind.startswith("sample") else "sample"
-        if kind.startswith("degraded"):
-            key = kind
+        if kind.startswith(("degraded", "scene", "medical", "photo")):
+            key = "-".join(kind.split("-")[:2])
         per_kind.setdefault(key, [0, 0])
         per_kind[key][0] += reason is not None
         per_kind[key][1] += 1
