@@ -117,7 +117,7 @@ def test_demo_serves_metrics_and_stops_everything_on_sigterm(tmp_path):
         def login_page():
             try:
                 return session.get(f"{base}/login", timeout=5).text
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still booting
                 return None
 
         csrf = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', wait_for(login_page, 60)).group(1)

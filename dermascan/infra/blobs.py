@@ -215,9 +215,11 @@ class S3BlobStore:
         """Nothing to do: a PUT that returned is durable."""
 
     def get(self, digest: str) -> bytes:
-        data = self._reader().get(self.key(digest)) if self.fast_reads else self._call(
-            "get_object", Key=self.key(digest)
-        )["Body"].read()
+        data = (
+            self._reader().get(self.key(digest))
+            if self.fast_reads
+            else self._call("get_object", Key=self.key(digest))["Body"].read()
+        )
         if sha256_hex(data) != digest:
             raise BlobCorrupt(f"blob {digest} is damaged (its content no longer matches its sha256)")
         return data
