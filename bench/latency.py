@@ -31,7 +31,8 @@ def main(argv=None) -> None:
     parser.add_argument("--bulk", type=int, default=10000, help="studies in the bulk batch")
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--bundle", type=Path, default=support.ROOT / "model" / "bundles" / "default")
-    parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="flips on or off (default: as the bundle's manifest recommends)")
     parser.add_argument("--keep-log", type=Path, help="copy the worker's log here")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -113,7 +114,7 @@ def main(argv=None) -> None:
         ),
     ]
     print(f"latency benchmark — {support.machine()}")
-    print(f"bundle {manifest['version']} ({manifest['image_size']} px), TTA {'on' if args.tta else 'off'}, bulk chunk {args.chunk}, "
+    print(f"bundle {manifest['version']} ({manifest['image_size']} px), TTA {'on' if (args.tta if args.tta is not None else manifest.get('inference', {}).get('tta')) else 'off'}, bulk chunk {args.chunk}, "
           f"one interactive study every {args.interval:g} s; {left:,} bulk studies were still waiting when the last interactive one was sent")  # fmt: skip
     print(support.table(rows, ("phase", "studies", "p50 s", "p95 s", "max s")))
 
