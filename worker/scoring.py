@@ -191,7 +191,7 @@ def warm_up(settings: Settings) -> None:
         with session_factory(settings.database_url)() as session, session.begin():
             register_bundle(settings, session)
         shapes = len(pred.batch_sizes)
-        log.info("%swarming up %d batch shape(s) %s (about a minute on a laptop)…", STARTING, shapes, pred.batch_sizes)
+        log.info("%swarming up %d batch shape(s) %s (seconds to a minute)…", STARTING, shapes, pred.batch_sizes)
         pred.warm_up(
             progress=lambda done, size, seconds: log.info(
                 "%sbatch shape %d warm (%d of %d, %.0f s)", STARTING, size, done, shapes, seconds
