@@ -31,8 +31,12 @@ def main(argv=None) -> None:
     parser.add_argument("--bulk", type=int, default=10000, help="studies in the bulk batch")
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--bundle", type=Path, default=support.ROOT / "model" / "bundles" / "default")
-    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                        help="flips on or off (default: as the bundle's manifest recommends)")
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="flips on or off (default: as the bundle's manifest recommends)",
+    )
     parser.add_argument("--keep-log", type=Path, help="copy the worker's log here")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
