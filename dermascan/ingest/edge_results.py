@@ -1,0 +1,58 @@
+"""A result the edge scorer (``dermascan-edge``) made offline, uploaded later with its study.
+
+Field ``edge_result`` of a REST record (JSON): the scorer's own output —
+``{"probability": 0.31 | null, "referred": true | false | null, "assessable": true, "reason": null,
+"bundle_version": "ham10000-…", "runtime": "onnxruntime", "precision": "fp32",
+"made_at": "2026-12-02T09:14:00+00:00"}``. It is checked (types, ranges, a timestamp with an
+offset, at most 200 characters of text) and kept as given beside the server's own score, which
+is computed as for any study; nothing of it decides anything on the server.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from dermascan.ingest.errors import IngestError
+
+TEXT = ("bundle_version", "runtime", "precision", "reason")
+
+
+def clean(value) -> dict | None:
+    """The edge result as kept, or IngestError saying what is wrong with it."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise IngestError("edge_result must be an object (the output of dermascan-edge score)")
+    unknown = sorted(set(value) - {"probability", "referred", "assessable", "threshold", "made_at", "score", *TEXT})
+    if unknown:
+        raise IngestError(f"edge_result: unknown field(s) {', '.join(str(k)[:40] for k in unknown[:5])}")
+    out: dict = {}
+    for name in ("probability", "score", "threshold"):
+        number = value.get(name)
+        if number is not None:
+            if isinstance(number, bool) or not isinstance(number, int | float) or not 0.0 <= float(number) <= 1.0:
+                raise IngestError(f"edge_result.{name} must be a number from 0 to 1 (or null)")
+            out[name] = float(number)
+    for name in ("referred", "assessable"):
+        flag = value.get(name)
+        if flag is not None and not isinstance(flag, bool):
+            raise IngestError(f"edge_result.{name} must be true, false or null")
+        out[name] = flag
+    for name in TEXT:
+        text = value.get(name)
+        if text is not None:
+            if not isinstance(text, str) or len(text) > 200 or "\x00" in text:
+                raise IngestError(f"edge_result.{name} must be text of at most 200 characters")
+            out[name] = text
+    if not out.get("bundle_version"):
+        raise IngestError("edge_result.bundle_version is needed: the version the result was made with")
+    made = value.get("made_at")
+    if made is not None:
+        try:
+            when = dt.datetime.fromisoformat(str(made)[:40])
+        except ValueError:
+            raise IngestError("edge_result.made_at must be an ISO 8601 time with its offset") from None
+        if when.tzinfo is None:
+            raise IngestError("edge_result.made_at needs its UTC offset (e.g. +00:00)")
+        out["made_at"] = when.isoformat(timespec="seconds")
+    return out

@@ -1,0 +1,170 @@
+"""Scoring with an edge package: decode and resize (as the server does), encode the metadata (the
+server's own rules), run the exported network (ONNX Runtime or LiteRT) on the flips the bundle
+asks for, calibrate, and apply the gate — the same answer as the server's Predictor, to within
+1e-4 for an fp32 package (the export checks it)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+
+from model.bundle import file_sha256
+from model.calibration import Calibrator
+from model.data import decode_many
+from model.errors import ModelError
+from model.features import FeatureSpec
+from model.gate import Gate
+
+FORMAT = "dermascan-edge/1"
+
+
+class _OnnxRuntime:
+    def __init__(self, path: Path, threads: int | None):
+        from dermascan.config import require_extra
+
+        require_extra("onnxruntime", "edge", "an ONNX edge package")
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, image: np.ndarray, meta: np.ndarray):
+        probability, features = self.session.run(["probability", "features"], {"image": image, "meta": meta})
+        return np.asarray(probability, np.float32).reshape(-1), np.asarray(features, np.float32)
+
+
+class _LiteRT:
+    def __init__(self, path: Path, threads: int | None):
+        from dermascan.config import require_extra
+
+        require_extra("ai_edge_litert", "edge", "a LiteRT edge package")
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        inputs = self.interpreter.get_input_details()
+        self.inputs = {("image" if d["dtype"] == np.uint8 else "meta"): d["index"] for d in inputs}
+        self.batch = None
+
+    def __call__(self, image: np.ndarray, meta: np.ndarray):
+        it = self.interpreter
+        if self.batch != len(image):  # the batch dimension is resized to each call's
+            it.resize_tensor_input(self.inputs["image"], list(image.shape))
+            it.resize_tensor_input(self.inputs["meta"], list(meta.shape))
+            it.allocate_tensors()
+            self.batch = len(image)
+        it.set_tensor(self.inputs["image"], np.ascontiguousarray(image))
+        it.set_tensor(self.inputs["meta"], np.ascontiguousarray(meta, dtype=np.float32))
+        it.invoke()
+        outputs = [it.get_tensor(d["index"]) for d in it.get_output_details()]
+        probability = next(o for o in outputs if o.shape[-1] == 1)
+        features = next(o for o in outputs if o.shape[-1] != 1)
+        return np.asarray(probability, np.float32).reshape(-1), np.asarray(features, np.float32)
+
+
+RUNTIMES = {"onnxruntime": _OnnxRuntime, "litert": _LiteRT}
+
+
+def read_manifest(package) -> dict:
+    package = Path(package)
+    path = package / "manifest.json"
+    if not path.is_file():
+        raise ModelError(f"{package}: not an edge package (no manifest.json; `dermascan export` makes one)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ModelError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    model = package / manifest["file"]
+    if not model.is_file() or file_sha256(model) != manifest["sha256"]:
+        raise ModelError(f"{model}: missing, or its sha256 does not match the manifest: refusing to score with it")
+    return manifest
+
+
+class EdgeScorer:
+    """An edge package, loaded once; :meth:`score` one study, :meth:`score_many` several."""
+
+    def __init__(self, package, threads: int | None = None, batch: int = 16):
+        self.package = Path(package)
+        self.manifest = read_manifest(self.package)
+        self.run = RUNTIMES[self.manifest["runtime"]](self.package / self.manifest["file"], threads)
+        self.spec = FeatureSpec.from_dict(self.manifest["feature_spec"])
+        self.calibrator = Calibrator.from_dict(self.manifest.get("calibration"))
+        self.gate = Gate.from_bundle(self.package, self.manifest)
+        self.threshold = float(self.manifest["threshold"])
+        self.tta = bool(self.manifest.get("inference", {}).get("tta", False))
+        self.size = int(self.manifest["image_size"])
+        self.batch = batch
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @staticmethod
+    def prepare_metadata(record: dict) -> dict:
+        """The server's metadata rules (names, sexes, sites and their aliases, ages 0–120):
+        ValueError with the field's name for a value the server would refuse too."""
+        from dermascan.ingest.records import FieldError, clean_metadata
+
+        try:
+            return clean_metadata(record or {})
+        except FieldError as exc:
+            raise ValueError(str(exc)) from None
+
+    def image_features(self, pixels: np.ndarray) -> np.ndarray:
+        """The gate's features of resized pixels (the metadata does not reach them)."""
+        meta = np.zeros((self.batch, self.spec.dim), np.float32)
+        parts = [self.run(np.ascontiguousarray(pixels[i : i + self.batch]), meta[: len(pixels[i : i + self.batch])])[1]
+                 for i in range(0, len(pixels), self.batch)]  # fmt: skip
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+    def _forward(self, pixels: np.ndarray, meta: np.ndarray):
+        views = [pixels, pixels[:, :, ::-1], pixels[:, ::-1], pixels[:, ::-1, ::-1]] if self.tta else [pixels]
+        raw = np.zeros((len(views), len(pixels)), np.float32)
+        features = None
+        for start in range(0, len(pixels), self.batch):
+            stop = min(len(pixels), start + self.batch)
+            for v, view in enumerate(views):
+                p, f = self.run(np.ascontiguousarray(view[start:stop]), meta[start:stop])
+                raw[v, start:stop] = p
+                if v == 0:
+                    features = np.zeros((len(pixels), f.shape[1]), np.float32) if features is None else features
+                    features[start:stop] = f
+        return self.calibrator(raw.mean(axis=0)).astype(np.float32), features
+
+    def score_many(self, images: list[bytes], records: list[dict]) -> list[dict]:
+        """Each image (JPEG or PNG bytes) with its metadata → a result (the server's fields), or
+        ``{"error": …}`` for an image that cannot be decoded."""
+        sizes = np.zeros((len(images), 2), np.float32)
+        pixels, errors = decode_many([(i, b) for i, b in enumerate(images)], self.size, sizes=sizes)
+        ok = [i for i in range(len(images)) if i not in errors]
+        out: list[dict] = [{"error": str(errors[i])} if i in errors else {} for i in range(len(images))]
+        if not ok:
+            return out
+        meta = self.spec.transform([records[i] for i in ok])
+        probability, features = self._forward(pixels[ok], meta)
+        reasons, distance = self.gate.reasons(pixels[ok], sizes[ok], features)
+        made_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        for j, i in enumerate(ok):
+            p = float(np.clip(probability[j], 0.0, 1.0))
+            assessable = reasons[j] is None
+            out[i] = {
+                "probability": p if assessable else None,
+                "score": p,  # the number itself, whatever the gate said (checks compare it)
+                "referred": (p >= self.threshold) if assessable else None,
+                "assessable": assessable,
+                "reason": reasons[j],
+                "threshold": self.threshold,
+                "bundle_version": self.version,
+                "runtime": self.manifest["runtime"],
+                "precision": self.manifest["precision"],
+                "made_at": made_at,
+            }
+        return out
+
+    def score(self, image: bytes, record: dict | None = None) -> dict:
+        """One study: the image's bytes and its metadata (age_approx, sex, anatom_site_general)."""
+        return self.score_many([image], [self.prepare_metadata(record or {})])[0]

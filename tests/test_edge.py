@@ -1,0 +1,119 @@
+"""The edge package (`dermascan export`, `edge/`): a bundle exported to ONNX and LiteRT scores
+exactly like the bundle without TensorFlow in the scoring process; int8 packages are smaller and
+check themselves; a result made offline is uploaded with its version and kept beside the
+server's own score."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from dermascan.cli import main
+from tests.ham_files import json_records
+from tests.services import ROOT
+
+FORBIDDEN = ("tensorflow", "keras", "flask", "sqlalchemy", "celery", "jax")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, ham_dir):
+    """A tiny trained bundle (the pipeline's own train command) and its fp32 ONNX package."""
+    work = tmp_path_factory.mktemp("edge")
+    bundle = work / "bundle"
+    result = CliRunner().invoke(main, [
+        "train", "--data", str(ham_dir), "--out", str(bundle), "--folds", "2", "--epochs", "1", "--limit", "96",
+        "--backbone", "tiny", "--image-size", "32", "--version", "tiny-edge",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    package = work / "onnx"
+    result = CliRunner().invoke(main, ["export", str(bundle), "--format", "onnx", "--out", str(package), "--data", str(ham_dir)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return bundle, package
+
+
+def test_an_onnx_package_scores_like_the_bundle_and_says_how_it_was_checked(exported):
+    bundle, package = exported
+    manifest = json.loads((package / "manifest.json").read_text())
+    check = json.loads((package / "check.json").read_text())
+    assert manifest["format"] == "dermascan-edge/1" and manifest["source"]["version"] == "tiny-edge"
+    assert check["passed"] and check["max_probability_difference"] <= 1e-4 and check["gate_verdicts_identical"] == 1.0
+    assert (package / "gate.npz").is_file() and manifest["gate"]["quality"]
+
+
+def test_the_edge_scorer_imports_no_part_of_the_server(exported, ham_dir):
+    """`dermascan-edge score` in a process of its own: JSON out, the server's answer, and not one
+    module of TensorFlow, Keras, Flask, SQLAlchemy or Celery loaded."""
+    from edge.scorer import EdgeScorer
+    from model.predictor import Predictor
+
+    bundle, package = exported
+    record = json_records(ham_dir, 1)[0]
+    image = ROOT / "dermascan" / "examples" / "ISIC_0025188.jpg"
+    code = (
+        "import json, sys; from edge.cli import main; code = main(['score', sys.argv[1], '--package', sys.argv[2],"
+        " '--age', '55', '--sex', 'male', '--site', 'lower extremity']);"
+        f" loaded = [m for m in {FORBIDDEN!r} if m in sys.modules]; assert not loaded, loaded; sys.exit(code)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(image), str(package)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["bundle_version"] == "tiny-edge" and set(out) >= {"probability", "referred", "assessable", "reason"}
+    meta = EdgeScorer.prepare_metadata({"age_approx": "55", "sex": "male", "anatom_site_general": "lower extremity"})
+    server = Predictor(bundle, batch_sizes=(1,)).score([image.read_bytes()], [meta])[0]
+    assert abs(server.probability - out["score"]) <= 1e-4 and server.assessable == out["assessable"]
+    assert record  # the HAM fixture is there (the export's own check used it)
+
+
+def test_bad_input_to_the_edge_scorer_is_a_clear_error(exported, tmp_path):
+    _, package = exported
+    from edge.cli import main as edge_main
+
+    assert edge_main(["score", str(tmp_path / "missing.jpg"), "--package", str(package)]) == 1
+    assert edge_main(["score", str(ROOT / "README.md"), "--package", str(package), "--sex", "unknown-sex"]) == 2
+    (tmp_path / "not-a-package").mkdir()
+    assert edge_main(["score", str(ROOT / "README.md"), "--package", str(tmp_path / "not-a-package")]) == 2
+
+
+def test_litert_and_int8_packages_are_smaller_and_check_themselves(exported, ham_dir, tmp_path):
+    bundle, onnx = exported
+    for args in (["--format", "litert"], ["--format", "onnx", "--int8"]):
+        out = tmp_path / "-".join(a.strip("-") for a in args)
+        result = CliRunner().invoke(main, ["export", str(bundle), *args, "--out", str(out), "--data", str(ham_dir)])
+        check = json.loads((out / "check.json").read_text())
+        assert result.exit_code == (0 if check["passed"] else 1), result.output
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["precision"] == ("int8" if "--int8" in args else "fp32")
+        if "--format" in args and "litert" in args:
+            assert check["passed"]  # fp32 LiteRT matches Keras within 1e-4
+        else:  # weights stored as int8 (a network this tiny gains nothing in size: the shipped one does)
+            assert b"DequantizeLinear" in (out / manifest["file"]).read_bytes() and "99 %" in check["rule"]
+            assert manifest["gate"]["refitted"] and (out / "gate.npz").is_file()
+
+
+def test_a_result_made_offline_is_uploaded_with_its_version_and_kept_beside_the_servers(
+    pg_settings, app_factory, api_token, ham_dir
+):
+    _, token = api_token()
+    client = app_factory(pg_settings).test_client()
+    made = {"probability": 0.31, "referred": True, "assessable": True, "reason": None, "threshold": 0.06,
+            "bundle_version": "ham10000-nasnet128-student-2026.12.02", "runtime": "onnxruntime",
+            "precision": "int8", "made_at": "2026-12-01T09:14:00+00:00"}  # fmt: skip
+    records = json_records(ham_dir, 3)
+    records[0]["edge_result"] = made
+    records[1]["edge_result"] = {**made, "probability": 7}  # refused, the rest kept
+    reply = client.post("/api/v1/batches", headers={"Authorization": f"Bearer {token}"}, json={"records": records})
+    assert reply.status_code == 201 and reply.json["accepted"] == 2 and reply.json["rejected"] == 1, reply.json
+    bad = next(r for r in reply.json["records"] if r["status"] == "rejected")
+    assert "edge_result.probability" in bad["reason"]
+    first = next(r for r in reply.json["records"] if r["status"] == "accepted" and r["row"] == 1)
+    study = client.get(f"/api/v1/studies/{first['study_id']}", headers={"Authorization": f"Bearer {token}"}).json
+    assert (
+        study["edge_result"]["bundle_version"] == made["bundle_version"] and study["edge_result"]["probability"] == 0.31
+    )
+    assert study["probability"] is None  # the server's own score comes from its own worker
