@@ -14,11 +14,13 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from model import bundle as bundle_lib
+from model import change
 from model.calibration import Calibrator
 from model.data import decode_many
 from model.errors import ImageDecodeError
@@ -38,6 +40,7 @@ class Score:
     reason: str | None = None  # why the image is not assessable
     distance: float | None = None  # feature distance from the development lesions
     stats: dict | None = None  # the image statistics monitoring tracks (model.reference)
+    embedding: list[float] | None = None  # for the lesion change measure (model.change), when the bundle has one
 
 
 class Prepared(NamedTuple):
@@ -121,11 +124,13 @@ class Predictor:
         threshold: float | None = None,
         decode_workers: int | None = None,
         mixed_precision: bool = False,
+        onnx_package=None,
     ):
         self.bundle = bundle or bundle_lib.load(bundle_dir)
         self.network = to_mixed_precision(self.bundle.network) if mixed_precision else self.bundle.network
         self.calibrator = Calibrator.from_dict(self.bundle.manifest.get("calibration"))
         self.gate = Gate.from_bundle(self.bundle.directory, self.bundle.manifest)
+        self.change = change.from_bundle(self.bundle.directory, self.bundle.manifest)
         if self.gate.features is not None:
             from model.ood import feature_network
 
@@ -138,6 +143,20 @@ class Predictor:
         self.tta = tta
         self.threshold = self.bundle.threshold if threshold is None else float(threshold)
         self.decode_workers = decode_workers
+        # an ONNX edge package of this bundle: the forward pass runs on ONNX Runtime (Grad-CAM,
+        # which needs gradients, stays on the Keras network)
+        self._onnx = None
+        if onnx_package is not None:
+            import json
+
+            import onnxruntime as ort
+
+            package = json.loads((Path(onnx_package) / "manifest.json").read_text())
+            if package["source"]["weights_sha256"] != self.bundle.manifest["weights_sha256"]:
+                raise bundle_lib.BundleError(f"{onnx_package}: exported from another bundle than {self.version}")
+            self._onnx = ort.InferenceSession(
+                str(Path(onnx_package) / package["file"]), providers=["CPUExecutionProvider"]
+            )
 
     @property
     def version(self) -> str:
@@ -176,7 +195,16 @@ class Predictor:
         meta = self.spec.transform([metadata[i] for i in ok])
         return Prepared(pixels[ok], meta, errors, ok, sizes[ok])
 
+    @property
+    def runtime(self) -> str:
+        return "onnxruntime" if self._onnx is not None else "keras"
+
     def _run(self, x: np.ndarray, m: np.ndarray):
+        if self._onnx is not None:
+            probability, features = self._onnx.run(
+                ["probability", "features"], {"image": np.ascontiguousarray(x), "meta": m}
+            )
+            return np.asarray(probability, np.float32).reshape(-1), np.asarray(features, np.float32)
         out = self._forward.predict_on_batch({"image": np.ascontiguousarray(x), "meta": m})
         if isinstance(out, list | tuple):
             return np.asarray(out[0], dtype=np.float32).reshape(-1), np.asarray(out[1], dtype=np.float32)
@@ -221,6 +249,9 @@ class Predictor:
         from model.reference import image_stats
 
         reasons, distance = self.gate.reasons(prepared.pixels, prepared.sizes, predicted.features)
+        embedded = None
+        if self.change is not None and predicted.features is not None and len(prepared.pixels):
+            embedded = np.round(self.change.embed(predicted.features), 5)
         spread = predicted.spread
         stats = image_stats(prepared.pixels, prepared.sizes) if len(prepared.pixels) else []
         return [
@@ -232,6 +263,7 @@ class Predictor:
                 reasons[i],
                 None if distance is None else round(float(distance[i]), 4),
                 stats[i],
+                None if embedded is None else [float(v) for v in embedded[i]],
             )
             for i, p in enumerate(np.clip(predicted.probability, 0.0, 1.0))
         ]

@@ -19,6 +19,7 @@ import numpy as np
 
 from model import metrics
 from model.data import IsicDataset
+from model.errors import ModelError
 from model.features import FeatureSpec
 
 log = logging.getLogger(__name__)
@@ -506,6 +507,9 @@ def save_bundle(
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     extra["gate"] = fit_gate(network, dataset, fold, cfg, gate_members).manifest_block(Path(out_dir))
+    change = fit_change(network, dataset, fold, cfg, gate_members, Path(out_dir))
+    if change is not None:
+        extra["change"] = change
     training = {"config": asdict(cfg), **training, "keras": keras.__version__, "backend": keras.backend.backend()}
     manifest = bundle.save(
         network,
@@ -664,13 +668,19 @@ def reliability_png(path: Path, y: np.ndarray, raw: np.ndarray, calibrated: np.n
 
 
 def fit_gate(
-    network, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConfig, feature_members: list[int] | None = None
+    network,
+    dataset: IsicDataset,
+    fold: np.ndarray,
+    cfg: TrainConfig,
+    feature_members: list[int] | None = None,
+    features_of=None,
 ):
     """The not-assessable gate of this bundle: quality thresholds beyond the development images'
     range, and the feature distance fitted on the development images' features (of all members,
     or of ``feature_members``) with its threshold at ``gate_false_flag_rate`` of the calibration
     set (held-out lesions). Without a calibration set the threshold is taken on the development
-    images themselves."""
+    images themselves. ``features_of(pixels)``: where the features come from when not from
+    ``network`` (an int8 edge package refits its gate on its own features)."""
     from model import gate_data, quality
     from model.data import resize
     from model.gate import Gate
@@ -679,8 +689,13 @@ def fit_gate(
     sizes = np.zeros((len(dataset.ids), 2), np.float32)
     pixels = dataset.load_images(cfg.image_size, sizes=sizes)
     thresholds = quality.fit_thresholds(quality.measure(pixels, sizes))
-    net = feature_network(network, feature_members)
-    features = image_features(net, pixels)
+    if features_of is None:
+        net = feature_network(network, feature_members)
+
+        def features_of(x):
+            return image_features(net, x)
+
+    features = features_of(pixels)
     held = fold < 0 if (fold < 0).any() else np.ones(len(pixels), bool)
     distance = FeatureDistance.fit(features[~held] if (~held).any() else features, cfg.gate_components)
     distance.choose_threshold(features[held], cfg.gate_false_flag_rate)
@@ -688,7 +703,7 @@ def fit_gate(
     if cfg.lesion_check_rate is not None:
         fit_kinds, fit_images = gate_data.world(seed=cfg.seed, part="fit")
         fit_pixels = np.stack([resize(img, cfg.image_size) for img in fit_images])
-        check = LesionCheck.fit(features[~held] if (~held).any() else features, image_features(net, fit_pixels))
+        check = LesionCheck.fit(features[~held] if (~held).any() else features, features_of(fit_pixels))
         check.choose_threshold(features[held], cfg.lesion_check_rate)
         gate.lesion_check = check
         log.info("gate: lesion check fitted against %d photographs and other medical images", len(fit_kinds))
@@ -701,7 +716,7 @@ def fit_gate(
     kinds, negatives = kinds + world_kinds, negatives + world_images
     neg_pixels = np.stack([resize(img, cfg.image_size) for img in negatives])
     neg_sizes = np.array([[img.shape[1], img.shape[0]] for img in negatives], np.float32)
-    neg_reasons, _ = gate.reasons(neg_pixels, neg_sizes, image_features(net, neg_pixels))
+    neg_reasons, _ = gate.reasons(neg_pixels, neg_sizes, features_of(neg_pixels))
     gate.report["negatives"] = _flag_summary(kinds, neg_reasons)
     log.info(
         "gate: quality %s; feature distance threshold %.3f; flags %.2f%% of held-out lesions, %.1f%% of %d negatives",
@@ -709,6 +724,62 @@ def fit_gate(
         100 * gate.report["negatives"]["flagged_share"], len(negatives),
     )  # fmt: skip
     return gate
+
+
+def fit_change(network, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConfig, feature_members, out_dir: Path,
+               features: np.ndarray | None = None) -> dict | None:  # fmt: skip
+    """The bundle's change measure (:mod:`model.change`), fitted on the development patients'
+    same-lesion pairs and reported on the calibration set's; None when the data names too few
+    lesions imaged twice (then the bundle compares visits by probability only)."""
+    from model import change
+    from model.errors import BundleError
+    from model.ood import feature_network
+
+    if "lesion_id" not in dataset.metadata.columns:
+        log.info("change measure: the data has no lesion_id column; none fitted")
+        return None
+    if features is None:
+        pixels = dataset.load_images(cfg.image_size)
+        features = image_features(feature_network(network, feature_members), pixels)
+    lesion_ids = list(dataset.metadata["lesion_id"].where(dataset.metadata["lesion_id"].notna(), None))
+    held = fold < 0 if (fold < 0).any() else np.zeros(len(fold), bool)
+    try:
+        measure, report = change.fit(features, lesion_ids, np.flatnonzero(~held), np.flatnonzero(held))
+    except BundleError as exc:
+        log.info("change measure: %s; none fitted", exc)
+        return None
+    log.info("change measure: threshold %.3f, flags %s of %d unchanged same-lesion pairs of held-out patients",
+             measure.threshold, report["report"]["flagged_share"], report["report"]["pairs"])  # fmt: skip
+    described = "images of the same lesion (lesion_id) in the development data, taken as unchanged"
+    return change.manifest_block(measure, report, out_dir, described)
+
+
+def add_change(bundle_dir, data_dir) -> dict:
+    """Fit the change measure of an existing bundle on its own development data (the split it was
+    trained with) and add it to the bundle's manifest (``dermascan change-fit``)."""
+    import json
+
+    from model import bundle as bundle_lib
+    from model.combine import read_config
+    from model.gate import Gate
+    from model.ood import feature_network
+
+    loaded = bundle_lib.load(bundle_dir)
+    cfg = read_config(loaded.directory)
+    dataset = IsicDataset.open(data_dir, limit=cfg.limit)
+    fold = split_rows(dataset.targets(), dataset.groups(), cfg)
+    gate = Gate.from_bundle(loaded.directory, loaded.manifest)
+    features = image_features(
+        feature_network(loaded.network, gate.feature_members), dataset.load_images(cfg.image_size)
+    )
+    block = fit_change(None, dataset, fold, cfg, None, Path(bundle_dir), features=features)
+    if block is None:
+        raise ModelError(f"{data_dir}: too few lesions imaged twice to fit a change measure")
+    path = Path(bundle_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["change"] = block
+    path.write_text(json.dumps(manifest, indent=2))
+    return block
 
 
 def image_features(net, pixels: np.ndarray, batch: int = 64) -> np.ndarray:

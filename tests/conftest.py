@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.fixtures.broker",
     "tests.fixtures.model",
     "tests.fixtures.processes",
+    "tests.fixtures.browser",
 ]
 
 

@@ -69,6 +69,7 @@ TABLE = {
     "api.export_batch": ("GET", "/api/v1/batches/{batch}/export", TOKEN),
     "api.get_study": ("GET", "/api/v1/studies/{study}", TOKEN),
     "api.study_fhir": ("GET", "/api/v1/studies/{study}/fhir", TOKEN),
+    "api.get_lesion": ("GET", "/api/v1/lesions/{lesion}", TOKEN),
     "api.record_outcome": ("PUT", "/api/v1/studies/{study}/outcome", TOKEN),
     "api.import_outcomes": ("POST", "/api/v1/outcomes", TOKEN),
     "api.openapi": ("GET", "/api/v1/openapi.json", PUBLIC),
@@ -97,7 +98,9 @@ def world(pg_settings, tiny_bundle, ham_dir, app_factory):
             session, settings, program, "pacs", host="127.0.0.1", port=1, ae_title="PACS"
         )
         program_id, token_id, destination_id = program.id, token.id, destination.id
-    result = submit(settings, program_id, ham_inputs(ham_dir, 1), source="test")
+    inputs = ham_inputs(ham_dir, 1)
+    inputs[0].lesion_id, inputs[0].patient_id = "lesion-1", "patient-1"
+    result = submit(settings, program_id, inputs, source="test")
     study_id = result.accepted[0].study_id
     with factory() as session, session.begin():
         session.get(Study, study_id).status = StudyStatus.PROCESSING
@@ -107,12 +110,13 @@ def world(pg_settings, tiny_bundle, ham_dir, app_factory):
         from dermascan.infra.schema import Referral
 
         referral_id = session.scalar(select(Referral.id))
+        lesion_id = session.get(Study, study_id).lesion_id
         from dermascan.infra.schema import User
 
         user_id = session.scalar(select(User.id).where(User.username == "uploader"))
     ids = {
         "batch": result.batch_id, "study": study_id, "referral": referral_id, "token": token_id, "user": user_id,
-        "program": program_id, "bundle": bundle.version, "destination": destination_id,
+        "program": program_id, "bundle": bundle.version, "destination": destination_id, "lesion": lesion_id,
     }  # fmt: skip
     return settings, ids, plain
 

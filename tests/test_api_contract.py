@@ -29,6 +29,7 @@ def test_api_conforms_to_its_openapi_document(pg_settings, app_factory):
         "GET /api/v1/batches/{batch_id}/export",
         "GET /api/v1/studies/{study_id}",
         "GET /api/v1/studies/{study_id}/fhir",
+        "GET /api/v1/lesions/{lesion_id}",
         "PUT /api/v1/studies/{study_id}/outcome",
         "POST /api/v1/outcomes",
     }

@@ -13,7 +13,7 @@ from functools import wraps
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from dermascan.errors import DomainError
-from dermascan.infra.schema import Batch, Program, Study, iso_utc, utcnow
+from dermascan.infra.schema import Batch, Lesion, Program, Study, iso_utc, utcnow
 from dermascan.ingest import json_records, manifest
 from dermascan.ingest.errors import IngestError
 from dermascan.ingest.numbers import NumberError
@@ -269,6 +269,21 @@ def get_study(study_id):
     row["batch_id"] = study.batch_id
     row["deliveries"] = delivery_status.deliveries(db(), study.id)  # results sent back to the PACS
     return jsonify(row)
+
+
+@bp.get("/lesions/<int:lesion_id>")
+@token_required
+def get_lesion(lesion_id):
+    """A followed lesion's whole history: every visit in time order (date, probability,
+    assessability, referral, decision, outcome) with the comparison of each with the one before."""
+    lesion = db().get(Lesion, lesion_id)
+    if lesion is None or lesion.program_id != g.program_id:
+        return error(404, "no such lesion")
+    history = reports.lesion_history(db(), lesion.id)
+    if not history:
+        return error(404, "no such lesion")
+    return jsonify({"lesion_id": lesion.id, "visits": len(history), "first_seen_at": history[0]["visit_at"],
+                    "last_seen_at": history[-1]["visit_at"], "history": history})  # fmt: skip
 
 
 @bp.get("/studies/<int:study_id>/fhir")

@@ -77,6 +77,8 @@ def gauges() -> bytes:
         "studies": GaugeMetricFamily("dermascan_monitor_studies", f"Studies scored in the last {RATE_DAYS} days", labels=["program"]),
         "referral_rate": GaugeMetricFamily("dermascan_monitor_referral_rate", "Share of studies referred (high risk or not assessable), last 7 days", labels=["program"]),
         "high_risk_rate": GaugeMetricFamily("dermascan_monitor_high_risk_rate", "Share of studies referred for high risk, last 7 days", labels=["program"]),
+        "newly": GaugeMetricFamily("dermascan_monitor_newly_high_risk", f"Studies referred as newly high risk (not referred at the lesion's last visit), last {RATE_DAYS} days", labels=["program"]),
+        "changed": GaugeMetricFamily("dermascan_monitor_changed_since_last_visit", f"Studies referred as changed since the lesion's last visit, last {RATE_DAYS} days", labels=["program"]),
         "low": GaugeMetricFamily("dermascan_monitor_high_risk_rate_expected_low", "Lower end of the expected high-risk referral rate", labels=["program"]),
         "high": GaugeMetricFamily("dermascan_monitor_high_risk_rate_expected_high", "Upper end of the expected high-risk referral rate", labels=["program"]),
         "ppv": GaugeMetricFamily("dermascan_monitor_ppv", "Referred studies with a malignant outcome among those with an outcome, last 28 days", labels=["program"]),
@@ -89,6 +91,8 @@ def gauges() -> bytes:
         month = monitoring.rolling(db(), program, DRIFT_DAYS)
         name = [program.name]
         families["studies"].add_metric(name, week.studies)
+        families["newly"].add_metric(name, week.newly_high_risk)
+        families["changed"].add_metric(name, week.changed)
         for key, value in (("referral_rate", week.referral_rate), ("high_risk_rate", week.high_risk_rate),
                            ("ppv", month.ppv), ("benign", week.benign_share)):  # fmt: skip
             if value is not None:

@@ -3,6 +3,79 @@ in ``tests/test_api_contract.py``)."""
 
 from __future__ import annotations
 
+# lesion follow-up: a study's lesion and its comparison with the lesion's previous visit
+FOLLOW_UP = {
+    "lesion_id": {"type": "integer", "nullable": True, "description": "the followed lesion (GET /api/v1/lesions/{id})"},
+    "acquired_at": {
+        "type": "string",
+        "format": "date-time",
+        "nullable": True,
+        "description": "the visit's date, as sent",
+    },
+    "previous_study_id": {"type": "integer", "nullable": True, "description": "the lesion's previous visit"},
+    "probability_change": {"type": "number", "nullable": True},
+    "change_measure": {
+        "type": "number",
+        "nullable": True,
+        "description": "image change since the previous visit, in units of a typical unchanged same-lesion pair",
+    },
+    "change_percentile": {"type": "number", "nullable": True, "minimum": 0, "maximum": 1},
+    "changed_since_last_visit": {"type": "boolean", "nullable": True},
+    "newly_high_risk": {"type": "boolean", "nullable": True},
+}
+VISIT = {
+    "type": "object",
+    "properties": {
+        "study_id": {"type": "integer"},
+        "external_id": {"type": "string", "nullable": True},
+        "visit_at": {"type": "string", "format": "date-time", "nullable": True},
+        "acquired_at": {"type": "string", "format": "date-time", "nullable": True},
+        "received_at": {"type": "string", "format": "date-time", "nullable": True},
+        "status": {"type": "string", "enum": ["queued", "processing", "done", "failed"]},
+        "probability": {"type": "number", "nullable": True},
+        "assessable": {"type": "boolean", "nullable": True},
+        "not_assessable_reason": {"type": "string", "nullable": True},
+        "referred": {"type": "boolean", "nullable": True},
+        "referral_category": {"type": "string", "nullable": True},
+        "decision": {"type": "string", "nullable": True},
+        "outcome": {"type": "string", "nullable": True},
+        "bundle_version": {"type": "string", "nullable": True},
+        "has_heatmap": {"type": "boolean"},
+        **{k: v for k, v in FOLLOW_UP.items() if k not in ("lesion_id", "acquired_at")},
+    },
+    "required": ["study_id", "visit_at", "status"],
+}
+LESION = {
+    "type": "object",
+    "properties": {
+        "lesion_id": {"type": "integer"},
+        "visits": {"type": "integer"},
+        "first_seen_at": {"type": "string", "format": "date-time"},
+        "last_seen_at": {"type": "string", "format": "date-time"},
+        "history": {"type": "array", "items": VISIT},
+    },
+    "required": ["lesion_id", "visits", "history"],
+}
+EDGE_RESULT = {
+    "type": "object",
+    "nullable": True,
+    "description": "A score the edge scorer (dermascan-edge) made offline, uploaded with the study and kept beside the "
+    "server's own; it decides nothing on the server.",
+    "properties": {
+        "probability": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True},
+        "score": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True},
+        "threshold": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True},
+        "referred": {"type": "boolean", "nullable": True},
+        "assessable": {"type": "boolean", "nullable": True},
+        "reason": {"type": "string", "nullable": True, "maxLength": 200},
+        "bundle_version": {"type": "string", "maxLength": 200},
+        "runtime": {"type": "string", "nullable": True, "maxLength": 200},
+        "precision": {"type": "string", "nullable": True, "maxLength": 200},
+        "made_at": {"type": "string", "format": "date-time", "nullable": True},
+    },
+    "required": ["bundle_version"],
+    "additionalProperties": False,
+}
 RESULT = {
     "type": "object",
     "properties": {
@@ -32,7 +105,13 @@ RESULT = {
         },
         "threshold": {"type": "number", "nullable": True},
         "referred": {"type": "boolean", "nullable": True},
-        "referral_category": {"type": "string", "nullable": True, "enum": ["high_risk", "not_assessable", None]},
+        "referral_category": {
+            "type": "string",
+            "nullable": True,
+            "enum": ["newly_high_risk", "high_risk", "changed", "not_assessable", None],
+            "description": "why the study is in the specialists' queue (the referral rule's reasons, each its own tier)",
+        },
+        "referral_reason": {"type": "string", "nullable": True, "example": "changed since last visit"},
         "spread": {"type": "number", "nullable": True},
         "bundle_version": {"type": "string", "nullable": True},
         "error": {"type": "string", "nullable": True},
@@ -40,6 +119,8 @@ RESULT = {
         "sex": {"type": "string", "nullable": True},
         "anatom_site_general": {"type": "string", "nullable": True},
         "sop_instance_uid": {"type": "string", "nullable": True},
+        "edge_result": EDGE_RESULT,
+        **FOLLOW_UP,
         "created_at": {"type": "string", "format": "date-time", "nullable": True},
         "finished_at": {"type": "string", "format": "date-time", "nullable": True},
     },
@@ -104,6 +185,17 @@ JSON_RECORD = {
         "anatom_site_general": {"type": "string", "nullable": True},
         "idempotency_key": {"type": "string"},
         "image_base64": {"type": "string", "format": "byte"},
+        "edge_result": EDGE_RESULT,
+        "lesion_id": {
+            "type": "string",
+            "maxLength": 64,
+            "description": "the lesion this image shows (ISIC-2024 "
+            "column); the same id in a later visit of the same patient links the two",
+        },
+        "acquired_at": {
+            "type": "string",
+            "description": "the visit's date (ISO 8601); aliases acquisition_date, study_date, visit_date",
+        },
     },
     "required": ["image_base64"],
 }
@@ -143,7 +235,18 @@ DELIVERY = {
 STUDY = {
     "allOf": [
         RESULT,
-        {"type": "object", "properties": {"deliveries": {"type": "array", "items": DELIVERY}}},
+        {
+            "type": "object",
+            "properties": {
+                "deliveries": {"type": "array", "items": DELIVERY},
+                "earlier_visits": {
+                    "type": "array",
+                    "items": VISIT,
+                    "description": "the lesion's earlier visits, in time order",
+                },
+                "later_visits": {"type": "integer"},
+            },
+        },
     ]
 }
 FHIR_RESOURCE = {
@@ -418,6 +521,22 @@ def document() -> dict:
                             "description": "The study's result as a FHIR R4 DiagnosticReport (Observations, "
                             "ImagingStudy and the algorithm as a Device contained)",
                             "content": {"application/fhir+json": {"schema": FHIR_RESOURCE}},
+                        },
+                        **_errors(401, 404),
+                    },
+                }
+            },
+            "/api/v1/lesions/{lesion_id}": {
+                "get": {
+                    "operationId": "getLesion",
+                    "parameters": [
+                        {"name": "lesion_id", "in": "path", "required": True, "schema": {"type": "integer"}}
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "A followed lesion's whole history: its visits in time order, each with "
+                            "its result, decision, outcome and its comparison with the visit before",
+                            "content": {"application/json": {"schema": LESION}},
                         },
                         **_errors(401, 404),
                     },

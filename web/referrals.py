@@ -80,7 +80,7 @@ def queue():
     return render_template(
         "queue.html", cases=cases, stats=stats, mine=mine, flt=flt, sites=SITES, programs=programs,
         batches=policy.batches_with_referrals(db()), claim=ClaimForm(data=request.args),
-        category_labels=referral_policy.CATEGORY_LABELS,
+        category_labels=referral_policy.CATEGORY_LABELS, tier_labels=referral_policy.TIER_LABELS,
     )  # fmt: skip
 
 
@@ -143,6 +143,9 @@ def case(referral_id):
         program_probability=program_probability, outcome_form=OutcomeForm(),
         outcome=db().scalar(select(Outcome).where(Outcome.study_id == study.id)),
         deliveries=delivery_status.deliveries(db(), study.id),
+        history=reports.lesion_history(db(), study.lesion_id) if study.lesion_id is not None else [],
+        category_labels=referral_policy.CATEGORY_LABELS,
+        change_threshold=((bundle.manifest if bundle else {}).get("change") or {}).get("threshold"),
     )  # fmt: skip
 
 

@@ -104,9 +104,47 @@ def load_predictor(settings: Settings):
         batch_sizes=settings.predict_batch_sizes,
         tta=tta,
         mixed_precision=settings.mixed_precision,
+        onnx_package=_runtime_package(settings, manifest),
     )
-    log.info("loaded bundle %s (tta=%s, backend %s)", loaded.version, tta, keras.backend.backend())
+    log.info(
+        "loaded bundle %s (tta=%s, backend %s, runtime %s)",
+        loaded.version,
+        tta,
+        keras.backend.backend(),
+        loaded.runtime,
+    )
     return loaded
+
+
+def _runtime_package(settings: Settings, manifest: dict) -> Path | None:
+    if settings.runtime == "keras":
+        return None
+    if settings.runtime != "onnxruntime":
+        raise ValueError(f"DERMASCAN_RUNTIME={settings.runtime!r}: keras or onnxruntime")
+    return onnx_package(settings, manifest)
+
+
+def onnx_package(settings: Settings, manifest: dict) -> Path:
+    """The bundle's ONNX package for DERMASCAN_RUNTIME=onnxruntime: exported once into the data
+    directory (about half a minute), then reused by every worker that starts with this bundle."""
+    from dermascan.config import require_extra
+
+    require_extra("onnxruntime", "edge", "DERMASCAN_RUNTIME=onnxruntime")
+    folder = Path(settings.data_dir) / "onnx" / f"{manifest['version']}-{manifest['weights_sha256'][:12]}"
+    if not (folder / "manifest.json").is_file():
+        require_extra("tf2onnx", "export", "DERMASCAN_RUNTIME=onnxruntime (the first export of a bundle)")
+        from model.export import export
+
+        log.info("%sexporting the bundle to ONNX once (%s)…", STARTING, folder)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        export(settings.model_bundle, "onnx", tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another worker finished the same export first: use its copy
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def register_bundle(settings: Settings, session) -> ModelBundle:
@@ -158,7 +196,9 @@ def _score_in_shadow(version: str, shadow, items, images) -> list[results.Scored
 
 def _scored(items, scores) -> list[results.ScoredStudy]:
     return [
-        results.ScoredStudy(i.study_id, s.probability, s.spread, s.assessable, s.reason, s.distance, s.stats)
+        results.ScoredStudy(
+            i.study_id, s.probability, s.spread, s.assessable, s.reason, s.distance, s.stats, s.embedding
+        )
         for i, s in zip(items, scores, strict=True)
     ]
 
@@ -435,7 +475,9 @@ class ScoreStudies:
         try:
             with self.factory() as session, session.begin():
                 threshold = session.get(ModelBundle, pred.version).threshold
-                written = results.record(session, pred.version, threshold, work.scored, work.failed, self.owner)
+                written = results.record(
+                    session, pred.version, threshold, work.scored, work.failed, self.owner, change=pred.change
+                )
                 for version, theirs in work.shadow.items():
                     results.record_shadow(session, version, session.get(ModelBundle, version).threshold, theirs)
                 outcome.finished_batches = results.finished_batches(session, [i.batch_id for i in items])

@@ -292,3 +292,70 @@ def read_teacher_config(teacher_dir: Path):
     from model.combine import read_config
 
     return read_config(teacher_dir)
+
+
+@main.command("export")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "litert"]), required=True)
+@click.option("--int8", is_flag=True, help="Static post-training quantisation, calibrated on development images.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="The edge package folder.")
+@click.option(
+    "--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The bundle's development data (default: the folder its manifest names).",
+)  # fmt: skip
+def export_bundle(bundle_dir, fmt, int8, out_dir, data_dir):
+    """Export a bundle for the edge (ONNX Runtime or LiteRT, fp32 or int8) and check the package
+    against the bundle; exit 1 when the check fails."""
+    from dermascan.config import MissingExtra, require_extra
+    from edge.scorer import EdgeScorer
+    from model.errors import ModelError
+    from model.export import export
+
+    try:
+        require_extra("tf2onnx" if fmt == "onnx" else "ai_edge_litert", "export", f"dermascan export --format {fmt}")
+        if int8 or fmt == "onnx":
+            require_extra("onnxruntime", "export", "dermascan export")
+    except MissingExtra as exc:
+        raise click.ClickException(str(exc)) from exc
+    _log_progress()
+    try:
+        manifest = export(bundle_dir, fmt, out_dir, int8=int8, data_dir=data_dir, scorer=EdgeScorer)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    check = manifest["check"]
+    click.echo(f"{manifest['file']} ({manifest['bytes'] / 1e6:.1f} MB, {manifest['runtime']}, {manifest['precision']}) "
+               f"written to {out_dir} in {manifest['exported_in_s']:.0f} s")  # fmt: skip
+    click.echo(
+        f"check on {check['n']} held-out lesions: max probability difference {check['max_probability_difference']:.2e}, "
+        f"gate verdicts identical {check['gate_verdicts_identical']:.1%}, referrals agree {check['referral_agreement']:.1%}, "
+        f"AUC {check['auc_server']:.4f} (bundle) vs {check['auc_edge']:.4f} (package) — "
+        f"{'passed' if check['passed'] else 'FAILED'} ({check['rule']})"
+    )
+    if not check["passed"]:
+        raise SystemExit(1)
+
+
+@main.command("change-fit")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The bundle's development data (ISIC-2024 layout with a lesion_id column).",
+)  # fmt: skip
+def change_fit(bundle_dir, data_dir):
+    """Fit a bundle's lesion change measure (follow-up: "changed since last visit") on the
+    same-lesion image pairs of its development patients; report it on its held-out patients."""
+    from model.errors import ModelError
+    from model.train import add_change
+
+    _log_progress()
+    try:
+        block = add_change(bundle_dir, data_dir)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    r = block["report"]["report"]
+    click.echo(
+        f"change measure: threshold {block['threshold']:.3f} (units of a typical unchanged pair); "
+        f"flags {r['flagged']} of {r['pairs']} unchanged same-lesion pairs of held-out patients "
+        f"({100 * (r['flagged_share'] or 0):.1f} %, 95 % CI {100 * r['flagged_share_ci95'][0]:.1f}–"
+        f"{100 * r['flagged_share_ci95'][1]:.1f} %); two different lesions: {100 * (r['different_lesions_flagged_share'] or 0):.0f} %"
+    )

@@ -48,7 +48,9 @@ class Window:
     bundle: str | None = None
     studies: int = 0
     referred: int = 0
-    high_risk: int = 0
+    high_risk: int = 0  # referred for the probability (newly high risk included)
+    newly_high_risk: int = 0  # lesion follow-up: not referred at the last visit, referred now
+    changed: int = 0  # lesion follow-up: changed since last visit (below the threshold)
     not_assessable: int = 0
     decided: int = 0
     decided_benign: int = 0
@@ -168,7 +170,9 @@ def _count_referrals_and_outcomes(out: Window, rows: _WindowRows) -> None:
     referrals = rows.referrals
     out.studies = len(rows.studies)
     out.referred = len(referrals)
-    out.high_risk = sum(1 for r in referrals.values() if r.category == "high_risk")
+    out.high_risk = sum(1 for r in referrals.values() if r.category in ("high_risk", "newly_high_risk"))
+    out.newly_high_risk = sum(1 for r in referrals.values() if r.category == "newly_high_risk")
+    out.changed = sum(1 for r in referrals.values() if r.category == "changed")
     out.not_assessable = sum(1 for r in referrals.values() if r.category == "not_assessable")
     decided = [r for r in referrals.values() if r.decision is not None]
     out.decided = len(decided)

@@ -229,6 +229,22 @@ class Batch(Base):
     studies: Mapped[list[Study]] = relationship(back_populates="batch")
 
 
+class Lesion(Base):
+    """One lesion followed across visits: named by the sender (``lesion_id``; DICOM's Lesion
+    Number), kept only as a keyed pseudonym, scoped to the program and to one patient."""
+
+    __tablename__ = "lesions"
+    __table_args__ = (UniqueConstraint("program_id", "key_pseudonym", name="uq_lesions_program_key"),)
+    id: Mapped[intpk]
+    program_id: Mapped[int] = mapped_column(ForeignKey("programs.id"))
+    key_pseudonym: Mapped[str] = mapped_column(String(64))
+    # the patient it belongs to (the first study that named one); another patient is refused
+    patient_pseudonym: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[timestamp]
+
+    studies: Mapped[list[Study]] = relationship(back_populates="lesion")
+
+
 class Study(Base):
     """One lesion image with its patient metadata, as accepted; scored asynchronously."""
 
@@ -268,13 +284,26 @@ class Study(Base):
     # the worker process scoring it and until when (renewed by its heartbeat; cleared when stored)
     lease_owner: Mapped[str | None] = mapped_column(String(120))
     lease_until: Mapped[optional_timestamp]
+    # a score the edge scorer made offline, uploaded with the study (kept beside the server's)
+    edge_result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # lesion follow-up: the lesion this study images, and when it was imaged (the visit's date,
+    # as sent; None: when it was received) — a lesion's visits are ordered by it
+    lesion_id: Mapped[int | None] = mapped_column(ForeignKey("lesions.id"), index=True)
+    acquired_at: Mapped[optional_timestamp]
     finished_at: Mapped[optional_timestamp]
     # the image and heat map were deleted under the retention policy (results and decisions stay)
     image_purged_at: Mapped[optional_timestamp]
 
     batch: Mapped[Batch | None] = relationship(back_populates="studies")
-    predictions: Mapped[list[Prediction]] = relationship(back_populates="study", order_by="Prediction.created_at")
+    predictions: Mapped[list[Prediction]] = relationship(
+        back_populates="study", order_by="Prediction.created_at", foreign_keys="Prediction.study_id"
+    )
     referral: Mapped[Referral | None] = relationship(back_populates="study")
+    lesion: Mapped[Lesion | None] = relationship(back_populates="studies")
+
+    @property
+    def visit_time(self) -> dt.datetime:
+        return self.acquired_at or self.created_at
 
 
 class Prediction(Base):
@@ -299,9 +328,19 @@ class Prediction(Base):
     shadow: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
     # brightness, contrast, sharpness, min_side of the model's input (monitoring's image drift)
     image_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # lesion follow-up (model.change): this image's embedding, and the comparison with the same
+    # lesion's previous visit when there was one (the study compared with, the change measure and
+    # its share of unchanged same-lesion pairs below it, the change in probability, the verdicts)
+    embedding: Mapped[list[float] | None] = mapped_column(JSON)
+    previous_study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"))
+    change_measure: Mapped[float | None] = mapped_column(Float)
+    change_percentile: Mapped[float | None] = mapped_column(Float)
+    probability_change: Mapped[float | None] = mapped_column(Float)
+    changed: Mapped[bool | None]
+    newly_high_risk: Mapped[bool | None]
     created_at: Mapped[timestamp]
 
-    study: Mapped[Study] = relationship(back_populates="predictions")
+    study: Mapped[Study] = relationship(back_populates="predictions", foreign_keys=[study_id])
 
 
 class Referral(Base):
@@ -311,7 +350,8 @@ class Referral(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
     prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"))
     probability: Mapped[float] = mapped_column(Float)
-    # high_risk (probability at or above the threshold) | not_assessable (a person checks the image)
+    # newly_high_risk | high_risk (probability at or above the threshold) | changed (since the last
+    # visit, below the threshold) | not_assessable (a person checks the image): referral_policy
     category: Mapped[str] = mapped_column(String(20), default="high_risk", server_default="high_risk")
     tier: Mapped[int] = mapped_column(Integer)  # 1 = highest priority
     status: Mapped[ReferralStatus] = mapped_column(

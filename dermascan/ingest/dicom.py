@@ -22,6 +22,7 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
 from dermascan.config import Settings
+from dermascan.ingest import follow_up
 from dermascan.ingest.records import SITE_ALIASES, SITES
 from dermascan.ingest.types import StudyInput
 
@@ -313,7 +314,10 @@ def parse_dataset(ds: Dataset, limits: Settings | None = None) -> ParsedInstance
     except DicomRejected as exc:
         exc.sop_class_uid, exc.sop_instance_uid = sop_class, sop_instance
         raise
+    lesion_id, acquired_at = follow_up.from_dicom(ds)
     study = StudyInput(
+        lesion_id=lesion_id,
+        acquired_at=acquired_at,
         image=image,
         metadata={
             "age_approx": parse_age(ds.get("PatientAge")),

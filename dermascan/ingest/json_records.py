@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 
+from dermascan.ingest import edge_results, follow_up
 from dermascan.ingest.errors import IngestError, Rejection
 from dermascan.ingest.manifest import is_known_column
 from dermascan.ingest.types import StudyInput
@@ -54,18 +55,27 @@ def parse(payload, max_key: int = 200) -> tuple[list[StudyInput], list[Rejection
         except (binascii.Error, ValueError):
             rejected.append(Rejection(index, "image_base64 is not valid base64", external_id, "image_base64"))
             continue
+        try:
+            edge_result = edge_results.clean(record.get("edge_result"))
+        except IngestError as exc:
+            rejected.append(Rejection(index, str(exc), external_id, "edge_result"))
+            continue
         meta = {
-            k: v for k, v in record.items() if k not in ("image_base64", "external_id", "patient_id", "idempotency_key")
+            k: v
+            for k, v in record.items()
+            if k not in ("image_base64", "external_id", "patient_id", "idempotency_key", "edge_result")
         }
         unknown = sorted(str(k)[:60] for k in meta if not is_known_column(k))
         if unknown:
             shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
             rejected.append(Rejection(index, f"unknown field(s) {shown}", external_id, unknown[0]))
             continue
+        lesion_id, acquired_at, date_field = follow_up.from_record(record)
         inputs.append(
             StudyInput(
                 image=image, metadata=meta, external_id=external_id, patient_id=patient_id,
-                idempotency_key=key, row=index,
+                idempotency_key=key, row=index, edge_result=edge_result,
+                lesion_id=lesion_id, acquired_at=acquired_at, acquired_at_field=date_field,
             )
         )  # fmt: skip
     return inputs, rejected

@@ -13,6 +13,7 @@ import posixpath
 import zipfile
 from pathlib import Path
 
+from dermascan.ingest import follow_up
 from dermascan.ingest.errors import IngestError, IngestTooLarge, Rejection
 from dermascan.ingest.records import FIELD_ALIASES, PASSTHROUGH_NUMERIC, PASSTHROUGH_TEXT
 from dermascan.ingest.types import StudyInput
@@ -47,6 +48,11 @@ INFORMATIONAL = {
     "image_type",
     "external_id",
     "note",
+    # lesion follow-up (ingest.follow_up)
+    "acquired_at",
+    "acquisition_date",
+    "study_date",
+    "visit_date",
 }
 KNOWN = set(TEMPLATE_COLUMNS) | set(FIELD_ALIASES) | set(PASSTHROUGH_NUMERIC) | set(PASSTHROUGH_TEXT) | INFORMATIONAL
 
@@ -201,9 +207,13 @@ def rows_to_inputs(rows, find_image) -> tuple[list, list[Rejection]]:
                 Rejection(line, f"no image named {name!r} (.jpg, .jpeg or .png) was found", external_id, "image")
             )
             continue
+        lesion_id, acquired_at, date_field = follow_up.from_record(row)
         inputs.append(
-            StudyInput(image=data, metadata=row, external_id=external_id, patient_id=row.get("patient_id"), row=line)
-        )
+            StudyInput(
+                image=data, metadata=row, external_id=external_id, patient_id=row.get("patient_id"), row=line,
+                lesion_id=lesion_id, acquired_at=acquired_at, acquired_at_field=date_field,
+            )
+        )  # fmt: skip
     return inputs, rejected
 
 

@@ -21,3 +21,8 @@ class StudyInput:
     accession_number: str | None = None  # an identifier: stored only as a pseudonym
     dicom_header: bytes | None = None  # the DICOM header as received (no pixels), kept encrypted
     row: int | None = None  # where it came from, for the validation report
+    edge_result: dict | None = None  # a score made offline by the edge scorer (ingest.edge_results)
+    # lesion follow-up (ingest.follow_up), as sent: checked at submission
+    lesion_id: object = None
+    acquired_at: object = None
+    acquired_at_field: str = "acquired_at"

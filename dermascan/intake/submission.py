@@ -29,6 +29,7 @@ from dermascan.ingest.errors import Rejection
 from dermascan.ingest.images import ImageRejected, inspect_image
 from dermascan.ingest.records import FieldError, clean_metadata
 from dermascan.ingest.types import StudyInput
+from dermascan.intake import lesions
 from dermascan.security import audit, keys
 from dermascan.security.identity import pseudonymise
 
@@ -132,7 +133,7 @@ class SubmitStudies:
         batch = self._open_batch(session)
         batch_id = batch.id if batch is not None else self.batch_id
         result = SubmitResult(batch_id, rejected=list(self.prior_rejections), interactive=self.interactive)
-        staged = self._validate(batch_id, result)
+        staged = self._validate(session, batch_id, result)
         # flush the blobs to disk (concurrently) while the rows go in with multi-row inserts; a
         # key already known (a retry, a re-sent SOP instance) inserts nothing
         digests = [r["image_sha256"] for r in staged.rows] + [
@@ -163,12 +164,28 @@ class SubmitStudies:
             callback_url=self.callback_url, user_id=self.user_id, token_id=self.token_id,
         )  # fmt: skip
 
-    def _validate(self, batch_id: str | None, result: SubmitResult) -> _Staged:
-        """Check every input in Python (the image at the door, the metadata) and stage the rows
-        and blobs of the good ones; rejections go to ``result``."""
+    def _follow_up(self, session: Session) -> tuple[dict[int, object], lesions.Lesions]:
+        """Each input's checked follow-up fields (or its FieldError), and the upload's lesions."""
+        secret = self.settings.secret_key
+        named: dict[int, object] = {}
+        first_patient: dict[str, str | None] = {}
+        for i, item in enumerate(self.inputs):
+            try:
+                named[i] = lesions.check(secret, self.program_id, item)
+            except FieldError as exc:
+                named[i] = exc
+                continue
+            if named[i].key is not None and named[i].key not in first_patient:
+                first_patient[named[i].key] = pseudonymise(secret, self.program_id, item.patient_id)
+        return named, lesions.Lesions(session, self.program_id, first_patient)
+
+    def _validate(self, session: Session, batch_id: str | None, result: SubmitResult) -> _Staged:
+        """Check every input in Python (the image at the door, the metadata, the lesion and the
+        visit's date) and stage the rows and blobs of the good ones; rejections go to ``result``."""
         staged = _Staged()
         priority = Priority.INTERACTIVE if self.interactive else Priority.BULK
-        for item in self.inputs:
+        named, known_lesions = self._follow_up(session)
+        for index, item in enumerate(self.inputs):
             self._tick()
             key = item.idempotency_key or (item.sop_instance_uid and f"sop:{item.sop_instance_uid}")
             if key and key in staged.first_row_of_key:
@@ -178,6 +195,11 @@ class SubmitStudies:
                 _no_nul(item)
                 info = inspect_image(item.image, self.settings.max_image_bytes, self.settings.max_image_pixels)
                 meta = clean_metadata(item.metadata)
+                follow = named[index]
+                if isinstance(follow, FieldError):
+                    raise follow
+                patient = pseudonymise(self.settings.secret_key, self.program_id, item.patient_id)
+                lesion_id = None if follow.key is None else known_lesions.claim(follow.key, patient)
             except ImageRejected as exc:
                 result.rejected.append(Rejection(item.row, str(exc), item.external_id, "image"))
                 continue
@@ -187,7 +209,9 @@ class SubmitStudies:
             if key:
                 staged.first_row_of_key[key] = len(staged.rows)
             staged.entries.append(_Entry(item, row=len(staged.rows), key=key))
-            staged.rows.append(self._row(item, key, meta, info, batch_id, priority))
+            row = self._row(item, key, meta, info, batch_id, priority)
+            row.update(lesion_id=lesion_id, acquired_at=follow.acquired_at)
+            staged.rows.append(row)
         return staged
 
     def _row(self, item: StudyInput, key: str | None, meta: dict, info, batch_id, priority) -> dict:
@@ -213,6 +237,7 @@ class SubmitStudies:
             "image_width": info.width,
             "image_height": info.height,
             "priority": priority,
+            "edge_result": item.edge_result,
             "status": StudyStatus.QUEUED,
             "attempts": 0,
             "created_at": utcnow(),

@@ -22,16 +22,24 @@ from dataclasses import dataclass
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
 SCHEME = "99DSCAN"  # DermaScan's private coding scheme (PS3.16 8.2: 99 prefix for private schemes)
 PROBABILITY = hd.sr.CodedConcept("MALPROB", SCHEME, "Probability of malignancy")
 REFERRAL = hd.sr.CodedConcept("REFERRAL", SCHEME, "Referral to a specialist")
 REFERRAL_VALUES = {
+    "newly_high_risk": hd.sr.CodedConcept("NEWHIGHRISK", SCHEME, "Referred: newly high risk"),
     "high_risk": hd.sr.CodedConcept("HIGHRISK", SCHEME, "Referred: high risk"),
+    "changed": hd.sr.CodedConcept("CHANGED", SCHEME, "Referred: changed since last visit"),
     "not_assessable": hd.sr.CodedConcept("NOTASSESS", SCHEME, "Referred: image not assessable"),
     None: hd.sr.CodedConcept("NOTREF", SCHEME, "Not referred"),
 }
+# lesion follow-up: the comparison with the same lesion's previous visit
+CHANGE_MEASURE = hd.sr.CodedConcept("LESCHANGE", SCHEME, "Lesion change since the previous visit")
+PROBABILITY_CHANGE = hd.sr.CodedConcept("PROBCHANGE", SCHEME, "Change in probability since the previous visit")
+CHANGED = hd.sr.CodedConcept("CHANGEDSLV", SCHEME, "Changed since last visit")
+NEWLY_HIGH_RISK = hd.sr.CodedConcept("NEWHIGHRISK", SCHEME, "Newly high risk")
+YES, NO = codes.SCT.Yes, codes.SCT.No
 IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging")
 UNITY = hd.sr.CodedConcept("1", "UCUM", "no units")
 DEVICE_UID = "2.25.225614219371297474402476476546372812033"  # DermaScan as an observer device
@@ -45,6 +53,15 @@ class AiResult:
     referral_category: str | None  # high_risk, not_assessable or None (not referred)
     bundle_version: str
     bundle_sha256: str
+    # lesion follow-up: the lesion's tracking UID and name, the comparison with the previous visit
+    # and the previous visit's AI report (study, series, instance UIDs)
+    lesion_uid: str | None = None
+    lesion_name: str | None = None
+    change_measure: float | None = None
+    probability_change: float | None = None
+    changed: bool | None = None
+    newly_high_risk: bool | None = None
+    previous_report: tuple[str, str, str] | None = None
 
 
 # attributes of the patient and general study modules that are type 2 (present, possibly empty):
@@ -92,11 +109,24 @@ def ai_result_report(source: Dataset, result: AiResult) -> hd.sr.Comprehensive3D
         measurements.append(
             hd.sr.Measurement(name=PROBABILITY, value=float(result.probability), unit=UNITY, algorithm_id=algorithm)
         )
+    evaluations = [hd.sr.QualitativeEvaluation(REFERRAL, REFERRAL_VALUES[result.referral_category])]
+    for name, value in ((CHANGE_MEASURE, result.change_measure), (PROBABILITY_CHANGE, result.probability_change)):
+        if value is not None:
+            measurements.append(hd.sr.Measurement(name=name, value=float(value), unit=UNITY, algorithm_id=algorithm))
+    for name, flag in ((CHANGED, result.changed), (NEWLY_HIGH_RISK, result.newly_high_risk)):
+        if flag is not None:
+            evaluations.append(hd.sr.QualitativeEvaluation(name, YES if flag else NO))
+    # a followed lesion keeps one tracking UID across its visits (TID 1500's lesion tracking)
+    tracking = (
+        hd.sr.TrackingIdentifier(uid=result.lesion_uid, identifier=result.lesion_name or "lesion")
+        if result.lesion_uid
+        else hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[source.SOPInstanceUID, "lesion"]), identifier="lesion")
+    )  # fmt: skip
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[source.SOPInstanceUID, "lesion"]), identifier="lesion"),
+        tracking_identifier=tracking,
         algorithm_id=algorithm,
         measurements=measurements or None,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(REFERRAL, REFERRAL_VALUES[result.referral_category])],
+        qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)],
     )  # fmt: skip
     observer = hd.sr.ObserverContext(
@@ -110,8 +140,31 @@ def ai_result_report(source: Dataset, result: AiResult) -> hd.sr.Comprehensive3D
         procedure_reported=IMAGING_PROCEDURE,
         imaging_measurements=[group],
     )
-    return _document(source, [source], report, SERIES_NUMBER, [result.bundle_version, "sr"],
-                     "DermaScan AI result (not a medical device)")  # fmt: skip
+    document = _document(source, [source], report, SERIES_NUMBER, [result.bundle_version, "sr"],
+                         "DermaScan AI result (not a medical device)")  # fmt: skip
+    if result.previous_report is not None:
+        document.PertinentOtherEvidenceSequence = [_reference(*result.previous_report)]
+    return document
+
+
+def _reference(study_uid: str, series_uid: str, instance_uid: str) -> Dataset:
+    """The previous visit's AI report, as a Hierarchical SOP Instance Reference (PS3.3 C.17.2.1)."""
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = Comprehensive3DSRStorage
+    instance.ReferencedSOPInstanceUID = instance_uid
+    series = Dataset()
+    series.SeriesInstanceUID = series_uid
+    series.ReferencedSOPSequence = [instance]
+    study = Dataset()
+    study.StudyInstanceUID = study_uid
+    study.ReferencedSeriesSequence = [series]
+    return study
+
+
+def ai_report_uids(source: Dataset, bundle_version: str) -> tuple[str, str, str]:
+    """(study, series, instance) UIDs of the AI report made for ``source`` by ``bundle_version``."""
+    series, instance = object_uids(source, bundle_version, "sr")
+    return source.StudyInstanceUID, series, instance
 
 
 HEATMAP_SERIES_NUMBER = 9002

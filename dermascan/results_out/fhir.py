@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 
 from dermascan.infra.schema import DECISION_LABELS, Decision, Referral, Study
+from dermascan.screening import referral_policy
 
 SYSTEM = "https://dermascan.example/fhir"  # DermaScan's own code systems and identifiers
 PSEUDONYM_SYSTEM = f"{SYSTEM}/patient-pseudonym"
@@ -62,7 +63,7 @@ def diagnostic_report(row: dict, study: Study, referral: Referral | None, bundle
             )
         )  # fmt: skip
     if row.get("referral_category"):
-        label = {"high_risk": "Referred: high risk", "not_assessable": "Referred: not assessable, check the image"}
+        label = {c: f"Referred: {text}" for c, text in referral_policy.CATEGORY_LABELS.items()}
         contained.append(
             _observation(
                 "referral", _code(SYSTEM, "referral", "Referral to a specialist"), subject, effective,
@@ -74,6 +75,8 @@ def diagnostic_report(row: dict, study: Study, referral: Referral | None, bundle
             _observation("referral", _code(SYSTEM, "referral", "Referral to a specialist"), subject, effective,
                          valueCodeableConcept=_code(SYSTEM, "not-referred", "Not referred"))
         )  # fmt: skip
+    if row.get("previous_study_id") is not None:
+        contained.append(_change_observation(row, subject, effective))
     if referral is not None and referral.decision is not None:
         decision = Decision(referral.decision)
         observation = _observation(
@@ -115,8 +118,52 @@ def diagnostic_report(row: dict, study: Study, referral: Referral | None, bundle
             }
         )
         report["imagingStudy"] = [{"reference": "#imaging-study"}]
+    if row.get("previous_study_id") is not None:
+        # the previous report of the same lesion (a logical reference: its identifier)
+        report["extension"] = [{
+            "url": "http://hl7.org/fhir/StructureDefinition/workflow-supportingInfo",
+            "valueReference": {
+                "type": "DiagnosticReport",
+                "identifier": {"system": f"{SYSTEM}/study", "value": str(row["previous_study_id"])},
+                "display": "previous report of the same lesion",
+            },
+        }]  # fmt: skip
     report["conclusion"] = _conclusion(row, referral)
     return report
+
+
+def _change_observation(row: dict, subject: dict, effective: str | None) -> dict:
+    """What changed since the lesion's previous visit: the change measure (units of a typical
+    unchanged same-lesion pair), its percentile among unchanged pairs, the change in probability,
+    and the two follow-up verdicts."""
+    components = []
+    if row.get("probability_change") is not None:
+        components.append({"code": _code(SYSTEM, "probability-change", "Change in probability since the previous visit"),
+                           "valueQuantity": {"value": row["probability_change"], "unit": "probability",
+                                             "system": "http://unitsofmeasure.org", "code": "1"}})  # fmt: skip
+    if row.get("change_percentile") is not None:
+        components.append({"code": _code(SYSTEM, "change-percentile", "Share of unchanged same-lesion pairs changing less"),
+                           "valueQuantity": {"value": row["change_percentile"], "unit": "fraction",
+                                             "system": "http://unitsofmeasure.org", "code": "1"}})  # fmt: skip
+    for key, code, text in (("changed_since_last_visit", "changed-since-last-visit", "Changed since last visit"),
+                            ("newly_high_risk", "newly-high-risk", "Newly high risk (not referred at the last visit)")):  # fmt: skip
+        if row.get(key) is not None:
+            components.append({"code": _code(SYSTEM, code, text), "valueBoolean": bool(row[key])})
+    value = (
+        {"valueQuantity": {"value": row["change_measure"], "unit": "unchanged-pair units"}}
+        if row.get("change_measure") is not None
+        else {"dataAbsentReason": _code("http://terminology.hl7.org/CodeSystem/data-absent-reason", "not-applicable",
+                                        "Not applicable")}
+    )  # fmt: skip
+    observation = _observation(
+        "change-since-last-visit", _code(SYSTEM, "lesion-change", "Lesion change since the previous visit"),
+        subject, effective, **value,
+    )  # fmt: skip
+    observation["focus"] = [{"identifier": {"system": f"{SYSTEM}/lesion", "value": str(row["lesion_id"])},
+                             "display": "followed lesion"}]  # fmt: skip
+    if components:
+        observation["component"] = components
+    return observation
 
 
 def _device(row: dict, bundle: dict | None) -> dict:
@@ -148,11 +195,22 @@ def _conclusion(row: dict, referral: Referral | None) -> str:
     if row.get("assessable") is False:
         text = f"The image could not be assessed ({row.get('not_assessable_reason')}); referred for a person to check."
     else:
-        verdict = "above" if row.get("referred") else "below"
+        verdict = "at or above" if row["probability"] >= row["threshold"] else "below"
+        reason = f" ({row['referral_reason']})" if row.get("referral_reason") else ""
         text = (
             f"Probability of malignancy {row['probability']:.3f}, {verdict} the referral threshold "
-            f"{row['threshold']:.3f}: {'referred to a specialist' if row.get('referred') else 'not referred'}."
+            f"{row['threshold']:.3f}: {'referred to a specialist' + reason if row.get('referred') else 'not referred'}."
         )
+    if row.get("previous_study_id") is not None:
+        text += f" Previous visit of the same lesion: study {row['previous_study_id']}"
+        if row.get("probability_change") is not None:
+            text += f", probability change {row['probability_change']:+.3f}"
+        if row.get("change_measure") is not None:
+            text += (
+                f", change measure {row['change_measure']:.2f} ({'changed' if row.get('changed_since_last_visit') else 'not changed'}"
+                " beyond the follow-up threshold)"
+            )
+        text += "."
     if referral is not None and referral.decision is not None:
         text += f" Specialist's decision: {DECISION_LABELS[Decision(referral.decision)]}."
     return text

@@ -16,6 +16,7 @@ import io
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -24,6 +25,7 @@ from dermascan.infra.blobs import blob_store
 from dermascan.infra.schema import (
     DECISION_LABELS,
     Decision,
+    Lesion,
     ModelBundle,
     Program,
     Referral,
@@ -64,6 +66,30 @@ def source_header(settings: Settings, study: Study, blobs) -> Dataset:
     )
 
 
+def _follow_up(settings: Settings, session: Session, study: Study, prediction, blobs) -> dict:
+    """The AI report's lesion follow-up: the lesion's tracking UID (one per lesion, from its
+    pseudonym), the comparison with the previous visit, and that visit's AI report."""
+    if study.lesion_id is None:
+        return {}
+    lesion = session.get(Lesion, study.lesion_id)
+    out = {
+        "lesion_uid": generate_uid(entropy_srcs=[lesion.key_pseudonym, "lesion-tracking"]),
+        "lesion_name": f"lesion {lesion.id}",
+        "change_measure": prediction.change_measure,
+        "probability_change": prediction.probability_change,
+        "changed": prediction.changed,
+        "newly_high_risk": prediction.newly_high_risk,
+    }
+    if prediction.previous_study_id is not None:
+        previous = session.get(Study, prediction.previous_study_id)
+        before = latest_predictions(session, [previous.id]).get(previous.id) if previous is not None else None
+        if before is not None:
+            out["previous_report"] = dicom_sr.ai_report_uids(
+                source_header(settings, previous, blobs), before.bundle_version
+            )
+    return out
+
+
 def build_objects(settings: Settings, session: Session, study: Study, kinds) -> dict[str, Dataset]:
     """The DICOM objects of ``kinds`` for a study (BlobUnavailable propagates: retry later)."""
     blobs = blob_store(settings)
@@ -77,6 +103,7 @@ def build_objects(settings: Settings, session: Session, study: Study, kinds) -> 
         referral_category=referral.category if referral is not None else None,
         bundle_version=prediction.bundle_version,
         bundle_sha256=(bundle.sha256 if bundle is not None and bundle.sha256 else "unknown"),
+        **_follow_up(settings, session, study, prediction, blobs),
     )
     ai = dicom_sr.ai_result_report(header, result)
     out: dict[str, Dataset] = {}

@@ -8,8 +8,18 @@ import io
 from sqlalchemy import false, func, select
 from sqlalchemy.orm import Session
 
-from dermascan.infra.schema import Batch, ModelBundle, Prediction, Program, Referral, Study, StudyStatus, iso_utc
-from dermascan.screening import referral_policy
+from dermascan.infra.schema import (
+    Batch,
+    ModelBundle,
+    Outcome,
+    Prediction,
+    Program,
+    Referral,
+    Study,
+    StudyStatus,
+    iso_utc,
+)  # fmt: skip
+from dermascan.screening import follow_up, referral_policy
 from dermascan.security import csv_cells
 from model.calibration import at_prevalence
 
@@ -31,9 +41,20 @@ RESULT_COLUMNS = [
     "sex",
     "anatom_site_general",
     "sop_instance_uid",
+    "lesion_id",
+    "acquired_at",
+    "previous_study_id",
+    "probability_change",
+    "change_measure",
+    "change_percentile",
+    "changed_since_last_visit",
+    "newly_high_risk",
+    "referral_reason",
     "created_at",
     "finished_at",
 ]
+# the referral categories that send a study to the specialists for its risk (not for its image)
+REFERRED = (referral_policy.NEWLY_HIGH_RISK, referral_policy.HIGH_RISK, referral_policy.CHANGED)
 
 
 def status_counts(session: Session, batch_id: str) -> dict:
@@ -58,7 +79,9 @@ def referral_counts(session: Session, batch_id: str) -> dict:
         ).all()
     )
     return {
-        "referred": by_category.get(referral_policy.HIGH_RISK, 0),
+        "referred": sum(by_category.get(c, 0) for c in referral_policy.BY_PROBABILITY),
+        "newly_high_risk": by_category.get(referral_policy.NEWLY_HIGH_RISK, 0),
+        "changed_since_last_visit": by_category.get(referral_policy.CHANGED, 0),
         "not_assessable": by_category.get(referral_policy.NOT_ASSESSABLE, 0),
     }
 
@@ -111,10 +134,61 @@ def result_rows(
 
 
 def study_result(session: Session, study: Study) -> dict:
-    """One study's result row (as in a batch's results)."""
+    """One study's result row (as in a batch's results); for a study of a followed lesion, with
+    the lesion's earlier visits (in time order)."""
     prediction = latest_predictions(session, [study.id]).get(study.id)
     category = referral_categories(session, [study.id]).get(study.id)
-    return study_row(study, prediction, category, Prevalence(session).get(study, prediction))
+    row = study_row(study, prediction, category, Prevalence(session).get(study, prediction))
+    if study.lesion_id is not None:
+        history = lesion_history(session, study.lesion_id)
+        position = next(i for i, visit in enumerate(history) if visit["study_id"] == study.id)
+        row["earlier_visits"] = history[:position]
+        row["later_visits"] = len(history) - position - 1
+    return row
+
+
+def visit_row(study: Study, prediction: Prediction | None, referral) -> dict:
+    """One visit of a lesion's history."""
+    assessable = None if prediction is None else bool(prediction.assessable)
+    return {
+        "study_id": study.id,
+        "external_id": study.external_id,
+        "visit_at": iso_utc(study.acquired_at or study.created_at),
+        "acquired_at": iso_utc(study.acquired_at),
+        "received_at": iso_utc(study.created_at),
+        "status": StudyStatus(study.status).value,
+        "probability": round(prediction.probability, 6) if assessable else None,
+        "assessable": assessable,
+        "not_assessable_reason": None if prediction is None else prediction.not_assessable_reason,
+        "referred": None
+        if referral is None and not assessable
+        else (referral is not None and referral.category in REFERRED),
+        "referral_category": None if referral is None else referral.category,
+        "decision": None if referral is None or referral.decision is None else referral.decision.value,
+        "outcome": None,
+        "previous_study_id": None if prediction is None else prediction.previous_study_id,
+        "probability_change": None if prediction is None else prediction.probability_change,
+        "change_measure": None if prediction is None else prediction.change_measure,
+        "change_percentile": None if prediction is None else prediction.change_percentile,
+        "changed_since_last_visit": None if prediction is None else prediction.changed,
+        "newly_high_risk": None if prediction is None else prediction.newly_high_risk,
+        "bundle_version": None if prediction is None else prediction.bundle_version,
+        "has_heatmap": bool(prediction is not None and prediction.heatmap_sha256),
+    }
+
+
+def lesion_history(session: Session, lesion_id: int) -> list[dict]:
+    """Every visit of a lesion in time order, with its outcome when one is recorded."""
+    visits = follow_up.visits(session, lesion_id)
+    ids = [s.id for s, _, _ in visits]
+    outcomes = {o.study_id: o for o in session.scalars(select(Outcome).where(Outcome.study_id.in_(ids)))}
+    rows = []
+    for study, prediction, referral in visits:
+        row = visit_row(study, prediction, referral)
+        outcome = outcomes.get(study.id)
+        row["outcome"] = None if outcome is None else outcome.kind.value
+        rows.append(row)
+    return rows
 
 
 def referral_categories(session: Session, study_ids) -> dict[int, str]:
@@ -169,8 +243,9 @@ def study_row(
         if probability is not None and prevalence
         else None,
         "threshold": None if prediction is None else round(prediction.threshold, 6),
-        "referred": (referral_category == referral_policy.HIGH_RISK) if assessable else None,
+        "referred": (referral_category in REFERRED) if assessable else None,
         "referral_category": referral_category,
+        "referral_reason": referral_policy.CATEGORY_LABELS.get(referral_category) if referral_category else None,
         "spread": None if not assessable or prediction.spread is None else round(prediction.spread, 6),
         "bundle_version": None if prediction is None else prediction.bundle_version,
         "error": study.error,
@@ -178,6 +253,17 @@ def study_row(
         "sex": meta.get("sex"),
         "anatom_site_general": meta.get("anatom_site_general"),
         "sop_instance_uid": study.sop_instance_uid,
+        "edge_result": study.edge_result,
+        # lesion follow-up: the lesion (GET /api/v1/lesions/{id}), the visit's date, and the
+        # comparison with the lesion's previous visit
+        "lesion_id": study.lesion_id,
+        "acquired_at": iso_utc(study.acquired_at),
+        "previous_study_id": None if prediction is None else prediction.previous_study_id,
+        "probability_change": None if prediction is None else prediction.probability_change,
+        "change_measure": None if prediction is None else prediction.change_measure,
+        "change_percentile": None if prediction is None else prediction.change_percentile,
+        "changed_since_last_visit": None if prediction is None else prediction.changed,
+        "newly_high_risk": None if prediction is None else prediction.newly_high_risk,
         "created_at": iso_utc(study.created_at),
         "finished_at": iso_utc(study.finished_at),
     }

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from dermascan.infra.db import insert_ignoring_conflicts
 from dermascan.infra.schema import Batch, Prediction, Priority, Referral, Study, StudyStatus, utcnow
-from dermascan.screening import referral_policy
+from dermascan.screening import follow_up, referral_policy
 
 
 @dataclass
@@ -27,6 +27,7 @@ class ScoredStudy:
     reason: str | None = None  # why the image could not be assessed
     distance: float | None = None  # the gate's feature distance
     stats: dict | None = None  # image statistics for monitoring (brightness, contrast, sharpness, size)
+    embedding: list[float] | None = None  # for the lesion change measure, when the bundle has one
 
 
 def claim(session: Session, study_ids: Sequence[int], owner: str = "", lease_s: float = 60.0) -> list[Study]:
@@ -124,11 +125,14 @@ def record(
     scored: Sequence[ScoredStudy],
     failed: Sequence[tuple[int, str]] = (),
     owner: str | None = None,
+    change=None,
 ) -> dict:
     """Write one batch's results in the caller's transaction: predictions (one multi-row insert,
     duplicates ignored), statuses, and the referrals the referral policy decides (high risk at or
-    above ``threshold``; every not-assessable image, to be checked by a person). The returned
-    ``high_risk`` lists the study ids referred for their probability (they get heat maps)."""
+    above ``threshold``; every not-assessable image, to be checked by a person; with lesion
+    follow-up, the comparison with each lesion's previous visit — ``change``: the bundle's change
+    measure, ``model.change``, or None). The returned ``high_risk`` lists the study ids referred
+    for their probability (they get heat maps)."""
     now = utcnow()
     lost: list[int] = []
     if owner is not None:  # results are written only for the studies this worker still holds
@@ -138,14 +142,20 @@ def record(
         failed = [f for f in failed if f[0] in held]
     _insert_predictions(session, bundle_version, threshold, scored, now)
     _set_statuses(session, [s.study_id for s in scored], failed, now)
-    decided = [(s, referral_policy.decide(s.probability, threshold, s.assessable)) for s in scored]
+    compared = follow_up.compare_visits(session, bundle_version, [s.study_id for s in scored], change)
+    decided = [
+        (s, referral_policy.decide(s.probability, threshold, s.assessable, *compared.get(s.study_id, (None, None))))
+        for s in scored
+    ]
     referred = [(s, r) for s, r in decided if r is not None]
     _insert_referrals(session, bundle_version, referred, now)
+    later = follow_up.compare_later_visits(session, bundle_version, [s.study_id for s in scored], change)
+    _refer_later_visits(session, bundle_version, later, now)
     return {
         "scored": len(scored),
         "failed": len(failed),
         "referred": len(referred),
-        "high_risk": [s.study_id for s, r in referred if r.category == referral_policy.HIGH_RISK],
+        "high_risk": _heatmaps_wanted(session, referred, later),
         "not_assessable": [s.study_id for s, r in referred if r.category == referral_policy.NOT_ASSESSABLE],
         "lost_lease": lost,
         "scored_ids": [s.study_id for s in scored],
@@ -174,6 +184,7 @@ def _insert_predictions(
             "feature_distance": None if s.distance is None else float(s.distance),
             "shadow": shadow,
             "image_stats": s.stats,
+            "embedding": s.embedding,
             "created_at": now,
         }
         for s in scored
@@ -215,6 +226,45 @@ def _insert_referrals(session: Session, bundle_version: str, referred, now) -> N
         for s, r in referred
     ]  # fmt: skip
     insert_ignoring_conflicts(session, Referral.__table__, rows, ["study_id"])
+
+
+def _heatmaps_wanted(session: Session, referred, later: dict) -> list[int]:
+    """The studies that get heat maps: those referred for their probability or their change, and
+    — so that a specialist compares like with like — the previous visit of each referred visit of
+    a followed lesion."""
+    wanted = [s.study_id for s, r in referred if r.category != referral_policy.NOT_ASSESSABLE]
+    wanted += [study_id for study_id, (newly, changed) in later.items() if newly or changed]
+    followed = [s.study_id for s, _ in referred] + list(later)
+    if followed:
+        wanted += session.scalars(
+            select(Prediction.previous_study_id).where(
+                Prediction.study_id.in_(followed),
+                Prediction.previous_study_id.is_not(None),
+                Prediction.shadow.is_(False),
+            )
+        ).all()
+    return list(dict.fromkeys(wanted))
+
+
+def _refer_later_visits(session: Session, bundle_version: str, later: dict, now) -> None:
+    """A later visit compared only now (it was scored before this, its previous visit): referred
+    as "changed since last visit" when it was cleared, or raised to "newly high risk" while its
+    referral is still open."""
+    for study_id, (newly, changed) in later.items():
+        prediction = session.scalar(
+            select(Prediction).where(Prediction.study_id == study_id, Prediction.bundle_version == bundle_version)
+        )
+        decision = referral_policy.decide(prediction.probability, prediction.threshold, prediction.assessable, newly, changed)  # fmt: skip
+        if decision is None:
+            continue
+        referral = session.scalar(select(Referral).where(Referral.study_id == study_id))
+        if referral is None:
+            insert_ignoring_conflicts(session, Referral.__table__, [{
+                "study_id": study_id, "prediction_id": prediction.id, "probability": float(prediction.probability),
+                "category": decision.category, "tier": decision.tier, "status": "open", "created_at": now,
+            }], ["study_id"])  # fmt: skip
+        elif referral.status == "open" and decision.tier < referral.tier:
+            referral.category, referral.tier = decision.category, decision.tier
 
 
 def finished_batches(session: Session, batch_ids: Sequence[str]) -> list[str]:

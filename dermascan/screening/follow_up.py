@@ -1,0 +1,155 @@
+"""Lesion follow-up: each scored visit of a lesion compared with the lesion's previous visit.
+
+A lesion's visits are ordered by when they were imaged (``Study.acquired_at``, else when they
+were received), so a visit sent late with an earlier date takes its place in time. When a visit
+is recorded, it is compared with the visit before it: the change in probability, "newly high
+risk" (referred for its probability now, not at that visit), and — when both were scored by the
+same bundle and that bundle has a change measure (``model.change``) — the change measure, its
+percentile among unchanged same-lesion pairs, and "changed since last visit". A comparison is
+made once, when both visits are scored: a visit scored before its previous one is compared when
+that one is (``compare_later_visits``); a visit inserted in between later does not redo the
+comparisons already made (the record shows which visit each was compared with).
+
+The lesion's row is locked while its visits are compared, so two workers recording two visits of
+the same lesion at once take turns and neither misses the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from dermascan.infra.schema import Lesion, Prediction, Referral, Study, StudyStatus
+
+
+def visit_time():
+    return func.coalesce(Study.acquired_at, Study.created_at)
+
+
+def current_prediction(session: Session, study_id: int) -> Prediction | None:
+    """The study's latest prediction that decides (not a shadow bundle's)."""
+    return session.scalar(
+        select(Prediction)
+        .where(Prediction.study_id == study_id, Prediction.shadow.is_(False))
+        .order_by(Prediction.created_at.desc(), Prediction.id.desc())
+        .limit(1)
+    )
+
+
+def previous_visit(session: Session, study: Study) -> Study | None:
+    """The visit of the same lesion just before ``study`` in time (failed ones skipped)."""
+    if study.lesion_id is None:
+        return None
+    when = study.acquired_at or study.created_at
+    return session.scalar(
+        select(Study)
+        .where(
+            Study.lesion_id == study.lesion_id,
+            Study.id != study.id,
+            Study.status != StudyStatus.FAILED,
+            or_(visit_time() < when, and_(visit_time() == when, Study.id < study.id)),
+        )
+        .order_by(visit_time().desc(), Study.id.desc())
+        .limit(1)
+    )
+
+
+def visits(session: Session, lesion_id: int) -> list[tuple[Study, Prediction | None, Referral | None]]:
+    """Every visit of a lesion in time order, with its current prediction and its referral."""
+    studies = list(session.scalars(select(Study).where(Study.lesion_id == lesion_id).order_by(visit_time(), Study.id)))
+    return [(s, current_prediction(session, s.id), s.referral) for s in studies]
+
+
+def _compare(prediction: Prediction, earlier: Prediction, change) -> tuple[bool | None, bool | None]:
+    """Fill ``prediction``'s comparison with the earlier visit's; (newly high risk, changed)."""
+    prediction.previous_study_id = earlier.study_id
+    referred = prediction.assessable and prediction.probability >= prediction.threshold
+    if prediction.assessable and earlier.assessable:
+        prediction.probability_change = round(float(prediction.probability - earlier.probability), 6)
+        prediction.newly_high_risk = bool(referred and earlier.probability < earlier.threshold)
+    else:
+        prediction.newly_high_risk = None
+    comparable = (
+        change is not None
+        and prediction.embedding is not None
+        and earlier.embedding is not None
+        and earlier.bundle_version == prediction.bundle_version
+        and len(earlier.embedding) == len(prediction.embedding)
+    )
+    if comparable and prediction.assessable and earlier.assessable:
+        measure = change.measure(earlier.embedding, prediction.embedding)
+        prediction.change_measure = round(measure, 4)
+        prediction.change_percentile = round(change.percentile(measure), 4)
+        prediction.changed = bool(change.changed(measure))
+    return prediction.newly_high_risk, prediction.changed
+
+
+def _lock_lesions(session: Session, study_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """(study id, lesion id) of the studies that name a lesion; their lesions locked, in order."""
+    rows = session.execute(
+        select(Study.id, Study.lesion_id).where(Study.id.in_(list(study_ids)), Study.lesion_id.is_not(None))
+    ).all()
+    if rows:
+        list(session.scalars(
+            select(Lesion.id).where(Lesion.id.in_(sorted({r[1] for r in rows}))).order_by(Lesion.id).with_for_update()
+        ))  # fmt: skip
+    return [(r[0], r[1]) for r in rows]
+
+
+def compare_visits(session: Session, bundle_version: str, study_ids: Sequence[int], change=None) -> dict:
+    """Each just-scored study of a lesion against its previous visit, in the caller's
+    transaction → {study id: (newly high risk, changed)} for those compared."""
+    named = _lock_lesions(session, study_ids)
+    out: dict[int, tuple] = {}
+    studies = sorted((session.get(Study, sid) for sid, _ in named), key=lambda s: (s.acquired_at or s.created_at, s.id))
+    for study in studies:
+        earlier = previous_visit(session, study)
+        prediction = session.scalar(
+            select(Prediction).where(Prediction.study_id == study.id, Prediction.bundle_version == bundle_version)
+        )
+        if earlier is None or prediction is None:
+            continue
+        prediction.previous_study_id = earlier.id
+        before = current_prediction(session, earlier.id)
+        if before is not None:  # else compared when the earlier visit is scored
+            out[study.id] = _compare(prediction, before, change)
+    session.flush()
+    return out
+
+
+def compare_later_visits(session: Session, bundle_version: str, study_ids: Sequence[int], change=None) -> dict:
+    """Visits scored earlier that were waiting for one of ``study_ids`` (their previous visit) to
+    be scored, compared now → {later study id: (newly high risk, changed)}."""
+    if not study_ids:
+        return {}
+    waiting = list(
+        session.scalars(
+            select(Prediction).where(
+                Prediction.previous_study_id.in_(list(study_ids)),
+                Prediction.shadow.is_(False),
+                Prediction.newly_high_risk.is_(None),
+                Prediction.probability_change.is_(None),
+                Prediction.change_measure.is_(None),
+            )
+        )
+    )
+    out: dict[int, tuple] = {}
+    for prediction in waiting:
+        before = current_prediction(session, prediction.previous_study_id)
+        if before is not None and before.bundle_version == bundle_version:
+            out[prediction.study_id] = _compare(prediction, before, change)
+    session.flush()
+    return out
+
+
+def lesion_counts(session: Session, lesion_ids: Sequence[int]) -> dict[int, int]:
+    """Visits per lesion."""
+    if not lesion_ids:
+        return {}
+    return dict(
+        session.execute(
+            select(Study.lesion_id, func.count()).where(Study.lesion_id.in_(list(lesion_ids))).group_by(Study.lesion_id)
+        ).all()
+    )
