@@ -22,7 +22,6 @@ PRODUCTION = ("dermascan", "web", "worker", "model", "migrations", "edge")
 # optional extras: module → the extra that installs it
 OPTIONAL = {
     "jax": "gpu",
-    "onnxruntime": "edge",
     "onnx": "export",
     "tf2onnx": "export",
     "ai_edge_litert": "edge",

@@ -78,10 +78,11 @@ class Settings:
     predict_batch_sizes: tuple[int, ...] = (1, 4, 16)  # CPU; GPU workers use e.g. 1,8,64,256
     tta: bool | None = None  # None: as the bundle's manifest recommends
     mixed_precision: bool = False
-    # the workers' forward pass: "keras" (TensorFlow or JAX) or "onnxruntime" (an ONNX export of
-    # the bundle, made once in the data directory; Grad-CAM stays on Keras). bench/runtimes.py
-    # measured Keras faster on the 2-core test CPUs: the default (docs/benchmarks.md)
-    runtime: str = "keras"
+    # the workers' forward pass: "onnxruntime" (an ONNX export of the bundle: shipped inside the
+    # bundle, or made once in the data directory; Grad-CAM stays on Keras), "keras" (TensorFlow or
+    # JAX), or "auto": ONNX Runtime on the TensorFlow backend (bench/runtimes.py measured it faster
+    # on these CPUs, docs/benchmarks.md), Keras on JAX (the GPU workers)
+    runtime: str = "auto"
     # JAX backend: compilations that took at least this long go to the persistent cache
     jax_cache_min_compile_s: float = 1.0
     # worker

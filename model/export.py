@@ -182,13 +182,9 @@ def _write_litert(forward, loaded, path: Path, int8: bool, images=None, meta=Non
             yield [images[i : i + 1], meta[i : i + 1]]
 
     converter.representative_dataset = representative
-    # as for ONNX: the convolutions in int8, the dense layers of the metadata branch and the head
-    # in float (LiteRT's selective quantisation, through its quantisation debugger)
-    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=["FULLY_CONNECTED"])
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=converter, debug_dataset=representative, debug_options=options
-    )
-    path.write_bytes(debugger.get_nondebug_quantized_model())
+    # (keeping the dense layers in float, as the ONNX export does, through LiteRT's quantisation
+    # debugger, changed nothing measurable: 96.8 % agreement either way; docs/benchmarks.md)
+    path.write_bytes(converter.convert())
 
 
 def export(

@@ -47,6 +47,9 @@ def make_settings(tmp_path, tiny_bundle):
             bulk_chunk_size=8,
             predict_batch_sizes=(1, 8),
             tta=False,
+            # the tiny bundles have no shipped ONNX package: Keras (the ONNX path is tested with the
+            # bundled default, test_follow_up.py and the demo)
+            runtime="keras",
             # the tests' own PACS (Orthanc) listens on this machine: an operator's exception
             destination_allow_hosts="127.0.0.1,localhost",
         )

@@ -65,7 +65,8 @@ def picked(ham_dir):
 
 @pytest.fixture
 def followed(make_settings, pg_url, redis_url, start_worker):
-    settings = make_settings(database_url=pg_url, broker_url=redis_url, model_bundle=DEFAULT, tta=None)
+    # the default runtime: ONNX Runtime on the package shipped inside the bundle
+    settings = make_settings(database_url=pg_url, broker_url=redis_url, model_bundle=DEFAULT, tta=None, runtime="auto")
     start_worker(settings)
     return settings
 

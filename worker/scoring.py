@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import logging
 import os
 import threading
@@ -22,7 +23,7 @@ from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
-from dermascan.config import Settings
+from dermascan.config import MissingExtra, Settings
 from dermascan.governance import bundles
 from dermascan.infra.blobs import BlobError, BlobUnavailable, blob_store
 from dermascan.infra.broker import STARTING
@@ -117,19 +118,33 @@ def load_predictor(settings: Settings):
 
 
 def _runtime_package(settings: Settings, manifest: dict) -> Path | None:
-    if settings.runtime == "keras":
+    """The ONNX package the forward pass runs on, or None for Keras (DERMASCAN_RUNTIME)."""
+    import keras
+
+    runtime = settings.runtime
+    if runtime not in ("auto", "keras", "onnxruntime"):
+        raise ValueError(f"DERMASCAN_RUNTIME={runtime!r}: auto, keras or onnxruntime")
+    if runtime == "keras" or (runtime == "auto" and keras.backend.backend() != "tensorflow"):
         return None
-    if settings.runtime != "onnxruntime":
-        raise ValueError(f"DERMASCAN_RUNTIME={settings.runtime!r}: keras or onnxruntime")
-    return onnx_package(settings, manifest)
+    try:
+        return onnx_package(settings, manifest)
+    except MissingExtra as exc:
+        log.warning("%s; scoring with Keras instead", exc)
+        return None
 
 
 def onnx_package(settings: Settings, manifest: dict) -> Path:
-    """The bundle's ONNX package for DERMASCAN_RUNTIME=onnxruntime: exported once into the data
-    directory (about half a minute), then reused by every worker that starts with this bundle."""
+    """The bundle's ONNX package: shipped inside the bundle (``onnx/``, exported from these very
+    weights), else exported once into the data directory (about half a minute; needs the
+    ``export`` extra) and reused by every worker that starts with this bundle."""
     from dermascan.config import require_extra
 
     require_extra("onnxruntime", "edge", "DERMASCAN_RUNTIME=onnxruntime")
+    shipped = Path(settings.model_bundle) / "onnx"
+    if (shipped / "manifest.json").is_file():
+        package = json.loads((shipped / "manifest.json").read_text())
+        if package.get("source", {}).get("weights_sha256") == manifest["weights_sha256"]:
+            return shipped
     folder = Path(settings.data_dir) / "onnx" / f"{manifest['version']}-{manifest['weights_sha256'][:12]}"
     if not (folder / "manifest.json").is_file():
         require_extra("tf2onnx", "export", "DERMASCAN_RUNTIME=onnxruntime (the first export of a bundle)")
