@@ -27,6 +27,7 @@ def server(args) -> int:
     import numpy as np
     from PIL import Image
 
+    from dermascan.ingest.records import clean_metadata
     from model import bundle as bundle_lib
     from model import gate_data
     from model.export import _held_out
@@ -42,6 +43,8 @@ def server(args) -> int:
         ids.append(f"negative-{len(ids)}-{kind}")
         images.append(buffer.getvalue())
         records.append({"age_approx": 50, "sex": "female", "anatom_site_general": "back"})
+    # the metadata as the server stores it (submission cleans it: names, aliases, ranges)
+    records = [clean_metadata({k: v for k, v in r.items() if v == v}) for r in records]
     tta = bool(loaded.manifest.get("inference", {}).get("tta", False))
     results = Predictor(bundle=loaded, batch_sizes=(1, 16, 64), tta=tta).score(images, records, ids)
     folder = Path(args.images)
@@ -53,9 +56,11 @@ def server(args) -> int:
         meta = {k: record.get(k) for k in ("age_approx", "sex", "anatom_site_general")}
         meta = {k: (None if v != v else v) for k, v in meta.items()}  # NaN (a blank cell) → None
         rows.append({"path": str(path), "record": meta, "probability": result.probability,
-                     "assessable": result.assessable, "reason": result.reason, "referred": result.referred})  # fmt: skip
+                     "assessable": result.assessable, "reason": result.reason,
+                     # as the server's results say it: no referral decision for an image it cannot assess
+                     "referred": result.referred if result.assessable else None})  # fmt: skip
     Path(args.out).write_text(json.dumps({"version": loaded.version, "rows": rows}))
-    lesions = sum(not r["path"].split("-", 1)[1].startswith("negative") for r in rows)
+    lesions = sum(not Path(r["path"]).name.split("-", 1)[1].startswith("negative") for r in rows)
     print(f"server: {len(rows)} images ({lesions} held-out lesions) scored by {loaded.version}")
     return 0
 

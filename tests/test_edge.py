@@ -16,6 +16,7 @@ from dermascan.cli import main
 from tests.ham_files import json_records
 from tests.services import ROOT
 
+pytestmark = pytest.mark.slow  # it trains and exports a tiny bundle (tens of seconds)
 FORBIDDEN = ("tensorflow", "keras", "flask", "sqlalchemy", "celery", "jax")
 
 
