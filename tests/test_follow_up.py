@@ -171,9 +171,9 @@ def test_two_visits_through_the_api_are_linked_compared_and_referred_for_why(fol
 
     with session_factory(settings.database_url)() as session:
         tiers = dict(session.execute(select(Referral.study_id, Referral.tier)).all())
-        assert tiers[newly["study_id"]] == 1 and tiers[changed["study_id"]] == 5
+        assert tiers[newly["study_id"]] == 0 and tiers[changed["study_id"]] == 4
         stats = queue.queue_stats(session, settings.claim_timeout_s)
-        assert stats["by_tier"].get(1, 0) >= 1 and stats["by_tier"].get(5, 0) >= 1
+        assert stats["by_tier"].get(0, 0) >= 1 and stats["by_tier"].get(4, 0) >= 1
         program = session.get(Program, session.get(Study, changed["study_id"]).program_id)
         window = monitoring.rolling(session, program, 7)
         assert window.newly_high_risk >= 1 and window.changed >= 1
@@ -321,12 +321,12 @@ def test_the_case_page_shows_the_earlier_visit_side_by_side(
     wait_for(heatmaps, 180, 0.5, "heat maps of both visits (the earlier one for the comparison)")
     with session_factory(settings.database_url)() as session:
         referral = session.scalar(select(Referral).where(Referral.study_id == later))
-        assert referral.category == "newly_high_risk" and referral.tier == 1
+        assert referral.category == "newly_high_risk" and referral.tier == 0
     server = live_server(settings)
     s = Steps(browser, server.url, artifacts / "browser-follow-up")
     s.login("dr-follow", "long-enough-pass")
     s.go("/referrals/")
-    assert s.wait(By.ID, "waiting-tier-1").text == "1"
+    assert s.wait(By.ID, "waiting-tier-0").text == "1"
     s.go(f"/referrals/{referral.id}")
     history = s.wait(By.ID, "lesion-history")
     rows = history.find_elements(By.CSS_SELECTOR, "table.timeline tbody tr")

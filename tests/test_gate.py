@@ -168,22 +168,22 @@ def test_referral_policy_never_clears_an_image_it_cannot_assess():
     assert referral_policy.decide(0.01, 0.1, assessable=False).category == "not_assessable"
     assert referral_policy.decide(0.99, 0.1, assessable=False).category == "not_assessable"
     assert referral_policy.decide(0.05, 0.1) is None
-    assert referral_policy.decide(0.1, 0.1) == referral_policy.Referral("high_risk", 4)
-    assert referral_policy.decide(0.6, 0.1).tier == 3 and referral_policy.decide(0.8, 0.1).tier == 2
+    assert referral_policy.decide(0.1, 0.1) == referral_policy.Referral("high_risk", 3)
+    assert referral_policy.decide(0.6, 0.1).tier == 2 and referral_policy.decide(0.8, 0.1).tier == 1
 
 
 def test_the_follow_up_reasons_have_their_own_tiers():
     """Newly high risk is seen first; changed since last visit (below the threshold) after every
     high-risk tier; a change never clears an image it cannot assess, nor lowers a high risk."""
-    assert referral_policy.decide(0.2, 0.1, newly_high_risk=True) == referral_policy.Referral("newly_high_risk", 1)
+    assert referral_policy.decide(0.2, 0.1, newly_high_risk=True) == referral_policy.Referral("newly_high_risk", 0)
     assert referral_policy.decide(0.9, 0.1, newly_high_risk=False).category == "high_risk"
-    assert referral_policy.decide(0.05, 0.1, changed=True) == referral_policy.Referral("changed", 5)
+    assert referral_policy.decide(0.05, 0.1, changed=True) == referral_policy.Referral("changed", 4)
     assert referral_policy.decide(0.05, 0.1, newly_high_risk=False, changed=False) is None
-    assert referral_policy.decide(0.9, 0.1, changed=True) == referral_policy.Referral("high_risk", 2)
+    assert referral_policy.decide(0.9, 0.1, changed=True) == referral_policy.Referral("high_risk", 1)
     assert referral_policy.decide(0.05, 0.1, assessable=False, changed=True).category == "not_assessable"
     tiers = [referral_policy.NEWLY_HIGH_RISK_TIER, *[t for _, t in referral_policy.TIERS],
-             referral_policy.LOW_HIGH_RISK_TIER, referral_policy.CHANGED_TIER, referral_policy.NOT_ASSESSABLE_TIER]  # fmt: skip
-    assert tiers == sorted(set(tiers))
+             referral_policy.LOW_HIGH_RISK_TIER, referral_policy.CHANGED_TIER]  # fmt: skip
+    assert tiers == sorted(set(tiers)) and referral_policy.NOT_ASSESSABLE_TIER == 3  # as before follow-up
 
 
 # -- end to end -----------------------------------------------------------------------------------------

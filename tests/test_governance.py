@@ -123,7 +123,9 @@ def test_a_shadow_bundle_scores_the_same_studies_in_the_same_batch_and_decides_n
     wait_for(lambda: status_counts(settings, second.batch_id).get("done") == 2, 120, message="scored after retiring")
     with session_factory(settings.database_url)() as session:
         versions = session.scalars(
-            select(Prediction.bundle_version).join(Study, Study.id == Prediction.study_id).where(Study.batch_id == second.batch_id)
+            select(Prediction.bundle_version)
+            .join(Study, Study.id == Prediction.study_id)
+            .where(Study.batch_id == second.batch_id)
         ).all()
     assert sorted(versions) == ["tiny-test", "tiny-test"]
 

@@ -38,7 +38,11 @@ def test_jax_worker_scores_like_tensorflow_and_reuses_its_compilation_cache(
     submit(settings, program_id(settings), inputs, source="test")
     wait_for(lambda: all_done(settings, 12), 180, message="12 studies scored by the JAX worker")
     with session_factory(settings.database_url)() as session:
-        stored = dict(session.execute(select(Study.external_id, Prediction.probability).join(Prediction, Prediction.study_id == Study.id)).all())
+        stored = dict(
+            session.execute(
+                select(Study.external_id, Prediction.probability).join(Prediction, Prediction.study_id == Study.id)
+            ).all()
+        )
         assert {s.status for s in session.scalars(select(Study))} == {"done"}
 
     # the same bundle on TensorFlow, in this process

@@ -37,7 +37,8 @@ def test_single_study_upload_is_interactive_with_its_metadata(pg_settings, app_f
     reply = client.post(
         "/upload/single",
         data={"csrf_token": token, "image": (io.BytesIO(image), "lesion.jpg"), "age_approx": "62", "sex": "female",
-              "anatom_site_general": "upper extremity", "patient_id": "MRN-77", "external_id": "ward3-001"},
+              "anatom_site_general": "upper extremity", "patient_id": "MRN-77", "external_id": "ward3-001",
+              "lesion_id": "left-forearm-2", "acquired_at": "2026-11-30"},
         headers={"Accept": "application/json"},
     )  # fmt: skip
     assert reply.status_code == 201, reply.text
@@ -48,6 +49,15 @@ def test_single_study_upload_is_interactive_with_its_metadata(pg_settings, app_f
         assert study.meta["age_approx"] == 62.0 and study.meta["sex"] == "female"
         assert study.meta["anatom_site_general"] == "upper extremity" and study.external_id == "ward3-001"
         assert study.patient_pseudonym and "MRN" not in study.patient_pseudonym
+        assert study.lesion_id is not None and study.acquired_at.date().isoformat() == "2026-11-30"
+    # the same lesion for another patient: refused with the reason, nothing stored
+    refused = client.post(
+        "/upload/single",
+        data={"csrf_token": token, "image": (io.BytesIO(image), "lesion.jpg"), "patient_id": "MRN-78",
+              "lesion_id": "left-forearm-2"},
+        headers={"Accept": "application/json"},
+    )  # fmt: skip
+    assert refused.status_code == 422 and "another patient" in refused.json["records"][0]["reason"]
     # an HTML form post gets the report page
     page = client.post("/upload/single", data={"csrf_token": token, "image": (io.BytesIO(b"not an image"), "x.jpg")})
     assert page.status_code == 422 and "not an image" in page.text
@@ -66,6 +76,6 @@ def test_bulk_upload_report_and_errors(pg_settings, app_factory, ham_dir):
                          headers={"X-Requested-With": "XMLHttpRequest"})  # fmt: skip
     assert broken.status_code == 400 and "not a valid ZIP" in broken.json["error"]
     template = client.get("/upload/template.csv")
-    assert template.text.splitlines()[0] == "isic_id,patient_id,age_approx,sex,anatom_site_general"
+    assert template.text.splitlines()[0] == "isic_id,patient_id,age_approx,sex,anatom_site_general,lesion_id,acquired_at"
     exported = client.get(reply.json["batch_url"] + "/results.csv")
     assert exported.status_code == 200 and len(exported.text.strip().splitlines()) == 6

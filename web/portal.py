@@ -50,6 +50,9 @@ class SingleStudyForm(FlaskForm):
     age_approx = DecimalField("Age (years)", validators=[Optional(), NumberRange(0, 120)])
     sex = SelectField("Sex", choices=[("", "unknown"), ("female", "female"), ("male", "male")], default="")
     anatom_site_general = SelectField("Anatomic site", choices=[("", "unknown")] + [(s, s) for s in SITES], default="")
+    # lesion follow-up: the same lesion id at a later visit links the two (checked at submission)
+    lesion_id = StringField("Lesion id (to follow it across visits)", validators=[Optional(), Length(max=64)])
+    acquired_at = StringField("Imaged on (YYYY-MM-DD; default: today)", validators=[Optional(), Length(max=40)])
 
 
 class BulkForm(FlaskForm):
@@ -156,6 +159,8 @@ def upload_single():
         },
         external_id=form.external_id.data or form.image.data.filename,
         patient_id=form.patient_id.data or None,
+        lesion_id=form.lesion_id.data or None,
+        acquired_at=form.acquired_at.data or None,
         row=1,
     )
     result = submission.submit(

@@ -20,7 +20,7 @@ from dermascan.ingest.types import StudyInput
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 ID_COLUMN = "isic_id"
-TEMPLATE_COLUMNS = ["isic_id", "patient_id", "age_approx", "sex", "anatom_site_general"]
+TEMPLATE_COLUMNS = ["isic_id", "patient_id", "age_approx", "sex", "anatom_site_general", "lesion_id", "acquired_at"]
 # Columns of the ISIC 2024 / HAM10000 metadata that are accepted and ignored (not model inputs).
 INFORMATIONAL = {
     "image",
@@ -65,7 +65,7 @@ def template_csv() -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(TEMPLATE_COLUMNS)
-    writer.writerow(["ISIC_0000001", "PAT-0001", "55", "female", "posterior torso"])
+    writer.writerow(["ISIC_0000001", "PAT-0001", "55", "female", "posterior torso", "LES-0001", "2026-03-01"])
     return buffer.getvalue()
 
 

@@ -86,8 +86,9 @@ def queue_stats(session: Session, timeout_s: int, flt: QueueFilter | None = None
         .group_by(Referral.category, Referral.tier)
     ).all()
     by_tier: dict[int, int] = {}
-    for _category, tier, n in by_category_tier:
-        by_tier[tier] = by_tier.get(tier, 0) + n
+    for category, tier, n in by_category_tier:
+        if category != referral_policy.NOT_ASSESSABLE:
+            by_tier[tier] = by_tier.get(tier, 0) + n
     not_assessable = sum(n for category, _, n in by_category_tier if category == referral_policy.NOT_ASSESSABLE)
     if oldest is not None and oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=dt.UTC)

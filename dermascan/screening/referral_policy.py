@@ -1,17 +1,17 @@
 """The referral rule, in one place: whether a scored study goes to the specialists, in which
 category, and at what priority tier. The worker, the result writer and the reports call it.
 
-Tiers (1 is seen first):
+Tiers (0 is seen first; a study without a lesion id gets exactly the tiers it always did):
 
-1. ``newly_high_risk`` — at or above the bundle's threshold now, and the same lesion's previous
+0. ``newly_high_risk`` — at or above the bundle's threshold now, and the same lesion's previous
    visit was assessed and *not* referred (lesion follow-up: evolution to high risk);
-2. to 4. ``high_risk`` — an assessable image at or above the threshold: tier 2 from 0.75, tier 3
-   from 0.5, tier 4 below;
-5. ``changed`` — "changed since last visit": below the threshold, but the lesion's image moved
+1. to 3. ``high_risk`` — an assessable image at or above the threshold: tier 1 from 0.75, tier 2
+   from 0.5, tier 3 below;
+3. ``not_assessable`` — an image the gate could not assess is never cleared by its probability:
+   a person checks the image (after the high-risk tiers, as before);
+4. ``changed`` — "changed since last visit": below the threshold, but the lesion's image moved
    beyond the change measure's threshold since its previous visit (``model.change``: at most 5 %
-   of unchanged same-lesion pairs go beyond it);
-6. ``not_assessable`` — an image the gate could not assess is never cleared by its probability:
-   a person checks the image.
+   of unchanged same-lesion pairs go beyond it).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ CATEGORY_LABELS = {
 BY_PROBABILITY = (NEWLY_HIGH_RISK, HIGH_RISK)
 
 # High-risk tiers: probabilities at or above these bounds.
-TIERS = ((0.75, 2), (0.5, 3))
-NEWLY_HIGH_RISK_TIER = 1
-LOW_HIGH_RISK_TIER = 4
-CHANGED_TIER = 5
-NOT_ASSESSABLE_TIER = 6
+TIERS = ((0.75, 1), (0.5, 2))
+NEWLY_HIGH_RISK_TIER = 0
+LOW_HIGH_RISK_TIER = 3
+NOT_ASSESSABLE_TIER = 3
+CHANGED_TIER = 4
 
 
 def tier_for(probability: float) -> int:
@@ -74,11 +74,11 @@ def decide(
 
 
 # each tier and what it holds, for the queue page
+# (the not-assessable images share tier 3 and are counted apart)
 TIER_LABELS = (
     (NEWLY_HIGH_RISK_TIER, "newly high risk"),
-    (2, "high risk, probability 0.75 and above"),
-    (3, "high risk, 0.5 to 0.75"),
+    (1, "high risk, probability 0.75 and above"),
+    (2, "high risk, 0.5 to 0.75"),
     (LOW_HIGH_RISK_TIER, "high risk, below 0.5"),
     (CHANGED_TIER, "changed since last visit"),
-    (NOT_ASSESSABLE_TIER, "not assessable — check the image"),
 )

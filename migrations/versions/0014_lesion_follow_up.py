@@ -1,7 +1,6 @@
 """lesion follow-up: lesions (keyed pseudonyms, one patient each), a study's lesion and visit
-date, each prediction's embedding and its comparison with the previous visit; referral tiers
-renumbered for the two follow-up reasons (1 newly high risk, 2–4 high risk by probability,
-5 changed since last visit, 6 not assessable)
+date, each prediction's embedding and its comparison with the previous visit (the two follow-up
+referral reasons take tiers 0 and 4: the tiers already stored keep their numbers)
 
 Revision ID: 0014
 Revises: 0013
@@ -45,15 +44,12 @@ def upgrade() -> None:
         batch.create_foreign_key(
             "fk_predictions_previous_study", "studies", ["previous_study_id"], ["id"], ondelete="SET NULL"
         )
-    op.execute("UPDATE referrals SET tier = tier + 1 WHERE category = 'high_risk'")
-    op.execute("UPDATE referrals SET tier = 6 WHERE category = 'not_assessable'")
 
 
 def downgrade() -> None:
-    op.execute("UPDATE referrals SET tier = 3 WHERE category IN ('not_assessable', 'changed')")
-    op.execute("UPDATE referrals SET tier = 1 WHERE category = 'newly_high_risk'")
-    op.execute("UPDATE referrals SET tier = tier - 1 WHERE category = 'high_risk'")
-    op.execute("UPDATE referrals SET category = 'high_risk' WHERE category IN ('newly_high_risk', 'changed')")
+    # the follow-up reasons become what the rule without follow-up would have said
+    op.execute("UPDATE referrals SET category = 'high_risk', tier = 3 WHERE category = 'newly_high_risk'")
+    op.execute("DELETE FROM referrals WHERE category = 'changed'")
     with op.batch_alter_table("predictions") as batch:
         batch.drop_constraint("fk_predictions_previous_study", type_="foreignkey")
         for column in ("newly_high_risk", "changed", "probability_change", "change_percentile", "change_measure",
