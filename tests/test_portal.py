@@ -76,6 +76,8 @@ def test_bulk_upload_report_and_errors(pg_settings, app_factory, ham_dir):
                          headers={"X-Requested-With": "XMLHttpRequest"})  # fmt: skip
     assert broken.status_code == 400 and "not a valid ZIP" in broken.json["error"]
     template = client.get("/upload/template.csv")
-    assert template.text.splitlines()[0] == "isic_id,patient_id,age_approx,sex,anatom_site_general,lesion_id,acquired_at"
+    assert (
+        template.text.splitlines()[0] == "isic_id,patient_id,age_approx,sex,anatom_site_general,lesion_id,acquired_at"
+    )
     exported = client.get(reply.json["batch_url"] + "/results.csv")
     assert exported.status_code == 200 and len(exported.text.strip().splitlines()) == 6
