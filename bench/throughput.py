@@ -36,11 +36,15 @@ def raw_forward(
     tta: bool,
     seconds: float = 20.0,
     mixed_precision: bool = False,
+    onnx_package: Path | None = None,
 ) -> float:
-    """Forward passes per second of the bundle's network on fixed-shape batches (after warm-up)."""
+    """Forward passes per second of the bundle's network on fixed-shape batches (after warm-up), on
+    the runtime the worker uses (``onnx_package``: ONNX Runtime; None: Keras)."""
     from model.predictor import Predictor
 
-    predictor = Predictor(bundle_dir, batch_sizes=(batch,), tta=tta, mixed_precision=mixed_precision)
+    predictor = Predictor(
+        bundle_dir, batch_sizes=(batch,), tta=tta, mixed_precision=mixed_precision, onnx_package=onnx_package
+    )
     x_img, x_meta = images[:batch], meta[:batch]
     predictor.predict(x_img, x_meta)  # trace / compile
     done, start = 0, time.perf_counter()
@@ -84,7 +88,14 @@ def main(argv=None) -> None:
     sample = inputs[: args.batch * 2]
     pixels, _ = decode_many([(i, x.image) for i, x in enumerate(sample)], size)
     meta = FeatureSpec.from_dict(manifest["feature_spec"]).transform([x.metadata for x in sample])
-    raw = raw_forward(args.bundle, args.batch, pixels, meta, args.tta, mixed_precision=args.mixed_precision)
+    from worker.scoring import _runtime_package
+
+    with tempfile.TemporaryDirectory() as tmp:  # the worker's runtime (DERMASCAN_RUNTIME), as it chooses it
+        package = _runtime_package(support.settings(Path(tmp), "", "", args.bundle), manifest)
+        runtime = "onnxruntime" if package is not None else "keras"
+        raw = raw_forward(
+            args.bundle, args.batch, pixels, meta, args.tta, mixed_precision=args.mixed_precision, onnx_package=package
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -137,7 +148,12 @@ def main(argv=None) -> None:
     per_study_raw = raw  # Predictor.predict runs the 4 flips itself when TTA is on: studies/s either way
     e2e = done / scoring_s
     rows = [
-        ("raw network (Predictor.predict, fixed batch)", f"{size} px", args.batch, f"{per_study_raw:.1f} studies/s"),
+        (
+            f"raw network (Predictor.predict, {runtime}, fixed batch)",
+            f"{size} px",
+            args.batch,
+            f"{per_study_raw:.1f} studies/s",
+        ),
         (
             f"end to end ({'SQLite + filesystem' if args.embedded else 'PostgreSQL + Redis'}"
             f"{' + S3 (moto)' if args.object_store else ''} → worker → DB)",
