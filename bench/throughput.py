@@ -28,30 +28,23 @@ from sqlalchemy import func, select
 from bench import support
 
 
-def raw_forward(
-    bundle_dir: Path,
-    batch: int,
-    images: np.ndarray,
-    meta: np.ndarray,
-    tta: bool,
-    seconds: float = 20.0,
-    mixed_precision: bool = False,
-    onnx_package: Path | None = None,
-) -> float:
-    """Forward passes per second of the bundle's network on fixed-shape batches (after warm-up), on
-    the runtime the worker uses (``onnx_package``: ONNX Runtime; None: Keras)."""
-    from model.predictor import Predictor
+def raw_forward(settings, images: np.ndarray, meta: np.ndarray, seconds: float = 20.0) -> tuple[float, str]:
+    """Forward passes per second of the bundle's network on fixed-shape batches (after warm-up),
+    loaded exactly as the worker loads it (its runtime, TTA and precision settings), and the
+    runtime's name."""
+    import dataclasses
 
-    predictor = Predictor(
-        bundle_dir, batch_sizes=(batch,), tta=tta, mixed_precision=mixed_precision, onnx_package=onnx_package
-    )
+    from worker.scoring import load_predictor
+
+    batch = max(settings.predict_batch_sizes)
+    predictor = load_predictor(dataclasses.replace(settings, predict_batch_sizes=(batch,)))
     x_img, x_meta = images[:batch], meta[:batch]
     predictor.predict(x_img, x_meta)  # trace / compile
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         predictor.predict(x_img, x_meta)
         done += batch
-    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start), predictor.runtime
 
 
 def main(argv=None) -> None:
@@ -65,6 +58,10 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--embedded", action="store_true", help="SQLite + filesystem queue instead of PostgreSQL + Redis"
     )
+    parser.add_argument(
+        "--runtime", choices=("auto", "keras", "onnxruntime"), default="auto",
+        help="the worker's forward pass (DERMASCAN_RUNTIME), the raw network's too",
+    )  # fmt: skip
     parser.add_argument("--object-store", action="store_true", help="images in S3 (moto's server) instead of a folder")
     args = parser.parse_args(argv)
     blob_url = start_object_store() if args.object_store else ""
@@ -81,22 +78,13 @@ def main(argv=None) -> None:
     size = manifest["image_size"]
     inputs = ham_inputs(support.HAM, args.n)
 
-    # 1. the raw network, alone, on the same images
+    # the raw network's inputs: the same images
     from model.data import decode_many
     from model.features import FeatureSpec
 
     sample = inputs[: args.batch * 2]
     pixels, _ = decode_many([(i, x.image) for i, x in enumerate(sample)], size)
     meta = FeatureSpec.from_dict(manifest["feature_spec"]).transform([x.metadata for x in sample])
-    from worker.scoring import _runtime_package
-
-    with tempfile.TemporaryDirectory() as tmp:  # the worker's runtime (DERMASCAN_RUNTIME), as it chooses it
-        package = _runtime_package(support.settings(Path(tmp), "", "", args.bundle), manifest)
-        runtime = "onnxruntime" if package is not None else "keras"
-        raw = raw_forward(
-            args.bundle, args.batch, pixels, meta, args.tta, mixed_precision=args.mixed_precision, onnx_package=package
-        )
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.embedded:
@@ -108,7 +96,11 @@ def main(argv=None) -> None:
             settings = support.settings(
                 tmp / "data", db_url, broker, args.bundle, tta=args.tta, bulk_chunk_size=args.chunk or args.batch,
                 predict_batch_sizes=(1, 8, args.batch), mixed_precision=args.mixed_precision, blob_url=blob_url,
+                runtime=args.runtime,
             )  # fmt: skip
+            # 1. the raw network, alone, loaded as the worker loads it (an ONNX export it needs is made
+            # once, in the data directory the worker then uses)
+            raw, runtime = raw_forward(settings, pixels, meta)
             from dermascan.infra import migrate
 
             migrate.upgrade(settings.database_url)
