@@ -18,6 +18,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from bench import support
+from model.data import size_label
 
 
 def percentile(values, q):
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
         ),
     ]
     print(f"latency benchmark — {support.machine()}")
-    print(f"bundle {manifest['version']} ({manifest['image_size']} px), TTA {'on' if (args.tta if args.tta is not None else manifest.get('inference', {}).get('tta')) else 'off'}, bulk chunk {args.chunk}, "
+    print(f"bundle {manifest['version']} ({size_label(manifest['image_size'])}), TTA {'on' if (args.tta if args.tta is not None else manifest.get('inference', {}).get('tta')) else 'off'}, bulk chunk {args.chunk}, "
           f"one interactive study every {args.interval:g} s; {left:,} bulk studies were still waiting when the last interactive one was sent")  # fmt: skip
     print(support.table(rows, ("phase", "studies", "p50 s", "p95 s", "max s")))
 

@@ -27,11 +27,14 @@ PACKAGES = {"onnx": ("onnx", False), "onnx-int8": ("onnx", True), "litert": ("li
             "litert-int8": ("litert", True)}  # fmt: skip
 
 
-def _inputs(size: int, dim: int, n: int):
+def _inputs(size, dim: int, n: int):
     import numpy as np
 
+    from model.data import image_shape
+
     rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.normal(size=(n, dim)).astype(np.float32)
+    images = rng.integers(0, 256, (n, *image_shape(size), 3), dtype=np.uint8)
+    return images, rng.normal(size=(n, dim)).astype(np.float32)
 
 
 def _measure(run, size: int, dim: int, batches: int, singles: int) -> dict:

@@ -26,6 +26,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from bench import support
+from model.data import size_label
 
 
 def raw_forward(settings, images: np.ndarray, meta: np.ndarray, seconds: float = 20.0) -> tuple[float, str]:
@@ -142,14 +143,14 @@ def main(argv=None) -> None:
     rows = [
         (
             f"raw network (Predictor.predict, {runtime}, fixed batch)",
-            f"{size} px",
+            size_label(size),
             args.batch,
             f"{per_study_raw:.1f} studies/s",
         ),
         (
             f"end to end ({'SQLite + filesystem' if args.embedded else 'PostgreSQL + Redis'}"
             f"{' + S3 (moto)' if args.object_store else ''} → worker → DB)",
-            f"{size} px",
+            size_label(size),
             args.batch,
             f"{e2e:.1f} studies/s",
         ),

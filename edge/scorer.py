@@ -13,7 +13,7 @@ import numpy as np
 
 from model.bundle import file_sha256
 from model.calibration import Calibrator
-from model.data import decode_many
+from model.data import canonical_size, decode_many
 from model.errors import ModelError
 from model.features import FeatureSpec
 from model.gate import Gate
@@ -96,7 +96,7 @@ class EdgeScorer:
         self.gate = Gate.from_bundle(self.package, self.manifest)
         self.threshold = float(self.manifest["threshold"])
         self.tta = bool(self.manifest.get("inference", {}).get("tta", False))
-        self.size = int(self.manifest["image_size"])
+        self.size = canonical_size(self.manifest["image_size"])
         self.batch = batch
 
     @property

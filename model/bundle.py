@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.data import canonical_size, image_shape
 from model.errors import BundleError
 from model.features import FeatureSpec
 
@@ -75,8 +76,14 @@ class Bundle:
         return self.manifest["version"]
 
     @property
-    def image_size(self) -> int:
-        return int(self.manifest["image_size"])
+    def image_size(self) -> int | list[int]:
+        """The network's input size: an int (square) or [height, width]."""
+        return canonical_size(self.manifest["image_size"])
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(height, width) of the network's input."""
+        return image_shape(self.manifest["image_size"])
 
     @property
     def threshold(self) -> float:
@@ -95,8 +102,7 @@ def load(directory) -> Bundle:
     except Exception as exc:  # Keras raises many kinds for a bad archive
         raise BundleError(f"{directory / MODEL_FILE}: cannot be loaded by Keras ({exc})") from exc
     inputs = {t.name: tuple(t.shape) for t in network.inputs}
-    size = int(manifest["image_size"])
-    expected = {"image": (None, size, size, 3), "meta": (None, spec.dim)}
+    expected = {"image": (None, *image_shape(manifest["image_size"]), 3), "meta": (None, spec.dim)}
     if inputs != expected:
         raise BundleError(f"{directory}: network inputs {inputs} do not match the manifest {expected}")
     return Bundle(directory, manifest, network, spec)
@@ -123,21 +129,23 @@ def save(
     if weights_dtype == "float16":
         _store_float16(tmp)
     os.replace(tmp, weights)
-    size = int(network.inputs[0].shape[1]) if network.inputs[0].name == "image" else int(network.inputs[1].shape[1])
+    image_input = network.inputs[0] if network.inputs[0].name == "image" else network.inputs[1]
+    height, width = int(image_input.shape[1]), int(image_input.shape[2])
+    size = canonical_size([height, width])
     manifest = {
         "format": FORMAT,
         "version": version,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "labels": LABELS,
-        "image_size": size,
+        "image_size": size,  # one side (square), or [height, width]
         "inputs": {
-            "image": {"shape": [size, size, 3], "dtype": "uint8", "color": "RGB", "range": [0, 255]},
+            "image": {"shape": [height, width, 3], "dtype": "uint8", "color": "RGB", "range": [0, 255]},
             "meta": {"shape": [spec.dim], "dtype": "float32", "names": spec.output_names()},
         },
         "output": {"name": "probability", "meaning": "probability of malignancy", "range": [0, 1]},
         "preprocessing": {
             "decode": "Pillow, RGB",
-            "resize": f"whole image to {size}x{size}, bilinear (aspect not kept)",
+            "resize": f"whole image to {width}x{height} (width x height), bilinear (aspect not kept)",
             "scaling": "inside the network: Rescaling(1/127.5, offset=-1) to [-1, 1]",
         },
         "feature_spec": spec.to_dict(),

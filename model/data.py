@@ -27,10 +27,56 @@ MAX_PIXELS = 40_000_000
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
+# A network's input size: an int for a square input, or [height, width] (the order of the pixel
+# arrays) for a rectangular one — as written in a training config and a bundle's manifest.
+Size = int | Sequence[int]
 
-def decode_image(data: bytes, size: int, key=None, max_pixels: int = MAX_PIXELS, original: list | None = None):
-    """JPEG/PNG bytes → uint8 array (size, size, 3), RGB. Raises ImageDecodeError naming ``key``.
-    ``original``, when given, receives the image's own (width, height)."""
+
+def image_shape(size: Size) -> tuple[int, int]:
+    """The (height, width) of an input size: ``128`` → (128, 128), ``[144, 192]`` → (144, 192)."""
+    if isinstance(size, (int, np.integer)):
+        shape = (int(size), int(size))
+    else:
+        values = list(size)
+        if len(values) != 2:
+            raise ModelError(f"image size {size!r}: one side, or [height, width]")
+        shape = (int(values[0]), int(values[1]))
+    if min(shape) < 1:
+        raise ModelError(f"image size {size!r}: each side at least one pixel")
+    return shape
+
+
+def canonical_size(size: Size) -> int | list[int]:
+    """The form a config and a manifest keep: an int when square, else [height, width]."""
+    height, width = image_shape(size)
+    return height if height == width else [height, width]
+
+
+def parse_size(text: str) -> int | list[int]:
+    """A size as a person writes it: ``160`` (square) or ``192x144`` (WIDTHxHEIGHT, as image
+    sizes are usually written: HAM10000's own 600x450 is landscape) → :func:`canonical_size`."""
+    parts = str(text).lower().replace("×", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ModelError(f"image size {text!r}: a number of pixels (160) or WIDTHxHEIGHT (192x144)") from None
+    if len(values) not in (1, 2):
+        raise ModelError(f"image size {text!r}: a number of pixels (160) or WIDTHxHEIGHT (192x144)")
+    if min(values) < 32 or max(values) > 1024:
+        raise ModelError(f"image size {text!r}: each side must be 32-1024 pixels")
+    return canonical_size(values[0] if len(values) == 1 else [values[1], values[0]])
+
+
+def size_label(size: Size) -> str:
+    """``128px`` or ``192x144px`` (width x height), for versions and titles."""
+    height, width = image_shape(size)
+    return f"{width}px" if height == width else f"{width}x{height}px"
+
+
+def decode_image(data: bytes, size: Size, key=None, max_pixels: int = MAX_PIXELS, original: list | None = None):
+    """JPEG/PNG bytes → uint8 array (height, width, 3) of ``size``, RGB. Raises ImageDecodeError
+    naming ``key``. ``original``, when given, receives the image's own (width, height)."""
+    target = image_shape(size)
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
@@ -38,7 +84,7 @@ def decode_image(data: bytes, size: int, key=None, max_pixels: int = MAX_PIXELS,
                 original[:] = [width, height]
             if width * height > max_pixels:
                 raise ImageDecodeError(key, f"image of {width}x{height} pixels is over the limit of {max_pixels}")
-            image.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 2/4/8 first
+            image.draft("RGB", target[::-1])  # JPEG: let the decoder downscale by 2/4/8 first
             image = image.convert("RGB")
             image.load()
             return resize(np.asarray(image), size)
@@ -49,20 +95,21 @@ def decode_image(data: bytes, size: int, key=None, max_pixels: int = MAX_PIXELS,
         raise ImageDecodeError(key, reason) from exc
 
 
-def resize(array: np.ndarray, size: int) -> np.ndarray:
-    """Resize an RGB uint8 array to a square ``size`` (the whole image, aspect not kept)."""
-    if array.shape[:2] == (size, size):
+def resize(array: np.ndarray, size: Size) -> np.ndarray:
+    """Resize an RGB uint8 array to ``size`` (the whole image, aspect not kept)."""
+    height, width = image_shape(size)
+    if array.shape[:2] == (height, width):
         return np.ascontiguousarray(array, dtype=np.uint8)
     image = Image.fromarray(np.asarray(array, dtype=np.uint8))
-    return np.asarray(image.resize((size, size), Image.BILINEAR, reducing_gap=2.0), dtype=np.uint8)
+    return np.asarray(image.resize((width, height), Image.BILINEAR, reducing_gap=2.0), dtype=np.uint8)
 
 
 def decode_many(
-    items: Sequence[tuple[object, bytes]], size: int, workers: int | None = None, sizes: np.ndarray | None = None
+    items: Sequence[tuple[object, bytes]], size: Size, workers: int | None = None, sizes: np.ndarray | None = None
 ):
-    """Decode (key, bytes) pairs in parallel → (array (n, size, size, 3), {index: error}).
+    """Decode (key, bytes) pairs in parallel → (array (n, height, width, 3), {index: error}).
     ``sizes``, an (n, 2) array when given, receives each image's own (width, height)."""
-    out = np.zeros((len(items), size, size, 3), dtype=np.uint8)
+    out = np.zeros((len(items), *image_shape(size), 3), dtype=np.uint8)
     errors: dict[int, ImageDecodeError] = {}
 
     def one(i):
@@ -129,15 +176,15 @@ class IsicDataset:
         return out
 
     def load_images(
-        self, size: int, ids: Sequence[str] | None = None, progress=None, sizes: np.ndarray | None = None
+        self, size: Size, ids: Sequence[str] | None = None, progress=None, sizes: np.ndarray | None = None
     ) -> np.ndarray:
-        """Decode and resize images (all, or ``ids``) → uint8 (n, size, size, 3); ``sizes``, an
+        """Decode and resize images (all, or ``ids``) → uint8 (n, height, width, 3); ``sizes``, an
         (n, 2) array when given, receives each image's own (width, height).
 
         A corrupt or missing image raises :class:`ImageDecodeError` naming its ``isic_id``.
         """
         ids = list(self.ids if ids is None else ids)
-        out = np.zeros((len(ids), size, size, 3), dtype=np.uint8)
+        out = np.zeros((len(ids), *image_shape(size), 3), dtype=np.uint8)
         step = 512
         for start in range(0, len(ids), step):
             chunk = ids[start : start + step]

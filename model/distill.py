@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from model import metrics
-from model.data import IsicDataset
+from model.data import IsicDataset, size_label
 from model.errors import ModelError
 from model.train import TrainConfig, split_rows, tta_predict
 
@@ -160,7 +160,7 @@ def distill(
     if todo or want_final:
         t0 = time.time()
         x = {"image": dataset.load_images(cfg.image_size), "meta": spec.transform(dataset.metadata)}
-        log.info("decoded %d images at %d px in %.1f s", y.size, cfg.image_size, time.time() - t0)
+        log.info("decoded %d images at %s in %.1f s", y.size, size_label(cfg.image_size), time.time() - t0)
         cal_idx = np.flatnonzero(split < 0)
         for k in todo:
             train_idx, val_idx = np.flatnonzero((split != k) & (split >= 0)), np.flatnonzero(split == k)
@@ -275,7 +275,7 @@ def assemble(data_dir, out_dir, work_dir, version: str | None = None, teacher_di
     cal = calibrate(work, y, split, [scores], cfg, level_rule=(chosen.level, rule))
     model = keras.saving.load_model(work / FINAL / "last.keras", compile=False)
     spec = FeatureSpec.from_json((work / "feature_spec.json").read_text())
-    version = version or f"dermascan-student{cfg.image_size}px-{dt.datetime.now(dt.UTC):%Y%m%d%H%M}"
+    version = version or f"dermascan-student{size_label(cfg.image_size)}-{dt.datetime.now(dt.UTC):%Y%m%d%H%M}"
     teacher_cal = {}
     if teacher_dir is not None:
         from model.bundle import read_manifest

@@ -78,9 +78,8 @@ def inference_network(loaded):
 def _signature(loaded):
     import tensorflow as tf
 
-    size = loaded.image_size
     return (
-        tf.TensorSpec((None, size, size, 3), tf.uint8, name="image"),
+        tf.TensorSpec((None, *loaded.image_shape, 3), tf.uint8, name="image"),
         tf.TensorSpec((None, loaded.spec.dim), tf.float32, name="meta"),
     )
 

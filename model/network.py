@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import keras
 from keras import layers
 
+from model.data import Size, image_shape
+
 HEAD = "classification_head"
 IMAGE_FEATURES = "image_features"
 
@@ -77,7 +79,7 @@ NO_AUGMENTATION = Augmentation(False, 0.0, 0.0, (0.02, 0.06), 0.0, 0.0, 0.0, 0.0
 
 def build(
     meta_dim: int,
-    image_size: int = 128,
+    image_size: Size = 128,
     *,
     augmentation: Augmentation | None = None,
     weights: str | None = None,
@@ -96,7 +98,8 @@ def build(
     training from scratch.
     """
     augmentation = Augmentation() if augmentation is None else augmentation
-    image_in = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
+    height, width = image_shape(image_size)  # a side (square), or [height, width]
+    image_in = keras.Input((height, width, 3), dtype="uint8", name="image")
     meta_in = keras.Input((meta_dim,), dtype="float32", name="meta")
 
     x = layers.Identity(name="pixels", dtype="float32")(keras.ops.cast(image_in, "float32"))
@@ -105,7 +108,7 @@ def build(
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="to_unit_range")(x)
     if backbone == "nasnet_mobile":
         nasnet = keras.applications.NASNetMobile(
-            input_shape=(image_size, image_size, 3),
+            input_shape=(height, width, 3),
             include_top=False,
             weights=None,
             pooling="avg",

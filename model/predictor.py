@@ -138,7 +138,8 @@ class Predictor:
         else:
             self._forward = self.network
         self.spec = self.bundle.spec
-        self.image_size = self.bundle.image_size
+        self.image_size = self.bundle.image_size  # one side (square), or [height, width]
+        self.image_shape = self.bundle.image_shape
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
         self.tta = tta
         self.threshold = self.bundle.threshold if threshold is None else float(threshold)
@@ -171,7 +172,7 @@ class Predictor:
         """
         keys = list(range(len(images))) if keys is None else list(keys)
         to_decode = [(i, (keys[i], img)) for i, img in enumerate(images) if isinstance(img, bytes | bytearray)]
-        pixels = np.zeros((len(images), self.image_size, self.image_size, 3), dtype=np.uint8)
+        pixels = np.zeros((len(images), *self.image_shape, 3), dtype=np.uint8)
         sizes = np.zeros((len(images), 2), dtype=np.float32)
         errors: dict[int, ImageDecodeError] = {}
         if to_decode:
@@ -285,7 +286,7 @@ class Predictor:
         ``progress(done, size, seconds)`` is called after each shape."""
         t0 = time.perf_counter()
         for done, size in enumerate(self.batch_sizes, 1):
-            pixels = np.zeros((size, self.image_size, self.image_size, 3), np.uint8)
+            pixels = np.zeros((size, *self.image_shape, 3), np.uint8)
             self._run(pixels, np.zeros((size, self.spec.dim), np.float32))
             if progress is not None:
                 progress(done, size, time.perf_counter() - t0)

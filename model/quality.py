@@ -1,7 +1,7 @@
 """Image-quality checks run on every image before its score is trusted: exposure, contrast,
 focus, noise and size — cheap, explainable measures, each with a reason a person understands.
 
-The measures are taken on the model's own input (the whole image resized to the bundle's square
+The measures are taken on the model's own input (the whole image resized to the bundle's input
 size) so that the thresholds fitted on the development images apply unchanged in production, plus
 the original width and height. Thresholds live in the bundle (``manifest["gate"]["quality"]``):
 they are fitted on the development data with a margin beyond the range real dermoscopy covers
@@ -70,7 +70,7 @@ def measure(pixels: np.ndarray, sizes: np.ndarray | None = None) -> dict[str, np
     lap_full = _laplacian(luma).reshape(n, -1).std(axis=1)
     lap_half = _laplacian(half).reshape(n, -1).std(axis=1)
     if sizes is None:
-        sizes = np.full((n, 2), pixels.shape[1], dtype=np.float32)
+        sizes = np.tile(np.array([pixels.shape[2], pixels.shape[1]], np.float32), (n, 1))  # (width, height)
     sizes = np.asarray(sizes, dtype=np.float32).reshape(n, 2)
     flat = luma.reshape(n, -1)
     rgb = pixels.reshape(n, -1, 3).astype(np.float32)

@@ -137,7 +137,7 @@ def score_psi(histogram: dict, scores: Sequence[float]) -> float | None:
 REFERENCE_FILE = "reference.json"
 
 
-def dataset_profile(data_dir, image_size: int, limit: int | None = None, progress=None) -> dict:
+def dataset_profile(data_dir, image_size, limit: int | None = None, progress=None) -> dict:
     """The profile of an ISIC-2024-layout development set, images at the bundle's input size."""
     from model.data import IsicDataset
 
@@ -154,7 +154,7 @@ def dataset_profile(data_dir, image_size: int, limit: int | None = None, progres
     return {"data": str(data_dir), "image_size": image_size, **profile(columns)}
 
 
-def write_profile(bundle_dir, data_dir, image_size: int, limit: int | None = None) -> dict:
+def write_profile(bundle_dir, data_dir, image_size, limit: int | None = None) -> dict:
     import json
     from pathlib import Path
 

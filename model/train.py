@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from model import metrics
-from model.data import IsicDataset
+from model.data import IsicDataset, canonical_size, size_label
 from model.errors import ModelError
 from model.features import FeatureSpec
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    image_size: int = 128
+    image_size: int | list[int] = 128  # one side (square), or [height, width]
     folds: int = 3
     epochs: int = 14
     batch_size: int = 32
@@ -61,6 +61,9 @@ class TrainConfig:
     # (the only schedule that needs no validation data, so a network trained on every development
     # image can use it)
     lr_schedule: str = "plateau"
+
+    def __post_init__(self):
+        self.image_size = canonical_size(self.image_size)  # a JSON list, a tuple → one form
 
 
 def make_folds(targets: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -273,7 +276,7 @@ def cross_validate(data_dir, work_dir, cfg: TrainConfig, train_folds: list[int] 
     if todo:
         t0 = time.time()
         x = {"image": dataset.load_images(cfg.image_size), "meta": spec.transform(dataset.metadata)}
-        log.info("decoded %d images at %d px in %.1f s", y.size, cfg.image_size, time.time() - t0)
+        log.info("decoded %d images at %s in %.1f s", y.size, size_label(cfg.image_size), time.time() - t0)
         for k in todo:
             train_idx, val_idx = np.flatnonzero((fold != k) & (fold >= 0)), np.flatnonzero(fold == k)
             model = train_fold(k, cfg, work, spec, x, y, train_idx, val_idx)
@@ -353,7 +356,7 @@ def summarise(work: Path, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConf
         work / "roc.png",
         {"out-of-fold": (yc, sc)},
         {f"threshold {threshold:.3f}": report["oof"]["operating_point"]},
-        title=f"DermaScan {len(per_fold)} of {cfg.folds} folds, {cfg.image_size}px",
+        title=f"DermaScan {len(per_fold)} of {cfg.folds} folds, {size_label(cfg.image_size)}",
     )
     (work / "cv_report.json").write_text(json.dumps(report, indent=2))
     return report
@@ -452,7 +455,7 @@ def assemble(
 
     oof = pd.read_csv(work / "oof.csv").dropna(subset=["oof"])
     y, scores = oof.target.to_numpy().astype(int), oof.oof.to_numpy()
-    version = version or f"dermascan-{cfg.image_size}px-{dt.datetime.now(dt.UTC):%Y%m%d%H%M}"
+    version = version or f"dermascan-{size_label(cfg.image_size)}-{dt.datetime.now(dt.UTC):%Y%m%d%H%M}"
     folds_used = len(report["folds"])
     metrics_block = {
         "data": {
@@ -616,7 +619,7 @@ def calibrate(
         pictures / "roc.png",
         {"calibration set (shipped ensemble)": (yc, calibrated)},
         {f"threshold {threshold:.3f}": summary["operating_point"]},
-        title=f"DermaScan ensemble of {len(per_member)}, {cfg.image_size}px: held-out calibration set",
+        title=f"DermaScan ensemble of {len(per_member)}, {size_label(cfg.image_size)}: held-out calibration set",
     )
     reliability_png(pictures / "reliability.png", yc, raw, calibrated, calibrator.method)
     log.info(

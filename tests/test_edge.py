@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from dermascan.cli import main
+from model.bundle import read_manifest
 from tests.ham_files import json_records
 from tests.services import ROOT
 
@@ -22,12 +23,14 @@ FORBIDDEN = ("tensorflow", "keras", "flask", "sqlalchemy", "celery", "jax")
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, ham_dir):
-    """A tiny trained bundle (the pipeline's own train command) and its fp32 ONNX package."""
+    """A tiny trained bundle (the pipeline's own train command) and its fp32 ONNX package. Its input
+    is rectangular (40x32, width x height, HAM10000's own 4:3 in small), so every step of export and
+    edge scoring is shown to keep height and width apart; the other model tests train square ones."""
     work = tmp_path_factory.mktemp("edge")
     bundle = work / "bundle"
     result = CliRunner().invoke(main, [
         "train", "--data", str(ham_dir), "--out", str(bundle), "--folds", "2", "--epochs", "1", "--limit", "96",
-        "--backbone", "tiny", "--image-size", "32", "--version", "tiny-edge",
+        "--backbone", "tiny", "--image-size", "40x32", "--version", "tiny-edge",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     package = work / "onnx"
@@ -42,6 +45,7 @@ def test_an_onnx_package_scores_like_the_bundle_and_says_how_it_was_checked(expo
     check = json.loads((package / "check.json").read_text())
     assert manifest["format"] == "dermascan-edge/1" and manifest["source"]["version"] == "tiny-edge"
     assert check["passed"] and check["max_probability_difference"] <= 1e-4 and check["gate_verdicts_identical"] == 1.0
+    assert manifest["image_size"] == [32, 40] == read_manifest(bundle)["image_size"]  # [height, width]
     assert (package / "gate.npz").is_file() and manifest["gate"]["quality"]
 
 

@@ -13,7 +13,7 @@ import pytest
 from model import metrics
 from model.bundle import BundleError, load, read_manifest
 from model.data import IsicDataset, decode_image
-from model.errors import ImageDecodeError
+from model.errors import ImageDecodeError, ModelError
 from model.features import FeatureSpec
 from model.predictor import Predictor, plan_batches
 
@@ -176,6 +176,28 @@ def test_corrupt_jpeg_names_its_id(tmp_path, ham_dir):
     with pytest.raises(ImageDecodeError) as raised:
         dataset.load_images(64)
     assert meta.isic_id.iloc[2] in str(raised.value)
+
+
+def test_an_input_size_is_one_side_or_width_by_height(ham_dir):
+    """``--image-size 160`` is square; ``192x144`` is WIDTHxHEIGHT as people write image sizes and
+    is kept as [height, width], the order of the pixel arrays; a bad size is a one-line error."""
+    from click.testing import CliRunner
+
+    from dermascan.cli import main
+    from model.data import canonical_size, image_shape, parse_size, size_label
+    from model.train import TrainConfig
+
+    assert parse_size("160") == 160 and parse_size("192x144") == [144, 192] == parse_size("192×144")
+    assert parse_size("144x144") == 144 and image_shape(160) == (160, 160) and image_shape([144, 192]) == (144, 192)
+    assert size_label([144, 192]) == "192x144px" and size_label(128) == "128px"
+    assert TrainConfig(image_size=(144, 192)).image_size == [144, 192] == canonical_size((144, 192))
+    for bad in ("big", "192x144x3", "16", "2000x100", "-5"):
+        with pytest.raises(ModelError):
+            parse_size(bad)
+    arrays = IsicDataset.open(ham_dir, limit=3).load_images([24, 40])
+    assert arrays.shape == (3, 24, 40, 3)
+    result = CliRunner().invoke(main, ["train", "--data", str(ham_dir), "--out", "x", "--image-size", "192by144"])
+    assert result.exit_code == 2 and "WIDTHxHEIGHT" in result.output
 
 
 def test_plan_batches_uses_only_fixed_shapes():

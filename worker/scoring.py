@@ -265,9 +265,7 @@ _gradcam_lock = threading.Lock()
 def _warm_gradcam(pred) -> None:
     t0 = time.perf_counter()
     try:
-        gradcam(pred).heatmap(
-            np.zeros((1, pred.image_size, pred.image_size, 3), np.uint8), np.zeros((1, pred.spec.dim), np.float32)
-        )
+        gradcam(pred).heatmap(np.zeros((1, *pred.image_shape, 3), np.uint8), np.zeros((1, pred.spec.dim), np.float32))
     except Exception:  # the first heat map task raises the same error with its context
         log.exception("Grad-CAM warm-up failed")
         return

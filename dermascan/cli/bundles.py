@@ -113,5 +113,5 @@ def bundle_profile(ctx, path, data_dir):
     from model.reference import write_profile
 
     manifest = read_manifest(path, verify=False)
-    built = write_profile(path, data_dir, int(manifest["image_size"]))
+    built = write_profile(path, data_dir, manifest["image_size"])
     click.echo(f"profile of {built['n']} development images written to {path / 'reference.json'}")

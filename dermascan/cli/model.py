@@ -24,6 +24,34 @@ def _log_progress() -> None:
         logging.basicConfig(level=logging.INFO)
 
 
+class _ImageSize(click.ParamType):
+    """``160`` (square) or ``WIDTHxHEIGHT`` (``192x144``) → the config's form (an int, or
+    [height, width])."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        from model.data import parse_size
+        from model.errors import ModelError
+
+        try:
+            return parse_size(value)
+        except ModelError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _image_size_option(command):
+    return click.option(
+        "--image-size",
+        type=_ImageSize(),
+        default="128",
+        show_default=True,
+        help="Network input: one side (160) or WIDTHxHEIGHT (192x144, HAM10000's own 4:3); aspect is not kept.",
+    )(command)
+
+
 def _data_and_out(command):
     """The training data (ISIC-2024 layout) and the bundle folder to write."""
     command = click.option(
@@ -46,7 +74,7 @@ def _data_and_out(command):
     help="Checkpoints, out-of-fold predictions, report (default: OUT.work).",
 )
 @click.option("--folds", default=3, show_default=True)
-@click.option("--image-size", default=128, show_default=True)
+@_image_size_option
 @click.option("--epochs", default=14, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option(
@@ -241,7 +269,7 @@ def unpack(bundle_dir, data_dir, work_dir):
 @click.option("--work-dir", required=True, type=click.Path(path_type=Path), help="Teacher scores and checkpoints.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Write the student bundle here once trained.")
 @click.option("--version", help="Version of the student bundle (default: from the date).")
-@click.option("--image-size", default=128, show_default=True)
+@_image_size_option
 @click.option("--epochs", default=16, show_default=True)
 @click.option("--alpha", default=0.5, show_default=True, help="Weight of the teacher's score in the target.")
 @click.option("--ema-momentum", type=click.FloatRange(0.5, 0.99999), default=0.99, show_default=True)
