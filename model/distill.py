@@ -219,6 +219,61 @@ def report(work: Path, dataset: IsicDataset, split: np.ndarray, soft: np.ndarray
     return out
 
 
+def compare(data_dir, work_dirs, fold: int = 0, n_boot: int = 2000) -> list[dict]:
+    """The fold-``fold`` students of several distill runs (one recipe each), on the same rows: each
+    one's validation and calibration-set AUC and pAUC80, and its paired difference from the first
+    run's student (bootstrap over patients, the same resample for both), with the teacher's
+    out-of-fold scores of the validation rows as the first line. A run whose split or rows differ
+    is refused: its numbers would not be of the same patients."""
+    works = [Path(w) for w in work_dirs]
+    if not works:
+        raise ModelError("no distill work folders to compare")
+    saved, labels = [], []
+    for work in works:
+        path = work / f"fold{fold}" / "oof.npz"
+        if not path.is_file():
+            raise ModelError(f"{work}: no finished fold-{fold} student ({path.relative_to(work)} is missing)")
+        saved.append(np.load(path))
+        cfg = DistillConfig.read(work / "config.json")
+        augment = "strong" if cfg.augmentation else "standard"
+        ema = f"EMA {cfg.ema_momentum}" if cfg.ema_momentum else "no EMA"
+        labels.append(
+            f"{work.name}: {size_label(cfg.image_size)}, {cfg.epochs} epochs, {augment}, {ema}, {cfg.lr_schedule}"
+        )
+    split = np.load(works[0] / "split.npy")
+    for work, found in zip(works[1:], saved[1:]):
+        if not np.array_equal(np.load(work / "split.npy"), split) or not (
+            np.array_equal(found["index"], saved[0]["index"])
+            and np.array_equal(found["cal_index"], saved[0]["cal_index"])
+        ):
+            raise ModelError(f"{work}: another split or other rows than {works[0]}: not comparable")
+    cfg = DistillConfig.read(works[0] / "config.json")
+    dataset = IsicDataset.open(data_dir, limit=cfg.limit)
+    y, groups = dataset.targets(), dataset.groups()
+    if y.size != split.size:
+        raise ModelError(f"{data_dir}: {y.size} rows, the runs were made on {split.size}")
+    val, cal = saved[0]["index"], saved[0]["cal_index"]
+    teacher = np.load(works[0] / TEACHER_FILE)["soft"][val]
+    rows = [{"student": "teacher (out-of-fold)", "validation_auc": metrics.auc(y[val], teacher),
+             "validation_pauc80": metrics.pauc_above_tpr(y[val], teacher)}]  # fmt: skip
+    for label, found in zip(labels, saved):
+        row = {
+            "student": label,
+            "validation_auc": metrics.auc(y[val], found["mean"]),
+            "validation_pauc80": metrics.pauc_above_tpr(y[val], found["mean"]),
+            "calibration_set_auc": metrics.auc(y[cal], found["cal_mean"]),
+            "calibration_set_pauc80": metrics.pauc_above_tpr(y[cal], found["cal_mean"]),
+        }
+        if found is not saved[0]:
+            for part, idx, key in (("validation", val, "mean"), ("calibration_set", cal, "cal_mean")):
+                for name, metric in (("auc", metrics.auc), ("pauc80", metrics.pauc_above_tpr)):
+                    row[f"{part}_{name}_vs_first"] = metrics.paired_difference(
+                        metric, y[idx], saved[0][key], found[key], groups[idx], n_boot
+                    )
+        rows.append(row)
+    return rows
+
+
 # Stronger colour and scale augmentation for a student (the issue's "try" list): zoom ±20 %,
 # brightness/contrast/saturation ±20 %; rotation, flips and cutout as standard.
 STRONG_AUGMENTATION = {"zoom": 0.2, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2}

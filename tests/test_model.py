@@ -524,6 +524,47 @@ def test_distill_trains_a_student_from_out_of_fold_teacher_scores_and_resumes(tr
     four = IsicDataset.open(ham_dir, limit=4)
     scores = Predictor(out).score(four.read_bytes(four.ids), [{}] * 4)
     assert all(0.0 <= s.probability <= 1.0 for s in scores)
+    # two runs' fold students side by side: a copy of the run differs from it by exactly nothing
+    copy = tmp_path / "same-recipe"
+    shutil.copytree(work, copy)
+    compared = CliRunner().invoke(
+        main, ["distill-compare", str(work), str(copy), "--data", str(ham_dir), "--boot", "50"]
+    )
+    assert compared.exit_code == 0, compared.output
+    assert (
+        "teacher (out-of-fold)" in compared.output and "32px, 1 epochs, standard, EMA 0.99, cosine" in compared.output
+    )
+    assert "+0.0000 [+0.0000, +0.0000]" in compared.output
+    split = np.load(copy / "split.npy")
+    np.save(copy / "split.npy", np.roll(split, 1))  # another split: other patients in fold 0
+    refused = CliRunner().invoke(main, ["distill-compare", str(work), str(copy), "--data", str(ham_dir)])
+    assert refused.exit_code == 1 and "not comparable" in refused.output
+
+
+def test_a_paired_difference_resamples_patients_and_cancels_what_two_scores_share():
+    """Pure logic: the same scores differ by exactly nothing; a better score is ahead with an
+    interval above zero; five images of each patient do not narrow the interval as if they were
+    five patients (they do when the grouping is left out)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    base = y + rng.normal(0, 1.2, 400)
+    better = base + y * 0.8
+    same = metrics.paired_difference(metrics.auc, y, base, base, n_boot=200)
+    assert same["difference"] == 0 and same["ci95"] == (0.0, 0.0)
+    ahead = metrics.paired_difference(metrics.auc, y, base, better, n_boot=400)
+    assert ahead["difference"] > 0.05 and ahead["ci95"][0] > 0 and ahead["share_ahead"] > 0.97
+    noisy = base + rng.normal(0, 0.8, 400)
+    one = metrics.paired_difference(metrics.auc, y, base, noisy, n_boot=400)
+    five = [np.repeat(v, 5) for v in (y, base, noisy)]
+    grouped = metrics.paired_difference(metrics.auc, *five, groups=np.repeat(np.arange(400), 5), n_boot=400)
+    ungrouped = metrics.paired_difference(metrics.auc, *five, n_boot=400)
+
+    def width(r):
+        return r["ci95"][1] - r["ci95"][0]
+
+    assert 0.75 < width(grouped) / width(one) < 1.33 and width(ungrouped) < 0.7 * width(one)
+    with pytest.raises(ValueError):
+        metrics.paired_difference(metrics.auc, y, base, better[:10])
 
 
 def test_the_resampled_threshold_rule_lands_in_its_band_on_new_draws():

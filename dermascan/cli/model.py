@@ -316,6 +316,40 @@ def distill(
         raise click.ClickException(str(exc)) from exc
 
 
+@main.command("distill-compare")
+@click.argument("work_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--fold", default=0, show_default=True, help="The fold whose students are compared.")
+@click.option("--boot", "n_boot", default=2000, show_default=True, help="Bootstrap resamples of the patients.")
+def distill_compare(work_dirs, data_dir, fold, n_boot):
+    """Fold students of several distill runs on the same patients: AUC and pAUC80 on the validation fold and the
+    calibration set, and each run's paired difference from the first (95 % bootstrap interval over patients)."""
+    from model.distill import compare
+    from model.errors import ModelError
+
+    try:
+        rows = compare(data_dir, work_dirs, fold, n_boot)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    def cell(row, key):
+        if key not in row:
+            return "—"
+        text = f"{row[key]:.4f}"
+        paired = row.get(f"{key}_vs_first")
+        if paired:
+            lo, hi = paired["ci95"]
+            text += f" ({paired['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}], ahead in {paired['share_ahead']:.0%})"
+        return text
+
+    keys = ("validation_auc", "validation_pauc80", "calibration_set_auc", "calibration_set_pauc80")
+    click.echo(f"fold-{fold} students; in brackets: the difference from the first run, its 95 % interval")
+    click.echo("| student | " + " | ".join(k.replace("_", " ") for k in keys) + " |")
+    click.echo("|---" * (len(keys) + 1) + "|")
+    for row in rows:
+        click.echo(f"| {row['student']} | " + " | ".join(cell(row, k) for k in keys) + " |")
+
+
 def read_teacher_config(teacher_dir: Path):
     from model.combine import read_config
 
