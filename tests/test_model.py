@@ -499,7 +499,7 @@ def test_distill_trains_a_student_from_out_of_fold_teacher_scores_and_resumes(tr
     from click.testing import CliRunner
 
     from dermascan.cli import main
-    from model.distill import TEACHER_FILE
+    from model.distill import TEACHER_FILE, DistillConfig
 
     work, out = tmp_path / "work", tmp_path / "student"
     args = ["distill", "--teacher", str(trained_bundle), "--data", str(ham_dir), "--work-dir", str(work),
@@ -527,14 +527,25 @@ def test_distill_trains_a_student_from_out_of_fold_teacher_scores_and_resumes(tr
     # two runs' fold students side by side: a copy of the run differs from it by exactly nothing
     copy = tmp_path / "same-recipe"
     shutil.copytree(work, copy)
-    compared = CliRunner().invoke(
-        main, ["distill-compare", str(work), str(copy), "--data", str(ham_dir), "--boot", "50"]
-    )
+    ablation = tmp_path / "no-ema-plateau"  # the recipe's parts switched off one by one, on the same fold
+    fold_args = [a for a in args[: args.index("--version")] if a not in ("--out", str(out))]
+    fold_args[fold_args.index(str(work))] = str(ablation)
+    refused = CliRunner().invoke(main, [*fold_args, "--no-ema", "--lr-schedule", "plateau"])
+    assert refused.exit_code == 2 and "no validation rows" in refused.output  # the final student has none
+    result = CliRunner().invoke(main, [*fold_args, "--no-ema", "--lr-schedule", "plateau", "--no-final"])
+    assert result.exit_code == 0, result.output
+    ran = DistillConfig.read(ablation / "config.json")
+    assert ran.ema_momentum is None and ran.lr_schedule == "plateau"
+    runs = [str(work), str(copy), str(ablation)]
+    compared = CliRunner().invoke(main, ["distill-compare", *runs, "--data", str(ham_dir), "--boot", "50"])
     assert compared.exit_code == 0, compared.output
     assert (
         "teacher (out-of-fold)" in compared.output and "32px, 1 epochs, standard, EMA 0.99, cosine" in compared.output
     )
-    assert "+0.0000 [+0.0000, +0.0000]" in compared.output
+    assert (
+        "+0.0000 [+0.0000, +0.0000]" in compared.output
+        and "32px, 1 epochs, standard, no EMA, plateau" in compared.output
+    )
     split = np.load(copy / "split.npy")
     np.save(copy / "split.npy", np.roll(split, 1))  # another split: other patients in fold 0
     refused = CliRunner().invoke(main, ["distill-compare", str(work), str(copy), "--data", str(ham_dir)])

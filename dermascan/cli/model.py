@@ -273,14 +273,24 @@ def unpack(bundle_dir, data_dir, work_dir):
 @click.option("--epochs", default=16, show_default=True)
 @click.option("--alpha", default=0.5, show_default=True, help="Weight of the teacher's score in the target.")
 @click.option("--ema-momentum", type=click.FloatRange(0.5, 0.99999), default=0.99, show_default=True)
+@click.option(
+    "--ema/--no-ema", default=True, show_default=True, help="Average the weights (--no-ema: the raw weights)."
+)
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(["cosine", "plateau"]),
+    default="cosine",
+    show_default=True,
+    help="Cosine decay over the epochs, or ReduceLROnPlateau on validation AUC (fold students only).",
+)
 @click.option("--augment", type=click.Choice(["standard", "strong"]), default="standard", show_default=True)
 @click.option("--folds", "only_folds", help="Fold students to train (e.g. 0 or 0,1,2): each validated on its fold.")
 @click.option("--final/--no-final", default=True, show_default=True, help="Train the student on every development row.")
 @click.option("--limit", type=int, help="Only the first N rows (smoke runs).")
 @click.option("--backbone", type=click.Choice(["nasnet_mobile", "tiny"]), default="nasnet_mobile", show_default=True)
 def distill(
-    teacher_dir, data_dir, work_dir, out_dir, version, image_size, epochs, alpha, ema_momentum, augment, only_folds,
-    final, limit, backbone,
+    teacher_dir, data_dir, work_dir, out_dir, version, image_size, epochs, alpha, ema_momentum, ema, lr_schedule,
+    augment, only_folds, final, limit, backbone,
 ):  # fmt: skip
     """Distil an ensemble bundle into one network (resumable): fold students measure the recipe, the final student
     (every development row) ships; calibration, threshold and gate are fitted on the held-out calibration set."""
@@ -293,10 +303,14 @@ def distill(
         folds = [int(k) for k in only_folds.split(",")] if only_folds else []
     except ValueError:
         raise click.BadParameter("a comma-separated list of fold numbers", param_hint="--folds") from None
+    if lr_schedule == "plateau" and final:
+        raise click.BadParameter(
+            "the final student has no validation rows to plateau on: use it with --no-final", param_hint="--lr-schedule"
+        )
     teacher_cfg = read_teacher_config(teacher_dir)
     cfg = DistillConfig(
-        image_size=image_size, epochs=epochs, alpha=alpha, ema_momentum=ema_momentum, limit=limit or teacher_cfg.limit,
-        backbone=backbone,
+        image_size=image_size, epochs=epochs, alpha=alpha, ema_momentum=ema_momentum if ema else None,
+        lr_schedule=lr_schedule, limit=limit or teacher_cfg.limit, backbone=backbone,
         folds=teacher_cfg.folds, seed=teacher_cfg.seed, calibration_fraction=teacher_cfg.calibration_fraction,
         augmentation=STRONG_AUGMENTATION if augment == "strong" else {},
         verbose=1 if sys.stderr.isatty() else 2,
