@@ -56,12 +56,9 @@ def parse_size(text: str) -> int | list[int]:
     """A size as a person writes it: ``160`` (square) or ``192x144`` (WIDTHxHEIGHT, as image
     sizes are usually written: HAM10000's own 600x450 is landscape) → :func:`canonical_size`."""
     parts = str(text).lower().replace("×", "x").split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise ModelError(f"image size {text!r}: a number of pixels (160) or WIDTHxHEIGHT (192x144)") from None
-    if len(values) not in (1, 2):
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
         raise ModelError(f"image size {text!r}: a number of pixels (160) or WIDTHxHEIGHT (192x144)")
+    values = [int(p) for p in parts]
     if min(values) < 32 or max(values) > 1024:
         raise ModelError(f"image size {text!r}: each side must be 32-1024 pixels")
     return canonical_size(values[0] if len(values) == 1 else [values[1], values[0]])

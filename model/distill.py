@@ -134,6 +134,11 @@ def distill(
     from model.features import FeatureSpec
     from model.train import train_fold
 
+    if final and cfg.lr_schedule != "cosine":  # said before the teacher is scored, not after
+        raise ModelError(
+            f"lr_schedule {cfg.lr_schedule!r}: the final student has no validation rows to plateau on "
+            "(train fold students only, or use cosine)"
+        )
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     dataset = IsicDataset.open(data_dir, limit=cfg.limit)
@@ -228,13 +233,14 @@ def compare(data_dir, work_dirs, fold: int = 0, n_boot: int = 2000) -> list[dict
     works = [Path(w) for w in work_dirs]
     if not works:
         raise ModelError("no distill work folders to compare")
-    saved, labels = [], []
+    saved, labels, configs = [], [], []
     for work in works:
         path = work / f"fold{fold}" / "oof.npz"
         if not path.is_file():
             raise ModelError(f"{work}: no finished fold-{fold} student ({path.relative_to(work)} is missing)")
         saved.append(np.load(path))
         cfg = DistillConfig.read(work / "config.json")
+        configs.append(cfg)
         augment = "strong" if cfg.augmentation else "standard"
         ema = f"EMA {cfg.ema_momentum}" if cfg.ema_momentum else "no EMA"
         labels.append(
@@ -247,8 +253,7 @@ def compare(data_dir, work_dirs, fold: int = 0, n_boot: int = 2000) -> list[dict
             and np.array_equal(found["cal_index"], saved[0]["cal_index"])
         ):
             raise ModelError(f"{work}: another split or other rows than {works[0]}: not comparable")
-    cfg = DistillConfig.read(works[0] / "config.json")
-    dataset = IsicDataset.open(data_dir, limit=cfg.limit)
+    dataset = IsicDataset.open(data_dir, limit=configs[0].limit)
     y, groups = dataset.targets(), dataset.groups()
     if y.size != split.size:
         raise ModelError(f"{data_dir}: {y.size} rows, the runs were made on {split.size}")

@@ -138,8 +138,6 @@ class Predictor:
         else:
             self._forward = self.network
         self.spec = self.bundle.spec
-        self.image_size = self.bundle.image_size  # one side (square), or [height, width]
-        self.image_shape = self.bundle.image_shape
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
         self.tta = tta
         self.threshold = self.bundle.threshold if threshold is None else float(threshold)
@@ -162,6 +160,15 @@ class Predictor:
     @property
     def version(self) -> str:
         return self.bundle.version
+
+    @property
+    def image_size(self) -> int | list[int]:
+        """The bundle's input size: one side (square), or [height, width]."""
+        return self.bundle.image_size
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return self.bundle.image_shape
 
     # -- the three steps ------------------------------------------------------------------------
     def pre_process(self, images: Sequence, metadata: Sequence[dict], keys: Sequence | None = None) -> Prepared:

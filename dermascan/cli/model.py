@@ -303,10 +303,6 @@ def distill(
         folds = [int(k) for k in only_folds.split(",")] if only_folds else []
     except ValueError:
         raise click.BadParameter("a comma-separated list of fold numbers", param_hint="--folds") from None
-    if lr_schedule == "plateau" and final:
-        raise click.BadParameter(
-            "the final student has no validation rows to plateau on: use it with --no-final", param_hint="--lr-schedule"
-        )
     teacher_cfg = read_teacher_config(teacher_dir)
     cfg = DistillConfig(
         image_size=image_size, epochs=epochs, alpha=alpha, ema_momentum=ema_momentum if ema else None,
