@@ -243,8 +243,9 @@ def compare(data_dir, work_dirs, fold: int = 0, n_boot: int = 2000) -> list[dict
         configs.append(cfg)
         augment = "strong" if cfg.augmentation else "standard"
         ema = f"EMA {cfg.ema_momentum}" if cfg.ema_momentum else "no EMA"
+        seed = "" if cfg.init_seed is None else f", init seed {cfg.init_seed}"
         labels.append(
-            f"{work.name}: {size_label(cfg.image_size)}, {cfg.epochs} epochs, {augment}, {ema}, {cfg.lr_schedule}"
+            f"{work.name}: {size_label(cfg.image_size)}, {cfg.epochs} epochs, {augment}, {ema}, {cfg.lr_schedule}{seed}"
         )
     split = np.load(works[0] / "split.npy")
     for work, found in zip(works[1:], saved[1:]):

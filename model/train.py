@@ -35,7 +35,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     label_smoothing: float = 0.05
     patience: int = 4  # early stopping on val AUC; ReduceLROnPlateau waits half as long
-    seed: int = 42
+    seed: int = 42  # the split (folds, calibration patients); also the training's, unless init_seed
+    # the training's own randomness (initial weights, augmentation, batch order): another value
+    # repeats a recipe on the same split, to see how much one run differs from the next
+    init_seed: int | None = None
     weights: str | None = None
     target_sensitivity: float = 0.95
     threshold_confidence: float = 0.9  # bootstrap margin for the sensitivity at the threshold
@@ -173,7 +176,8 @@ def train_fold(
     if (fold_dir / "done").exists():
         return keras.saving.load_model(best_path if validated else last_path)
 
-    keras.utils.set_random_seed(cfg.seed + k)
+    seed = (cfg.seed if cfg.init_seed is None else cfg.init_seed) + k
+    keras.utils.set_random_seed(seed)
     if last_path.exists() and history:
         model = keras.saving.load_model(last_path)
         log.info("fold %d: resuming after epoch %d", k, len(history))
@@ -185,7 +189,7 @@ def train_fold(
             cfg.image_size,
             augmentation=Augmentation(**cfg.augmentation),
             weights=cfg.weights,
-            seed=cfg.seed + k,
+            seed=seed,
             backbone=cfg.backbone,
             name=f"fold{k}",
         )

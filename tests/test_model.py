@@ -537,7 +537,18 @@ def test_distill_trains_a_student_from_out_of_fold_teacher_scores_and_resumes(tr
     assert result.exit_code == 0, result.output
     ran = DistillConfig.read(ablation / "config.json")
     assert ran.ema_momentum is None and ran.lr_schedule == "plateau"
-    runs = [str(work), str(copy), str(ablation)]
+    # the same recipe again with the training's own seed: 42 (the split's) replays the first run's
+    # fold student, another seed is another run on the same patients
+    replayed, reseeded = tmp_path / "init-seed-42", tmp_path / "init-seed-7"
+    for folder, seed in ((replayed, "42"), (reseeded, "7")):
+        run_args = [str(folder) if a == str(ablation) else a for a in fold_args]
+        result = CliRunner().invoke(main, [*run_args, "--init-seed", seed, "--no-final"])
+        assert result.exit_code == 0, result.output
+    assert DistillConfig.read(reseeded / "config.json").init_seed == 7
+    first = np.load(work / "fold0" / "oof.npz")["plain"]
+    assert np.array_equal(np.load(replayed / "fold0" / "oof.npz")["plain"], first)
+    assert not np.allclose(np.load(reseeded / "fold0" / "oof.npz")["plain"], first)
+    runs = [str(work), str(copy), str(ablation), str(reseeded)]
     compared = CliRunner().invoke(main, ["distill-compare", *runs, "--data", str(ham_dir), "--boot", "50"])
     assert compared.exit_code == 0, compared.output
     assert (
@@ -546,6 +557,7 @@ def test_distill_trains_a_student_from_out_of_fold_teacher_scores_and_resumes(tr
     assert (
         "+0.0000 [+0.0000, +0.0000]" in compared.output
         and "32px, 1 epochs, standard, no EMA, plateau" in compared.output
+        and "cosine, init seed 7" in compared.output
     )
     split = np.load(copy / "split.npy")
     np.save(copy / "split.npy", np.roll(split, 1))  # another split: other patients in fold 0

@@ -284,13 +284,19 @@ def unpack(bundle_dir, data_dir, work_dir):
     help="Cosine decay over the epochs, or ReduceLROnPlateau on validation AUC (fold students only).",
 )
 @click.option("--augment", type=click.Choice(["standard", "strong"]), default="standard", show_default=True)
+@click.option(
+    "--init-seed",
+    type=int,
+    help="Seed of the training alone (weights, augmentation, batch order; the split keeps its own): "
+    "repeats a recipe to see the spread from run to run.",
+)
 @click.option("--folds", "only_folds", help="Fold students to train (e.g. 0 or 0,1,2): each validated on its fold.")
 @click.option("--final/--no-final", default=True, show_default=True, help="Train the student on every development row.")
 @click.option("--limit", type=int, help="Only the first N rows (smoke runs).")
 @click.option("--backbone", type=click.Choice(["nasnet_mobile", "tiny"]), default="nasnet_mobile", show_default=True)
 def distill(
     teacher_dir, data_dir, work_dir, out_dir, version, image_size, epochs, alpha, ema_momentum, ema, lr_schedule,
-    augment, only_folds, final, limit, backbone,
+    augment, init_seed, only_folds, final, limit, backbone,
 ):  # fmt: skip
     """Distil an ensemble bundle into one network (resumable): fold students measure the recipe, the final student
     (every development row) ships; calibration, threshold and gate are fitted on the held-out calibration set."""
@@ -306,7 +312,7 @@ def distill(
     teacher_cfg = read_teacher_config(teacher_dir)
     cfg = DistillConfig(
         image_size=image_size, epochs=epochs, alpha=alpha, ema_momentum=ema_momentum if ema else None,
-        lr_schedule=lr_schedule, limit=limit or teacher_cfg.limit, backbone=backbone,
+        lr_schedule=lr_schedule, init_seed=init_seed, limit=limit or teacher_cfg.limit, backbone=backbone,
         folds=teacher_cfg.folds, seed=teacher_cfg.seed, calibration_fraction=teacher_cfg.calibration_fraction,
         augmentation=STRONG_AUGMENTATION if augment == "strong" else {},
         verbose=1 if sys.stderr.isatty() else 2,
