@@ -558,6 +558,7 @@ def test_distill_trains_a_student_from_out_of_fold_teacher_scores_and_resumes(tr
         "+0.0000 [+0.0000, +0.0000]" in compared.output
         and "32px, 1 epochs, standard, no EMA, plateau" in compared.output
         and "cosine, init seed 7" in compared.output
+        and "resample patients only" in compared.output
     )
     split = np.load(copy / "split.npy")
     np.save(copy / "split.npy", np.roll(split, 1))  # another split: other patients in fold 0

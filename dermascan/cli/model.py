@@ -364,6 +364,10 @@ def distill_compare(work_dirs, data_dir, fold, n_boot):
     click.echo("|---" * (len(keys) + 1) + "|")
     for row in rows:
         click.echo(f"| {row['student']} | " + " | ".join(cell(row, k) for k in keys) + " |")
+    click.echo(
+        "The intervals resample patients only, not the training's own randomness: two runs of one recipe "
+        "(distill --init-seed) can differ by more, so compare recipes by a few runs each."
+    )
 
 
 def read_teacher_config(teacher_dir: Path):
