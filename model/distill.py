@@ -126,6 +126,25 @@ def blend(y: np.ndarray, soft: np.ndarray, alpha: float) -> np.ndarray:
     return out
 
 
+def same_recipe(work: Path, cfg: DistillConfig) -> None:
+    """Refuse to resume a work folder with another recipe than it was started with: its finished
+    students were trained on the old one, so its report, and ``compare``, would name the wrong one."""
+    path = work / "config.json"
+    if not path.is_file():
+        return
+    before = DistillConfig.read(path)
+    changed = [
+        f"{f.name} {getattr(before, f.name)!r} → {getattr(cfg, f.name)!r}"
+        for f in fields(DistillConfig)
+        if f.name not in ("verbose", "teacher") and getattr(before, f.name) != getattr(cfg, f.name)
+    ]
+    if changed:
+        raise ModelError(
+            f"{work} was started with another recipe ({'; '.join(changed)}): resume it with the options it "
+            "was started with, or give this recipe a new work folder"
+        )
+
+
 def distill(
     data_dir, teacher_dir, work_dir, cfg: DistillConfig, folds: list[int] | None = None, final: bool = True
 ) -> dict:
@@ -140,6 +159,7 @@ def distill(
             "(train fold students only, or use cosine)"
         )
     work = Path(work_dir)
+    same_recipe(work, cfg)
     work.mkdir(parents=True, exist_ok=True)
     dataset = IsicDataset.open(data_dir, limit=cfg.limit)
     y = dataset.targets()

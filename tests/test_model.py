@@ -521,6 +521,11 @@ def test_distill_trains_a_student_from_out_of_fold_teacher_scores_and_resumes(tr
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
     assert (work / "final" / "history.csv").read_text() == history  # resumed: nothing trained again
+    other = CliRunner().invoke(
+        main, [*args[: args.index("--epochs")], "--epochs", "2", *args[args.index("--epochs") + 2 :]]
+    )
+    assert other.exit_code == 1 and "another recipe (epochs 1 → 2)" in other.output  # not resumed as another
+    assert DistillConfig.read(work / "config.json").epochs == 1
     four = IsicDataset.open(ham_dir, limit=4)
     scores = Predictor(out).score(four.read_bytes(four.ids), [{}] * 4)
     assert all(0.0 <= s.probability <= 1.0 for s in scores)
