@@ -67,6 +67,9 @@ class TrainConfig:
 
     def __post_init__(self):
         self.image_size = canonical_size(self.image_size)  # a JSON list, a tuple → one form
+        # the network of fold k is seeded with init_seed + k, the final one (k = -1) with init_seed - 1
+        if self.init_seed is not None and not 1 <= self.init_seed <= 2**31:
+            raise ValueError(f"init_seed {self.init_seed}: a whole number from 1 to 2**31")
 
 
 def make_folds(targets: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:

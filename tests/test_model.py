@@ -550,6 +550,11 @@ def test_distill_trains_a_student_from_out_of_fold_teacher_scores_and_resumes(tr
         result = CliRunner().invoke(main, [*run_args, "--init-seed", seed, "--no-final"])
         assert result.exit_code == 0, result.output
     assert DistillConfig.read(reseeded / "config.json").init_seed == 7
+    # 0 would seed the final student with -1 (hours in, after the fold students): refused at once
+    zero = CliRunner().invoke(main, [*fold_args, "--init-seed", "0"])
+    assert zero.exit_code == 2 and "--init-seed" in zero.output
+    with pytest.raises(ValueError, match="init_seed 0"):
+        DistillConfig(init_seed=0)
     first = np.load(work / "fold0" / "oof.npz")["plain"]
     assert np.array_equal(np.load(replayed / "fold0" / "oof.npz")["plain"], first)
     assert not np.allclose(np.load(reseeded / "fold0" / "oof.npz")["plain"], first)

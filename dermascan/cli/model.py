@@ -286,7 +286,7 @@ def unpack(bundle_dir, data_dir, work_dir):
 @click.option("--augment", type=click.Choice(["standard", "strong"]), default="standard", show_default=True)
 @click.option(
     "--init-seed",
-    type=int,
+    type=click.IntRange(1, 2**31),
     help="Seed of the training alone (weights, augmentation, batch order; the split keeps its own): "
     "repeats a recipe to see the spread from run to run.",
 )
