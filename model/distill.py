@@ -33,7 +33,7 @@ import numpy as np
 from model import metrics
 from model.data import IsicDataset, size_label
 from model.errors import ModelError
-from model.train import TrainConfig, split_rows, tta_predict
+from model.train import TrainConfig, split_rows, tta_predict, tta_views
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,13 @@ def distill(
     spec = FeatureSpec.from_json(spec_path.read_text()) if spec_path.exists() else FeatureSpec.fit(dataset.metadata)
     spec_path.write_text(spec.to_json())
     targets = blend(y, teacher["soft"], cfg.alpha)
+    diagnosis = None
+    if cfg.diagnosis_weight > 0:
+        from model.diagnosis import labels
+
+        diagnosis = labels(dataset.metadata)
+        if not (diagnosis[split >= 0] >= 0).any():
+            raise ModelError(f"{data_dir}: no row has a diagnosis (diagnosis, iddx_3 or iddx_2) for the differential")
     todo = [k for k in (folds or []) if not (work / f"fold{k}" / "oof.npz").exists()]
     want_final = final and not (work / FINAL / "cal.npz").exists()
     if todo or want_final:
@@ -189,19 +196,28 @@ def distill(
         cal_idx = np.flatnonzero(split < 0)
         for k in todo:
             train_idx, val_idx = np.flatnonzero((split != k) & (split >= 0)), np.flatnonzero(split == k)
-            model = train_fold(k, cfg, work, spec, x, y, train_idx, val_idx, targets=targets)
-            mean, spread, plain = tta_predict(model, x["image"][val_idx], x["meta"][val_idx], tta=cfg.tta)
-            cal = tta_predict(model, x["image"][cal_idx], x["meta"][cal_idx], tta=cfg.tta)
+            model = train_fold(k, cfg, work, spec, x, y, train_idx, val_idx, targets=targets, diagnosis=diagnosis)
+            views, classes = tta_views(model, x["image"][val_idx], x["meta"][val_idx], tta=cfg.tta)
+            cal_views, cal_classes = tta_views(model, x["image"][cal_idx], x["meta"][cal_idx], tta=cfg.tta)
+            extra = {} if classes is None else {"classes": classes, "cal_classes": cal_classes}
             np.savez(
-                work / f"fold{k}" / "oof.npz", mean=mean, spread=spread, plain=plain, index=val_idx,
-                cal_mean=cal[0], cal_spread=cal[1], cal_plain=cal[2], cal_index=cal_idx,
+                work / f"fold{k}" / "oof.npz", mean=views.mean(0), spread=views.std(0), plain=views[0], index=val_idx,
+                cal_mean=cal_views.mean(0), cal_spread=cal_views.std(0), cal_plain=cal_views[0], cal_index=cal_idx,
+                **extra,
             )  # fmt: skip
             del model
         if want_final:
             train_idx = np.flatnonzero(split >= 0)
-            model = train_fold(-1, cfg, work, spec, x, y, train_idx, np.zeros(0, int), targets=targets, folder=FINAL)
-            cal = tta_predict(model, x["image"][cal_idx], x["meta"][cal_idx], tta=cfg.tta)
-            np.savez(work / FINAL / "cal.npz", mean=cal[0], spread=cal[1], plain=cal[2], index=cal_idx)
+            model = train_fold(
+                -1, cfg, work, spec, x, y, train_idx, np.zeros(0, int), targets=targets, folder=FINAL,
+                diagnosis=diagnosis,
+            )  # fmt: skip
+            views, classes = tta_views(model, x["image"][cal_idx], x["meta"][cal_idx], tta=cfg.tta)
+            extra = {} if classes is None else {"classes": classes}
+            np.savez(
+                work / FINAL / "cal.npz", mean=views.mean(0), spread=views.std(0), plain=views[0], index=cal_idx,
+                **extra,
+            )  # fmt: skip
             del model
     return report(work, dataset, split, teacher["soft"])
 

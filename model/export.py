@@ -41,7 +41,12 @@ FILES = {("onnx", False): "model.onnx", ("onnx", True): "model.int8.onnx",
 def _random_layers():
     from keras import layers
 
-    return (layers.RandomFlip, layers.RandomRotation, layers.RandomZoom, layers.RandomColorJitter, layers.RandomErasing)
+    from model.network import TRAINING_ONLY
+
+    return (
+        layers.RandomFlip, layers.RandomRotation, layers.RandomZoom, layers.RandomColorJitter, layers.RandomErasing,
+        *TRAINING_ONLY,
+    )  # fmt: skip
 
 
 def without_augmentation(model):

@@ -186,6 +186,28 @@ class FeatureSpec:
     def output_names(self) -> list[str]:
         return [n for f in (*self.numeric, *self.categorical) for n in f.output_names()]
 
+    def groups(self) -> list[tuple[str, int, int]]:
+        """Each field's (name, start, stop) in the encoded vector."""
+        out, start = [], 0
+        for feature in (*self.numeric, *self.categorical):
+            out.append((feature.name, start, start + feature.width))
+            start += feature.width
+        return out
+
+    def missing_vector(self) -> np.ndarray:
+        """The encoding of a record in which every field is missing."""
+        return self.transform([{}])[0]
+
+    def missing_fields(self, record) -> list[str]:
+        """The fields of ``record`` the spec cannot use: absent, empty, or a value outside its
+        vocabulary (an unknown site or sex is as good as none to the network)."""
+        record = record or {}
+        out = [f.name for f in self.numeric if _as_float(record.get(f.name)) is None]
+        for feature in self.categorical:
+            if feature.normalise(record.get(feature.name)) not in feature.vocabulary:
+                out.append(feature.name)
+        return out
+
     def transform(self, records) -> np.ndarray:
         """Encode records (dicts, or a DataFrame) → float32 array of shape (n, dim)."""
         if hasattr(records, "to_dict") and hasattr(records, "columns"):

@@ -8,15 +8,123 @@ no caller can normalise differently.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import keras
-from keras import layers
+from keras import layers, ops
 
 from model.data import Size, image_shape
 
 HEAD = "classification_head"
+DIAGNOSIS_HEAD = "diagnosis_head"
 IMAGE_FEATURES = "image_features"
+
+
+@keras.saving.register_keras_serializable(package="dermascan")
+class ShadesOfGray(layers.Layer):
+    """Colour constancy (Finlayson and Trezzi, 2004), at inference as in training: each image's
+    illuminant is estimated per channel as the Minkowski ``power``-mean of its pixels, and every
+    channel is scaled so that the illuminant becomes grey at the image's own mean level. A cooler or
+    warmer dermatoscope then gives the network the same colours (ISIC 2018-2019's leading entries
+    used it as preprocessing; here it lives in the graph, so every runtime and export applies it)."""
+
+    def __init__(self, power: float = 6.0, **kwargs):
+        super().__init__(**kwargs)
+        self.power = float(power)
+
+    def call(self, x):
+        unit = ops.clip(x / 255.0, 0.0, 1.0)
+        norm = ops.power(ops.mean(ops.power(unit, self.power), axis=(1, 2), keepdims=True) + 1e-12, 1.0 / self.power)
+        grey = ops.mean(norm, axis=-1, keepdims=True)
+        return ops.clip(x * grey / (norm + 1e-6), 0.0, 255.0)
+
+    def get_config(self):
+        return {**super().get_config(), "power": self.power}
+
+
+@keras.saving.register_keras_serializable(package="dermascan")
+class CameraJitter(layers.Layer):
+    """Training only: what another dermatoscope does to an image — its white balance (a gain per
+    channel, ±``white_balance``), its exposure (one gain, ±``exposure``), a vignette (darker towards
+    the corners, up to ``vignette``) and, with probability ``field_of_view``, a circular field of
+    view with black outside it (contact dermatoscopes), of random radius and centre. The corners
+    then carry no fixed pattern the network could lean on."""
+
+    def __init__(self, white_balance=0.15, exposure=0.25, vignette=0.4, field_of_view=0.35, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.white_balance, self.exposure = float(white_balance), float(exposure)
+        self.vignette, self.field_of_view = float(vignette), float(field_of_view)
+        self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x, training=None):
+        if not training:
+            return x
+        shape = ops.shape(x)
+        batch, height, width = shape[0], shape[1], shape[2]
+
+        def uniform(size, low, high):
+            return keras.random.uniform(size, low, high, seed=self.generator)
+
+        gains = uniform((batch, 1, 1, 3), 1.0 - self.white_balance, 1.0 + self.white_balance)
+        gains = gains * uniform((batch, 1, 1, 1), 1.0 - self.exposure, 1.0 + self.exposure)
+        rows = ops.reshape(ops.linspace(-1.0, 1.0, height), (1, -1, 1, 1))
+        cols = ops.reshape(ops.linspace(-1.0, 1.0, width), (1, 1, -1, 1))
+        cy, cx = uniform((batch, 1, 1, 1), -0.15, 0.15), uniform((batch, 1, 1, 1), -0.15, 0.15)
+        radius = ops.sqrt(ops.square(rows - cy) + ops.square(cols - cx))  # 1 at an edge's middle
+        fade = 1.0 - uniform((batch, 1, 1, 1), 0.0, self.vignette) * ops.square(radius) / 2.0
+        edge = uniform((batch, 1, 1, 1), 0.85, 1.25)
+        circle = ops.sigmoid((edge - radius) * 40.0)  # soft-edged disc
+        use = ops.cast(uniform((batch, 1, 1, 1), 0.0, 1.0) < self.field_of_view, x.dtype)
+        mask = use * circle + (1.0 - use)
+        return ops.clip(x * gains * fade * mask, 0.0, 255.0)
+
+    def get_config(self):
+        return {
+            **super().get_config(), "white_balance": self.white_balance, "exposure": self.exposure,
+            "vignette": self.vignette, "field_of_view": self.field_of_view, "seed": self.seed,
+        }  # fmt: skip
+
+
+@keras.saving.register_keras_serializable(package="dermascan")
+class MetadataDropout(layers.Layer):
+    """Training only: hide metadata fields at random, so that "not said" is learned as not said.
+
+    ``groups`` are the feature spec's fields as [start, stop) slices of the metadata vector and
+    ``missing`` is the vector every field takes when it is missing (its missing flag or unknown
+    bucket set). Each field is hidden with probability ``rate``, and all of them together with
+    probability ``all_rate`` (a program that sends images only)."""
+
+    def __init__(self, groups: Sequence[Sequence[int]], missing: Sequence[float], rate=0.25, all_rate=0.15, seed=None, **kwargs):  # fmt: skip
+        super().__init__(**kwargs)
+        self.groups = [[int(a), int(b)] for a, b in groups]
+        self.missing = [float(v) for v in missing]
+        self.rate, self.all_rate, self.seed = float(rate), float(all_rate), seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, m, training=None):
+        if not training or not self.groups:
+            return m
+        dim = len(self.missing)
+        membership = [[1.0 if a <= j < b else 0.0 for j in range(dim)] for a, b in self.groups]
+        membership = ops.convert_to_tensor(membership, dtype=m.dtype)  # (fields, dim)
+        batch = ops.shape(m)[0]
+        hide = keras.random.uniform((batch, len(self.groups)), seed=self.generator) < self.rate
+        hide_all = keras.random.uniform((batch, 1), seed=self.generator) < self.all_rate
+        hide = ops.cast(ops.logical_or(hide, hide_all), m.dtype)
+        mask = ops.minimum(ops.matmul(hide, membership), 1.0)  # (batch, dim)
+        missing = ops.convert_to_tensor([self.missing], dtype=m.dtype)
+        return m * (1.0 - mask) + missing * mask
+
+    def get_config(self):
+        return {
+            **super().get_config(), "groups": self.groups, "missing": self.missing, "rate": self.rate,
+            "all_rate": self.all_rate, "seed": self.seed,
+        }  # fmt: skip
+
+
+TRAINING_ONLY = (CameraJitter, MetadataDropout)
 
 
 @dataclass(frozen=True)
@@ -35,9 +143,20 @@ class Augmentation:
     brightness: float = 0.1
     contrast: float = 0.1
     saturation: float = 0.1
+    # another dermatoscope (CameraJitter): white balance, exposure, vignette, circular field of view
+    white_balance: float = 0.0
+    exposure: float = 0.0
+    vignette: float = 0.0
+    field_of_view: float = 0.0
 
     def layers(self, seed: int | None = None) -> list[keras.layers.Layer]:
         out: list[keras.layers.Layer] = []
+        if self.white_balance or self.exposure or self.vignette or self.field_of_view:
+            out.append(
+                CameraJitter(
+                    self.white_balance, self.exposure, self.vignette, self.field_of_view, seed=seed, name="aug_camera"
+                )
+            )
         if self.flip:
             out.append(layers.RandomFlip("horizontal_and_vertical", seed=seed, name="aug_flip"))
         if self.rotation:
@@ -75,6 +194,8 @@ class Augmentation:
 
 
 NO_AUGMENTATION = Augmentation(False, 0.0, 0.0, (0.02, 0.06), 0.0, 0.0, 0.0, 0.0)
+# model v4's recipe: the standard augmentation plus what other dermatoscopes do to an image
+CAMERA_AUGMENTATION = {"white_balance": 0.15, "exposure": 0.25, "vignette": 0.4, "field_of_view": 0.35}
 
 
 def build(
@@ -90,12 +211,18 @@ def build(
     meta_dropout: float = 0.2,
     seed: int | None = None,
     name: str = "dermascan_fusion",
+    diagnoses: int = 0,
+    colour_constancy: bool = False,
+    metadata_dropout: dict | None = None,
 ) -> keras.Model:
     """Build the fusion network.
 
     ``meta_dim`` is ``FeatureSpec.dim``. ``weights`` is an optional local NASNetMobile weights
     file (``include_top=False``); ImageNet weights cannot be downloaded here, so the default is
-    training from scratch.
+    training from scratch. ``diagnoses``: with a number of classes, a second output (softmax,
+    ``diagnosis_head``) beside the probability of malignancy, on the same fused features.
+    ``colour_constancy``: Shades of Gray inside the graph. ``metadata_dropout``: the arguments of
+    :class:`MetadataDropout` (``groups``, ``missing``, ``rate``, ``all_rate``), training only.
     """
     augmentation = Augmentation() if augmentation is None else augmentation
     height, width = image_shape(image_size)  # a side (square), or [height, width]
@@ -105,6 +232,8 @@ def build(
     x = layers.Identity(name="pixels", dtype="float32")(keras.ops.cast(image_in, "float32"))
     for layer in augmentation.layers(seed):
         x = layer(x)
+    if colour_constancy:
+        x = ShadesOfGray(name="colour_constancy")(x)
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="to_unit_range")(x)
     if backbone == "nasnet_mobile":
         nasnet = keras.applications.NASNetMobile(
@@ -134,6 +263,8 @@ def build(
     image_features = layers.Identity(name=IMAGE_FEATURES)(x)
 
     m = meta_in
+    if metadata_dropout:
+        m = MetadataDropout(**metadata_dropout, seed=seed, name="metadata_dropout")(m)
     for i, units in enumerate(meta_units):
         m = layers.Dense(units, use_bias=False, name=f"meta_dense_{i}")(m)
         m = layers.BatchNormalization(name=f"meta_bn_{i}")(m)
@@ -143,6 +274,9 @@ def build(
     x = layers.Concatenate(name="fusion")([image_features, m])
     x = layers.Dropout(dropout, name="fusion_dropout")(x)
     out = layers.Dense(1, activation="sigmoid", dtype="float32", name=HEAD)(x)
+    if diagnoses:
+        dx = layers.Dense(diagnoses, activation="softmax", dtype="float32", name=DIAGNOSIS_HEAD)(x)
+        return keras.Model({"image": image_in, "meta": meta_in}, [out, dx], name=name)
     return keras.Model({"image": image_in, "meta": meta_in}, out, name=name)
 
 

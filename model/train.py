@@ -64,6 +64,15 @@ class TrainConfig:
     # (the only schedule that needs no validation data, so a network trained on every development
     # image can use it)
     lr_schedule: str = "plateau"
+    # model v4: the differential diagnosis as a second output (its loss weight; 0: none), Shades of
+    # Gray colour constancy in the graph, metadata dropout (each field hidden with this probability,
+    # all of them with ``metadata_dropout_all``), and which weights a validated fold keeps ("best"
+    # epoch by validation AUC, or "last": the same rule as a network trained without validation)
+    diagnosis_weight: float = 0.0
+    colour_constancy: bool = False
+    metadata_dropout: float = 0.0
+    metadata_dropout_all: float = 0.0
+    keep: str = "best"
 
     def __post_init__(self):
         self.image_size = canonical_size(self.image_size)  # a JSON list, a tuple → one form
@@ -107,19 +116,45 @@ def split_rows(targets: np.ndarray, groups: np.ndarray, cfg: TrainConfig) -> np.
     return fold
 
 
-def tta_predict(model, images: np.ndarray, meta: np.ndarray, batch_size: int = 64, tta: bool = True):
-    """Mean and spread (std) of the predictions over the four flips (or just the plain pass),
-    and the plain pass alone."""
+def tta_views(model, images: np.ndarray, meta: np.ndarray, batch_size: int = 64, tta: bool = True):
+    """The malignancy score of each view (views × n) and, for a network with the differential,
+    the mean of the views' class probabilities (n × classes; None without)."""
     views = [images]
     if tta:
         views += [images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
-    preds = np.stack(
-        [
-            model.predict({"image": np.ascontiguousarray(v), "meta": meta}, batch_size=batch_size, verbose=0).ravel()
-            for v in views
-        ]
-    )
+    preds, classes = [], []
+    for v in views:
+        out = model.predict({"image": np.ascontiguousarray(v), "meta": meta}, batch_size=batch_size, verbose=0)
+        if isinstance(out, list | tuple):
+            classes.append(np.asarray(out[1], np.float64))
+            out = out[0]
+        preds.append(np.asarray(out).ravel())
+    return np.stack(preds), (np.mean(classes, axis=0) if classes else None)
+
+
+def tta_predict(model, images: np.ndarray, meta: np.ndarray, batch_size: int = 64, tta: bool = True):
+    """Mean and spread (std) of the predictions over the four flips (or just the plain pass),
+    and the plain pass alone."""
+    preds, _ = tta_views(model, images, meta, batch_size, tta)
     return preds.mean(axis=0), preds.std(axis=0), preds[0]
+
+
+@__import__("functools").cache
+def _masked_loss():
+    import keras
+
+    @keras.saving.register_keras_serializable(package="dermascan")
+    def masked_sparse_crossentropy(y_true, y_pred):
+        """Cross-entropy of the differential over the rows that have a diagnosis (label ≥ 0)."""
+        from keras import ops
+
+        labels = ops.reshape(ops.cast(y_true, "int32"), (-1,))
+        known = ops.cast(labels >= 0, y_pred.dtype)
+        safe = ops.maximum(labels, 0)
+        loss = keras.losses.sparse_categorical_crossentropy(safe, y_pred)
+        return ops.sum(loss * known) / ops.maximum(ops.sum(known), 1.0)
+
+    return masked_sparse_crossentropy
 
 
 class _ResumeState:
@@ -152,32 +187,44 @@ def _read_history(path: Path) -> list[dict]:
     import csv
 
     with path.open() as fh:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    for row in rows:  # a network with the differential logs its malignancy AUC under the head's name
+        if "val_auc" not in row and "val_classification_head_auc" in row:
+            row["val_auc"] = row["val_classification_head_auc"]
+    return rows
 
 
 def train_fold(
     k: int, cfg: TrainConfig, work: Path, spec: FeatureSpec, x: dict, y: np.ndarray, train_idx, val_idx,
-    *, targets: np.ndarray | None = None, folder: str | None = None,
+    *, targets: np.ndarray | None = None, folder: str | None = None, diagnosis: np.ndarray | None = None,
 ):  # fmt: skip
     """Train one fold (resuming from its last checkpoint). Returns the best model.
 
     ``targets``: what the network learns on its training rows (default ``y``; soft scores for a
     distilled student); validation always uses the labels ``y``. With no validation rows the
     network trains its full ``cfg.epochs`` (cosine schedule) and the last epoch is kept.
-    ``folder``: the checkpoint folder inside ``work`` (default ``fold<k>``)."""
+    ``folder``: the checkpoint folder inside ``work`` (default ``fold<k>``). ``diagnosis``: the class
+    index of every row (-1: none) when the network has the differential (``cfg.diagnosis_weight``)."""
     import keras
 
     from model.network import Augmentation, build
 
     fold_dir = work / (folder or f"fold{k}")
     validated = len(val_idx) > 0
+    two = cfg.diagnosis_weight > 0
+    if two and diagnosis is None:
+        raise ValueError("a network with the differential needs each row's diagnosis")
+    monitor = "val_classification_head_auc" if two else "val_auc"
+    keep_best = validated and cfg.keep == "best"
+    if two:
+        _masked_loss()  # registered before a checkpoint that uses it is loaded
     if not validated and cfg.lr_schedule != "cosine":
         raise ValueError("a network without validation rows needs lr_schedule='cosine' (nothing to plateau on)")
     fold_dir.mkdir(parents=True, exist_ok=True)
     best_path, last_path, hist_path = fold_dir / "best.keras", fold_dir / "last.keras", fold_dir / "history.csv"
     history = _read_history(hist_path)
     if (fold_dir / "done").exists():
-        return keras.saving.load_model(best_path if validated else last_path)
+        return keras.saving.load_model(best_path if keep_best else last_path)
 
     seed = (cfg.seed if cfg.init_seed is None else cfg.init_seed) + k
     keras.utils.set_random_seed(seed)
@@ -187,6 +234,14 @@ def train_fold(
     else:
         history = []
         hist_path.unlink(missing_ok=True)
+        dropout = None
+        if cfg.metadata_dropout or cfg.metadata_dropout_all:
+            dropout = {
+                "groups": [[a, b] for _, a, b in spec.groups()], "missing": spec.missing_vector().tolist(),
+                "rate": cfg.metadata_dropout, "all_rate": cfg.metadata_dropout_all,
+            }  # fmt: skip
+        from model.diagnosis import CODES
+
         model = build(
             spec.dim,
             cfg.image_size,
@@ -195,6 +250,9 @@ def train_fold(
             seed=seed,
             backbone=cfg.backbone,
             name=f"fold{k}",
+            diagnoses=len(CODES) if two else 0,
+            colour_constancy=cfg.colour_constancy,
+            metadata_dropout=dropout,
         )
         learning_rate = cfg.learning_rate
         if cfg.lr_schedule == "cosine":
@@ -207,12 +265,18 @@ def train_fold(
                 use_ema=cfg.ema_momentum is not None,
                 ema_momentum=cfg.ema_momentum or 0.99,
             ),
-            loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
-            metrics=[keras.metrics.AUC(name="auc")],
+            loss=[keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing), _masked_loss()]
+            if two
+            else keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
+            loss_weights=[1.0, cfg.diagnosis_weight] if two else None,
+            metrics=[[keras.metrics.AUC(name="auc")], []] if two else [keras.metrics.AUC(name="auc")],
         )
 
     def take(idx, labels):
-        return {"image": x["image"][idx], "meta": x["meta"][idx]}, labels[idx].astype("float32")
+        inputs = {"image": x["image"][idx], "meta": x["meta"][idx]}
+        if two:
+            return inputs, (labels[idx].astype("float32"), diagnosis[idx].astype("int32"))
+        return inputs, labels[idx].astype("float32")
 
     (xt, yt), (xv, yv) = take(train_idx, y if targets is None else targets), take(val_idx, y)
     callbacks = []
@@ -224,18 +288,18 @@ def train_fold(
         swap._ema_weights_in_model = bool(history)
         callbacks.append(swap)
     stopped = False
-    if validated:
-        early = keras.callbacks.EarlyStopping("val_auc", mode="max", patience=cfg.patience)
-        best_ckpt = keras.callbacks.ModelCheckpoint(best_path, "val_auc", mode="max", save_best_only=True)
+    if keep_best:
+        early = keras.callbacks.EarlyStopping(monitor, mode="max", patience=cfg.patience)
+        best_ckpt = keras.callbacks.ModelCheckpoint(best_path, monitor, mode="max", save_best_only=True)
         watched = [early]
         if cfg.lr_schedule != "cosine":  # a schedule owns the learning rate: nothing to reduce
             watched.append(keras.callbacks.ReduceLROnPlateau(
-                "val_auc", mode="max", factor=0.5, patience=max(1, cfg.patience // 2), min_lr=1e-5, verbose=1
+                monitor, mode="max", factor=0.5, patience=max(1, cfg.patience // 2), min_lr=1e-5, verbose=1
             ))  # fmt: skip
         if history:
-            best_ckpt.best = max(h["val_auc"] for h in history)
-        callbacks += [*watched, _ResumeState(history, "val_auc").callback(*watched), best_ckpt]
-        stopped = bool(history) and _ResumeState(history, "val_auc").wait >= cfg.patience
+            best_ckpt.best = max(h[monitor] for h in history)
+        callbacks += [*watched, _ResumeState(history, monitor).callback(*watched), best_ckpt]
+        stopped = bool(history) and _ResumeState(history, monitor).wait >= cfg.patience
     callbacks += [keras.callbacks.ModelCheckpoint(last_path), keras.callbacks.CSVLogger(str(hist_path), append=True)]
     if len(history) < cfg.epochs and not stopped:
         t0 = time.time()
@@ -251,7 +315,7 @@ def train_fold(
         )
         log.info("%s: trained in %.0f s", fold_dir.name, time.time() - t0)
     (fold_dir / "done").write_text(json.dumps({"finished": time.time()}))
-    return keras.saving.load_model(best_path if validated else last_path)
+    return keras.saving.load_model(best_path if keep_best else last_path)
 
 
 def cross_validate(data_dir, work_dir, cfg: TrainConfig, train_folds: list[int] | None = None) -> dict:

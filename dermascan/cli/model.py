@@ -283,7 +283,45 @@ def unpack(bundle_dir, data_dir, work_dir):
     show_default=True,
     help="Cosine decay over the epochs, or ReduceLROnPlateau on validation AUC (fold students only).",
 )
-@click.option("--augment", type=click.Choice(["standard", "strong"]), default="standard", show_default=True)
+@click.option(
+    "--augment",
+    type=click.Choice(["standard", "strong", "camera"]),
+    default="standard",
+    show_default=True,
+    help="camera: the standard augmentation plus another dermatoscope's white balance, exposure, vignette and "
+    "circular field of view.",
+)
+@click.option(
+    "--diagnosis-weight",
+    type=click.FloatRange(0, 10),
+    default=0.0,
+    show_default=True,
+    help="Train the differential diagnosis (seven classes) as a second output with this loss weight (0: none).",
+)
+@click.option(
+    "--colour-constancy/--no-colour-constancy", default=False, show_default=True, help="Shades of Gray in the graph."
+)
+@click.option(
+    "--metadata-dropout",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Hide each metadata field with this probability while training.",
+)
+@click.option(
+    "--metadata-dropout-all",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Hide all metadata fields together with this probability while training.",
+)
+@click.option(
+    "--keep",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
+    help="Fold students: the best epoch by validation AUC, or the last (the final student's rule).",
+)
 @click.option(
     "--init-seed",
     type=click.IntRange(1, 2**31),
@@ -296,13 +334,15 @@ def unpack(bundle_dir, data_dir, work_dir):
 @click.option("--backbone", type=click.Choice(["nasnet_mobile", "tiny"]), default="nasnet_mobile", show_default=True)
 def distill(
     teacher_dir, data_dir, work_dir, out_dir, version, image_size, epochs, alpha, ema_momentum, ema, lr_schedule,
-    augment, init_seed, only_folds, final, limit, backbone,
+    augment, diagnosis_weight, colour_constancy, metadata_dropout, metadata_dropout_all, keep, init_seed, only_folds,
+    final, limit, backbone,
 ):  # fmt: skip
     """Distil an ensemble bundle into one network (resumable): fold students measure the recipe, the final student
     (every development row) ships; calibration, threshold and gate are fitted on the held-out calibration set."""
     from model.distill import STRONG_AUGMENTATION, DistillConfig
     from model.distill import distill as run_distill
     from model.errors import ModelError
+    from model.network import CAMERA_AUGMENTATION
 
     _log_progress()
     try:
@@ -314,7 +354,9 @@ def distill(
         image_size=image_size, epochs=epochs, alpha=alpha, ema_momentum=ema_momentum if ema else None,
         lr_schedule=lr_schedule, init_seed=init_seed, limit=limit or teacher_cfg.limit, backbone=backbone,
         folds=teacher_cfg.folds, seed=teacher_cfg.seed, calibration_fraction=teacher_cfg.calibration_fraction,
-        augmentation=STRONG_AUGMENTATION if augment == "strong" else {},
+        augmentation={"strong": STRONG_AUGMENTATION, "camera": CAMERA_AUGMENTATION}.get(augment, {}),
+        diagnosis_weight=diagnosis_weight, colour_constancy=colour_constancy, metadata_dropout=metadata_dropout,
+        metadata_dropout_all=metadata_dropout_all, keep=keep,
         verbose=1 if sys.stderr.isatty() else 2,
     )  # fmt: skip
     try:

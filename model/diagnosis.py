@@ -1,0 +1,91 @@
+"""The differential diagnosis: the seven classes of HAM10000 / ISIC 2018 Task 3.
+
+Pure data and numpy (no Keras): the class list the network's second output follows, each class's
+label and SNOMED CT concept, which count as malignant (the malignancy target's definition), and
+how a dataset's columns map onto the classes — HAM10000's ``diagnosis`` (``dx``) codes directly,
+ISIC 2024's ``iddx_*`` hierarchy by the names it uses (docs/model.md gives the table).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# (code, label, SNOMED CT concept id, SNOMED CT display, malignant)
+CLASSES = (
+    ("mel", "Melanoma", "372244006", "Malignant melanoma", True),
+    ("nv", "Melanocytic nevus", "400096001", "Melanocytic naevus", False),
+    ("bcc", "Basal cell carcinoma", "254701007", "Basal cell carcinoma of skin", True),
+    ("akiec", "Actinic keratosis / intraepithelial carcinoma", "201101007", "Actinic keratosis", True),
+    ("bkl", "Benign keratosis (seborrhoeic keratosis, solar lentigo, LPLK)", "69640009", "Seborrheic keratosis", False),
+    ("df", "Dermatofibroma", "302833002", "Dermatofibroma", False),
+    ("vasc", "Vascular lesion (angioma, angiokeratoma, pyogenic granuloma)", "400210000", "Hemangioma of skin", False),
+)
+CODES = tuple(c[0] for c in CLASSES)
+MALIGNANT = tuple(c[0] for c in CLASSES if c[4])
+
+# ISIC 2024's iddx_3 (and, where iddx_3 is empty, iddx_2) names → a class; names not listed train
+# only the malignancy output
+ISIC_NAMES = {
+    "melanoma invasive": "mel", "melanoma in situ": "mel", "melanoma, nos": "mel", "melanoma": "mel",
+    "nevus": "nv", "nevus, nos": "nv", "blue nevus": "nv", "combined nevus": "nv", "congenital nevus": "nv",
+    "dermal nevus": "nv", "junctional nevus": "nv", "compound nevus": "nv", "atypical melanocytic neoplasm": "nv",
+    "basal cell carcinoma": "bcc",
+    "solar or actinic keratosis": "akiec", "squamous cell carcinoma in situ": "akiec",
+    "squamous cell carcinoma, nos": "akiec", "bowen's disease": "akiec",
+    "seborrheic keratosis": "bkl", "solar lentigo": "bkl", "lichen planus like keratosis": "bkl",
+    "pigmented benign keratosis": "bkl", "lentigo nos": "bkl", "benign keratosis": "bkl",
+    "dermatofibroma": "df",
+    "hemangioma": "vasc", "angioma": "vasc", "angiokeratoma": "vasc", "pyogenic granuloma": "vasc",
+    "cherry angioma": "vasc", "benign soft tissue proliferations - vascular": "vasc",
+}  # fmt: skip
+
+
+def index_of(value) -> int:
+    """The class index of a code or an ISIC 2024 name; -1 when unknown or missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return -1
+    text = " ".join(str(value).strip().lower().split())
+    if text in CODES:
+        return CODES.index(text)
+    code = ISIC_NAMES.get(text)
+    return CODES.index(code) if code else -1
+
+
+def labels(metadata) -> np.ndarray:
+    """Class index per row of a DataFrame (-1: no diagnosis): ``diagnosis``, else ISIC 2024's
+    ``iddx_3`` then ``iddx_2``."""
+    n = len(metadata)
+    out = np.full(n, -1, dtype=np.int64)
+    for column in ("diagnosis", "iddx_3", "iddx_2"):
+        if column not in metadata.columns:
+            continue
+        found = np.array([index_of(v) for v in metadata[column]], dtype=np.int64)
+        fill = (out < 0) & (found >= 0)
+        out[fill] = found[fill]
+    return out
+
+
+def manifest_block() -> dict:
+    """The classes as a bundle's manifest lists them."""
+    return {
+        "classes": [
+            {"code": code, "label": label, "snomed": snomed, "snomed_display": display, "malignant": malignant}
+            for code, label, snomed, display, malignant in CLASSES
+        ],
+        "coding_system": "http://snomed.info/sct",
+    }
+
+
+def balanced_accuracy(truth: np.ndarray, probabilities: np.ndarray) -> float:
+    """ISIC 2018 Task 3's metric: the mean per-class recall over the classes present."""
+    truth = np.asarray(truth)
+    predicted = np.asarray(probabilities).argmax(axis=1)
+    recalls = [float((predicted[truth == k] == k).mean()) for k in range(len(CODES)) if (truth == k).any()]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def per_class_recall(truth: np.ndarray, probabilities: np.ndarray) -> dict:
+    predicted = np.asarray(probabilities).argmax(axis=1)
+    return {code: float((predicted[truth == k] == k).mean()) for k, code in enumerate(CODES) if (truth == k).any()}
