@@ -17,6 +17,7 @@ from model.data import canonical_size, decode_many
 from model.errors import ModelError
 from model.features import FeatureSpec
 from model.gate import Gate
+from model.missing import MissingMetadata, missing_fields
 
 FORMAT = "dermascan-edge/1"
 
@@ -93,6 +94,7 @@ class EdgeScorer:
         self.run = RUNTIMES[self.manifest["runtime"]](self.package / self.manifest["file"], threads)
         self.spec = FeatureSpec.from_dict(self.manifest["feature_spec"])
         self.calibrator = Calibrator.from_dict(self.manifest.get("calibration"))
+        self.missing = MissingMetadata.from_dict(self.manifest.get("missing_metadata"))
         self.gate = Gate.from_bundle(self.package, self.manifest)
         self.threshold = float(self.manifest["threshold"])
         self.tta = bool(self.manifest.get("inference", {}).get("tta", False))
@@ -133,7 +135,12 @@ class EdgeScorer:
                 if v == 0:
                     features = np.zeros((len(pixels), f.shape[1]), np.float32) if features is None else features
                     features[start:stop] = f
-        return self.calibrator(raw.mean(axis=0)).astype(np.float32), features
+        missing = missing_fields(self.spec, meta)
+        if self.missing is not None and any(missing):
+            probability = self.missing.calibrate(raw, missing, self.calibrator)[0]
+        else:
+            probability = self.calibrator(raw.mean(axis=0))
+        return probability.astype(np.float32), features, missing
 
     def score_many(self, images: list[bytes], records: list[dict]) -> list[dict]:
         """Each image (JPEG or PNG bytes) with its metadata → a result (the server's fields), or
@@ -145,7 +152,7 @@ class EdgeScorer:
         if not ok:
             return out
         meta = self.spec.transform([records[i] for i in ok])
-        probability, features = self._forward(pixels[ok], meta)
+        probability, features, missing = self._forward(pixels[ok], meta)
         reasons, distance = self.gate.reasons(pixels[ok], sizes[ok], features)
         made_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         for j, i in enumerate(ok):
@@ -158,6 +165,7 @@ class EdgeScorer:
                 "assessable": assessable,
                 "reason": reasons[j],
                 "threshold": self.threshold,
+                "missing_fields": missing[j],
                 "bundle_version": self.version,
                 "runtime": self.manifest["runtime"],
                 "precision": self.manifest["precision"],

@@ -250,6 +250,7 @@ def export(
         "preprocessing": source.get("preprocessing"),
         "feature_spec": source["feature_spec"],
         "calibration": source.get("calibration"),
+        "missing_metadata": source.get("missing_metadata"),
         "threshold": source["threshold"],
         "inference": source.get("inference", {}),
         "gate": gate,

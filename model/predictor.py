@@ -25,6 +25,7 @@ from model.calibration import Calibrator
 from model.data import decode_many
 from model.errors import ImageDecodeError
 from model.gate import Gate
+from model.missing import MissingMetadata, missing_fields
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class Score:
     distance: float | None = None  # feature distance from the development lesions
     stats: dict | None = None  # the image statistics monitoring tracks (model.reference)
     embedding: list[float] | None = None  # for the lesion change measure (model.change), when the bundle has one
+    # the metadata fields the score was made without (it rests on the image and the other fields)
+    missing_fields: list[str] | None = None
 
 
 class Prepared(NamedTuple):
@@ -57,6 +60,7 @@ class Predicted(NamedTuple):
     probability: np.ndarray  # calibrated, TTA mean
     spread: np.ndarray | None  # TTA spread of the calibrated views
     features: np.ndarray | None  # image-branch features (plain view), when the gate uses them
+    missing: list[list[str]] | None = None  # per row, the metadata fields it was scored without
 
 
 def plan_batches(n: int, sizes: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -129,6 +133,12 @@ class Predictor:
         self.bundle = bundle or bundle_lib.load(bundle_dir)
         self.network = to_mixed_precision(self.bundle.network) if mixed_precision else self.bundle.network
         self.calibrator = Calibrator.from_dict(self.bundle.manifest.get("calibration"))
+        self.missing = MissingMetadata.from_dict(self.bundle.manifest.get("missing_metadata"))
+        if self.missing is None:
+            log.warning(
+                "bundle %s has no maps for missing metadata: a study sent without some fields is scored as the "
+                "network scores 'unknown' (fit them: dermascan missing-fit)", self.bundle.version,
+            )  # fmt: skip
         self.gate = Gate.from_bundle(self.bundle.directory, self.bundle.manifest)
         self.change = change.from_bundle(self.bundle.directory, self.bundle.manifest)
         if self.gate.features is not None:
@@ -246,11 +256,16 @@ class Predictor:
         """Calibrated probabilities (TTA mean; the TTA spread of the calibrated views) and the
         features the gate needs, for already-prepared arrays."""
         if len(pixels) == 0:
-            return Predicted(np.zeros(0, np.float32), np.zeros(0, np.float32) if self.tta else None, None)
+            return Predicted(np.zeros(0, np.float32), np.zeros(0, np.float32) if self.tta else None, None, [])
         preds, features = self.predict_raw(pixels, meta)
-        calibrated = self.calibrator(preds.mean(axis=0)).astype(np.float32)
-        spread = self.calibrator(preds).std(axis=0).astype(np.float32) if self.tta else None
-        return Predicted(calibrated, spread, features)
+        missing = missing_fields(self.spec, meta)
+        if self.missing is not None and any(missing):
+            calibrated, spread = self.missing.calibrate(preds, missing, self.calibrator)
+            calibrated, spread = calibrated.astype(np.float32), spread.astype(np.float32) if self.tta else None
+        else:
+            calibrated = self.calibrator(preds.mean(axis=0)).astype(np.float32)
+            spread = self.calibrator(preds).std(axis=0).astype(np.float32) if self.tta else None
+        return Predicted(calibrated, spread, features, missing)
 
     def post_process(self, prepared: Prepared, predicted: Predicted) -> list[Score]:
         """Scores with the gate's verdict: a not-assessable image gets its reason and no referral."""
@@ -272,6 +287,7 @@ class Predictor:
                 None if distance is None else round(float(distance[i]), 4),
                 stats[i],
                 None if embedded is None else [float(v) for v in embedded[i]],
+                list(predicted.missing[i]) if predicted.missing is not None else None,
             )
             for i, p in enumerate(np.clip(predicted.probability, 0.0, 1.0))
         ]

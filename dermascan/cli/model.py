@@ -459,12 +459,21 @@ def export_bundle(bundle_dir, fmt, int8, out_dir, data_dir):
         raise SystemExit(1)
 
 
+def _fit_on_bundle(what: str):
+    """A command that fits part of an existing bundle on its own development data."""
+
+    def decorate(command):
+        command = click.option(
+            "--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+            help=f"The bundle's development data (ISIC-2024 layout){what}.",
+        )(command)  # fmt: skip
+        return click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))(command)
+
+    return decorate
+
+
 @main.command("change-fit")
-@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The bundle's development data (ISIC-2024 layout with a lesion_id column).",
-)  # fmt: skip
+@_fit_on_bundle(" with a lesion_id column")
 def change_fit(bundle_dir, data_dir):
     """Fit a bundle's lesion change measure (follow-up: "changed since last visit") on the
     same-lesion image pairs of its development patients; report it on its held-out patients."""
@@ -483,3 +492,36 @@ def change_fit(bundle_dir, data_dir):
         f"({100 * (r['flagged_share'] or 0):.1f} %, 95 % CI {100 * r['flagged_share_ci95'][0]:.1f}–"
         f"{100 * r['flagged_share_ci95'][1]:.1f} %); two different lesions: {100 * (r['different_lesions_flagged_share'] or 0):.0f} %"
     )
+
+
+@main.command("missing-fit")
+@_fit_on_bundle(": its held-out calibration set is scored")
+def missing_fit(bundle_dir, data_dir):
+    """Fit a bundle's maps for studies sent without some metadata (one per pattern of missing
+    fields) on its held-out patients with those fields hidden; print what each pattern does at
+    the bundle's threshold."""
+    from model.errors import ModelError
+    from model.missing_fit import fit_bundle
+
+    _log_progress()
+    try:
+        block = fit_bundle(bundle_dir, data_dir)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(_missing_table(block["report"]))
+
+
+def _missing_table(report: dict) -> str:
+    """What each pattern of missing fields does at the threshold, as a table."""
+    lines = [
+        f"{'fields missing':42s} {'AUC':>6s} {'ECE':>6s} {'sens':>6s} {'spec':>6s}   without its map: sens / spec",
+    ]
+    for pattern, row in report.items():
+        if not isinstance(row, dict) or "auc" not in row:
+            continue
+        before = row["without_its_map"]
+        lines.append(
+            f"{pattern:42s} {row['auc']:6.4f} {row['ece']:6.3f} {row['sensitivity']:6.3f} {row['specificity']:6.3f}"
+            f"   {before['sensitivity']:.3f} / {before['specificity']:.3f}"
+        )
+    return "\n".join(lines)
