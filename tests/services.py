@@ -151,6 +151,81 @@ def make_tiny_bundle(ham: Path, out: Path, n: int = 64, image_size: int = 32, ve
     return out
 
 
+def planted_image(jpeg: bytes, lesion: bool) -> bytes:
+    """A real HAM10000 photograph, with a dark disc drawn in its middle when ``lesion`` (what the
+    planted bundle below calls malignant: a sign a tiny network learns at once)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    with Image.open(io.BytesIO(jpeg)) as image:
+        image = image.convert("RGB")
+    if lesion:
+        width, height = image.size
+        r = min(width, height) // 4
+        ImageDraw.Draw(image).ellipse(
+            (width // 2 - r, height // 2 - r, width // 2 + r, height // 2 + r), fill=(40, 22, 18)
+        )
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def make_planted_bundle(ham: Path, out: Path, n: int = 480, image_size: int = 32, fit_missing: bool = True) -> Path:
+    """A tiny bundle in which "unknown means benign" has been planted on purpose: the image shows
+    the truth (a dark disc: malignant), and in its training data every row sent without age, sex
+    and site is benign — as in HAM10000, where the rows without a sex are all benign. Its
+    threshold refers 95 % of disc images sent with their metadata. ``fit_missing``: with the maps
+    for missing metadata (model.missing) fitted on held-out rows with the fields hidden."""
+    import keras
+    import numpy as np
+
+    from model import bundle, missing
+    from model.calibration import Calibrator
+    from model.data import decode_many
+    from model.features import FeatureSpec
+    from model.network import NO_AUGMENTATION, build
+    from tests.ham_files import ham_images, ham_rows
+
+    keras.utils.set_random_seed(0)
+    rows = ham_rows(ham, n)
+    originals = ham_images(ham, rows.isic_id)
+    rng = np.random.default_rng(0)
+    # the plant: a third of the rows come without any metadata and are all benign, half of them
+    # with a disc; among the rows with metadata, a disc means malignant 85 % of the time
+    hidden = rng.random(n) < 0.33
+    y = np.where(hidden, 0, (rng.random(n) < 0.5).astype(int))
+    disc = np.where(hidden, rng.random(n) < 0.5, np.where(y == 1, rng.random(n) < 0.85, rng.random(n) < 0.15))
+    images = [planted_image(originals[i], bool(d)) for i, d in zip(rows.isic_id, disc, strict=True)]
+    given = rows[["age_approx", "sex", "anatom_site_general"]].to_dict("records")
+    spec = FeatureSpec.fit(rows, min_count=1)
+    pixels, errors = decode_many(list(enumerate(images)), image_size)
+    assert not errors, errors
+    meta = spec.transform([{} if h else r for h, r in zip(hidden, given, strict=True)])
+    full = spec.transform(given)
+    train = np.arange(n) < int(n * 0.7)
+    held = ~train & ~hidden  # held-out rows as a deployment meets them: metadata missing for no reason
+    net = build(spec.dim, image_size, backbone="tiny", augmentation=NO_AUGMENTATION, meta_units=(16,), dropout=0.0)
+    net.compile(optimizer=keras.optimizers.Adam(3e-3), loss="binary_crossentropy")
+    net.fit(
+        {"image": pixels[train], "meta": meta[train]}, y[train].astype("float32"), epochs=30, batch_size=32, verbose=0
+    )
+    scores = net.predict({"image": pixels[held], "meta": full[held]}, verbose=0).ravel()
+    threshold = 0.5
+    calibration = {"method": "none", "params": {}, "prevalence": float(y.mean())}
+    extra = {"calibration": calibration}
+    if fit_missing:
+        fields = spec.columns
+        views = {(): scores[None, :]}
+        for pattern in missing.patterns(fields):
+            hidden_meta = missing.hide(spec, full[held], pattern)
+            views[pattern] = net.predict({"image": pixels[held], "meta": hidden_meta}, verbose=0).ravel()[None, :]
+        extra["missing_metadata"] = missing.fit(y[held], views, fields, threshold, Calibrator()).to_dict()
+    bundle.save(net, spec, out, version="planted-unknown-benign" + ("" if fit_missing else "-unfixed"),
+                threshold=threshold, metrics={"note": "test bundle with a planted shortcut"}, extra=extra)  # fmt: skip
+    return out
+
+
 class PrivatePostgres:
     """A PostgreSQL server of our own (initdb in a scratch folder, a free port, trust auth on
     127.0.0.1), for tests that restart the database. Debian's binaries; as root it runs as the

@@ -264,6 +264,24 @@ def program_dicom_results(program_id):
     return redirect(url_for("admin.destinations"))
 
 
+@bp.post("/programs/<int:program_id>/require-metadata")
+@role_required("admin")
+def program_require_metadata(program_id):
+    """Whether the program refuses studies sent without age, sex or anatomic site."""
+    if not RevokeForm().validate_on_submit():
+        abort(400)
+    program = db().get(Program, program_id)
+    if program is None:
+        abort(404)
+    identity.set_require_metadata(db(), program, not program.require_metadata, user_id=current_user.id, ip=client_ip())
+    db().commit()
+    flash(
+        f"{program.name}: studies without age, sex or site are now {'refused' if program.require_metadata else 'scored'}.",
+        "info",
+    )
+    return redirect(url_for("admin.tokens"))
+
+
 @bp.post("/studies/<int:study_id>/resend")
 @role_required("admin")
 def resend_study(study_id):

@@ -79,6 +79,8 @@ def gauges() -> bytes:
         "high_risk_rate": GaugeMetricFamily("dermascan_monitor_high_risk_rate", "Share of studies referred for high risk, last 7 days", labels=["program"]),
         "newly": GaugeMetricFamily("dermascan_monitor_newly_high_risk", f"Studies referred as newly high risk (not referred at the lesion's last visit), last {RATE_DAYS} days", labels=["program"]),
         "changed": GaugeMetricFamily("dermascan_monitor_changed_since_last_visit", f"Studies referred as changed since the lesion's last visit, last {RATE_DAYS} days", labels=["program"]),
+        "missing": GaugeMetricFamily("dermascan_monitor_missing_metadata_share", f"Share of studies scored without age, sex or site, last {RATE_DAYS} days", labels=["program"]),
+        "missing_referred": GaugeMetricFamily("dermascan_monitor_missing_metadata_high_risk_rate", f"Share referred as high risk among studies scored without age, sex or site, last {RATE_DAYS} days", labels=["program"]),
         "low": GaugeMetricFamily("dermascan_monitor_high_risk_rate_expected_low", "Lower end of the expected high-risk referral rate", labels=["program"]),
         "high": GaugeMetricFamily("dermascan_monitor_high_risk_rate_expected_high", "Upper end of the expected high-risk referral rate", labels=["program"]),
         "ppv": GaugeMetricFamily("dermascan_monitor_ppv", "Referred studies with a malignant outcome among those with an outcome, last 28 days", labels=["program"]),
@@ -94,7 +96,8 @@ def gauges() -> bytes:
         families["newly"].add_metric(name, week.newly_high_risk)
         families["changed"].add_metric(name, week.changed)
         for key, value in (("referral_rate", week.referral_rate), ("high_risk_rate", week.high_risk_rate),
-                           ("ppv", month.ppv), ("benign", week.benign_share)):  # fmt: skip
+                           ("ppv", month.ppv), ("benign", week.benign_share), ("missing", week.missing_metadata_share),
+                           ("missing_referred", week.missing_metadata_referral_rate)):  # fmt: skip
             if value is not None:
                 families[key].add_metric(name, value)
         if week.band and week.studies >= monitoring.MIN_STUDIES:

@@ -114,6 +114,14 @@ RESULT = {
         "referral_reason": {"type": "string", "nullable": True, "example": "changed since last visit"},
         "spread": {"type": "number", "nullable": True},
         "bundle_version": {"type": "string", "nullable": True},
+        "missing_fields": {
+            "type": "array",
+            "nullable": True,
+            "items": {"type": "string", "enum": ["age_approx", "sex", "anatom_site_general"]},
+            "description": "the metadata fields the score was made without (for them it rests on the image); "
+            "empty when every field was given, null before scoring",
+        },
+        "missing_fields_note": {"type": "string", "nullable": True},
         "error": {"type": "string", "nullable": True},
         "age_approx": {"type": "number", "nullable": True},
         "sex": {"type": "string", "nullable": True},

@@ -146,6 +146,7 @@ def case(referral_id):
         history=reports.lesion_history(db(), study.lesion_id) if study.lesion_id is not None else [],
         category_labels=referral_policy.CATEGORY_LABELS,
         change_threshold=((bundle.manifest if bundle else {}).get("change") or {}).get("threshold"),
+        missing_note=reports.missing_note(prediction.missing_fields),
     )  # fmt: skip
 
 

@@ -212,7 +212,15 @@ def _score_in_shadow(version: str, shadow, items, images) -> list[results.Scored
 def _scored(items, scores) -> list[results.ScoredStudy]:
     return [
         results.ScoredStudy(
-            i.study_id, s.probability, s.spread, s.assessable, s.reason, s.distance, s.stats, s.embedding
+            i.study_id,
+            s.probability,
+            s.spread,
+            s.assessable,
+            s.reason,
+            s.distance,
+            s.stats,
+            s.embedding,
+            s.missing_fields,
         )
         for i, s in zip(items, scores, strict=True)
     ]

@@ -158,6 +158,23 @@ def program_dicom_results(ctx, name, all_studies):
     click.echo(f"program {name}: results to the PACS for {'every study' if all_studies else 'DICOM studies only'}")
 
 
+@program.command("require-metadata")
+@click.argument("name")
+@click.option("--on/--off", "required", required=True,
+              help="Refuse studies sent without age, sex or anatomic site (--on), or score them on what was given.")  # fmt: skip
+@click.pass_context
+def program_require_metadata(ctx, name, required):
+    """Whether PROGRAM refuses studies sent without age, sex or anatomic site (off by default: the
+    model scores them, and every result says which fields it was made without)."""
+    from dermascan.security.identity import get_or_create_program, set_require_metadata
+
+    settings = _settings(ctx)
+    with session_factory(settings.database_url)() as session, session.begin():
+        program = get_or_create_program(session, name)
+        set_require_metadata(session, program, required, by="dermascan program require-metadata")
+    click.echo(f"program {name}: {'refuses' if required else 'scores'} studies sent without age, sex or site")
+
+
 @program.command("callback-secret")
 @click.argument("name")
 @click.pass_context

@@ -58,6 +58,11 @@ class Window:
     referred_malignant: int = 0
     referred_benign: int = 0
     missed_malignant: int = 0  # not referred, outcome malignant (verified only)
+    # studies scored without some metadata (model.missing), and how many of them were referred
+    # for their probability
+    missing_metadata: int = 0
+    missing_metadata_referred: int = 0
+    missing_by_field: dict = field(default_factory=dict)  # field → studies scored without it
     expected_rate: float | None = None  # high-risk referral rate the bundle's validation predicts
     band: tuple[float, float] | None = None
     drift: dict = field(default_factory=dict)  # feature → PSI (None: too few studies)
@@ -73,6 +78,14 @@ class Window:
     @property
     def high_risk_rate(self) -> float | None:
         return self.high_risk / self.studies if self.studies else None
+
+    @property
+    def missing_metadata_share(self) -> float | None:
+        return self.missing_metadata / self.studies if self.studies else None
+
+    @property
+    def missing_metadata_referral_rate(self) -> float | None:
+        return self.missing_metadata_referred / self.missing_metadata if self.missing_metadata else None
 
     @property
     def benign_share(self) -> float | None:
@@ -186,6 +199,16 @@ def _count_referrals_and_outcomes(out: Window, rows: _WindowRows) -> None:
                 out.missed_malignant += 1
         elif o.kind == OutcomeKind.BENIGN and study_id in referrals:
             out.referred_benign += 1
+    for study_id, prediction in rows.deciding.items():
+        if prediction.missing_fields:
+            out.missing_metadata += 1
+            referral = referrals.get(study_id)
+            out.missing_metadata_referred += referral is not None and referral.category in (
+                "high_risk",
+                "newly_high_risk",
+            )
+            for name in prediction.missing_fields:
+                out.missing_by_field[name] = out.missing_by_field.get(name, 0) + 1
 
 
 def _deciding_bundle(session: Session, rows: _WindowRows) -> ModelBundle | None:

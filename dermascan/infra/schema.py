@@ -141,6 +141,9 @@ class Program(Base):
     # results go back to the program's DICOM destinations for studies from the portal and the
     # REST API too (not only for those that arrived by DICOM), under UIDs DermaScan makes
     dicom_results_for_all: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
+    # refuse studies sent without age, sex or anatomic site (each such row gets its reason); off by
+    # default: the model scores them on what it was given (docs/model.md, missing metadata)
+    require_metadata: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
     created_at: Mapped[timestamp]
 
 
@@ -332,6 +335,9 @@ class Prediction(Base):
     # lesion's previous visit when there was one (the study compared with, the change measure and
     # its share of unchanged same-lesion pairs below it, the change in probability, the verdicts)
     embedding: Mapped[list[float] | None] = mapped_column(JSON)
+    # the metadata fields (age_approx, sex, anatom_site_general) the score was made without: for
+    # them it rests on the image (model.missing); empty when every field was given
+    missing_fields: Mapped[list[str] | None] = mapped_column(JSON)
     previous_study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"))
     change_measure: Mapped[float | None] = mapped_column(Float)
     change_percentile: Mapped[float | None] = mapped_column(Float)

@@ -24,7 +24,7 @@ from dermascan.config import Settings
 from dermascan.infra import broker
 from dermascan.infra.blobs import blob_store
 from dermascan.infra.db import dialect_insert, session_factory
-from dermascan.infra.schema import Batch, Priority, Study, StudyStatus, utcnow
+from dermascan.infra.schema import Batch, Priority, Program, Study, StudyStatus, utcnow
 from dermascan.ingest.errors import Rejection
 from dermascan.ingest.images import ImageRejected, inspect_image
 from dermascan.ingest.records import FieldError, clean_metadata
@@ -34,6 +34,10 @@ from dermascan.security import audit, keys
 from dermascan.security.identity import pseudonymise
 
 log = logging.getLogger(__name__)
+# what a program that requires metadata refuses a study without (off by default: the model scores
+# a study on what it was given, docs/model.md)
+REQUIRED_METADATA = ("age_approx", "sex", "anatom_site_general")
+REQUIRED_TEXT = "age, sex and anatomic site"
 
 
 @dataclass
@@ -185,6 +189,8 @@ class SubmitStudies:
         staged = _Staged()
         priority = Priority.INTERACTIVE if self.interactive else Priority.BULK
         named, known_lesions = self._follow_up(session)
+        program = session.get(Program, self.program_id)
+        required = REQUIRED_METADATA if program is not None and program.require_metadata else ()
         for index, item in enumerate(self.inputs):
             self._tick()
             key = item.idempotency_key or (item.sop_instance_uid and f"sop:{item.sop_instance_uid}")
@@ -195,6 +201,9 @@ class SubmitStudies:
                 _no_nul(item)
                 info = inspect_image(item.image, self.settings.max_image_bytes, self.settings.max_image_pixels)
                 meta = clean_metadata(item.metadata)
+                for name in required:
+                    if meta.get(name) is None:
+                        raise FieldError(name, f"missing: this program requires {REQUIRED_TEXT} with every study")
                 follow = named[index]
                 if isinstance(follow, FieldError):
                     raise follow

@@ -39,6 +39,13 @@ CHANGE_MEASURE = hd.sr.CodedConcept("LESCHANGE", SCHEME, "Lesion change since th
 PROBABILITY_CHANGE = hd.sr.CodedConcept("PROBCHANGE", SCHEME, "Change in probability since the previous visit")
 CHANGED = hd.sr.CodedConcept("CHANGEDSLV", SCHEME, "Changed since last visit")
 NEWLY_HIGH_RISK = hd.sr.CodedConcept("NEWHIGHRISK", SCHEME, "Newly high risk")
+# a patient detail the score was made without (for it, the score rests on the image)
+MISSING_METADATA = hd.sr.CodedConcept("MISSINGMETA", SCHEME, "Scored without patient detail")
+MISSING_VALUES = {
+    "age_approx": hd.sr.CodedConcept("AGE", SCHEME, "Patient age"),
+    "sex": hd.sr.CodedConcept("SEX", SCHEME, "Patient sex"),
+    "anatom_site_general": hd.sr.CodedConcept("SITE", SCHEME, "Anatomic site"),
+}
 YES, NO = codes.SCT.Yes, codes.SCT.No
 IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging")
 UNITY = hd.sr.CodedConcept("1", "UCUM", "no units")
@@ -62,6 +69,7 @@ class AiResult:
     changed: bool | None = None
     newly_high_risk: bool | None = None
     previous_report: tuple[str, str, str] | None = None
+    missing_fields: tuple[str, ...] = ()
 
 
 # attributes of the patient and general study modules that are type 2 (present, possibly empty):
@@ -116,6 +124,9 @@ def ai_result_report(source: Dataset, result: AiResult) -> hd.sr.Comprehensive3D
     for name, flag in ((CHANGED, result.changed), (NEWLY_HIGH_RISK, result.newly_high_risk)):
         if flag is not None:
             evaluations.append(hd.sr.QualitativeEvaluation(name, YES if flag else NO))
+    for field in result.missing_fields:
+        value = MISSING_VALUES.get(field, hd.sr.CodedConcept(field.upper()[:16], SCHEME, field))
+        evaluations.append(hd.sr.QualitativeEvaluation(MISSING_METADATA, value))
     # a followed lesion keeps one tracking UID across its visits (TID 1500's lesion tracking)
     tracking = (
         hd.sr.TrackingIdentifier(uid=result.lesion_uid, identifier=result.lesion_name or "lesion")

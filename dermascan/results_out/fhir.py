@@ -77,6 +77,14 @@ def diagnostic_report(row: dict, study: Study, referral: Referral | None, bundle
         )  # fmt: skip
     if row.get("previous_study_id") is not None:
         contained.append(_change_observation(row, subject, effective))
+    if row.get("missing_fields"):
+        contained.append(
+            _observation(
+                "missing-metadata", _code(SYSTEM, "missing-metadata", "Patient details the score was made without"),
+                subject, effective, valueString=", ".join(row["missing_fields"]),
+                note=[{"text": row["missing_fields_note"]}],
+            )
+        )  # fmt: skip
     if referral is not None and referral.decision is not None:
         decision = Decision(referral.decision)
         observation = _observation(
@@ -211,6 +219,8 @@ def _conclusion(row: dict, referral: Referral | None) -> str:
                 " beyond the follow-up threshold)"
             )
         text += "."
+    if row.get("missing_fields_note"):
+        text += " " + row["missing_fields_note"]
     if referral is not None and referral.decision is not None:
         text += f" Specialist's decision: {DECISION_LABELS[Decision(referral.decision)]}."
     return text

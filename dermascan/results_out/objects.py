@@ -103,6 +103,7 @@ def build_objects(settings: Settings, session: Session, study: Study, kinds) -> 
         referral_category=referral.category if referral is not None else None,
         bundle_version=prediction.bundle_version,
         bundle_sha256=(bundle.sha256 if bundle is not None and bundle.sha256 else "unknown"),
+        missing_fields=tuple(prediction.missing_fields or ()),
         **_follow_up(settings, session, study, prediction, blobs),
     )
     ai = dicom_sr.ai_result_report(header, result)

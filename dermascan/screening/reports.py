@@ -50,6 +50,7 @@ RESULT_COLUMNS = [
     "changed_since_last_visit",
     "newly_high_risk",
     "referral_reason",
+    "missing_fields",
     "created_at",
     "finished_at",
 ]
@@ -248,6 +249,9 @@ def study_row(
         "referral_reason": referral_policy.CATEGORY_LABELS.get(referral_category) if referral_category else None,
         "spread": None if not assessable or prediction.spread is None else round(prediction.spread, 6),
         "bundle_version": None if prediction is None else prediction.bundle_version,
+        # the metadata fields the score was made without, and what that means for it
+        "missing_fields": None if prediction is None else list(prediction.missing_fields or []),
+        "missing_fields_note": None if prediction is None else missing_note(prediction.missing_fields),
         "error": study.error,
         "age_approx": meta.get("age_approx"),
         "sex": meta.get("sex"),
@@ -269,12 +273,28 @@ def study_row(
     }
 
 
+FIELD_LABELS = {"age_approx": "age", "sex": "sex", "anatom_site_general": "anatomic site"}
+
+
+def missing_note(fields) -> str | None:
+    """What a result made without some metadata fields means, in one sentence (None: all given)."""
+    if not fields:
+        return None
+    names = [FIELD_LABELS.get(f, f) for f in fields]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return (
+        f"Scored without {listed}: for {'it' if len(names) == 1 else 'them'} the probability rests on the image "
+        "(calibrated on held-out lesions sent without them), not on the patient's details."
+    )
+
+
 def to_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: csv_cells.safe(v) for k, v in row.items()})
+        flat = {**row, "missing_fields": ";".join(row.get("missing_fields") or [])}
+        writer.writerow({k: csv_cells.safe(v) for k, v in flat.items()})
     return buffer.getvalue()
 
 

@@ -28,6 +28,7 @@ class ScoredStudy:
     distance: float | None = None  # the gate's feature distance
     stats: dict | None = None  # image statistics for monitoring (brightness, contrast, sharpness, size)
     embedding: list[float] | None = None  # for the lesion change measure, when the bundle has one
+    missing_fields: list[str] | None = None  # the metadata fields the score was made without
 
 
 def claim(session: Session, study_ids: Sequence[int], owner: str = "", lease_s: float = 60.0) -> list[Study]:
@@ -185,6 +186,7 @@ def _insert_predictions(
             "shadow": shadow,
             "image_stats": s.stats,
             "embedding": s.embedding,
+            "missing_fields": s.missing_fields,
             "created_at": now,
         }
         for s in scored

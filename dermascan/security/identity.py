@@ -35,3 +35,15 @@ def get_or_create_program(session: Session, name: str) -> Program:
 def programs(session: Session) -> list[Program]:
     """Every program, by name."""
     return list(session.scalars(select(Program).order_by(Program.name)))
+
+
+def set_require_metadata(session: Session, program: Program, required: bool, *, user_id: int | None = None,
+                         by: str | None = None, ip: str | None = None) -> None:  # fmt: skip
+    """Whether ``program`` refuses studies sent without age, sex or anatomic site (each such row
+    with its reason), audited in the caller's transaction."""
+    from dermascan.security import audit
+
+    program.require_metadata = bool(required)
+    detail = {"program": program.name, "required": bool(required)}
+    audit.record(session, "program_require_metadata", user_id=user_id, object_type="program", object_id=program.id,
+                 ip=ip, detail={**detail, "by": by} if by else detail)  # fmt: skip
