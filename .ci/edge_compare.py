@@ -28,10 +28,10 @@ def server(args) -> int:
     from PIL import Image
 
     from dermascan.ingest.records import clean_metadata
-    from model import bundle as bundle_lib
-    from model import gate_data
-    from model.export import _held_out
-    from model.predictor import Predictor
+    from model.inference import bundle as bundle_lib
+    from model.inference.predictor import Predictor
+    from model.training import gate_data
+    from model.training.export import _held_out
 
     loaded = bundle_lib.load(args.bundle)
     ids, _, images, records = _held_out(loaded, args.data)

@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from model import metrics
-    from model.data import IsicDataset
+    from model.inference.data import IsicDataset
 
     fold = np.load(args.work / "split.npy")
     cal_idx = np.flatnonzero(fold < 0)
@@ -43,11 +43,11 @@ def main() -> None:
     if args.weight_average:
         import keras
 
-        from model.train import tta_predict
+        from model.training.folds import tta_predict
 
         dataset = IsicDataset.open(args.data)
         images = dataset.load_images(args.image_size, [dataset.ids[i] for i in cal_idx])
-        from model.features import FeatureSpec
+        from model.inference.features import FeatureSpec
 
         spec = FeatureSpec.from_json((args.work / "feature_spec.json").read_text())
         meta = spec.transform(dataset.metadata.iloc[cal_idx])

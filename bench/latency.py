@@ -18,7 +18,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from bench import support
-from model.data import size_label
+from model.inference.data import size_label
 
 
 def percentile(values, q):
@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     from dermascan.infra.schema import Study
     from dermascan.intake.submission import submit
     from dermascan.security.identity import get_or_create_program
-    from model.bundle import read_manifest
+    from model.inference.bundle import read_manifest
     from tests.helpers import ham_inputs
 
     manifest = read_manifest(args.bundle)

@@ -12,11 +12,11 @@ import time
 import numpy as np
 
 from bench import support
-from model.data import size_label
+from model.inference.data import size_label
 
 
 def speed(path: str, batch: int = 64, seconds: float = 20.0) -> tuple[int | list[int], int, float]:
-    from model.predictor import Predictor
+    from model.inference.predictor import Predictor
 
     predictor = Predictor(path, batch_sizes=(batch,), tta=False)
     size = predictor.image_size

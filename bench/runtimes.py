@@ -30,7 +30,7 @@ PACKAGES = {"onnx": ("onnx", False), "onnx-int8": ("onnx", True), "litert": ("li
 def _inputs(size, dim: int, n: int):
     import numpy as np
 
-    from model.data import image_shape
+    from model.inference.data import image_shape
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, *image_shape(size), 3), dtype=np.uint8)
@@ -64,9 +64,9 @@ def one(runtime: str, threads: int, bundle: Path, package: Path | None, batches:
 
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-        from model import bundle as bundle_lib
-        from model.gate import Gate
-        from model.ood import feature_network
+        from model.inference import bundle as bundle_lib
+        from model.inference.gate import Gate
+        from model.inference.ood import feature_network
 
         loaded = bundle_lib.load(bundle)
         gate = Gate.from_bundle(loaded.directory, loaded.manifest)
@@ -80,7 +80,7 @@ def one(runtime: str, threads: int, bundle: Path, package: Path | None, batches:
         import openvino as ov
 
         from edge.scorer import read_manifest
-        from model.features import FeatureSpec
+        from model.inference.features import FeatureSpec
 
         manifest = read_manifest(package)
         compiled = ov.Core().compile_model(

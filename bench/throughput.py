@@ -26,7 +26,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from bench import support
-from model.data import size_label
+from model.inference.data import size_label
 
 
 def raw_forward(settings, images: np.ndarray, meta: np.ndarray, seconds: float = 20.0) -> tuple[float, str]:
@@ -35,7 +35,7 @@ def raw_forward(settings, images: np.ndarray, meta: np.ndarray, seconds: float =
     runtime's name."""
     import dataclasses
 
-    from worker.scoring import load_predictor
+    from worker.runtime import load_predictor
 
     batch = max(settings.predict_batch_sizes)
     predictor = load_predictor(dataclasses.replace(settings, predict_batch_sizes=(batch,)))
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     from dermascan.infra.schema import Study
     from dermascan.intake.submission import submit
     from dermascan.security.identity import get_or_create_program
-    from model.bundle import read_manifest
+    from model.inference.bundle import read_manifest
     from tests.helpers import ham_inputs
 
     manifest = read_manifest(args.bundle)
@@ -80,8 +80,8 @@ def main(argv=None) -> None:
     inputs = ham_inputs(support.HAM, args.n)
 
     # the raw network's inputs: the same images
-    from model.data import decode_many
-    from model.features import FeatureSpec
+    from model.inference.data import decode_many
+    from model.inference.features import FeatureSpec
 
     sample = inputs[: args.batch * 2]
     pixels, _ = decode_many([(i, x.image) for i, x in enumerate(sample)], size)

@@ -3,10 +3,10 @@ bundles, batched prediction and Grad-CAM.
 
 Self-contained on purpose: nothing here imports the database, Celery or Flask, and Keras is
 only imported by the modules that need it (``network``, ``train``, ``bundle``, ``predictor``,
-``gradcam``), so ``model.features`` and ``model.metrics`` are cheap to import anywhere.
+``gradcam``), so ``model.inference.features`` and ``model.metrics`` are cheap to import anywhere.
 """
 
 __all__ = ["FeatureSpec", "ModelError"]
 
 from model.errors import ModelError
-from model.features import FeatureSpec
+from model.inference.features import FeatureSpec

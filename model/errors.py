@@ -13,3 +13,18 @@ class ImageDecodeError(ModelError):
 
 class BundleError(ModelError):
     """A model bundle is missing, tampered with, or does not match what the caller expects."""
+
+
+class MissingExtra(RuntimeError):
+    """A feature needs an optional extra that this install lacks; the message says which."""
+
+
+def require_extra(module: str, extra: str, purpose: str) -> None:
+    """Raise :class:`MissingExtra` — one line naming the extra to install — when ``module`` is
+    not installed. Call it before importing an optional extra's package."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtra(
+            f"{purpose} needs the '{extra}' extra ({module} is not installed): pip install 'dermascan[{extra}]'"
+        )

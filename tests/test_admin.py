@@ -84,7 +84,7 @@ def test_operating_point_page_draws_the_roc_and_expected_referrals_at_a_programs
     from dermascan.governance import operating_point
     from dermascan.infra.schema import Program, Study
     from dermascan.screening import reports
-    from model import calibration
+    from model.inference import calibration
     from worker.scoring import ScoreStudies
 
     settings = pg_settings

@@ -34,9 +34,9 @@ def picked(ham_dir):
     """HAM10000 images chosen with the bundled model itself (the worker gives the same answers):
     two low-probability lesions far apart (the second "changes" into the first), a low and a
     high one (newly high risk), and a lesion imaged twice (a real unchanged pair)."""
-    from model import bundle as bundle_lib
-    from model.change import from_bundle
-    from model.predictor import Predictor
+    from model.inference import bundle as bundle_lib
+    from model.inference.change import from_bundle
+    from model.inference.predictor import Predictor
 
     rows = pd.read_csv(ham_dir / "metadata.csv")
     twice = rows[rows.lesion_id.duplicated(keep=False)].groupby("lesion_id").head(2).head(2)
@@ -269,7 +269,7 @@ def test_the_change_measure_is_calibrated_on_unchanged_pairs_of_other_patients()
 
 
 def test_the_change_measure_separates_the_same_lesion_from_another():
-    from model.change import fit
+    from model.inference.change import fit
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(60, 40))

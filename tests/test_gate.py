@@ -13,9 +13,10 @@ import requests
 from PIL import Image
 
 from dermascan.screening import referral_policy
-from model import calibration, gate_data, quality
-from model.data import IsicDataset, resize
-from model.ood import FeatureDistance
+from model.inference import calibration, quality
+from model.inference.data import IsicDataset, resize
+from model.inference.ood import FeatureDistance
+from model.training import gate_data
 from tests.ham_files import json_records, read_csv_text
 from tests.services import wait_for
 
@@ -110,7 +111,7 @@ def test_the_lesion_check_separates_what_it_learned_and_flags_at_its_rate(tmp_pa
     """The explicit is-this-dermoscopy check on made-up features: lesions in one region, other
     pictures offset along a few directions the distance's PCA keeps; the threshold flags its rate
     of held-out lesions, most of the other pictures, and survives a save and load."""
-    from model.ood import LesionCheck
+    from model.inference.ood import LesionCheck
 
     rng = np.random.default_rng(2)
     mix = rng.normal(size=(40, 40))

@@ -78,7 +78,7 @@ def test_a_shadow_bundle_scores_the_same_studies_in_the_same_batch_and_decides_n
     shadow, activation is atomic; every change audited."""
     from dermascan.infra.schema import Referral, Study
     from dermascan.screening.reports import study_result
-    from model.bundle import read_manifest
+    from model.inference.bundle import read_manifest
     from tests.services import ROOT
 
     settings = pg_settings

@@ -46,7 +46,7 @@ def test_jax_worker_scores_like_tensorflow_and_reuses_its_compilation_cache(
         assert {s.status for s in session.scalars(select(Study))} == {"done"}
 
     # the same bundle on TensorFlow, in this process
-    from model.predictor import Predictor
+    from model.inference.predictor import Predictor
 
     expected = Predictor(settings.model_bundle, batch_sizes=(8,), tta=False).score(
         [x.image for x in inputs], [x.metadata for x in inputs]

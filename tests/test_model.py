@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 
 from model import metrics
-from model.bundle import BundleError, load, read_manifest
-from model.data import IsicDataset, decode_image
 from model.errors import ImageDecodeError, ModelError
-from model.features import FeatureSpec
-from model.predictor import Predictor, plan_batches
+from model.inference.bundle import BundleError, load, read_manifest
+from model.inference.data import IsicDataset, decode_image
+from model.inference.features import FeatureSpec
+from model.inference.predictor import Predictor, plan_batches
 
 # -- feature spec ---------------------------------------------------------------------------------
 
@@ -97,7 +97,8 @@ def test_threshold_for_sensitivity_and_operating_point():
 
 
 def test_referral_threshold_holds_on_every_fold():
-    from model.train import TrainConfig, referral_threshold
+    from model.training.config import TrainConfig
+    from model.training.threshold import referral_threshold
 
     rng = np.random.default_rng(0)
     # fold 1's model scores its malignant cases lower than fold 0's: the pooled threshold would
@@ -184,8 +185,8 @@ def test_an_input_size_is_one_side_or_width_by_height(ham_dir):
     from click.testing import CliRunner
 
     from dermascan.cli import main
-    from model.data import canonical_size, image_shape, parse_size, size_label
-    from model.train import TrainConfig
+    from model.inference.data import canonical_size, image_shape, parse_size, size_label
+    from model.training.config import TrainConfig
 
     assert parse_size("160") == 160 and parse_size("192x144") == [144, 192] == parse_size("192×144")
     assert parse_size("144x144") == 144 and image_shape(160) == (160, 160) and image_shape([144, 192]) == (144, 192)
@@ -271,8 +272,8 @@ def test_training_writes_a_complete_bundle(trained_bundle):
 def test_bundle_roundtrip_gives_identical_predictions(tmp_path, ham_dir):
     import keras
 
-    from model import bundle
-    from model.network import NO_AUGMENTATION, build
+    from model.inference import bundle
+    from model.inference.network import NO_AUGMENTATION, build
 
     keras.utils.set_random_seed(1)
     dataset = IsicDataset.open(ham_dir, limit=24)
@@ -343,7 +344,7 @@ def test_gradcam_overlay_from_the_last_cell(trained_bundle, ham_dir):
 
     from PIL import Image
 
-    from model.gradcam import GradCam, overlay_png
+    from model.inference.gradcam import GradCam, overlay_png
 
     predictor = Predictor(trained_bundle)
     dataset = IsicDataset.open(ham_dir, limit=1)
@@ -357,7 +358,7 @@ def test_gradcam_overlay_from_the_last_cell(trained_bundle, ham_dir):
 def test_nasnet_fusion_network_shape_and_bn_momentum():
     import keras
 
-    from model.network import HEAD, build, last_cell_layer
+    from model.inference.network import HEAD, build, last_cell_layer
 
     net = build(12, 64)
     assert {t.name: tuple(t.shape) for t in net.inputs} == {"image": (None, 64, 64, 3), "meta": (None, 12)}
@@ -499,7 +500,7 @@ def test_distill_trains_a_student_from_out_of_fold_teacher_scores_and_resumes(tr
     from click.testing import CliRunner
 
     from dermascan.cli import main
-    from model.distill import TEACHER_FILE, DistillConfig
+    from model.training.distill import TEACHER_FILE, DistillConfig
 
     work, out = tmp_path / "work", tmp_path / "student"
     args = ["distill", "--teacher", str(trained_bundle), "--data", str(ham_dir), "--work-dir", str(work),
@@ -605,7 +606,7 @@ def test_a_paired_difference_resamples_patients_and_cancels_what_two_scores_shar
 def test_the_resampled_threshold_rule_lands_in_its_band_on_new_draws():
     """Pure logic: on a pool of grouped scores, the chosen level's threshold, taken on fresh
     calibration-sized draws, reaches 0.95–0.965 of the other patients' malignant lesions on average."""
-    from model import threshold as rules
+    from model.training import threshold as rules
 
     rng = np.random.default_rng(3)
     groups = np.repeat(np.arange(900), 2)[:1500]

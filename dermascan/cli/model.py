@@ -33,8 +33,8 @@ class _ImageSize(click.ParamType):
     def convert(self, value, param, ctx):
         if not isinstance(value, str):
             return value
-        from model.data import parse_size
         from model.errors import ModelError
+        from model.inference.data import parse_size
 
         try:
             return parse_size(value)
@@ -125,8 +125,8 @@ def train(
     only_folds,
 ):
     """Train the fusion model with patient-grouped CV and write a model bundle (resumable)."""
-    from model.train import TrainConfig
-    from model.train import train as run_training
+    from model.training.config import TrainConfig
+    from model.training.train import train as run_training
 
     _log_progress()
     cfg = TrainConfig(
@@ -174,8 +174,8 @@ def _echo_calibration_set(manifest: dict) -> None:
 def combine(sources, data_dir, out_dir, version, gate_members):
     """Average the members of several training runs on the same split (work folders or bundles) into one
     bundle; calibration, threshold and gate are fitted again on the held-out calibration set."""
-    from model.combine import combine as run_combine
     from model.errors import ModelError
+    from model.training.combine import combine as run_combine
 
     _log_progress()
     try:
@@ -212,9 +212,9 @@ def evaluate(ctx, bundle_dir, data_dir, out_path, tta, limit):
     """AUC, pAUC80 and sensitivity/specificity at the bundle's threshold on an ISIC-2024 folder."""
     from tqdm import tqdm
 
-    from model.data import IsicDataset
-    from model.evaluate import evaluate as run_evaluation
-    from model.evaluate import write
+    from model.inference.data import IsicDataset
+    from model.training.evaluate import evaluate as run_evaluation
+    from model.training.evaluate import write
 
     bundle_dir = bundle_dir or _settings(ctx).model_bundle
     total = len(IsicDataset.open(data_dir, limit=limit).ids)
@@ -252,8 +252,8 @@ def evaluate(ctx, bundle_dir, data_dir, out_path, tta, limit):
 def unpack(bundle_dir, data_dir, work_dir):
     """Re-create a bundle's training work folder (members as fold checkpoints, their held-out scores computed
     again), so that `dermascan train --work-dir` assembles it again with today's calibration, threshold and gate."""
-    from model.combine import unpack as run_unpack
     from model.errors import ModelError
+    from model.training.combine import unpack as run_unpack
 
     _log_progress()
     try:
@@ -339,10 +339,10 @@ def distill(
 ):  # fmt: skip
     """Distil an ensemble bundle into one network (resumable): fold students measure the recipe, the final student
     (every development row) ships; calibration, threshold and gate are fitted on the held-out calibration set."""
-    from model.distill import STRONG_AUGMENTATION, DistillConfig
-    from model.distill import distill as run_distill
     from model.errors import ModelError
-    from model.network import CAMERA_AUGMENTATION
+    from model.inference.network import CAMERA_AUGMENTATION
+    from model.training.distill import STRONG_AUGMENTATION, DistillConfig
+    from model.training.distill import distill as run_distill
 
     _log_progress()
     try:
@@ -365,7 +365,7 @@ def distill(
             shown = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
             click.echo(f"student {row['student']}: {shown}")
         if out_dir is not None and final:
-            from model.distill import assemble
+            from model.training.distill import assemble
 
             manifest = assemble(data_dir, out_dir, work_dir, version, teacher_dir)
             click.echo(f"bundle {manifest['version']} written to {out_dir}")
@@ -382,8 +382,8 @@ def distill(
 def distill_compare(work_dirs, data_dir, fold, n_boot):
     """Fold students of several distill runs on the same patients: AUC and pAUC80 on the validation fold and the
     calibration set, and each run's paired difference from the first (95 % bootstrap interval over patients)."""
-    from model.distill import compare
     from model.errors import ModelError
+    from model.training.distill import compare
 
     try:
         rows = compare(data_dir, work_dirs, fold, n_boot)
@@ -413,7 +413,7 @@ def distill_compare(work_dirs, data_dir, fold, n_boot):
 
 
 def read_teacher_config(teacher_dir: Path):
-    from model.combine import read_config
+    from model.training.config import read_config
 
     return read_config(teacher_dir)
 
@@ -433,7 +433,7 @@ def export_bundle(bundle_dir, fmt, int8, out_dir, data_dir):
     from dermascan.config import MissingExtra, require_extra
     from edge.scorer import EdgeScorer
     from model.errors import ModelError
-    from model.export import export
+    from model.training.export import export
 
     try:
         require_extra("tf2onnx" if fmt == "onnx" else "ai_edge_litert", "export", f"dermascan export --format {fmt}")
@@ -478,7 +478,7 @@ def change_fit(bundle_dir, data_dir):
     """Fit a bundle's lesion change measure (follow-up: "changed since last visit") on the
     same-lesion image pairs of its development patients; report it on its held-out patients."""
     from model.errors import ModelError
-    from model.train import add_change
+    from model.training.gate_fit import add_change
 
     _log_progress()
     try:
@@ -501,7 +501,7 @@ def missing_fit(bundle_dir, data_dir):
     fields) on its held-out patients with those fields hidden; print what each pattern does at
     the bundle's threshold."""
     from model.errors import ModelError
-    from model.missing_fit import fit_bundle
+    from model.training.missing_fit import fit_bundle
 
     _log_progress()
     try:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from dermascan.errors import Conflict, NotFound
 from dermascan.infra.schema import ModelBundle, utcnow
-from model.bundle import read_manifest
+from model.inference.bundle import read_manifest
 
 
 def register(session: Session, bundle_dir: Path | str, activate: bool = True) -> ModelBundle:

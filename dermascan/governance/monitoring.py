@@ -1,7 +1,7 @@
 """Watching the deployed model, per program and week (issue 15): what it did (studies, referral
 rate, what specialists decided), how right it was where the truth is known (PPV against
 recorded outcomes; sensitivity among verified malignant lesions), whether its inputs and scores
-still look like the data it was validated on (PSI, ``model.reference``), and how the shadow
+still look like the data it was validated on (PSI, ``model.inference.reference``), and how the shadow
 bundles compare. The admin monitoring page, the Prometheus metrics and the monthly report all
 read :func:`window` — one computation, three views.
 
@@ -34,7 +34,8 @@ from dermascan.infra.schema import (
     StudyStatus,
     utcnow,
 )
-from model import metrics, reference
+from model import metrics
+from model.inference import reference
 
 DRIFT, MOVED, MIN_STUDIES = reference.DRIFT, reference.MOVED, reference.MIN_STUDIES
 
@@ -58,7 +59,7 @@ class Window:
     referred_malignant: int = 0
     referred_benign: int = 0
     missed_malignant: int = 0  # not referred, outcome malignant (verified only)
-    # studies scored without some metadata (model.missing), and how many of them were referred
+    # studies scored without some metadata (model.inference.missing), and how many of them were referred
     # for their probability
     missing_metadata: int = 0
     missing_metadata_referred: int = 0

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from dermascan.governance import charts, monitoring, operating_point
 from dermascan.infra.schema import AuditEvent, ModelBundle, Program, utcnow
-from model import reference
+from model.inference import reference
 
 CHANGES = ("bundle_activated", "bundle_shadowed", "bundle_retired", "threshold_changed", "program_prevalence_set",
            "program_dicom_results", "destination_added", "destination_disabled", "destination_enabled")  # fmt: skip

@@ -4,7 +4,7 @@ A lesion's visits are ordered by when they were imaged (``Study.acquired_at``, e
 were received), so a visit sent late with an earlier date takes its place in time. When a visit
 is recorded, it is compared with the visit before it: the change in probability, "newly high
 risk" (referred for its probability now, not at that visit), and — when both were scored by the
-same bundle and that bundle has a change measure (``model.change``) — the change measure, its
+same bundle and that bundle has a change measure (``model.inference.change``) — the change measure, its
 percentile among unchanged same-lesion pairs, and "changed since last visit". A comparison is
 made once, when both visits are scored: a visit scored before its previous one is compared when
 that one is (``compare_later_visits``); a visit inserted in between later does not redo the

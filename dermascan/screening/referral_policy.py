@@ -10,7 +10,7 @@ Tiers (0 is seen first; a study without a lesion id gets exactly the tiers it al
 3. ``not_assessable`` — an image the gate could not assess is never cleared by its probability:
    a person checks the image (after the high-risk tiers, as before);
 4. ``changed`` — "changed since last visit": below the threshold, but the lesion's image moved
-   beyond the change measure's threshold since its previous visit (``model.change``: at most 5 %
+   beyond the change measure's threshold since its previous visit (``model.inference.change``: at most 5 %
    of unchanged same-lesion pairs go beyond it).
 """
 

@@ -16,26 +16,18 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from model import metrics
-from model.data import IsicDataset
 from model.errors import ModelError
-from model.features import FeatureSpec
-from model.train import (
-    TrainConfig,
-    calibrate,
-    data_fingerprint,
-    ensemble,
-    fold_scores,
-    save_bundle,
-    split_rows,
-    tta_predict,
-    with_calibration,
-)
+from model.inference.data import IsicDataset
+from model.inference.features import FeatureSpec
+from model.training.assemble import calibrate, data_fingerprint, ensemble, save_bundle, with_calibration
+from model.training.config import TrainConfig, read_config, split_rows
+from model.training.folds import fold_scores, tta_predict
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +46,6 @@ class Source:
     validation_positives: list | None = None  # each member's scores of its validation fold's malignant lesions
 
 
-def _config(values: dict) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in known})
-
-
 def _fold_number(name: str) -> int:
     return int(name[4:]) if name.startswith("fold") and name[4:].isdigit() else 0
 
@@ -67,26 +54,18 @@ def _is_bundle(path: Path) -> bool:
     return (path / "manifest.json").is_file()
 
 
-def read_config(path: Path) -> TrainConfig:
-    if _is_bundle(path):
-        return _config(json.loads((path / "manifest.json").read_text()).get("training", {}).get("config", {}))
-    if (path / "config.json").is_file():
-        return _config(json.loads((path / "config.json").read_text()))
-    raise ModelError(f"{path}: neither a bundle (manifest.json) nor a training work folder (config.json)")
-
-
 def open_source(path: Path, dataset: IsicDataset) -> Source:
     """The members of a bundle or of a training work folder, with their split."""
     import keras
 
     cfg = read_config(path)
     if _is_bundle(path):
-        from model import bundle
+        from model.inference import bundle
 
         loaded = bundle.load(path)
         manifest = loaded.manifest
         nested = [layer for layer in loaded.network.layers if isinstance(layer, keras.Model)] or [loaded.network]
-        # the network holds its members in fold order (see ``model.train.assemble``)
+        # the network holds its members in fold order (see ``model.training.assemble.assemble``)
         names = sorted(manifest.get("training", {}).get("members") or [], key=_fold_number)
         names = names if len(names) == len(nested) else [f"member{k}" for k in range(len(nested))]
         by_name = {f"fold{f['fold']}": f for f in manifest.get("metrics", {}).get("folds", [])}
@@ -211,8 +190,8 @@ def unpack(bundle_dir, data_dir, work_dir) -> Path:
     metadata encoding and configuration it was trained with. ``dermascan train --work-dir`` on
     that folder then trains nothing and assembles the bundle again — with today's calibration,
     threshold rule and gate — which is how a bundle made before a rule changed gets the new rule."""
-    from model.bundle import file_sha256, read_manifest
-    from model.data import METADATA_FILES, find_file
+    from model.inference.bundle import file_sha256, read_manifest
+    from model.inference.data import METADATA_FILES, find_file
 
     bundle_dir, work = Path(bundle_dir), Path(work_dir)
     trained_on = read_manifest(bundle_dir, verify=False).get("metrics", {}).get("data", {}).get("metadata", {})

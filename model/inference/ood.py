@@ -121,7 +121,7 @@ class FeatureDistance:
 class LesionCheck:
     """An explicit "is this a dermoscopic lesion image" signal from the same features: a logistic
     regression of development lesions against photographs, scenes and other medical images
-    (``model.gate_data.world``, its "fit" half), on the features standardised and reduced to
+    (``model.training.gate_data.world``, its "fit" half), on the features standardised and reduced to
     their main directions. The score is the log-odds of "lesion"; below ``threshold`` (set on
     held-out lesions at a false-flag rate) the image is not a dermoscopic lesion. Plain arrays,
     so any runtime can score it (the edge package does, in numpy)."""

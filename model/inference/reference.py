@@ -3,7 +3,7 @@ measure that compares a stream of studies with it.
 
 The profile holds fixed-bin distributions of the patient metadata (age, sex, anatomic site) and
 of four simple image statistics taken on the model's own input (brightness, contrast and
-sharpness from :mod:`model.quality`, and the original image's shorter side). Numeric bins are the
+sharpness from :mod:`model.inference.quality`, and the original image's shorter side). Numeric bins are the
 development data's deciles, so each bin holds a tenth of it and the comparison is equally
 sensitive everywhere. The score's reference is the bundle's own held-out score histogram
 (``manifest["metrics"]["score_histogram"]``).
@@ -31,7 +31,7 @@ MIN_STUDIES = 30  # fewer than this in a window: no drift figure (too noisy to r
 
 def image_stats(pixels: np.ndarray, sizes: np.ndarray | None = None) -> list[dict[str, float]]:
     """Per image, the statistics the profile tracks (from the quality measures)."""
-    from model.quality import measure
+    from model.inference.quality import measure
 
     measured = measure(pixels, sizes)
     return [{k: round(float(measured[k][i]), 3) for k in IMAGE_STATS} for i in range(len(pixels))]
@@ -139,7 +139,7 @@ REFERENCE_FILE = "reference.json"
 
 def dataset_profile(data_dir, image_size, limit: int | None = None, progress=None) -> dict:
     """The profile of an ISIC-2024-layout development set, images at the bundle's input size."""
-    from model.data import IsicDataset
+    from model.inference.data import IsicDataset
 
     data = IsicDataset.open(data_dir, limit=limit)
     meta = data.metadata

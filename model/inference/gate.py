@@ -1,5 +1,5 @@
 """The not-assessable gate: an image is scored only when it passes the quality checks
-(:mod:`model.quality`) and its features lie near the development lesions' (:mod:`model.ood`).
+(:mod:`model.inference.quality`) and its features lie near the development lesions' (:mod:`model.inference.ood`).
 An image that fails gets a reason a person understands and no probability-based decision.
 
 The gate belongs to the bundle: ``manifest["gate"]`` holds the quality thresholds and the
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import BundleError
-from model.ood import FeatureDistance, LesionCheck
-from model.quality import QualityThresholds, measure
+from model.inference.ood import FeatureDistance, LesionCheck
+from model.inference.quality import QualityThresholds, measure
 
 GATE_FILE = "gate.npz"
 LESION_CHECK_FILE = "lesion_check.npz"
@@ -51,7 +51,7 @@ class Gate:
 
     def manifest_block(self, directory: Path) -> dict:
         """Write ``gate.npz`` into the bundle folder; the manifest's ``gate`` entry."""
-        from model.bundle import file_sha256
+        from model.inference.bundle import file_sha256
 
         block: dict = {"quality": self.quality.to_dict()}
         if self.report:
@@ -85,7 +85,7 @@ class Gate:
         gate = cls(QualityThresholds.from_dict(block.get("quality")))
         ood = block.get("ood")
         if ood:
-            from model.bundle import file_sha256
+            from model.inference.bundle import file_sha256
 
             path = Path(directory) / ood["file"]
             if not path.is_file() or file_sha256(path) != ood["sha256"]:
@@ -95,7 +95,7 @@ class Gate:
             gate.feature_members = ood.get("members")
         check = block.get("lesion_check")
         if check:
-            from model.bundle import file_sha256
+            from model.inference.bundle import file_sha256
 
             path = Path(directory) / check["file"]
             if not path.is_file() or file_sha256(path) != check["sha256"]:

@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from model import metrics
-from model.data import IsicDataset, size_label
 from model.errors import ModelError
-from model.train import TrainConfig, split_rows, tta_predict, tta_views
+from model.inference.data import IsicDataset, size_label
+from model.training.config import TrainConfig, split_rows
+from model.training.folds import tta_predict, tta_views
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,8 @@ def member_folds(labels: list[str]) -> list[int]:
 def teacher_scores(teacher_dir: Path, dataset: IsicDataset, work: Path) -> dict:
     """Out-of-fold teacher scores of every development row (NaN on the calibration set),
     computed once and kept in ``work/teacher.npz``. Returns ``{"soft", "split", "version"}``."""
-    from model.bundle import read_manifest
-    from model.combine import open_source
+    from model.inference.bundle import read_manifest
+    from model.training.combine import open_source
 
     path = work / TEACHER_FILE
     manifest = read_manifest(teacher_dir, verify=False)
@@ -150,8 +151,8 @@ def distill(
 ) -> dict:
     """Train (or resume) the fold students ``folds`` and, with ``final``, the student on every
     development row. Returns a summary of the finished students."""
-    from model.features import FeatureSpec
-    from model.train import train_fold
+    from model.inference.features import FeatureSpec
+    from model.training.folds import train_fold
 
     if final and cfg.lr_schedule != "cosine":  # said before the teacher is scored, not after
         raise ModelError(
@@ -170,7 +171,7 @@ def distill(
             "the student's split (seed, folds, calibration fraction) differs from the teacher's: "
             "the calibration patients would not stay out of both"
         )
-    from model.bundle import read_manifest
+    from model.inference.bundle import read_manifest
 
     manifest = read_manifest(teacher_dir, verify=False)
     cfg.teacher = {"version": manifest["version"], "weights_sha256": manifest["weights_sha256"]}
@@ -182,7 +183,7 @@ def distill(
     targets = blend(y, teacher["soft"], cfg.alpha)
     diagnosis = None
     if cfg.diagnosis_weight > 0:
-        from model.diagnosis import labels
+        from model.inference.diagnosis import labels
 
         diagnosis = labels(dataset.metadata)
         if not (diagnosis[split >= 0] >= 0).any():
@@ -225,7 +226,7 @@ def distill(
 def report(work: Path, dataset: IsicDataset, split: np.ndarray, soft: np.ndarray) -> dict:
     """Each finished student on its validation fold and on the calibration set, beside the
     teacher's out-of-fold scores of the same rows (``work/distill_report.json``)."""
-    from model.train import _read_history
+    from model.training.folds import read_history
 
     y = dataset.targets()
     cal = np.flatnonzero(split < 0)
@@ -236,7 +237,7 @@ def report(work: Path, dataset: IsicDataset, split: np.ndarray, soft: np.ndarray
             continue
         saved = np.load(path)
         idx = saved["index"]
-        history = _read_history(work / f"fold{k}" / "history.csv")
+        history = read_history(work / f"fold{k}" / "history.csv")
         out["students"].append({
             "student": f"fold{k}",
             "validation_auc": metrics.auc(y[idx], saved["mean"]),
@@ -332,15 +333,15 @@ def tta_choice(y: np.ndarray, with_flips: np.ndarray, plain: np.ndarray, gain: f
 def assemble(data_dir, out_dir, work_dir, version: str | None = None, teacher_dir=None) -> dict:
     """The student bundle: the final student's network; on the held-out calibration set its
     calibration map, the flips if they earn their cost, the referral threshold at the level that
-    resampling shows lands on target for new patients (:mod:`model.threshold`), and the gate fitted
+    resampling shows lands on target for new patients (:mod:`model.training.threshold`), and the gate fitted
     on the student's own features."""
     import datetime as dt
 
     import keras
 
-    from model import threshold as rules
-    from model.features import FeatureSpec
-    from model.train import calibrate, data_fingerprint, roc_table, save_bundle, score_histogram
+    from model.inference.features import FeatureSpec
+    from model.training import threshold as rules
+    from model.training.assemble import calibrate, data_fingerprint, roc_table, save_bundle, score_histogram
 
     work = Path(work_dir)
     cfg = DistillConfig.read(work / "config.json")
@@ -375,7 +376,7 @@ def assemble(data_dir, out_dir, work_dir, version: str | None = None, teacher_di
     version = version or f"dermascan-student{size_label(cfg.image_size)}-{dt.datetime.now(dt.UTC):%Y%m%d%H%M}"
     teacher_cal = {}
     if teacher_dir is not None:
-        from model.bundle import read_manifest
+        from model.inference.bundle import read_manifest
 
         teacher_cal = read_manifest(teacher_dir, verify=False).get("metrics", {}).get("calibration_set", {})
     metrics_block = {

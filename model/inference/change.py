@@ -149,7 +149,7 @@ def fit(
 
 
 def manifest_block(measure: ChangeMeasure, report: dict, directory: Path, described: str) -> dict:
-    from model.bundle import file_sha256
+    from model.inference.bundle import file_sha256
 
     path = Path(directory) / CHANGE_FILE
     measure.save(path)
@@ -162,7 +162,7 @@ def from_bundle(directory: Path, manifest: dict) -> ChangeMeasure | None:
     block = manifest.get("change")
     if not block:
         return None
-    from model.bundle import file_sha256
+    from model.inference.bundle import file_sha256
 
     path = Path(directory) / block["file"]
     if not path.is_file() or file_sha256(path) != block["sha256"]:

@@ -1,4 +1,4 @@
-"""Fitting a bundle's maps for missing metadata (:mod:`model.missing`) on its own held-out rows.
+"""Fitting a bundle's maps for missing metadata (:mod:`model.inference.missing`) on its own held-out rows.
 
 ``dermascan missing-fit BUNDLE --data DIR``: the bundle scores its held-out calibration set (the
 patients none of its networks trained on, from the split in its manifest) once with every field
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model import missing
 from model.errors import ModelError
+from model.inference import missing
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,9 @@ def held_out_scores(predictor, pixels: np.ndarray, meta: np.ndarray, fields: lis
 
 def fit_bundle(bundle_dir, data_dir) -> dict:
     """Fit and write ``manifest["missing_metadata"]`` of a bundle; returns the block."""
-    from model.combine import read_config
-    from model.data import IsicDataset
-    from model.predictor import Predictor
-    from model.train import split_rows
+    from model.inference.data import IsicDataset
+    from model.inference.predictor import Predictor
+    from model.training.config import read_config, split_rows
 
     bundle_dir = Path(bundle_dir)
     predictor = Predictor(

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import keras
 from keras import layers, ops
 
-from model.data import Size, image_shape
+from model.inference.data import Size, image_shape
 
 HEAD = "classification_head"
 DIAGNOSIS_HEAD = "diagnosis_head"

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 from PIL import Image
 
-from model.network import last_cell_layer
+from model.inference.network import last_cell_layer
 
 
 def _members(network: keras.Model) -> list[keras.Model]:

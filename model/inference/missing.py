@@ -25,8 +25,8 @@ from itertools import combinations
 
 import numpy as np
 
-from model.calibration import Calibrator
-from model.features import FeatureSpec
+from model.inference.calibration import Calibrator
+from model.inference.features import FeatureSpec
 
 # with more fields than this, only each field alone and all of them together get their own map
 ALL_SUBSETS_UP_TO = 4
@@ -136,7 +136,8 @@ def fit(
     specificity at ``threshold`` (the maps' own figures cross-validated, five folds)."""
     from sklearn.model_selection import StratifiedKFold
 
-    from model import calibration, metrics
+    from model import metrics
+    from model.inference import calibration
 
     y = np.asarray(y).astype(int)
     out = MissingMetadata(list(fields))

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from model import calibration, metrics
-from model.data import IsicDataset
+from model import metrics
+from model.inference import calibration
+from model.inference.data import IsicDataset
 
 
 def evaluate(
     bundle_dir, data_dir, *, tta: bool | None = None, batch: int = 256, progress=None, limit: int | None = None
 ) -> dict:
-    from model.predictor import Predictor
+    from model.inference.predictor import Predictor
 
     t0 = time.time()
     predictor = Predictor(bundle_dir)

@@ -18,9 +18,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.data import canonical_size, image_shape
 from model.errors import BundleError
-from model.features import FeatureSpec
+from model.inference.data import canonical_size, image_shape
+from model.inference.features import FeatureSpec
 
 FORMAT = "dermascan-bundle/1"
 MODEL_FILE = "model.keras"

@@ -5,7 +5,7 @@ JAX backend compiles each shape once (and TensorFlow traces each once); optional
 augmentation (the four flips) returns the mean and the spread of the predictions. The bundle's
 calibration map turns the ensemble's raw score into the probability of malignancy, and its
 not-assessable gate (quality checks and the feature distance, computed in the same forward pass)
-says which images cannot be assessed at all (:mod:`model.gate`).
+says which images cannot be assessed at all (:mod:`model.inference.gate`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from model import bundle as bundle_lib
-from model import change
-from model.calibration import Calibrator
-from model.data import decode_many
 from model.errors import ImageDecodeError
-from model.gate import Gate
-from model.missing import MissingMetadata, missing_fields
+from model.inference import bundle as bundle_lib
+from model.inference import change
+from model.inference.calibration import Calibrator
+from model.inference.data import decode_many
+from model.inference.gate import Gate
+from model.inference.missing import MissingMetadata, missing_fields
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,10 @@ class Score:
     assessable: bool = True
     reason: str | None = None  # why the image is not assessable
     distance: float | None = None  # feature distance from the development lesions
-    stats: dict | None = None  # the image statistics monitoring tracks (model.reference)
-    embedding: list[float] | None = None  # for the lesion change measure (model.change), when the bundle has one
+    stats: dict | None = None  # the image statistics monitoring tracks (model.inference.reference)
+    embedding: list[float] | None = (
+        None  # for the lesion change measure (model.inference.change), when the bundle has one
+    )
     # the metadata fields the score was made without (it rests on the image and the other fields)
     missing_fields: list[str] | None = None
 
@@ -142,7 +144,7 @@ class Predictor:
         self.gate = Gate.from_bundle(self.bundle.directory, self.bundle.manifest)
         self.change = change.from_bundle(self.bundle.directory, self.bundle.manifest)
         if self.gate.features is not None:
-            from model.ood import feature_network
+            from model.inference.ood import feature_network
 
             self._forward = feature_network(self.network, self.gate.feature_members)
         else:
@@ -200,7 +202,7 @@ class Predictor:
                     errors[i] = bad[j]
                 else:
                     pixels[i], sizes[i] = decoded[j], found[j]
-        from model.data import resize
+        from model.inference.data import resize
 
         for i, img in enumerate(images):
             if not isinstance(img, bytes | bytearray):
@@ -269,7 +271,7 @@ class Predictor:
 
     def post_process(self, prepared: Prepared, predicted: Predicted) -> list[Score]:
         """Scores with the gate's verdict: a not-assessable image gets its reason and no referral."""
-        from model.reference import image_stats
+        from model.inference.reference import image_stats
 
         reasons, distance = self.gate.reasons(prepared.pixels, prepared.sizes, predicted.features)
         embedded = None

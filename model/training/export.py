@@ -41,7 +41,7 @@ FILES = {("onnx", False): "model.onnx", ("onnx", True): "model.int8.onnx",
 def _random_layers():
     from keras import layers
 
-    from model.network import TRAINING_ONLY
+    from model.inference.network import TRAINING_ONLY
 
     return (
         layers.RandomFlip, layers.RandomRotation, layers.RandomZoom, layers.RandomColorJitter, layers.RandomErasing,
@@ -73,8 +73,8 @@ def without_augmentation(model):
 
 def inference_network(loaded):
     """The bundle's forward pass for export: probability and the gate's features."""
-    from model.gate import Gate
-    from model.ood import feature_network
+    from model.inference.gate import Gate
+    from model.inference.ood import feature_network
 
     gate = Gate.from_bundle(loaded.directory, loaded.manifest)
     return feature_network(without_augmentation(loaded.network), gate.feature_members)
@@ -111,9 +111,8 @@ def file_sha256(path: Path) -> str:
 def _development_images(loaded, data_dir, n: int, seed: int = 0):
     """``n`` development images (never the calibration set) and their metadata, for int8
     calibration."""
-    from model.combine import read_config
-    from model.data import IsicDataset
-    from model.train import split_rows
+    from model.inference.data import IsicDataset
+    from model.training.config import read_config, split_rows
 
     cfg = read_config(loaded.directory)
     dataset = IsicDataset.open(data_dir, limit=cfg.limit)
@@ -125,9 +124,8 @@ def _development_images(loaded, data_dir, n: int, seed: int = 0):
 
 def _held_out(loaded, data_dir):
     """The calibration set (held out of every member): ids, labels, bytes, metadata records."""
-    from model.combine import read_config
-    from model.data import IsicDataset
-    from model.train import split_rows
+    from model.inference.data import IsicDataset
+    from model.training.config import read_config, split_rows
 
     cfg = read_config(loaded.directory)
     dataset = IsicDataset.open(data_dir, limit=cfg.limit)
@@ -197,8 +195,8 @@ def export(
     """Export ``bundle_dir`` as an edge package in ``out_dir`` and check it (see the module
     docstring). ``data_dir``: the ISIC-2024 folder the bundle was trained on (default: the one
     its manifest names), for int8 calibration and the check. Returns the package manifest."""
-    from model import bundle as bundle_lib
-    from model.gate import GATE_FILE, LESION_CHECK_FILE
+    from model.inference import bundle as bundle_lib
+    from model.inference.gate import GATE_FILE, LESION_CHECK_FILE
 
     if fmt not in ("onnx", "litert"):
         raise ModelError(f"format {fmt!r}: onnx or litert")
@@ -276,9 +274,9 @@ def refit_gate(loaded, package: Path, data_dir: Path, scorer) -> dict:
     same false-flag rates) but on the package's own features: quantisation moves the features
     enough that the bundle's feature distance and lesion check, fitted on float features, would
     flag most lesions. Returns the package manifest's ``gate`` block (files written beside it)."""
-    from model.combine import read_config
-    from model.data import IsicDataset
-    from model.train import fit_gate, split_rows
+    from model.inference.data import IsicDataset
+    from model.training.config import read_config, split_rows
+    from model.training.gate_fit import fit_gate
 
     block = loaded.manifest.get("gate") or {}
     cfg = read_config(loaded.directory)
@@ -300,7 +298,7 @@ def check(loaded, package: Path, data_dir: Path, int8: bool, scorer, n_fp32: int
     """The package against the Predictor on the held-out calibration set (fp32: its first 200).
     ``scorer(package)`` opens the package as the edge does (``edge.scorer.EdgeScorer``; passed in,
     so that ``model/`` imports nothing of the applications around it)."""
-    from model.predictor import Predictor
+    from model.inference.predictor import Predictor
 
     ids, y, images, records = _held_out(loaded, data_dir)
     if not int8:

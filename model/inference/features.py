@@ -46,6 +46,8 @@ DEFAULT_ALIASES = {
 }
 
 MISSING_TEXT = {"", "nan", "none", "null", "unknown", "na", "n/a"}
+# the plausible range of a numeric field a person gives (what the server's ingest accepts too)
+PLAUSIBLE = {"age_approx": (0.0, 120.0)}
 
 
 def _as_float(value) -> float | None:
@@ -197,6 +199,32 @@ class FeatureSpec:
     def missing_vector(self) -> np.ndarray:
         """The encoding of a record in which every field is missing."""
         return self.transform([{}])[0]
+
+    def check(self, record) -> dict:
+        """``record`` with each of the spec's fields normalised, or ValueError naming the first
+        field whose value the spec cannot take: a numeric field that is not a finite number in its
+        plausible range (ages 0–120), a category outside its vocabulary (aliases count). Missing
+        values stay missing. What the edge scorer asks of its input; the server's ingest has the
+        same vocabulary and refuses the same values."""
+        record = record or {}
+        out = {}
+        for feature in self.numeric:
+            value = record.get(feature.name)
+            if _as_text(value) is None:
+                continue
+            number = _as_float(value)
+            low, high = PLAUSIBLE.get(feature.name, (-math.inf, math.inf))
+            if number is None or not low <= number <= high:
+                raise ValueError(f"{feature.name}: {value!r} is not a number from {low:g} to {high:g}")
+            out[feature.name] = number
+        for feature in self.categorical:
+            value = record.get(feature.name)
+            if feature.normalise(value) is None:
+                continue
+            if feature.normalise(value) not in feature.vocabulary:
+                raise ValueError(f"{feature.name}: {value!r} is not one of {', '.join(feature.vocabulary)}")
+            out[feature.name] = feature.normalise(value)
+        return out
 
     def missing_fields(self, record) -> list[str]:
         """The fields of ``record`` the spec cannot use: absent, empty, or a value outside its

@@ -24,10 +24,15 @@ on a cohort of ``m`` malignant lesions, by the binomial noise of that cohort (:f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from model import metrics
 from model.metrics import _at_level
+
+if TYPE_CHECKING:
+    from model.training.config import TrainConfig
 
 
 @dataclass
@@ -110,3 +115,19 @@ def cohort_spread(outcome: LevelOutcome, sizes=(50, 200, 1000), seed: int = 0) -
 def threshold_at(calibrated_positives: np.ndarray, level: float) -> float:
     """The highest threshold referring ``level`` of these (calibrated) malignant scores."""
     return _at_level(np.asarray(calibrated_positives, float), level)
+
+
+def referral_threshold(y: np.ndarray, oof: np.ndarray, fold: np.ndarray, cfg: TrainConfig) -> float:
+    """The referral threshold from out-of-fold predictions: the highest one that reaches the
+    target sensitivity in ``threshold_confidence`` of bootstrap resamples of the pooled positives
+    **and** on each fold's own validation set (each a different group of patients that its model
+    never saw: how much sensitivity moves from one cohort to the next)."""
+    covered = ~np.isnan(oof)
+    threshold = metrics.conservative_threshold(
+        y[covered], oof[covered], cfg.target_sensitivity, cfg.threshold_confidence
+    )
+    for k in np.unique(fold[covered]):
+        own = covered & (fold == k)
+        if y[own].any():
+            threshold = min(threshold, metrics.threshold_for_sensitivity(y[own], oof[own], cfg.target_sensitivity))
+    return float(threshold)

@@ -1,0 +1,85 @@
+"""A bundle as a serving process's predictor, on the runtime it is asked for.
+
+``runtime``: ``keras``; ``onnxruntime``; or ``auto`` (ONNX Runtime on the TensorFlow backend,
+Keras on JAX). The ONNX package is the one shipped inside the bundle (``onnx/``, exported from the
+very same weights) or the one made when the bundle was registered (``dermascan bundle register``
+exports it into ``packages_dir``). A serving process never exports: without a package it scores
+with Keras and says why in one log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from model.errors import ModelError
+
+log = logging.getLogger(__name__)
+RUNTIMES = ("auto", "keras", "onnxruntime")
+
+
+def package_folder(packages_dir, manifest: dict) -> Path:
+    """Where the registered ONNX package of a bundle lives under ``packages_dir``."""
+    return Path(packages_dir) / f"{manifest['version']}-{manifest['weights_sha256'][:12]}"
+
+
+def onnx_package(bundle_dir, manifest: dict, packages_dir=None) -> Path | None:
+    """The bundle's ONNX package made from these weights: shipped inside it, or registered."""
+    candidates = [Path(bundle_dir) / "onnx"]
+    if packages_dir is not None:
+        candidates.append(package_folder(packages_dir, manifest))
+    for folder in candidates:
+        path = folder / "manifest.json"
+        if (
+            path.is_file()
+            and json.loads(path.read_text()).get("source", {}).get("weights_sha256") == manifest["weights_sha256"]
+        ):
+            return folder
+    return None
+
+
+def runtime_package(bundle_dir, manifest: dict, runtime: str, packages_dir=None) -> Path | None:
+    """The ONNX package the forward pass runs on, or None for Keras."""
+    if runtime not in RUNTIMES:
+        raise ModelError(f"runtime {runtime!r}: one of {', '.join(RUNTIMES)}")
+    if runtime == "keras":
+        return None
+    if runtime == "auto":
+        import keras
+
+        if keras.backend.backend() != "tensorflow":
+            return None
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        log.warning("onnxruntime is not installed (the 'edge' extra): scoring with Keras instead")
+        return None
+    package = onnx_package(bundle_dir, manifest, packages_dir)
+    if package is None:
+        log.warning(
+            "bundle %s has no ONNX package (none shipped in it, none made when it was registered: "
+            "`dermascan bundle register` exports one): scoring with Keras instead", manifest["version"],
+        )  # fmt: skip
+    return package
+
+
+def load_predictor(bundle_dir, *, batch_sizes, tta: bool | None = None, mixed_precision: bool = False,
+                   runtime: str = "auto", packages_dir=None):  # fmt: skip
+    """The bundle as a Predictor, with the flips its manifest recommends unless ``tta`` says."""
+    import keras
+
+    from model.inference.bundle import read_manifest
+    from model.inference.predictor import Predictor
+
+    manifest = read_manifest(bundle_dir, verify=False)
+    flips = tta if tta is not None else bool(manifest.get("inference", {}).get("tta", False))
+    loaded = Predictor(
+        bundle_dir, batch_sizes=batch_sizes, tta=flips, mixed_precision=mixed_precision,
+        onnx_package=runtime_package(bundle_dir, manifest, runtime, packages_dir),
+    )  # fmt: skip
+    log.info(
+        "loaded bundle %s (tta=%s, backend %s, runtime %s)", loaded.version, flips, keras.backend.backend(),
+        loaded.runtime,
+    )  # fmt: skip
+    return loaded
