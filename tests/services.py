@@ -32,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def scoring_warm() -> str:
     """The line a worker logs once every batch shape has run (imported late: it loads Keras)."""
-    from worker.scoring import WARM
+    from worker.warm import WARM
 
     return WARM
 
@@ -121,10 +121,10 @@ def make_tiny_bundle(ham: Path, out: Path, n: int = 64, image_size: int = 32, ve
     import keras
     import numpy as np
 
-    from model import bundle
-    from model.data import IsicDataset
-    from model.features import FeatureSpec
-    from model.network import NO_AUGMENTATION, build
+    from model.inference import bundle
+    from model.inference.data import IsicDataset
+    from model.inference.features import FeatureSpec
+    from model.inference.network import NO_AUGMENTATION, build
 
     keras.utils.set_random_seed(0)
     ds = IsicDataset.open(ham, limit=n)
@@ -134,7 +134,7 @@ def make_tiny_bundle(ham: Path, out: Path, n: int = 64, image_size: int = 32, ve
     x = {"image": ds.load_images(image_size), "meta": spec.transform(ds.metadata)}
     net.fit(x, ds.targets().astype("float32"), epochs=1, batch_size=16, verbose=0)
     scores = net.predict(x, verbose=0).ravel()
-    from model.train import roc_table, score_histogram
+    from model.training.assemble import roc_table, score_histogram
 
     y = ds.targets()
     metrics = {
@@ -176,15 +176,15 @@ def make_planted_bundle(ham: Path, out: Path, n: int = 480, image_size: int = 32
     the truth (a dark disc: malignant), and in its training data every row sent without age, sex
     and site is benign — as in HAM10000, where the rows without a sex are all benign. Its
     threshold refers 95 % of disc images sent with their metadata. ``fit_missing``: with the maps
-    for missing metadata (model.missing) fitted on held-out rows with the fields hidden."""
+    for missing metadata (model.inference.missing) fitted on held-out rows with the fields hidden."""
     import keras
     import numpy as np
 
-    from model import bundle, missing
-    from model.calibration import Calibrator
-    from model.data import decode_many
-    from model.features import FeatureSpec
-    from model.network import NO_AUGMENTATION, build
+    from model.inference import bundle, missing
+    from model.inference.calibration import Calibrator
+    from model.inference.data import decode_many
+    from model.inference.features import FeatureSpec
+    from model.inference.network import NO_AUGMENTATION, build
     from tests.ham_files import ham_images, ham_rows
 
     keras.utils.set_random_seed(0)

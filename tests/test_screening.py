@@ -66,7 +66,9 @@ def test_a_lease_is_taken_renewed_expired_and_checked_when_results_are_written(e
     with factory() as session, session.begin():
         assert results.claim(session, ids, "worker-b", 60) == []  # A's lease is alive
         assert [s.id for s in results.claim(session, ids, "worker-a", 60)] == ids  # A's retry keeps them
-        assert results.renew_leases(session, "worker-a", 60) == 3
+        assert results.renew_leases(session, "worker-a", 60, ids) == 3
+        assert results.renew_leases(session, "worker-a", 60, ids[:1]) == 1  # only what a task holds
+        assert results.renew_leases(session, "worker-b", 60, ids) == 0
     with factory() as session, session.begin():  # A stalls: its lease runs out
         session.query(Study).update({Study.lease_until: utcnow() - dt.timedelta(seconds=1)})
     with factory() as session, session.begin():

@@ -63,11 +63,11 @@ def _load_model(**_):
     """Load the bundle and run every fixed batch shape once, before the child takes work (not in
     a worker that only delivers callbacks)."""
     from dermascan.infra import broker
-    from worker import scoring
+    from worker import leases, runtime, warm
 
     served = set(os.environ.get("DERMASCAN_WORKER_QUEUES", ",".join(broker.QUEUES)).split(","))
     if not served & set(broker.SCORING_QUEUES):
         return
-    scoring.Heartbeat(settings).start()  # renews the leases of the studies this process scores
-    scoring.configure_backend(settings)
-    scoring.warm_up(settings)
+    leases.Heartbeat(settings).start()  # renews the leases of the studies this process scores
+    runtime.configure_backend(settings)
+    warm.warm_up(settings)

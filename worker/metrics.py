@@ -30,6 +30,21 @@ LATENCY = Histogram(
 )
 
 
+def record(outcome, items) -> None:
+    """A written piece of work: its counts, stage times and each study's end-to-end latency."""
+    import datetime as dt
+
+    from dermascan.infra.schema import utcnow
+
+    now = utcnow()
+    latencies: dict[str, list[float]] = {}
+    for item in items:
+        if item.created_at is not None:
+            created = item.created_at if item.created_at.tzinfo else item.created_at.replace(tzinfo=dt.UTC)
+            latencies.setdefault(item.priority, []).append((now - created).total_seconds())
+    observe(outcome, latencies)
+
+
 def observe(outcome, latencies: dict[str, list[float]]) -> None:
     SCORED.labels("done").inc(outcome.scored)
     SCORED.labels("failed").inc(outcome.failed)

@@ -18,14 +18,14 @@ def _settings() -> Settings:
 
 @shared_task(name=broker.TASK_SCORE, bind=True, acks_late=True, max_retries=5, default_retry_delay=10)
 def score(self, study_ids: list[int], interactive: bool = False) -> dict:
-    from worker import scoring
+    from worker import runtime, scoring
 
     settings = _settings()
     try:
         outcome = scoring.ScoreStudies(settings, study_ids, interactive=interactive).run()
-    except scoring.BundleNotActive as exc:
+    except runtime.BundleNotActive as exc:
         raise self.retry(exc=exc, countdown=60) from exc
-    except scoring.TransientError as exc:
+    except runtime.TransientError as exc:
         raise self.retry(exc=exc) from exc
     # one small message per study: heat maps run when no scoring is waiting (maintenance queue)
     # and never hold up an interactive study for more than one Grad-CAM
@@ -51,11 +51,11 @@ def _schedule_delivery(settings, study_ids: list[int]) -> None:
 
 @shared_task(name=broker.TASK_HEATMAPS, acks_late=True)
 def heatmaps(study_ids: list[int]) -> int:
-    from worker import scoring
+    from worker.heatmaps import make_heatmaps
 
     settings = _settings()
     try:
-        return scoring.make_heatmaps(settings, study_ids)
+        return make_heatmaps(settings, study_ids)
     finally:
         _schedule_delivery(settings, study_ids)
 

@@ -49,6 +49,30 @@ def bundle_register(ctx, path, activate):
         except ValueError as exc:
             raise click.ClickException(str(exc)) from exc
     click.echo(f"bundle {row.version} registered" + (" and active" if activate else ""))
+    click.echo(_onnx_package(settings, path))
+
+
+def _onnx_package(settings, path: Path) -> str:
+    """The bundle's ONNX package for the workers' runtime: shipped inside it, or exported now into
+    the data directory (a worker never exports: without a package it scores with Keras)."""
+    from model.inference.bundle import read_manifest
+    from model.inference.loader import onnx_package, package_folder
+
+    manifest = read_manifest(path, verify=False)
+    packages = Path(settings.data_dir) / "onnx"
+    found = onnx_package(path, manifest, packages)
+    if found is not None:
+        return f"ONNX package: {found}"
+    from model.training.export import export
+
+    folder = package_folder(packages, manifest)
+    try:
+        export(path, "onnx", folder)
+    except ImportError as exc:
+        return (
+            f"no ONNX package: exporting one needs the 'export' extra ({exc.name} is missing); workers score with Keras"
+        )
+    return f"ONNX package exported to {folder}"
 
 
 @bundle.command("activate")
@@ -109,8 +133,8 @@ def bundle_profile(ctx, path, data_dir):
     """Write the development data's profile (metadata and image statistics) into a bundle made
     before training wrote one; monitoring measures drift against it. Register the bundle again
     to load it into a running deployment."""
-    from model.bundle import read_manifest
-    from model.reference import write_profile
+    from model.inference.bundle import read_manifest
+    from model.inference.reference import write_profile
 
     manifest = read_manifest(path, verify=False)
     built = write_profile(path, data_dir, manifest["image_size"])

@@ -30,6 +30,12 @@ class ScoredStudy:
     embedding: list[float] | None = None  # for the lesion change measure, when the bundle has one
     missing_fields: list[str] | None = None  # the metadata fields the score was made without
 
+    @classmethod
+    def of(cls, study_id: int, score) -> ScoredStudy:
+        """From the model's Score of the study (``model.inference.predictor.Score``)."""
+        return cls(study_id, score.probability, score.spread, score.assessable, score.reason, score.distance,
+                   score.stats, score.embedding, score.missing_fields)  # fmt: skip
+
 
 def claim(session: Session, study_ids: Sequence[int], owner: str = "", lease_s: float = 60.0) -> list[Study]:
     """The studies of a message that still need scoring, taken under a lease held by ``owner``
@@ -66,12 +72,24 @@ def claim(session: Session, study_ids: Sequence[int], owner: str = "", lease_s: 
     return rows
 
 
-def renew_leases(session: Session, owner: str, lease_s: float) -> int:
-    """The heartbeat: extend every lease ``owner`` holds on studies it is scoring."""
+def renew_leases(session: Session, owner: str, lease_s: float, study_ids: Sequence[int]) -> int:
+    """The heartbeat: extend the leases ``owner`` holds on ``study_ids`` (the studies its running
+    tasks are scoring), in id order."""
     return session.execute(
         update(Study)
-        .where(Study.lease_owner == owner, Study.status == StudyStatus.PROCESSING)
+        .where(Study.id.in_(sorted(study_ids)), Study.lease_owner == owner, Study.status == StudyStatus.PROCESSING)
         .values(lease_until=utcnow() + dt.timedelta(seconds=lease_s))
+    ).rowcount
+
+
+def release(session: Session, study_ids: Sequence[int], owner: str) -> int:
+    """Give back the leases ``owner`` still holds on ``study_ids`` (a task that ends without writing
+    them): the studies are queued again, for the task's retry or, should its message be lost, the
+    sweeper."""
+    return session.execute(
+        update(Study)
+        .where(Study.id.in_(sorted(study_ids)), Study.lease_owner == owner, Study.status == StudyStatus.PROCESSING)
+        .values(status=StudyStatus.QUEUED, started_at=None, lease_owner=None, lease_until=None)
     ).rowcount
 
 
@@ -132,7 +150,7 @@ def record(
     duplicates ignored), statuses, and the referrals the referral policy decides (high risk at or
     above ``threshold``; every not-assessable image, to be checked by a person; with lesion
     follow-up, the comparison with each lesion's previous visit — ``change``: the bundle's change
-    measure, ``model.change``, or None). The returned ``high_risk`` lists the study ids referred
+    measure, ``model.inference.change``, or None). The returned ``high_risk`` lists the study ids referred
     for their probability (they get heat maps)."""
     now = utcnow()
     lost: list[int] = []
@@ -286,3 +304,23 @@ def finished_batches(session: Session, batch_ids: Sequence[str]) -> list[str]:
             if changed:
                 done.append(batch_id)
     return done
+
+
+def needing_heatmaps(session: Session, study_ids: Sequence[int], bundle_version: str) -> list[tuple[int, str, dict]]:
+    """(prediction id, image sha256, metadata) of the studies whose prediction by ``bundle_version``
+    has no heat map yet."""
+    rows = session.execute(
+        select(Prediction.id, Study.image_sha256, Study.meta)
+        .join(Prediction, Prediction.study_id == Study.id)
+        .where(
+            Study.id.in_(list(study_ids)), Prediction.bundle_version == bundle_version,
+            Prediction.heatmap_sha256.is_(None),
+        )
+        .order_by(Study.id)
+    ).all()  # fmt: skip
+    return [(pid, sha, dict(meta or {})) for pid, sha, meta in rows]
+
+
+def set_heatmap(session: Session, prediction_id: int, digest: str) -> None:
+    """Record a prediction's heat map (a blob's sha256)."""
+    session.execute(update(Prediction).where(Prediction.id == prediction_id).values(heatmap_sha256=digest))
