@@ -15,23 +15,12 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.errors import MissingExtra, require_extra
+
+__all__ = ["MissingExtra", "Settings", "require_extra"]
+
 PREFIX = "DERMASCAN_"
 PACKAGE_ROOT = Path(__file__).resolve().parent
-
-
-class MissingExtra(RuntimeError):
-    """A feature needs an optional extra that this install lacks; the message says which."""
-
-
-def require_extra(module: str, extra: str, purpose: str) -> None:
-    """Raise :class:`MissingExtra` — one line naming the extra to install — when ``module`` is
-    not installed. Call it before importing an optional extra's package."""
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise MissingExtra(
-            f"{purpose} needs the '{extra}' extra ({module} is not installed): pip install 'dermascan[{extra}]'"
-        )
 
 
 def check_backend() -> None:

@@ -11,21 +11,19 @@ from pathlib import Path
 
 import numpy as np
 
-from model.bundle import file_sha256
-from model.calibration import Calibrator
-from model.data import canonical_size, decode_many
-from model.errors import ModelError
-from model.features import FeatureSpec
-from model.gate import Gate
-from model.missing import MissingMetadata, missing_fields
+from model.errors import ModelError, require_extra
+from model.inference.bundle import file_sha256
+from model.inference.calibration import Calibrator
+from model.inference.data import canonical_size, decode_many
+from model.inference.features import FeatureSpec
+from model.inference.gate import Gate
+from model.inference.missing import MissingMetadata, missing_fields
 
 FORMAT = "dermascan-edge/1"
 
 
 class _OnnxRuntime:
     def __init__(self, path: Path, threads: int | None):
-        from dermascan.config import require_extra
-
         require_extra("onnxruntime", "edge", "an ONNX edge package")
         import onnxruntime as ort
 
@@ -42,8 +40,6 @@ class _OnnxRuntime:
 
 class _LiteRT:
     def __init__(self, path: Path, threads: int | None):
-        from dermascan.config import require_extra
-
         require_extra("ai_edge_litert", "edge", "a LiteRT edge package")
         from ai_edge_litert.interpreter import Interpreter
 
@@ -105,16 +101,10 @@ class EdgeScorer:
     def version(self) -> str:
         return self.manifest["version"]
 
-    @staticmethod
-    def prepare_metadata(record: dict) -> dict:
-        """The server's metadata rules (names, sexes, sites and their aliases, ages 0–120):
-        ValueError with the field's name for a value the server would refuse too."""
-        from dermascan.ingest.records import FieldError, clean_metadata
-
-        try:
-            return clean_metadata(record or {})
-        except FieldError as exc:
-            raise ValueError(str(exc)) from None
+    def prepare_metadata(self, record: dict) -> dict:
+        """The package's own rules for its metadata (its feature spec: the vocabulary and aliases
+        it was trained with, ages 0–120): ValueError naming the field for a value it cannot take."""
+        return self.spec.check(record or {})
 
     def image_features(self, pixels: np.ndarray) -> np.ndarray:
         """The gate's features of resized pixels (the metadata does not reach them)."""

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from dermascan.cli import main
-from model.bundle import read_manifest
+from model.inference.bundle import read_manifest
 from tests.ham_files import json_records
 from tests.services import ROOT
 
@@ -53,7 +53,7 @@ def test_the_edge_scorer_imports_no_part_of_the_server(exported, ham_dir):
     """`dermascan-edge score` in a process of its own: JSON out, the server's answer, and not one
     module of TensorFlow, Keras, Flask, SQLAlchemy or Celery loaded."""
     from edge.scorer import EdgeScorer
-    from model.predictor import Predictor
+    from model.inference.predictor import Predictor
 
     bundle, package = exported
     record = json_records(ham_dir, 1)[0]
@@ -69,7 +69,9 @@ def test_the_edge_scorer_imports_no_part_of_the_server(exported, ham_dir):
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["bundle_version"] == "tiny-edge" and set(out) >= {"probability", "referred", "assessable", "reason"}
-    meta = EdgeScorer.prepare_metadata({"age_approx": "55", "sex": "male", "anatom_site_general": "lower extremity"})
+    meta = EdgeScorer(package).prepare_metadata(
+        {"age_approx": "55", "sex": "male", "anatom_site_general": "lower extremity"}
+    )
     server = Predictor(bundle, batch_sizes=(1,)).score([image.read_bytes()], [meta])[0]
     assert abs(server.probability - out["score"]) <= 1e-4 and server.assessable == out["assessable"]
     assert record  # the HAM fixture is there (the export's own check used it)

@@ -1,4 +1,4 @@
-"""Studies sent without age, sex and site (model.missing): the score rests on the image, every door
+"""Studies sent without age, sex and site (model.inference.missing): the score rests on the image, every door
 behaves the same, every result says so, monitoring counts them, and a program may require them.
 
 The mechanism is tested on a tiny bundle in which "unknown means benign" was planted on purpose
@@ -45,7 +45,7 @@ def images(ham_dir, n: int, offset: int, lesion: bool) -> tuple[list[bytes], lis
 
 
 def test_the_maps_undo_a_planted_unknown_means_benign(planted, ham_dir):
-    from model.predictor import Predictor
+    from model.inference.predictor import Predictor
 
     fixed, unfixed = Predictor(planted[0]), Predictor(planted[1])
     lesions, given = images(ham_dir, 40, 3000, lesion=True)

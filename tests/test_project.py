@@ -192,6 +192,130 @@ def test_no_import_cycles_among_the_core_modules():
             visit(module, [module])
 
 
+# -- the rooms of model/ and the worker --------------------------------------------------------------
+def model_imports(path: Path) -> set[str]:
+    """The model modules a file imports (dotted, at any depth, lazy imports included)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and node.module.split(".")[0] == "model"
+        ):
+            out |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "model"}
+    return out
+
+
+SERVING_MODEL = ("model.inference", "model.metrics", "model.errors")
+
+
+def _outside(names: set[str], allowed=SERVING_MODEL) -> set[str]:
+    return {n for n in names if n != "model" and not any(n == a or n.startswith(a + ".") for a in allowed)}
+
+
+def test_model_is_two_rooms_and_inference_never_imports_training():
+    top = sorted(p.name for p in (ROOT / "model").iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file())
+    assert top == ["__init__.py", "errors.py", "inference", "metrics.py", "training"], top
+    bad = {str(p.relative_to(ROOT)): _outside(model_imports(p)) for p in (ROOT / "model" / "inference").rglob("*.py")}
+    assert not {k: v for k, v in bad.items() if v}, bad
+
+
+def test_serving_code_imports_only_the_inference_room():
+    """The worker, the core, the portal, edge/ and the CLI's serving commands; training and export
+    commands (cli/model.py, and cli/bundles.py when it exports a registered bundle) are the
+    exceptions."""
+    folders = [ROOT / "worker", ROOT / "dermascan", ROOT / "edge", ROOT / "web"]
+    allowed_training = {ROOT / "dermascan" / "cli" / "model.py", ROOT / "dermascan" / "cli" / "bundles.py"}
+    bad = {}
+    for folder in folders:
+        for path in folder.rglob("*.py"):
+            if path in allowed_training:
+                continue
+            outside = _outside(model_imports(path))
+            if outside:
+                bad[str(path.relative_to(ROOT))] = outside
+    assert not bad, bad
+
+
+def test_loading_the_shipped_bundle_for_scoring_imports_nothing_of_training(tmp_path):
+    code = (
+        "import sys\n"
+        "from dermascan.config import Settings\n"
+        "from worker.runtime import load_predictor\n"
+        f"p = load_predictor(Settings.from_env(env={{}}, data_dir={str(tmp_path)!r}))\n"
+        "import numpy as np\n"
+        "p.predict(np.zeros((1, *p.image_shape, 3), np.uint8), np.zeros((1, p.spec.dim), np.float32))\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('model.training'))\n"
+        "print(p.runtime, loaded)\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout
+
+
+def test_edge_stands_on_the_inference_room_alone():
+    """edge/ (the tablet's scorer) imports nothing of the server: no dermascan, web or worker."""
+    bad = {
+        f: n & {"dermascan", "web", "worker"}
+        for f, n in imports_of(ROOT / "edge").items()
+        if n & {"dermascan", "web", "worker"}
+    }
+    assert not bad, bad
+
+
+def _module_graph(package: str) -> dict[str, set[str]]:
+    """Module-level imports among a package's modules (lazy imports inside functions excluded)."""
+    modules = {}
+    for path in (ROOT / package).rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        deps = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith(package):
+                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith(package)}
+        modules[name] = deps
+    return {m: {d for d in deps if d in modules and d != m} for m, deps in modules.items()}
+
+
+@pytest.mark.parametrize("package", ["model", "worker", "edge"])
+def test_no_import_cycles_in_model_worker_and_edge(package):
+    graph, state = _module_graph(package), {}
+
+    def visit(node, trail):
+        state[node] = 1
+        for dep in graph[node]:
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " → ".join([*trail[trail.index(dep) :], dep]))
+            if dep not in state:
+                visit(dep, [*trail, dep])
+        state[node] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+
+
+ROOMS_WITH_DOCSTRINGS = [
+    *(f"dermascan/{room}" for room in sorted(ROOMS)),
+    "model/inference",
+    "model/training",
+    "worker",
+    "edge",
+]
+
+
+@pytest.mark.parametrize("room", ROOMS_WITH_DOCSTRINGS)
+def test_each_room_docstring_names_all_its_modules(room):
+    doc = ast.get_docstring(ast.parse((ROOT / room / "__init__.py").read_text())) or ""
+    modules = sorted(p.stem for p in (ROOT / room).glob("*.py") if p.stem not in ("__init__", "__main__"))
+    unnamed = [m for m in modules if not re.search(rf"\b{m}\b", doc)]
+    assert not unnamed, f"{room}/__init__.py's docstring does not name {unnamed}"
+
+
 def test_web_imports_nothing_of_the_model_package():
     """The portal reaches model facts through the core (dermascan.screening.reports, operating_point), never model/."""
     bad = {

@@ -11,8 +11,7 @@ from flask import Blueprint, Response, abort, render_template, request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from dermascan.governance import charts, monitoring
-from dermascan.governance import report as governance
+from dermascan.governance import charts, monitoring, report
 from dermascan.infra.schema import ModelBundle, Program, utcnow
 from dermascan.ingest.numbers import NumberError
 from web.helpers import db, int_arg, role_required, settings
@@ -56,18 +55,18 @@ def page():
     )  # fmt: skip
 
 
-@bp.get("/report")
+@bp.get("/report", endpoint="report")
 @role_required("admin")
-def report():
+def report_page():
     """The monthly governance report (printable HTML) of ?program=ID&month=YYYY-MM."""
     program, _ = _program()
     if program is None:
         abort(404)
     try:
-        year, month = governance.month_bounds(request.args.get("month", utcnow().strftime("%Y-%m")))
+        year, month = report.month_bounds(request.args.get("month", utcnow().strftime("%Y-%m")))
     except ValueError as exc:
         return Response(str(exc), status=400, mimetype="text/plain")
-    return Response(governance.monthly_report(db(), program, year, month), mimetype="text/html")
+    return Response(report.monthly_report(db(), program, year, month), mimetype="text/html")
 
 
 def gauges() -> bytes:

@@ -14,8 +14,7 @@ from dermascan.infra.schema import DECISION_LABELS as LABELS
 from dermascan.infra.schema import ModelBundle, Outcome, Prediction, Program, Referral, ReferralStatus
 from dermascan.ingest import numbers
 from dermascan.ingest.records import SITES
-from dermascan.referrals import outcomes
-from dermascan.referrals import queue as policy
+from dermascan.referrals import outcomes, queue
 from dermascan.results_out import delivery_status, objects, scheduling
 from dermascan.screening import referral_policy, reports
 from web.errors import http_status
@@ -59,27 +58,27 @@ def _id_or_none(value) -> int | None:
         return None
 
 
-def _filter(source) -> policy.QueueFilter:
+def _filter(source) -> queue.QueueFilter:
     program = source.get("program") or None
-    return policy.QueueFilter(
+    return queue.QueueFilter(
         site=source.get("site") or None,
         program_id=_id_or_none(program),
         batch_id=source.get("batch") or None,
     )
 
 
-@bp.get("/")
+@bp.get("/", endpoint="queue")
 @role_required(*ROLES)
-def queue():
+def queue_page():
     flt = _filter(request.args)
     timeout = settings().claim_timeout_s
-    cases = policy.open_cases(db(), timeout, flt)
-    stats = policy.queue_stats(db(), timeout, flt)
-    mine = policy.current_claim(db(), current_user.id, timeout)
+    cases = queue.open_cases(db(), timeout, flt)
+    stats = queue.queue_stats(db(), timeout, flt)
+    mine = queue.current_claim(db(), current_user.id, timeout)
     programs = list(db().scalars(select(Program).order_by(Program.name)))
     return render_template(
         "queue.html", cases=cases, stats=stats, mine=mine, flt=flt, sites=SITES, programs=programs,
-        batches=policy.batches_with_referrals(db()), claim=ClaimForm(data=request.args),
+        batches=queue.batches_with_referrals(db()), claim=ClaimForm(data=request.args),
         category_labels=referral_policy.CATEGORY_LABELS, tier_labels=referral_policy.TIER_LABELS,
     )  # fmt: skip
 
@@ -90,7 +89,7 @@ def claim_next():
     form = ClaimForm()
     if not form.validate_on_submit():
         abort(400)
-    referral = policy.claim_next(db(), current_user.id, settings().claim_timeout_s, _filter(request.form))
+    referral = queue.claim_next(db(), current_user.id, settings().claim_timeout_s, _filter(request.form))
     if referral is None:
         db().rollback()
         flash("The queue is empty.", "info")
@@ -120,9 +119,9 @@ def case(referral_id):
     holds = (
         referral.status == ReferralStatus.CLAIMED
         and referral.claimed_by_id == current_user.id
-        and policy.current_claim(db(), current_user.id, timeout) is not None
+        and queue.current_claim(db(), current_user.id, timeout) is not None
     )
-    others = policy.same_patient(db(), study)
+    others = queue.same_patient(db(), study)
     other_predictions = {
         p.study_id: p
         for p in db().scalars(
@@ -158,10 +157,10 @@ def decide(referral_id):
         flash("Choose a decision.", "error")
         return redirect(url_for("referrals.case", referral_id=referral_id))
     try:
-        referral = policy.decide(
+        referral = queue.decide(
             db(), referral_id, current_user.id, form.decision.data, form.note.data, settings().claim_timeout_s
         )
-    except policy.ReferralError as exc:
+    except queue.ReferralError as exc:
         db().rollback()
         flash(str(exc), "error")
         return redirect(url_for("referrals.case", referral_id=referral_id)), 303
@@ -207,8 +206,8 @@ def release(referral_id):
     if not ReleaseForm().validate_on_submit():
         abort(400)
     try:
-        referral = policy.release(db(), referral_id, current_user.id, settings().claim_timeout_s)
-    except policy.ReferralError as exc:
+        referral = queue.release(db(), referral_id, current_user.id, settings().claim_timeout_s)
+    except queue.ReferralError as exc:
         db().rollback()
         abort(http_status(exc))
     audit_event("release", object_type="referral", object_id=referral.id, detail={"study_id": referral.study_id})

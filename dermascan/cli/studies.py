@@ -124,7 +124,7 @@ def outcomes():
 def outcomes_import(ctx, path, program):
     """Import a CSV of study_id,outcome,diagnosis — all rows or none; bad rows are listed."""
     from dermascan.errors import DomainError
-    from dermascan.referrals import outcomes as core
+    from dermascan.referrals import outcomes
     from dermascan.security.identity import get_or_create_program
 
     settings = _settings(ctx)
@@ -136,8 +136,8 @@ def outcomes_import(ctx, path, program):
     with session_factory(settings.database_url)() as session, session.begin():
         program_id = get_or_create_program(session, program).id if program else None
         try:
-            report = core.import_csv(session, text, program_id, source="csv")
-        except core.OutcomeRowsInvalid as exc:
+            report = outcomes.import_csv(session, text, program_id, source="csv")
+        except outcomes.OutcomeRowsInvalid as exc:
             lines = "\n".join(f"  line {e['line']}: {e['error']}" for e in exc.errors)
             raise click.ClickException(f"{exc}\n{lines}") from exc
         except DomainError as exc:
@@ -159,11 +159,11 @@ def report_monthly(ctx, program_name, month, out_path):
     """Write PROGRAM's monthly model governance report (HTML, printable to PDF)."""
     from sqlalchemy import select
 
-    from dermascan.governance import report as governance
+    from dermascan.governance import report
     from dermascan.infra.schema import Program
 
     try:
-        year, number = governance.month_bounds(month)
+        year, number = report.month_bounds(month)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--month") from None
     settings = _settings(ctx)
@@ -171,5 +171,5 @@ def report_monthly(ctx, program_name, month, out_path):
         program = session.scalar(select(Program).where(Program.name == program_name))
         if program is None:
             raise click.ClickException(f"no program named {program_name!r}")
-        out_path.write_text(governance.monthly_report(session, program, year, number))
+        out_path.write_text(report.monthly_report(session, program, year, number))
     click.echo(f"report for {program_name}, {month} written to {out_path}")

@@ -331,12 +331,12 @@ class Prediction(Base):
     shadow: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
     # brightness, contrast, sharpness, min_side of the model's input (monitoring's image drift)
     image_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    # lesion follow-up (model.change): this image's embedding, and the comparison with the same
+    # lesion follow-up (model.inference.change): this image's embedding, and the comparison with the same
     # lesion's previous visit when there was one (the study compared with, the change measure and
     # its share of unchanged same-lesion pairs below it, the change in probability, the verdicts)
     embedding: Mapped[list[float] | None] = mapped_column(JSON)
     # the metadata fields (age_approx, sex, anatom_site_general) the score was made without: for
-    # them it rests on the image (model.missing); empty when every field was given
+    # them it rests on the image (model.inference.missing); empty when every field was given
     missing_fields: Mapped[list[str] | None] = mapped_column(JSON)
     previous_study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"))
     change_measure: Mapped[float | None] = mapped_column(Float)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from dermascan.ingest import numbers
-from model.features import ISIC_CATEGORICAL, ISIC_NUMERIC
+from model.inference.features import ISIC_CATEGORICAL, ISIC_NUMERIC
 
 # The anatomic sites the model's feature spec knows (ISIC 2024 words, plus the three ISIC 2020
 # words HAM10000 needs).

@@ -21,7 +21,7 @@ from dermascan.infra.schema import (
 )  # fmt: skip
 from dermascan.screening import follow_up, referral_policy
 from dermascan.security import csv_cells
-from model.calibration import at_prevalence
+from model.inference.calibration import at_prevalence
 
 RESULT_COLUMNS = [
     "study_id",

@@ -32,7 +32,7 @@ from dermascan.infra import broker
 from dermascan.infra.db import engine_for, session_factory
 from dermascan.infra.schema import Priority, Study, StudyStatus, utcnow
 from dermascan.intake.submission import enqueue
-from dermascan.referrals import queue as referrals
+from dermascan.referrals import queue
 
 log = logging.getLogger(__name__)
 LOCK_KEY = 0x44534E5357  # "DSNSW": the deployment's one sweep lock
@@ -78,7 +78,7 @@ def sweep(settings: Settings, now: dt.datetime | None = None, unsent_after_s: fl
                 .where(Study.id.in_(stuck[start : start + 1000]))
                 .values(status=StudyStatus.QUEUED, started_at=None, lease_owner=None, lease_until=None)
             )
-        claims = referrals.expire_stale_claims(session, settings.claim_timeout_s)
+        claims = queue.expire_stale_claims(session, settings.claim_timeout_s)
     interactive = [r.id for r in rows if r.priority == Priority.INTERACTIVE]
     bulk = [r.id for r in rows if r.priority != Priority.INTERACTIVE]
     sent = enqueue(settings, interactive, True) + enqueue(settings, bulk, False)
