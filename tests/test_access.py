@@ -52,6 +52,7 @@ TABLE = {
     "admin.toggle_destination": ("POST", "/admin/destinations/{destination}/enabled", (A,)),
     "admin.resend_study": ("POST", "/admin/studies/{study}/resend", (A,)),
     "admin.program_dicom_results": ("POST", "/admin/programs/{program}/dicom-results", (A,)),
+    "admin.program_require_metadata": ("POST", "/admin/programs/{program}/require-metadata", (A,)),
     "admin.audit_log": ("GET", "/admin/audit", (A,)),
     "admin.audit_csv": ("GET", "/admin/audit.csv", (A,)),
     "admin.model": ("GET", "/admin/model", (A,)),

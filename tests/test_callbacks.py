@@ -53,7 +53,7 @@ def test_completion_callback_is_signed_and_retried(pg_settings, live_server, sta
     server = live_server(settings)
     program_id, token = api_token()
     with session_factory(settings.database_url)() as session, session.begin():
-        secret = issue_callback_secret(session.get(Program, program_id), settings.secret_key)
+        secret = issue_callback_secret(session, session.get(Program, program_id), settings.secret_key)
     receiver = Receiver(fail_first=1)
     archive, _ = ham_zip(ham_dir, 5)
     reply = requests.post(
@@ -91,8 +91,8 @@ def test_each_program_signs_with_its_own_rotatable_secret(pg_settings, app_facto
         a, b = get_or_create_program(session, "prog-a"), get_or_create_program(session, "prog-b")
         create_user(session, "keeper", PASSWORD, "admin", a.id)
         first_a, first_b = (
-            issue_callback_secret(a, pg_settings.secret_key),
-            issue_callback_secret(b, pg_settings.secret_key),
+            issue_callback_secret(session, a, pg_settings.secret_key),
+            issue_callback_secret(session, b, pg_settings.secret_key),
         )
         a_id = a.id
     assert first_a != first_b and first_a.startswith("whsec_")
@@ -152,7 +152,7 @@ def test_callback_urls_are_refused_by_the_api(pg_settings, app_factory, api_toke
         assert reply.status_code == 400 and "callback" in reply.json["error"], reply.json
     # the second was refused only for want of a secret: with one issued it is accepted
     with session_factory(pg_settings.database_url)() as session, session.begin():
-        issue_callback_secret(session.get(Program, program_id), pg_settings.secret_key)
+        issue_callback_secret(session, session.get(Program, program_id), pg_settings.secret_key)
     reply = client.post(
         "/api/v1/batches",
         headers=headers,

@@ -12,13 +12,13 @@ from wtforms.validators import DataRequired, Length, NumberRange, Optional
 from dermascan.errors import DomainError
 from dermascan.governance import bundles, operating_point
 from dermascan.governance.operating_point import at_threshold
-from dermascan.infra.schema import ApiToken, DicomDestination, Program, User, utcnow
+from dermascan.infra.schema import ApiToken, DicomDestination, Program, User
 from dermascan.results_out import delivery_status, scheduling
 from dermascan.results_out import destinations as dicom_destinations
 from dermascan.security import accounts, audit, identity
 from dermascan.security.accounts import AccountError, create_token, create_user
 from dermascan.security.identity import get_or_create_program
-from web.helpers import audit_event, client_ip, db, page_arg, role_required, settings
+from web.helpers import actor, audit_event, db, page_arg, role_required, settings
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -64,6 +64,17 @@ class ThresholdForm(FlaskForm):
     confirm = BooleanField("I have checked the sensitivity and specificity above")
 
 
+def _posted(model, row_id):
+    """The row an admin's button acts on (its form's CSRF token checked): 400 without the token,
+    404 for no such row."""
+    if not RevokeForm().validate_on_submit():
+        abort(400)
+    row = db().get(model, row_id)
+    if row is None:
+        abort(404)
+    return row
+
+
 @bp.route("/users", methods=["GET", "POST"])
 @role_required("admin")
 def users():
@@ -71,17 +82,13 @@ def users():
     if form.validate_on_submit():
         try:
             user = create_user(
-                db(),
-                form.username.data,
-                form.password.data,
-                form.role.data,
-                get_or_create_program(db(), form.program.data.strip()).id,
-            )
+                db(), form.username.data, form.password.data, form.role.data,
+                get_or_create_program(db(), form.program.data.strip()).id, actor(),
+            )  # fmt: skip
         except AccountError as exc:
             db().rollback()
             flash(str(exc), "error")
         else:
-            audit_event("user_created", object_type="user", object_id=user.username, detail={"role": form.role.data})
             db().commit()
             flash(f"User {user.username} ({form.role.data}) created.", "info")
             return redirect(url_for("admin.users"))
@@ -135,7 +142,7 @@ def change_user(user_id):
         "own_program_only": {"all_programs": False},
     }[action]
     try:
-        message = apply_change(db(), target, **change, by_user_id=current_user.id, ip=client_ip())
+        message = apply_change(db(), target, **change, actor=actor())
     except (AccountError, ValueError) as exc:
         db().rollback()
         flash(str(exc), "error")
@@ -151,10 +158,9 @@ def tokens():
     form = TokenForm()
     plain = None
     if form.validate_on_submit():
-        token, plain = create_token(
-            db(), get_or_create_program(db(), form.program.data.strip()).id, form.name.data, current_user.id
+        _, plain = create_token(
+            db(), get_or_create_program(db(), form.program.data.strip()).id, form.name.data, actor()
         )
-        audit_event("token_created", object_type="token", object_id=token.id, detail={"name": token.name})
         db().commit()
     return _tokens_page(form, plain=plain)
 
@@ -169,16 +175,8 @@ def _tokens_page(form, **shown):
 @role_required("admin")
 def issue_callback_secret(program_id):
     """A new callback signing secret for the program, shown once; the previous one stops signing."""
-    if not RevokeForm().validate_on_submit():
-        abort(400)
-    program = db().get(Program, program_id)
-    if program is None:
-        abort(404)
-    secret = accounts.issue_callback_secret(program, settings().secret_key)
-    audit_event(
-        "callback_secret_issued", object_type="program", object_id=program.id,
-        detail={"generation": program.callback_secret_generation},
-    )  # fmt: skip
+    program = _posted(Program, program_id)
+    secret = accounts.issue_callback_secret(db(), program, settings().secret_key, actor())
     db().commit()
     return _tokens_page(TokenForm(formdata=None), callback_secret=secret, callback_program=program.name)
 
@@ -186,13 +184,7 @@ def issue_callback_secret(program_id):
 @bp.post("/tokens/<int:token_id>/revoke")
 @role_required("admin")
 def revoke_token(token_id):
-    if not RevokeForm().validate_on_submit():
-        abort(400)
-    token = db().get(ApiToken, token_id)
-    if token is None:
-        abort(404)
-    token.revoked_at = token.revoked_at or utcnow()
-    audit_event("token_revoked", object_type="token", object_id=token.id)
+    accounts.revoke_token(db(), _posted(ApiToken, token_id), actor())
     db().commit()
     return redirect(url_for("admin.tokens"))
 
@@ -210,14 +202,12 @@ def destinations():
                 host=form.host.data if dimse else None, port=form.port.data if dimse else None,
                 ae_title=form.ae_title.data if dimse else None, tls=bool(form.tls.data) and dimse,
                 url=None if dimse else form.url.data, username=None if dimse else form.username.data,
-                secret=None if dimse else form.secret.data,
+                secret=None if dimse else form.secret.data, actor=actor(),
             )  # fmt: skip
         except DomainError as exc:
             db().rollback()
             flash(str(exc), "error")
         else:
-            audit_event("destination_added", object_type="destination", object_id=row.id,
-                        detail={"program": row.program.name, "name": row.name, "target": row.target})  # fmt: skip
             db().commit()
             flash(f"Destination {row.name} added: {row.target}.", "info")
             for warning in dicom_destinations.warnings(row):
@@ -236,14 +226,8 @@ def destinations():
 @bp.post("/destinations/<int:destination_id>/enabled")
 @role_required("admin")
 def toggle_destination(destination_id):
-    if not RevokeForm().validate_on_submit():
-        abort(400)
-    row = db().get(DicomDestination, destination_id)
-    if row is None:
-        abort(404)
-    row.enabled = not row.enabled
-    audit_event("destination_enabled" if row.enabled else "destination_disabled", object_type="destination",
-                object_id=row.id, detail={"program": row.program.name, "name": row.name})  # fmt: skip
+    row = _posted(DicomDestination, destination_id)
+    dicom_destinations.set_enabled(db(), row, not row.enabled, actor())
     db().commit()
     return redirect(url_for("admin.destinations"))
 
@@ -252,14 +236,8 @@ def toggle_destination(destination_id):
 @role_required("admin")
 def program_dicom_results(program_id):
     """Whether the program's portal and API studies get their results in its PACS too."""
-    if not RevokeForm().validate_on_submit():
-        abort(400)
-    program = db().get(Program, program_id)
-    if program is None:
-        abort(404)
-    program.dicom_results_for_all = not program.dicom_results_for_all
-    audit_event("program_dicom_results", object_type="program", object_id=program.id,
-                detail={"all_studies": program.dicom_results_for_all})  # fmt: skip
+    program = _posted(Program, program_id)
+    identity.set_dicom_results_for_all(db(), program, not program.dicom_results_for_all, actor())
     db().commit()
     return redirect(url_for("admin.destinations"))
 
@@ -268,12 +246,8 @@ def program_dicom_results(program_id):
 @role_required("admin")
 def program_require_metadata(program_id):
     """Whether the program refuses studies sent without age, sex or anatomic site."""
-    if not RevokeForm().validate_on_submit():
-        abort(400)
-    program = db().get(Program, program_id)
-    if program is None:
-        abort(404)
-    identity.set_require_metadata(db(), program, not program.require_metadata, user_id=current_user.id, ip=client_ip())
+    program = _posted(Program, program_id)
+    identity.set_require_metadata(db(), program, not program.require_metadata, actor())
     db().commit()
     flash(
         f"{program.name}: studies without age, sex or site are now {'refused' if program.require_metadata else 'scored'}.",
@@ -330,16 +304,7 @@ def model():
         value = float(form.threshold.data)
         preview = at_threshold(bundle.manifest, value)
         if form.confirm.data:
-            old = bundle.threshold
-            bundle.threshold = value
-            bundle.threshold_changed_at = utcnow()
-            bundle.threshold_changed_by_id = current_user.id
-            audit_event(
-                "threshold_changed",
-                object_type="bundle",
-                object_id=bundle.version,
-                detail={"from": old, "to": value, "at_validation": preview},
-            )
+            operating_point.set_threshold(db(), bundle, value, actor())
             db().commit()
             flash(f"Referral threshold set to {value:.4f}. It applies to studies scored from now on.", "info")
             return redirect(url_for("admin.model"))
@@ -428,7 +393,7 @@ def program_prevalence():
         return render_template("admin_model.html", **context), 400
     value = None if form.prevalence.data is None else float(form.prevalence.data) / 100
     program = db().get(Program, form.program.data)
-    operating_point.set_expected_prevalence(db(), program, value, current_user.id)
+    operating_point.set_expected_prevalence(db(), program, value, actor())
     db().commit()
     flash(f"{program.name}: expected prevalence {'cleared' if value is None else f'{value:.2%}'}.", "info")
     return redirect(url_for("admin.model"))

@@ -108,6 +108,12 @@ def role_required(*roles):
     return decorator
 
 
+def actor() -> audit.Actor:
+    """The logged-in admin as the actor of an admin action (the room's function audits it)."""
+    user_id = current_user.id if getattr(current_user, "is_authenticated", False) else None
+    return audit.Actor(user_id=user_id, ip=client_ip())
+
+
 def audit_event(action: str, **fields) -> None:
     """Record an audit event for the logged-in user in the request's session (caller commits)."""
     user_id = current_user.id if getattr(current_user, "is_authenticated", False) else None

@@ -41,17 +41,12 @@ def page():
     weeks = monitoring.weeks(db(), program, 12)
     recent = monitoring.rolling(db(), program, DRIFT_DAYS)
     bundle = db().get(ModelBundle, recent.bundle) if recent.bundle else None
-    histogram = ((bundle.manifest or {}).get("metrics") or {}).get("score_histogram") if bundle else None
     today = utcnow()
     months = [(today.year - (today.month <= k), (today.month - k - 1) % 12 + 1) for k in range(3)]
     return render_template(
         "admin_monitoring.html", program=program, programs=programs, weeks=weeks, recent=recent,
         months=[f"{y}-{m:02d}" for y, m in months], drift_limit=monitoring.DRIFT, moved_limit=monitoring.MOVED,
-        pictures={
-            "rates": charts.referral_rates(weeks),
-            "scores": charts.score_distribution(recent.scores, histogram),
-            "drift": charts.drift_bars(recent.drift, monitoring.DRIFT) if any(v is not None for v in recent.drift.values()) else None,
-        },
+        pictures=charts.monitoring_pictures(weeks, recent, bundle, monitoring.DRIFT),
     )  # fmt: skip
 
 

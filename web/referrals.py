@@ -11,12 +11,13 @@ from wtforms.validators import DataRequired, Length
 
 from dermascan.errors import DomainError
 from dermascan.infra.schema import DECISION_LABELS as LABELS
-from dermascan.infra.schema import ModelBundle, Outcome, Prediction, Program, Referral, ReferralStatus
+from dermascan.infra.schema import Program, Referral
 from dermascan.ingest import numbers
 from dermascan.ingest.records import SITES
 from dermascan.referrals import outcomes, queue
+from dermascan.referrals.case import case_file
 from dermascan.results_out import delivery_status, objects, scheduling
-from dermascan.screening import referral_policy, reports
+from dermascan.screening import referral_policy
 from web.errors import http_status
 from web.helpers import MAX_ID, audit_event, client_ip, db, role_required, settings
 
@@ -110,42 +111,12 @@ def _referral(referral_id: int) -> Referral:
 @role_required(*ROLES)
 def case(referral_id):
     referral = _referral(referral_id)
-    study = referral.study
-    prediction = db().get(Prediction, referral.prediction_id)
-    bundle = db().get(ModelBundle, prediction.bundle_version)
-    audit_event("view", object_type="referral", object_id=referral.id, detail={"study_id": study.id})
+    audit_event("view", object_type="referral", object_id=referral.id, detail={"study_id": referral.study_id})
     db().commit()
-    timeout = settings().claim_timeout_s
-    holds = (
-        referral.status == ReferralStatus.CLAIMED
-        and referral.claimed_by_id == current_user.id
-        and queue.current_claim(db(), current_user.id, timeout) is not None
-    )
-    others = queue.same_patient(db(), study)
-    other_predictions = {
-        p.study_id: p
-        for p in db().scalars(
-            select(Prediction).where(Prediction.study_id.in_([o.id for o in others]), Prediction.shadow.is_(False))
-        )
-    }
-    bundle_prevalence = ((bundle.manifest if bundle else {}).get("calibration") or {}).get("prevalence")
-    # the probability at the program's expected prevalence, as every export reports it
-    prevalence = reports.Prevalence(db()).get(study, prediction)
-    program_prevalence = prevalence[1] if prevalence else None
-    program_probability = reports.study_row(study, prediction, referral.category, prevalence)[
-        "probability_at_program_prevalence"
-    ]
+    found = case_file(db(), referral, current_user.id, settings().claim_timeout_s)
     return render_template(
-        "case.html", referral=referral, study=study, prediction=prediction, bundle=bundle, holds=holds,
-        others=others, other_predictions=other_predictions, form=DecisionForm(), release=ReleaseForm(),
-        labels=DECISION_LABELS, bundle_prevalence=bundle_prevalence, program_prevalence=program_prevalence,
-        program_probability=program_probability, outcome_form=OutcomeForm(),
-        outcome=db().scalar(select(Outcome).where(Outcome.study_id == study.id)),
-        deliveries=delivery_status.deliveries(db(), study.id),
-        history=reports.lesion_history(db(), study.lesion_id) if study.lesion_id is not None else [],
-        category_labels=referral_policy.CATEGORY_LABELS,
-        change_threshold=((bundle.manifest if bundle else {}).get("change") or {}).get("threshold"),
-        missing_note=reports.missing_note(prediction.missing_fields),
+        "case.html", **vars(found), form=DecisionForm(), release=ReleaseForm(), labels=DECISION_LABELS,
+        outcome_form=OutcomeForm(), deliveries=delivery_status.deliveries(db(), referral.study_id),
     )  # fmt: skip
 
 

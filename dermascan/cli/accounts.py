@@ -6,6 +6,7 @@ import click
 
 from dermascan.cli.common import _settings, main
 from dermascan.infra.db import session_factory
+from dermascan.security.audit import command
 
 
 # -- accounts ------------------------------------------------------------------------------------
@@ -28,7 +29,8 @@ def user_add(ctx, username, role, program, password):
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session, session.begin():
         try:
-            create_user(session, username, password, role, get_or_create_program(session, program).id)
+            program_id = get_or_create_program(session, program).id
+            create_user(session, username, password, role, program_id, command("dermascan user add"))
         except AccountError as exc:
             raise click.ClickException(str(exc)) from exc
     click.echo(f"user {username} ({role}) created")
@@ -40,7 +42,7 @@ def _change_user(ctx, username: str, **change) -> None:
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session, session.begin():
         try:
-            click.echo(change_user(session, get_user(session, username), **change))
+            click.echo(change_user(session, get_user(session, username), **change, actor=command("dermascan user")))
         except AccountError as exc:
             raise click.ClickException(str(exc)) from exc
 
@@ -105,7 +107,9 @@ def token_create(ctx, name, program):
 
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session, session.begin():
-        _, plain = create_token(session, get_or_create_program(session, program).id, name)
+        _, plain = create_token(
+            session, get_or_create_program(session, program).id, name, command("dermascan token create")
+        )
     click.echo(plain)
 
 
@@ -130,7 +134,8 @@ def program_prevalence(ctx, name, value, clear):
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session, session.begin():
         try:
-            set_expected_prevalence(session, get_or_create_program(session, name), None if clear else value)
+            program = get_or_create_program(session, name)
+            set_expected_prevalence(session, program, None if clear else value, command("dermascan program prevalence"))
         except PrevalenceError as exc:
             raise click.BadParameter(str(exc), param_hint="VALUE") from exc
     click.echo(f"program {name}: expected prevalence {'cleared' if clear else value}")
@@ -144,17 +149,12 @@ def program_prevalence(ctx, name, value, clear):
 def program_dicom_results(ctx, name, all_studies):
     """Whether NAME's studies from the portal and the REST API get their results in its PACS too
     (under UIDs DermaScan makes and the patient's pseudonym)."""
-    from dermascan.security import audit
-    from dermascan.security.identity import get_or_create_program
+    from dermascan.security.identity import get_or_create_program, set_dicom_results_for_all
 
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session, session.begin():
         program = get_or_create_program(session, name)
-        program.dicom_results_for_all = all_studies
-        audit.record(
-            session, "program_dicom_results", object_type="program", object_id=program.id,
-            detail={"all_studies": all_studies, "by": "dermascan program dicom-results"},
-        )  # fmt: skip
+        set_dicom_results_for_all(session, program, all_studies, command("dermascan program dicom-results"))
     click.echo(f"program {name}: results to the PACS for {'every study' if all_studies else 'DICOM studies only'}")
 
 
@@ -171,7 +171,7 @@ def program_require_metadata(ctx, name, required):
     settings = _settings(ctx)
     with session_factory(settings.database_url)() as session, session.begin():
         program = get_or_create_program(session, name)
-        set_require_metadata(session, program, required, by="dermascan program require-metadata")
+        set_require_metadata(session, program, required, command("dermascan program require-metadata"))
     click.echo(f"program {name}: {'refuses' if required else 'scores'} studies sent without age, sex or site")
 
 
@@ -180,16 +180,13 @@ def program_require_metadata(ctx, name, required):
 @click.pass_context
 def program_callback_secret(ctx, name):
     """Issue PROGRAM a new callback signing secret and print it once (the previous one stops signing)."""
-    from dermascan.security import audit
     from dermascan.security.accounts import issue_callback_secret
     from dermascan.security.identity import get_or_create_program
 
     settings = _settings(ctx, secret=True)
     with session_factory(settings.database_url)() as session, session.begin():
         program = get_or_create_program(session, name)
-        secret = issue_callback_secret(program, settings.secret_key)
-        audit.record(
-            session, "callback_secret_issued", object_type="program", object_id=program.id,
-            detail={"generation": program.callback_secret_generation, "by": "dermascan program callback-secret"},
-        )  # fmt: skip
+        secret = issue_callback_secret(
+            session, program, settings.secret_key, command("dermascan program callback-secret")
+        )
     click.echo(secret)

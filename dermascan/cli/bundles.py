@@ -139,3 +139,30 @@ def bundle_profile(ctx, path, data_dir):
     manifest = read_manifest(path, verify=False)
     built = write_profile(path, data_dir, manifest["image_size"])
     click.echo(f"profile of {built['n']} development images written to {path / 'reference.json'}")
+
+
+@bundle.command("threshold")
+@click.argument("version")
+@click.argument("value", type=float)
+@click.pass_context
+def bundle_threshold(ctx, version, value):
+    """Move VERSION's referral threshold to VALUE (from now on; audited with the sensitivity and
+    specificity its validation shows there)."""
+    from dermascan.governance.operating_point import ThresholdError, set_threshold
+    from dermascan.infra.schema import ModelBundle
+    from dermascan.security.audit import command
+
+    settings = _settings(ctx)
+    _ensure_db(settings)
+    with session_factory(settings.database_url)() as session, session.begin():
+        row = session.get(ModelBundle, version)
+        if row is None:
+            raise click.ClickException(f"no registered bundle {version!r}")
+        try:
+            point = set_threshold(session, row, value, command("dermascan bundle threshold"))
+        except ThresholdError as exc:
+            raise click.BadParameter(str(exc), param_hint="VALUE") from exc
+    shown = (
+        f"sensitivity {point['sensitivity']:.3f}, specificity {point['specificity']:.3f}" if point else "no validation"
+    )
+    click.echo(f"bundle {version}: referral threshold {value:.4f} ({shown} on its validation data)")

@@ -53,13 +53,10 @@ def destination_add(ctx, program, name, dimse, ae_title, tls, url, username, sec
             row = destinations.add_destination(
                 session, settings, get_or_create_program(session, program), name, host=host, port=port,
                 ae_title=ae_title, tls=tls, url=url, username=username, secret=secret,
+                actor=audit.command("dermascan destination add"),
             )  # fmt: skip
         except destinations.BadDestination as exc:
             raise click.ClickException(str(exc)) from exc
-        audit.record(
-            session, "destination_added", object_type="destination", object_id=row.id,
-            detail={"program": program, "name": name, "target": row.target, "by": "dermascan destination add"},
-        )  # fmt: skip
         click.echo(f"destination {name} ({row.target}) added to program {program}")
 
 
@@ -93,9 +90,5 @@ def destination_disable(ctx, program, name, enable):
         row = destinations.find_destination(session, program, name)
         if row is None:
             raise click.ClickException(f"program {program} has no destination named {name!r}")
-        row.enabled = enable
-        audit.record(
-            session, "destination_enabled" if enable else "destination_disabled", object_type="destination",
-            object_id=row.id, detail={"program": program, "name": name, "by": "dermascan destination disable"},
-        )  # fmt: skip
+        destinations.set_enabled(session, row, enable, audit.command("dermascan destination disable"))
     click.echo(f"destination {name} {'enabled' if enable else 'disabled'}")

@@ -78,3 +78,15 @@ def drift_bars(drift: dict, limit: float) -> str:
     ax.axvline(limit, color="#a33", linestyle="--", linewidth=1)
     ax.set_xlabel("population stability index")
     return _png(plt, fig)
+
+
+def monitoring_pictures(weeks, window, bundle, drift_limit: float) -> dict:
+    """The pictures of a monitoring view (the page and the monthly report): the weekly referral
+    rates, the window's scores against the deciding bundle's validation histogram, and the drift
+    bars when any feature could be compared."""
+    histogram = ((bundle.manifest or {}).get("metrics") or {}).get("score_histogram") if bundle else None
+    return {
+        "rates": referral_rates(weeks),
+        "scores": score_distribution(window.scores, histogram),
+        "drift": drift_bars(window.drift, drift_limit) if any(v is not None for v in window.drift.values()) else None,
+    }

@@ -68,20 +68,36 @@ class PrevalenceError(ValueError):
     """An expected prevalence outside (0, 0.5]."""
 
 
-def set_expected_prevalence(session, program, value: float | None, user_id: int | None = None) -> None:
+def set_expected_prevalence(session, program, value: float | None, actor=None) -> None:
     """Set (or clear, with None) a program's expected malignant share, audited in the caller's
     transaction. The displayed probability is re-weighed to it; referral decisions do not change."""
-    from dermascan.security import audit
+    from dermascan.security.audit import SYSTEM
 
     if value is not None and not 0 < value <= 0.5:
         raise PrevalenceError(f"expected prevalence must lie in (0, 0.5], got {value}")
     old = program.expected_prevalence
     program.expected_prevalence = value
-    audit.record(
-        session,
-        "program_prevalence_set",
-        user_id=user_id,
-        object_type="program",
-        object_id=program.id,
-        detail={"program": program.name, "from": old, "to": value},
-    )
+    (actor or SYSTEM).record(session, "program_prevalence_set", object_type="program", object_id=program.id,
+                             detail={"program": program.name, "from": old, "to": value})  # fmt: skip
+
+
+class ThresholdError(ValueError):
+    """A referral threshold outside (0, 1)."""
+
+
+def set_threshold(session, bundle, value: float, actor=None) -> dict:
+    """Move a bundle's referral threshold (it applies to studies scored from now on), audited with
+    the sensitivity and specificity its validation shows there. Returns that operating point."""
+    from dermascan.infra.schema import utcnow
+    from dermascan.security.audit import SYSTEM
+
+    actor = actor or SYSTEM
+    value = float(value)
+    if not 0 < value < 1:
+        raise ThresholdError(f"a referral threshold lies strictly between 0 and 1, not {value}")
+    point = at_threshold(bundle.manifest, value)
+    old = bundle.threshold
+    bundle.threshold, bundle.threshold_changed_at, bundle.threshold_changed_by_id = value, utcnow(), actor.user_id
+    actor.record(session, "threshold_changed", object_type="bundle", object_id=bundle.version,
+                 detail={"from": old, "to": value, "at_validation": point})  # fmt: skip
+    return point

@@ -80,15 +80,10 @@ def monthly_report(session: Session, program: Program, year: int, month: int, no
     bundle = session.get(ModelBundle, whole.bundle) if whole.bundle else session.scalar(
         select(ModelBundle).where(ModelBundle.active.is_(True))
     )  # fmt: skip
-    histogram = ((bundle.manifest or {}).get("metrics") or {}).get("score_histogram") if bundle else None
     return _environment().get_template("monthly_report.html").render(
         program=program, title=start.strftime("%B %Y"), whole=whole, weeks=weeks,
         validation=validation_figures(bundle), changes=changes(session, program, start, end),
         generated=(now or utcnow()).strftime("%Y-%m-%d %H:%M UTC"), drift_limit=reference.DRIFT,
         moved_limit=reference.MOVED, min_studies=reference.MIN_STUDIES,
-        pictures={
-            "rates": charts.referral_rates(weeks),
-            "scores": charts.score_distribution(whole.scores, histogram),
-            "drift": charts.drift_bars(whole.drift, reference.DRIFT) if any(v is not None for v in whole.drift.values()) else None,
-        } if whole.studies else {},
+        pictures=charts.monitoring_pictures(weeks, whole, bundle, reference.DRIFT) if whole.studies else {},
     )  # fmt: skip

@@ -168,7 +168,7 @@ class SubmitStudies:
             callback_url=self.callback_url, user_id=self.user_id, token_id=self.token_id,
         )  # fmt: skip
 
-    def _follow_up(self, session: Session) -> tuple[dict[int, object], lesions.Lesions]:
+    def _follow_up(self, session: Session, patients: list) -> tuple[dict[int, object], lesions.Lesions]:
         """Each input's checked follow-up fields (or its FieldError), and the upload's lesions."""
         secret = self.settings.secret_key
         named: dict[int, object] = {}
@@ -180,7 +180,7 @@ class SubmitStudies:
                 named[i] = exc
                 continue
             if named[i].key is not None and named[i].key not in first_patient:
-                first_patient[named[i].key] = pseudonymise(secret, self.program_id, item.patient_id)
+                first_patient[named[i].key] = patients[i]
         return named, lesions.Lesions(session, self.program_id, first_patient)
 
     def _validate(self, session: Session, batch_id: str | None, result: SubmitResult) -> _Staged:
@@ -188,7 +188,9 @@ class SubmitStudies:
         visit's date) and stage the rows and blobs of the good ones; rejections go to ``result``."""
         staged = _Staged()
         priority = Priority.INTERACTIVE if self.interactive else Priority.BULK
-        named, known_lesions = self._follow_up(session)
+        # one patient pseudonym per input, used for its lesion and its row
+        patients = [pseudonymise(self.settings.secret_key, self.program_id, item.patient_id) for item in self.inputs]
+        named, known_lesions = self._follow_up(session, patients)
         program = session.get(Program, self.program_id)
         required = REQUIRED_METADATA if program is not None and program.require_metadata else ()
         for index, item in enumerate(self.inputs):
@@ -207,8 +209,7 @@ class SubmitStudies:
                 follow = named[index]
                 if isinstance(follow, FieldError):
                     raise follow
-                patient = pseudonymise(self.settings.secret_key, self.program_id, item.patient_id)
-                lesion_id = None if follow.key is None else known_lesions.claim(follow.key, patient)
+                lesion_id = None if follow.key is None else known_lesions.claim(follow.key, patients[index])
             except ImageRejected as exc:
                 result.rejected.append(Rejection(item.row, str(exc), item.external_id, "image"))
                 continue
@@ -219,7 +220,7 @@ class SubmitStudies:
                 staged.first_row_of_key[key] = len(staged.rows)
             staged.entries.append(_Entry(item, row=len(staged.rows), key=key))
             row = self._row(item, key, meta, info, batch_id, priority)
-            row.update(lesion_id=lesion_id, acquired_at=follow.acquired_at)
+            row.update(lesion_id=lesion_id, acquired_at=follow.acquired_at, patient_pseudonym=patients[index])
             staged.rows.append(row)
         return staged
 
@@ -235,7 +236,6 @@ class SubmitStudies:
             "study_instance_uid": item.study_instance_uid,
             "series_instance_uid": item.series_instance_uid,
             "sop_instance_uid": item.sop_instance_uid,
-            "patient_pseudonym": pseudonymise(secret, self.program_id, item.patient_id),
             "accession_pseudonym": pseudonymise(secret, self.program_id, accession),
             "dicom_header_sha256": self.blobs.put(keys.header_cipher(secret).encrypt(item.dicom_header), durable=False)
             if item.dicom_header

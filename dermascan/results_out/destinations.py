@@ -13,6 +13,7 @@ from dermascan.config import Settings
 from dermascan.errors import Invalid
 from dermascan.infra.schema import DicomDestination, Program
 from dermascan.security import keys, outbound
+from dermascan.security.audit import SYSTEM, Actor
 
 
 class BadDestination(Invalid):
@@ -66,8 +67,10 @@ def add_destination(
     url: str | None = None,
     username: str | None = None,
     secret: str | None = None,
+    actor: Actor = SYSTEM,
 ) -> DicomDestination:
-    """A DIMSE destination (host, port, AE title) or a STOW-RS one (url, optional credentials)."""
+    """A DIMSE destination (host, port, AE title) or a STOW-RS one (url, optional credentials),
+    audited."""
     name = (name or "").strip()
     if not name or len(name) > 64:
         raise BadDestination("a destination needs a name of at most 64 characters")
@@ -107,7 +110,16 @@ def add_destination(
             row.secret_encrypted = keys.destination_cipher(settings.secret_key).encrypt(secret.encode())
     session.add(row)
     session.flush()
+    actor.record(session, "destination_added", object_type="destination", object_id=row.id,
+                 detail={"program": program.name, "name": name, "target": row.target})  # fmt: skip
     return row
+
+
+def set_enabled(session: Session, row: DicomDestination, enabled: bool, actor: Actor = SYSTEM) -> None:
+    """Send to this destination again, or stop sending to it (its deliveries wait), audited."""
+    row.enabled = bool(enabled)
+    actor.record(session, "destination_enabled" if row.enabled else "destination_disabled", object_type="destination",
+                 object_id=row.id, detail={"program": row.program.name, "name": row.name})  # fmt: skip
 
 
 def listed(session: Session, program_id: int | None = None) -> list[DicomDestination]:

@@ -148,6 +148,18 @@ def study_result(session: Session, study: Study) -> dict:
     return row
 
 
+def follow_up_fields(prediction: Prediction | None) -> dict:
+    """A visit's comparison with the lesion's previous visit (all None without a prediction)."""
+    return {
+        "previous_study_id": None if prediction is None else prediction.previous_study_id,
+        "probability_change": None if prediction is None else prediction.probability_change,
+        "change_measure": None if prediction is None else prediction.change_measure,
+        "change_percentile": None if prediction is None else prediction.change_percentile,
+        "changed_since_last_visit": None if prediction is None else prediction.changed,
+        "newly_high_risk": None if prediction is None else prediction.newly_high_risk,
+    }
+
+
 def visit_row(study: Study, prediction: Prediction | None, referral) -> dict:
     """One visit of a lesion's history."""
     assessable = None if prediction is None else bool(prediction.assessable)
@@ -167,12 +179,7 @@ def visit_row(study: Study, prediction: Prediction | None, referral) -> dict:
         "referral_category": None if referral is None else referral.category,
         "decision": None if referral is None or referral.decision is None else referral.decision.value,
         "outcome": None,
-        "previous_study_id": None if prediction is None else prediction.previous_study_id,
-        "probability_change": None if prediction is None else prediction.probability_change,
-        "change_measure": None if prediction is None else prediction.change_measure,
-        "change_percentile": None if prediction is None else prediction.change_percentile,
-        "changed_since_last_visit": None if prediction is None else prediction.changed,
-        "newly_high_risk": None if prediction is None else prediction.newly_high_risk,
+        **follow_up_fields(prediction),
         "bundle_version": None if prediction is None else prediction.bundle_version,
         "has_heatmap": bool(prediction is not None and prediction.heatmap_sha256),
     }
@@ -262,12 +269,7 @@ def study_row(
         # comparison with the lesion's previous visit
         "lesion_id": study.lesion_id,
         "acquired_at": iso_utc(study.acquired_at),
-        "previous_study_id": None if prediction is None else prediction.previous_study_id,
-        "probability_change": None if prediction is None else prediction.probability_change,
-        "change_measure": None if prediction is None else prediction.change_measure,
-        "change_percentile": None if prediction is None else prediction.change_percentile,
-        "changed_since_last_visit": None if prediction is None else prediction.changed,
-        "newly_high_risk": None if prediction is None else prediction.newly_high_risk,
+        **follow_up_fields(prediction),
         "created_at": iso_utc(study.created_at),
         "finished_at": iso_utc(study.finished_at),
     }

@@ -11,6 +11,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from dermascan.infra.schema import ApiToken, Program, Role, User, utcnow
 from dermascan.security import keys
+from dermascan.security.audit import SYSTEM, Actor
 
 TOKEN_PREFIX = "dsk_"
 MIN_PASSWORD = 10
@@ -21,8 +22,10 @@ class AccountError(ValueError):
 
 
 def create_user(
-    session: Session, username: str, password: str, role: Role | str, program_id: int | None = None
-) -> User:
+    session: Session, username: str, password: str, role: Role | str, program_id: int | None = None,
+    actor: Actor = SYSTEM,
+) -> User:  # fmt: skip
+    """A portal account, audited."""
     username = username.strip()
     if not username or len(username) > 80:
         raise AccountError("a username of 1–80 characters is needed")
@@ -34,6 +37,9 @@ def create_user(
     )
     session.add(user)
     session.flush()
+    actor.record(
+        session, "user_created", object_type="user", object_id=user.username, detail={"role": Role(role).value}
+    )
     return user
 
 
@@ -62,13 +68,10 @@ def change_user(
     password: str | None = None,
     role: Role | str | None = None,
     all_programs: bool | None = None,
-    by_user_id: int | None = None,
-    ip: str | None = None,
+    actor: Actor = SYSTEM,
 ) -> str:
     """Disable or enable a user, set a new password or role — each ends the user's sessions and
     is audited in the caller's transaction. Returns what was done, for people."""
-    from dermascan.security import audit
-
     done = []
     if active is not None and active != user.active:
         user.active = active
@@ -86,10 +89,7 @@ def change_user(
     if not done:
         raise AccountError(f"nothing to change for {user.username}")
     revoke_sessions(user)
-    audit.record(
-        session, "user_changed", user_id=by_user_id, object_type="user", object_id=user.username,
-        detail={"changes": done}, ip=ip,
-    )  # fmt: skip
+    actor.record(session, "user_changed", object_type="user", object_id=user.username, detail={"changes": done})
     return f"{user.username}: {', '.join(done)}"
 
 
@@ -112,17 +112,22 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(
-    session: Session, program_id: int, name: str, created_by_id: int | None = None
-) -> tuple[ApiToken, str]:
-    """A new bearer token; the plain value is returned once and never stored."""
+def create_token(session: Session, program_id: int, name: str, actor: Actor = SYSTEM) -> tuple[ApiToken, str]:
+    """A new bearer token, audited; the plain value is returned once and never stored."""
     plain = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(
-        program_id=program_id, name=name, prefix=plain[:10], token_hash=hash_token(plain), created_by_id=created_by_id
+        program_id=program_id, name=name, prefix=plain[:10], token_hash=hash_token(plain), created_by_id=actor.user_id
     )
     session.add(token)
     session.flush()
+    actor.record(session, "token_created", object_type="token", object_id=token.id, detail={"name": token.name})
     return token, plain
+
+
+def revoke_token(session: Session, token: ApiToken, actor: Actor = SYSTEM) -> None:
+    """The token stops working at once, audited (a revoked token stays revoked)."""
+    token.revoked_at = token.revoked_at or utcnow()
+    actor.record(session, "token_revoked", object_type="token", object_id=token.id, detail={"name": token.name})
 
 
 def token_for(session: Session, plain: str) -> ApiToken | None:
@@ -132,10 +137,12 @@ def token_for(session: Session, plain: str) -> ApiToken | None:
     return token
 
 
-def issue_callback_secret(program: Program, installation_secret: str) -> str:
-    """A new callback signing secret for ``program`` (to show once): the previous one stops
+def issue_callback_secret(session: Session, program: Program, installation_secret: str, actor: Actor = SYSTEM) -> str:
+    """A new callback signing secret for ``program`` (to show once), audited: the previous one stops
     signing. Derived from the installation secret (``dermascan.security.keys``), so nothing secret is stored."""
     program.callback_secret_generation = (program.callback_secret_generation or 0) + 1
+    actor.record(session, "callback_secret_issued", object_type="program", object_id=program.id,
+                 detail={"generation": program.callback_secret_generation})  # fmt: skip
     return keys.callback_secret(installation_secret, program.id, program.callback_secret_generation)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -36,6 +37,29 @@ def record(
     )
     session.add(event)
     return event
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who does an admin action: a portal user (and the address they came from) or a command of the
+    CLI (``by``); the room's function that does the action records it with this."""
+
+    user_id: int | None = None
+    ip: str | None = None
+    by: str | None = None
+
+    def record(self, session: Session, action: str, *, object_type=None, object_id=None, detail=None) -> AuditEvent:
+        detail = {**(detail or {}), **({"by": self.by} if self.by else {})}
+        return record(session, action, user_id=self.user_id, object_type=object_type, object_id=object_id,
+                      detail=detail or None, ip=self.ip)  # fmt: skip
+
+
+SYSTEM = Actor()
+
+
+def command(name: str) -> Actor:
+    """The actor of a CLI command (``dermascan …``)."""
+    return Actor(by=name)
 
 
 CSV_COLUMNS = ["id", "at", "action", "user", "token_id", "object_type", "object_id", "detail", "ip"]

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from dermascan.infra.schema import Program
 from dermascan.security import keys
+from dermascan.security.audit import SYSTEM, Actor
 
 
 def pseudonymise(secret_key: str, program_id: int, patient_id: str | None) -> str | None:
@@ -37,13 +38,17 @@ def programs(session: Session) -> list[Program]:
     return list(session.scalars(select(Program).order_by(Program.name)))
 
 
-def set_require_metadata(session: Session, program: Program, required: bool, *, user_id: int | None = None,
-                         by: str | None = None, ip: str | None = None) -> None:  # fmt: skip
+def set_require_metadata(session: Session, program: Program, required: bool, actor: Actor = SYSTEM) -> None:
     """Whether ``program`` refuses studies sent without age, sex or anatomic site (each such row
     with its reason), audited in the caller's transaction."""
-    from dermascan.security import audit
-
     program.require_metadata = bool(required)
-    detail = {"program": program.name, "required": bool(required)}
-    audit.record(session, "program_require_metadata", user_id=user_id, object_type="program", object_id=program.id,
-                 ip=ip, detail={**detail, "by": by} if by else detail)  # fmt: skip
+    actor.record(session, "program_require_metadata", object_type="program", object_id=program.id,
+                 detail={"program": program.name, "required": bool(required)})  # fmt: skip
+
+
+def set_dicom_results_for_all(session: Session, program: Program, every_study: bool, actor: Actor = SYSTEM) -> None:
+    """Whether the program's portal and API studies get their results in its PACS too (not only
+    the studies that came by DICOM), audited in the caller's transaction."""
+    program.dicom_results_for_all = bool(every_study)
+    actor.record(session, "program_dicom_results", object_type="program", object_id=program.id,
+                 detail={"all_studies": bool(every_study)})  # fmt: skip

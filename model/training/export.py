@@ -20,7 +20,6 @@ TensorFlow, tf2onnx, ONNX Runtime and LiteRT are imported inside the functions t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -31,6 +30,7 @@ import numpy as np
 
 from model import metrics
 from model.errors import ModelError
+from model.inference.bundle import file_sha256
 
 log = logging.getLogger(__name__)
 FORMAT = "dermascan-edge/1"
@@ -98,14 +98,6 @@ def _function(net, loaded):
         return {"probability": probability, "features": features}
 
     return forward
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _development_images(loaded, data_dir, n: int, seed: int = 0):
