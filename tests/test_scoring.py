@@ -200,3 +200,49 @@ def test_messages_lost_with_the_broker_are_found_and_sent_again(
     wait_for(lambda: all_done(settings, 24, first.batch_id), 120, message="the re-sent studies scored")
     with session_factory(settings.database_url)() as session:
         assert session.scalar(select(func.count()).select_from(Prediction)) == 24
+
+
+def test_a_task_that_ends_by_retry_gives_its_leases_back_and_nothing_renews_them(
+    make_settings, pg_url, redis_url, start_worker, ham_dir
+):
+    """The fault storm's stuck studies: a score task's write fails (here another transaction holds
+    the predictions table, as a deadlock would end it), the task ends by a retry, and the retry's
+    message is lost. The leases go with the task: the studies are queued again at once, the
+    process's heartbeat renews none of them, and the sweeper sends them to a worker that scores them."""
+    import datetime as dt
+
+    from sqlalchemy import create_engine, text
+
+    from dermascan.infra.schema import utcnow
+    from dermascan.intake.submission import SubmitStudies
+    from worker.leases import HELD, Heartbeat
+    from worker.runtime import TransientError
+    from worker.scoring import ScoreStudies
+
+    settings = make_settings(database_url=pg_url + "?options=-c%20lock_timeout%3D1500", broker_url=redis_url)
+    with session_factory(settings.database_url)() as session, session.begin():  # stored, never sent
+        ids = (
+            SubmitStudies(settings, program_id(settings), ham_inputs(ham_dir, 4), source="test")
+            .run(session)
+            .new_study_ids
+        )
+    blocker = create_engine(pg_url).connect()
+    transaction = blocker.begin()
+    blocker.execute(text("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE"))
+    try:
+        try:
+            ScoreStudies(settings, ids).run()
+            raise AssertionError("the write should have failed")
+        except TransientError:
+            pass  # what the task turns into a retry (its message then lost: never sent here)
+    finally:
+        transaction.rollback()
+        blocker.close()
+    with session_factory(settings.database_url)() as session:
+        rows = session.scalars(select(Study).where(Study.id.in_(ids))).all()
+    assert {(s.status, s.lease_owner, s.lease_until) for s in rows} == {(StudyStatus.QUEUED, None, None)}
+    assert HELD.snapshot() == [] and Heartbeat(settings).beat() == 0
+    swept = sweep(settings, now=utcnow() + dt.timedelta(seconds=settings.sweep_lost_after_s + 1))
+    assert swept["sent"] == 4
+    start_worker(settings)
+    wait_for(lambda: all_done(settings, 4), 120, message="the studies scored after the sweep")

@@ -86,3 +86,58 @@ def test_a_lease_is_taken_renewed_expired_and_checked_when_results_are_written(e
         rows = list(session.scalars(select(Study)))
         assert {s.status for s in rows} == {StudyStatus.DONE} and {s.lease_owner for s in rows} == {None}
         assert session.query(Prediction).count() == 3
+
+
+def test_concurrent_writers_of_follow_up_batches_never_deadlock(pg_settings, ham_dir):
+    """Two workers write at once: one the first visits of 30 lesions, the other their second
+    visits (whose previous_study_id points at the first worker's studies). Each takes the lesions'
+    locks first, in id order, before any study row: they take turns, never deadlock (PostgreSQL
+    logged `deadlock detected` here before, in a fault storm)."""
+    import dataclasses
+    import threading
+
+    from dermascan.screening import results as writer
+
+    settings = pg_settings
+    with session_factory(settings.database_url)() as session, session.begin():
+        program_id = get_or_create_program(session, "follow-up-writers").id
+        session.add(ModelBundle(version="unit", sha256="0" * 64, path="-", manifest={}, threshold=0.5))
+    images = ham_inputs(ham_dir, 60)
+    rounds, lesions = 6, 30
+    errors: list = []
+    for r in range(rounds):
+        visits = []
+        for k in range(lesions):
+            for v, when in enumerate(("2026-01-05", "2026-03-05")):
+                visits.append(dataclasses.replace(
+                    images[(2 * k + v) % len(images)], lesion_id=f"round{r}-lesion{k}", acquired_at=when,
+                    patient_id=f"patient-{r}-{k}", external_id=f"r{r}-l{k}-v{v}", idempotency_key=f"r{r}-l{k}-v{v}",
+                ))  # fmt: skip
+        ids = store(settings, program_id, visits).new_study_ids
+        first, second = ids[0::2], ids[1::2]
+        factory = session_factory(settings.database_url)
+        with factory() as session, session.begin():
+            writer.claim(session, first, "worker-a", 600)
+            writer.claim(session, second, "worker-b", 600)
+        start = threading.Barrier(2)
+
+        def write(owner, study_ids, start=start, factory=factory):
+            try:
+                start.wait()
+                with factory() as session, session.begin():
+                    writer.record(session, "unit", 0.5, [writer.ScoredStudy(i, 0.7) for i in study_ids], owner=owner)
+            except Exception as exc:  # a deadlock is an OperationalError from PostgreSQL
+                errors.append(exc)
+
+        threads = [threading.Thread(target=write, args=("worker-a", first)),
+                   threading.Thread(target=write, args=("worker-b", list(reversed(second))))]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        with factory() as session:
+            done = session.scalars(select(Study).where(Study.id.in_(ids), Study.status == StudyStatus.DONE)).all()
+            assert len(done) == len(ids)
+            linked = session.scalars(select(Prediction).where(Prediction.study_id.in_(second))).all()
+            assert sorted(p.previous_study_id for p in linked) == sorted(first)  # every second visit linked

@@ -11,7 +11,8 @@ that one is (``compare_later_visits``); a visit inserted in between later does n
 comparisons already made (the record shows which visit each was compared with).
 
 The lesion's row is locked while its visits are compared, so two workers recording two visits of
-the same lesion at once take turns and neither misses the other.
+the same lesion at once take turns and neither misses the other; the locks are taken in one order
+(by lesion id) and first in a write (``screening.results.record``), before any study row.
 """
 
 from __future__ import annotations
@@ -86,8 +87,11 @@ def _compare(prediction: Prediction, earlier: Prediction, change) -> tuple[bool 
     return prediction.newly_high_risk, prediction.changed
 
 
-def _lock_lesions(session: Session, study_ids: Sequence[int]) -> list[tuple[int, int]]:
-    """(study id, lesion id) of the studies that name a lesion; their lesions locked, in order."""
+def lock_lesions(session: Session, study_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """(study id, lesion id) of the studies that name a lesion; their lesions locked, in id order.
+    A result write takes these locks first, before it locks its studies: two workers writing
+    visits of the same lesions take turns there, and never hold a study the other needs (a
+    visit's ``previous_study_id`` points at a study another worker may be writing)."""
     rows = session.execute(
         select(Study.id, Study.lesion_id).where(Study.id.in_(list(study_ids)), Study.lesion_id.is_not(None))
     ).all()
@@ -101,7 +105,7 @@ def _lock_lesions(session: Session, study_ids: Sequence[int]) -> list[tuple[int,
 def compare_visits(session: Session, bundle_version: str, study_ids: Sequence[int], change=None) -> dict:
     """Each just-scored study of a lesion against its previous visit, in the caller's
     transaction → {study id: (newly high risk, changed)} for those compared."""
-    named = _lock_lesions(session, study_ids)
+    named = lock_lesions(session, study_ids)
     out: dict[int, tuple] = {}
     studies = sorted((session.get(Study, sid) for sid, _ in named), key=lambda s: (s.acquired_at or s.created_at, s.id))
     for study in studies:

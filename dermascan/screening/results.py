@@ -132,6 +132,7 @@ def still_held(session: Session, owner: str, study_ids: Sequence[int]) -> set[in
         session.scalars(
             select(Study.id)
             .where(Study.id.in_(list(study_ids)), Study.lease_owner == owner, Study.status == StudyStatus.PROCESSING)
+            .order_by(Study.id)
             .with_for_update()
         )
     )
@@ -154,6 +155,8 @@ def record(
     for their probability (they get heat maps)."""
     now = utcnow()
     lost: list[int] = []
+    # row locks in one order: the lesions of the visits first (by id), then the studies (by id)
+    follow_up.lock_lesions(session, [s.study_id for s in scored])
     if owner is not None:  # results are written only for the studies this worker still holds
         held = still_held(session, owner, [s.study_id for s in scored] + [f[0] for f in failed])
         lost = sorted(({s.study_id for s in scored} | {f[0] for f in failed}) - held)
