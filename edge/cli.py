@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--sex", help="male or female")
     score.add_argument("--site", help='anatomic site, e.g. "lower extremity"')
     score.add_argument("--threads", type=int)
+    score.add_argument(
+        "--allow-failed-check", action="store_true", help="score with a package that failed its own export check"
+    )
     args = parser.parse_args(argv)
     if args.package is None:
         parser.error("--package DIR (or DERMASCAN_EDGE_PACKAGE) names the edge package to score with")
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.errors import ModelError
 
     try:
-        scorer = EdgeScorer(args.package, threads=args.threads)
+        scorer = EdgeScorer(args.package, threads=args.threads, allow_failed_check=args.allow_failed_check)
         record = scorer.prepare_metadata({"age_approx": args.age, "sex": args.sex, "anatom_site_general": args.site})
     except (ModelError, ValueError, RuntimeError) as exc:
         print(f"dermascan-edge: {exc}", file=sys.stderr)

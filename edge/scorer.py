@@ -81,12 +81,31 @@ def read_manifest(package) -> dict:
     return manifest
 
 
+def check_summary(check: dict) -> str:
+    """The figures an export's check compared, with the rule, as people read them."""
+    if "referral_agreement" in check and check.get("rule", "").startswith("referral"):
+        return (
+            f"referrals agree {100 * check['referral_agreement']:.2f} % (the rule: at least 99 %), AUC "
+            f"{check['auc_edge']:.4f} against the bundle's {check['auc_server']:.4f} (the rule: within 0.005)"
+        )
+    return (
+        f"largest probability difference {check.get('max_probability_difference', float('nan')):.2e} (the rule: at most "
+        f"1e-4), gate verdicts identical on {100 * check.get('gate_verdicts_identical', 0):.1f} % (the rule: all)"
+    )
+
+
 class EdgeScorer:
     """An edge package, loaded once; :meth:`score` one study, :meth:`score_many` several."""
 
-    def __init__(self, package, threads: int | None = None, batch: int = 16):
+    def __init__(self, package, threads: int | None = None, batch: int = 16, allow_failed_check: bool = False):
         self.package = Path(package)
         self.manifest = read_manifest(self.package)
+        check = self.manifest.get("check") or {}
+        if check.get("passed") is False and not allow_failed_check:
+            raise ModelError(
+                f"{self.package}: this package failed its own check when it was exported ({check_summary(check)}): "
+                "not scored with (--allow-failed-check to use it anyway)"
+            )
         self.run = RUNTIMES[self.manifest["runtime"]](self.package / self.manifest["file"], threads)
         self.spec = FeatureSpec.from_dict(self.manifest["feature_spec"])
         self.calibrator = Calibrator.from_dict(self.manifest.get("calibration"))

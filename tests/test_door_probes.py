@@ -271,14 +271,14 @@ def test_no_parameter_crashes_a_page(probe, ham_dir):
     record = dict(json_records(ham_dir, 1, offset=1)[0])
     record["age_approx"] = int("9" * 400)
     reply = client.post("/api/v1/batches", headers=headers, json={"records": [record]})
-    assert reply.status_code == 201 and reply.json["rejected"] == 1, reply.json
+    assert reply.status_code == 422 and reply.json["rejected"] == 1 and reply.json["batch_id"] is None, reply.json
     record["age_approx"], record["external_id"] = 50, "HUGE"
     body = json.dumps({"records": [record]}).replace('"HUGE"', "9" * 5000)  # an id no int() may even read
     reply = client.post("/api/v1/batches", headers={**headers, "Content-Type": "application/json"}, data=body)
     assert reply.status_code == 400 and reply.is_json, reply.status_code
     record["external_id"] = int("9" * 300)
     reply = client.post("/api/v1/batches", headers=headers, json={"records": [record]})
-    assert reply.status_code == 201 and reply.json["rejected"] == 1, reply.json
+    assert reply.status_code == 422 and reply.json["rejected"] == 1 and reply.json["batch_id"] is None, reply.json
     record["external_id"] = "nul\x00id"
     reply = client.post("/api/v1/batches", headers=headers, json={"records": [record]})
     assert reply.status_code == 400 and "NUL" in reply.json["error"]

@@ -5,6 +5,7 @@ server's own score."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -124,3 +125,49 @@ def test_a_result_made_offline_is_uploaded_with_its_version_and_kept_beside_the_
         study["edge_result"]["bundle_version"] == made["bundle_version"] and study["edge_result"]["probability"] == 0.31
     )
     assert study["probability"] is None  # the server's own score comes from its own worker
+
+
+def test_what_the_scorer_prints_is_what_the_api_takes(exported, embedded_settings, app_factory, capsys):
+    """`dermascan-edge score`'s JSON, as printed, uploaded as a study's edge_result: accepted and
+    kept (the image's local path is not)."""
+    from dermascan.infra.db import session_factory
+    from dermascan.security.accounts import create_token
+    from dermascan.security.identity import get_or_create_program
+    from edge.cli import main as edge_main
+
+    _, package = exported
+    image = ROOT / "dermascan" / "examples" / "ISIC_0025188.jpg"
+    assert edge_main(["score", str(image), "--package", str(package), "--sex", "male"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["missing_fields"] == ["age_approx", "anatom_site_general"]
+    with session_factory(embedded_settings.database_url)() as session, session.begin():
+        _, token = create_token(session, get_or_create_program(session, "tablet").id, "tablet")
+    client = app_factory(embedded_settings).test_client()
+    record = {"external_id": "offline-1", "sex": "male", "image_base64": base64.b64encode(image.read_bytes()).decode(),
+              "edge_result": printed}  # fmt: skip
+    reply = client.post("/api/v1/batches", json={"records": [record]}, headers={"Authorization": f"Bearer {token}"})
+    assert reply.status_code == 201 and reply.json["accepted"] == 1, reply.json
+    study = client.get(
+        f"/api/v1/studies/{reply.json['records'][0]['study_id']}", headers={"Authorization": f"Bearer {token}"}
+    ).json
+    kept = study["edge_result"]
+    assert kept["score"] == pytest.approx(printed["score"]) and kept["bundle_version"] == printed["bundle_version"]
+    assert "image" not in kept and kept["missing_fields"] == printed["missing_fields"]
+
+
+def test_a_package_that_failed_its_check_is_not_scored_with_unless_asked(exported, tmp_path):
+    import shutil
+
+    from edge.scorer import EdgeScorer
+    from model.errors import ModelError
+
+    _, package = exported
+    failed = tmp_path / "failed"
+    shutil.copytree(package, failed)
+    manifest = json.loads((failed / "manifest.json").read_text())
+    manifest["check"] = {"n": 1073, "referral_agreement": 1062 / 1073, "auc_server": 0.883, "auc_edge": 0.882,
+                         "passed": False, "rule": "referral decisions agree on >= 99 % of the held-out calibration set, AUC within 0.005"}  # fmt: skip
+    (failed / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=r"referrals agree 98\.97 % \(the rule: at least 99 %\)"):
+        EdgeScorer(failed)
+    assert EdgeScorer(failed, allow_failed_check=True).version == manifest["version"]

@@ -134,6 +134,9 @@ def create_batch():
     )  # fmt: skip
     reply = result.report()
     reply["replayed"] = result.replayed
+    if not result.accepted and not result.replayed:  # nothing stored, no batch: every row's reason
+        reply["error"] = "no record was accepted: nothing was stored (each record's reason is in records)"
+        return jsonify(reply), 422
     reply["status_url"] = url_for("api.get_batch", batch_id=result.batch_id, _external=False)
     return jsonify(reply), (200 if result.replayed else 201)
 

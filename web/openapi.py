@@ -407,6 +407,10 @@ def document() -> dict:
                             "description": "Replay of an earlier upload with the same Idempotency-Key",
                             "content": {"application/json": {"schema": SUBMISSION}},
                         },
+                        "422": {
+                            "description": "No record was accepted: nothing stored, no batch; each record's reason",
+                            "content": {"application/json": {"schema": SUBMISSION}},
+                        },
                         **_errors(400, 401, 413, 415),
                     },
                 },

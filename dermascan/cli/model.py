@@ -449,13 +449,13 @@ def export_bundle(bundle_dir, fmt, int8, out_dir, data_dir):
     check = manifest["check"]
     click.echo(f"{manifest['file']} ({manifest['bytes'] / 1e6:.1f} MB, {manifest['runtime']}, {manifest['precision']}) "
                f"written to {out_dir} in {manifest['exported_in_s']:.0f} s")  # fmt: skip
+    from edge.scorer import check_summary
+
     click.echo(
-        f"check on {check['n']} held-out lesions: max probability difference {check['max_probability_difference']:.2e}, "
-        f"gate verdicts identical {check['gate_verdicts_identical']:.1%}, referrals agree {check['referral_agreement']:.1%}, "
-        f"AUC {check['auc_server']:.4f} (bundle) vs {check['auc_edge']:.4f} (package) — "
-        f"{'passed' if check['passed'] else 'FAILED'} ({check['rule']})"
+        f"check on {check['n']} held-out lesions: {check_summary(check)} — {'passed' if check['passed'] else 'FAILED'}"
     )
     if not check["passed"]:
+        click.echo("the package is kept for inspection; it is not scored with unless asked (--allow-failed-check)")
         raise SystemExit(1)
 
 

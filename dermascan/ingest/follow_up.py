@@ -10,7 +10,9 @@ when it was imaged.
   ``DERMASCAN 1.0``, element xx10, LO). See docs/architecture.md, "Lesion follow-up".
 - ``acquired_at`` (aliases ``acquisition_date``, ``study_date``, ``visit_date``): the visit's date
   or date and time, ISO 8601 (``2026-03-01``, ``2026-03-01T09:30:00+01:00``) or DICOM's
-  ``YYYYMMDD``; DICOM reads AcquisitionDateTime, else ContentDate/Time, else StudyDate/Time. A
+  ``YYYYMMDD``; DICOM reads AcquisitionDateTime (with its offset), else ContentDate/Time, else
+  StudyDate/Time (with Timezone Offset From UTC when the data set gives one). Kept as an instant in
+  UTC on every database (a time without an offset is taken as UTC). A
   lesion's visits are ordered by it (a study without one: by when it was received), so a visit
   sent late with an earlier date takes its place in time, not the newest place.
 """
@@ -28,17 +30,17 @@ PRIVATE_CREATOR = "DERMASCAN 1.0"
 PRIVATE_GROUP = 0x0011
 PRIVATE_LESION_ELEMENT = 0x10
 LESION_ID_MAX = 64
-_LESION_ID = re.compile(r"^(#\d{1,12}|[A-Za-z0-9][A-Za-z0-9 ._:/#-]*)$")
+# "#3": a lesion number (the patient's own numbering, ASCII digits only); otherwise the sender's text
+_LESION_ID = re.compile(r"^(#[0-9]{1,12}|[A-Za-z0-9][A-Za-z0-9 ._:/#-]*)$", re.ASCII)
 EARLIEST = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
+_DICOM_DT = re.compile(r"(?P<wall>\d{10}(?:\d{2}){0,2})(?:\.\d{1,6})?(?P<offset>[+-]\d{4})?")
 
 
 def clean_lesion_id(value) -> str | None:
     """The lesion identifier as text, or None when absent; FieldError for a bad one."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if isinstance(value, float) and value != value:  # a blank CSV cell read as NaN
-        return None
-    if isinstance(value, bool) or not isinstance(value, str | int):
+    if isinstance(value, bool) or not isinstance(value, str | int):  # NaN too: a number is no lesion id
         raise FieldError(LESION_FIELD, f"{shown(value)} is not a lesion identifier (text)")
     text = str(value).strip()
     if len(text) > LESION_ID_MAX or not _LESION_ID.match(text):
@@ -63,10 +65,17 @@ def parse_visit_date(value, field: str = "acquired_at", now: dt.datetime | None 
     elif isinstance(value, str):
         text = value.strip()
         try:
+            dicom = _DICOM_DT.fullmatch(text)
             if re.fullmatch(r"\d{8}", text):
                 when = dt.datetime.strptime(text, "%Y%m%d")
-            elif re.fullmatch(r"\d{8}\d{2,6}(\.\d{1,6})?", text):  # DICOM DT without an offset
-                when = dt.datetime.strptime(text.split(".")[0].ljust(14, "0"), "%Y%m%d%H%M%S")
+            elif dicom:  # DICOM DT: YYYYMMDDHH[MM[SS]][.F…][&ZZXX]
+                when = dt.datetime.strptime(dicom["wall"].ljust(14, "0"), "%Y%m%d%H%M%S")
+                if dicom["offset"]:
+                    sign = -1 if dicom["offset"][0] == "-" else 1
+                    hours, minutes = int(dicom["offset"][1:3]), int(dicom["offset"][3:5])
+                    if hours > 14 or minutes > 59:
+                        raise ValueError(dicom["offset"])
+                    when = when.replace(tzinfo=dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes)))
             else:
                 when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError:
@@ -75,6 +84,7 @@ def parse_visit_date(value, field: str = "acquired_at", now: dt.datetime | None 
         raise FieldError(field, f"{shown(value)} is not a date")
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
+    when = when.astimezone(dt.UTC)  # an instant: every database compares and orders it as one
     now = now or dt.datetime.now(dt.UTC)
     if when < EARLIEST or when > now + dt.timedelta(days=1):
         raise FieldError(field, f"{when.date().isoformat()} is not a plausible visit date (1900 to today)")
@@ -102,10 +112,9 @@ def from_dicom(ds) -> tuple[str | None, str | None]:
         lesion = None
     number = ds.get("LesionNumber")
     if lesion is None and number not in (None, ""):
-        try:
-            lesion = f"#{int(number)}"
-        except (TypeError, ValueError):
-            lesion = f"Lesion Number {number!s}"[:80]  # refused at submission, with its value
+        text = str(number).strip()
+        # IS: ASCII digits; anything else is refused at submission, with its value
+        lesion = f"#{int(text)}" if re.fullmatch(r"[+]?[0-9]{1,12}", text) else f"Lesion Number {text}"[:80]
     when = None
     if ds.get("AcquisitionDateTime"):
         when = str(ds.AcquisitionDateTime)
@@ -114,4 +123,8 @@ def from_dicom(ds) -> tuple[str | None, str | None]:
             if ds.get(date):
                 when = str(ds.get(date)) + str(ds.get(time) or "").split(".")[0]
                 break
+    # a date and time with no offset of their own take the data set's (Timezone Offset From UTC)
+    offset = str(ds.get("TimezoneOffsetFromUTC") or "").strip()
+    if when and re.fullmatch(r"\d{10,14}", when) and re.fullmatch(r"[+-]\d{4}", offset):
+        when += offset
     return lesion, when

@@ -31,8 +31,16 @@ class Named:
 
 
 def lesion_key(secret: str, program_id: int, lesion_id: str, patient_id: str | None) -> str:
-    name = f"{(patient_id or '').strip()}{lesion_id}" if lesion_id.startswith("#") else lesion_id
-    return pseudonymise(secret, program_id, f"lesion:{name}")
+    """The lesion's key pseudonym. Two kinds of identifier, two key spaces that cannot spell each
+    other: a lesion number ("#3") is the patient's own, keyed ``lesion:<patient>#<n>`` (no digit
+    after its last '#' but the number's); a text id is the sender's, keyed ``lesion:<id>`` when it
+    holds no '#' (as ever) and ``lesion-text:<id>`` when it does — so patient 7's "#3" and a text
+    "7#3" are two lesions."""
+    if lesion_id.startswith("#"):
+        name = f"lesion:{(patient_id or '').strip()}{lesion_id}"
+    else:
+        name = f"lesion-text:{lesion_id}" if "#" in lesion_id else f"lesion:{lesion_id}"
+    return pseudonymise(secret, program_id, name)
 
 
 def check(secret: str, program_id: int, item: StudyInput) -> Named:

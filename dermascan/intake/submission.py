@@ -134,10 +134,14 @@ class SubmitStudies:
             earlier = find_replay(session, self.program_id, self.idempotency_key)
             if earlier is not None:
                 return earlier
+        result = SubmitResult(self.batch_id, rejected=list(self.prior_rejections), interactive=self.interactive)
+        staged = self._validate(session, result)
+        if not staged.entries:  # nothing accepted: nothing is created (every row's reason is in result)
+            return result
         batch = self._open_batch(session)
-        batch_id = batch.id if batch is not None else self.batch_id
-        result = SubmitResult(batch_id, rejected=list(self.prior_rejections), interactive=self.interactive)
-        staged = self._validate(session, batch_id, result)
+        batch_id = result.batch_id = batch.id if batch is not None else self.batch_id
+        for row in staged.rows:
+            row["batch_id"] = batch_id
         # flush the blobs to disk (concurrently) while the rows go in with multi-row inserts; a
         # key already known (a retry, a re-sent SOP instance) inserts nothing
         digests = [r["image_sha256"] for r in staged.rows] + [
@@ -183,7 +187,7 @@ class SubmitStudies:
                 first_patient[named[i].key] = patients[i]
         return named, lesions.Lesions(session, self.program_id, first_patient)
 
-    def _validate(self, session: Session, batch_id: str | None, result: SubmitResult) -> _Staged:
+    def _validate(self, session: Session, result: SubmitResult) -> _Staged:
         """Check every input in Python (the image at the door, the metadata, the lesion and the
         visit's date) and stage the rows and blobs of the good ones; rejections go to ``result``."""
         staged = _Staged()
@@ -219,17 +223,17 @@ class SubmitStudies:
             if key:
                 staged.first_row_of_key[key] = len(staged.rows)
             staged.entries.append(_Entry(item, row=len(staged.rows), key=key))
-            row = self._row(item, key, meta, info, batch_id, priority)
+            row = self._row(item, key, meta, info, priority)
             row.update(lesion_id=lesion_id, acquired_at=follow.acquired_at, patient_pseudonym=patients[index])
             staged.rows.append(row)
         return staged
 
-    def _row(self, item: StudyInput, key: str | None, meta: dict, info, batch_id, priority) -> dict:
+    def _row(self, item: StudyInput, key: str | None, meta: dict, info, priority) -> dict:
         secret = self.settings.secret_key
         accession = item.accession_number and f"accession:{item.accession_number}"
         return {
             "program_id": self.program_id,
-            "batch_id": batch_id,
+            "batch_id": None,  # the batch is opened once something is accepted
             "source": self.source,
             "external_id": item.external_id,
             "idempotency_key": key,

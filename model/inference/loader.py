@@ -31,10 +31,11 @@ def onnx_package(bundle_dir, manifest: dict, packages_dir=None) -> Path | None:
         candidates.append(package_folder(packages_dir, manifest))
     for folder in candidates:
         path = folder / "manifest.json"
-        if (
-            path.is_file()
-            and json.loads(path.read_text()).get("source", {}).get("weights_sha256") == manifest["weights_sha256"]
-        ):
+        if not path.is_file():
+            continue
+        package = json.loads(path.read_text())
+        same = package.get("source", {}).get("weights_sha256") == manifest["weights_sha256"]
+        if same and (package.get("check") or {}).get("passed") is not False:  # never one that failed its check
             return folder
     return None
 
