@@ -24,7 +24,7 @@ FORMAT = "dermascan-edge/1"
 
 class _OnnxRuntime:
     def __init__(self, path: Path, threads: int | None):
-        require_extra("onnxruntime", "edge", "an ONNX edge package")
+        require_extra("onnxruntime", "onnx", "an ONNX edge package", "dermascan-edge")
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -40,7 +40,7 @@ class _OnnxRuntime:
 
 class _LiteRT:
     def __init__(self, path: Path, threads: int | None):
-        require_extra("ai_edge_litert", "edge", "a LiteRT edge package")
+        require_extra("ai_edge_litert", "litert", "a LiteRT edge package", "dermascan-edge")
         from ai_edge_litert.interpreter import Interpreter
 
         self.interpreter = Interpreter(model_path=str(path), num_threads=threads)

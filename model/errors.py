@@ -19,12 +19,12 @@ class MissingExtra(RuntimeError):
     """A feature needs an optional extra that this install lacks; the message says which."""
 
 
-def require_extra(module: str, extra: str, purpose: str) -> None:
+def require_extra(module: str, extra: str, purpose: str, distribution: str = "dermascan") -> None:
     """Raise :class:`MissingExtra` — one line naming the extra to install — when ``module`` is
     not installed. Call it before importing an optional extra's package."""
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
         raise MissingExtra(
-            f"{purpose} needs the '{extra}' extra ({module} is not installed): pip install 'dermascan[{extra}]'"
+            f"{purpose} needs the '{extra}' extra ({module} is not installed): pip install '{distribution}[{extra}]'"
         )

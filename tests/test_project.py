@@ -451,8 +451,8 @@ def test_a_missing_extra_is_named_in_one_line(monkeypatch):
     from dermascan.config import MissingExtra, check_backend, require_extra
 
     with pytest.raises(MissingExtra) as caught:
-        require_extra("no_such_module_dermascan", "edge", "the edge scorer")
-    assert str(caught.value).count("\n") == 0 and "pip install 'dermascan[edge]'" in str(caught.value)
+        require_extra("no_such_module_dermascan", "export", "an export")
+    assert str(caught.value).count("\n") == 0 and "pip install 'dermascan[export]'" in str(caught.value)
     monkeypatch.setenv("KERAS_BACKEND", "jax")
     check_backend()  # jax is installed with the test extras: no error
 

@@ -54,7 +54,7 @@ def runtime_package(bundle_dir, manifest: dict, runtime: str, packages_dir=None)
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        log.warning("onnxruntime is not installed (the 'edge' extra): scoring with Keras instead")
+        log.warning("onnxruntime is not installed: scoring with Keras instead")
         return None
     package = onnx_package(bundle_dir, manifest, packages_dir)
     if package is None:
