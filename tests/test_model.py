@@ -344,7 +344,8 @@ def test_gradcam_overlay_from_the_last_cell(trained_bundle, ham_dir):
 
     from PIL import Image
 
-    from model.inference.gradcam import GradCam, overlay_png
+    from model.inference.gradcam import GradCam
+    from model.inference.heatmap import overlay_png
 
     predictor = Predictor(trained_bundle)
     dataset = IsicDataset.open(ham_dir, limit=1)

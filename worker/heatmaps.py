@@ -30,7 +30,7 @@ def display_image(data: bytes, longest: int = 512) -> np.ndarray:
 def make_heatmaps(settings: Settings, study_ids: list[int]) -> int:
     """Heat-map overlays for referred studies, stored as blobs on their prediction rows (each
     study's image read once)."""
-    from model.inference.gradcam import overlay_png
+    from model.inference.heatmap import overlay_png
 
     pred = predictor(settings)
     cam = gradcam(pred)

@@ -8,8 +8,6 @@ an ensemble bundle, the members' maps are averaged.
 
 from __future__ import annotations
 
-import io
-
 import keras
 import numpy as np
 from PIL import Image
@@ -78,15 +76,3 @@ class GradCam:
         size = pixels.shape[1:3]
         resized = Image.fromarray((cam * 255).astype(np.uint8)).resize((size[1], size[0]), Image.BICUBIC)
         return np.asarray(resized, dtype=np.float32) / 255.0
-
-
-def overlay_png(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> bytes:
-    """Blend a heat map (H, W in [0, 1]) over an RGB uint8 image with a perceptual colour map."""
-    import matplotlib
-
-    colours = matplotlib.colormaps["inferno"](heat)[..., :3]
-    weight = alpha * heat[..., None] ** 0.5
-    blended = (1 - weight) * (image.astype(np.float32) / 255.0) + weight * colours
-    buffer = io.BytesIO()
-    Image.fromarray((np.clip(blended, 0, 1) * 255).astype(np.uint8)).save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()

@@ -230,11 +230,12 @@ class Predictor:
             return np.asarray(out[0], dtype=np.float32).reshape(-1), np.asarray(out[1], dtype=np.float32)
         return np.asarray(out, dtype=np.float32).reshape(-1), None
 
-    def predict_raw(self, pixels: np.ndarray, meta: np.ndarray):
+    def predict_raw(self, pixels: np.ndarray, meta: np.ndarray, tta: bool | None = None):
         """The ensemble's uncalibrated score per flip view (views × n) and the plain view's
-        image features (None without a feature gate), padded to the fixed batch shapes."""
+        image features (None without a feature gate), padded to the fixed batch shapes; ``tta``
+        overrides the predictor's own flips setting (a heat map needs the plain view only)."""
         n = len(pixels)
-        views = flips(pixels) if self.tta else [pixels]
+        views = flips(pixels) if (self.tta if tta is None else tta) else [pixels]
         preds = np.zeros((len(views), n), dtype=np.float32)
         features = None
         for start, stop, size in plan_batches(n, self.batch_sizes):

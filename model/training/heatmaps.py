@@ -1,0 +1,120 @@
+"""Do the heat maps point at the lesion? Measured on held-out malignant lesions whose lesion
+masks are found automatically (Otsu's threshold on the blurred image, the dark component nearest
+the centre), against a map that always marks the middle of the image (a Gaussian) — and again
+with every image shifted sideways, where such a map must fail:
+
+- the pointing game: the share of maps whose hottest pixel lies on the lesion;
+- concentration: the lesion's share of the heat over its share of the image (1: no better than
+  chance; the median over lesions);
+- the sanity check (Adebayo et al., 2018): the same maps from the network with its weights
+  randomised must differ (their rank correlation with the trained network's maps, median).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def otsu(values: np.ndarray) -> float:
+    hist, edges = np.histogram(values, bins=256)
+    p = hist / max(hist.sum(), 1)
+    w = np.cumsum(p)
+    mu = np.cumsum(p * (edges[:-1] + edges[1:]) / 2)
+    between = (mu[-1] * w - mu) ** 2 / np.maximum(w * (1 - w), 1e-12)
+    return float(edges[int(np.nanargmax(between))])
+
+
+def lesion_mask(image: np.ndarray) -> np.ndarray:
+    """The lesion of a dermoscopic image, found automatically: the dark component (Otsu on the
+    blurred luminance) nearest the image's centre (of at least 1 % of the image)."""
+    from scipy import ndimage
+
+    grey = ndimage.gaussian_filter(image.astype(np.float64).mean(axis=-1), 2)
+    dark = grey < otsu(grey)
+    labels, n = ndimage.label(dark)
+    h, w = grey.shape
+    best, nearest = 0, np.inf
+    for k in range(1, n + 1):
+        ys, xs = np.nonzero(labels == k)
+        if len(ys) < 0.01 * h * w:
+            continue
+        d = np.min((ys - (h - 1) / 2) ** 2 + (xs - (w - 1) / 2) ** 2)
+        if d < nearest:
+            best, nearest = k, d
+    return labels == best if best else dark
+
+
+def centre_map(shape: tuple[int, int]) -> np.ndarray:
+    """The baseline that always marks the middle: a Gaussian of a quarter of each side."""
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    return np.exp(-(((yy - (h - 1) / 2) / (h / 4)) ** 2 + ((xx - (w - 1) / 2) / (w / 4)) ** 2) / 2)
+
+
+def shifted(image: np.ndarray, share: float = 0.25) -> np.ndarray:
+    """The image's content moved sideways by ``share`` of its width (the edge it leaves filled by
+    reflection), so the lesion is no longer in the middle. Works for masks too."""
+    step = round(share * image.shape[1])
+    pad = [(0, 0), (step, 0)] + [(0, 0)] * (image.ndim - 2)
+    return np.pad(image, pad, mode="reflect" if image.dtype != bool else "edge")[:, : image.shape[1]]
+
+
+def scores(maps, masks) -> dict:
+    """The pointing game and the concentration of heat on the lesions."""
+    hits, ratios = [], []
+    for heat, mask in zip(maps, masks, strict=True):
+        heat = np.asarray(heat, np.float64)
+        if not mask.any() or heat.sum() <= 0:
+            hits.append(False)
+            ratios.append(0.0)
+            continue
+        top = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        hits.append(bool(mask[top]))
+        ratios.append(float(heat[mask].sum() / heat.sum() / mask.mean()))
+    return {"n": len(hits), "pointing": float(np.mean(hits)), "concentration": float(np.median(ratios))}
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(np.ravel(a), np.ravel(b)).statistic)
+
+
+def measure(make_map, images: np.ndarray, metas: np.ndarray, shift: float = 0.25) -> dict:
+    """``make_map(pixels (1,H,W,3), meta (1,d)) → (H,W)`` on the images as they are and shifted
+    sideways (their lesion masks found once, on the images as they are, and shifted with them),
+    against the centre baseline; the maps themselves are returned too."""
+    masks = [lesion_mask(i) for i in images]
+    out = {}
+    for name, batch, lesions in (
+        ("as_is", images, masks),
+        ("shifted", np.stack([shifted(i, shift) for i in images]), [shifted(k, shift) for k in masks]),
+    ):
+        maps = [make_map(i[None], m[None]) for i, m in zip(batch, metas, strict=True)]
+        out[name] = {
+            "map": scores(maps, lesions), "centre_baseline": scores([centre_map(i.shape[:2]) for i in batch], lesions),
+            "lesion_share": float(np.mean([k.mean() for k in lesions])),
+        }  # fmt: skip
+        out[f"{name}_maps"] = maps
+    return out
+
+
+def gallery_png(path, images, maps, titles, columns: int = 6) -> None:
+    """A gallery of overlays (the heat over each image) with a title each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from model.inference.heatmap import blend
+
+    rows = int(np.ceil(len(images) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.3 * rows), dpi=100)
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for ax, image, heat, title in zip(np.ravel(axes), images, maps, titles, strict=False):
+        ax.imshow(blend(image, heat))
+        ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
