@@ -15,6 +15,7 @@ from model.errors import ModelError, require_extra
 from model.inference.bundle import file_sha256
 from model.inference.calibration import Calibrator
 from model.inference.data import canonical_size, decode_many
+from model.inference.diagnosis import CODES, adjust, as_list
 from model.inference.features import FeatureSpec
 from model.inference.gate import Gate
 from model.inference.missing import MissingMetadata, missing_fields
@@ -33,9 +34,15 @@ class _OnnxRuntime:
             options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
+        self.outputs = ["probability", "features"]
+        if "diagnosis" in {o.name for o in self.session.get_outputs()}:
+            self.outputs.append("diagnosis")
+
     def __call__(self, image: np.ndarray, meta: np.ndarray):
-        probability, features = self.session.run(["probability", "features"], {"image": image, "meta": meta})
-        return np.asarray(probability, np.float32).reshape(-1), np.asarray(features, np.float32)
+        """(probability (n,), features (n, d), class probabilities (n, classes) or None)."""
+        out = self.session.run(self.outputs, {"image": image, "meta": meta})
+        classes = np.asarray(out[2], np.float32) if len(out) > 2 else None
+        return np.asarray(out[0], np.float32).reshape(-1), np.asarray(out[1], np.float32), classes
 
 
 class _LiteRT:
@@ -60,8 +67,10 @@ class _LiteRT:
         it.invoke()
         outputs = [it.get_tensor(d["index"]) for d in it.get_output_details()]
         probability = next(o for o in outputs if o.shape[-1] == 1)
-        features = next(o for o in outputs if o.shape[-1] != 1)
-        return np.asarray(probability, np.float32).reshape(-1), np.asarray(features, np.float32)
+        classes = next((o for o in outputs if o.shape[-1] == len(CODES)), None)
+        features = next(o for o in outputs if o.shape[-1] not in (1, len(CODES)))
+        return (np.asarray(probability, np.float32).reshape(-1), np.asarray(features, np.float32),
+                None if classes is None else np.asarray(classes, np.float32))  # fmt: skip
 
 
 RUNTIMES = {"onnxruntime": _OnnxRuntime, "litert": _LiteRT}
@@ -135,21 +144,25 @@ class EdgeScorer:
     def _forward(self, pixels: np.ndarray, meta: np.ndarray):
         views = [pixels, pixels[:, :, ::-1], pixels[:, ::-1], pixels[:, ::-1, ::-1]] if self.tta else [pixels]
         raw = np.zeros((len(views), len(pixels)), np.float32)
-        features = None
+        features = classes = None
         for start in range(0, len(pixels), self.batch):
             stop = min(len(pixels), start + self.batch)
             for v, view in enumerate(views):
-                p, f = self.run(np.ascontiguousarray(view[start:stop]), meta[start:stop])
+                p, f, c = self.run(np.ascontiguousarray(view[start:stop]), meta[start:stop])
                 raw[v, start:stop] = p
                 if v == 0:
                     features = np.zeros((len(pixels), f.shape[1]), np.float32) if features is None else features
                     features[start:stop] = f
+                if c is not None:
+                    classes = np.zeros((len(pixels), c.shape[1]), np.float32) if classes is None else classes
+                    classes[start:stop] += c / len(views)
         missing = missing_fields(self.spec, meta)
         if self.missing is not None and any(missing):
             probability = self.missing.calibrate(raw, missing, self.calibrator)[0]
         else:
             probability = self.calibrator(raw.mean(axis=0))
-        return probability.astype(np.float32), features, missing
+        differential = None if classes is None else adjust(classes, self.manifest.get("diagnosis"))
+        return probability.astype(np.float32), features, missing, differential
 
     def score_many(self, images: list[bytes], records: list[dict]) -> list[dict]:
         """Each image (JPEG or PNG bytes) with its metadata → a result (the server's fields), or
@@ -161,7 +174,7 @@ class EdgeScorer:
         if not ok:
             return out
         meta = self.spec.transform([records[i] for i in ok])
-        probability, features, missing = self._forward(pixels[ok], meta)
+        probability, features, missing, differential = self._forward(pixels[ok], meta)
         reasons, distance = self.gate.reasons(pixels[ok], sizes[ok], features)
         made_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         for j, i in enumerate(ok):
@@ -175,6 +188,7 @@ class EdgeScorer:
                 "reason": reasons[j],
                 "threshold": self.threshold,
                 "missing_fields": missing[j],
+                **({} if differential is None else {"differential": as_list(differential[j])}),
                 "bundle_version": self.version,
                 "runtime": self.manifest["runtime"],
                 "precision": self.manifest["precision"],

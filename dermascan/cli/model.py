@@ -525,3 +525,28 @@ def _missing_table(report: dict) -> str:
             f"   {before['sensitivity']:.3f} / {before['specificity']:.3f}"
         )
     return "\n".join(lines)
+
+
+@main.command("heatmap-check")
+@_fit_on_bundle(": its held-out calibration set's malignant lesions are used")
+@click.option("-n", "n", default=120, show_default=True, help="Malignant lesions to measure on.")
+@click.option("--gallery", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG of 24 maps here.")
+def heatmap_check(bundle_dir, data_dir, n, gallery):
+    """Do the bundle's heat maps point at the lesion? The pointing game and the heat's concentration
+    on automatic lesion masks, as the images are and shifted sideways, against a map of the middle;
+    and how unlike they are to the maps of the same network with randomised weights."""
+    import json
+
+    from model.training.heatmaps import check_bundle
+
+    _log_progress()
+    result = check_bundle(bundle_dir, data_dir, n, gallery)
+    for name in ("as_is", "shifted"):
+        row = result[name]
+        click.echo(
+            f"{name.replace('_', ' '):8s}: peak on the lesion {row['map']['pointing']:.1%}, heat on the lesion "
+            f"{row['map']['concentration']:.2f}x its share (a map of the middle: {row['centre_baseline']['pointing']:.1%}, "
+            f"{row['centre_baseline']['concentration']:.2f}x); {row['map']['n']} lesions"
+        )
+    click.echo(f"randomised weights: median rank correlation {result['randomised_weights_rank_correlation']:.2f}")
+    click.echo(json.dumps(result))

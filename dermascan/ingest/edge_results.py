@@ -28,7 +28,8 @@ def clean(value) -> dict | None:
         return None
     if not isinstance(value, dict):
         raise IngestError("edge_result must be an object (the output of dermascan-edge score)")
-    known = {"probability", "referred", "assessable", "threshold", "made_at", "score", "missing_fields", *TEXT}
+    known = {"probability", "referred", "assessable", "threshold", "made_at", "score", "missing_fields", "differential",
+             *TEXT}  # fmt: skip
     unknown = sorted(set(value) - known - PRINTED_NOT_KEPT, key=str)
     if unknown:
         raise IngestError(f"edge_result: unknown field(s) {', '.join(str(k)[:40] for k in unknown[:5])}")
@@ -59,6 +60,9 @@ def clean(value) -> dict | None:
         if len(names) > len(FIELDS) or not all(isinstance(m, str) and m in FIELDS for m in names):
             raise IngestError(f"edge_result.missing_fields must be a list of {', '.join(sorted(FIELDS))}")
         out["missing_fields"] = list(names)
+    differential = value.get("differential")
+    if differential is not None:
+        out["differential"] = _differential(differential)
     if not out.get("bundle_version"):
         raise IngestError("edge_result.bundle_version is needed: the version the result was made with")
     made = value.get("made_at")
@@ -74,3 +78,21 @@ def clean(value) -> dict | None:
             raise IngestError("edge_result.made_at is not a plausible time (2000 to today)")
         out["made_at"] = when.isoformat(timespec="seconds")
     return out
+
+
+def _differential(value) -> list[dict]:
+    """The scorer's differential: at most seven {diagnosis, label, snomed, probability} rows."""
+    from model.inference.diagnosis import CODES
+
+    if not isinstance(value, list) or len(value) > len(CODES):
+        raise IngestError(f"edge_result.differential must be a list of at most {len(CODES)} classes")
+    rows = []
+    for row in value:
+        if not isinstance(row, dict) or row.get("diagnosis") not in CODES:
+            raise IngestError(f"edge_result.differential: each class one of {', '.join(CODES)}")
+        try:
+            probability = numbers.parse_float(row.get("probability"), "probability", 0.0, 1.0)
+        except (numbers.NumberError, TypeError):
+            raise IngestError("edge_result.differential: each probability a number from 0 to 1") from None
+        rows.append({"diagnosis": row["diagnosis"], "probability": probability})
+    return rows

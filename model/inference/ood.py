@@ -31,8 +31,10 @@ def feature_network(network, feature_members: Sequence[int] | None = None):
     import keras
 
     members = [layer for layer in network.layers if isinstance(layer, keras.Model)]
-    if not members:
-        return keras.Model(network.inputs, [network.outputs[0], network.get_layer(IMAGE_FEATURES).output])
+    if not members:  # a single network; with the differential, its class probabilities third
+        return keras.Model(
+            network.inputs, [network.outputs[0], network.get_layer(IMAGE_FEATURES).output, *network.outputs[1:2]]
+        )
     chosen = set(range(len(members)) if feature_members is None else feature_members)
     if not chosen or not chosen <= set(range(len(members))):
         raise ValueError(f"feature members {sorted(chosen)} are not among the network's {len(members)} members")

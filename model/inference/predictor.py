@@ -46,6 +46,8 @@ class Score:
     )
     # the metadata fields the score was made without (it rests on the image and the other fields)
     missing_fields: list[str] | None = None
+    # the differential: a probability per class of model.inference.diagnosis.CODES (None without)
+    differential: list[float] | None = None
 
 
 class Prepared(NamedTuple):
@@ -63,6 +65,7 @@ class Predicted(NamedTuple):
     spread: np.ndarray | None  # TTA spread of the calibrated views
     features: np.ndarray | None  # image-branch features (plain view), when the gate uses them
     missing: list[list[str]] | None = None  # per row, the metadata fields it was scored without
+    classes: np.ndarray | None = None  # the differential's class probabilities (mean of the views)
 
 
 def plan_batches(n: int, sizes: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -168,6 +171,8 @@ class Predictor:
             self._onnx = ort.InferenceSession(
                 str(Path(onnx_package) / package["file"]), providers=["CPUExecutionProvider"]
             )
+            names = {o.name for o in self._onnx.get_outputs()}
+            self._onnx_outputs = ["probability", "features", *(["diagnosis"] if "diagnosis" in names else [])]
 
     @property
     def version(self) -> str:
@@ -220,24 +225,31 @@ class Predictor:
         return "onnxruntime" if self._onnx is not None else "keras"
 
     def _run(self, x: np.ndarray, m: np.ndarray):
+        """(probability (n,), features (n, d) or None, class probabilities (n, classes) or None)."""
         if self._onnx is not None:
-            probability, features = self._onnx.run(
-                ["probability", "features"], {"image": np.ascontiguousarray(x), "meta": m}
-            )
-            return np.asarray(probability, np.float32).reshape(-1), np.asarray(features, np.float32)
+            outputs = self._onnx.run(self._onnx_outputs, {"image": np.ascontiguousarray(x), "meta": m})
+            classes = np.asarray(outputs[2], np.float32) if len(outputs) > 2 else None
+            return np.asarray(outputs[0], np.float32).reshape(-1), np.asarray(outputs[1], np.float32), classes
         out = self._forward.predict_on_batch({"image": np.ascontiguousarray(x), "meta": m})
         if isinstance(out, list | tuple):
-            return np.asarray(out[0], dtype=np.float32).reshape(-1), np.asarray(out[1], dtype=np.float32)
-        return np.asarray(out, dtype=np.float32).reshape(-1), None
+            classes = np.asarray(out[2], np.float32) if len(out) > 2 else None
+            return np.asarray(out[0], dtype=np.float32).reshape(-1), np.asarray(out[1], dtype=np.float32), classes
+        return np.asarray(out, dtype=np.float32).reshape(-1), None, None
 
     def predict_raw(self, pixels: np.ndarray, meta: np.ndarray, tta: bool | None = None):
         """The ensemble's uncalibrated score per flip view (views × n) and the plain view's
         image features (None without a feature gate), padded to the fixed batch shapes; ``tta``
         overrides the predictor's own flips setting (a heat map needs the plain view only)."""
+        preds, features, _ = self.predict_views(pixels, meta, tta)
+        return preds, features
+
+    def predict_views(self, pixels: np.ndarray, meta: np.ndarray, tta: bool | None = None):
+        """As :meth:`predict_raw`, and the differential's class probabilities (the mean over the
+        views; None for a bundle without the differential)."""
         n = len(pixels)
         views = flips(pixels) if (self.tta if tta is None else tta) else [pixels]
         preds = np.zeros((len(views), n), dtype=np.float32)
-        features = None
+        features = classes = None
         for start, stop, size in plan_batches(n, self.batch_sizes):
             m = meta[start:stop]
             pad = size - (stop - start)
@@ -247,20 +259,24 @@ class Predictor:
                 x = view[start:stop]
                 if pad:
                     x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-                p, f = self._run(x, m)
+                p, f, c = self._run(x, m)
                 preds[v, start:stop] = p[: stop - start]
                 if v == 0 and f is not None:
                     if features is None:
                         features = np.zeros((n, f.shape[1]), dtype=np.float32)
                     features[start:stop] = f[: stop - start]
-        return preds, features
+                if c is not None:
+                    if classes is None:
+                        classes = np.zeros((n, c.shape[1]), dtype=np.float32)
+                    classes[start:stop] += c[: stop - start] / len(views)
+        return preds, features, classes
 
     def predict(self, pixels: np.ndarray, meta: np.ndarray) -> Predicted:
         """Calibrated probabilities (TTA mean; the TTA spread of the calibrated views) and the
         features the gate needs, for already-prepared arrays."""
         if len(pixels) == 0:
             return Predicted(np.zeros(0, np.float32), np.zeros(0, np.float32) if self.tta else None, None, [])
-        preds, features = self.predict_raw(pixels, meta)
+        preds, features, classes = self.predict_views(pixels, meta)
         missing = missing_fields(self.spec, meta)
         if self.missing is not None and any(missing):
             calibrated, spread = self.missing.calibrate(preds, missing, self.calibrator)
@@ -268,7 +284,7 @@ class Predictor:
         else:
             calibrated = self.calibrator(preds.mean(axis=0)).astype(np.float32)
             spread = self.calibrator(preds).std(axis=0).astype(np.float32) if self.tta else None
-        return Predicted(calibrated, spread, features, missing)
+        return Predicted(calibrated, spread, features, missing, classes)
 
     def post_process(self, prepared: Prepared, predicted: Predicted) -> list[Score]:
         """Scores with the gate's verdict: a not-assessable image gets its reason and no referral."""
@@ -280,6 +296,11 @@ class Predictor:
             embedded = np.round(self.change.embed(predicted.features), 5)
         spread = predicted.spread
         stats = image_stats(prepared.pixels, prepared.sizes) if len(prepared.pixels) else []
+        differential = None
+        if predicted.classes is not None:
+            from model.inference import diagnosis
+
+            differential = np.round(diagnosis.adjust(predicted.classes, self.bundle.manifest.get("diagnosis")), 5)
         return [
             Score(
                 float(p),
@@ -291,6 +312,7 @@ class Predictor:
                 stats[i],
                 None if embedded is None else [float(v) for v in embedded[i]],
                 list(predicted.missing[i]) if predicted.missing is not None else None,
+                None if differential is None else [float(v) for v in differential[i]],
             )
             for i, p in enumerate(np.clip(predicted.probability, 0.0, 1.0))
         ]

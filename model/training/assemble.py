@@ -4,7 +4,7 @@ calibration set, the ROC table and score histogram, the gate and change measure,
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,8 +104,7 @@ def assemble(
         "folds": report["folds"],
         "oof": report["oof"],
         "oof_without_tta": report.get("oof_without_tta"),
-        "threshold_rule": f"highest threshold with sensitivity >= {cfg.target_sensitivity} in {cfg.threshold_confidence:.0%} "
-        "of bootstrap resamples of the out-of-fold positives and on every fold's own out-of-fold predictions",
+        "threshold_rule": report["threshold_rule"],
         "roc_table": roc_table(y, scores),
     }
     threshold, extra = report["threshold"], {"inference": {"tta": cfg.tta}}
@@ -116,8 +115,9 @@ def assemble(
         missing = [f["fold"] for f, s in zip(in_network, saved, strict=True) if s is None or s.cal_scores is None]
         if missing:
             raise ValueError(f"fold(s) {missing} have no scores on this calibration set: retrain them")
-        scores, validation = [s.cal_scores for s in saved], [s.validation_positives(y_all) for s in saved]
-        threshold = with_calibration(metrics_block, extra, calibrate(work, y_all, fold, scores, cfg, validation))
+        raw = np.mean([s.cal_scores for s in saved], axis=0)  # as the averaged graph computes them
+        ruler = Ruler.calibration_set(y_all, dataset.groups(), fold, raw, "the ensemble's held-out calibration set")
+        threshold = with_calibration(metrics_block, extra, calibrate(work, ruler, cfg))
     training = {"members": [f"fold{f['fold']}" for f in in_network], "duration_s": round(seconds, 1)}
     manifest = save_bundle(network, spec, out_dir, data_dir, dataset, fold, cfg, version, threshold, metrics_block, training, extra)  # fmt: skip
     for picture in ("roc.png", "reliability.png"):
@@ -128,9 +128,13 @@ def assemble(
 
 def with_calibration(metrics_block: dict, extra: dict, cal: dict) -> float:
     """Put what :func:`calibrate` found into a bundle's metrics and manifest; its threshold."""
+    from model.training.threshold import cohort_spread
+
     extra["calibration"] = cal["manifest"]
-    metrics_block["calibration_set"] = cal["metrics"]
-    metrics_block["threshold_rule"] = cal["rule"]
+    metrics_block["ruler"] = cal["metrics"]
+    metrics_block["calibration_set"] = cal["shipped"] or cal["metrics"]
+    metrics_block["threshold_rule"] = cal["rule"].description
+    metrics_block["cohort_spread"] = cohort_spread(cal["rule"])
     metrics_block["roc_table"] = roc_table(cal["y"], cal["calibrated"])
     metrics_block["score_histogram"] = score_histogram(cal["calibrated"])
     return cal["threshold"]
@@ -167,87 +171,73 @@ def save_bundle(
     return manifest
 
 
-def calibrate(
-    pictures: Path, y: np.ndarray, fold: np.ndarray, per_member: list[np.ndarray], cfg: TrainConfig,
-    validation_positives: list[np.ndarray | None] | None = None, level_rule: tuple[float, str] | None = None,
-) -> dict:  # fmt: skip
-    """On the calibration set (rows no member trained on, ``fold == -1``): the shipped ensemble's
-    own scores (the mean of its members' TTA scores ``per_member``, as the averaged graph computes
-    them), a calibration map chosen by cross-validated log loss, and the referral threshold on the
-    calibrated scores with the bootstrap rule. With ``validation_positives`` (per member, its
-    scores of its own validation fold's malignant lesions, or None), the threshold is taken at the
-    calibration-set sensitivity that the members' validation folds show corresponds to the target
-    on a typical cohort (:func:`model.metrics.transferred_threshold`); with ``level_rule`` (level,
-    description) it is taken at that calibration-set sensitivity. Writes the ROC and the
-    reliability diagram into ``pictures``."""
-    from model.inference import calibration
+@dataclass
+class Ruler:
+    """Held-out scores of the shipped recipe that the calibration map and the threshold are fitted
+    on: each row's label, raw score (the TTA mean, as the bundle computes it), its patient-disjoint
+    part, and what the ruler is, in words."""
 
-    cal_idx = np.flatnonzero(fold < 0)
-    yc, raw = y[cal_idx], np.mean(per_member, axis=0)
-    if yc.sum() == 0 or yc.sum() == yc.size:
-        raise ValueError("the calibration set needs malignant and benign lesions: use more data or a larger fraction")
-    calibrator, candidates = calibration.choose(yc, raw)
+    y: np.ndarray
+    raw: np.ndarray
+    parts: np.ndarray
+    what: str
+
+    @classmethod
+    def calibration_set(cls, y: np.ndarray, groups: np.ndarray, fold: np.ndarray, raw: np.ndarray, what: str) -> Ruler:
+        """The held-out calibration set alone (its patient-grouped parts for the rule's check)."""
+        from model.training.threshold import grouped_parts
+
+        rows = np.flatnonzero(fold < 0)
+        return cls(y[rows], np.asarray(raw, np.float64), grouped_parts(groups[rows], y[rows]), what)
+
+
+def calibrate(
+    pictures: Path, ruler: Ruler, cfg: TrainConfig, shipped: tuple[np.ndarray, np.ndarray] | None = None
+) -> dict:
+    """On the ruler: a calibration map chosen by cross-validated log loss, then the referral
+    threshold on the calibrated scores by the one rule (:mod:`model.training.threshold`).
+    ``shipped``: (labels, raw scores) of the shipped network on its own held-out set, reported at
+    the threshold beside the ruler. Writes the ROC and the reliability diagram into ``pictures``."""
+    from model.inference import calibration
+    from model.training import threshold as rule_of
+
+    y, raw = ruler.y, ruler.raw
+    if y.sum() == 0 or y.sum() == y.size:
+        raise ValueError("the ruler needs malignant and benign lesions: use more data or a larger calibration fraction")
+    calibrator, candidates = calibration.choose(y, raw)
     calibrated = calibrator(raw)
-    known = [(m, v) for m, v in zip(per_member, validation_positives or [], strict=False) if v is not None and v.size]
-    rule = (f"highest threshold with sensitivity >= {cfg.target_sensitivity} in {cfg.threshold_confidence:.0%} "
-            "of bootstrap resamples of the calibration-set positives, on the shipped ensemble's calibrated scores")  # fmt: skip
-    level = None
-    if level_rule is not None:  # a level chosen by the caller (model.training.threshold's resampling)
-        level, rule = level_rule
-        threshold = metrics._at_level(calibrated[yc == 1], level)
-    elif known:
-        threshold, level = metrics.transferred_threshold(
-            calibrated[yc == 1], [m[yc == 1] for m, _ in known], [v for _, v in known],
-            cfg.target_sensitivity, cfg.threshold_confidence, seed=cfg.seed,
-        )  # fmt: skip
-        rule = (f"sensitivity {cfg.target_sensitivity} on a typical cohort: the calibration-set sensitivity that "
-                f"matches it for the members on their own validation folds ({level:.3f}), on the shipped ensemble's "
-                f"calibrated scores, holding in {cfg.threshold_confidence:.0%} of bootstrap resamples of the "
-                "calibration-set and validation-fold positives")  # fmt: skip
-    else:
-        threshold = metrics.conservative_threshold(yc, calibrated, cfg.target_sensitivity, cfg.threshold_confidence)
-    summary = metrics.summary(yc, calibrated, threshold)
-    if level is not None:
-        summary["threshold_level"] = {
-            "calibration_set_sensitivity": level,
-            "members_with_validation_scores": len(known),
-        }
-    summary.update(
-        {
-            "raw_auc": metrics.auc(yc, raw),
-            "ece_raw": calibration.ece(yc, raw),
-            "ece": calibration.ece(yc, calibrated),
-            "log_loss_raw": calibration.log_loss(yc, raw),
-            "log_loss": calibration.log_loss(yc, calibrated),
-            "reliability": calibration.reliability(yc, calibrated),
-            "candidates": candidates,
-        }
-    )
+    rule = rule_of.choose(y, calibrated, ruler.parts, cfg.target_sensitivity, ruler.what)
+    summary = metrics.summary(y, calibrated, rule.threshold)
+    summary.update({
+        "raw_auc": metrics.auc(y, raw), "ece_raw": calibration.ece(y, raw), "ece": calibration.ece(y, calibrated),
+        "log_loss_raw": calibration.log_loss(y, raw), "log_loss": calibration.log_loss(y, calibrated),
+        "reliability": calibration.reliability(y, calibrated), "candidates": candidates, "rule": rule.as_dict(),
+    })  # fmt: skip
+    curves = {f"ruler ({ruler.what})": (y, calibrated)}
+    shipped_summary = None
+    if shipped is not None:
+        ys, scores = shipped
+        shipped_summary = metrics.summary(ys, calibrator(scores), rule.threshold)
+        shipped_summary["ece"] = calibration.ece(ys, calibrator(scores))
+        curves["the shipped network on its own held-out set"] = (ys, calibrator(scores))
     metrics.roc_png(
-        pictures / "roc.png",
-        {"calibration set (shipped ensemble)": (yc, calibrated)},
-        {f"threshold {threshold:.3f}": summary["operating_point"]},
-        title=f"DermaScan ensemble of {len(per_member)}, {size_label(cfg.image_size)}: held-out calibration set",
-    )
-    reliability_png(pictures / "reliability.png", yc, raw, calibrated, calibrator.method)
+        pictures / "roc.png", curves, {f"threshold {rule.threshold:.3f}": summary["operating_point"]},
+        title=f"DermaScan, {size_label(cfg.image_size)}: the ruler and the threshold",
+    )  # fmt: skip
+    reliability_png(pictures / "reliability.png", y, raw, calibrated, calibrator.method)
     log.info(
-        "calibration set: %d images (%d malignant), AUC %.4f, %s calibration (ECE %.4f → %.4f), threshold %.4f",
-        yc.size, yc.sum(), summary["auc"], calibrator.method, summary["ece_raw"], summary["ece"], threshold,
+        "ruler: %d images (%d malignant), AUC %.4f, %s calibration (ECE %.4f → %.4f), threshold %.4f; %s",
+        y.size, y.sum(), summary["auc"], calibrator.method, summary["ece_raw"], summary["ece"], rule.threshold,
+        rule.description,
     )  # fmt: skip
     return {
-        "threshold": float(threshold),
-        "y": yc,
-        "calibrated": calibrated,
-        "metrics": summary,
+        "threshold": rule.threshold, "rule": rule, "y": y, "calibrated": calibrated, "metrics": summary,
+        "shipped": shipped_summary,
         "manifest": {
-            **calibrator.to_dict(),
-            "prevalence": float(yc.mean()),
-            "n": int(yc.size),
-            "ece": summary["ece"],
-            "fitted_on": "held-out calibration set (patients no member trained on)",
+            **calibrator.to_dict(), "prevalence": float(y.mean()), "n": int(y.size), "ece": summary["ece"],
+            "fitted_on": f"the ruler: {ruler.what}",
         },
-        "rule": rule,
-    }
+    }  # fmt: skip
 
 
 def reliability_png(path: Path, y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, method: str) -> None:

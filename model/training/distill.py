@@ -322,6 +322,36 @@ def compare(data_dir, work_dirs, fold: int = 0, n_boot: int = 2000) -> list[dict
 STRONG_AUGMENTATION = {"zoom": 0.2, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2}
 
 
+def ruler_of(work: Path, split: np.ndarray, final: dict, y: np.ndarray, groups: np.ndarray):
+    """The held-out scores the calibration and the threshold are fitted on: with the fold students
+    of every development fold finished, each development image scored by the fold student that did
+    not train on it (its TTA mean, its plain view, its class probabilities) and the calibration set
+    by the final student; else the calibration set alone. Returns (rows, parts, TTA scores, plain
+    scores, class probabilities or None, what it is in words)."""
+    cal_idx = np.flatnonzero(split < 0)
+    folds = sorted(set(split[split >= 0].tolist()))
+    found = [np.load(work / f"fold{k}" / "oof.npz") for k in folds if (work / f"fold{k}" / "oof.npz").is_file()]
+    classes_final = final["classes"] if "classes" in final.files else None
+    if len(found) == len(folds) and folds:
+        rows = np.concatenate([f["index"] for f in found] + [cal_idx])
+        parts = np.concatenate(
+            [np.full(len(f["index"]), k) for k, f in zip(folds, found, strict=True)] + [np.full(len(cal_idx), -1)]
+        )
+        mean = np.concatenate([f["mean"] for f in found] + [final["mean"]])
+        plain = np.concatenate([f["plain"] for f in found] + [final["plain"]])
+        classes = None
+        if classes_final is not None and all("classes" in f.files for f in found):
+            classes = np.concatenate([f["classes"] for f in found] + [classes_final])
+        what = (f"each of the {len(rows) - len(cal_idx)} development images scored by the fold student that did not "
+                f"train on it, and the {len(cal_idx)} calibration images by the final student")  # fmt: skip
+        return rows, parts, mean, plain, classes, what
+    from model.training.threshold import grouped_parts
+
+    log.warning("%s: not every fold student has finished: the ruler is the calibration set alone", work)
+    parts = grouped_parts(groups[cal_idx], y[cal_idx])
+    return cal_idx, parts, final["mean"], final["plain"], classes_final, "the final student's held-out calibration set"
+
+
 def tta_choice(y: np.ndarray, with_flips: np.ndarray, plain: np.ndarray, gain: float = 0.002) -> tuple[bool, dict]:
     """Keep the four flips only when they buy at least ``gain`` of AUC on the calibration set:
     they cost four forward passes instead of one."""
@@ -340,8 +370,7 @@ def assemble(data_dir, out_dir, work_dir, version: str | None = None, teacher_di
     import keras
 
     from model.inference.features import FeatureSpec
-    from model.training import threshold as rules
-    from model.training.assemble import calibrate, data_fingerprint, roc_table, save_bundle, score_histogram
+    from model.training.assemble import Ruler, calibrate, data_fingerprint, save_bundle, with_calibration
 
     work = Path(work_dir)
     cfg = DistillConfig.read(work / "config.json")
@@ -355,22 +384,13 @@ def assemble(data_dir, out_dir, work_dir, version: str | None = None, teacher_di
     teacher = np.load(work / TEACHER_FILE)
     cal_idx = np.flatnonzero(split < 0)
     saved = np.load(work / FINAL / "cal.npz")
-    keep_flips, tta_report = tta_choice(y[cal_idx], saved["mean"], saved["plain"])
+    ruler_rows, parts, with_flips, plain, classes, what = ruler_of(work, split, saved, y, groups)
+    keep_flips, tta_report = tta_choice(y[ruler_rows], with_flips, plain)
     cfg.tta = keep_flips
-    scores = saved["mean"] if keep_flips else saved["plain"]
-    # the rule: resample the teacher's out-of-fold scores of the development patients
-    dev = (split >= 0) & (y == 1) & ~np.isnan(teacher["soft"])
-    outcomes = rules.simulate(
-        teacher["soft"][dev], groups[dev], int(y[cal_idx].sum()), np.arange(0.930, 0.9751, 0.0025), seed=cfg.seed
-    )
-    chosen = rules.choose_level(outcomes, (0.95, 0.965))
-    rule = (
-        f"the calibrated score that refers {chosen.level:.4f} of the held-out calibration set's malignant lesions: "
-        f"the level at which {len(chosen.draws)} patient-grouped resamples of the development data (calibration-sized "
-        f"draws, scored out of fold) give an expected sensitivity of {chosen.mean:.3f} on the other patients "
-        f"(5th–95th percentile {chosen.low:.3f}–{chosen.high:.3f}); target band 0.95–0.965"
-    )
-    cal = calibrate(work, y, split, [scores], cfg, level_rule=(chosen.level, rule))
+    raw = with_flips if keep_flips else plain
+    ruler = Ruler(y[ruler_rows], raw, parts, what)
+    shipped = (y[cal_idx], saved["mean"] if keep_flips else saved["plain"])
+    cal = calibrate(work, ruler, cfg, shipped=shipped)
     model = keras.saving.load_model(work / FINAL / "last.keras", compile=False)
     spec = FeatureSpec.from_json((work / "feature_spec.json").read_text())
     version = version or f"dermascan-student{size_label(cfg.image_size)}-{dt.datetime.now(dt.UTC):%Y%m%d%H%M}"
@@ -385,21 +405,23 @@ def assemble(data_dir, out_dir, work_dir, version: str | None = None, teacher_di
             "description": "one network distilled from the teacher's out-of-fold scores on every development row; "
             "the calibration set held out of teacher and student",
         },
-        "calibration_set": cal["metrics"],
         "teacher_on_calibration_set": {
             k: teacher_cal.get(k) for k in ("auc", "auc_ci95", "pauc80", "pauc80_ci95", "ece")
         },
-        "threshold_rule": rule,
-        "threshold_simulation": [o.as_dict() for o in outcomes],
-        "cohort_spread": rules.cohort_spread(chosen),
         "tta": tta_report,
-        "roc_table": roc_table(cal["y"], cal["calibrated"]),
-        "score_histogram": score_histogram(cal["calibrated"]),
         "students": report(work, dataset, split, teacher["soft"])["students"],
     }
-    extra = {"inference": {"tta": keep_flips}, "calibration": cal["manifest"]}
+    extra = {"inference": {"tta": keep_flips}}
+    with_calibration(metrics_block, extra, cal)
+    if classes is not None:
+        from model.inference import diagnosis
+
+        extra["diagnosis"] = diagnosis.fit_block(diagnosis.labels(dataset.metadata)[ruler_rows], classes, parts)
     training = {"members": ["student"], "teacher": cfg.teacher, "distilled": True}
     manifest = save_bundle(model, spec, out_dir, data_dir, dataset, split, cfg, version, cal["threshold"], metrics_block, training, extra)  # fmt: skip
+    from model.training.missing_fit import fit_bundle
+
+    manifest["missing_metadata"] = fit_bundle(out_dir, data_dir)
     import shutil
 
     for picture in ("roc.png", "reliability.png"):

@@ -94,8 +94,11 @@ def _function(net, loaded):
 
     @tf.function(input_signature=_signature(loaded))
     def forward(image, meta):
-        probability, features = net({"image": image, "meta": meta}, training=False)
-        return {"probability": probability, "features": features}
+        outputs = net({"image": image, "meta": meta}, training=False)
+        named = {"probability": outputs[0], "features": outputs[1]}
+        if len(outputs) > 2:  # the differential
+            named["diagnosis"] = outputs[2]
+        return named
 
     return forward
 
@@ -236,7 +239,12 @@ def export(
         "bytes": target.stat().st_size,
         "image_size": loaded.image_size,
         "inputs": source.get("inputs"),
-        "outputs": {"probability": "the raw (uncalibrated) probability, (n, 1)", "features": "the gate's features"},
+        "outputs": {
+            "probability": "the raw (uncalibrated) probability, (n, 1)",
+            "features": "the gate's features",
+            **({"diagnosis": "the differential's class probabilities, (n, 7)"} if source.get("diagnosis") else {}),
+        },
+        "diagnosis": source.get("diagnosis"),
         "preprocessing": source.get("preprocessing"),
         "feature_spec": source["feature_spec"],
         "calibration": source.get("calibration"),

@@ -16,7 +16,7 @@ from model import metrics
 from model.inference.data import IsicDataset, size_label
 from model.inference.features import FeatureSpec
 from model.training.config import TrainConfig, split_rows
-from model.training.threshold import referral_threshold
+from model.training.threshold import choose
 
 log = logging.getLogger(__name__)
 
@@ -312,14 +312,15 @@ def summarise(work: Path, dataset: IsicDataset, fold: np.ndarray, cfg: TrainConf
         }
     ).to_csv(work / "oof.csv", index=False)
     yc, sc = y[covered], oof[covered]
-    threshold = referral_threshold(y, oof, fold, cfg)
+    rule = choose(yc, sc, fold[covered], cfg.target_sensitivity, "out-of-fold scores of the fold networks")
+    threshold = rule.threshold
     report = {
         "data": {"directory": str(dataset.directory.resolve()), "n": int(y.size), "positives": int(y.sum())},
         "folds": per_fold,
         "oof": metrics.summary(yc, sc, threshold),
         "threshold": threshold,
+        "threshold_rule": rule.description,
         "target_sensitivity": cfg.target_sensitivity,
-        "threshold_confidence": cfg.threshold_confidence,
     }
     plain = ~np.isnan(oof_plain) & covered
     if plain.any():

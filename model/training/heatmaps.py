@@ -118,3 +118,38 @@ def gallery_png(path, images, maps, titles, columns: int = 6) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def check_bundle(bundle_dir, data_dir, n: int = 120, gallery=None, randomised: int = 24) -> dict:
+    """The bundle's heat maps (``model.inference.gradcam``) on ``n`` malignant lesions of its
+    held-out calibration set: the pointing game and concentration as they are and shifted, the
+    centre baseline, and the rank correlation with the maps of the same network with randomised
+    weights (on ``randomised`` of them). ``gallery``: a PNG of the first 24 maps."""
+    import keras
+
+    from model.inference.data import IsicDataset
+    from model.inference.gradcam import GradCam
+    from model.inference.predictor import Predictor
+    from model.training.config import read_config, split_rows
+
+    predictor = Predictor(bundle_dir, batch_sizes=(1,))
+    cfg = read_config(predictor.bundle.directory)
+    dataset = IsicDataset.open(data_dir, limit=cfg.limit)
+    y = dataset.targets()
+    split = split_rows(y, dataset.groups(), cfg)
+    rows = np.flatnonzero((split < 0) & (y == 1))[:n]
+    images = dataset.load_images(predictor.image_size, ids=[dataset.ids[i] for i in rows])
+    metas = predictor.spec.transform(dataset.metadata.iloc[rows])
+    cam = GradCam(predictor.network)
+    out = measure(cam.heatmap, images, metas)
+    random_net = keras.models.clone_model(predictor.network)  # the same graph, freshly initialised weights
+    random_cam = GradCam(random_net)
+    k = min(randomised, len(images))
+    out["randomised_weights_rank_correlation"] = float(np.median([
+        rank_correlation(out["as_is_maps"][i], random_cam.heatmap(images[i : i + 1], metas[i : i + 1])) for i in range(k)
+    ]))  # fmt: skip
+    if gallery is not None:
+        titles = [f"{dataset.ids[r]} ({dataset.metadata['diagnosis'].iloc[r]})" if "diagnosis" in dataset.metadata else dataset.ids[r]
+                  for r in rows[:24]]  # fmt: skip
+        gallery_png(gallery, images[:24], out["as_is_maps"][:24], titles)
+    return {k: v for k, v in out.items() if not k.endswith("_maps")}
