@@ -122,6 +122,22 @@ RESULT = {
             "empty when every field was given, null before scoring",
         },
         "missing_fields_note": {"type": "string", "nullable": True},
+        "differential": {
+            "type": "array",
+            "nullable": True,
+            "description": "the differential diagnosis over the seven HAM10000 / ISIC 2018 classes, most likely first "
+            "(probabilities sum to 1; re-weighted to equal class priors, as ISIC 2018 scores); null for a bundle "
+            "without it or an image that could not be assessed",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "diagnosis": {"type": "string", "enum": ["mel", "nv", "bcc", "akiec", "bkl", "df", "vasc"]},
+                    "label": {"type": "string"},
+                    "snomed": {"type": "string"},
+                    "probability": {"type": "number", "minimum": 0, "maximum": 1},
+                },
+            },
+        },
         "error": {"type": "string", "nullable": True},
         "age_approx": {"type": "number", "nullable": True},
         "sex": {"type": "string", "nullable": True},

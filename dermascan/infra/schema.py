@@ -338,6 +338,9 @@ class Prediction(Base):
     # the metadata fields (age_approx, sex, anatom_site_general) the score was made without: for
     # them it rests on the image (model.inference.missing); empty when every field was given
     missing_fields: Mapped[list[str] | None] = mapped_column(JSON)
+    # the differential: a probability per class of model.inference.diagnosis.CODES (mel, nv, bcc,
+    # akiec, bkl, df, vasc), None for a bundle without it
+    differential: Mapped[list[float] | None] = mapped_column(JSON)
     previous_study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"))
     change_measure: Mapped[float | None] = mapped_column(Float)
     change_percentile: Mapped[float | None] = mapped_column(Float)

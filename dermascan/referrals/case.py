@@ -31,6 +31,7 @@ class CaseFile:
     history: list[dict] = field(default_factory=list)  # the lesion's visits, in time order
     change_threshold: float | None = None
     missing_note: str | None = None
+    differential: list[dict] | None = None  # the model's differential, most likely first
     category_labels: dict = field(default_factory=lambda: dict(referral_policy.CATEGORY_LABELS))
 
 
@@ -64,4 +65,5 @@ def case_file(session: Session, referral: Referral, reader_id: int, claim_timeou
         history=reports.lesion_history(session, study.lesion_id) if study.lesion_id is not None else [],
         change_threshold=(manifest.get("change") or {}).get("threshold"),
         missing_note=reports.missing_note(prediction.missing_fields),
+        differential=reports.differential_rows(prediction),
     )  # fmt: skip

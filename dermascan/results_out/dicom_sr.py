@@ -46,6 +46,8 @@ MISSING_VALUES = {
     "sex": hd.sr.CodedConcept("SEX", SCHEME, "Patient sex"),
     "anatom_site_general": hd.sr.CodedConcept("SITE", SCHEME, "Anatomic site"),
 }
+# the differential diagnosis: the most likely class (SNOMED CT) and each class's probability
+DIFFERENTIAL = hd.sr.CodedConcept("DIFFDX", SCHEME, "Most likely diagnosis (AI)")
 YES, NO = codes.SCT.Yes, codes.SCT.No
 IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging")
 UNITY = hd.sr.CodedConcept("1", "UCUM", "no units")
@@ -70,6 +72,7 @@ class AiResult:
     newly_high_risk: bool | None = None
     previous_report: tuple[str, str, str] | None = None
     missing_fields: tuple[str, ...] = ()
+    differential: tuple[dict, ...] = ()  # {diagnosis, label, snomed, probability}, most likely first
 
 
 # attributes of the patient and general study modules that are type 2 (present, possibly empty):
@@ -124,6 +127,16 @@ def ai_result_report(source: Dataset, result: AiResult) -> hd.sr.Comprehensive3D
     for name, flag in ((CHANGED, result.changed), (NEWLY_HIGH_RISK, result.newly_high_risk)):
         if flag is not None:
             evaluations.append(hd.sr.QualitativeEvaluation(name, YES if flag else NO))
+    if result.differential:
+        top = result.differential[0]
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(DIFFERENTIAL, hd.sr.CodedConcept(top["snomed"], "SCT", top["label"][:64]))
+        )
+        for row in result.differential:
+            name = hd.sr.CodedConcept(f"DXP-{row['diagnosis'].upper()}", SCHEME, f"Probability of {row['label']}"[:64])
+            measurements.append(
+                hd.sr.Measurement(name=name, value=float(row["probability"]), unit=UNITY, algorithm_id=algorithm)
+            )
     for field in result.missing_fields:
         value = MISSING_VALUES.get(field, hd.sr.CodedConcept(field.upper()[:16], SCHEME, field))
         evaluations.append(hd.sr.QualitativeEvaluation(MISSING_METADATA, value))

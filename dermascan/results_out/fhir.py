@@ -137,6 +137,12 @@ def diagnostic_report(row: dict, study: Study, referral: Referral | None, bundle
             },
         }]  # fmt: skip
     report["conclusion"] = _conclusion(row, referral)
+    if row.get("differential"):
+        # the most likely diagnosis, coded in SNOMED CT; each class's probability in an Observation
+        top = row["differential"][0]
+        report["conclusionCode"] = [_code("http://snomed.info/sct", top["snomed"], top["label"])]
+        contained.append(_differential_observation(row["differential"], subject, effective))
+        report["result"].append({"reference": "#differential"})
     return report
 
 
@@ -197,6 +203,22 @@ def _status(row: dict, referral: Referral | None) -> str:
     return "amended" if referral is not None else "final"
 
 
+def _differential_observation(differential: list[dict], subject: dict, effective: str | None) -> dict:
+    """The differential diagnosis: one component per class (SNOMED CT), its probability."""
+    observation = _observation(
+        "differential", _code(SYSTEM, "differential-diagnosis", "Differential diagnosis (AI)"), subject, effective,
+        valueCodeableConcept=_code("http://snomed.info/sct", differential[0]["snomed"], differential[0]["label"]),
+    )  # fmt: skip
+    observation["component"] = [
+        {
+            "code": _code("http://snomed.info/sct", row["snomed"], row["label"]),
+            "valueQuantity": {"value": row["probability"], "unit": "probability", "system": "http://unitsofmeasure.org", "code": "1"},
+        }
+        for row in differential
+    ]  # fmt: skip
+    return observation
+
+
 def _conclusion(row: dict, referral: Referral | None) -> str:
     if row.get("status") != "done":
         return f"Not scored ({row.get('status')})."
@@ -221,6 +243,9 @@ def _conclusion(row: dict, referral: Referral | None) -> str:
         text += "."
     if row.get("missing_fields_note"):
         text += " " + row["missing_fields_note"]
+    if row.get("differential"):
+        top = row["differential"][0]
+        text += f" Most likely: {top['label']} ({top['probability']:.0%})."
     if referral is not None and referral.decision is not None:
         text += f" Specialist's decision: {DECISION_LABELS[Decision(referral.decision)]}."
     return text

@@ -34,7 +34,7 @@ from dermascan.infra.schema import (
     User,
 )
 from dermascan.results_out import dicom_sr
-from dermascan.screening.reports import latest_predictions
+from dermascan.screening.reports import differential_rows, latest_predictions
 from dermascan.security import keys
 
 AI_SR, HEATMAP, VERIFIED_SR = "ai_sr", "heatmap", "verified_sr"
@@ -104,6 +104,7 @@ def build_objects(settings: Settings, session: Session, study: Study, kinds) -> 
         bundle_version=prediction.bundle_version,
         bundle_sha256=(bundle.sha256 if bundle is not None and bundle.sha256 else "unknown"),
         missing_fields=tuple(prediction.missing_fields or ()),
+        differential=tuple(differential_rows(prediction) or ()),
         **_follow_up(settings, session, study, prediction, blobs),
     )
     ai = dicom_sr.ai_result_report(header, result)

@@ -51,6 +51,8 @@ RESULT_COLUMNS = [
     "newly_high_risk",
     "referral_reason",
     "missing_fields",
+    "suspected_diagnosis",
+    "suspected_diagnosis_probability",
     "created_at",
     "finished_at",
 ]
@@ -259,6 +261,8 @@ def study_row(
         # the metadata fields the score was made without, and what that means for it
         "missing_fields": None if prediction is None else list(prediction.missing_fields or []),
         "missing_fields_note": None if prediction is None else missing_note(prediction.missing_fields),
+        # the differential diagnosis, most likely first (None for a bundle without it)
+        "differential": differential_rows(prediction),
         "error": study.error,
         "age_approx": meta.get("age_approx"),
         "sex": meta.get("sex"),
@@ -290,12 +294,26 @@ def missing_note(fields) -> str | None:
     )
 
 
+def differential_rows(prediction: Prediction | None) -> list[dict] | None:
+    """A prediction's differential as people read it: every class with its label, SNOMED CT code
+    and probability, most likely first."""
+    if prediction is None or not prediction.differential or not prediction.assessable:
+        return None
+    from model.inference.diagnosis import as_list
+
+    return as_list(prediction.differential)
+
+
 def to_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        flat = {**row, "missing_fields": ";".join(row.get("missing_fields") or [])}
+        top = (row.get("differential") or [None])[0]
+        flat = {
+            **row, "missing_fields": ";".join(row.get("missing_fields") or []),
+            "suspected_diagnosis": top and top["diagnosis"], "suspected_diagnosis_probability": top and top["probability"],
+        }  # fmt: skip
         writer.writerow({k: csv_cells.safe(v) for k, v in flat.items()})
     return buffer.getvalue()
 

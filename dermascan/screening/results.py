@@ -29,12 +29,13 @@ class ScoredStudy:
     stats: dict | None = None  # image statistics for monitoring (brightness, contrast, sharpness, size)
     embedding: list[float] | None = None  # for the lesion change measure, when the bundle has one
     missing_fields: list[str] | None = None  # the metadata fields the score was made without
+    differential: list[float] | None = None  # a probability per diagnosis (model.inference.diagnosis.CODES)
 
     @classmethod
     def of(cls, study_id: int, score) -> ScoredStudy:
         """From the model's Score of the study (``model.inference.predictor.Score``)."""
         return cls(study_id, score.probability, score.spread, score.assessable, score.reason, score.distance,
-                   score.stats, score.embedding, score.missing_fields)  # fmt: skip
+                   score.stats, score.embedding, score.missing_fields, score.differential)  # fmt: skip
 
 
 def claim(session: Session, study_ids: Sequence[int], owner: str = "", lease_s: float = 60.0) -> list[Study]:
@@ -208,6 +209,7 @@ def _insert_predictions(
             "image_stats": s.stats,
             "embedding": s.embedding,
             "missing_fields": s.missing_fields,
+            "differential": s.differential,
             "created_at": now,
         }
         for s in scored
