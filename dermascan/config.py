@@ -167,7 +167,8 @@ class Settings:
         if not settings.database_url:
             fill["database_url"] = f"sqlite:///{data_dir / 'dermascan.sqlite'}"
         if not settings.broker_url:
-            fill["broker_url"] = "filesystem://"
+            # a host name, so that kombu does not warn that none was given (the filesystem has none)
+            fill["broker_url"] = "filesystem://localhost/"
         return dataclasses.replace(settings, **fill)
 
     def with_secret(self) -> Settings:

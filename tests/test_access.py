@@ -24,6 +24,7 @@ U, S, A = "uploader", "specialist", "admin"
 TABLE = {
     "static": ("GET", "/static/style.css", PUBLIC),
     "auth.login": ("GET", "/login", PUBLIC),
+    "portal.favicon": ("GET", "/favicon.ico", PUBLIC),
     "auth.logout": ("POST", "/logout", PUBLIC),
     "portal.index": ("GET", "/", (U, S, A)),
     "portal.batches": ("GET", "/batches", (U, S, A)),

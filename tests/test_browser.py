@@ -50,6 +50,20 @@ def accessibility_violations(driver) -> list[dict]:
     )
 
 
+def _one_formatting_rule(driver) -> None:
+    """Every page writes instants as YYYY-MM-DD HH:MM and ages as whole years: no ISO 'T' time
+    and no 'N.0' age in what the page shows."""
+    import re
+
+    text = (
+        driver.find_element(By.TAG_NAME, "main").text
+        if driver.find_elements(By.TAG_NAME, "main")
+        else driver.find_element(By.TAG_NAME, "body").text
+    )
+    assert not re.search(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}", text), text
+    assert not re.search(r"(?<![\d.])\d{1,3}\.0(?![\d%])(?! %)", text), text
+
+
 class Steps:
     def __init__(self, driver, base, folder):
         self.d, self.base, self.folder, self.n = driver, base, folder, 0
@@ -124,9 +138,26 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
     )
     s.wait(By.CSS_SELECTOR, "table#results tbody tr")
     assert len(browser.find_elements(By.CSS_SELECTOR, "table#results tbody tr")) == 12
-    bars = browser.find_elements(By.CSS_SELECTOR, "#probability-histogram rect")
-    assert len(bars) == 20 and "threshold" in browser.find_element(By.ID, "probability-histogram").text
+    histogram = browser.find_element(By.ID, "probability-histogram")
+    assert "threshold" in histogram.text
+    # the colours agree with the caption around the threshold: every red part of a bar holds
+    # studies at or above it, every blue part studies below it; a bin across it is split
+    threshold = float(histogram.text.split("threshold", 1)[1].split()[0])
+    parts = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#probability-histogram rect')).map("
+        "r => [r.getAttribute('class'), r.querySelector('title').textContent])"
+    )
+    assert parts and {kind for kind, _ in parts} <= {"above", "below"}
+    for kind, title in parts:
+        low, high = (float(v) for v in title.split(":")[0].split("–"))
+        assert (kind == "above" and high > threshold) or (kind == "below" and low < threshold), (kind, title, threshold)
+    assert sum(int(t.split(": ")[1].split()[0]) for _, t in parts) == 12
+    _one_formatting_rule(browser)
     s.shot("batch-complete")
+    s.go("/batches")
+    s.wait(By.ID, "batches")
+    _one_formatting_rule(browser)
+    s.shot("batches")
     # a single upload of an unusable image (a gray card) says so at once: not assessable, retake
     gray = tmp_path / "gray-card.png"
     Image.new("RGB", (400, 300), (128, 128, 128)).save(gray)
@@ -175,16 +206,24 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
     s.shot("decided")
     s.logout()
 
-    # 4. the decision is in the audit export
+    # 4. the decision is in the audit trail (filtered by what) and its export
     s.login("root-admin", "admin-password-1")
-    s.go("/admin/audit")
-    s.shot("audit")
+    s.go("/admin/audit?action=decision")
+    rows = s.wait(By.ID, "audit").find_elements(By.CSS_SELECTOR, "tbody tr")
+    assert len(rows) == 1 and "decision" in rows[0].text and "dr-derm" in rows[0].text
+    _one_formatting_rule(browser)
+    s.shot("audit-filtered")
     s.go("/admin/model")  # the operating point: ROC curve with the current point
     s.wait(By.ID, "roc-current")
     s.shot("operating-point")
     s.go("/admin/metrics")
     s.wait(By.ID, "headline")
+    assert browser.find_element(By.ID, "heatmap-backlog").text == "0" and browser.find_element(By.ID, "latency")
+    assert not browser.find_element(By.ID, "metrics").is_displayed()  # the raw rows are folded away
     s.shot("metrics")
+    s.go("/admin/users")
+    assert "own program only" in s.wait(By.ID, "users").text  # a specialist's scope is shown
+    _one_formatting_rule(browser)
     cookies = {c["name"]: c["value"] for c in browser.get_cookies()}
     export = requests.get(server.url + "/admin/audit.csv", cookies=cookies, timeout=30)
     assert export.status_code == 200

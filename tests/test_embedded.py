@@ -33,7 +33,7 @@ def cli(env: dict, *args, timeout=300) -> subprocess.CompletedProcess:
 
 def test_submit_and_results_on_the_embedded_default(make_settings, start_worker, ham_dir, tmp_path):
     settings = make_settings()  # no database or broker URL: SQLite and the filesystem queue
-    assert settings.database_url.startswith("sqlite:///") and settings.broker_url == "filesystem://"
+    assert settings.database_url.startswith("sqlite:///") and settings.broker_url == "filesystem://localhost/"
     env = {
         **os.environ,
         **{k: v for k, v in settings.as_env().items() if k not in ("DERMASCAN_DATABASE_URL", "DERMASCAN_BROKER_URL")},

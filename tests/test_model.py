@@ -179,11 +179,14 @@ def test_training_writes_a_complete_bundle(trained_bundle):
     held = int((split < 0).sum())  # the calibration set: no fold model trained on it
     assert 0 < held < 96 and manifest["metrics"]["oof"]["n"] == 96 - held
     cal = manifest["metrics"]["calibration_set"]
-    # the threshold is taken at the calibration-set sensitivity that the members' validation folds
-    # say matches 95 % on a typical cohort (below 95 % when the set's malignant lesions are harder)
-    level = cal["threshold_level"]["calibration_set_sensitivity"]
-    assert cal["n"] == held and 0 < level <= 1 and cal["operating_point"]["sensitivity"] >= level
-    assert cal["threshold_level"]["members_with_validation_scores"] == 2
+    # the one rule: the score that refers the aimed share of the ruler's malignant lesions (here the
+    # ensemble's calibration set), checked part by part
+    rule = cal["rule"]
+    assert cal["n"] == held and rule["target"] == 0.95 and cal["operating_point"]["sensitivity"] >= 0.95
+    assert (
+        rule["check"]["parts"]
+        and "refers 0.950 of the ruler's malignant lesions" in manifest["metrics"]["threshold_rule"]
+    )
     assert manifest["calibration"]["method"] in ("none", "temperature", "platt", "isotonic")
     assert manifest["calibration"]["prevalence"] == pytest.approx(cal["positives"] / held)
     assert manifest["gate"]["quality"]["min_brightness"] > 0 and manifest["gate"]["ood"]["threshold"] > 0
@@ -357,8 +360,8 @@ def test_combine_averages_two_runs_on_one_split_and_refuses_another_split(traine
     assert manifest["metrics"]["calibration_set"]["n"] == held
     assert len(manifest["metrics"]["members_on_calibration_set"]) == 4
     assert manifest["gate"]["ood"]["members"] == [0, 1]
-    # the threshold's level comes from the work folder's members (a bundle keeps no validation scores)
-    assert manifest["metrics"]["calibration_set"]["threshold_level"]["members_with_validation_scores"] == 2
+    # the one threshold rule, on the ensemble's calibration set
+    assert manifest["metrics"]["calibration_set"]["rule"]["target"] == 0.95
     assert 0 < manifest["threshold"] < 1 and (out / "reliability.png").is_file() and (out / "reference.json").is_file()
     # the combined network is the mean of the four members; the gate reads the first two's features
     dataset = IsicDataset.open(ham_dir, limit=12)

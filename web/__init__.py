@@ -39,11 +39,12 @@ def create_app(settings: Settings | None = None, test_config: dict | None = None
         n = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)
 
-    from web import errors, extensions, headers, helpers
+    from web import errors, extensions, formatting, headers, helpers
 
     helpers.init_app(app, settings)
     headers.init_app(app, settings)  # before CSRF protection, which reads the form first
     extensions.init_app(app)
+    formatting.init_app(app)
     errors.init_app(app, settings)
 
     from web import admin, api, auth, dicomweb, monitoring, portal, referrals

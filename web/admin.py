@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from flask import Blueprint, Response, abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
@@ -273,9 +275,27 @@ def resend_study(study_id):
 @role_required("admin")
 def audit_log():
     page = page_arg()
-    action = (request.args.get("action") or None) and request.args["action"][:64]
-    events = audit.events_page(db(), page, 100, action)
-    return render_template("admin_audit.html", events=events, page=page, action=action)
+    args = {k: (request.args.get(k) or "").strip()[:64] for k in ("action", "user", "since", "until", "study")}
+    try:
+        since = dt.datetime.fromisoformat(args["since"]).replace(tzinfo=dt.UTC) if args["since"] else None
+        until = (
+            dt.datetime.fromisoformat(args["until"]).replace(tzinfo=dt.UTC) + dt.timedelta(days=1)
+            if args["until"]
+            else None
+        )
+        study = (
+            int(args["study"])
+            if args["study"].isascii() and args["study"].isdigit() and len(args["study"]) < 12
+            else None
+        )
+    except ValueError:
+        since = until = study = None
+        flash("Dates are YYYY-MM-DD.", "error")
+    where = audit.EventFilter(args["action"] or None, args["user"] or None, since, until, study)
+    events = audit.events_page(db(), page, 100, where=where)
+    shown = {k: v for k, v in args.items() if v}
+    return render_template("admin_audit.html", events=events, page=page, filters=args, shown=shown,
+                           actions=audit.actions(db()))  # fmt: skip
 
 
 @bp.get("/audit.csv")
@@ -404,4 +424,4 @@ def program_prevalence():
 def metrics():
     from web.metrics import snapshot
 
-    return render_template("admin_metrics.html", data=snapshot())
+    return render_template("admin_metrics.html", data=snapshot(), inf=float("inf"))

@@ -40,12 +40,45 @@ def headline(rows: list[dict]) -> dict:
         .select_from(Study)
         .where(Study.status == StudyStatus.FAILED, Study.finished_at >= now - dt.timedelta(hours=1))
     )
+    from dermascan.infra.schema import Prediction, Referral
+
+    backlog = db().scalar(
+        select(func.count())
+        .select_from(Referral)
+        .join(Prediction, Prediction.id == Referral.prediction_id)
+        .where(Referral.category.in_(("high_risk", "newly_high_risk")), Prediction.heatmap_sha256.is_(None))
+    )
     return {
         "queue_depth": dict(sorted(depths.items())),
         "oldest_queued_s": None if oldest is None else max(0.0, (now - oldest).total_seconds()),
         "scored_per_minute": scored / 5.0,
         "failed_last_hour": failed,
+        "heatmap_backlog": backlog,
+        "latency": latency_quantiles(rows),
     }
+
+
+def latency_quantiles(rows: list[dict], quantiles=(0.5, 0.95)) -> dict:
+    """p50 and p95 of the end-to-end latency per priority, from the workers' histogram buckets
+    (summed over workers; the upper edge of the bucket the quantile falls in)."""
+    buckets: dict[str, dict[float, float]] = {}
+    for row in rows:
+        if row["name"] != "dermascan_end_to_end_seconds_bucket":
+            continue
+        labels = dict(part.split("=", 1) for part in row["labels"].split(", ") if "=" in part)
+        edge = float("inf") if labels.get("le") in ("+Inf", "inf") else float(labels.get("le", "inf"))
+        priority = buckets.setdefault(labels.get("priority", "all"), {})
+        priority[edge] = priority.get(edge, 0.0) + row["value"]
+    out = {}
+    for priority, cumulative in sorted(buckets.items()):
+        edges = sorted(cumulative)
+        total = cumulative[edges[-1]] if edges else 0
+        if not total:
+            continue
+        out[priority] = {
+            f"p{round(q * 100)}": next(e for e in edges if cumulative[e] >= q * total) for q in quantiles
+        } | {"n": int(total)}
+    return out
 
 
 def snapshot() -> dict:

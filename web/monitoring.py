@@ -41,11 +41,10 @@ def page():
     weeks = monitoring.weeks(db(), program, 12)
     recent = monitoring.rolling(db(), program, DRIFT_DAYS)
     bundle = db().get(ModelBundle, recent.bundle) if recent.bundle else None
-    today = utcnow()
-    months = [(today.year - (today.month <= k), (today.month - k - 1) % 12 + 1) for k in range(3)]
     return render_template(
         "admin_monitoring.html", program=program, programs=programs, weeks=weeks, recent=recent,
-        months=[f"{y}-{m:02d}" for y, m in months], drift_limit=monitoring.DRIFT, moved_limit=monitoring.MOVED,
+        months=monitoring.months_with_studies(db(), program), drift_limit=monitoring.DRIFT, moved_limit=monitoring.MOVED,
+        min_studies=monitoring.MIN_STUDIES,
         pictures=charts.monitoring_pictures(weeks, recent, bundle, monitoring.DRIFT),
     )  # fmt: skip
 

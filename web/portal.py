@@ -15,8 +15,8 @@ from wtforms import DecimalField, SelectField, StringField
 from wtforms.validators import Length, NumberRange, Optional
 
 from dermascan.infra.blobs import BlobError, BlobUnavailable, blob_store
-from dermascan.infra.schema import Batch, Prediction, Study
-from dermascan.ingest import manifest
+from dermascan.infra.schema import Batch, Prediction, Study, utcnow
+from dermascan.ingest import manifest, numbers
 from dermascan.ingest.errors import IngestError
 from dermascan.ingest.numbers import NumberError
 from dermascan.ingest.records import SITES
@@ -52,7 +52,7 @@ class SingleStudyForm(FlaskForm):
     anatom_site_general = SelectField("Anatomic site", choices=[("", "unknown")] + [(s, s) for s in SITES], default="")
     # lesion follow-up: the same lesion id at a later visit links the two (checked at submission)
     lesion_id = StringField("Lesion id (to follow it across visits)", validators=[Optional(), Length(max=64)])
-    acquired_at = StringField("Imaged on (YYYY-MM-DD; default: today)", validators=[Optional(), Length(max=40)])
+    acquired_at = StringField("Imaged on (default: today)", validators=[Optional(), Length(max=40)])
 
 
 class BulkForm(FlaskForm):
@@ -89,6 +89,12 @@ def get_study(study_id: int) -> Study:
     return study
 
 
+@bp.get("/favicon.ico")
+def favicon():
+    """Browsers ask for /favicon.ico whatever a page links: the same picture."""
+    return redirect(url_for("static", filename="favicon.svg"), 301)
+
+
 @bp.route("/")
 @login_required
 def index():
@@ -100,11 +106,14 @@ def index():
 @bp.route("/batches")
 @role_required(*VIEW_ROLES)
 def batches():
-    query = select(Batch).order_by(Batch.created_at.desc()).limit(200)
-    if program_scope() is not None:
-        query = query.where(Batch.program_id == program_scope())
-    rows = [reports.batch_summary(db(), b) for b in db().scalars(query)]
-    return render_template("batches.html", batches=rows)
+    search = (request.args.get("q") or "").strip()[:100]
+    per_page = 50
+    total, rows = reports.listed_batches(db(), program_scope(), search, 1, per_page)
+    pages = max(1, -(-total // per_page))
+    page = numbers.page_number(request.args.get("page"), pages)
+    if page != 1:
+        total, rows = reports.listed_batches(db(), program_scope(), search, page, per_page)
+    return render_template("batches.html", batches=rows, search=search, page=page, pages=pages, total=total)
 
 
 @bp.route("/upload", methods=["GET"])
@@ -164,7 +173,8 @@ def upload_single():
         row=1,
     )
     result = submission.submit(
-        settings(), _program_id(), [item], source="portal", interactive=True, label=f"single: {item.external_id}",
+        settings(), _program_id(), [item], source="portal", interactive=True,
+        label=f"Single studies — {current_user.username}, {utcnow():%Y-%m-%d}", join_daily=True,
         user_id=current_user.id, ip=client_ip(),
     )  # fmt: skip
     return _finish_upload(result, 201 if result.accepted else 422, single=True)

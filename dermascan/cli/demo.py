@@ -73,8 +73,8 @@ def demo(ctx, once, port, timeout):
         watch.until_scored(timeout)
         with factory() as session:
             rows = reports.result_rows(session, result.batch_id)
-        if once:  # the table says whether each referred example has its heat map: wait for them
-            watch.until_heatmaps(rows, timeout)
+        # the table says whether each referred example has its heat map: wait for them (seconds)
+        watch.until_heatmaps(rows, timeout)
         with factory() as session:
             rows = reports.result_rows(session, result.batch_id)
             predictions = reports.latest_predictions(session, [r["study_id"] for r in rows])
@@ -88,6 +88,7 @@ def demo(ctx, once, port, timeout):
             click.echo(
                 f"\nreferral threshold {rows[0]['threshold']:.4f} (bundle {rows[0]['bundle_version']}); not a medical device"
             )
+            click.echo(_threshold_meaning(settings, rows[0]["bundle_version"]))
         click.echo(f"{time.monotonic() - started:.0f} s from the start of the demo to the table")
         if once:
             return
@@ -168,6 +169,28 @@ class _Progress:
             if made == len(referred):
                 return
             self._poll(timeout, deadline, "the heat maps")
+
+
+def _threshold_meaning(settings, version: str) -> str:
+    """What the threshold means, in one line: the sensitivity it aims at and the referrals to
+    expect per 1,000 studies, at the validation data's prevalence (as the model page says)."""
+    from dermascan.governance import operating_point
+    from dermascan.infra.schema import ModelBundle
+
+    with session_factory(settings.database_url)() as session:
+        bundle = session.get(ModelBundle, version)
+        if bundle is None:
+            return ""
+        point = operating_point.at_threshold(bundle.manifest, bundle.threshold)
+        prevalence = operating_point.validation_prevalence(bundle.manifest)
+        per_1000 = operating_point.referrals_per_1000(point, prevalence)
+    if not point or per_1000 is None:
+        return ""
+    return (
+        f"it refers {point['sensitivity']:.0%} of malignant lesions and {1 - point['specificity']:.0%} of benign ones on "
+        f"its validation data: about {per_1000:.0f} referrals per 1,000 studies where {prevalence:.0%} are malignant "
+        "(these examples are mostly malignant, so most are referred)"
+    )
 
 
 def _set_up(settings) -> tuple[int, str | None]:

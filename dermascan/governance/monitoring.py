@@ -295,3 +295,27 @@ def rolling(session: Session, program: Program, days: int, now: dt.datetime | No
 
 def programs(session: Session) -> list[Program]:
     return list(session.scalars(select(Program).order_by(Program.name)))
+
+
+def months_with_studies(
+    session: Session, program: Program, count: int = 3, now: dt.datetime | None = None
+) -> list[str]:
+    """Of the program's last ``count`` months (this one first), those in which it had studies
+    scored: the months a monthly report has something to say about (``YYYY-MM``)."""
+    from sqlalchemy import func
+
+    today = now or utcnow()
+    out = []
+    for k in range(count):
+        year, month = today.year - (today.month <= k), (today.month - k - 1) % 12 + 1
+        start = dt.datetime(year, month, 1, tzinfo=dt.UTC)
+        end = dt.datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=dt.UTC)
+        scored = session.scalar(
+            select(func.count()).select_from(Study).where(
+                Study.program_id == program.id, Study.status == StudyStatus.DONE, Study.finished_at >= start,
+                Study.finished_at < end,
+            )
+        )  # fmt: skip
+        if scored:
+            out.append(f"{year}-{month:02d}")
+    return out

@@ -394,6 +394,7 @@ class AuditEvent(Base):
     ip: Mapped[str | None] = mapped_column(String(64))
 
     user: Mapped[User | None] = relationship()
+    token: Mapped[ApiToken | None] = relationship()
 
 
 class Outcome(Base):

@@ -111,6 +111,7 @@ class SubmitStudies:
         progress: Callable[[int], None] | None = None,
         batch_id: str | None = None,
         ip: str | None = None,
+        join_daily: bool = False,
     ):
         self.settings = settings
         self.program_id = program_id
@@ -127,6 +128,9 @@ class SubmitStudies:
         self.progress = progress
         self.batch_id = batch_id  # add to this existing batch (one per DICOM association)
         self.ip = ip
+        # join today's batch of this user with the same label (a person's single uploads of a day
+        # are one batch), else open it
+        self.join_daily = join_daily
         self.blobs = blob_store(settings)
 
     def run(self, session: Session) -> SubmitResult:
@@ -152,9 +156,16 @@ class SubmitStudies:
         synced.result()  # stored means on disk: only then may the caller commit and answer
         self._accept(staged, ids, existing, result)
         if batch is not None:
-            batch.total = len(result.accepted)
-            batch.rejected = len(result.rejected)
-            batch.report = result.report()
+            joined = batch.total is not None and batch.total > 0
+            batch.total = (
+                session.scalar(select(func.count()).select_from(Study).where(Study.batch_id == batch.id))
+                if joined
+                else len(result.accepted)
+            )
+            batch.rejected = (batch.rejected or 0) + len(result.rejected) if joined else len(result.rejected)
+            batch.report = result.report()  # the latest upload's report
+            if joined and result.new_study_ids:
+                batch.completed_at = None  # it has work again
             # the upload and its audit event commit together (or not at all)
             audit.record(
                 session, "upload", user_id=self.user_id, token_id=self.token_id, object_type="batch",
@@ -167,6 +178,20 @@ class SubmitStudies:
         """A new batch row, unless batching is off or the studies join an existing batch."""
         if not self.make_batch or self.batch_id:
             return None
+        if self.join_daily and self.label:
+            today = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+            found = session.scalar(
+                select(Batch)
+                .where(
+                    Batch.program_id == self.program_id, Batch.label == self.label, Batch.submitted_by_id == self.user_id,
+                    Batch.source == self.source, Batch.created_at >= today,
+                )
+                .order_by(Batch.created_at.desc())
+                .limit(1)
+                .with_for_update()
+            )  # fmt: skip
+            if found is not None:
+                return found
         return open_batch(
             session, self.program_id, self.source, self.label, idempotency_key=self.idempotency_key,
             callback_url=self.callback_url, user_id=self.user_id, token_id=self.token_id,

@@ -319,18 +319,21 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def probability_histogram(session: Session, batch_id: str, bins: int = 20) -> dict:
-    """Counts of the batch's latest probabilities in ``bins`` equal bins, with the threshold used,
-    for the batch page's picture."""
+    """Counts of the batch's latest probabilities in ``bins`` equal bins — each bin split into the
+    studies below their referral threshold and those at or above it, so a bin that straddles the
+    threshold shows both — with the thresholds used, for the batch page's picture."""
     rows = session.execute(
         select(Prediction.probability, Prediction.threshold)
         .join(Study, Study.id == Prediction.study_id)
         .where(Study.batch_id == batch_id, Prediction.assessable.is_(True), Prediction.shadow.is_(False))
     ).all()
-    counts = [0] * bins
-    for probability, _ in rows:
-        counts[min(int(probability * bins), bins - 1)] += 1
+    below, above = [0] * bins, [0] * bins
+    for probability, threshold in rows:
+        (above if probability >= threshold else below)[min(int(probability * bins), bins - 1)] += 1
+    counts = [a + b for a, b in zip(below, above, strict=True)]
     thresholds = sorted({round(t, 4) for _, t in rows})
-    return {"counts": counts, "max": max(counts) if rows else 0, "n": len(rows), "thresholds": thresholds}
+    return {"counts": counts, "below": below, "above": above, "max": max(counts) if rows else 0, "n": len(rows),
+            "thresholds": thresholds}  # fmt: skip
 
 
 def program_batches(
@@ -350,6 +353,24 @@ def program_batches(
         query.order_by(Batch.created_at.desc(), Batch.id.desc()).offset((page - 1) * per_page).limit(per_page)
     )
     return total, list(rows)
+
+
+def listed_batches(
+    session: Session, program_id: int | None, search: str | None = None, page: int = 1, per_page: int = 50
+) -> tuple[int, list[dict]]:
+    """The portal's batch list, newest first: every program's (``program_id`` None) or one's,
+    searched by label (case-insensitive, a part of it) → (total, one page of summaries with the
+    program's name)."""
+    query = select(Batch, Program.name).join(Program, Program.id == Batch.program_id)
+    if program_id is not None:
+        query = query.where(Batch.program_id == program_id)
+    if search and "\x00" not in search:
+        query = query.where(func.lower(Batch.label).contains(search.strip().lower()[:100], autoescape=True))
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    rows = session.execute(
+        query.order_by(Batch.created_at.desc(), Batch.id.desc()).offset((page - 1) * per_page).limit(per_page)
+    ).all()
+    return total, [{**batch_summary(session, batch), "program": name} for batch, name in rows]
 
 
 def studies_in_order(session: Session, study_ids) -> list[Study]:

@@ -117,9 +117,44 @@ def stream_csv(factory, page: int = 2000) -> Iterator[str]:
         last = events[-1].id
 
 
-def events_page(session: Session, page: int, per_page: int = 100, action: str | None = None) -> list[AuditEvent]:
-    """One page of the audit trail, newest first, optionally of one action."""
+@dataclass(frozen=True)
+class EventFilter:
+    """Which audit events to show: by action, by user name, from and before a day, about a study
+    (the study itself, or its referral)."""
+
+    action: str | None = None
+    user: str | None = None
+    since: object = None  # a datetime, inclusive
+    until: object = None  # a datetime, exclusive
+    study_id: int | None = None
+
+
+def events_page(session: Session, page: int, per_page: int = 100, action: str | None = None,
+                where: EventFilter | None = None) -> list[AuditEvent]:  # fmt: skip
+    """One page of the audit trail, newest first, filtered."""
+    from sqlalchemy import and_, or_
+
+    from dermascan.infra.schema import Referral, User
+
+    where = where or EventFilter(action=action)
     query = select(AuditEvent).order_by(AuditEvent.id.desc())
-    if action:
-        query = query.where(AuditEvent.action == action)
+    if where.action:
+        query = query.where(AuditEvent.action == where.action)
+    if where.user:
+        query = query.where(AuditEvent.user_id.in_(select(User.id).where(User.username == where.user)))
+    if where.since is not None:
+        query = query.where(AuditEvent.at >= where.since)
+    if where.until is not None:
+        query = query.where(AuditEvent.at < where.until)
+    if where.study_id is not None:
+        referrals = [str(r) for r in session.scalars(select(Referral.id).where(Referral.study_id == where.study_id))]
+        query = query.where(or_(
+            and_(AuditEvent.object_type == "study", AuditEvent.object_id == str(where.study_id)),
+            and_(AuditEvent.object_type == "referral", AuditEvent.object_id.in_(referrals or ["-"])),
+        ))  # fmt: skip
     return list(session.scalars(query.offset((page - 1) * per_page).limit(per_page)))
+
+
+def actions(session: Session) -> list[str]:
+    """Every action the trail holds, for the page's filter."""
+    return sorted(session.scalars(select(AuditEvent.action).distinct()))

@@ -25,7 +25,7 @@ from model import metrics
 from model.errors import ModelError
 from model.inference.data import IsicDataset
 from model.inference.features import FeatureSpec
-from model.training.assemble import calibrate, data_fingerprint, ensemble, save_bundle, with_calibration
+from model.training.assemble import Ruler, calibrate, data_fingerprint, ensemble, save_bundle, with_calibration
 from model.training.config import TrainConfig, read_config, split_rows
 from model.training.folds import fold_scores, tta_predict
 
@@ -138,8 +138,6 @@ def combine(data_dir, out_dir, paths: list[Path], version: str, gate_members: li
     models = [m for s in sources for m in s.models]
     labels = [label for s in sources for label in s.labels]
     saved = [c for s in sources for c in (s.cal_scores or [None] * len(s.models))]
-    # a bundle keeps no validation scores: the threshold's level comes from the members that have them
-    validation = [v for s in sources for v in (s.validation_positives or [None] * len(s.models))]
     if gate_members is not None and not set(gate_members) <= set(range(len(models))):
         raise ModelError(f"gate members {gate_members}: the ensemble has members 0..{len(models) - 1}")
     images = meta = None
@@ -176,7 +174,10 @@ def combine(data_dir, out_dir, paths: list[Path], version: str, gate_members: li
         ],  # fmt: skip
     }
     extra = {"inference": {"tta": cfg.tta}}
-    threshold = with_calibration(metrics_block, extra, calibrate(out, y, fold, per_member, cfg, validation))
+    ruler = Ruler.calibration_set(
+        y, dataset.groups(), fold, np.mean(per_member, axis=0), "the ensemble's held-out calibration set"
+    )
+    threshold = with_calibration(metrics_block, extra, calibrate(out, ruler, cfg))
     training = {"members": labels, "combined_from": [str(p) for p in paths]}
     return save_bundle(
         network, sources[0].spec, out, data_dir, dataset, fold, cfg, version, threshold, metrics_block, training, extra,

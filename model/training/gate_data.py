@@ -9,6 +9,8 @@ original size; the gate sees them exactly as a worker would (resized to the bund
 from __future__ import annotations
 
 import io
+import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -274,34 +276,60 @@ def fundus(n: int = 24, seed: int = 0, size: int = 256) -> Iterator[tuple[str, n
 def dicom_samples(seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
     """The medical images pydicom ships as test data (CT, MR, ultrasound, secondary captures):
     grey ones as they are, and coloured by a colour map as a viewer would show them."""
-    import warnings
-
     import matplotlib
     import pydicom
-    from pydicom.data import get_testdata_files
+    import pydicom.data
 
     rng = _rng(seed + 17)
     cmaps = ("inferno", "hot", "viridis", "bone")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for path in sorted(get_testdata_files("*.dcm")):
-            try:
-                ds = pydicom.dcmread(path)
-                pixels = np.asarray(ds.pixel_array, dtype=float)
-            except Exception:  # noqa: BLE001 — a test file its decoders cannot read is skipped
-                continue
-            if pixels.ndim == 4 or pixels.ndim == 3 and pixels.shape[-1] != 3:
-                pixels = pixels[0]
-            if pixels.ndim < 2 or min(pixels.shape[:2]) < 64:
-                continue
-            pixels = (pixels - pixels.min()) / (np.ptp(pixels) or 1)
-            if pixels.ndim == 2:
-                grey = np.repeat((pixels * 255).astype(np.uint8)[..., None], 3, axis=2)
-                yield "medical-dicom", grey
-                coloured = matplotlib.colormaps[cmaps[int(rng.integers(0, len(cmaps)))]](pixels)[..., :3]
-                yield "medical-dicom-colour", (coloured * 255).astype(np.uint8)
-            else:
-                yield "medical-dicom", (pixels * 255).astype(np.uint8)
+    # the files pydicom ships inside its package (get_testdata_files would also try to download more)
+    for path in sorted((Path(pydicom.data.__file__).parent / "test_files").glob("*.dcm")):
+        pixels = _clean_pixels(pydicom, path)
+        if pixels is None:
+            continue
+        if pixels.ndim == 4 or pixels.ndim == 3 and pixels.shape[-1] != 3:
+            pixels = pixels[0]
+        if pixels.ndim < 2 or min(pixels.shape[:2]) < 64:
+            continue
+        pixels = (pixels - pixels.min()) / (np.ptp(pixels) or 1)
+        if pixels.ndim == 2:
+            grey = np.repeat((pixels * 255).astype(np.uint8)[..., None], 3, axis=2)
+            yield "medical-dicom", grey
+            coloured = matplotlib.colormaps[cmaps[int(rng.integers(0, len(cmaps)))]](pixels)[..., :3]
+            yield "medical-dicom-colour", (coloured * 255).astype(np.uint8)
+        else:
+            yield "medical-dicom", (pixels * 255).astype(np.uint8)
+
+
+class _Faults(logging.Handler):
+    """Collects what pydicom finds wrong with a file while it is read (instead of printing it)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.found: list[str] = []
+
+    def emit(self, record) -> None:
+        self.found.append(record.getMessage())
+
+
+def _clean_pixels(pydicom, path) -> np.ndarray | None:
+    """A test file's pixels when pydicom reads it without finding fault (pydicom ships some
+    deliberately malformed files — an IS of '1A', padded pixel data — to test itself: they are
+    skipped, not read with a warning); None otherwise."""
+    logger = logging.getLogger("pydicom")
+    faults, propagate = _Faults(), logger.propagate
+    logger.addHandler(faults)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a file pydicom warns about is one it had to repair
+            pixels = np.asarray(pydicom.dcmread(path).pixel_array, dtype=float)
+    except Exception:  # noqa: BLE001 — a test file its decoders cannot read, or read only with a warning
+        return None
+    finally:
+        logger.removeHandler(faults)
+        logger.propagate = propagate
+    return None if faults.found else pixels
 
 
 def histology(n: int = 24, seed: int = 0, size: int = 256) -> Iterator[tuple[str, np.ndarray]]:
