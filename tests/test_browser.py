@@ -61,7 +61,7 @@ def _one_formatting_rule(driver) -> None:
         else driver.find_element(By.TAG_NAME, "body").text
     )
     assert not re.search(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}", text), text
-    assert not re.search(r"(?<![\d.])\d{1,3}\.0(?![\d%])(?! %)", text), text
+    assert not re.search(r"(?<![\d.])\d{1,3}\.0(?![\d%.])(?! %)", text), text
 
 
 class Steps:
@@ -142,7 +142,8 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
     assert "threshold" in histogram.text
     # the colours agree with the caption around the threshold: every red part of a bar holds
     # studies at or above it, every blue part studies below it; a bin across it is split
-    threshold = float(histogram.text.split("threshold", 1)[1].split()[0])
+    label = histogram.find_element(By.CSS_SELECTOR, "text.threshold-label").text
+    threshold = float(label.split("threshold", 1)[1].split()[0])
     parts = browser.execute_script(
         "return Array.from(document.querySelectorAll('#probability-histogram rect')).map("
         "r => [r.getAttribute('class'), r.querySelector('title').textContent])"

@@ -114,6 +114,20 @@ def test_queue_order_stale_claims_and_decisions(pg_settings, tiny_bundle):
         assert decided.status == ReferralStatus.DECIDED and decided.decided_by_id == bob
     with factory() as session, session.begin(), pytest.raises(referrals.ReferralError, match="already been decided"):
         referrals.decide(session, top.id, bob, "benign_no_action", None, 60)
+    # the study's result carries the decision back to its sender (REST, CSV); an undecided one says null
+    with factory() as session:
+        from dermascan.screening.reports import study_result
+
+        decided_study = session.get(Study, session.get(Referral, top.id).study_id)
+        row = study_result(session, decided_study)
+        assert (row["referral_id"], row["decision"], row["decision_label"]) == (
+            top.id,
+            "biopsy_or_excision",
+            "Biopsy or excision",
+        ) and row["decided_at"]
+        other = session.scalar(select(Referral).where(Referral.id != top.id))
+        waiting = study_result(session, session.get(Study, other.study_id))
+        assert waiting["referral_id"] == other.id and waiting["decision"] is None and waiting["decided_at"] is None
     # filters: by site
     with factory() as session:
         torso = referrals.open_cases(session, 60, referrals.QueueFilter(site="torso"))

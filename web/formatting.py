@@ -42,5 +42,20 @@ def age(value, unknown: str = "") -> str:
     return f"{years:.0f}" if years == int(years) else f"{years:.1f}"
 
 
+def suspected(prediction) -> str:
+    """A prediction's most likely diagnosis and its probability, for a table cell."""
+    from dermascan.screening.reports import suspected as top
+
+    found = top(prediction)
+    return "" if found is None else f"{found['label'].split(' (')[0]} ({found['probability']:.0%})"
+
+
+def diagnosis_label(code) -> str:
+    """A recorded diagnosis: its label when it is one of the coded classes, else as recorded."""
+    from dermascan.screening.reports import DIAGNOSIS_CHOICES
+
+    return dict(DIAGNOSIS_CHOICES).get(code, "Other" if code == "other" else code or "")
+
+
 def init_app(app) -> None:
-    app.jinja_env.filters.update(when=when, day=day, age=age)
+    app.jinja_env.filters.update(when=when, day=day, age=age, suspected=suspected, diagnosis_label=diagnosis_label)

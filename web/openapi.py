@@ -122,6 +122,22 @@ RESULT = {
             "empty when every field was given, null before scoring",
         },
         "missing_fields_note": {"type": "string", "nullable": True},
+        "decision": {
+            "type": "string",
+            "nullable": True,
+            "enum": [
+                "urgent_in_person_review",
+                "biopsy_or_excision",
+                "routine_follow_up",
+                "benign_no_action",
+                "image_quality_insufficient",
+                None,
+            ],
+            "description": "the specialist's decision on a referred study, once made",
+        },
+        "decision_label": {"type": "string", "nullable": True},
+        "referral_id": {"type": "integer", "nullable": True, "description": "the case in the specialists' queue"},
+        "decided_at": {"type": "string", "format": "date-time", "nullable": True},
         "differential": {
             "type": "array",
             "nullable": True,

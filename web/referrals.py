@@ -6,8 +6,8 @@ from flask import Blueprint, abort, flash, redirect, render_template, request, u
 from flask_login import current_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select
-from wtforms import HiddenField, RadioField, SelectField, StringField, TextAreaField
-from wtforms.validators import DataRequired, Length
+from wtforms import HiddenField, RadioField, SelectField, TextAreaField
+from wtforms.validators import DataRequired, Length, Optional
 
 from dermascan.errors import DomainError
 from dermascan.infra.schema import DECISION_LABELS as LABELS
@@ -42,13 +42,21 @@ class ReleaseForm(FlaskForm):
 
 
 class OutcomeForm(FlaskForm):
+    # no default: one careless click must not record a malignancy
     outcome = SelectField(
         "Outcome",
-        choices=[("malignant", "Malignant (histopathology)"), ("benign", "Benign (histopathology)"),
-                 ("not_biopsied", "Not biopsied")],
-        validators=[DataRequired()],
+        choices=[("", "— choose the outcome —"), ("malignant", "Malignant (histopathology)"),
+                 ("benign", "Benign (histopathology)"), ("not_biopsied", "Not biopsied")],
+        validators=[DataRequired(message="choose the outcome")],
     )  # fmt: skip
-    diagnosis = StringField("Diagnosis (type)", validators=[Length(max=200)])
+    # the same coded list as the model's differential, plus "other"
+    diagnosis = SelectField("Diagnosis", choices=[], validators=[Optional()])
+
+    def __init__(self, *args, **kwargs):
+        from dermascan.screening.reports import DIAGNOSIS_CHOICES
+
+        super().__init__(*args, **kwargs)
+        self.diagnosis.choices = [("", "— not known —"), *DIAGNOSIS_CHOICES, ("other", "Other")]
 
 
 def _id_or_none(value) -> int | None:
@@ -113,20 +121,25 @@ def case(referral_id):
     referral = _referral(referral_id)
     audit_event("view", object_type="referral", object_id=referral.id, detail={"study_id": referral.study_id})
     db().commit()
+    return _case_page(referral)
+
+
+def _case_page(referral: Referral, form=None, outcome_form=None, status: int = 200):
     found = case_file(db(), referral, current_user.id, settings().claim_timeout_s)
-    return render_template(
-        "case.html", **vars(found), form=DecisionForm(), release=ReleaseForm(), labels=DECISION_LABELS,
-        outcome_form=OutcomeForm(), deliveries=delivery_status.deliveries(db(), referral.study_id),
+    page = render_template(
+        "case.html", **vars(found), form=form or DecisionForm(formdata=None), release=ReleaseForm(),
+        labels=DECISION_LABELS, outcome_form=outcome_form or OutcomeForm(formdata=None),
+        deliveries=delivery_status.deliveries(db(), referral.study_id),
     )  # fmt: skip
+    return page, status
 
 
 @bp.post("/<int:referral_id>/decide")
 @role_required(*ROLES)
 def decide(referral_id):
     form = DecisionForm()
-    if not form.validate_on_submit():
-        flash("Choose a decision.", "error")
-        return redirect(url_for("referrals.case", referral_id=referral_id))
+    if not form.validate_on_submit():  # said next to the form, which keeps the note typed so far
+        return _case_page(_referral(referral_id), form=form, status=400)
     try:
         referral = queue.decide(
             db(), referral_id, current_user.id, form.decision.data, form.note.data, settings().claim_timeout_s
@@ -155,8 +168,7 @@ def record_outcome(referral_id):
     referral = _referral(referral_id)
     form = OutcomeForm()
     if not form.validate_on_submit():
-        flash("Choose an outcome.", "error")
-        return redirect(url_for("referrals.case", referral_id=referral_id)), 303
+        return _case_page(referral, outcome_form=form, status=400)
     try:
         outcomes.record(
             db(), referral.study, form.outcome.data, form.diagnosis.data, source="portal", user_id=current_user.id,

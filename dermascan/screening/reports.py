@@ -53,6 +53,8 @@ RESULT_COLUMNS = [
     "missing_fields",
     "suspected_diagnosis",
     "suspected_diagnosis_probability",
+    "decision",
+    "decided_at",
     "created_at",
     "finished_at",
 ]
@@ -131,17 +133,22 @@ def result_rows(
         query = query.limit(limit)
     studies = list(session.scalars(query))
     preds = latest_predictions(session, [s.id for s in studies])
-    categories = referral_categories(session, [s.id for s in studies])
+    referrals = referrals_of(session, [s.id for s in studies])
     prevalence = Prevalence(session)
-    return [study_row(s, preds.get(s.id), categories.get(s.id), prevalence.get(s, preds.get(s.id))) for s in studies]
+    return [
+        study_row(s, preds.get(s.id), getattr(referrals.get(s.id), "category", None), prevalence.get(s, preds.get(s.id)),
+                  referrals.get(s.id))
+        for s in studies
+    ]  # fmt: skip
 
 
 def study_result(session: Session, study: Study) -> dict:
     """One study's result row (as in a batch's results); for a study of a followed lesion, with
     the lesion's earlier visits (in time order)."""
     prediction = latest_predictions(session, [study.id]).get(study.id)
-    category = referral_categories(session, [study.id]).get(study.id)
-    row = study_row(study, prediction, category, Prevalence(session).get(study, prediction))
+    referral = referrals_of(session, [study.id]).get(study.id)
+    category = None if referral is None else referral.category
+    row = study_row(study, prediction, category, Prevalence(session).get(study, prediction), referral)
     if study.lesion_id is not None:
         history = lesion_history(session, study.lesion_id)
         position = next(i for i, visit in enumerate(history) if visit["study_id"] == study.id)
@@ -201,6 +208,25 @@ def lesion_history(session: Session, lesion_id: int) -> list[dict]:
     return rows
 
 
+def referrals_of(session: Session, study_ids) -> dict[int, Referral]:
+    """The studies' referrals, by study id."""
+    return {r.study_id: r for r in session.scalars(select(Referral).where(Referral.study_id.in_(list(study_ids))))}
+
+
+def decision_fields(referral: Referral | None) -> dict:
+    """The specialist's decision on a referred study, as a result carries it back to the sender
+    (the decision, its label, when; the note stays in DermaScan)."""
+    from dermascan.infra.schema import DECISION_LABELS, Decision
+
+    decided = referral is not None and referral.decision is not None
+    return {
+        "referral_id": None if referral is None else referral.id,  # the case, in the specialists' queue
+        "decision": Decision(referral.decision).value if decided else None,
+        "decision_label": DECISION_LABELS[Decision(referral.decision)] if decided else None,
+        "decided_at": iso_utc(referral.decided_at) if decided else None,
+    }
+
+
 def referral_categories(session: Session, study_ids) -> dict[int, str]:
     query = select(Referral.study_id, Referral.category).where(Referral.study_id.in_(list(study_ids)))
     return {study_id: category for study_id, category in session.execute(query)}
@@ -235,6 +261,7 @@ def study_row(
     prediction: Prediction | None,
     referral_category: str | None,
     prevalence: tuple[float, float] | None = None,
+    referral: Referral | None = None,
 ) -> dict:
     """One study's result. A study the gate could not assess has ``assessable`` false with its
     reason, no probability and no referral decision (``referred`` null); it sits in the
@@ -274,6 +301,8 @@ def study_row(
         "lesion_id": study.lesion_id,
         "acquired_at": iso_utc(study.acquired_at),
         **follow_up_fields(prediction),
+        # the specialist's decision, once made
+        **decision_fields(referral),
         "created_at": iso_utc(study.created_at),
         "finished_at": iso_utc(study.finished_at),
     }
@@ -292,6 +321,22 @@ def missing_note(fields) -> str | None:
         f"Scored without {listed}: for {'it' if len(names) == 1 else 'them'} the probability rests on the image "
         "(calibrated on held-out lesions sent without them), not on the patient's details."
     )
+
+
+def _diagnosis_choices() -> list[tuple[str, str]]:
+    from model.inference.diagnosis import CLASSES
+
+    return [(code, label) for code, label, *_ in CLASSES]
+
+
+# the coded diagnoses a specialist records an outcome with (the differential's seven classes)
+DIAGNOSIS_CHOICES = _diagnosis_choices()
+
+
+def suspected(prediction: Prediction | None) -> dict | None:
+    """The most likely diagnosis of a prediction's differential (None without one)."""
+    rows = differential_rows(prediction)
+    return rows[0] if rows else None
 
 
 def differential_rows(prediction: Prediction | None) -> list[dict] | None:

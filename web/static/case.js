@@ -27,3 +27,11 @@
   if (both) both.addEventListener("change", function () { sides.forEach(show); });
   sides.forEach(show);
 })();
+
+(function () {
+  // "Release back to the queue" asks first
+  const release = document.getElementById("release-form");
+  if (release) release.addEventListener("submit", function (event) {
+    if (!window.confirm(release.dataset.confirm)) event.preventDefault();
+  });
+})();
