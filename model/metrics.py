@@ -75,6 +75,16 @@ def threshold_for_sensitivity(y_true, y_score, target: float = 0.95) -> float:
     return float(positives[positives.size - k])
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """The Wilson score interval of a proportion ``k`` of ``n`` (95 % by default)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 def bootstrap_ci(metric, y_true, y_score, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0):
     """Percentile bootstrap CI of ``metric(y_true, y_score)``, resampling cases (stratified)."""
     y_true, y_score = _check(y_true, y_score)

@@ -12,7 +12,7 @@ from wtforms import BooleanField, DecimalField, IntegerField, PasswordField, Rad
 from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
 from dermascan.errors import DomainError
-from dermascan.governance import bundles, operating_point
+from dermascan.governance import bundles, local_validation, operating_point
 from dermascan.governance.operating_point import at_threshold
 from dermascan.infra.schema import ApiToken, DicomDestination, Program, User
 from dermascan.results_out import delivery_status, scheduling
@@ -361,6 +361,7 @@ def _model_page(bundle, form, preview, current, prevalence_form=None) -> dict:
         "roc": operating_point.roc_curve(bundle.manifest),
         "expected": [e for e in expected if e["prevalence"] is not None],
         "prevalence_form": prevalence_form,
+        "program_thresholds": [(p, local_validation.program_threshold(db(), p.id, bundle.version)) for p in programs],
     }
 
 
@@ -395,6 +396,43 @@ def bundle_state(version, change):
     db().commit()
     flash(f"Bundle {version} is now {row.state}.", "info")
     return redirect(url_for("admin.model"))
+
+
+@bp.route("/programs/<int:program_id>/operating-point", methods=["GET", "POST"])
+@role_required("admin")
+def program_operating_point(program_id):
+    """A program's local validation (its studies with recorded outcomes, scored by the active
+    bundle) and its own referral threshold: previewed on the local set, then set when confirmed
+    (audited), or cleared back to the bundle's."""
+    program = db().get(Program, program_id)
+    if program is None:
+        abort(404)
+    bundle = bundles.active(db())
+    own = None if bundle is None else local_validation.program_threshold(db(), program.id, bundle.version)
+    form = ThresholdForm(data={"threshold": round(own.threshold, 4)} if own and request.method == "GET" else None)
+    preview = None
+    report = local_validation.local_validation(db(), program, bundle)
+    if bundle is not None and request.method == "POST" and request.form.get("clear"):
+        if not RevokeForm().validate_on_submit():
+            abort(400)
+        local_validation.set_program_threshold(db(), program, bundle, None, actor())
+        db().commit()
+        flash(f"{program.name}: the bundle's threshold {bundle.threshold:.4f} applies again.", "info")
+        return redirect(url_for("admin.program_operating_point", program_id=program.id))
+    if bundle is not None and form.validate_on_submit():
+        value = float(form.threshold.data)
+        p, y, _ = local_validation.labelled(db(), program, bundle)
+        preview = local_validation.candidate(y, p, value, "previewed", report.prevalence)
+        if form.confirm.data:
+            local_validation.set_program_threshold(db(), program, bundle, value, actor())
+            db().commit()
+            flash(f"{program.name}: referral threshold {value:.4f}; it applies to its studies scored from now on.", "info")  # fmt: skip
+            return redirect(url_for("admin.program_operating_point", program_id=program.id))
+    status = 400 if request.method == "POST" and form.errors else 200
+    return render_template(
+        "admin_program_threshold.html", program=program, bundle=bundle, own=own, report=report, form=form,
+        preview=preview, clear=RevokeForm(), enough=local_validation.ENOUGH_MALIGNANT,
+    ), status  # fmt: skip
 
 
 @bp.post("/model/prevalence")

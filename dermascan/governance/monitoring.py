@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dermascan.governance import operating_point
+from dermascan.governance import local_validation, operating_point
 from dermascan.infra.schema import (
     Decision,
     ModelBundle,
@@ -131,7 +131,8 @@ def window(session: Session, program: Program, start: dt.datetime, end: dt.datet
         return out
     _count_referrals_and_outcomes(out, rows)
     bundle = _deciding_bundle(session, rows)
-    _drift(out, rows, bundle, program)
+    own = None if bundle is None else local_validation.program_threshold(session, program.id, bundle.version)
+    _drift(out, rows, bundle, program, None if own is None else own.threshold)
     known = [
         (i, o.kind == OutcomeKind.MALIGNANT) for i, o in rows.outcomes.items() if o.kind != OutcomeKind.NOT_BIOPSIED
     ]
@@ -218,7 +219,9 @@ def _deciding_bundle(session: Session, rows: _WindowRows) -> ModelBundle | None:
     return session.get(ModelBundle, versions[0][0]) if versions else None
 
 
-def _drift(out: Window, rows: _WindowRows, bundle: ModelBundle | None, program: Program) -> None:
+def _drift(
+    out: Window, rows: _WindowRows, bundle: ModelBundle | None, program: Program, threshold: float | None = None
+) -> None:
     """Scores, metadata and image statistics against the bundle's development profile, and the
     referral rate against what its validation predicts."""
     manifest = bundle.manifest if bundle is not None else {}
@@ -235,16 +238,19 @@ def _drift(out: Window, rows: _WindowRows, bundle: ModelBundle | None, program: 
     profile = manifest.get("reference") or {}
     out.drift = {"score": reference.score_psi((manifest.get("metrics") or {}).get("score_histogram"), out.scores)}
     out.drift.update(reference.drift(profile, stream))
-    out.expected_rate, out.band = _expected_band(manifest, bundle, program, out.studies)
+    out.expected_rate, out.band = _expected_band(manifest, bundle, program, out.studies, threshold)
 
 
-def _expected_band(manifest, bundle, program, n) -> tuple[float | None, tuple[float, float] | None]:
-    """The high-risk referral rate the bundle's validation predicts at the program's expected
-    prevalence (else the validation data's), with a band: half to one and a half times it,
-    widened by three binomial standard errors for the window's size."""
+def _expected_band(
+    manifest, bundle, program, n, threshold: float | None = None
+) -> tuple[float | None, tuple[float, float] | None]:
+    """The high-risk referral rate the bundle's validation predicts at the program's threshold
+    (its own, else the bundle's) and expected prevalence (else the validation data's), with a
+    band: half to one and a half times it, widened by three binomial standard errors for the
+    window's size."""
     if bundle is None:
         return None, None
-    point = operating_point.at_threshold(manifest, bundle.threshold)
+    point = operating_point.at_threshold(manifest, bundle.threshold if threshold is None else threshold)
     prevalence = program.expected_prevalence or operating_point.validation_prevalence(manifest)
     per_1000 = operating_point.referrals_per_1000(point, prevalence)
     if per_1000 is None:

@@ -147,6 +147,24 @@ class Program(Base):
     created_at: Mapped[timestamp]
 
 
+class ProgramThreshold(Base):
+    """A program's own referral threshold for one bundle, set by an admin from the program's local
+    validation (``dermascan.governance.local_validation``); the bundle's threshold is the default
+    for every program without one. Studies scored from then on are referred by it."""
+
+    __tablename__ = "program_thresholds"
+    __table_args__ = (UniqueConstraint("program_id", "bundle_version"),)
+    id: Mapped[intpk]
+    program_id: Mapped[int] = mapped_column(ForeignKey("programs.id", ondelete="CASCADE"))
+    bundle_version: Mapped[str] = mapped_column(String(80), ForeignKey("model_bundles.version"))
+    threshold: Mapped[float] = mapped_column(Float)
+    # what the local validation showed at it when it was set: sensitivity, specificity, their
+    # intervals, the number of labelled studies
+    basis: Mapped[dict[str, Any] | None]
+    set_at: Mapped[timestamp]
+    set_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+
+
 class User(Base):
     __tablename__ = "users"
     id: Mapped[intpk]

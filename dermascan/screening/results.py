@@ -14,7 +14,16 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dermascan.infra.db import insert_ignoring_conflicts
-from dermascan.infra.schema import Batch, Prediction, Priority, Referral, Study, StudyStatus, utcnow
+from dermascan.infra.schema import (
+    Batch,
+    Prediction,
+    Priority,
+    ProgramThreshold,
+    Referral,
+    Study,
+    StudyStatus,
+    utcnow,
+)
 from dermascan.screening import follow_up, referral_policy
 
 
@@ -163,13 +172,18 @@ def record(
         lost = sorted(({s.study_id for s in scored} | {f[0] for f in failed}) - held)
         scored = [s for s in scored if s.study_id in held]
         failed = [f for f in failed if f[0] in held]
-    _insert_predictions(session, bundle_version, threshold, scored, now)
+    # a program with a threshold of its own for this bundle (set from its local validation) is
+    # referred by it; every other study by the bundle's
+    own = program_thresholds(session, bundle_version, [s.study_id for s in scored])
+    thresholds = {s.study_id: own.get(s.study_id, threshold) for s in scored}
+    _insert_predictions(session, bundle_version, thresholds, scored, now)
     _set_statuses(session, [s.study_id for s in scored], failed, now)
     compared = follow_up.compare_visits(session, bundle_version, [s.study_id for s in scored], change)
     decided = [
-        (s, referral_policy.decide(s.probability, threshold, s.assessable, *compared.get(s.study_id, (None, None))))
+        (s, referral_policy.decide(
+            s.probability, thresholds[s.study_id], s.assessable, *compared.get(s.study_id, (None, None))))
         for s in scored
-    ]
+    ]  # fmt: skip
     referred = [(s, r) for s, r in decided if r is not None]
     _insert_referrals(session, bundle_version, referred, now)
     later = follow_up.compare_later_visits(session, bundle_version, [s.study_id for s in scored], change)
@@ -185,22 +199,37 @@ def record(
     }
 
 
+def program_thresholds(session: Session, bundle_version: str, study_ids) -> dict[int, float]:
+    """The program thresholds that apply to these studies under ``bundle_version``
+    (``dermascan.governance.local_validation`` sets them); studies of a program without one are
+    absent: the bundle's threshold applies to them."""
+    ids = list(study_ids)
+    if not ids:
+        return {}
+    query = (
+        select(Study.id, ProgramThreshold.threshold)
+        .join(ProgramThreshold, ProgramThreshold.program_id == Study.program_id)
+        .where(Study.id.in_(ids), ProgramThreshold.bundle_version == bundle_version)
+    )
+    return {study_id: threshold for study_id, threshold in session.execute(query)}
+
+
 def record_shadow(session: Session, bundle_version: str, threshold: float, scored: Sequence[ScoredStudy]) -> int:
     """A shadow bundle's predictions for the same studies, in the caller's transaction: stored
     with their bundle version and ``shadow``; no status, referral, result or delivery follows."""
-    _insert_predictions(session, bundle_version, threshold, scored, utcnow(), shadow=True)
+    _insert_predictions(session, bundle_version, {s.study_id: threshold for s in scored}, scored, utcnow(), shadow=True)
     return len(scored)
 
 
 def _insert_predictions(
-    session: Session, bundle_version: str, threshold: float, scored, now, shadow: bool = False
+    session: Session, bundle_version: str, thresholds: dict[int, float], scored, now, shadow: bool = False
 ) -> None:
     rows = [
         {
             "study_id": s.study_id,
             "bundle_version": bundle_version,
             "probability": float(s.probability),
-            "threshold": float(threshold),
+            "threshold": float(thresholds[s.study_id]),
             "spread": None if s.spread is None else float(s.spread),
             "assessable": bool(s.assessable),
             "not_assessable_reason": None if s.assessable else (s.reason or "not assessable")[:120],

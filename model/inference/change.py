@@ -18,7 +18,6 @@ specialist is then asked to look at.
 from __future__ import annotations
 
 import itertools
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import BundleError
+from model.metrics import wilson
 
 CHANGE_FILE = "change.npz"
 COMPONENTS = 32
@@ -91,15 +91,6 @@ def _distances(embedded: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return np.linalg.norm(embedded[pairs[:, 0]] - embedded[pairs[:, 1]], axis=1)
 
 
-def _wilson(k: int, n: int) -> list[float]:
-    if n == 0:
-        return [0.0, 1.0]
-    p, z = k / n, 1.96
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
 def fit(
     features: np.ndarray,
     lesion_ids,
@@ -140,7 +131,7 @@ def fit(
                 "flagged_share": float(np.mean(fit_d / measure.unit > measure.threshold))},
         "report": {"pairs": len(report_pairs), "lesions": lesions, "flagged": flagged,
                    "flagged_share": flagged / len(report_pairs) if len(report_pairs) else None,
-                   "flagged_share_ci95": _wilson(flagged, len(report_pairs)),
+                   "flagged_share_ci95": wilson(flagged, len(report_pairs)),
                    "different_lesions_flagged_share": float(np.mean(different > measure.threshold)) if len(different) else None},
         "threshold": measure.threshold,
         "fit_false_alarm": false_alarm,
