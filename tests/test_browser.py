@@ -20,7 +20,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
 from dermascan.infra.db import session_factory
-from dermascan.infra.schema import Prediction, Referral
+from dermascan.infra.schema import Prediction, Referral, Study
 from dermascan.security.accounts import create_user
 from dermascan.security.identity import get_or_create_program
 from tests.ham_files import ham_zip
@@ -205,6 +205,29 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
     s.wait(By.CLASS_NAME, "flash")
     assert "Decision saved" in browser.page_source
     s.shot("decided")
+    # found again: "my decided cases", and by the sender's reference in the search
+    browser.find_element(By.ID, "my-decided").click()
+    found = s.wait(By.ID, "found")
+    assert [a.text for a in found.find_elements(By.CSS_SELECTOR, "tbody td:first-child a")] == [f"#{referral_id}"]
+    _one_formatting_rule(browser)
+    s.shot("my-decided-cases")
+    with session_factory(settings.database_url)() as session:
+        reference = session.scalar(select(Study.external_id).join(Referral).where(Referral.id == referral_id))
+    s.go("/referrals/search")
+    s.wait(By.NAME, "q").send_keys(reference[-5:])
+    browser.find_element(By.ID, "search").click()
+    s.wait(By.ID, "found").find_element(By.LINK_TEXT, f"#{referral_id}").click()
+    assert s.wait(By.ID, "decided").text.startswith("Decided: Biopsy or excision")
+    # another case, opened from its row in the queue, is claimed from its page and handed over
+    s.go("/referrals/")
+    s.wait(By.CSS_SELECTOR, "#queue tbody tr td a").click()
+    s.wait(By.ID, "claim-this").click()
+    s.wait(By.ID, "decision-form")
+    browser.find_element(By.CSS_SELECTOR, "#handover summary").click()
+    s.shot("case-hand-over")
+    browser.find_element(By.CSS_SELECTOR, "#handover-form textarea[name=note]").send_keys("second look, please")
+    browser.find_element(By.ID, "hand-over").click()
+    assert "second opinion asked" in s.wait(By.CLASS_NAME, "flash").text
     s.logout()
 
     # 4. the decision is in the audit trail (filtered by what) and its export

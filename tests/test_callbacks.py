@@ -77,6 +77,64 @@ def test_completion_callback_is_signed_and_retried(pg_settings, live_server, sta
     receiver.server.shutdown()
 
 
+def test_a_decision_goes_back_to_the_sender(pg_settings, live_server, start_worker, api_token, ham_dir, app_factory):
+    """A specialist decides a study of an API batch: the sender's callback URL gets a signed
+    study.decided event, and the study's result (REST JSON, CSV) carries the decision."""
+    import re
+
+    from dermascan.infra.schema import Referral, Study
+
+    settings = pg_settings.replace(callback_allow_hosts="127.0.0.1")
+    server = live_server(settings)
+    program_id, token = api_token()
+    with session_factory(settings.database_url)() as session, session.begin():
+        secret = issue_callback_secret(session, session.get(Program, program_id), settings.secret_key)
+        create_user(session, "dr.who", PASSWORD, "specialist", program_id)
+    receiver = Receiver(fail_first=0)
+    archive, _ = ham_zip(ham_dir, 12)
+    auth = {"Authorization": f"Bearer {token}"}
+    reply = requests.post(f"{server.url}/api/v1/batches", headers=auth, files={"archive": ("a.zip", archive)},
+                          data={"callback_url": receiver.url}, timeout=60)  # fmt: skip
+    assert reply.status_code == 201, reply.text
+    start_worker(settings)
+    wait_for(lambda: receiver.calls, 120, message="the batch's callback")
+    with session_factory(settings.database_url)() as session:
+        referral_id, study_id, reference = session.execute(
+            select(Referral.id, Study.id, Study.external_id).join(Study, Study.id == Referral.study_id)
+            .where(Referral.category != "not_assessable").order_by(Referral.id).limit(1)
+        ).one()  # fmt: skip
+    portal = app_factory(settings).test_client()
+    assert _login(portal, "dr.who", PASSWORD).status_code == 302
+    csrf = lambda html: re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', html).group(1)  # noqa: E731
+    page = portal.get(f"/referrals/{referral_id}").text
+    assert 'id="claim-this"' in page  # opened from a link: this very case can be claimed
+    assert portal.post(f"/referrals/{referral_id}/claim", data={"csrf_token": csrf(page)}).status_code == 302
+    page = portal.get(f"/referrals/{referral_id}").text
+    answer = portal.post(f"/referrals/{referral_id}/decide", data={
+        "decision": "biopsy_or_excision", "diagnosis": "mel", "note": "Atypical network.", "csrf_token": csrf(page)})  # fmt: skip
+    assert answer.status_code == 302, answer.text
+    wait_for(lambda: len(receiver.calls) >= 2, 60, message="the decision's callback")
+    _, headers, body = receiver.calls[-1]
+    assert callbacks.verify(secret, body, headers[callbacks.SIGNATURE_HEADER])
+    event = json.loads(body)
+    assert event["event"] == "study.decided" and event["study_id"] == study_id and event["external_id"] == reference
+    assert (
+        (event["decision"], event["decision_label"], event["specialist_diagnosis"])
+        == ("biopsy_or_excision", "Biopsy or excision", "mel")
+        and event["decided_at"]
+        and "note" not in event
+    )  # the note stays in DermaScan
+    shown = requests.get(f"{server.url}/api/v1/studies/{study_id}", headers=auth, timeout=30).json()
+    assert (shown["decision"], shown["specialist_diagnosis"], shown["referral_id"]) == (
+        "biopsy_or_excision",
+        "mel",
+        referral_id,
+    )
+    with session_factory(settings.database_url)() as session:
+        assert session.get(Referral, referral_id).callback_status == "sent (attempt 1)"
+    receiver.server.shutdown()
+
+
 def test_callback_url_must_be_http(pg_settings, live_server, api_token, ham_dir):
     server = live_server(pg_settings)
     _, token = api_token()

@@ -134,3 +134,74 @@ def test_queue_order_stale_claims_and_decisions(pg_settings, tiny_bundle):
         assert torso and all(r.study.meta["anatom_site_general"] == "torso" for r in torso)
         stats = referrals.queue_stats(session, 60)
         assert stats["waiting"] == 5 and stats["oldest_age_s"] is not None
+
+
+def test_melanoma_first_hand_overs_claims_and_search(pg_settings, tiny_bundle):
+    """Within a tier suspected melanoma comes first; a case handed to a colleague is theirs to
+    claim; a case opened from a link can be claimed; cases are found again by reference, patient
+    and day, and by who decided them."""
+    from dermascan.security.identity import pseudonymise
+
+    settings = pg_settings
+    factory = session_factory(settings.database_url)
+    with factory() as session, session.begin():
+        program = get_or_create_program(session, "queue-test")
+        bundle = bundles.register(session, tiny_bundle)
+        studies = [
+            Study(program_id=program.id, source="test", meta={}, image_sha256="0" * 64, image_format="jpeg",
+                  status=StudyStatus.PROCESSING, external_id=f"REF-{i}",
+                  patient_pseudonym=pseudonymise(settings.secret_key, program.id, "patient-7" if i == 2 else f"p{i}"))
+            for i in range(4)
+        ]  # fmt: skip
+        session.add_all(studies)
+        session.flush()
+        nevus, melanoma = [0.1, 0.8, 0.02, 0.02, 0.02, 0.02, 0.02], [0.7, 0.2, 0.02, 0.02, 0.02, 0.02, 0.02]
+        # the same tier (probability below 0.5), the melanoma ones sent later
+        scored = [results.ScoredStudy(s.id, 0.45, differential=d) for s, d in zip(studies, [nevus, nevus, melanoma, melanoma], strict=True)]  # fmt: skip
+        results.record(session, bundle.version, 0.3, scored)
+        ids, program_id = [s.id for s in studies], program.id
+    alice, bob, carol = make_users(settings, 3)
+    with factory() as session, session.begin():
+        ordered = referrals.open_cases(session, 60)
+        assert [r.study_id for r in ordered] == [ids[2], ids[3], ids[0], ids[1]]
+        assert [r.suspected for r in ordered] == ["mel", "mel", "nv", "nv"]
+        assert [r.study_id for r in referrals.open_cases(session, 60, referrals.QueueFilter(suspected="nv"))] == ids[:2]
+        first = referrals.claim_next(session, alice, 60)
+        assert first.study_id == ids[2]
+    # alice asks bob for a second opinion: the case leaves her hands and waits for him
+    with factory() as session, session.begin():
+        handed = referrals.hand_over(session, first.id, alice, bob, "second_opinion", "look at the border", 60)
+        assert (handed.status, handed.assigned_to_id, handed.assignment_kind) == (
+            ReferralStatus.OPEN,
+            bob,
+            "second_opinion",
+        )
+    with factory() as session, session.begin():
+        assert referrals.claim_next(session, carol, 60).study_id == ids[3]  # carol does not get bob's case
+        with pytest.raises(referrals.NotYourClaim):
+            referrals.claim(session, first.id, carol, 60)
+    with factory() as session, session.begin():
+        assert [r.id for r in referrals.handed_to(session, bob)] == [first.id]
+        assert referrals.claim_next(session, bob, 60).id == first.id  # handed to him: his first
+        referrals.decide(session, first.id, bob, "biopsy_or_excision", None, 60, diagnosis="mel")
+    with factory() as session, session.begin(), pytest.raises(referrals.UnknownDecision):
+        other = referrals.claim(
+            session, session.scalar(select(Referral.id).where(Referral.study_id == ids[0])), alice, 60
+        )
+        referrals.decide(session, other.id, alice, "benign_no_action", None, 60, diagnosis="psoriasis")
+    with factory() as session, session.begin(), pytest.raises(referrals.UnknownColleague):
+        case0 = session.scalar(select(Referral.id).where(Referral.study_id == ids[0]))
+        referrals.hand_over(session, case0, alice, alice, "assign", None, 60)
+    # found again: by part of the reference, by the patient's own id (pseudonymised as at intake), by who decided
+    with factory() as session:
+        search = referrals.search
+        assert [r.study_id for r in search(session, referrals.Search(text="ref-3"))] == [ids[3]]
+        by_patient = search(
+            session, referrals.Search(text="patient-7"), [pseudonymise(settings.secret_key, program_id, "patient-7")]
+        )
+        assert [r.study_id for r in by_patient] == [ids[2]]
+        assert [r.study_id for r in search(session, referrals.Search(decided_by_id=bob))] == [ids[2]]
+        assert search(session, referrals.Search(text="%")) == []  # a wildcard is a character
+        today = utcnow().date()
+        assert len(search(session, referrals.Search(received_from=today, received_to=today))) == 4
+        assert search(session, referrals.Search(received_to=today - dt.timedelta(days=1))) == []

@@ -138,6 +138,12 @@ RESULT = {
         "decision_label": {"type": "string", "nullable": True},
         "referral_id": {"type": "integer", "nullable": True, "description": "the case in the specialists' queue"},
         "decided_at": {"type": "string", "format": "date-time", "nullable": True},
+        "specialist_diagnosis": {
+            "type": "string",
+            "enum": ["mel", "nv", "bcc", "akiec", "bkl", "df", "vasc", "other", None],
+            "nullable": True,
+            "description": "the deciding specialist's diagnosis, in the differential's codes",
+        },
         "differential": {
             "type": "array",
             "nullable": True,

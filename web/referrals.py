@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select
-from wtforms import HiddenField, RadioField, SelectField, TextAreaField
+from wtforms import BooleanField, DateField, HiddenField, RadioField, SelectField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length, Optional
 
 from dermascan.errors import DomainError
+from dermascan.infra.broker import CALLBACKS, TASK_DECISION_CALLBACK, send
 from dermascan.infra.schema import DECISION_LABELS as LABELS
 from dermascan.infra.schema import Program, Referral
 from dermascan.ingest import numbers
 from dermascan.ingest.records import SITES
 from dermascan.referrals import outcomes, queue
 from dermascan.referrals.case import case_file
-from dermascan.results_out import delivery_status, objects, scheduling
+from dermascan.results_out import callbacks, delivery_status, objects, scheduling
 from dermascan.screening import referral_policy
+from dermascan.security import identity
 from web.errors import http_status
 from web.helpers import MAX_ID, audit_event, client_ip, db, role_required, settings
 
@@ -32,9 +36,44 @@ class ClaimForm(FlaskForm):
     batch = HiddenField()
 
 
+def _diagnosis_choices(empty: str) -> list[tuple[str, str]]:
+    """The differential's coded list (plus "other"), as specialists record a diagnosis."""
+    from dermascan.screening.reports import DIAGNOSIS_CHOICES
+
+    return [("", empty), *DIAGNOSIS_CHOICES, ("other", "Other")]
+
+
 class DecisionForm(FlaskForm):
     decision = RadioField("Decision", choices=list(DECISION_LABELS.items()), validators=[DataRequired()])
+    diagnosis = SelectField("Your diagnosis", choices=[], validators=[Optional()])
     note = TextAreaField("Note", validators=[Length(max=4000)])
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.diagnosis.choices = _diagnosis_choices("— not stated —")
+
+
+class HandOverForm(FlaskForm):
+    colleague = SelectField("Colleague", coerce=int, validators=[DataRequired(message="choose a colleague")])
+    kind = RadioField(
+        "Ask for", choices=[("assign", "Assign the case to them"), ("second_opinion", "A second opinion")],
+        default="second_opinion", validators=[DataRequired()],
+    )  # fmt: skip
+    note = TextAreaField("Note for them", validators=[Length(max=2000)])
+
+
+class SearchForm(FlaskForm):
+    class Meta:
+        csrf = False  # a GET search changes nothing
+
+    q = StringField("Reference or patient", validators=[Optional(), Length(max=200)])
+    received_from = DateField("Received from", validators=[Optional()])
+    received_to = DateField("to", validators=[Optional()])
+    status = SelectField(
+        "Status", choices=[("", "any"), ("open", "waiting"), ("claimed", "being reviewed"), ("decided", "decided")],
+        validators=[Optional()],
+    )  # fmt: skip
+    mine = BooleanField("Decided by me")
 
 
 class ReleaseForm(FlaskForm):
@@ -53,10 +92,8 @@ class OutcomeForm(FlaskForm):
     diagnosis = SelectField("Diagnosis", choices=[], validators=[Optional()])
 
     def __init__(self, *args, **kwargs):
-        from dermascan.screening.reports import DIAGNOSIS_CHOICES
-
         super().__init__(*args, **kwargs)
-        self.diagnosis.choices = [("", "— not known —"), *DIAGNOSIS_CHOICES, ("other", "Other")]
+        self.diagnosis.choices = _diagnosis_choices("— not known —")
 
 
 def _id_or_none(value) -> int | None:
@@ -69,10 +106,12 @@ def _id_or_none(value) -> int | None:
 
 def _filter(source) -> queue.QueueFilter:
     program = source.get("program") or None
+    suspected = source.get("suspected") or None
     return queue.QueueFilter(
         site=source.get("site") or None,
         program_id=_id_or_none(program),
         batch_id=source.get("batch") or None,
+        suspected=suspected if suspected in {code for code, _ in _diagnosis_choices("")} else None,
     )
 
 
@@ -89,7 +128,46 @@ def queue_page():
         "queue.html", cases=cases, stats=stats, mine=mine, flt=flt, sites=SITES, programs=programs,
         batches=queue.batches_with_referrals(db()), claim=ClaimForm(data=request.args),
         category_labels=referral_policy.CATEGORY_LABELS, tier_labels=referral_policy.TIER_LABELS,
+        diagnoses=_diagnosis_choices("all")[1:-1], handed=queue.handed_to(db(), current_user.id),
+        handover_kinds=queue.HANDOVER_KINDS,
     )  # fmt: skip
+
+
+@bp.get("/search")
+@role_required(*ROLES)
+def search():
+    """Find a case again: by the sender's reference, the patient, the day received, its status,
+    or the cases the reader decided."""
+    form = SearchForm(request.args)
+    found = None
+    if request.args and form.validate():
+        text = (form.q.data or "").strip() or None
+        pseudonyms = (
+            [identity.pseudonymise(settings().secret_key, p.id, text) for p in db().scalars(select(Program))]
+            if text else None
+        )  # fmt: skip
+        found = queue.search(
+            db(),
+            queue.Search(
+                text=text, received_from=form.received_from.data, received_to=form.received_to.data,
+                decided_by_id=current_user.id if form.mine.data else None, status=form.status.data or None,
+            ),
+            pseudonyms,
+        )  # fmt: skip
+        audit_event("search", object_type="referral", detail={
+            "text": text, "from": _day(form.received_from.data), "to": _day(form.received_to.data),
+            "status": form.status.data or None, "mine": bool(form.mine.data), "found": len(found),
+        })  # fmt: skip
+        db().commit()
+    status = 400 if form.errors else 200
+    return render_template(
+        "search.html", form=form, found=found, labels=DECISION_LABELS,
+        category_labels=referral_policy.CATEGORY_LABELS,
+    ), status  # fmt: skip
+
+
+def _day(value: dt.date | None) -> str | None:
+    return None if value is None else value.isoformat()
 
 
 @bp.post("/claim")
@@ -124,14 +202,61 @@ def case(referral_id):
     return _case_page(referral)
 
 
-def _case_page(referral: Referral, form=None, outcome_form=None, status: int = 200):
+def _case_page(referral: Referral, form=None, outcome_form=None, status: int = 200, handover=None):
     found = case_file(db(), referral, current_user.id, settings().claim_timeout_s)
+    handover = handover or HandOverForm(formdata=None)
+    handover.colleague.choices = [(u.id, u.username) for u in queue.colleagues(db(), current_user.id)]
     page = render_template(
         "case.html", **vars(found), form=form or DecisionForm(formdata=None), release=ReleaseForm(),
         labels=DECISION_LABELS, outcome_form=outcome_form or OutcomeForm(formdata=None),
-        deliveries=delivery_status.deliveries(db(), referral.study_id),
+        deliveries=delivery_status.deliveries(db(), referral.study_id), handover=handover,
+        handover_kinds=queue.HANDOVER_KINDS, diagnoses=dict(_diagnosis_choices("")),
     )  # fmt: skip
     return page, status
+
+
+@bp.post("/<int:referral_id>/claim")
+@role_required(*ROLES)
+def claim(referral_id):
+    """Claim this very case (opened from a link or a search)."""
+    if not ReleaseForm().validate_on_submit():
+        abort(400)
+    try:
+        referral = queue.claim(db(), referral_id, current_user.id, settings().claim_timeout_s)
+    except queue.ReferralError as exc:
+        db().rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("referrals.case", referral_id=referral_id)), 303
+    audit_event("claim", object_type="referral", object_id=referral.id, detail={"study_id": referral.study_id})
+    db().commit()
+    return redirect(url_for("referrals.case", referral_id=referral.id))
+
+
+@bp.post("/<int:referral_id>/hand-over")
+@role_required(*ROLES)
+def hand_over(referral_id):
+    """Assign the case to a colleague or ask one for a second opinion (audited)."""
+    referral = _referral(referral_id)
+    form = HandOverForm()
+    form.colleague.choices = [(u.id, u.username) for u in queue.colleagues(db(), current_user.id)]
+    if not form.validate_on_submit():
+        return _case_page(referral, handover=form, status=400)
+    try:
+        referral = queue.hand_over(
+            db(), referral_id, current_user.id, form.colleague.data, form.kind.data, form.note.data,
+            settings().claim_timeout_s,
+        )  # fmt: skip
+    except queue.ReferralError as exc:
+        db().rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("referrals.case", referral_id=referral_id)), 303
+    audit_event("handover", object_type="referral", object_id=referral.id, detail={
+        "study_id": referral.study_id, "kind": form.kind.data, "to": referral.assigned_to.username,
+        "note": referral.assignment_note,
+    })  # fmt: skip
+    db().commit()
+    flash(f"Case #{referral.id}: {queue.HANDOVER_KINDS[form.kind.data]} — {referral.assigned_to.username}.", "info")
+    return redirect(url_for("referrals.queue"))
 
 
 @bp.post("/<int:referral_id>/decide")
@@ -142,8 +267,9 @@ def decide(referral_id):
         return _case_page(_referral(referral_id), form=form, status=400)
     try:
         referral = queue.decide(
-            db(), referral_id, current_user.id, form.decision.data, form.note.data, settings().claim_timeout_s
-        )
+            db(), referral_id, current_user.id, form.decision.data, form.note.data, settings().claim_timeout_s,
+            form.diagnosis.data,
+        )  # fmt: skip
     except queue.ReferralError as exc:
         db().rollback()
         flash(str(exc), "error")
@@ -152,11 +278,15 @@ def decide(referral_id):
         "decision",
         object_type="referral",
         object_id=referral.id,
-        detail={"study_id": referral.study_id, "decision": form.decision.data, "note": referral.note},
-    )
+        detail={"study_id": referral.study_id, "decision": form.decision.data, "note": referral.note,
+                "diagnosis": referral.specialist_diagnosis},
+    )  # fmt: skip
+    wants_callback = callbacks.wants_decision_callback(db(), referral)
     db().commit()
-    # the decision goes back to the PACS, verified by its author
+    # the decision goes back to the PACS, verified by its author, and to the sender's callback URL
     scheduling.schedule(settings(), [referral.study_id], objects=(objects.VERIFIED_SR,))
+    if wants_callback:
+        send(settings(), TASK_DECISION_CALLBACK, [referral.id, 0], queue=CALLBACKS)
     flash(f"Decision saved: {DECISION_LABELS[form.decision.data]}.", "info")
     return redirect(url_for("referrals.queue"))
 

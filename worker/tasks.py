@@ -32,7 +32,7 @@ def score(self, study_ids: list[int], interactive: bool = False) -> dict:
     for study_id in outcome.referred_ids:
         broker.send(settings, broker.TASK_HEATMAPS, [[study_id]])
     for batch_id in outcome.finished_batches:
-        broker.send(settings, broker.TASK_CALLBACK, [batch_id, 0])
+        broker.send(settings, broker.TASK_CALLBACK, [batch_id, 0], queue=broker.CALLBACKS)
     # results back to the PACS: now, or (referred for risk) once the heat map is made
     waiting = set(outcome.referred_ids)
     _schedule_delivery(settings, [i for i in outcome.scored_ids if i not in waiting])
@@ -84,14 +84,31 @@ def sweep() -> dict | None:
     return guarded_sweep(_settings())
 
 
-@shared_task(name=broker.TASK_CALLBACK, acks_late=True)
-def batch_callback(batch_id: str, attempt: int = 0) -> str:
+def _callback(task: str, deliver: str, key, attempt: int) -> str:
+    """Send one callback (``callbacks.<deliver>``); on a failure worth retrying, send the task
+    again after the backoff with the next attempt number."""
     from dermascan.results_out import callbacks
 
     settings = _settings()
-    status = callbacks.deliver(settings, batch_id, attempt)
+    status = getattr(callbacks, deliver)(settings, key, attempt)
     if status == "retry":
         broker.send(
-            settings, broker.TASK_CALLBACK, [batch_id, attempt + 1], countdown=callbacks.retry_delay(settings, attempt)
+            settings,
+            task,
+            [key, attempt + 1],
+            queue=broker.CALLBACKS,
+            countdown=callbacks.retry_delay(settings, attempt),
         )
     return status
+
+
+@shared_task(name=broker.TASK_CALLBACK, acks_late=True)
+def batch_callback(batch_id: str, attempt: int = 0) -> str:
+    """Tell the sender that its batch is complete."""
+    return _callback(broker.TASK_CALLBACK, "deliver", batch_id, attempt)
+
+
+@shared_task(name=broker.TASK_DECISION_CALLBACK, acks_late=True)
+def decision_callback(referral_id: int, attempt: int = 0) -> str:
+    """Tell the sender that a specialist decided one of its studies."""
+    return _callback(broker.TASK_DECISION_CALLBACK, "deliver_decision", referral_id, attempt)

@@ -35,6 +35,7 @@ TASK_SCORE = "dermascan.score"
 TASK_HEATMAPS = "dermascan.heatmaps"
 TASK_SWEEP = "dermascan.sweep"
 TASK_CALLBACK = "dermascan.batch_callback"
+TASK_DECISION_CALLBACK = "dermascan.decision_callback"
 TASK_DELIVER = "dermascan.deliver_dicom"
 # a worker's start-up lines begin with this (``dermascan demo`` shows them to the person waiting)
 STARTING = "start-up: "
@@ -82,6 +83,7 @@ def make_celery(settings: Settings) -> Celery:
             TASK_HEATMAPS: {"queue": MAINTENANCE},
             TASK_SWEEP: {"queue": MAINTENANCE},
             TASK_CALLBACK: {"queue": CALLBACKS},
+            TASK_DECISION_CALLBACK: {"queue": CALLBACKS},
             TASK_DELIVER: {"queue": CALLBACKS},
         },
         # a submit must not hang while the broker is down: the studies are already committed

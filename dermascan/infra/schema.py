@@ -390,12 +390,26 @@ class Referral(Base):
     note: Mapped[str | None] = mapped_column(Text)
     decided_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     decided_at: Mapped[optional_timestamp]
+    # the specialist's own diagnosis, in the differential's coded list (or "other")
+    specialist_diagnosis: Mapped[str | None] = mapped_column(String(16))
+    # the model's most likely diagnosis when referred (within a tier, suspected melanoma comes first)
+    suspected: Mapped[str | None] = mapped_column(String(8))
+    # handed to a colleague: assigned, or asked for a second opinion (dermascan.referrals.queue.assign)
+    assigned_to_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    assigned_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    assigned_at: Mapped[optional_timestamp]
+    assignment_kind: Mapped[str | None] = mapped_column(String(16))  # assign | second_opinion
+    assignment_note: Mapped[str | None] = mapped_column(Text)
+    # the decision's callback to the sender (its batch's callback URL): sent / retry / gave_up (attempt n)
+    callback_status: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[timestamp]
 
     study: Mapped[Study] = relationship(back_populates="referral")
     prediction: Mapped[Prediction] = relationship()
     claimed_by: Mapped[User | None] = relationship(foreign_keys=[claimed_by_id])
     decided_by: Mapped[User | None] = relationship(foreign_keys=[decided_by_id])
+    assigned_to: Mapped[User | None] = relationship(foreign_keys=[assigned_to_id])
+    assigned_by: Mapped[User | None] = relationship(foreign_keys=[assigned_by_id])
 
 
 class AuditEvent(Base):

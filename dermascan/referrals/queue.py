@@ -1,16 +1,18 @@
-"""The specialist referral queue: ordering, claiming (``SELECT … FOR UPDATE SKIP LOCKED``, so
-two specialists never get the same case), stale-claim expiry, release and decisions."""
+"""The specialist referral queue: ordering (tier, then suspected melanoma, then waiting time),
+claiming (``SELECT … FOR UPDATE SKIP LOCKED``, so two specialists never get the same case; a case
+handed to a colleague is theirs to claim), stale-claim expiry, release, hand-overs (assignment and
+second opinion), decisions with the specialist's own diagnosis, and finding cases again."""
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dermascan.errors import Conflict, Invalid, NotAllowed, NotFound
-from dermascan.infra.schema import Batch, Decision, Referral, ReferralStatus, Study, utcnow
+from dermascan.infra.schema import Batch, Decision, Referral, ReferralStatus, Role, Study, User, utcnow
 from dermascan.screening import referral_policy
 
 
@@ -30,11 +32,19 @@ class UnknownDecision(ReferralError, Invalid):
     pass
 
 
+class UnknownColleague(ReferralError, Invalid):
+    pass
+
+
+HANDOVER_KINDS = {"assign": "assigned", "second_opinion": "second opinion asked"}
+
+
 @dataclass
 class QueueFilter:
     site: str | None = None
     program_id: int | None = None
     batch_id: str | None = None
+    suspected: str | None = None  # the model's most likely diagnosis (a code of the differential)
 
     def apply(self, query):
         if self.site:
@@ -43,6 +53,8 @@ class QueueFilter:
             query = query.where(Study.program_id == self.program_id)
         if self.batch_id:
             query = query.where(Study.batch_id == self.batch_id)
+        if self.suspected:
+            query = query.where(Referral.suspected == self.suspected)
         return query
 
 
@@ -55,7 +67,15 @@ def _claimable(now: dt.datetime, timeout_s: int):
 
 
 def queue_order():
-    return (Referral.tier.asc(), Referral.created_at.asc(), Referral.id.asc())
+    """Tier first; within a tier, suspected melanoma before the rest (melanoma is urgent, a basal
+    cell carcinoma routine); then the longest waiting."""
+    melanoma_first = case((Referral.suspected == "mel", 0), else_=1)
+    return (Referral.tier.asc(), melanoma_first.asc(), Referral.created_at.asc(), Referral.id.asc())
+
+
+def _free_for(user_id: int):
+    """Not handed to someone else (a case handed to a colleague is theirs to claim)."""
+    return or_(Referral.assigned_to_id.is_(None), Referral.assigned_to_id == user_id)
 
 
 def open_cases(session: Session, timeout_s: int, flt: QueueFilter | None = None, limit: int = 200) -> list[Referral]:
@@ -104,11 +124,16 @@ def queue_stats(session: Session, timeout_s: int, flt: QueueFilter | None = None
 def claim_next(session: Session, user_id: int, timeout_s: int, flt: QueueFilter | None = None) -> Referral | None:
     """Claim the top case. Concurrent claimers skip rows another transaction has locked."""
     now = utcnow()
-    query = select(Referral).join(Study, Study.id == Referral.study_id).where(_claimable(now, timeout_s))
+    query = (
+        select(Referral)
+        .join(Study, Study.id == Referral.study_id)
+        .where(_claimable(now, timeout_s), _free_for(user_id))
+    )
+    handed_to_me = case((Referral.assigned_to_id == user_id, 0), else_=1)  # cases handed to the claimer first
     query = (
         (flt or QueueFilter())
         .apply(query)
-        .order_by(*queue_order())
+        .order_by(handed_to_me.asc(), *queue_order())
         .limit(1)
         .with_for_update(skip_locked=True, of=Referral)
     )
@@ -118,6 +143,25 @@ def claim_next(session: Session, user_id: int, timeout_s: int, flt: QueueFilter 
     referral.status = ReferralStatus.CLAIMED
     referral.claimed_by_id = user_id
     referral.claimed_at = now
+    session.flush()
+    return referral
+
+
+def claim(session: Session, referral_id: int, user_id: int, timeout_s: int) -> Referral:
+    """Claim this case (opened from a link or a search): it must be waiting, not handed to
+    someone else."""
+    referral = session.scalar(select(Referral).where(Referral.id == referral_id).with_for_update())
+    if referral is None:
+        raise CaseNotFound("no such case")
+    now = utcnow()
+    if referral.status == ReferralStatus.DECIDED:
+        raise ReferralError("this case has already been decided")
+    live = referral.status == ReferralStatus.CLAIMED and _aware(referral.claimed_at) >= now - dt.timedelta(seconds=timeout_s)  # fmt: skip
+    if live and referral.claimed_by_id != user_id:
+        raise ReferralError("another specialist is reviewing this case")
+    if referral.assigned_to_id not in (None, user_id):
+        raise NotYourClaim(f"this case is handed to {referral.assigned_to.username}")
+    referral.status, referral.claimed_by_id, referral.claimed_at = ReferralStatus.CLAIMED, user_id, now
     session.flush()
     return referral
 
@@ -160,20 +204,124 @@ def release(session: Session, referral_id: int, user_id: int, timeout_s: int) ->
     return referral
 
 
+def diagnosis_code(value) -> str | None:
+    """A specialist's diagnosis: one of the differential's codes, "other", or nothing."""
+    from model.inference.diagnosis import CODES
+
+    text = (value or "").strip().lower()
+    if not text:
+        return None
+    if text not in (*CODES, "other"):
+        raise UnknownDecision(f"unknown diagnosis {value!r}: one of {', '.join(CODES)} or other")
+    return text
+
+
 def decide(
-    session: Session, referral_id: int, user_id: int, decision: str, note: str | None, timeout_s: int
+    session: Session,
+    referral_id: int,
+    user_id: int,
+    decision: str,
+    note: str | None,
+    timeout_s: int,
+    diagnosis: str | None = None,
 ) -> Referral:
     try:
         choice = Decision(decision)
     except ValueError:
         raise UnknownDecision(f"unknown decision {decision!r}") from None
+    code = diagnosis_code(diagnosis)
     referral = _own_claim(session, referral_id, user_id, timeout_s)
     referral.status = ReferralStatus.DECIDED
     referral.decision = choice
+    referral.specialist_diagnosis = code
     referral.note = (note or "").strip() or None
     referral.decided_by_id = user_id
     referral.decided_at = utcnow()
     return referral
+
+
+def colleagues(session: Session, user_id: int) -> list[User]:
+    """Who a case may be handed to: the other active specialists and admins."""
+    query = select(User).where(User.id != user_id, User.role.in_([Role.SPECIALIST, Role.ADMIN]), User.active.is_(True))
+    return list(session.scalars(query.order_by(User.username)))
+
+
+def hand_over(
+    session: Session, referral_id: int, user_id: int, to_user_id: int, kind: str, note: str | None, timeout_s: int
+) -> Referral:
+    """Assign the case to a colleague, or ask a colleague for a second opinion: the case leaves
+    the reader's hands (claim released) and waits for the colleague, who claims and decides it;
+    the request and its note show on the case page. Only an undecided case, by whoever holds its
+    claim or, unclaimed, by anyone who may review it."""
+    if kind not in HANDOVER_KINDS:
+        raise UnknownDecision(f"unknown hand-over {kind!r}: assign or second_opinion")
+    referral = session.scalar(select(Referral).where(Referral.id == referral_id).with_for_update())
+    if referral is None:
+        raise CaseNotFound("no such case")
+    if referral.status == ReferralStatus.DECIDED:
+        raise ReferralError("this case has already been decided")
+    now = utcnow()
+    live = referral.status == ReferralStatus.CLAIMED and _aware(referral.claimed_at) >= now - dt.timedelta(seconds=timeout_s)  # fmt: skip
+    if live and referral.claimed_by_id != user_id:
+        raise NotYourClaim("only the specialist holding the claim can hand this case over")
+    colleague = session.get(User, to_user_id)
+    if colleague is None or colleague.id not in {c.id for c in colleagues(session, user_id)}:
+        raise UnknownColleague("hand the case to another specialist")
+    referral.status, referral.claimed_by_id, referral.claimed_at = ReferralStatus.OPEN, None, None
+    referral.assigned_to_id, referral.assigned_by_id, referral.assigned_at = colleague.id, user_id, now
+    referral.assignment_kind, referral.assignment_note = kind, (note or "").strip()[:2000] or None
+    session.flush()
+    return referral
+
+
+def handed_to(session: Session, user_id: int) -> list[Referral]:
+    """Undecided cases handed to this user."""
+    return list(
+        session.scalars(
+            select(Referral)
+            .where(Referral.assigned_to_id == user_id, Referral.status != ReferralStatus.DECIDED)
+            .order_by(Referral.assigned_at)
+        )
+    )
+
+
+@dataclass
+class Search:
+    """Finding a case again: by the sender's reference (part of it), the patient (the sender's
+    patient id, pseudonymised as at intake, or the pseudonym itself), the day received, and who
+    decided it."""
+
+    text: str | None = None
+    received_from: dt.date | None = None
+    received_to: dt.date | None = None
+    decided_by_id: int | None = None
+    status: str | None = None  # open | claimed | decided
+
+
+def search(session: Session, query: Search, pseudonyms=None, limit: int = 200) -> list[Referral]:
+    """Cases matching ``query``, newest first. ``pseudonyms``: the patient pseudonyms the text
+    stands for in each program (the caller derives them with the installation's key)."""
+    statement = select(Referral).join(Study, Study.id == Referral.study_id)
+    if query.text:
+        text = query.text.strip()
+        matches = [
+            func.lower(Study.external_id).contains(text.lower()[:200], autoescape=True),
+            Study.patient_pseudonym == text,
+        ]
+        if pseudonyms:
+            matches.append(Study.patient_pseudonym.in_(list(pseudonyms)))
+        statement = statement.where(or_(*matches))
+    if query.received_from:
+        start = dt.datetime.combine(query.received_from, dt.time(), tzinfo=dt.UTC)
+        statement = statement.where(Study.created_at >= start)
+    if query.received_to:
+        end = dt.datetime.combine(query.received_to + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+        statement = statement.where(Study.created_at < end)
+    if query.decided_by_id:
+        statement = statement.where(Referral.decided_by_id == query.decided_by_id)
+    if query.status:
+        statement = statement.where(Referral.status == ReferralStatus(query.status))
+    return list(session.scalars(statement.order_by(Referral.created_at.desc(), Referral.id.desc()).limit(limit)))
 
 
 def expire_stale_claims(session: Session, timeout_s: int) -> int:

@@ -1,4 +1,5 @@
-"""Batch completion callbacks: an HMAC-SHA256-signed JSON POST to the URL the program gave,
+"""Callbacks — a batch completed, a specialist decided one of its studies: an HMAC-SHA256-signed
+JSON POST to the URL the program gave with the batch,
 retried with exponential backoff on their own queue (``callbacks``), so a slow endpoint never
 holds a scoring worker.
 
@@ -29,7 +30,7 @@ from sqlalchemy import func, select
 
 from dermascan.config import Settings
 from dermascan.infra.db import session_factory
-from dermascan.infra.schema import Batch, Program, Study, iso_utc
+from dermascan.infra.schema import Batch, Program, Referral, Study, iso_utc
 from dermascan.results_out import retry
 from dermascan.screening.reports import referral_counts
 from dermascan.security import keys, outbound
@@ -150,37 +151,88 @@ def batch_summary(session, batch: Batch) -> dict:
 
 def deliver(settings: Settings, batch_id: str, attempt: int) -> str:
     """POST the completion event once. Returns "sent", "none" (no URL), "retry" or "gave_up"."""
+
+    def event(session, batch: Batch):
+        return (batch.callback_url, batch.program_id, batch_summary(session, batch)) if batch.callback_url else None
+
+    return _deliver_event(settings, Batch, batch_id, event, f"batch {batch_id}", attempt)
+
+
+def decision_event(session, referral: Referral) -> dict:
+    """What a sender is told when a specialist decides one of its studies: the study (DermaScan's
+    id and the sender's reference), the decision, its label, the specialist's coded diagnosis and
+    when. The note stays in DermaScan (it may name people); the sender reads the rest from the API."""
+    from dermascan.screening.reports import decision_fields
+
+    study = referral.study
+    return {
+        "event": "study.decided",
+        "study_id": study.id,
+        "external_id": study.external_id,
+        "batch_id": study.batch_id,
+        **decision_fields(referral),
+    }
+
+
+def deliver_decision(settings: Settings, referral_id: int, attempt: int) -> str:
+    """POST a decision event once, to the callback URL of the study's batch. Returns "sent",
+    "none" (no URL or not decided), "retry" or "gave_up"."""
+
+    def event(session, referral: Referral):
+        batch = session.get(Batch, referral.study.batch_id) if referral.study.batch_id else None
+        if referral.decision is None or batch is None or not batch.callback_url:
+            return None
+        return batch.callback_url, batch.program_id, decision_event(session, referral)
+
+    return _deliver_event(settings, Referral, referral_id, event, f"decision on case {referral_id}", attempt)
+
+
+def _deliver_event(settings: Settings, model, key, event_of, what: str, attempt: int) -> str:
+    """Read the row (``model`` by ``key``) and its event (``event_of``: (url, program id, event) or
+    None when there is nothing to send), POST it signed once, and record how it went on the row."""
     factory = session_factory(settings.database_url)
     with factory() as session:
-        batch = session.get(Batch, batch_id)
-        if batch is None or not batch.callback_url:
+        row = session.get(model, key)
+        found = None if row is None else event_of(session, row)
+        if found is None:
             return "none"
-        body = json.dumps(batch_summary(session, batch), sort_keys=True).encode()
-        url = batch.callback_url
-        program = session.get(Program, batch.program_id)
-        generation = program.callback_secret_generation
+        url, program_id, event = found
+        body = json.dumps(event, sort_keys=True).encode()
+    status = _post_signed(settings, factory, program_id, url, body, what, attempt)
+    with factory() as session, session.begin():
+        session.get(model, key).callback_status = f"{status} (attempt {attempt + 1})"
+    return status
+
+
+def wants_decision_callback(session, referral: Referral) -> bool:
+    batch = session.get(Batch, referral.study.batch_id) if referral.study.batch_id else None
+    return batch is not None and bool(batch.callback_url)
+
+
+def _post_signed(settings: Settings, factory, program_id: int, url: str, body: bytes, what: str, attempt: int) -> str:
+    """Sign ``body`` with the program's callback secret and POST it once: "sent", "retry" or
+    "gave_up" (no secret, a refused address, or the last attempt failed)."""
+    with factory() as session:
+        generation = session.get(Program, program_id).callback_secret_generation
     ok, final = False, False
     if not generation:
-        log.warning("callback for batch %s not sent: its program has no callback secret", batch_id)
+        log.warning("callback for %s not sent: its program has no callback secret", what)
         final = True
     else:
-        secret = keys.callback_secret(settings.secret_key, batch.program_id, generation)
+        secret = keys.callback_secret(settings.secret_key, program_id, generation)
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, body)}
         try:
             code = post(settings, url, body, headers)
             ok = 200 <= code < 300
             if not ok:
-                log.info("callback for batch %s answered %d (attempt %d)", batch_id, code, attempt + 1)
+                log.info("callback for %s answered %d (attempt %d)", what, code, attempt + 1)
         except CallbackRefused as exc:
-            log.warning("callback for batch %s refused: %s", batch_id, exc)
+            log.warning("callback for %s refused: %s", what, exc)
             final = True
         except (OSError, http.client.HTTPException) as exc:
-            log.info("callback for batch %s failed (attempt %d): %s", batch_id, attempt + 1, exc)
+            log.info("callback for %s failed (attempt %d): %s", what, attempt + 1, exc)
     retry = not ok and not final and attempt + 1 < settings.callback_retries
-    status = "sent" if ok else ("retry" if retry else "gave_up")
-    with factory() as session, session.begin():
-        session.get(Batch, batch_id).callback_status = f"{status} (attempt {attempt + 1})"
-    return status
+    return "sent" if ok else ("retry" if retry else "gave_up")
 
 
 def retry_delay(settings: Settings, attempt: int) -> float:

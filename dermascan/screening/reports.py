@@ -55,6 +55,7 @@ RESULT_COLUMNS = [
     "suspected_diagnosis_probability",
     "decision",
     "decided_at",
+    "specialist_diagnosis",
     "created_at",
     "finished_at",
 ]
@@ -224,6 +225,8 @@ def decision_fields(referral: Referral | None) -> dict:
         "decision": Decision(referral.decision).value if decided else None,
         "decision_label": DECISION_LABELS[Decision(referral.decision)] if decided else None,
         "decided_at": iso_utc(referral.decided_at) if decided else None,
+        # the specialist's own diagnosis, in the differential's codes (or "other")
+        "specialist_diagnosis": referral.specialist_diagnosis if decided else None,
     }
 
 

@@ -261,6 +261,15 @@ def _set_statuses(session: Session, done_ids: list[int], failed: Sequence[tuple[
         )
 
 
+def suspected_code(differential) -> str | None:
+    """The most likely class of a differential (a probability per class, in the model's order)."""
+    if not differential:
+        return None
+    from model.inference.diagnosis import CODES
+
+    return CODES[max(range(len(differential)), key=lambda i: differential[i])]
+
+
 def _insert_referrals(session: Session, bundle_version: str, referred, now) -> None:
     """One referral per referred study (a redelivered batch adds none), tied to its prediction."""
     if not referred:
@@ -276,6 +285,7 @@ def _insert_referrals(session: Session, bundle_version: str, referred, now) -> N
         {
             "study_id": s.study_id, "prediction_id": predictions[s.study_id], "probability": float(s.probability),
             "category": r.category, "tier": r.tier, "status": "open", "created_at": now,
+            "suspected": suspected_code(s.differential) if s.assessable else None,
         }
         for s, r in referred
     ]  # fmt: skip
@@ -316,6 +326,7 @@ def _refer_later_visits(session: Session, bundle_version: str, later: dict, now)
             insert_ignoring_conflicts(session, Referral.__table__, [{
                 "study_id": study_id, "prediction_id": prediction.id, "probability": float(prediction.probability),
                 "category": decision.category, "tier": decision.tier, "status": "open", "created_at": now,
+                "suspected": suspected_code(prediction.differential) if prediction.assessable else None,
             }], ["study_id"])  # fmt: skip
         elif referral.status == "open" and decision.tier < referral.tier:
             referral.category, referral.tier = decision.category, decision.tier
