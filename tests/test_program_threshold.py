@@ -1,5 +1,6 @@
-"""A program's own operating point: its local validation (studies with recorded outcomes) and the
-threshold an admin sets from it, used for that program's referrals, results and monitoring."""
+"""What a program sees of its own patients: its local validation (studies with recorded outcomes),
+the threshold an admin sets from it (used for that program's referrals, results and monitoring),
+and in monitoring the model's suspected diagnoses against what specialists and histopathology found."""
 
 from __future__ import annotations
 
@@ -13,7 +14,17 @@ from sqlalchemy import select
 
 from dermascan.governance import bundles, local_validation, monitoring, operating_point
 from dermascan.infra.db import session_factory
-from dermascan.infra.schema import AuditEvent, Prediction, Program, ProgramThreshold, Referral, Study, StudyStatus
+from dermascan.infra.schema import (
+    AuditEvent,
+    Prediction,
+    Program,
+    ProgramThreshold,
+    Referral,
+    Study,
+    StudyStatus,
+    User,
+    utcnow,
+)
 from dermascan.referrals import outcomes
 from dermascan.screening import results
 from dermascan.screening.reports import study_result
@@ -186,3 +197,61 @@ def test_the_local_validation_page_in_a_browser(pg_settings, tiny_bundle, live_s
     browser.find_element(By.ID, "save-program-threshold").click()
     assert s.wait(By.ID, "threshold-in-force").text == "0.6200"
     s.shot("program-threshold-set")
+
+
+def test_monitoring_shows_the_suspected_mix_and_its_confusion_with_what_people_found(
+    pg_settings, tiny_bundle, app_factory
+):
+    """The differential in monitoring: the suspected-diagnosis mix against the bundle's validation
+    mix, and the suspected diagnosis against the specialists' and histopathology's diagnoses."""
+    from dermascan.referrals import queue
+
+    settings = pg_settings
+    factory = session_factory(settings.database_url)
+    melanoma, nevus = [0.7, 0.2, 0.02, 0.02, 0.02, 0.02, 0.02], [0.1, 0.8, 0.02, 0.02, 0.02, 0.02, 0.02]
+    with factory() as session, session.begin():
+        program = get_or_create_program(session, "mix-clinic")
+        bundle = bundles.register(session, tiny_bundle)
+        studies = [
+            Study(program_id=program.id, source="test", meta={}, image_sha256="0" * 64, image_format="jpeg",
+                  status=StudyStatus.PROCESSING)
+            for _ in range(5)
+        ]  # fmt: skip
+        session.add_all(studies)
+        session.flush()
+        differentials = [melanoma, melanoma, melanoma, nevus, nevus]
+        results.record(session, bundle.version, 0.3, [
+            results.ScoredStudy(s.id, 0.6 if d is melanoma else 0.1, differential=d)
+            for s, d in zip(studies, differentials, strict=True)
+        ])  # fmt: skip
+        ids, program_id = [s.id for s in studies], program.id
+        create_user(session, "derm", PASSWORD, "specialist", program_id)
+        create_user(session, "chief", PASSWORD, "admin", program_id)
+    with factory() as session, session.begin():
+        specialist = session.scalar(select(Referral.id).where(Referral.study_id == ids[0]))
+        derm = session.scalar(select(User.id).where(User.username == "derm"))
+        queue.claim(session, specialist, derm, 600)
+        queue.decide(session, specialist, derm, "biopsy_or_excision", None, 600, diagnosis="bcc")
+        outcomes.record(session, ids[0], "malignant", "basal cell carcinoma", source="csv")
+        outcomes.record(session, ids[1], "malignant", "mel", source="portal")
+        outcomes.record(session, ids[3], "benign", "nv", source="portal")
+    with factory() as session:
+        window = monitoring.rolling(session, session.get(Program, program_id), 30)
+        assert window.diagnosis_mix == {"mel": 3, "nv": 2} and window.diagnosed == 5
+        assert window.confusion_specialist == {("mel", "bcc"): 1}
+        assert window.confusion_outcome == {("mel", "bcc"): 1, ("mel", "mel"): 1, ("nv", "nv"): 1}
+        columns, rows = window.confusion_rows("outcome")
+        assert columns == ["mel", "nv", "bcc"] and rows == [("mel", [1, 0, 1]), ("nv", [0, 1, 0])]
+        mix = {row["code"]: row for row in window.mix_rows()}
+        assert mix["mel"]["share"] == pytest.approx(0.6) and mix["df"]["n"] == 0
+        shipped = (bundle.manifest.get("diagnosis") or {}).get("report", {}).get("predicted_mix")
+        assert window.validation_mix == shipped
+    client = app_factory(settings).test_client()
+    client.post(
+        "/login", data={"username": "chief", "password": PASSWORD, "csrf_token": csrf(client.get("/login").text)}
+    )
+    page = client.get(f"/admin/monitoring/?program={program_id}").text
+    assert 'id="diagnosis-mix"' in page and 'id="confusion-specialist"' in page and 'id="confusion-outcome"' in page
+    month = utcnow().strftime("%Y-%m")
+    report = client.get(f"/admin/monitoring/report?program={program_id}&month={month}").text
+    assert "Suspected diagnosis" in report and 'id="confusion-outcome"' in report

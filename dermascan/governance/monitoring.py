@@ -71,6 +71,39 @@ class Window:
     scores: list = field(default_factory=list)  # the deciding bundle's assessable scores
     auc: float | None = None  # the deciding bundle's, on studies with a malignant or benign outcome
     auc_outcomes: int = 0
+    # the differential: the suspected (most likely) diagnosis of each assessable study, against the
+    # bundle's validation mix, and against what specialists and histopathology said once recorded
+    diagnosis_mix: dict = field(default_factory=dict)  # code → studies
+    validation_mix: dict | None = None  # code → share on the bundle's development rows
+    confusion_specialist: dict = field(default_factory=dict)  # (suspected, specialist's) → studies
+    confusion_outcome: dict = field(default_factory=dict)  # (suspected, histopathology's) → studies
+
+    @property
+    def diagnosed(self) -> int:
+        return sum(self.diagnosis_mix.values())
+
+    def mix_rows(self) -> list[dict]:
+        """The suspected-diagnosis mix as a table: each class, its studies and share here, and its
+        share on the bundle's development rows."""
+        from model.inference.diagnosis import CLASSES
+
+        n = self.diagnosed
+        return [
+            {"code": code, "label": label, "n": self.diagnosis_mix.get(code, 0),
+             "share": self.diagnosis_mix.get(code, 0) / n if n else None,
+             "validation": (self.validation_mix or {}).get(code)}
+            for code, label, *_ in CLASSES
+        ]  # fmt: skip
+
+    def confusion_rows(self, which: str) -> tuple[list[str], list[tuple[str, list[int]]]]:
+        """The suspected diagnosis (rows) against the specialists' (``which`` = "specialist") or
+        histopathology's ("outcome") diagnosis (columns), for the classes that occur."""
+        from model.inference.diagnosis import CODES
+
+        pairs = self.confusion_specialist if which == "specialist" else self.confusion_outcome
+        columns = [c for c in (*CODES, "other") if any(b == c for _, b in pairs)]
+        rows = [(a, [pairs.get((a, b), 0) for b in columns]) for a in CODES if any(x == a for x, _ in pairs)]
+        return columns, rows
 
     @property
     def referral_rate(self) -> float | None:
@@ -136,6 +169,7 @@ def window(session: Session, program: Program, start: dt.datetime, end: dt.datet
     known = [
         (i, o.kind == OutcomeKind.MALIGNANT) for i, o in rows.outcomes.items() if o.kind != OutcomeKind.NOT_BIOPSIED
     ]
+    _differential(out, rows, bundle)
     out.auc = _auc([(rows.deciding[i].probability, y) for i, y in known if i in rows.deciding])
     out.auc_outcomes = sum(1 for i, _ in known if i in rows.deciding)
     for version, theirs in rows.shadow.items():
@@ -211,6 +245,30 @@ def _count_referrals_and_outcomes(out: Window, rows: _WindowRows) -> None:
             )
             for name in prediction.missing_fields:
                 out.missing_by_field[name] = out.missing_by_field.get(name, 0) + 1
+
+
+def _differential(out: Window, rows: _WindowRows, bundle: ModelBundle | None) -> None:
+    from model.inference.diagnosis import CODES, index_of
+
+    suspected = {
+        i: CODES[max(range(len(p.differential)), key=p.differential.__getitem__)]
+        for i, p in rows.deciding.items()
+        if p.assessable and p.differential
+    }
+    for code in suspected.values():
+        out.diagnosis_mix[code] = out.diagnosis_mix.get(code, 0) + 1
+    if bundle is not None:
+        out.validation_mix = (((bundle.manifest or {}).get("diagnosis") or {}).get("report") or {}).get("predicted_mix")
+    for i, code in suspected.items():
+        referral = rows.referrals.get(i)
+        if referral is not None and referral.specialist_diagnosis:
+            key = (code, referral.specialist_diagnosis)
+            out.confusion_specialist[key] = out.confusion_specialist.get(key, 0) + 1
+        outcome = rows.outcomes.get(i)
+        if outcome is not None and outcome.diagnosis:
+            found = index_of(outcome.diagnosis)
+            key = (code, CODES[found] if found >= 0 else "other")
+            out.confusion_outcome[key] = out.confusion_outcome.get(key, 0) + 1
 
 
 def _deciding_bundle(session: Session, rows: _WindowRows) -> ModelBundle | None:

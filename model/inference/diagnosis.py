@@ -121,6 +121,15 @@ def figures(truth: np.ndarray, probabilities: np.ndarray) -> dict:
     }
 
 
+def mix(probabilities: np.ndarray) -> dict[str, float]:
+    """The share of rows whose most likely class is each class."""
+    probabilities = np.asarray(probabilities)
+    if not probabilities.size:
+        return {code: 0.0 for code in CODES}
+    counts = np.bincount(probabilities.argmax(axis=1), minlength=len(CODES))
+    return {code: round(float(n) / len(probabilities), 4) for code, n in zip(CODES, counts, strict=True)}
+
+
 def fit_block(truth: np.ndarray, probabilities: np.ndarray, parts: np.ndarray) -> dict:
     """The manifest's ``diagnosis`` block: the classes, and the prior adjustment chosen on the
     ruler's development rows (``parts >= 0``: balanced accuracy over tau), reported there and on the
@@ -137,6 +146,9 @@ def fit_block(truth: np.ndarray, probabilities: np.ndarray, parts: np.ndarray) -
     tau = max(TAUS, key=lambda t: (round(scores[t], 4), -t))
     block = {**manifest_block(), "prior_adjustment": {"tau": tau, "prior": [round(float(v), 6) for v in prior]}}
     report = {"tau_balanced_accuracy": {str(t): round(v, 4) for t, v in scores.items()}}
+    # what monitoring compares a program's stream with: the suspected (most likely) diagnosis's
+    # share of each class on the development rows, as served (adjusted)
+    report["predicted_mix"] = mix(adjust(probabilities[fit_rows], block))
     for name, rows in (("development_out_of_fold", parts >= 0), ("calibration_set", parts == -1)):
         if rows.any():
             report[name] = figures(truth[rows], adjust(probabilities[rows], block))
