@@ -438,7 +438,7 @@ def _prepared(bundle_dir, images, records):
 def test_distill_trains_a_student_from_out_of_fold_teacher_scores_and_resumes(trained_bundle, ham_dir, tmp_path):
     """`dermascan distill` with the tiny backbone: the teacher's out-of-fold scores once, a fold
     student validated on its fold and the final student on every development row, the bundle with
-    the resampled threshold rule; a second run trains nothing."""
+    the threshold rule on its ruler; a second run trains nothing."""
     from click.testing import CliRunner
 
     from dermascan.cli import main
@@ -457,7 +457,11 @@ def test_distill_trains_a_student_from_out_of_fold_teacher_scores_and_resumes(tr
     assert manifest["version"] == "tiny-student" and manifest["training"]["distilled"]
     assert manifest["training"]["teacher"]["version"] == read_manifest(trained_bundle)["version"]
     chosen = manifest["metrics"]["threshold_rule"]
-    assert "resamples of the development data" in chosen
+    # one rule: the threshold on the ruler (the fold student's out-of-fold scores and the final
+    # student's calibration set), checked part by part (fitted without each part, applied to it)
+    assert "the ruler's malignant lesions" in chosen and "patient-disjoint parts" in chosen
+    rule = manifest["metrics"]["ruler"]["rule"]
+    assert rule["threshold"] == pytest.approx(manifest["threshold"]) and rule["ruler"]["parts"] == 2
     assert [row["malignant_lesions"] for row in manifest["metrics"]["cohort_spread"]] == [50, 200, 1000]
     assert {s["student"] for s in manifest["metrics"]["students"]} == {"fold0", "final"}
     history = (work / "final" / "history.csv").read_text()

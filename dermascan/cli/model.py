@@ -154,9 +154,19 @@ def train(
 
 
 def _echo_calibration_set(manifest: dict) -> None:
-    cal, op = manifest["metrics"]["calibration_set"], manifest["metrics"]["calibration_set"]["operating_point"]
-    click.echo(f"calibration set ({cal['n']} images, {cal['positives']} malignant; the shipped ensemble): AUC {cal['auc']:.4f}  "
-               f"pAUC80 {cal['pauc80']:.4f}  {manifest['calibration']['method']} calibration, ECE {cal['ece_raw']:.4f} → {cal['ece']:.4f}")  # fmt: skip
+    """The ruler the threshold was chosen on, then the shipped network on its own held-out set."""
+    block, method = manifest["metrics"], manifest["calibration"]["method"]
+    ruler = block.get("ruler")
+    if ruler:
+        click.echo(f"ruler ({ruler['n']} images, {ruler['positives']} malignant): AUC {ruler['auc']:.4f}  "
+                   f"{method} calibration, ECE {ruler['ece_raw']:.4f} → {ruler['ece']:.4f}")  # fmt: skip
+        rule = ruler.get("rule") or {}
+        if rule.get("description"):
+            click.echo(f"threshold rule: {rule['description']}")
+    cal = block["calibration_set"]
+    op = cal["operating_point"]
+    click.echo(f"calibration set ({cal['n']} images, {cal['positives']} malignant; the shipped network): "
+               f"AUC {cal['auc']:.4f}  pAUC80 {cal['pauc80']:.4f}  ECE {cal['ece']:.4f}")  # fmt: skip
     click.echo(
         f"threshold {manifest['threshold']:.4f}: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}"
     )

@@ -17,5 +17,6 @@ import the model only through here (and ``model.metrics``, ``model.errors``).
 - ``ood``: the feature distance and the is-this-dermoscopy check, on the network's image features
 - ``change``: the lesion change measure between two visits
 - ``reference``: the development data's profile and the drift measures monitoring compares with
-- ``gradcam``: heat maps, as PNG overlays
+- ``gradcam``: Grad-CAM heat maps on the network (log-odds, finer cell, flip-averaged)
+- ``heatmap``: the PNG overlays every heat map is drawn as
 """

@@ -14,4 +14,5 @@ the application; no serving process imports it.
 - ``export``: edge packages (ONNX, LiteRT; fp32, int8) with their own check
 - ``gate_data``: the non-lesion images the gate is fitted and checked on
 - ``missing_fit``: a bundle's maps for missing metadata, fitted on its held-out rows
+- ``heatmaps``: how well heat maps point at the lesion (pointing game, concentration), with a gallery
 """
