@@ -115,6 +115,11 @@ class Settings:
     # REST API and STOW-RS rate limits (Flask-Limiter notation): per bearer token, and per address
     api_rate_limit: str = "1200 per minute"
     api_address_rate_limit: str = "3000 per minute"
+    # FHIR: the identifier systems the sender's own identifiers come back under in a report
+    # ("{program}" stands for the program's name): its study reference (external_id) and, for
+    # DICOM, the accession number. An installation sets its own (e.g. urn:oid:… of the hospital).
+    fhir_reference_system: str = "https://dermascan.example/fhir/program/{program}/reference"
+    fhir_accession_system: str = "https://dermascan.example/fhir/program/{program}/accession"
     # completion callbacks
     callback_retries: int = 5
     callback_retry_s: float = 2.0  # first wait; doubling, at most 10 min (results_out.retry)

@@ -18,7 +18,8 @@ from tests.helpers import ham_inputs
 
 
 def test_study_results_as_fhir_diagnostic_reports(pg_settings, tiny_bundle, app_factory, api_token, ham_dir):
-    settings = pg_settings
+    # the installation's own identifier systems for the sender's identifiers
+    settings = pg_settings.replace(fhir_reference_system="https://ehr.example.org/ids/{program}/lesion-study")
     program_id, token = api_token("ehr")
     factory = session_factory(settings.database_url)
     with factory() as session, session.begin():
@@ -58,6 +59,13 @@ def test_study_results_as_fhir_diagnostic_reports(pg_settings, tiny_bundle, app_
     assert contained["algorithm"].identifier[0].value == bundle.sha256
     assert contained["imaging-study"].identifier[0].value == "urn:oid:1.2.826.0.1.3680043.8.498.1"
     assert report.subject.identifier.value and "MRN-FHIR" not in reply.text  # pseudonym only
+    # the sender's reference comes back under the installation's system, beside DermaScan's id
+    with factory() as session:
+        reference = session.get(Study, referred).external_id
+    placer = [i for i in report.identifier if i.type and i.type.coding[0].code == "PLAC"]
+    assert reference and [(i.system, i.value) for i in placer] == [
+        ("https://ehr.example.org/ids/ehr/lesion-study", reference)
+    ]
 
     cleared_report = DiagnosticReport.parse_obj(client.get(f"/api/v1/studies/{cleared}/fhir", headers=headers).json)
     assert cleared_report.status == "final" and "not referred" in cleared_report.conclusion
@@ -74,3 +82,31 @@ def test_study_results_as_fhir_diagnostic_reports(pg_settings, tiny_bundle, app_
     assert (
         client.get(f"/api/v1/studies/{referred}/fhir", headers={"Authorization": f"Bearer {other}"}).status_code == 404
     )
+
+
+def test_a_dicom_studys_accession_number_comes_back_in_its_report(pg_settings, api_token, ham_dir):
+    """The accession number is kept only inside the encrypted header; the report reads it there."""
+    import io
+
+    from pydicom import dcmread
+
+    from dermascan.ingest.dicom import header_bytes
+    from dermascan.results_out import fhir
+    from tests.dicom_factory import make_instance, to_bytes
+
+    settings = pg_settings
+    program_id, _ = api_token("pacs-site")
+    inputs = ham_inputs(ham_dir, 1)
+    ds = make_instance(inputs[0].image)
+    ds.AccessionNumber = "ACC-0077"
+    inputs[0].dicom_header = header_bytes(dcmread(io.BytesIO(to_bytes(ds))))
+    result = submit(settings, program_id, inputs, source="test")
+    with session_factory(settings.database_url)() as session:
+        study = session.get(Study, result.accepted[0].study_id)
+        assert study.accession_pseudonym is None or "ACC-0077" not in study.accession_pseudonym
+        report = fhir.study_reports(session, [study], settings)[0]
+    accession = [i for i in report["identifier"] if i.get("type", {}).get("coding", [{}])[0].get("code") == "ACSN"]
+    assert [(i["system"], i["value"]) for i in accession] == [
+        ("https://dermascan.example/fhir/program/pacs-site/accession", "ACC-0077")
+    ]
+    DiagnosticReport.parse_obj(report)

@@ -149,16 +149,24 @@ def test_two_visits_through_the_api_are_linked_compared_and_referred_for_why(fol
     assert same["changed_since_last_visit"] == (same["change_measure"] > picked["change_threshold"])
     plain = study("no-lesion")
     assert plain["lesion_id"] is None and plain["previous_study_id"] is None and "earlier_visits" not in plain
-    # the lesion's whole history, in time order
-    lesion = client.get(f"/api/v1/lesions/{same['lesion_id']}", headers=headers).json
+    # the lesion comes back by the sender's name, and its whole history (in time order) is found by it
+    assert same["lesion_id"] == "L-same" and isinstance(same["dermascan_lesion_id"], int)
+    lesion = client.get("/api/v1/lesions/L-same", headers=headers).json
     assert [v["study_id"] for v in lesion["history"]] == [same["previous_study_id"], same["study_id"]]
+    assert (lesion["lesion_id"], lesion["dermascan_lesion_id"]) == ("L-same", same["dermascan_lesion_id"])
+    assert (
+        client.get(f"/api/v1/lesions/{same['dermascan_lesion_id']}", headers=headers).json == lesion
+    )  # its own id too
     assert client.get("/api/v1/lesions/999999", headers=headers).status_code == 404
+    assert client.get("/api/v1/lesions/L-unknown", headers=headers).status_code == 404
+    _, other = api_token("another-program")  # another program's name for it finds nothing
+    assert client.get("/api/v1/lesions/L-same", headers={"Authorization": f"Bearer {other}"}).status_code == 404
     # FHIR: the report references the previous report of the same lesion
     fhir = client.get(f"/api/v1/studies/{same['study_id']}/fhir", headers=headers).json
     reference = next(e for e in fhir["extension"] if e["url"].endswith("workflow-supportingInfo"))["valueReference"]
     assert reference["identifier"]["value"] == str(same["previous_study_id"])
     change = next(r for r in fhir["contained"] if r["id"] == "change-since-last-visit")
-    assert change["focus"][0]["identifier"]["value"] == str(same["lesion_id"])
+    assert change["focus"][0]["identifier"]["value"] == str(same["dermascan_lesion_id"])
     from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
     DiagnosticReport.model_validate(fhir)
@@ -181,7 +189,7 @@ def test_two_visits_through_the_api_are_linked_compared_and_referred_for_why(fol
     third = send(client, headers, [record(picked, picked["spare"], "L-same", "P3", "2025-12-01")])
     early = ids_of(third)[f"{picked['spare']}-2025-12-01"]
     scored(settings, [early])
-    history = client.get(f"/api/v1/lesions/{same['lesion_id']}", headers=headers).json["history"]
+    history = client.get("/api/v1/lesions/L-same", headers=headers).json["history"]
     assert [v["study_id"] for v in history] == [early, same["previous_study_id"], same["study_id"]]
     assert history[0]["previous_study_id"] is None  # the first visit in time: nothing before it
     assert study(f"{s2}-2026-06-10")["previous_study_id"] == same["previous_study_id"]  # as compared

@@ -11,6 +11,7 @@ import math
 from functools import wraps
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
+from sqlalchemy import select
 
 from dermascan.errors import DomainError
 from dermascan.infra.schema import Batch, Lesion, Program, Study, iso_utc, utcnow
@@ -157,11 +158,15 @@ def _query_time(name: str) -> dt.datetime | None:
         return None
     try:
         parsed = dt.datetime.fromisoformat(value)
-        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
-    except (ValueError, OverflowError):
+    except ValueError:
         raise IngestError(
             f"{name} must be an ISO 8601 date or date-time, e.g. 2026-11-28 or 2026-11-28T22:00:00Z"
         ) from None
+    try:
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
+    except OverflowError:  # an instant before year 1 or after 9999 in UTC: the range's own end
+        edge = dt.datetime.min if parsed.year < 5000 else dt.datetime.max
+        return edge.replace(tzinfo=dt.UTC)
 
 
 @bp.get("/batches")
@@ -233,7 +238,7 @@ def batch_results(batch_id):
         response = Response(reports.to_csv(rows), mimetype="text/csv")
     elif fmt == "fhir":
         studies = reports.studies_in_order(db(), [r["study_id"] for r in rows])
-        body = fhir.collection(fhir.study_reports(db(), studies))
+        body = fhir.collection(fhir.study_reports(db(), studies, settings()))
         response = Response(json.dumps(body), mimetype=FHIR_JSON)
     else:
         response = jsonify(
@@ -274,19 +279,29 @@ def get_study(study_id):
     return jsonify(row)
 
 
-@bp.get("/lesions/<int:lesion_id>")
+@bp.get("/lesions/<lesion_ref>")
 @token_required
-def get_lesion(lesion_id):
+def get_lesion(lesion_ref):
     """A followed lesion's whole history: every visit in time order (date, probability,
-    assessability, referral, decision, outcome) with the comparison of each with the one before."""
-    lesion = db().get(Lesion, lesion_id)
+    assessability, referral, decision, outcome) with the comparison of each with the one before.
+    The lesion as the sender named it (a lesion number "#3" with ``?patient_id=``), or by
+    DermaScan's own id (``dermascan_lesion_id``) when no lesion has that name."""
+    from dermascan.intake.lesions import find
+
+    lesion = find(db(), settings().secret_key, g.program_id, lesion_ref, request.args.get("patient_id"))
+    if lesion is None and lesion_ref.isascii() and lesion_ref.isdigit() and len(lesion_ref) < 12:
+        lesion = db().get(Lesion, int(lesion_ref))
     if lesion is None or lesion.program_id != g.program_id:
         return error(404, "no such lesion")
     history = reports.lesion_history(db(), lesion.id)
     if not history:
         return error(404, "no such lesion")
-    return jsonify({"lesion_id": lesion.id, "visits": len(history), "first_seen_at": history[0]["visit_at"],
-                    "last_seen_at": history[-1]["visit_at"], "history": history})  # fmt: skip
+    name = db().scalar(
+        select(Study.lesion_ref).where(Study.lesion_id == lesion.id, Study.lesion_ref.is_not(None)).limit(1)
+    )
+    return jsonify({"lesion_id": name, "dermascan_lesion_id": lesion.id, "visits": len(history),
+                    "first_seen_at": history[0]["visit_at"], "last_seen_at": history[-1]["visit_at"],
+                    "history": history})  # fmt: skip
 
 
 @bp.get("/studies/<int:study_id>/fhir")
@@ -297,7 +312,7 @@ def study_fhir(study_id):
     study = db().get(Study, study_id)
     if study is None or study.program_id != g.program_id:
         return error(404, "no such study")
-    return Response(json.dumps(fhir.study_reports(db(), [study])[0]), mimetype=FHIR_JSON)
+    return Response(json.dumps(fhir.study_reports(db(), [study], settings())[0]), mimetype=FHIR_JSON)
 
 
 @bp.put("/studies/<int:study_id>/outcome")

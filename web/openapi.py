@@ -5,7 +5,13 @@ from __future__ import annotations
 
 # lesion follow-up: a study's lesion and its comparison with the lesion's previous visit
 FOLLOW_UP = {
-    "lesion_id": {"type": "integer", "nullable": True, "description": "the followed lesion (GET /api/v1/lesions/{id})"},
+    "lesion_id": {
+        "type": "string",
+        "nullable": True,
+        "description": "the followed lesion as the sender named it (GET /api/v1/lesions/{lesion_id}; a lesion "
+        "number such as #3 with ?patient_id=)",
+    },
+    "dermascan_lesion_id": {"type": "integer", "nullable": True, "description": "DermaScan's own id of the lesion"},
     "acquired_at": {
         "type": "string",
         "format": "date-time",
@@ -48,13 +54,14 @@ VISIT = {
 LESION = {
     "type": "object",
     "properties": {
-        "lesion_id": {"type": "integer"},
+        "lesion_id": {"type": "string", "nullable": True, "description": "the sender's name of the lesion"},
+        "dermascan_lesion_id": {"type": "integer"},
         "visits": {"type": "integer"},
         "first_seen_at": {"type": "string", "format": "date-time"},
         "last_seen_at": {"type": "string", "format": "date-time"},
         "history": {"type": "array", "items": VISIT},
     },
-    "required": ["lesion_id", "visits", "history"],
+    "required": ["lesion_id", "dermascan_lesion_id", "visits", "history"],
 }
 EDGE_RESULT = {
     "type": "object",
@@ -580,7 +587,20 @@ def document() -> dict:
                 "get": {
                     "operationId": "getLesion",
                     "parameters": [
-                        {"name": "lesion_id", "in": "path", "required": True, "schema": {"type": "integer"}}
+                        {
+                            "name": "lesion_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                            "description": "the sender's name of the lesion (else DermaScan's own id)",
+                        },
+                        {
+                            "name": "patient_id",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string"},
+                            "description": "the patient, for a lesion number such as #3",
+                        },
                     ],
                     "responses": {
                         "200": {

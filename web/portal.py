@@ -257,7 +257,7 @@ def streamed_export(b, fmt: str) -> Response:
     elif fmt == "json":
         body, mimetype = export.stream_json(factory, b.id, reports.batch_summary(db(), b)), "application/json"
     else:
-        body, mimetype = export.stream_fhir(factory, b.id), "application/fhir+json"
+        body, mimetype = export.stream_fhir(factory, b.id, settings()), "application/fhir+json"
     name = f"dermascan-{b.id}.{'fhir.json' if fmt == 'fhir' else fmt}"
     return Response(body, mimetype=mimetype, headers={"Content-Disposition": f"attachment; filename={name}"})
 

@@ -310,6 +310,9 @@ class Study(Base):
     # lesion follow-up: the lesion this study images, and when it was imaged (the visit's date,
     # as sent; None: when it was received) — a lesion's visits are ordered by it
     lesion_id: Mapped[int | None] = mapped_column(ForeignKey("lesions.id"), index=True)
+    # the sender's own name of the lesion ("L-17"; "#3", a patient's lesion number), as results
+    # give it back (the lesion's key is a pseudonym; the name is like external_id)
+    lesion_ref: Mapped[str | None] = mapped_column(String(200))
     acquired_at: Mapped[optional_timestamp]
     finished_at: Mapped[optional_timestamp]
     # the image and heat map were deleted under the retention policy (results and decisions stay)

@@ -28,6 +28,22 @@ class Named:
 
     key: str | None
     acquired_at: object
+    name: str | None = None  # the sender's lesion id as it is compared (trimmed; "#3": a lesion number)
+
+
+def find(
+    session: Session, secret: str, program_id: int, lesion_id: str, patient_id: str | None = None
+) -> Lesion | None:
+    """The program's lesion the sender calls ``lesion_id`` (a lesion number "#3" with its
+    ``patient_id``), or None."""
+    try:
+        name = clean_lesion_id(lesion_id)
+    except FieldError:
+        return None
+    if name is None or (name.startswith("#") and not (patient_id or "").strip()):
+        return None
+    key = lesion_key(secret, program_id, name, patient_id)
+    return session.scalar(select(Lesion).where(Lesion.program_id == program_id, Lesion.key_pseudonym == key))
 
 
 def lesion_key(secret: str, program_id: int, lesion_id: str, patient_id: str | None) -> str:
@@ -50,7 +66,7 @@ def check(secret: str, program_id: int, item: StudyInput) -> Named:
     if lesion_id is not None and lesion_id.startswith("#") and not (item.patient_id or "").strip():
         raise FieldError("lesion_id", f"lesion number {lesion_id[1:]} names a lesion of a patient: the patient id is missing")  # fmt: skip
     key = None if lesion_id is None else lesion_key(secret, program_id, lesion_id, item.patient_id)
-    return Named(key, acquired_at)
+    return Named(key, acquired_at, lesion_id)
 
 
 class Lesions:

@@ -249,7 +249,8 @@ class SubmitStudies:
                 staged.first_row_of_key[key] = len(staged.rows)
             staged.entries.append(_Entry(item, row=len(staged.rows), key=key))
             row = self._row(item, key, meta, info, priority)
-            row.update(lesion_id=lesion_id, acquired_at=follow.acquired_at, patient_pseudonym=patients[index])
+            row.update(lesion_id=lesion_id, lesion_ref=follow.name, acquired_at=follow.acquired_at,
+                       patient_pseudonym=patients[index])  # fmt: skip
             staged.rows.append(row)
         return staged
 

@@ -48,7 +48,7 @@ def stream_json(factory, batch_id: str, summary: dict) -> Iterator[str]:
     yield "]}"
 
 
-def stream_fhir(factory, batch_id: str) -> Iterator[str]:
+def stream_fhir(factory, batch_id: str, settings=None) -> Iterator[str]:
     yield '{"resourceType": "Bundle", "type": "collection", "entry": ['
     first, last = True, 0
     while True:
@@ -60,7 +60,7 @@ def stream_fhir(factory, batch_id: str) -> Iterator[str]:
             )
             if not studies:
                 break
-            entries = fhir.study_reports(session, studies)
+            entries = fhir.study_reports(session, studies, settings)
         for report in entries:
             entry = {"fullUrl": f"urn:uuid:{uuid.uuid5(fhir.NAMESPACE, report['id'])}", "resource": report}
             yield ("" if first else ",") + json.dumps(entry)

@@ -10,11 +10,13 @@ keyed pseudonym (never the identifier the hospital sent).
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 from dermascan.infra.schema import DECISION_LABELS, Decision, Referral, Study
 from dermascan.screening import referral_policy
 
+log = logging.getLogger(__name__)
 SYSTEM = "https://dermascan.example/fhir"  # DermaScan's own code systems and identifiers
 PSEUDONYM_SYSTEM = f"{SYSTEM}/patient-pseudonym"
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, SYSTEM)
@@ -40,8 +42,33 @@ def _observation(ident: str, code: dict, subject: dict, effective: str | None, *
     return resource
 
 
-def diagnostic_report(row: dict, study: Study, referral: Referral | None, bundle: dict | None) -> dict:
-    """The DiagnosticReport of one study's result ``row`` (``reports.study_row``)."""
+def sender_identifiers(study: Study, program: str, settings=None, accession: str | None = None) -> list[dict]:
+    """The sender's own identifiers of a study, under the installation's identifier systems: its
+    reference (placer) and, for DICOM, its accession number."""
+    from urllib.parse import quote
+
+    reference_system = getattr(settings, "fhir_reference_system", None) or f"{SYSTEM}/program/{{program}}/reference"
+    accession_system = getattr(settings, "fhir_accession_system", None) or f"{SYSTEM}/program/{{program}}/accession"
+    name = quote(program, safe="")
+    out = []
+    if study.external_id:
+        out.append({
+            "use": "usual", "type": _code("http://terminology.hl7.org/CodeSystem/v2-0203", "PLAC", "Placer Identifier"),
+            "system": reference_system.replace("{program}", name), "value": study.external_id,
+        })  # fmt: skip
+    if accession:
+        out.append({
+            "type": _code("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN", "Accession ID"),
+            "system": accession_system.replace("{program}", name), "value": accession,
+        })  # fmt: skip
+    return out
+
+
+def diagnostic_report(
+    row: dict, study: Study, referral: Referral | None, bundle: dict | None, identifiers: list[dict] | None = None
+) -> dict:
+    """The DiagnosticReport of one study's result ``row`` (``reports.study_row``), with the
+    sender's own ``identifiers`` (:func:`sender_identifiers`) beside DermaScan's."""
     subject = (
         {
             "identifier": {"system": PSEUDONYM_SYSTEM, "value": study.patient_pseudonym},
@@ -102,7 +129,7 @@ def diagnostic_report(row: dict, study: Study, referral: Referral | None, bundle
     report = {
         "resourceType": "DiagnosticReport",
         "id": f"study-{row['study_id']}",
-        "identifier": [{"system": f"{SYSTEM}/study", "value": str(row["study_id"])}],
+        "identifier": [{"system": f"{SYSTEM}/study", "value": str(row["study_id"])}, *(identifiers or [])],
         "status": _status(row, referral),
         "category": [_code("http://terminology.hl7.org/CodeSystem/v2-0074", "IMG", "Diagnostic Imaging")],
         "code": _code(SYSTEM, "skin-lesion-malignancy-screening", "Skin lesion malignancy screening (AI)"),
@@ -173,7 +200,7 @@ def _change_observation(row: dict, subject: dict, effective: str | None) -> dict
         "change-since-last-visit", _code(SYSTEM, "lesion-change", "Lesion change since the previous visit"),
         subject, effective, **value,
     )  # fmt: skip
-    observation["focus"] = [{"identifier": {"system": f"{SYSTEM}/lesion", "value": str(row["lesion_id"])},
+    observation["focus"] = [{"identifier": {"system": f"{SYSTEM}/lesion", "value": str(row["dermascan_lesion_id"])},
                              "display": "followed lesion"}]  # fmt: skip
     if components:
         observation["component"] = components
@@ -260,11 +287,28 @@ def collection(reports: list[dict]) -> dict:
     }
 
 
-def study_reports(session, studies: list[Study]) -> list[dict]:
-    """The DiagnosticReports of ``studies``, from the same rows as the other exports."""
+def _accession(settings, study: Study, blobs) -> str | None:
+    """A DICOM study's accession number, from its header as received (kept encrypted)."""
+    if settings is None or not study.dicom_header_sha256:
+        return None
+    from dermascan.results_out.objects import source_header
+
+    try:
+        value = str(source_header(settings, study, blobs).get("AccessionNumber", "") or "").strip()
+    except Exception as exc:  # a header that cannot be read leaves the report without it
+        log.warning("study %s: its DICOM header could not be read for the accession number: %s", study.id, exc)
+        return None
+    return value or None
+
+
+def study_reports(session, studies: list[Study], settings=None) -> list[dict]:
+    """The DiagnosticReports of ``studies``, from the same rows as the other exports; with
+    ``settings``, the sender's identifiers come under the installation's systems, the accession
+    number of a DICOM study included."""
     from sqlalchemy import select
 
-    from dermascan.infra.schema import ModelBundle
+    from dermascan.infra.blobs import blob_store
+    from dermascan.infra.schema import ModelBundle, Program
     from dermascan.screening import reports
 
     ids = [s.id for s in studies]
@@ -277,9 +321,19 @@ def study_reports(session, studies: list[Study]) -> list[dict]:
         b.version: {"sha256": b.sha256}
         for b in session.scalars(select(ModelBundle).where(ModelBundle.version.in_(versions)))
     }
+    names = {
+        p.id: p.name for p in session.scalars(select(Program).where(Program.id.in_({s.program_id for s in studies})))
+    }
+    blobs = blob_store(settings) if settings is not None and any(s.dicom_header_sha256 for s in studies) else None
     out = []
     for study in studies:
         prediction = predictions.get(study.id)
-        row = reports.study_row(study, prediction, categories.get(study.id), prevalence.get(study, prediction))
-        out.append(diagnostic_report(row, study, referrals.get(study.id), bundles.get(row["bundle_version"])))
+        row = reports.study_row(study, prediction, categories.get(study.id), prevalence.get(study, prediction),
+                                referrals.get(study.id))  # fmt: skip
+        identifiers = sender_identifiers(
+            study, names.get(study.program_id, ""), settings, _accession(settings, study, blobs)
+        )
+        out.append(
+            diagnostic_report(row, study, referrals.get(study.id), bundles.get(row["bundle_version"]), identifiers)
+        )
     return out

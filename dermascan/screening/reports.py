@@ -42,6 +42,7 @@ RESULT_COLUMNS = [
     "anatom_site_general",
     "sop_instance_uid",
     "lesion_id",
+    "dermascan_lesion_id",
     "acquired_at",
     "previous_study_id",
     "probability_change",
@@ -299,9 +300,11 @@ def study_row(
         "anatom_site_general": meta.get("anatom_site_general"),
         "sop_instance_uid": study.sop_instance_uid,
         "edge_result": study.edge_result,
-        # lesion follow-up: the lesion (GET /api/v1/lesions/{id}), the visit's date, and the
-        # comparison with the lesion's previous visit
-        "lesion_id": study.lesion_id,
+        # lesion follow-up: the lesion as the sender named it (GET /api/v1/lesions/{that name};
+        # a lesion number "#3" with ?patient_id=), DermaScan's own id of it, the visit's date, and
+        # the comparison with the lesion's previous visit
+        "lesion_id": study.lesion_ref,
+        "dermascan_lesion_id": study.lesion_id,
         "acquired_at": iso_utc(study.acquired_at),
         **follow_up_fields(prediction),
         # the specialist's decision, once made
