@@ -50,6 +50,7 @@ TABLE = {
     "referrals.release": ("POST", "/referrals/{referral}/release", (S, A)),
     "referrals.record_outcome": ("POST", "/referrals/{referral}/outcome", (S, A)),
     "referrals.hand_over": ("POST", "/referrals/{referral}/hand-over", (S, A)),
+    "referrals.amend": ("POST", "/referrals/{referral}/amend", (S, A)),
     "referrals.search": ("GET", "/referrals/search", (S, A)),
     "admin.users": ("GET", "/admin/users", (A,)),
     "admin.change_user": ("POST", "/admin/users/{user}", (A,)),

@@ -218,6 +218,15 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
     browser.find_element(By.ID, "search").click()
     s.wait(By.ID, "found").find_element(By.LINK_TEXT, f"#{referral_id}").click()
     assert s.wait(By.ID, "decided").text.startswith("Decided: Biopsy or excision")
+    # she amends it, saying why
+    browser.find_element(By.CSS_SELECTOR, "#amend summary").click()
+    browser.find_element(By.CSS_SELECTOR, "#amend-form input[value='routine_follow_up']").click()
+    browser.find_element(By.CSS_SELECTOR, "#amend-form textarea[name=reason]").send_keys("re-read: regular network")
+    s.shot("case-amend")
+    browser.find_element(By.ID, "save-amendment").click()
+    assert s.wait(By.ID, "decided").text.startswith("Decided: Routine follow-up")
+    assert "re-read: regular network" in browser.find_element(By.ID, "amendments").text
+    s.shot("case-amended")
     # another case, opened from its row in the queue, is claimed from its page and handed over
     s.go("/referrals/")
     s.wait(By.CSS_SELECTOR, "#queue tbody tr td a").click()

@@ -111,6 +111,13 @@ def all_sent(settings, destination_of: dict[int, str], extra: dict[int, set[str]
     return states
 
 
+def fhir_report(settings, study_id: int) -> dict:
+    from dermascan.results_out import fhir
+
+    with session_factory(settings.database_url)() as session:
+        return fhir.study_reports(session, [session.get(Study, study_id)], settings)[0]
+
+
 def dciodvfy_errors(dataset, path) -> list[str]:
     dataset.save_as(path, enforce_file_format=True)
     return validate(path)
@@ -233,6 +240,36 @@ def test_results_reach_the_pacs_by_c_store_and_stow_rs_in_the_source_study(
     assert [i.ConceptCodeSequence[0].CodeValue for i in items if i.ValueType == "CODE"
             and i.ConceptNameCodeSequence[0].CodeValue == DECISION.value] == ["BIOPSY"]  # fmt: skip
     assert not dciodvfy_errors(verified, tmp_path / "verified.dcm")
+
+    # she amends it, with a reason: a new verified SR supersedes the first in the PACS, FHIR shows it
+    page = portal.get(f"/referrals/{referral_id}").text
+    assert 'id="amend-form"' in page
+    missing = portal.post(
+        f"/referrals/{referral_id}/amend", data={"decision": "routine_follow_up", "csrf_token": csrf(page)}
+    )
+    assert missing.status_code == 400 and "say why the decision changes" in missing.text  # no reason, nothing changed
+    answer = portal.post(f"/referrals/{referral_id}/amend", data={
+        "decision": "routine_follow_up", "reason": "dermoscopy re-read: regular network", "csrf_token": csrf(page)})  # fmt: skip
+    assert answer.status_code == 302, answer.text
+
+    def superseded():
+        found = [ds for ds in orthanc.datasets(source.StudyInstanceUID) if ds.SOPClassUID == COMPREHENSIVE_3D_SR
+                 and ds.VerificationFlag == "VERIFIED" and ds.SOPInstanceUID != verified.SOPInstanceUID]  # fmt: skip
+        return found[0] if found else None
+
+    amended = wait_for(superseded, 120, message="the amended decision in the PACS")
+    predecessors = [i.ReferencedSOPInstanceUID for s in amended.PredecessorDocumentsSequence
+                    for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]  # fmt: skip
+    assert predecessors == [verified.SOPInstanceUID]
+    assert [i.ConceptCodeSequence[0].CodeValue for i in content_items(amended) if i.ValueType == "CODE"
+            and i.ConceptNameCodeSequence[0].CodeValue == DECISION.value] == ["FOLLOWUP"]  # fmt: skip
+    assert not dciodvfy_errors(amended, tmp_path / "amended.dcm")
+    fhir = fhir_report(settings, referred.id)
+    decision = next(r for r in fhir["contained"] if r["id"] == "decision")
+    assert (
+        decision["status"] == "amended" and decision["valueCodeableConcept"]["coding"][0]["code"] == "routine_follow_up"
+    )
+    assert "regular network" in decision["note"][-1]["text"] and "Amended from Biopsy or excision" in fhir["conclusion"]
 
 
 def test_a_pacs_that_is_down_gets_the_result_once_back_and_a_refusing_one_fails_visibly(

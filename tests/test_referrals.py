@@ -205,3 +205,48 @@ def test_melanoma_first_hand_overs_claims_and_search(pg_settings, tiny_bundle):
         today = utcnow().date()
         assert len(search(session, referrals.Search(received_from=today, received_to=today))) == 4
         assert search(session, referrals.Search(received_to=today - dt.timedelta(days=1))) == []
+
+
+def test_a_decision_is_amended_by_its_decider_or_an_admin_with_a_reason(pg_settings, tiny_bundle):
+    settings = pg_settings
+    seed_referrals(settings, 1, tiny_bundle)
+    alice, bob = make_users(settings, 2)
+    (chief,) = make_users(settings, 1, role="admin")
+    factory = session_factory(settings.database_url)
+    with factory() as session, session.begin():
+        case = referrals.claim_next(session, alice, 60)
+        with pytest.raises(referrals.ReferralError, match="only a decided case"):
+            referrals.amend(session, case.id, alice, "benign_no_action", None, "wrong")
+        referrals.decide(session, case.id, alice, "biopsy_or_excision", "first look", 60, diagnosis="mel")
+        first_at = session.get(Referral, case.id).decided_at
+    with factory() as session, session.begin(), pytest.raises(referrals.NotYourClaim):
+        referrals.amend(session, case.id, bob, "benign_no_action", None, "I disagree")  # not his decision
+    with factory() as session, session.begin(), pytest.raises(referrals.UnknownDecision, match="reason"):
+        referrals.amend(session, case.id, alice, "benign_no_action", None, "  ")
+    with factory() as session, session.begin():
+        amended = referrals.amend(
+            session, case.id, alice, "routine_follow_up", "second look", "histology came back", "nv"
+        )
+        assert (amended.decision, amended.specialist_diagnosis, amended.note) == (
+            "routine_follow_up",
+            "nv",
+            "second look",
+        )
+    with factory() as session, session.begin():
+        referrals.amend(session, case.id, chief, "benign_no_action", None, "board review", is_admin=True)
+    with factory() as session:
+        history = referrals.amendments(session, case.id)
+        assert [(h.decision, h.reason) for h in history] == [
+            ("biopsy_or_excision", "histology came back"),
+            ("routine_follow_up", "board review"),
+        ]
+        assert history[0].decided_at == first_at and history[0].specialist_diagnosis == "mel"
+        from dermascan.screening.reports import study_result
+
+        referral = session.get(Referral, case.id)
+        row = study_result(session, session.get(Study, referral.study_id))
+        assert (row["decision"], row["decision_amendments"], row["decision_amendment_reason"]) == (
+            "benign_no_action",
+            2,
+            "board review",
+        )

@@ -53,6 +53,19 @@ class DecisionForm(FlaskForm):
         self.diagnosis.choices = _diagnosis_choices("— not stated —")
 
 
+class AmendForm(FlaskForm):
+    decision = RadioField("Amended decision", choices=list(DECISION_LABELS.items()), validators=[DataRequired()])
+    diagnosis = SelectField("Your diagnosis", choices=[], validators=[Optional()])
+    note = TextAreaField("Note", validators=[Length(max=4000)])
+    reason = TextAreaField(
+        "Reason for the amendment", validators=[DataRequired(message="say why the decision changes"), Length(max=2000)]
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.diagnosis.choices = _diagnosis_choices("— not stated —")
+
+
 class HandOverForm(FlaskForm):
     colleague = SelectField("Colleague", coerce=int, validators=[DataRequired(message="choose a colleague")])
     kind = RadioField(
@@ -202,7 +215,7 @@ def case(referral_id):
     return _case_page(referral)
 
 
-def _case_page(referral: Referral, form=None, outcome_form=None, status: int = 200, handover=None):
+def _case_page(referral: Referral, form=None, outcome_form=None, status: int = 200, handover=None, amend_form=None):
     found = case_file(db(), referral, current_user.id, settings().claim_timeout_s)
     handover = handover or HandOverForm(formdata=None)
     handover.colleague.choices = [(u.id, u.username) for u in queue.colleagues(db(), current_user.id)]
@@ -211,8 +224,49 @@ def _case_page(referral: Referral, form=None, outcome_form=None, status: int = 2
         labels=DECISION_LABELS, outcome_form=outcome_form or OutcomeForm(formdata=None),
         deliveries=delivery_status.deliveries(db(), referral.study_id), handover=handover,
         handover_kinds=queue.HANDOVER_KINDS, diagnoses=dict(_diagnosis_choices("")),
+        amend_form=amend_form or AmendForm(formdata=None), amendments=queue.amendments(db(), referral.id),
+        may_amend=referral.decided_by_id == current_user.id or current_user.role == "admin",
     )  # fmt: skip
     return page, status
+
+
+@bp.post("/<int:referral_id>/amend")
+@role_required(*ROLES)
+def amend(referral_id):
+    """Amend a decided case (its decider or an admin; a reason required; audited): the amended
+    decision reaches everything the first one reached — a superseding verified SR to the PACS,
+    the sender's callback, FHIR and the API."""
+    referral = _referral(referral_id)
+    form = AmendForm()
+    if not form.validate_on_submit():
+        return _case_page(referral, amend_form=form, status=400)
+    was = referral.decision.value if referral.decision else None
+    try:
+        referral = queue.amend(
+            db(), referral_id, current_user.id, form.decision.data, form.note.data, form.reason.data,
+            form.diagnosis.data, is_admin=current_user.role == "admin",
+        )  # fmt: skip
+    except queue.ReferralError as exc:
+        db().rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("referrals.case", referral_id=referral_id)), 303
+    audit_event("decision_amended", object_type="referral", object_id=referral.id, detail={
+        "study_id": referral.study_id, "from": was, "to": form.decision.data, "reason": form.reason.data.strip(),
+        "diagnosis": referral.specialist_diagnosis, "note": referral.note,
+    })  # fmt: skip
+    _send_decision(referral, again=True)
+    flash(f"Decision amended: {DECISION_LABELS[form.decision.data]}.", "info")
+    return redirect(url_for("referrals.case", referral_id=referral.id))
+
+
+def _send_decision(referral: Referral, again: bool = False) -> None:
+    """Commit, then send the decision where results go: a verified SR to the PACS (superseding an
+    earlier one when ``again``) and the sender's callback."""
+    wants_callback = callbacks.wants_decision_callback(db(), referral)
+    db().commit()
+    scheduling.schedule(settings(), [referral.study_id], objects=(objects.VERIFIED_SR,), again=again)
+    if wants_callback:
+        send(settings(), TASK_DECISION_CALLBACK, [referral.id, 0], queue=CALLBACKS)
 
 
 @bp.post("/<int:referral_id>/claim")
@@ -281,12 +335,8 @@ def decide(referral_id):
         detail={"study_id": referral.study_id, "decision": form.decision.data, "note": referral.note,
                 "diagnosis": referral.specialist_diagnosis},
     )  # fmt: skip
-    wants_callback = callbacks.wants_decision_callback(db(), referral)
-    db().commit()
     # the decision goes back to the PACS, verified by its author, and to the sender's callback URL
-    scheduling.schedule(settings(), [referral.study_id], objects=(objects.VERIFIED_SR,))
-    if wants_callback:
-        send(settings(), TASK_DECISION_CALLBACK, [referral.id, 0], queue=CALLBACKS)
+    _send_decision(referral)
     flash(f"Decision saved: {DECISION_LABELS[form.decision.data]}.", "info")
     return redirect(url_for("referrals.queue"))
 

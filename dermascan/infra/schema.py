@@ -413,6 +413,28 @@ class Referral(Base):
     decided_by: Mapped[User | None] = relationship(foreign_keys=[decided_by_id])
     assigned_to: Mapped[User | None] = relationship(foreign_keys=[assigned_to_id])
     assigned_by: Mapped[User | None] = relationship(foreign_keys=[assigned_by_id])
+    # the decision's earlier versions, oldest first (empty: never amended)
+    amendments: Mapped[list[DecisionAmendment]] = relationship(order_by="DecisionAmendment.amended_at", viewonly=True)
+
+
+class DecisionAmendment(Base):
+    """A decision as it stood before an amendment replaced it, with who amended it, when and why
+    (the referral holds the decision in force; these are its earlier versions, oldest first)."""
+
+    __tablename__ = "decision_amendments"
+    id: Mapped[intpk]
+    referral_id: Mapped[int] = mapped_column(ForeignKey("referrals.id", ondelete="CASCADE"), index=True)
+    decision: Mapped[Decision] = mapped_column(_enum(Decision, "decision"))
+    specialist_diagnosis: Mapped[str | None] = mapped_column(String(16))
+    note: Mapped[str | None] = mapped_column(Text)
+    decided_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    decided_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    reason: Mapped[str] = mapped_column(Text)
+    amended_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    amended_at: Mapped[timestamp]
+
+    decided_by: Mapped[User | None] = relationship(foreign_keys=[decided_by_id])
+    amended_by: Mapped[User | None] = relationship(foreign_keys=[amended_by_id])
 
 
 class AuditEvent(Base):

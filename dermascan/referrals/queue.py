@@ -12,7 +12,17 @@ from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dermascan.errors import Conflict, Invalid, NotAllowed, NotFound
-from dermascan.infra.schema import Batch, Decision, Referral, ReferralStatus, Role, Study, User, utcnow
+from dermascan.infra.schema import (
+    Batch,
+    Decision,
+    DecisionAmendment,
+    Referral,
+    ReferralStatus,
+    Role,
+    Study,
+    User,
+    utcnow,
+)
 from dermascan.screening import referral_policy
 
 
@@ -238,6 +248,59 @@ def decide(
     referral.decided_by_id = user_id
     referral.decided_at = utcnow()
     return referral
+
+
+def amend(
+    session: Session,
+    referral_id: int,
+    user_id: int,
+    decision: str,
+    note: str | None,
+    reason: str,
+    diagnosis: str | None = None,
+    is_admin: bool = False,
+) -> Referral:
+    """Amend a decided case: the decision in force is kept as an earlier version (with who amends
+    it, when and why) and replaced. The specialist who decided it, or an admin, may amend; a
+    reason is required. Everything the first decision reached gets the new one (the caller sends
+    it: a superseding verified SR, the callback; FHIR and the API read it)."""
+    try:
+        choice = Decision(decision)
+    except ValueError:
+        raise UnknownDecision(f"unknown decision {decision!r}") from None
+    code = diagnosis_code(diagnosis)
+    reason = (reason or "").strip()
+    if not reason:
+        raise UnknownDecision("an amendment needs its reason")
+    referral = session.scalar(select(Referral).where(Referral.id == referral_id).with_for_update())
+    if referral is None:
+        raise CaseNotFound("no such case")
+    if referral.status != ReferralStatus.DECIDED:
+        raise ReferralError("only a decided case can be amended; decide it first")
+    if referral.decided_by_id != user_id and not is_admin:
+        raise NotYourClaim("only the specialist who decided this case, or an admin, can amend it")
+    now = utcnow()
+    session.add(DecisionAmendment(
+        referral_id=referral.id, decision=referral.decision, specialist_diagnosis=referral.specialist_diagnosis,
+        note=referral.note, decided_by_id=referral.decided_by_id, decided_at=referral.decided_at,
+        reason=reason[:2000], amended_by_id=user_id, amended_at=now,
+    ))  # fmt: skip
+    referral.decision, referral.specialist_diagnosis = choice, code
+    referral.note = (note or "").strip() or None
+    referral.decided_by_id, referral.decided_at = user_id, now
+    session.flush()
+    return referral
+
+
+def amendments(session: Session, referral_id: int) -> list[DecisionAmendment]:
+    """The earlier versions of a case's decision, oldest first."""
+    return list(
+        session.scalars(
+            select(DecisionAmendment)
+            .where(DecisionAmendment.referral_id == referral_id)
+            .order_by(DecisionAmendment.amended_at, DecisionAmendment.id)
+        )
+    )
 
 
 def colleagues(session: Session, user_id: int) -> list[User]:

@@ -166,7 +166,7 @@ def decision_event(session, referral: Referral) -> dict:
 
     study = referral.study
     return {
-        "event": "study.decided",
+        "event": "study.decision_amended" if referral.amendments else "study.decided",
         "study_id": study.id,
         "external_id": study.external_id,
         "batch_id": study.batch_id,

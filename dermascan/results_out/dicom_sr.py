@@ -256,10 +256,14 @@ class SpecialistDecision:
     decided_at: object  # datetime (UTC)
 
 
-def decision_report(source: Dataset, ai_report: Dataset, decision: SpecialistDecision) -> hd.sr.Comprehensive3DSR:
+def decision_report(
+    source: Dataset, ai_report: Dataset, decision: SpecialistDecision, previous: Dataset | None = None, version: int = 0
+) -> hd.sr.Comprehensive3DSR:
     """The specialist's decision on a referred study: a verified TID 1500 report by that
     specialist (name and time in the verifying observer fields) that refers to the AI result
-    (listed in its evidence) and to the source image."""
+    (listed in its evidence) and to the source image. An amended decision is a new report that
+    names the one it supersedes (``previous``) in its Predecessor Documents Sequence; each version
+    (``version``: 0 for the first decision, n after n amendments) has UIDs of its own."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Person,
         observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=decision.specialist),
@@ -282,9 +286,10 @@ def decision_report(source: Dataset, ai_report: Dataset, decision: SpecialistDec
     )
     sr = _document(
         source, [source, ai_report], report, DECISION_SERIES_NUMBER,
-        ["decision", decision.decided_at.strftime("%Y%m%d%H%M%S")], "DermaScan specialist decision",
+        ["decision", decision.decided_at.strftime("%Y%m%d%H%M%S"), *([f"amendment-{version}"] if version else [])],
+        "DermaScan specialist decision",
         is_final=True, is_verified=True, verifying_observer_name=decision.specialist,
-        verifying_organization=decision.organization,
+        verifying_organization=decision.organization, previous_versions=[previous] if previous is not None else None,
     )  # fmt: skip
     sr.VerifyingObserverSequence[0].VerificationDateTime = decision.decided_at.strftime("%Y%m%d%H%M%S+0000")
     return sr

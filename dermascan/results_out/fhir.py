@@ -120,10 +120,16 @@ def diagnostic_report(
             valueCodeableConcept=_code(SYSTEM, decision.value, DECISION_LABELS[decision]),
         )  # fmt: skip
         observation.pop("device")
+        if referral.amendments:  # amended: the decision in force, and why it changed
+            last = referral.amendments[-1]
+            observation["status"] = "amended"
+            observation.setdefault("note", []).append({"text": (
+                f"Amended {last.amended_at:%Y-%m-%d %H:%M} UTC (was: {DECISION_LABELS[Decision(last.decision)]}): {last.reason}"
+            )})  # fmt: skip
         if referral.decided_by is not None:
             observation["performer"] = [{"display": referral.decided_by.username}]
         if referral.note:
-            observation["note"] = [{"text": referral.note}]
+            observation.setdefault("note", []).insert(0, {"text": referral.note})
         contained.append(observation)
     results = [{"reference": f"#{r['id']}"} for r in contained if r["resourceType"] == "Observation"]
     report = {
@@ -275,6 +281,9 @@ def _conclusion(row: dict, referral: Referral | None) -> str:
         text += f" Most likely: {top['label']} ({top['probability']:.0%})."
     if referral is not None and referral.decision is not None:
         text += f" Specialist's decision: {DECISION_LABELS[Decision(referral.decision)]}."
+        if referral.amendments:
+            last = referral.amendments[-1]
+            text += f" (Amended from {DECISION_LABELS[Decision(last.decision)]}: {last.reason}.)"
     return text
 
 

@@ -12,6 +12,7 @@ object's SOP Instance UID is derived from the study, so building again gives the
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 
 from pydicom import dcmread
@@ -119,15 +120,30 @@ def build_objects(settings: Settings, session: Session, study: Study, kinds) -> 
             overlay = np.asarray(image.convert("RGB"))
         out[HEATMAP] = dicom_sr.heatmap_capture(header, overlay, prediction.bundle_version)
     if VERIFIED_SR in kinds and referral is not None and referral.decided_at is not None:
-        user = session.get(User, referral.decided_by_id)
-        decided_at = referral.decided_at
-        decision = dicom_sr.SpecialistDecision(
-            decision=str(Decision(referral.decision)),
-            label=DECISION_LABELS[Decision(referral.decision)],
-            note=referral.note,
-            specialist=f"{user.username if user is not None else 'unknown'}^",  # a login: one name component
-            organization=session.get(Program, study.program_id).name,
-            decided_at=decided_at,
+        organization = session.get(Program, study.program_id).name
+        # an amended decision supersedes the report of the version before it (its UIDs come from
+        # that version's time, so it is rebuilt exactly as it was sent)
+        versions = len(referral.amendments)  # the decision in force is version n after n amendments
+        previous = None
+        if versions:
+            before = _decision(session, referral.amendments[-1], organization)
+            previous = dicom_sr.decision_report(header, ai, before, version=versions - 1)
+        out[VERIFIED_SR] = dicom_sr.decision_report(
+            header, ai, _decision(session, referral, organization), previous, version=versions
         )
-        out[VERIFIED_SR] = dicom_sr.decision_report(header, ai, decision)
     return out
+
+
+def _decision(session: Session, version, organization: str) -> dicom_sr.SpecialistDecision:
+    """A decision as its verified report carries it: the referral's in force, or an earlier
+    version (``DecisionAmendment``)."""
+    user = session.get(User, version.decided_by_id) if version.decided_by_id else None
+    decided_at = version.decided_at if version.decided_at.tzinfo else version.decided_at.replace(tzinfo=dt.UTC)
+    return dicom_sr.SpecialistDecision(
+        decision=str(Decision(version.decision)),
+        label=DECISION_LABELS[Decision(version.decision)],
+        note=version.note,
+        specialist=f"{user.username if user is not None else 'unknown'}^",  # a login: one name component
+        organization=organization,
+        decided_at=decided_at,
+    )

@@ -17,10 +17,12 @@ from dermascan.results_out.objects import KINDS, VERIFIED_SR, available
 from dermascan.screening.reports import latest_predictions
 
 
-def schedule(settings: Settings, study_ids, objects: tuple[str, ...] = KINDS) -> int:
+def schedule(settings: Settings, study_ids, objects: tuple[str, ...] = KINDS, again: bool = False) -> int:
     """Record the deliveries due for these studies (of ``objects``, those that exist) and send
     a task per study and destination. Studies without a DICOM identity, or whose program has no
-    enabled destination, have nothing to deliver. Returns the number of tasks sent."""
+    enabled destination, have nothing to deliver. ``again``: an amended decision — its verified
+    report is sent anew even where the earlier one arrived (it supersedes that one). Returns the
+    number of tasks sent."""
     due: set[tuple[int, int]] = set()
     factory = session_factory(settings.database_url)
     with factory() as session, session.begin():
@@ -53,7 +55,7 @@ def schedule(settings: Settings, study_ids, objects: tuple[str, ...] = KINDS) ->
                     row = existing.get((destination.id, obj))
                     if row is None:
                         session.add(Delivery(study_id=study.id, destination_id=destination.id, object=obj, status=PENDING, attempts=0))  # fmt: skip
-                    elif row.status == FAILED and obj == VERIFIED_SR:  # a new decision: try again
+                    elif obj == VERIFIED_SR and (row.status == FAILED or again):  # a new decision: send it
                         row.status, row.attempts, row.detail = PENDING, 0, None
                     else:
                         continue

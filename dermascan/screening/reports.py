@@ -57,6 +57,8 @@ RESULT_COLUMNS = [
     "decision",
     "decided_at",
     "specialist_diagnosis",
+    "decision_amendments",
+    "decision_amendment_reason",
     "created_at",
     "finished_at",
 ]
@@ -228,6 +230,10 @@ def decision_fields(referral: Referral | None) -> dict:
         "decided_at": iso_utc(referral.decided_at) if decided else None,
         # the specialist's own diagnosis, in the differential's codes (or "other")
         "specialist_diagnosis": referral.specialist_diagnosis if decided else None,
+        # an amended decision: how many times, and the last amendment's reason (the decision and
+        # decided_at above are the amended ones)
+        "decision_amendments": len(referral.amendments) if decided else 0,
+        "decision_amendment_reason": referral.amendments[-1].reason if decided and referral.amendments else None,
     }
 
 
