@@ -197,6 +197,32 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
     WebDriverWait(browser, 10).until(lambda d: heat.is_displayed())
     assert browser.execute_script("return arguments[0].naturalWidth", heat) > 0
     s.shot("case-heatmap")
+    # the viewer: the image at its own resolution, fitted; zoomed by key and button, back to fit;
+    # brightness, contrast and the heat map's opacity; "h" toggles the map
+    frame = browser.find_element(By.ID, "viewer")
+    fitted = float(frame.get_attribute("data-scale"))
+    natural = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
+    assert fitted == pytest.approx(min(frame.size["width"] / natural[0], frame.size["height"] / natural[1]), rel=0.02)
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys("+")
+    body.send_keys("+")
+    assert float(frame.get_attribute("data-scale")) == pytest.approx(fitted * 1.25**2, rel=0.01)
+    browser.find_element(By.CSS_SELECTOR, "[data-zoom=actual]").click()
+    assert float(frame.get_attribute("data-scale")) == pytest.approx(1.0)
+    assert browser.find_element(By.ID, "zoom-level").text == "100 %"
+    for slider, value in (("brightness", 140), ("contrast", 120), ("heatmap-opacity", 60)):
+        browser.execute_script(
+            "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
+            browser.find_element(By.ID, slider),
+            value,
+        )
+    assert image.value_of_css_property("filter") == "brightness(1.4) contrast(1.2)"
+    assert float(heat.value_of_css_property("opacity")) == pytest.approx(0.6)
+    s.shot("case-viewer-zoomed")
+    body.send_keys("h")
+    assert not heat.is_displayed()
+    body.send_keys("0")
+    assert float(frame.get_attribute("data-scale")) == pytest.approx(fitted, rel=0.01)
     case_url = browser.current_url
     referral_id = int(case_url.rstrip("/").rsplit("/", 1)[1])
     browser.find_element(By.CSS_SELECTOR, "input[value='biopsy_or_excision']").click()

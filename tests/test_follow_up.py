@@ -302,6 +302,7 @@ def test_the_case_page_shows_the_earlier_visit_side_by_side(
     """A specialist opens the second visit's case: the lesion's visits in a table, the two side by
     side at the same size, the heat maps of both toggled together (axe-core checks each page)."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     from dermascan.security.accounts import create_user
     from tests.test_browser import Steps
@@ -346,7 +347,19 @@ def test_the_case_page_shows_the_earlier_visit_side_by_side(
     assert left.get_attribute("src").endswith(f"/studies/{earlier}/image")
     assert right.get_attribute("src").endswith(f"/studies/{later}/image")
     s.wait(By.ID, "compare-a-image")
-    assert left.size == right.size  # the same size, whatever each image's own
+    frames = [browser.find_element(By.ID, f"compare-{side}-frame") for side in "ab"]
+    assert frames[0].size == frames[1].size  # the same size, whatever each image's own
+    # the same viewer on both: zooming one zooms the other alike (relative to each one's fit)
+    WebDriverWait(browser, 10).until(lambda d: all(f.get_attribute("data-scale") for f in frames))
+    fitted = [float(f.get_attribute("data-scale")) for f in frames]
+    browser.execute_script(
+        "arguments[0].dispatchEvent(new WheelEvent('wheel', {deltaY: -100, clientX: 50, clientY: 50, bubbles: true, cancelable: true}))",
+        frames[0],
+    )
+    zoomed = [float(f.get_attribute("data-scale")) for f in frames]
+    assert zoomed[0] / fitted[0] == pytest.approx(1.2, rel=0.01) and zoomed[1] / fitted[1] == pytest.approx(
+        1.2, rel=0.01
+    )
     overlays = [browser.find_element(By.ID, f"compare-{side}-heatmap") for side in "ab"]
     assert not any(o.is_displayed() for o in overlays)
     s.shot("case-with-earlier-visit")
