@@ -250,3 +250,52 @@ def test_a_decision_is_amended_by_its_decider_or_an_admin_with_a_reason(pg_setti
             2,
             "board review",
         )
+
+
+def test_one_lesion_one_item_settled_together(pg_settings, tiny_bundle):
+    """A lesion's waiting visits are one queue item: claiming it claims them all, deciding it
+    settles the others with the same decision — except a visit another specialist is reviewing."""
+    from dermascan.infra.schema import Lesion
+
+    settings = pg_settings
+    factory = session_factory(settings.database_url)
+    with factory() as session, session.begin():
+        program = get_or_create_program(session, "queue-test")
+        bundle = bundles.register(session, tiny_bundle)
+        lesion = Lesion(program_id=program.id, key_pseudonym="k" * 32)
+        session.add(lesion)
+        session.flush()
+        studies = [
+            Study(program_id=program.id, source="test", meta={}, image_sha256="0" * 64, image_format="jpeg",
+                  status=StudyStatus.PROCESSING, lesion_id=lesion.id if i < 3 else None,
+                  acquired_at=utcnow() - dt.timedelta(days=30 * (3 - i)))
+            for i in range(4)
+        ]  # fmt: skip
+        session.add_all(studies)
+        session.flush()
+        results.record(session, bundle.version, 0.3, [results.ScoredStudy(s.id, 0.6) for s in studies])
+        ids = [s.id for s in studies]
+    alice, bob = make_users(settings, 2)
+    with factory() as session, session.begin():
+        items = referrals.group_by_lesion(referrals.open_cases(session, 60))
+        assert len(items) == 2  # three visits of one lesion, one study without a lesion
+        grouped = next(visits for r, visits in items if r.study.lesion_id is not None)
+        assert len(grouped) == 2
+        by_study = {r.study_id: r.id for r in session.scalars(select(Referral))}
+        # bob is reviewing the lesion's second visit (claimed alone, as before visits were grouped)
+        session.execute(update(Referral).where(Referral.id == by_study[ids[1]]).values(
+            status=ReferralStatus.CLAIMED, claimed_by_id=bob, claimed_at=utcnow()))  # fmt: skip
+    with factory() as session, session.begin():
+        # claiming the first visit claims the lesion's other visits nobody else holds
+        mine = referrals.claim(session, by_study[ids[2]], alice, 60)
+        assert [(r.study_id, r.claimed_by_id) for r in referrals.siblings(session, mine)] == [
+            (ids[0], alice),
+            (ids[1], bob),
+        ]
+        decided = referrals.decide(session, mine.id, alice, "biopsy_or_excision", "irregular", 60)
+        assert [r.study_id for r in decided.settled] == [ids[0]]  # bob's stays with bob
+    with factory() as session:
+        states = {r.study_id: (r.status, r.decision, r.note) for r in session.scalars(select(Referral))}
+        assert states[ids[0]][:2] == (ReferralStatus.DECIDED, "biopsy_or_excision")
+        assert states[ids[0]][2] == f"Settled with case #{mine.id} (the same lesion): irregular"
+        assert states[ids[1]][0] == ReferralStatus.CLAIMED and states[ids[3]][0] == ReferralStatus.OPEN

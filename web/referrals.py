@@ -47,6 +47,7 @@ class DecisionForm(FlaskForm):
     decision = RadioField("Decision", choices=list(DECISION_LABELS.items()), validators=[DataRequired()])
     diagnosis = SelectField("Your diagnosis", choices=[], validators=[Optional()])
     note = TextAreaField("Note", validators=[Length(max=4000)])
+    settle_lesion = BooleanField("Settle this lesion's other waiting visits with the same decision", default=True)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -133,7 +134,7 @@ def _filter(source) -> queue.QueueFilter:
 def queue_page():
     flt = _filter(request.args)
     timeout = settings().claim_timeout_s
-    cases = queue.open_cases(db(), timeout, flt)
+    cases = queue.group_by_lesion(queue.open_cases(db(), timeout, flt))
     stats = queue.queue_stats(db(), timeout, flt)
     mine = queue.current_claim(db(), current_user.id, timeout)
     programs = list(db().scalars(select(Program).order_by(Program.name)))
@@ -225,6 +226,7 @@ def _case_page(referral: Referral, form=None, outcome_form=None, status: int = 2
         deliveries=delivery_status.deliveries(db(), referral.study_id), handover=handover,
         handover_kinds=queue.HANDOVER_KINDS, diagnoses=dict(_diagnosis_choices("")),
         amend_form=amend_form or AmendForm(formdata=None), amendments=queue.amendments(db(), referral.id),
+        siblings=queue.siblings(db(), referral), timeout_s=settings().claim_timeout_s,
         may_amend=referral.decided_by_id == current_user.id or current_user.role == "admin",
     )  # fmt: skip
     return page, status
@@ -259,14 +261,16 @@ def amend(referral_id):
     return redirect(url_for("referrals.case", referral_id=referral.id))
 
 
-def _send_decision(referral: Referral, again: bool = False) -> None:
+def _send_decision(referral: Referral, again: bool = False, others=()) -> None:
     """Commit, then send the decision where results go: a verified SR to the PACS (superseding an
-    earlier one when ``again``) and the sender's callback."""
-    wants_callback = callbacks.wants_decision_callback(db(), referral)
+    earlier one when ``again``) and the sender's callback — for ``others`` settled with it too."""
+    cases = [referral, *others]
+    wanted = [r.id for r in cases if callbacks.wants_decision_callback(db(), r)]
+    studies = [r.study_id for r in cases]
     db().commit()
-    scheduling.schedule(settings(), [referral.study_id], objects=(objects.VERIFIED_SR,), again=again)
-    if wants_callback:
-        send(settings(), TASK_DECISION_CALLBACK, [referral.id, 0], queue=CALLBACKS)
+    scheduling.schedule(settings(), studies, objects=(objects.VERIFIED_SR,), again=again)
+    for referral_id in wanted:
+        send(settings(), TASK_DECISION_CALLBACK, [referral_id, 0], queue=CALLBACKS)
 
 
 @bp.post("/<int:referral_id>/claim")
@@ -322,7 +326,7 @@ def decide(referral_id):
     try:
         referral = queue.decide(
             db(), referral_id, current_user.id, form.decision.data, form.note.data, settings().claim_timeout_s,
-            form.diagnosis.data,
+            form.diagnosis.data, settle_lesion=bool(form.settle_lesion.data),
         )  # fmt: skip
     except queue.ReferralError as exc:
         db().rollback()
@@ -333,11 +337,15 @@ def decide(referral_id):
         object_type="referral",
         object_id=referral.id,
         detail={"study_id": referral.study_id, "decision": form.decision.data, "note": referral.note,
-                "diagnosis": referral.specialist_diagnosis},
+                "diagnosis": referral.specialist_diagnosis, "settled": [r.id for r in referral.settled]},
     )  # fmt: skip
+    for other in referral.settled:  # the same lesion's other visits, settled with it
+        audit_event("decision", object_type="referral", object_id=other.id, detail={
+            "study_id": other.study_id, "decision": form.decision.data, "settled_with": referral.id})  # fmt: skip
     # the decision goes back to the PACS, verified by its author, and to the sender's callback URL
-    _send_decision(referral)
-    flash(f"Decision saved: {DECISION_LABELS[form.decision.data]}.", "info")
+    _send_decision(referral, others=referral.settled)
+    settled = f" — and {len(referral.settled)} earlier visit(s) of the same lesion" if referral.settled else ""
+    flash(f"Decision saved: {DECISION_LABELS[form.decision.data]}{settled}.", "info")
     return redirect(url_for("referrals.queue"))
 
 

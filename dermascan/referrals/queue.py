@@ -153,8 +153,62 @@ def claim_next(session: Session, user_id: int, timeout_s: int, flt: QueueFilter 
     referral.status = ReferralStatus.CLAIMED
     referral.claimed_by_id = user_id
     referral.claimed_at = now
+    _claim_siblings(session, referral, user_id, timeout_s, now)
     session.flush()
     return referral
+
+
+def siblings(session: Session, referral: Referral) -> list[Referral]:
+    """The other undecided referrals of the same lesion (its other visits waiting), oldest visit first."""
+    lesion_id = referral.study.lesion_id
+    if lesion_id is None:
+        return []
+    return list(
+        session.scalars(
+            select(Referral)
+            .join(Study, Study.id == Referral.study_id)
+            .where(Study.lesion_id == lesion_id, Referral.id != referral.id, Referral.status != ReferralStatus.DECIDED)
+            .order_by(func.coalesce(Study.acquired_at, Study.created_at), Referral.id)
+        )
+    )
+
+
+def _claim_siblings(session: Session, referral: Referral, user_id: int, timeout_s: int, now) -> list[Referral]:
+    """One lesion, one item: claiming a visit claims the lesion's other waiting visits too (those
+    no one else is reviewing and not handed to someone else)."""
+    if referral.study.lesion_id is None:
+        return []
+    taken = list(
+        session.scalars(
+            select(Referral)
+            .join(Study, Study.id == Referral.study_id)
+            .where(
+                Study.lesion_id == referral.study.lesion_id, Referral.id != referral.id,
+                _claimable(now, timeout_s), _free_for(user_id),
+            )
+            .with_for_update(skip_locked=True, of=Referral)
+        )
+    )  # fmt: skip
+    for other in taken:
+        other.status, other.claimed_by_id, other.claimed_at = ReferralStatus.CLAIMED, user_id, now
+    return taken
+
+
+def group_by_lesion(cases: list[Referral]) -> list[tuple[Referral, list[Referral]]]:
+    """The queue as people work it: one item per lesion (its first case in queue order, with the
+    lesion's other waiting visits), one per study without a lesion."""
+    items: list[tuple[Referral, list[Referral]]] = []
+    by_lesion: dict[int, list[Referral]] = {}
+    for case_ in cases:
+        lesion_id = case_.study.lesion_id
+        if lesion_id is None:
+            items.append((case_, []))
+        elif lesion_id in by_lesion:
+            by_lesion[lesion_id].append(case_)
+        else:
+            by_lesion[lesion_id] = []
+            items.append((case_, by_lesion[lesion_id]))
+    return items
 
 
 def claim(session: Session, referral_id: int, user_id: int, timeout_s: int) -> Referral:
@@ -172,6 +226,7 @@ def claim(session: Session, referral_id: int, user_id: int, timeout_s: int) -> R
     if referral.assigned_to_id not in (None, user_id):
         raise NotYourClaim(f"this case is handed to {referral.assigned_to.username}")
     referral.status, referral.claimed_by_id, referral.claimed_at = ReferralStatus.CLAIMED, user_id, now
+    _claim_siblings(session, referral, user_id, timeout_s, now)
     session.flush()
     return referral
 
@@ -234,20 +289,47 @@ def decide(
     note: str | None,
     timeout_s: int,
     diagnosis: str | None = None,
+    settle_lesion: bool = True,
 ) -> Referral:
+    """Decide a case the user holds; with ``settle_lesion``, the lesion's other waiting visits get
+    the same decision (``referral.settled`` lists them)."""
     try:
         choice = Decision(decision)
     except ValueError:
         raise UnknownDecision(f"unknown decision {decision!r}") from None
     code = diagnosis_code(diagnosis)
     referral = _own_claim(session, referral_id, user_id, timeout_s)
+    now = utcnow()
     referral.status = ReferralStatus.DECIDED
     referral.decision = choice
     referral.specialist_diagnosis = code
     referral.note = (note or "").strip() or None
     referral.decided_by_id = user_id
-    referral.decided_at = utcnow()
+    referral.decided_at = now
+    referral.settled = _settle_siblings(session, referral, user_id, timeout_s, now) if settle_lesion else []
     return referral
+
+
+def _settle_siblings(session: Session, referral: Referral, user_id: int, timeout_s: int, now) -> list[Referral]:
+    """The lesion's other waiting visits that the decider holds, or that no one else is
+    reviewing, get the same decision (a note says with which case); the rest stay open and say why
+    on the case page (another specialist is reviewing one, or it is handed to a colleague)."""
+    settled = []
+    for other in siblings(session, referral):
+        live_elsewhere = (
+            other.status == ReferralStatus.CLAIMED and other.claimed_by_id != user_id
+            and _aware(other.claimed_at) >= now - dt.timedelta(seconds=timeout_s)
+        )  # fmt: skip
+        if live_elsewhere or other.assigned_to_id not in (None, user_id):
+            continue
+        other.status, other.decision, other.specialist_diagnosis = ReferralStatus.DECIDED, referral.decision, referral.specialist_diagnosis  # fmt: skip
+        other.note = f"Settled with case #{referral.id} (the same lesion)" + (
+            f": {referral.note}" if referral.note else "."
+        )
+        other.decided_by_id, other.decided_at = user_id, now
+        other.claimed_by_id = other.claimed_by_id or user_id
+        settled.append(other)
+    return settled
 
 
 def amend(
