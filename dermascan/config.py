@@ -68,9 +68,11 @@ class Settings:
     tta: bool | None = None  # None: as the bundle's manifest recommends
     mixed_precision: bool = False
     # the workers' forward pass: "onnxruntime" (an ONNX export of the bundle: shipped inside the
-    # bundle, or made once in the data directory; Grad-CAM stays on Keras), "keras" (TensorFlow or
-    # JAX), or "auto": ONNX Runtime on the TensorFlow backend (bench/runtimes.py measured it faster
-    # on these CPUs, docs/benchmarks.md), Keras on JAX (the GPU workers)
+    # bundle, or made once in the data directory; Grad-CAM stays on Keras), "openvino" (the same
+    # file on OpenVINO, checked against ONNX Runtime at load), "keras" (TensorFlow or JAX), or
+    # "auto": the ONNX file on the TensorFlow backend — on OpenVINO where it is installed, the CPU is
+    # x86 and it matches ONNX Runtime on the check inputs, else ONNX Runtime (bench/runtimes.py,
+    # docs/benchmarks.md) — and Keras on JAX (the GPU workers)
     runtime: str = "auto"
     # JAX backend: compilations that took at least this long go to the persistent cache
     jax_cache_min_compile_s: float = 1.0

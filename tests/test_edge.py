@@ -50,6 +50,44 @@ def test_an_onnx_package_scores_like_the_bundle_and_says_how_it_was_checked(expo
     assert (package / "gate.npz").is_file() and manifest["gate"]["quality"]
 
 
+def test_openvino_runs_the_same_onnx_file_where_it_is_exact(exported, ham_dir, caplog, monkeypatch):
+    """The workers' forward pass on OpenVINO: chosen by "auto" on this x86 CPU because it matches
+    ONNX Runtime on the check inputs, scoring the same as ONNX Runtime; one that differs is refused
+    with a log line (asked by name: an error)."""
+    import logging
+    import platform
+
+    from model.errors import ModelError
+    from model.inference import runtimes
+    from model.inference.predictor import Predictor
+
+    bundle, package = exported
+    images = [base64.b64decode(r["image_base64"]) for r in json_records(ham_dir, 6)]
+    metas = [{"age_approx": 50, "sex": "female", "anatom_site_general": "back"}] * len(images)
+    ort = Predictor(bundle, onnx_package=package, onnx_runtime="onnxruntime")
+    with caplog.at_level(logging.INFO, logger="model.inference.runtimes"):
+        auto = Predictor(bundle, onnx_package=package, onnx_runtime="auto")
+    expected = "openvino" if platform.machine().lower() in ("x86_64", "amd64") else "onnxruntime"
+    assert (ort.runtime, auto.runtime) == ("onnxruntime", expected)
+    if expected == "openvino":
+        assert "OpenVINO: matches ONNX Runtime" in caplog.text
+    a, b = ort.score(images, metas), auto.score(images, metas)
+    assert max(abs(x.probability - y.probability) for x, y in zip(a, b, strict=True)) <= 1e-4
+    assert [x.assessable for x in a] == [y.assessable for y in b]
+    # an OpenVINO that answered differently would not be used (its outputs shifted here)
+    real_run = runtimes.OpenVinoSession.run
+    monkeypatch.setattr(
+        runtimes.OpenVinoSession, "run", lambda self, names, feeds: [o + 0.01 for o in real_run(self, names, feeds)]
+    )
+    monkeypatch.setattr(runtimes.platform, "machine", lambda: "x86_64")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="model.inference.runtimes"):
+        assert Predictor(bundle, onnx_package=package, onnx_runtime="auto").runtime == "onnxruntime"
+    assert "differs from ONNX Runtime" in caplog.text
+    with pytest.raises(ModelError, match="differs from ONNX Runtime"):
+        Predictor(bundle, onnx_package=package, onnx_runtime="openvino")
+
+
 def test_the_edge_scorer_imports_no_part_of_the_server(exported, ham_dir):
     """`dermascan-edge score` in a process of its own: JSON out, the server's answer, and not one
     module of TensorFlow, Keras, Flask, SQLAlchemy or Celery loaded."""

@@ -6,6 +6,7 @@ import the model only through here (and ``model.metrics``, ``model.errors``).
 - ``bundle``: the bundle folder, its manifest and checksums (``read_manifest`` needs no Keras)
 - ``predictor``: batched scoring (pre_process → predict → post_process) on Keras or ONNX Runtime
 - ``loader``: a bundle as a serving process's predictor, on the runtime it is asked for
+- ``runtimes``: the ONNX file on ONNX Runtime or OpenVINO (used where it matches ONNX Runtime)
 - ``data``: decoding and resizing images; the ISIC-2024 folder layout
 - ``features``: the metadata feature spec (records → the network's metadata vector)
 - ``calibration``: calibration maps (raw score → probability) and the reliability measures

@@ -1,7 +1,9 @@
 """A bundle as a serving process's predictor, on the runtime it is asked for.
 
-``runtime``: ``keras``; ``onnxruntime``; or ``auto`` (ONNX Runtime on the TensorFlow backend,
-Keras on JAX). The ONNX package is the one shipped inside the bundle (``onnx/``, exported from the
+``runtime``: ``keras``; ``onnxruntime``; ``openvino`` (the same ONNX file, checked against ONNX
+Runtime at load); or ``auto`` (on the TensorFlow backend the ONNX file — on OpenVINO where it is
+installed, the CPU is x86 and it matches ONNX Runtime, else on ONNX Runtime: model.inference.runtimes —
+and Keras on JAX). The ONNX package is the one shipped inside the bundle (``onnx/``, exported from the
 very same weights) or the one made when the bundle was registered (``dermascan bundle register``
 exports it into ``packages_dir``). A serving process never exports: without a package it scores
 with Keras and says why in one log line.
@@ -16,7 +18,7 @@ from pathlib import Path
 from model.errors import ModelError
 
 log = logging.getLogger(__name__)
-RUNTIMES = ("auto", "keras", "onnxruntime")
+RUNTIMES = ("auto", "keras", "onnxruntime", "openvino")
 
 
 def package_folder(packages_dir, manifest: dict) -> Path:
@@ -78,6 +80,7 @@ def load_predictor(bundle_dir, *, batch_sizes, tta: bool | None = None, mixed_pr
     loaded = Predictor(
         bundle_dir, batch_sizes=batch_sizes, tta=flips, mixed_precision=mixed_precision,
         onnx_package=runtime_package(bundle_dir, manifest, runtime, packages_dir),
+        onnx_runtime="onnxruntime" if runtime == "onnxruntime" else ("openvino" if runtime == "openvino" else "auto"),
     )  # fmt: skip
     log.info(
         "loaded bundle %s (tta=%s, backend %s, runtime %s)", loaded.version, flips, keras.backend.backend(),

@@ -134,6 +134,7 @@ class Predictor:
         decode_workers: int | None = None,
         mixed_precision: bool = False,
         onnx_package=None,
+        onnx_runtime: str = "onnxruntime",
     ):
         self.bundle = bundle or bundle_lib.load(bundle_dir)
         self.network = to_mixed_precision(self.bundle.network) if mixed_precision else self.bundle.network
@@ -159,19 +160,21 @@ class Predictor:
         self.decode_workers = decode_workers
         # an ONNX edge package of this bundle: the forward pass runs on ONNX Runtime (Grad-CAM,
         # which needs gradients, stays on the Keras network)
-        self._onnx = None
+        # (``onnx_runtime``: ONNX Runtime, OpenVINO, or ``auto``: OpenVINO where it is exact,
+        # model.inference.runtimes)
+        self._onnx, self._onnx_runtime = None, None
         if onnx_package is not None:
             import json
 
-            import onnxruntime as ort
+            from model.inference.runtimes import open_session
 
             package = json.loads((Path(onnx_package) / "manifest.json").read_text())
             if package["source"]["weights_sha256"] != self.bundle.manifest["weights_sha256"]:
                 raise bundle_lib.BundleError(f"{onnx_package}: exported from another bundle than {self.version}")
-            self._onnx = ort.InferenceSession(
-                str(Path(onnx_package) / package["file"]), providers=["CPUExecutionProvider"]
+            self._onnx, self._onnx_runtime = open_session(
+                Path(onnx_package) / package["file"], onnx_runtime, self.image_shape, self.spec.dim
             )
-            names = {o.name for o in self._onnx.get_outputs()}
+            names = set(self._onnx.output_names)
             self._onnx_outputs = ["probability", "features", *(["diagnosis"] if "diagnosis" in names else [])]
 
     @property
@@ -222,7 +225,7 @@ class Predictor:
 
     @property
     def runtime(self) -> str:
-        return "onnxruntime" if self._onnx is not None else "keras"
+        return self._onnx_runtime if self._onnx is not None else "keras"
 
     def _run(self, x: np.ndarray, m: np.ndarray):
         """(probability (n,), features (n, d) or None, class probabilities (n, classes) or None)."""
