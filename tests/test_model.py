@@ -569,3 +569,39 @@ def test_the_one_threshold_rule_lands_on_its_aim_part_by_part():
     spread = rule_of.cohort_spread(rule)
     assert spread[0]["p95"] - spread[0]["p05"] > spread[2]["p95"] - spread[2]["p05"]  # small cohorts vary more
     assert rule_of.level_threshold(np.array([0.1, 0.2, 0.3, 0.4]), 0.75) == 0.2
+
+
+def test_a_warm_start_copies_every_layer_but_the_new_head_and_refuses_another_shape(tmp_path):
+    """A v4 network (differential head, metadata dropout) starting from an earlier network of the
+    same backbone: the same probability of malignancy before any training, the new head fresh; a
+    network of another shape is refused with the layer named, nothing copied."""
+    import keras
+
+    from model.inference.network import DIAGNOSIS_HEAD, NO_AUGMENTATION, build
+    from model.training.warm_start import copy_weights, source_network
+
+    old = build(6, 32, backbone="tiny", augmentation=NO_AUGMENTATION, seed=1)
+    old.save(tmp_path / "old.keras")
+    new = build(6, 32, backbone="tiny", augmentation=NO_AUGMENTATION, seed=2, diagnoses=7,
+                metadata_dropout={"groups": [[0, 3], [3, 6]], "missing": [0.0] * 6, "rate": 0.5, "all_rate": 0.5})  # fmt: skip
+    fresh_head = [w.copy() for w in new.get_layer(DIAGNOSIS_HEAD).get_weights()]
+    x = {"image": np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8),
+         "meta": np.random.default_rng(1).random((4, 6), dtype=np.float32)}  # fmt: skip
+    assert copy_weights(new, source_network(str(tmp_path / "old.keras"))) == len(old.weights)
+    np.testing.assert_allclose(new.predict(x, verbose=0)[0], old.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    for before, after in zip(fresh_head, new.get_layer(DIAGNOSIS_HEAD).get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)
+    other = build(6, 32, backbone="tiny", augmentation=NO_AUGMENTATION, meta_units=(16,))
+    kept = [w.numpy().copy() for w in other.weights]
+    with pytest.raises(ModelError, match="warm start"):
+        copy_weights(other, old)
+    for before, w in zip(kept, other.weights, strict=True):
+        np.testing.assert_array_equal(before, w.numpy())
+    ensemble = keras.Model(old.inputs, keras.layers.Average()([old(old.inputs), old(old.inputs)]))
+    with pytest.raises(ModelError, match="name one with #k"):
+        source_network(str(_saved(ensemble, tmp_path / "ens.keras")))
+
+
+def _saved(model, path):
+    model.save(path)
+    return path

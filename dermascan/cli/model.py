@@ -338,14 +338,23 @@ def unpack(bundle_dir, data_dir, work_dir):
     help="Seed of the training alone (weights, augmentation, batch order; the split keeps its own): "
     "repeats a recipe to see the spread from run to run.",
 )
+@click.option(
+    "--warm-start",
+    multiple=True,
+    metavar="FOLDER=SOURCE",
+    help="Start a student from earlier weights of the same backbone instead of from scratch: e.g. "
+    "final=model/bundles/default, fold0=teacher#1 (member 1 of an ensemble bundle; it must not have trained on "
+    "fold 0). The differential's head starts fresh.",
+)
+@click.option("--learning-rate", type=click.FloatRange(1e-6, 1), default=1e-3, show_default=True)
 @click.option("--folds", "only_folds", help="Fold students to train (e.g. 0 or 0,1,2): each validated on its fold.")
 @click.option("--final/--no-final", default=True, show_default=True, help="Train the student on every development row.")
 @click.option("--limit", type=int, help="Only the first N rows (smoke runs).")
 @click.option("--backbone", type=click.Choice(["nasnet_mobile", "tiny"]), default="nasnet_mobile", show_default=True)
 def distill(
     teacher_dir, data_dir, work_dir, out_dir, version, image_size, epochs, alpha, ema_momentum, ema, lr_schedule,
-    augment, diagnosis_weight, colour_constancy, metadata_dropout, metadata_dropout_all, keep, init_seed, only_folds,
-    final, limit, backbone,
+    augment, diagnosis_weight, colour_constancy, metadata_dropout, metadata_dropout_all, keep, init_seed, warm_start,
+    learning_rate, only_folds, final, limit, backbone,
 ):  # fmt: skip
     """Distil an ensemble bundle into one network (resumable): fold students measure the recipe, the final student
     (every development row) ships; calibration, threshold and gate are fitted on the held-out calibration set."""
@@ -359,6 +368,12 @@ def distill(
         folds = [int(k) for k in only_folds.split(",")] if only_folds else []
     except ValueError:
         raise click.BadParameter("a comma-separated list of fold numbers", param_hint="--folds") from None
+    starts = {}
+    for item in warm_start:
+        folder, _, source = item.partition("=")
+        if not (folder == "final" or (folder.startswith("fold") and folder[4:].isdigit())) or not source:
+            raise click.BadParameter(f"{item!r}: FOLDER=SOURCE, FOLDER final or fold<k>", param_hint="--warm-start")
+        starts[folder] = source
     teacher_cfg = read_teacher_config(teacher_dir)
     cfg = DistillConfig(
         image_size=image_size, epochs=epochs, alpha=alpha, ema_momentum=ema_momentum if ema else None,
@@ -366,7 +381,7 @@ def distill(
         folds=teacher_cfg.folds, seed=teacher_cfg.seed, calibration_fraction=teacher_cfg.calibration_fraction,
         augmentation={"strong": STRONG_AUGMENTATION, "camera": CAMERA_AUGMENTATION}.get(augment, {}),
         diagnosis_weight=diagnosis_weight, colour_constancy=colour_constancy, metadata_dropout=metadata_dropout,
-        metadata_dropout_all=metadata_dropout_all, keep=keep,
+        metadata_dropout_all=metadata_dropout_all, keep=keep, warm_start=starts, learning_rate=learning_rate,
         verbose=1 if sys.stderr.isatty() else 2,
     )  # fmt: skip
     try:

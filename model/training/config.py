@@ -64,6 +64,9 @@ class TrainConfig:
     metadata_dropout: float = 0.0
     metadata_dropout_all: float = 0.0
     keep: str = "best"
+    # where a network starts (model.training.warm_start): checkpoint folder ("fold0", "final") →
+    # a bundle, "bundle#member" or .keras file whose weights it begins from; absent: from scratch
+    warm_start: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.image_size = canonical_size(self.image_size)  # a JSON list, a tuple → one form

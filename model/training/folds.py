@@ -159,6 +159,10 @@ def train_fold(
             colour_constancy=cfg.colour_constancy,
             metadata_dropout=dropout,
         )
+        if cfg.warm_start.get(fold_dir.name):
+            from model.training.warm_start import copy_weights, source_network
+
+            copy_weights(model, source_network(cfg.warm_start[fold_dir.name]))
         learning_rate = cfg.learning_rate
         if cfg.lr_schedule == "cosine":
             steps = cfg.epochs * int(np.ceil(len(train_idx) / cfg.batch_size))
