@@ -328,6 +328,28 @@ def test_evaluate_command(trained_bundle, ham_dir, tmp_path):
     assert 0 <= report["calibration"]["ece"] <= 1 and len(report["calibration"]["reliability"]) == 10
     assert report["gate"]["n"] == 120 and sum(report["gate"]["reasons"].values()) == report["gate"]["not_assessable"]
     assert "ECE" in result.output and "not assessable" in result.output
+    # another camera, on the calibration rows of a split: one row per camera, the unchanged one first
+    split = np.zeros(120, int)
+    split[:40] = -1
+    np.save(tmp_path / "split.npy", split)
+    shifted = CliRunner().invoke(main, ["evaluate", "--bundle", str(trained_bundle), "--data", str(ham_dir),
+                                        "--limit", "120", "--shift", "white-balance", "--calibration-rows-of",
+                                        str(tmp_path / "split.npy"), "--out", str(tmp_path / "shifts.json")])  # fmt: skip
+    assert shifted.exit_code == 0, shifted.output
+    rows = json.loads((tmp_path / "shifts.json").read_text())["rows"]
+    assert [r["shift"] for r in rows] == ["none", "white-balance"] and {r["n"] for r in rows} == {40}
+    assert "white balance: red ×0.9" in shifted.output
+    from model.training.evaluate import shifted as shift_pixels
+
+    grey = np.full((1, 9, 9, 3), 200, np.uint8)
+    assert shift_pixels(grey, "white-balance")[0, 4, 4].tolist() == [180, 200, 220]
+    assert shift_pixels(grey, "brighter")[0, 4, 4].tolist() == [240] * 3
+    field = shift_pixels(grey, "field-of-view")
+    assert field[0, 0, 0].tolist() == [0, 0, 0] and field[0, 4, 4].tolist() == [200] * 3
+    np.save(tmp_path / "short.npy", split[:50])
+    wrong = CliRunner().invoke(main, ["evaluate", "--bundle", str(trained_bundle), "--data", str(ham_dir), "--limit",
+                                      "120", "--calibration-rows-of", str(tmp_path / "short.npy")])  # fmt: skip
+    assert wrong.exit_code == 2 and "50 rows in the split, 120" in wrong.output
 
 
 def test_combine_averages_two_runs_on_one_split_and_refuses_another_split(trained_bundle, ham_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -205,6 +206,12 @@ def combine(sources, data_dir, out_dir, version, gate_members):
         click.echo(f"gate: flags {negatives['flagged_share']:.1%} of {negatives['n']} made-up negatives")
 
 
+def _dataset_ids(data_dir, limit):
+    from model.inference.data import IsicDataset
+
+    return IsicDataset.open(data_dir, limit=limit).ids
+
+
 @main.command()
 @click.option(
     "--bundle",
@@ -217,19 +224,61 @@ def combine(sources, data_dir, out_dir, version, gate_members):
 @click.option("--out", "out_path", type=click.Path(path_type=Path), help="Write the metrics JSON here.")
 @click.option("--tta/--no-tta", default=None, help="Default: as the bundle recommends.")
 @click.option("--limit", type=int)
+@click.option(
+    "--shift",
+    "shifts",
+    multiple=True,
+    type=click.Choice(["none", "white-balance", "darker", "brighter", "field-of-view", "all"]),
+    help="Score every image again as another camera would take it (fixed white balance, exposure or field of view;"
+    " all: each in turn) and print one row per camera.",
+)
+@click.option(
+    "--calibration-rows-of",
+    "split_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A training work folder's split.npy: only the rows it held out of every network (its calibration set).",
+)
 @click.pass_context
-def evaluate(ctx, bundle_dir, data_dir, out_path, tta, limit):
+def evaluate(ctx, bundle_dir, data_dir, out_path, tta, limit, shifts, split_file):
     """AUC, pAUC80 and sensitivity/specificity at the bundle's threshold on an ISIC-2024 folder."""
+    import numpy as np
     from tqdm import tqdm
 
-    from model.inference.data import IsicDataset
+    from model.training.evaluate import SHIFTS, write
     from model.training.evaluate import evaluate as run_evaluation
-    from model.training.evaluate import write
 
     bundle_dir = bundle_dir or _settings(ctx).model_bundle
-    total = len(IsicDataset.open(data_dir, limit=limit).ids)
+    rows = None
+    if split_file is not None:
+        split = np.load(split_file)
+        total = len(_dataset_ids(data_dir, limit))
+        if split.shape != (total,):
+            raise click.BadParameter(
+                f"{split.size} rows in the split, {total} in {data_dir}", param_hint="--calibration-rows-of"
+            )
+        rows = np.flatnonzero(split < 0)
+    if shifts:
+        names = list(SHIFTS) if "all" in shifts else list(dict.fromkeys(("none", *shifts)))
+        table = []
+        for name in names:
+            result = run_evaluation(bundle_dir, data_dir, tta=tta, limit=limit, shift=name, rows=rows)
+            op = result["operating_point"]
+            table.append({"shift": name, "camera": SHIFTS[name][0], "n": result["n"], "auc": result["auc"],
+                          "sensitivity": op["sensitivity"], "specificity": op["specificity"],
+                          "not_assessable_share": result["gate"]["not_assessable_share"]})  # fmt: skip
+        click.echo(f"bundle {result['bundle']} on {result['n']} images ({result['positives']} malignant), "
+                   f"threshold {result['threshold']:.4f}, tta={result['tta']}")  # fmt: skip
+        click.echo(f"{'camera':<44} {'AUC':>7} {'sens':>7} {'spec':>7} {'not assessable':>15}")
+        for r in table:
+            click.echo(f"{r['camera']:<44} {r['auc']:7.4f} {r['sensitivity']:7.4f} {r['specificity']:7.4f} "
+                       f"{r['not_assessable_share']:15.2%}")  # fmt: skip
+        out_path = out_path or Path(f"shifts-{result['bundle']}.json")
+        out_path.write_text(json.dumps({"bundle": result["bundle"], "rows": table}, indent=2))
+        click.echo(f"written to {out_path}")
+        return
+    total = len(rows) if rows is not None else len(_dataset_ids(data_dir, limit))
     with tqdm(total=total, desc="scoring", unit="img", file=sys.stderr, disable=None) as bar:
-        result = run_evaluation(bundle_dir, data_dir, tta=tta, progress=bar.update, limit=limit)
+        result = run_evaluation(bundle_dir, data_dir, tta=tta, progress=bar.update, limit=limit, rows=rows)
     op = result["operating_point"]
     click.echo(
         f"bundle {result['bundle']} on {result['n']} images ({result['positives']} malignant), tta={result['tta']}"

@@ -16,9 +16,37 @@ from model.inference import calibration
 from model.inference.data import IsicDataset
 
 
+def _field_of_view(pixels: np.ndarray) -> np.ndarray:
+    """Black outside a centred disc touching the image's sides (a contact dermatoscope's field)."""
+    h, w = pixels.shape[1:3]
+    rows, cols = np.linspace(-1, 1, h)[:, None], np.linspace(-1, 1, w)[None, :]
+    disc = (np.sqrt(rows**2 + cols**2) <= 1.0).astype(np.float32)
+    return pixels * disc[None, :, :, None]
+
+
+# Another camera, fixed and repeatable (the same change on every image), for measuring what the
+# training's camera augmentation buys: each maps uint8 pixels (n, h, w, 3) to float values
+SHIFTS = {
+    "none": ("as taken", lambda p: p.astype(np.float32)),
+    "white-balance": ("white balance: red ×0.9, blue ×1.1", lambda p: p * np.array([0.9, 1.0, 1.1], np.float32)),
+    "darker": ("exposure −20 %", lambda p: p * np.float32(0.8)),
+    "brighter": ("exposure +20 %", lambda p: p * np.float32(1.2)),
+    "field-of-view": ("a circular field of view, black outside", _field_of_view),
+}
+
+
+def shifted(pixels: np.ndarray, shift: str) -> np.ndarray:
+    if shift not in SHIFTS:
+        raise ValueError(f"unknown shift {shift!r}: one of {', '.join(SHIFTS)}")
+    return np.clip(np.rint(SHIFTS[shift][1](pixels)), 0, 255).astype(np.uint8)
+
+
 def evaluate(
-    bundle_dir, data_dir, *, tta: bool | None = None, batch: int = 256, progress=None, limit: int | None = None
-) -> dict:
+    bundle_dir, data_dir, *, tta: bool | None = None, batch: int = 256, progress=None, limit: int | None = None,
+    shift: str = "none", rows: np.ndarray | None = None,
+) -> dict:  # fmt: skip
+    """``shift``: a fixed change of camera (:data:`SHIFTS`) applied to every image before it is
+    scored; ``rows``: only these rows of the folder (e.g. a training run's calibration set)."""
     from model.inference.predictor import Predictor
 
     t0 = time.time()
@@ -30,12 +58,14 @@ def evaluate(
     y = dataset.targets()
     ids = dataset.ids
     meta = predictor.spec.transform(dataset.metadata)
+    if rows is not None:
+        y, ids, meta = y[rows], [ids[i] for i in rows], meta[rows]
     scores = np.zeros(len(ids), dtype=np.float32)
     reasons: list = []
     for start in range(0, len(ids), batch):
         chunk = ids[start : start + batch]
         sizes = np.zeros((len(chunk), 2), np.float32)
-        pixels = dataset.load_images(predictor.image_size, chunk, sizes=sizes)
+        pixels = shifted(dataset.load_images(predictor.image_size, chunk, sizes=sizes), shift)
         predicted = predictor.predict(pixels, meta[start : start + len(chunk)])
         scores[start : start + len(chunk)] = predicted.probability
         reasons += predictor.gate.reasons(pixels, sizes, predicted.features)[0]
@@ -48,6 +78,7 @@ def evaluate(
             "bundle": predictor.version,
             "threshold": threshold,
             "tta": tta,
+            "shift": shift,
             "data": str(Path(data_dir).resolve()),
             "seconds": round(time.time() - t0, 1),
             "calibration": {
