@@ -134,6 +134,7 @@ def main(argv=None) -> None:
                     )
                 ).one()
             scoring_s = (last - first).total_seconds()
+            stages = stage_rows(tmp / "worker.log", done, scoring_s)
         finally:
             if cleanup is not None:
                 cleanup.__exit__(None, None, None)
@@ -163,6 +164,50 @@ def main(argv=None) -> None:
         f"bundle {manifest['version']}, TTA {'on (4 flips)' if args.tta else 'off'}, n={args.n}, chunk={args.chunk or args.batch}"
     )
     print(support.table(rows, ("path", "image", "batch", "rate")))
+    print(
+        "\nwhere a study's time goes (the worker's own timings, summed over its tasks; the next piece is read and "
+        "decoded in a thread while the network runs, so those overlap the forward pass)"
+    )
+    print(support.table(stages, ("stage", "seconds", "ms per study", "share of the scoring wall time")))
+
+
+STAGE_NAMES = {
+    "claim": "claim (leases, one statement per task)", "read": "read the images (object store)",
+    "decode": "decode and resize", "infer": "forward pass and calibration", "checks": "quality checks and the gate",
+    "shadow": "shadow bundles", "write": "write results (one transaction per task)",
+}  # fmt: skip
+
+
+def stage_rows(log_path: Path, studies: int, wall: float) -> list[tuple]:
+    """Per-stage totals from the worker log's task lines (``scored …, failed …, referred … ({timings})``)
+    and its heat-map lines, as table rows."""
+    import ast
+    import re
+
+    totals: dict[str, float] = {}
+    heat_n, heat_s, tasks = 0, 0.0, 0
+    for line in log_path.read_text(errors="replace").splitlines():
+        found = re.search(r"scored \d+, failed \d+, referred \d+ \((\{.*\})\)", line)
+        if found:
+            tasks += 1
+            for stage, seconds in ast.literal_eval(found.group(1)).items():
+                if stage != "batch_size":
+                    totals[stage] = totals.get(stage, 0.0) + seconds
+        made = re.search(r"heat maps: (\d+) made in ([\d.]+) s", line)
+        if made:
+            heat_n, heat_s = heat_n + int(made.group(1)), heat_s + float(made.group(2))
+    rows = [
+        (STAGE_NAMES.get(stage, stage), f"{seconds:.2f}", f"{1000 * seconds / max(studies, 1):.2f}",
+         f"{seconds / wall:.0%}" if wall else "")
+        for stage, seconds in totals.items()
+    ]  # fmt: skip
+    rest = wall - sum(v for k, v in totals.items() if k not in ("read", "decode"))
+    rows.append(("between tasks (broker, task start and end)", f"{rest:.2f}", f"{1000 * rest / max(studies, 1):.2f}",
+                 f"{rest / wall:.0%}" if wall else ""))  # fmt: skip
+    rows.append((f"heat maps ({heat_n} referred studies, maintenance queue)", f"{heat_s:.2f}",
+                 f"{1000 * heat_s / max(heat_n, 1):.1f} per map", ""))  # fmt: skip
+    rows.append((f"{tasks} tasks", "", "", ""))
+    return rows
 
 
 def start_object_store() -> str:

@@ -50,9 +50,9 @@ def observe(outcome, latencies: dict[str, list[float]]) -> None:
     SCORED.labels("failed").inc(outcome.failed)
     if outcome.timings.get("batch_size"):
         BATCH_SIZE.observe(outcome.timings["batch_size"])
-    for stage in ("read", "decode", "infer", "shadow", "write"):
-        if stage in outcome.timings:
-            STAGE.labels(stage).observe(outcome.timings[stage])
+    for stage, seconds in outcome.timings.items():
+        if stage != "batch_size":
+            STAGE.labels(stage).observe(seconds)
     for priority, values in latencies.items():
         for value in values:
             LATENCY.labels(priority).observe(value)

@@ -33,7 +33,9 @@ from worker.runtime import (
 )
 
 log = logging.getLogger(__name__)
-STAGES = ("read", "decode", "infer", "shadow", "write")
+# a task's time by stage (seconds, summed over its pieces); reading and decoding the next piece
+# overlap the network's work on this one, so the stages can add up to more than the task's wall time
+STAGES = ("claim", "read", "decode", "infer", "checks", "shadow", "write")
 
 
 @dataclass
@@ -96,6 +98,7 @@ class ScoreStudies:
         self.factory = session_factory(settings.database_url)
         self.blobs = blob_store(settings)
         self.owner = lease_owner()
+        self.claim_s = 0.0  # claiming (and, for an interactive task, gathering) the studies
 
     def run(self) -> Outcome:
         """Check the bundle may decide, claim, score the pieces (serving waiting interactive studies
@@ -103,7 +106,9 @@ class ScoreStudies:
         pred = predictor(self.settings)
         shadows = self._bundles_that_score(pred)
         with holding(self.settings, self.owner) as held:
+            t0 = time.perf_counter()
             items = self._claim(held)
+            self.claim_s = time.perf_counter() - t0
             asked = set(self.study_ids)
             outcome = Outcome(skipped=len(asked) - sum(1 for i in items if i.study_id in asked))
             if items:
@@ -214,8 +219,11 @@ class ScoreStudies:
                 work.timing["decode"] += t_decode
                 work.failed += bad
                 t0 = time.perf_counter()
-                scores = pred.post_process(prepared, pred.predict(prepared.pixels, prepared.meta))
-                work.timing["infer"] += time.perf_counter() - t0
+                predicted = pred.predict(prepared.pixels, prepared.meta)  # forward pass and calibration
+                t1 = time.perf_counter()
+                scores = pred.post_process(prepared, predicted)  # quality checks and the gate
+                work.timing["infer"] += t1 - t0
+                work.timing["checks"] += time.perf_counter() - t1
                 work.scored += [results.ScoredStudy.of(i.study_id, s) for i, s in zip(kept, scores, strict=True)]
                 t0 = time.perf_counter()
                 for version, shadow in shadows.items():  # the same studies, deciding nothing
@@ -247,4 +255,5 @@ class ScoreStudies:
         outcome.referred_ids, outcome.scored_ids = written["high_risk"], written["scored_ids"]
         outcome.not_assessable = len(written["not_assessable"])
         outcome.timings = {k: round(v, 4) for k, v in work.timing.items()}
+        outcome.timings["claim"] = round(self.claim_s, 4)
         outcome.timings["batch_size"] = len(items)
