@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,9 @@ def test_demo_once_prints_scores_for_the_examples(tmp_path):
     assert len(scored) == len(ids) == 8
     assert all(row[2] == "done" and 0 <= float(row[3]) <= 1 and row[4] in ("YES", "no") for row in scored)
     assert "referral threshold" in done.stdout
+    # the shipped bundle's differential: each example's most likely diagnosis and its probability
+    suspected = re.compile(r"\b(mel|nv|bcc|akiec|bkl|df|vasc) (0\.\d\d|1\.00)\b")
+    assert "suspected" in done.stdout and all(suspected.search(line) for line in lines if line.split()[1] in ids)
 
 
 def processes_with(variable: str) -> set[int]:

@@ -82,6 +82,9 @@ def demo(ctx, once, port, timeout):
         click.echo()
         click.echo(_table(rows, {
             "HAM10000 dx": lambda r: diagnosis.get(r["external_id"], ""),
+            # the network's differential: its most likely diagnosis (bundles with the second output)
+            "suspected": lambda r: (f"{top['diagnosis']} {top['probability']:.2f}"
+                                    if (top := (r.get("differential") or [None])[0]) else "-"),
             "heat map": lambda r: ("yes" if heat.get(r["study_id"]) else "not yet") if r["referred"] else "-",
         }))  # fmt: skip
         if rows and rows[0]["threshold"] is not None:

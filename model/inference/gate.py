@@ -34,9 +34,14 @@ class Gate:
     feature_members: list[int] | None = None
     lesion_check: LesionCheck | None = None  # the explicit is-this-dermoscopy signal, when fitted
 
-    def reasons(self, pixels: np.ndarray, sizes: np.ndarray | None, features: np.ndarray | None):
-        """Per image: None (assessable) or the reason it is not; and the feature distances."""
-        found = self.quality.failures(measure(pixels, sizes)) if len(pixels) else []
+    def reasons(
+        self, pixels: np.ndarray, sizes: np.ndarray | None, features: np.ndarray | None, measured: dict | None = None
+    ):
+        """Per image: None (assessable) or the reason it is not; and the feature distances.
+        ``measured``: the quality measures already taken of these pixels (:func:`measure`)."""
+        if measured is None and len(pixels):
+            measured = measure(pixels, sizes)
+        found = self.quality.failures(measured) if len(pixels) else []
         distance = None
         if self.features is not None and features is not None and len(pixels):
             distance = self.features.score(features)

@@ -26,6 +26,7 @@ from model.inference.calibration import Calibrator
 from model.inference.data import decode_many
 from model.inference.gate import Gate
 from model.inference.missing import MissingMetadata, missing_fields
+from model.inference.quality import measure
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class Prepared(NamedTuple):
     errors: dict
     ok: list
     sizes: np.ndarray  # each kept image's own (width, height)
+    # the quality measures of the kept pixels, taken while decoding (in the worker that is a thread
+    # beside the network's work on the previous piece): the gate and the image statistics read them
+    measured: dict | None = None
 
 
 class Predicted(NamedTuple):
@@ -221,7 +225,8 @@ class Predictor:
                     pixels[i], sizes[i] = resize(array, self.image_size), (array.shape[1], array.shape[0])
         ok = [i for i in range(len(images)) if i not in errors]
         meta = self.spec.transform([metadata[i] for i in ok])
-        return Prepared(pixels[ok], meta, errors, ok, sizes[ok])
+        pixels, sizes = pixels[ok], sizes[ok]
+        return Prepared(pixels, meta, errors, ok, sizes, measure(pixels, sizes) if ok else None)
 
     @property
     def runtime(self) -> str:
@@ -293,12 +298,12 @@ class Predictor:
         """Scores with the gate's verdict: a not-assessable image gets its reason and no referral."""
         from model.inference.reference import image_stats
 
-        reasons, distance = self.gate.reasons(prepared.pixels, prepared.sizes, predicted.features)
+        reasons, distance = self.gate.reasons(prepared.pixels, prepared.sizes, predicted.features, prepared.measured)
         embedded = None
         if self.change is not None and predicted.features is not None and len(prepared.pixels):
             embedded = np.round(self.change.embed(predicted.features), 5)
         spread = predicted.spread
-        stats = image_stats(prepared.pixels, prepared.sizes) if len(prepared.pixels) else []
+        stats = image_stats(prepared.pixels, prepared.sizes, prepared.measured) if len(prepared.pixels) else []
         differential = None
         if predicted.classes is not None:
             from model.inference import diagnosis

@@ -29,11 +29,14 @@ MOVED = 0.10
 MIN_STUDIES = 30  # fewer than this in a window: no drift figure (too noisy to read)
 
 
-def image_stats(pixels: np.ndarray, sizes: np.ndarray | None = None) -> list[dict[str, float]]:
-    """Per image, the statistics the profile tracks (from the quality measures)."""
+def image_stats(
+    pixels: np.ndarray, sizes: np.ndarray | None = None, measured: dict | None = None
+) -> list[dict[str, float]]:
+    """Per image, the statistics the profile tracks (from the quality measures; ``measured``: those
+    already taken of these pixels)."""
     from model.inference.quality import measure
 
-    measured = measure(pixels, sizes)
+    measured = measure(pixels, sizes) if measured is None else measured
     return [{k: round(float(measured[k][i]), 3) for k in IMAGE_STATS} for i in range(len(pixels))]
 
 
