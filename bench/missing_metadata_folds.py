@@ -1,6 +1,6 @@
 """What the network itself makes of missing metadata: each fold student of a `dermascan distill`
 work folder on its own validation fold (patients it never trained on), with every field as sent,
-with each pattern of fields hidden (age, sex, site; two of them; all three), and the AUC of its raw
+with each field hidden alone (age, sex, site) and with all of them hidden, and the AUC of its raw
 malignancy score for each. Raw scores: no missing-metadata map, no calibration — the maps of
 :mod:`model.inference.missing` correct the *level* of the score; this measures what metadata
 dropout in training did to the ranking and to the shift of the scores.
@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     dataset = IsicDataset.open(args.data, limit=cfg.limit)
     y = dataset.targets()
     meta_all = spec.transform(dataset.metadata)
-    patterns = [(), *missing.patterns(spec.columns)]
+    patterns = [(), *[(f,) for f in spec.columns], tuple(spec.columns)]  # full, each field alone, none
     scores = {p: [] for p in patterns}
     labels = []
     for fold in sorted(p for p in args.work.glob("fold*") if (p / "oof.npz").is_file()):

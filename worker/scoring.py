@@ -2,7 +2,8 @@
 predict → write predictions, statuses and referrals in one transaction.
 
 One study whose image cannot be read or decoded fails alone, with its reason; the rest of its
-batch is scored. The task holds its studies' leases only while it runs (``worker.leases``).
+batch is scored. The task holds its studies' leases only while it runs (``worker.leases``). Each
+task times its ``STAGES`` (summed over its pieces; reading and decoding overlap the model's work).
 """
 
 from __future__ import annotations
@@ -21,20 +22,11 @@ from dermascan.infra.blobs import BlobError, BlobUnavailable, blob_store
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import ModelBundle, Study
 from dermascan.screening import results
-from worker import metrics
+from worker import metrics, runtime
 from worker.leases import Holding, holding, lease_owner
-from worker.runtime import (
-    BundleNotActive,
-    TransientError,
-    predictor,
-    register_bundle,
-    score_in_shadow,
-    shadow_predictors,
-)
+from worker.runtime import BundleNotActive, TransientError, predictor, register_bundle, score_in_shadow
 
 log = logging.getLogger(__name__)
-# a task's time by stage (seconds, summed over its pieces); reading and decoding the next piece
-# overlap the network's work on this one, so the stages can add up to more than the task's wall time
 STAGES = ("claim", "read", "decode", "infer", "checks", "shadow", "write")
 
 
@@ -152,7 +144,7 @@ class ScoreStudies:
             row = session.get(ModelBundle, pred.version) or register_bundle(self.settings, session)
             if not row.active:
                 raise BundleNotActive(f"bundle {pred.version} is not the active bundle")
-            return shadow_predictors(self.settings, bundles.shadows(session))
+            return runtime.shadow_predictors(self.settings, bundles.shadows(session))
 
     def _score_and_write(self, pred, shadows, items, outcome: Outcome, held: Holding, serve_waiting: bool) -> None:
         work = self._score_pieces(pred, shadows, items, held if serve_waiting else None)
@@ -161,10 +153,7 @@ class ScoreStudies:
         metrics.record(outcome, items)
         for other in work.served:
             outcome.merge(other)
-        log.info(
-            "scored %d, failed %d, referred %d (%s)",
-            outcome.scored, outcome.failed, len(outcome.referred_ids), outcome.timings,
-        )  # fmt: skip
+        log.info("scored %d, failed %d, referred %d (%s)", outcome.scored, outcome.failed, len(outcome.referred_ids), outcome.timings)  # fmt: skip
 
     def _serve_waiting(self, pred, shadows, held: Holding) -> list[Outcome]:
         """Between the pieces of a bulk chunk: score interactive studies that arrived meanwhile,
