@@ -10,6 +10,7 @@ the application; no serving process imports it.
 - ``train``: ``dermascan train`` end to end (cross-validate, then assemble)
 - ``combine``: one bundle from several training runs on the same split
 - ``distill``: one student network taught by an ensemble
+- ``warm_start``: a new network starting from the weights of an earlier one of the same backbone
 - ``evaluate``: a bundle on any ISIC-2024 folder
 - ``export``: edge packages (ONNX, LiteRT; fp32, int8) with their own check
 - ``gate_data``: the non-lesion images the gate is fitted and checked on
