@@ -94,6 +94,8 @@ def load(directory) -> Bundle:
     """Load a bundle: verify its checksum, load the network, check it matches the manifest."""
     import keras
 
+    import model.inference.network  # noqa: F401  (registers the network's own layers, e.g. CameraJitter)
+
     directory = Path(directory)
     manifest = read_manifest(directory, verify=True)
     spec = FeatureSpec.from_dict(manifest["feature_spec"])

@@ -75,9 +75,14 @@ def scores(maps, masks) -> dict:
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two maps; 0 when either is constant (a flat map ranks nothing,
+    so it shares no ranking with the other: a randomised network's Grad-CAM is often all zero)."""
     from scipy.stats import spearmanr
 
-    return float(spearmanr(np.ravel(a), np.ravel(b)).statistic)
+    a, b = np.ravel(a), np.ravel(b)
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float(spearmanr(a, b).statistic)
 
 
 def measure(make_map, images: np.ndarray, metas: np.ndarray, shift: float = 0.25) -> dict:
