@@ -26,6 +26,7 @@ def main(argv=None) -> None:
 
     import keras
 
+    import model.inference.network  # noqa: F401  (registers the training layers the checkpoints hold)
     from model import metrics
     from model.inference import missing
     from model.inference.data import IsicDataset
