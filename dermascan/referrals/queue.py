@@ -214,14 +214,11 @@ def group_by_lesion(cases: list[Referral]) -> list[tuple[Referral, list[Referral
 def claim(session: Session, referral_id: int, user_id: int, timeout_s: int) -> Referral:
     """Claim this case (opened from a link or a search): it must be waiting, not handed to
     someone else."""
-    referral = session.scalar(select(Referral).where(Referral.id == referral_id).with_for_update())
-    if referral is None:
-        raise CaseNotFound("no such case")
+    referral = _locked(session, referral_id)
     now = utcnow()
     if referral.status == ReferralStatus.DECIDED:
         raise ReferralError("this case has already been decided")
-    live = referral.status == ReferralStatus.CLAIMED and _aware(referral.claimed_at) >= now - dt.timedelta(seconds=timeout_s)  # fmt: skip
-    if live and referral.claimed_by_id != user_id:
+    if _claimed_by_another(referral, user_id, timeout_s, now):
         raise ReferralError("another specialist is reviewing this case")
     if referral.assigned_to_id not in (None, user_id):
         raise NotYourClaim(f"this case is handed to {referral.assigned_to.username}")
@@ -246,9 +243,7 @@ def current_claim(session: Session, user_id: int, timeout_s: int) -> Referral | 
 
 
 def _own_claim(session: Session, referral_id: int, user_id: int, timeout_s: int) -> Referral:
-    referral = session.scalar(select(Referral).where(Referral.id == referral_id).with_for_update())
-    if referral is None:
-        raise CaseNotFound("no such case")
+    referral = _locked(session, referral_id)
     if referral.status == ReferralStatus.DECIDED:
         raise ReferralError("this case has already been decided")
     stale = referral.claimed_at is not None and _aware(referral.claimed_at) < utcnow() - dt.timedelta(seconds=timeout_s)
@@ -259,6 +254,20 @@ def _own_claim(session: Session, referral_id: int, user_id: int, timeout_s: int)
 
 def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def _locked(session: Session, referral_id: int) -> Referral:
+    """The case, locked for this transaction (FOR UPDATE); CaseNotFound if there is none."""
+    referral = session.scalar(select(Referral).where(Referral.id == referral_id).with_for_update())
+    if referral is None:
+        raise CaseNotFound("no such case")
+    return referral
+
+
+def _claimed_by_another(referral: Referral, user_id: int, timeout_s: int, now: dt.datetime) -> bool:
+    """Someone else holds a claim on the case that has not yet gone stale."""
+    live = referral.status == ReferralStatus.CLAIMED and _aware(referral.claimed_at) >= now - dt.timedelta(seconds=timeout_s)  # fmt: skip
+    return live and referral.claimed_by_id != user_id
 
 
 def release(session: Session, referral_id: int, user_id: int, timeout_s: int) -> Referral:
@@ -354,9 +363,7 @@ def amend(
     reason = (reason or "").strip()
     if not reason:
         raise UnknownDecision("an amendment needs its reason")
-    referral = session.scalar(select(Referral).where(Referral.id == referral_id).with_for_update())
-    if referral is None:
-        raise CaseNotFound("no such case")
+    referral = _locked(session, referral_id)
     if referral.status != ReferralStatus.DECIDED:
         raise ReferralError("only a decided case can be amended; decide it first")
     if referral.decided_by_id != user_id and not is_admin:
@@ -400,14 +407,11 @@ def hand_over(
     claim or, unclaimed, by anyone who may review it."""
     if kind not in HANDOVER_KINDS:
         raise UnknownDecision(f"unknown hand-over {kind!r}: assign or second_opinion")
-    referral = session.scalar(select(Referral).where(Referral.id == referral_id).with_for_update())
-    if referral is None:
-        raise CaseNotFound("no such case")
+    referral = _locked(session, referral_id)
     if referral.status == ReferralStatus.DECIDED:
         raise ReferralError("this case has already been decided")
     now = utcnow()
-    live = referral.status == ReferralStatus.CLAIMED and _aware(referral.claimed_at) >= now - dt.timedelta(seconds=timeout_s)  # fmt: skip
-    if live and referral.claimed_by_id != user_id:
+    if _claimed_by_another(referral, user_id, timeout_s, now):
         raise NotYourClaim("only the specialist holding the claim can hand this case over")
     colleague = session.get(User, to_user_id)
     if colleague is None or colleague.id not in {c.id for c in colleagues(session, user_id)}:
