@@ -259,9 +259,13 @@ def evaluate(ctx, bundle_dir, data_dir, out_path, tta, limit, shifts, split_file
         rows = np.flatnonzero(split < 0)
     if shifts:
         names = list(SHIFTS) if "all" in shifts else list(dict.fromkeys(("none", *shifts)))
-        table = []
+        from model.inference.predictor import Predictor
+
+        predictor, table = Predictor(bundle_dir), []  # loaded once for every camera
         for name in names:
-            result = run_evaluation(bundle_dir, data_dir, tta=tta, limit=limit, shift=name, rows=rows)
+            result = run_evaluation(
+                bundle_dir, data_dir, tta=tta, limit=limit, shift=name, rows=rows, predictor=predictor
+            )
             op = result["operating_point"]
             table.append({"shift": name, "camera": SHIFTS[name][0], "n": result["n"], "auc": result["auc"],
                           "sensitivity": op["sensitivity"], "specificity": op["specificity"],

@@ -43,14 +43,15 @@ def shifted(pixels: np.ndarray, shift: str) -> np.ndarray:
 
 def evaluate(
     bundle_dir, data_dir, *, tta: bool | None = None, batch: int = 256, progress=None, limit: int | None = None,
-    shift: str = "none", rows: np.ndarray | None = None,
+    shift: str = "none", rows: np.ndarray | None = None, predictor=None,
 ) -> dict:  # fmt: skip
     """``shift``: a fixed change of camera (:data:`SHIFTS`) applied to every image before it is
-    scored; ``rows``: only these rows of the folder (e.g. a training run's calibration set)."""
+    scored; ``rows``: only these rows of the folder (e.g. a training run's calibration set);
+    ``predictor``: the bundle's Predictor when the caller already has it (one load for many shifts)."""
     from model.inference.predictor import Predictor
 
     t0 = time.time()
-    predictor = Predictor(bundle_dir)
+    predictor = predictor or Predictor(bundle_dir)
     if tta is None:
         tta = bool(predictor.bundle.manifest.get("inference", {}).get("tta", False))
     predictor.tta = tta
