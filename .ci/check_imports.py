@@ -22,11 +22,12 @@ PRODUCTION = ("dermascan", "web", "worker", "model", "migrations", "edge")
 # optional extras: module → the extra that installs it
 OPTIONAL = {
     "jax": "gpu",
-    "onnx": "export",
-    "tf2onnx": "export",
-    "ai_edge_litert": "edge",
+    "keras": "train",
+    "tensorflow": "train",
+    "tf2onnx": "train",
+    "ai_edge_litert": "train",
     "tflite_runtime": "edge",
-    "openvino": "export",
+    "openvino": "openvino",
 }
 FIRST_PARTY = set(PRODUCTION)
 

@@ -24,7 +24,11 @@ def require_extra(module: str, extra: str, purpose: str, distribution: str = "de
     not installed. Call it before importing an optional extra's package."""
     import importlib.util
 
-    if importlib.util.find_spec(module) is None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a package that cannot even be looked up is as good as none
+        found = False
+    if not found:
         raise MissingExtra(
             f"{purpose} needs the '{extra}' extra ({module} is not installed): pip install '{distribution}[{extra}]'"
         )

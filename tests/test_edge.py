@@ -209,3 +209,37 @@ def test_a_package_that_failed_its_check_is_not_scored_with_unless_asked(exporte
     with pytest.raises(ModelError, match=r"referrals agree 98\.97 % \(the rule: at least 99 %\)"):
         EdgeScorer(failed)
     assert EdgeScorer(failed, allow_failed_check=True).version == manifest["version"]
+
+
+def test_gradcam_on_onnx_runtime_is_the_keras_gradcam(exported, ham_dir):
+    """The serving processes' Grad-CAM (the ONNX file extended backwards, on ONNX Runtime) gives
+    the feature maps, the log-odds' gradient and the heat map that Keras's GradientTape gives."""
+    import numpy as np
+
+    from model.inference.data import IsicDataset
+    from model.inference.gradcam import GradCam, OnnxGradCam, for_predictor
+    from model.inference.predictor import Predictor
+
+    bundle, package = exported
+    on_keras = Predictor(bundle, batch_sizes=(1,))
+    on_onnx = Predictor(bundle, batch_sizes=(1,), onnx_package=package)
+    keras_cam, onnx_cam = for_predictor(on_keras), for_predictor(on_onnx)
+    assert isinstance(keras_cam, GradCam) and isinstance(onnx_cam, OnnxGradCam)
+    dataset = IsicDataset.open(ham_dir, limit=4)
+    records = dataset.metadata.to_dict("records")
+    for image, record in zip(dataset.read_bytes(dataset.ids), records, strict=True):
+        prepared = on_onnx.pre_process([image], [record])
+        views = np.concatenate([prepared.pixels] * 2)
+        meta = np.concatenate([prepared.meta] * 2)
+        by_keras, by_onnx = keras_cam._features_and_gradients(views, meta), onnx_cam.features_and_gradients(views, meta)
+        assert len(by_keras) == len(by_onnx) == 2  # the tiny bundle is an ensemble of its two folds
+        for fk, gk in by_keras:  # the members, in whatever order each graph lists them
+            fo, go = min(by_onnx, key=lambda pair, fk=fk: np.abs(pair[0] - fk).max())
+            assert fo.shape == fk.shape and go.shape == gk.shape
+            np.testing.assert_allclose(fo, fk, atol=1e-4 * max(1.0, np.abs(fk).max()))
+            np.testing.assert_allclose(go, gk, atol=1e-4 * np.abs(gk).max())
+        heat_keras, heat_onnx = (
+            keras_cam.heatmap(prepared.pixels, prepared.meta),
+            onnx_cam.heatmap(prepared.pixels, prepared.meta),
+        )
+        assert heat_onnx.shape == (32, 40) and np.abs(heat_onnx - heat_keras).max() < 1e-3

@@ -16,6 +16,9 @@ from model.inference.bundle import BundleError, load, read_manifest
 from model.inference.data import IsicDataset, decode_image
 from model.inference.features import FeatureSpec
 from model.inference.predictor import Predictor, plan_batches
+from tests.services import ROOT
+
+DEFAULT = ROOT / "model" / "bundles" / "default"
 
 # -- feature spec ---------------------------------------------------------------------------------
 
@@ -295,6 +298,29 @@ def test_gradcam_overlay_from_the_last_cell(trained_bundle, ham_dir):
     assert heat.shape == (32, 32) and heat.min() >= 0 and heat.max() <= 1
     png = overlay_png(pixels[0], heat)
     assert Image.open(io.BytesIO(png)).size == (32, 32)
+
+
+def test_the_shipped_bundles_gradcam_on_onnx_runtime_is_its_keras_gradcam():
+    """NASNet's operators (separable and strided convolutions, average and max pooling, padding,
+    crops, concatenations, a tensor added to itself) differentiated in ONNX: the serving Grad-CAM
+    of the shipped bundle gives the gradient TensorFlow's tape gives, and the same heat map."""
+    from model.inference.gradcam import GradCam, OnnxGradCam
+    from model.inference.loader import load_predictor
+
+    predictor = load_predictor(DEFAULT, batch_sizes=(1,), runtime="onnxruntime")
+    onnx_cam, keras_cam = OnnxGradCam(predictor.onnx_file), GradCam(predictor.network)
+    examples = sorted((ROOT / "dermascan" / "examples").glob("*.jpg"))[:2]
+    for path in examples:
+        prepared = predictor.pre_process([path.read_bytes()], [{"age_approx": 50, "sex": "female"}])
+        (fk, gk), (fo, go) = (
+            keras_cam._features_and_gradients(prepared.pixels, prepared.meta)[0],
+            onnx_cam.features_and_gradients(prepared.pixels, prepared.meta)[0],
+        )
+        assert fo.shape == fk.shape == (1, 16, 16, fk.shape[-1])
+        np.testing.assert_allclose(fo, fk, atol=1e-4 * np.abs(fk).max())
+        np.testing.assert_allclose(go, gk, atol=1e-4 * np.abs(gk).max())
+        heat = onnx_cam.heatmap(prepared.pixels, prepared.meta)
+        assert np.abs(heat - keras_cam.heatmap(prepared.pixels, prepared.meta)).max() < 1e-3
 
 
 def test_nasnet_fusion_network_shape_and_bn_momentum():

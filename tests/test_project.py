@@ -240,20 +240,54 @@ def test_serving_code_imports_only_the_inference_room():
     assert not bad, bad
 
 
-def test_loading_the_shipped_bundle_for_scoring_imports_nothing_of_training(tmp_path):
+def test_scoring_and_heat_maps_with_the_shipped_bundle_need_no_training_no_keras_no_tensorflow(tmp_path):
+    """A worker's model work — load the shipped bundle, score, draw a Grad-CAM heat map — in a
+    process where importing Keras, TensorFlow, JAX or tf2onnx fails (as in the README's install,
+    which has none of them), and nothing of ``model.training`` is loaded."""
     code = (
-        "import sys\n"
+        "import sys, importlib.abc\n"
+        "class Blocked(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('keras', 'tensorflow', 'jax', 'tf2onnx'):\n"
+        "            raise ImportError(f'{name} is not installed here')\n"
+        "sys.meta_path.insert(0, Blocked())\n"
         "from dermascan.config import Settings\n"
         "from worker.runtime import load_predictor\n"
+        "from worker.warm import gradcam\n"
         f"p = load_predictor(Settings.from_env(env={{}}, data_dir={str(tmp_path)!r}))\n"
-        "import numpy as np\n"
-        "p.predict(np.zeros((1, *p.image_shape, 3), np.uint8), np.zeros((1, p.spec.dim), np.float32))\n"
-        "loaded = sorted(m for m in sys.modules if m.startswith('model.training'))\n"
-        "print(p.runtime, loaded)\n"
+        "image = open('dermascan/examples/ISIC_0025188.jpg', 'rb').read()\n"
+        "score = p.score([image], [{'age_approx': 60, 'sex': 'male', 'anatom_site_general': 'back'}])[0]\n"
+        "prepared = p.pre_process([image], [{}])\n"
+        "heat = gradcam(p).heatmap(prepared.pixels, prepared.meta)\n"
+        "assert heat.shape == p.image_shape and heat.max() == 1.0, (heat.shape, heat.max())\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('model.training') or m.split('.')[0] in "
+        "('keras', 'tensorflow', 'jax', 'tf2onnx'))\n"
+        "print(p.runtime, score.probability, loaded)\n"
         "assert not loaded, loaded\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout
+
+
+def test_the_training_commands_name_the_train_extra_where_it_is_missing(tmp_path):
+    """`dermascan train` in a process where Keras cannot be imported: exit 1 with one line naming
+    the extra to install."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Blocked(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('keras', 'tensorflow'):\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Blocked())\n"
+        "from dermascan.cli import main\n"
+        f"main(['--data-dir', {str(tmp_path)!r}, 'train', '--data', '.', '--out', {str(tmp_path / 'b')!r}])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 1, done.stderr + done.stdout
+    message = done.stderr.strip().splitlines()
+    assert len(message) == 1 and "pip install 'dermascan[train]'" in message[0] and "dermascan train" in message[0], (
+        message
+    )
 
 
 def test_edge_stands_on_the_inference_room_alone():

@@ -89,9 +89,9 @@ def shadow_predictors(settings: Settings, rows) -> dict:
 def configure_backend(settings: Settings) -> None:
     """JAX: a persistent compilation cache in the data directory, so a restarted worker does not
     compile its batch shapes again (NASNetMobile's first XLA compile takes about a minute)."""
-    import keras
+    from model.inference.loader import keras_backend
 
-    if keras.backend.backend() == "jax":
+    if keras_backend() == "jax":
         import jax
 
         cache = Path(settings.data_dir) / "jax-cache"

@@ -55,18 +55,18 @@ def _warm_gradcam(pred) -> None:
     except Exception:  # the first heat map task raises the same error with its context
         log.exception("Grad-CAM warm-up failed")
         return
-    log.info("%s%s (Grad-CAM traced in %.1f s)", STARTING, HEATMAPS_WARM, time.perf_counter() - t0)
+    log.info("%s%s (Grad-CAM ready in %.1f s)", STARTING, HEATMAPS_WARM, time.perf_counter() - t0)
 
 
 def gradcam(pred):
     """The process's Grad-CAM of the loaded bundle's network. While the warm-up thread traces it,
     a heat map task waits here for it."""
-    from model.inference.gradcam import GradCam
+    from model.inference.gradcam import for_predictor
 
     with _gradcam_lock:
         cam = _process_state.get("gradcam")
         if cam is None or cam[0] is not pred:
-            cam = _process_state["gradcam"] = (pred, _Traced(GradCam(pred.network)))
+            cam = _process_state["gradcam"] = (pred, _Traced(for_predictor(pred)))
     return cam[1]
 
 

@@ -70,7 +70,8 @@ def _onnx_package(settings, path: Path) -> str:
         export(path, "onnx", folder)
     except ImportError as exc:
         return (
-            f"no ONNX package: exporting one needs the 'export' extra ({exc.name} is missing); workers score with Keras"
+            f"no ONNX package: exporting one needs the 'train' extra ({exc.name} is missing); "
+            "workers score with Keras where it is installed"
         )
     return f"ONNX package exported to {folder}"
 

@@ -1,7 +1,10 @@
-"""``train`` and ``evaluate``: the model (Keras is imported inside the commands)."""
+"""``train``, ``evaluate``, ``distill``, ``export``…: the model's training side (Keras is imported
+inside the commands; it comes with the ``train`` extra, which a serving install does without).
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -13,6 +16,24 @@ from dermascan.cli.common import _settings, main
 
 
 # -- the model -----------------------------------------------------------------------------------
+def _needs_train(command):
+    """The command needs the ``train`` extra (Keras, TensorFlow, tf2onnx): without it, one line
+    says what to install."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        from dermascan.config import MissingExtra, require_extra
+
+        try:
+            require_extra("keras", "train", f"dermascan {click.get_current_context().info_name}")
+            require_extra("tensorflow", "train", f"dermascan {click.get_current_context().info_name}")
+        except MissingExtra as exc:
+            raise click.ClickException(str(exc)) from exc
+        return command(*args, **kwargs)
+
+    return run
+
+
 def _folder(*names, help: str):  # noqa: A002 (click's own word)
     """A required option naming an existing folder."""
     return click.option(*names, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help=help)
@@ -106,6 +127,7 @@ def _data_and_out(command):
 @click.option(
     "--only-folds", help="Train only these folds (e.g. 0,1); the bundle is made from the folds that are done."
 )
+@_needs_train
 def train(
     data_dir,
     out_dir,
@@ -182,6 +204,7 @@ def _echo_calibration_set(manifest: dict) -> None:
     help="Members (0-based, in the order of the sources) whose image features the not-assessable gate reads "
     "(default: all).",
 )
+@_needs_train
 def combine(sources, data_dir, out_dir, version, gate_members):
     """Average the members of several training runs on the same split (work folders or bundles) into one
     bundle; calibration, threshold and gate are fitted again on the held-out calibration set."""
@@ -239,6 +262,7 @@ def _dataset_ids(data_dir, limit):
     help="A training work folder's split.npy: only the rows it held out of every network (its calibration set).",
 )
 @click.pass_context
+@_needs_train
 def evaluate(ctx, bundle_dir, data_dir, out_path, tta, limit, shifts, split_file):
     """AUC, pAUC80 and sensitivity/specificity at the bundle's threshold on an ISIC-2024 folder."""
     import numpy as np
@@ -312,6 +336,7 @@ def evaluate(ctx, bundle_dir, data_dir, out_path, tta, limit, shifts, split_file
 @click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_folder("--data", "data_dir", help="The ISIC-2024 layout folder the bundle was trained on.")
 @click.option("--work-dir", required=True, type=click.Path(path_type=Path), help="Training work folder to create.")
+@_needs_train
 def unpack(bundle_dir, data_dir, work_dir):
     """Re-create a bundle's training work folder (members as fold checkpoints, their held-out scores computed
     again), so that `dermascan train --work-dir` assembles it again with today's calibration, threshold and gate."""
@@ -404,6 +429,7 @@ def unpack(bundle_dir, data_dir, work_dir):
 @click.option("--final/--no-final", default=True, show_default=True, help="Train the student on every development row.")
 @click.option("--limit", type=int, help="Only the first N rows (smoke runs).")
 @click.option("--backbone", type=click.Choice(["nasnet_mobile", "tiny"]), default="nasnet_mobile", show_default=True)
+@_needs_train
 def distill(
     teacher_dir, data_dir, work_dir, out_dir, version, image_size, epochs, alpha, ema_momentum, ema, lr_schedule,
     augment, diagnosis_weight, colour_constancy, metadata_dropout, metadata_dropout_all, keep, init_seed, warm_start,
@@ -457,6 +483,7 @@ def distill(
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--fold", default=0, show_default=True, help="The fold whose students are compared.")
 @click.option("--boot", "n_boot", default=2000, show_default=True, help="Bootstrap resamples of the patients.")
+@_needs_train
 def distill_compare(work_dirs, data_dir, fold, n_boot):
     """Fold students of several distill runs on the same patients: AUC and pAUC80 on the validation fold and the
     calibration set, and each run's paired difference from the first (95 % bootstrap interval over patients)."""
@@ -505,6 +532,7 @@ def read_teacher_config(teacher_dir: Path):
     "--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="The bundle's development data (default: the folder its manifest names).",
 )  # fmt: skip
+@_needs_train
 def export_bundle(bundle_dir, fmt, int8, out_dir, data_dir):
     """Export a bundle for the edge (ONNX Runtime or LiteRT, fp32 or int8) and check the package
     against the bundle; exit 1 when the check fails."""
@@ -514,9 +542,9 @@ def export_bundle(bundle_dir, fmt, int8, out_dir, data_dir):
     from model.training.export import export
 
     try:
-        require_extra("tf2onnx" if fmt == "onnx" else "ai_edge_litert", "export", f"dermascan export --format {fmt}")
+        require_extra("tf2onnx" if fmt == "onnx" else "ai_edge_litert", "train", f"dermascan export --format {fmt}")
         if int8 or fmt == "onnx":
-            require_extra("onnxruntime", "export", "dermascan export")
+            require_extra("onnxruntime", "train", "dermascan export")
     except MissingExtra as exc:
         raise click.ClickException(str(exc)) from exc
     _log_progress()
@@ -552,6 +580,7 @@ def _fit_on_bundle(what: str):
 
 @main.command("change-fit")
 @_fit_on_bundle(" with a lesion_id column")
+@_needs_train
 def change_fit(bundle_dir, data_dir):
     """Fit a bundle's lesion change measure (follow-up: "changed since last visit") on the
     same-lesion image pairs of its development patients; report it on its held-out patients."""
@@ -574,6 +603,7 @@ def change_fit(bundle_dir, data_dir):
 
 @main.command("missing-fit")
 @_fit_on_bundle(": its held-out calibration set is scored")
+@_needs_train
 def missing_fit(bundle_dir, data_dir):
     """Fit a bundle's maps for studies sent without some metadata (one per pattern of missing
     fields) on its held-out patients with those fields hidden; print what each pattern does at
@@ -609,6 +639,7 @@ def _missing_table(report: dict) -> str:
 @_fit_on_bundle(": its held-out calibration set's malignant lesions are used")
 @click.option("-n", "n", default=120, show_default=True, help="Malignant lesions to measure on.")
 @click.option("--gallery", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG of 24 maps here.")
+@_needs_train
 def heatmap_check(bundle_dir, data_dir, n, gallery):
     """Do the bundle's heat maps point at the lesion? The pointing game and the heat's concentration
     on automatic lesion masks, as the images are and shifted sideways, against a map of the middle;

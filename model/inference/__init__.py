@@ -1,6 +1,7 @@
 """The inference room: everything a serving process needs to score a study with a bundle, and
-nothing of training. It imports NumPy, Pillow and (in the modules that need it) Keras or ONNX
-Runtime, never ``model.training``; the worker, the core, ``edge/`` and the CLI's serving commands
+nothing of training. It imports NumPy, Pillow, ONNX Runtime and onnx — Keras only in the modules that score
+or draw with the Keras network, and only when asked to (a serving install has no Keras) — never
+``model.training``; the worker, the core, ``edge/`` and the CLI's serving commands
 import the model only through here (and ``model.metrics``, ``model.errors``).
 
 - ``bundle``: the bundle folder, its manifest and checksums (``read_manifest`` needs no Keras)
@@ -18,6 +19,7 @@ import the model only through here (and ``model.metrics``, ``model.errors``).
 - ``ood``: the feature distance and the is-this-dermoscopy check, on the network's image features
 - ``change``: the lesion change measure between two visits
 - ``reference``: the development data's profile and the drift measures monitoring compares with
-- ``gradcam``: Grad-CAM heat maps on the network (log-odds, finer cell, flip-averaged)
+- ``gradcam``: Grad-CAM heat maps (log-odds, finer cell, flip-averaged), on ONNX Runtime or Keras
+- ``backprop``: Grad-CAM's gradient as an ONNX graph (the bundle's ONNX file extended backwards)
 - ``heatmap``: the PNG overlays every heat map is drawn as
 """

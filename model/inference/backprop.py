@@ -85,7 +85,9 @@ class _Builder:
             return grad
         lead = len(theirs) - len(mine)  # a tensor with the batch never needs it summed away
         axes = list(range(lead)) + [lead + i for i, d in enumerate(mine) if d == 1 and theirs[lead + i] != 1]
-        summed = self.op("ReduceSum", [grad, self.const(np.array(axes, np.int64), "axes")], keepdims=1) if axes else grad
+        summed = (
+            self.op("ReduceSum", [grad, self.const(np.array(axes, np.int64), "axes")], keepdims=1) if axes else grad
+        )
         return self.op("Reshape", [summed, self.op("Shape", [target])])
 
 
@@ -183,7 +185,12 @@ def _adjoint_map(b: _Builder, node, grad: str, needs):
                 counts[index] = covered
         scaled = b.op("Div", [grad, b.const(counts[None, None], "counts")])
         ones = b.const(np.ones((channels, 1, *kernel), np.float32), "ones")
-        return [(ins[0], _transpose_conv(b, scaled, ones, ins[0], out, {**attrs, "group": channels, "kernel_shape": kernel}))]
+        return [
+            (
+                ins[0],
+                _transpose_conv(b, scaled, ones, ins[0], out, {**attrs, "group": channels, "kernel_shape": kernel}),
+            )
+        ]
     if op == "MaxPool":
         if len(node.output) < 2:  # the forward pass keeps the positions of its maxima
             node.output.append(b.name("argmax"))
@@ -255,9 +262,11 @@ def _adjoint_map(b: _Builder, node, grad: str, needs):
     )
 
 
-def _cells(b: _Builder, model, stride: int) -> list[str]:
-    """The feature maps Grad-CAM reads: the last concatenations (a NASNet cell's output) at
-    ``1/stride`` of the input's side; one per ensemble member."""
+def _cells(b: _Builder, model, stride: int) -> list[tuple[str, bool]]:
+    """The feature maps Grad-CAM reads, as (tensor, channels last?): the last concatenations (a
+    NASNet cell's output) at ``1/stride`` of the input's side, one per ensemble member; a backbone
+    without one (the tests' tiny network) uses what its global average pooling reads — the same
+    rule as ``model.inference.gradcam.cell_layer`` in Keras."""
     image = next(i for i in model.graph.input if i.name == "image")
     height = image.type.tensor_type.shape.dim[1].dim_value
     candidates = [
@@ -265,7 +274,15 @@ def _cells(b: _Builder, model, stride: int) -> list[str]:
         if n.op_type == "Concat" and len(b.shape(n.output[0])) == 4 and b.shape(n.output[0])[2] == height // stride
     ]  # fmt: skip
     if not candidates:
-        raise ModelError(f"Grad-CAM graph: no concatenated feature maps at 1/{stride} of the input's side")
+        pooled = [
+            (n.input[0], n.op_type == "ReduceMean")
+            for n in model.graph.node
+            if n.op_type == "GlobalAveragePool"
+            or (n.op_type == "ReduceMean" and len(b.shape(n.input[0])) == 4 and _reduce_axes(b, n) == [1, 2])
+        ]
+        if not pooled:
+            raise ModelError(f"Grad-CAM graph: no feature maps at 1/{stride} of the input's side, no global pooling")
+        return pooled
     consumers = defaultdict(list)
     for node in model.graph.node:
         for name in node.input:
@@ -281,12 +298,20 @@ def _cells(b: _Builder, model, stride: int) -> list[str]:
                         stack.append(out)
         if any(other in seen for other in candidates if other != cell):
             later.add(cell)
-    return [c for c in candidates if c not in later]
+    return [(c, False) for c in candidates if c not in later]
+
+
+def _reduce_axes(b: _Builder, node) -> list[int] | None:
+    axes = _attrs(node).get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1] in b.constants:
+        axes = b.constants[node.input[1]].tolist()
+    return None if axes is None else sorted(a % 4 for a in axes)
 
 
 def gradcam_graph(model, stride: int = STRIDE, cells: list[str] | None = None):
     """The forward ONNX ``model`` (a ``ModelProto``) with Grad-CAM's outputs added: ``logit``,
-    ``cell_k`` and ``cell_grad_k`` (the log-odds' gradient) for each member's cell."""
+    ``cell_k`` and ``cell_grad_k`` (the log-odds' gradient) for each member's cell, channels first
+    (n, C, h, w). ``cells``: other tensors to differentiate for (channels first), instead."""
     import onnx
 
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never change the caller's
@@ -295,22 +320,34 @@ def gradcam_graph(model, stride: int = STRIDE, cells: list[str] | None = None):
     head = producer.get("probability")
     if head is None:
         raise ModelError("Grad-CAM graph: the model has no 'probability' output")
-    cells = cells or _cells(b, model, stride)
-    if head.op_type == "Sigmoid":  # the log-odds is the sigmoid's input
-        logit, seed_at = head.input[0], head.input[0]
-        seed = b.op("Expand", [b.const(np.float32(1.0)), b.op("Shape", [logit])])
-    else:  # an ensemble's average probability p: d logit / d p = 1 / (p (1 - p))
-        p = b.op("Clip", ["probability", b.const(np.float32(1e-7)), b.const(np.float32(1 - 1e-7))])
-        logit = b.op("Log", [b.op("Div", [p, b.op("Sub", [b.const(np.float32(1)), p])])])
-        seed_at = "probability"
-        seed = b.op("Reciprocal", [b.op("Mul", [p, b.op("Sub", [b.const(np.float32(1)), p])])])
+    found = [(c, False) for c in cells] if cells else _cells(b, model, stride)
+    cells = [c for c, _ in found]
+    # the log-odds: the input of each member's sigmoid that feeds the probability (one for a
+    # single network); each member's map follows its own log-odds, as in Keras
+    upstream_of_probability, stack = {"probability"}, ["probability"]
+    while stack:
+        node = producer.get(stack.pop())
+        for name in node.input if node is not None else ():
+            if name and name not in upstream_of_probability:
+                upstream_of_probability.add(name)
+                stack.append(name)
+    sigmoids = [n for n in model.graph.node if n.op_type == "Sigmoid" and n.output[0] in upstream_of_probability]
+    if not sigmoids:
+        raise ModelError("Grad-CAM graph: the probability comes from no sigmoid (no log-odds to differentiate)")
+    seeds = [n.input[0] for n in sigmoids]
+    p = b.op("Clip", ["probability", b.const(np.float32(1e-7)), b.const(np.float32(1 - 1e-7))])
+    logit = (
+        seeds[0]
+        if head.op_type == "Sigmoid"
+        else b.op("Log", [b.op("Div", [p, b.op("Sub", [b.const(np.float32(1)), p])])])
+    )
     # the nodes between the cells and the score: downstream of a cell, upstream of the score
     downstream = set(cells)
     order = list(model.graph.node)
     for node in order:
         if any(name in downstream for name in node.input):
             downstream.update(node.output)
-    upstream, stack = {seed_at}, [seed_at]
+    upstream, stack = set(seeds), list(seeds)
     while stack:
         node = producer.get(stack.pop())
         if node is None:
@@ -322,7 +359,8 @@ def gradcam_graph(model, stride: int = STRIDE, cells: list[str] | None = None):
     on_path = downstream & upstream
 
     grads: dict[str, list[str]] = defaultdict(list)
-    grads[seed_at].append(seed)
+    for z in seeds:
+        grads[z].append(b.op("Expand", [b.const(np.float32(1.0)), b.op("Shape", [z])]))
     for node in reversed(order):
         outs = [out for out in node.output if out in on_path and grads.get(out)]
         if not outs or not any(name in on_path for name in node.input):
@@ -333,6 +371,7 @@ def gradcam_graph(model, stride: int = STRIDE, cells: list[str] | None = None):
         grad = total[0] if len(total) == 1 else b.op("Sum", total)
         for name, g in _adjoints(b, node, grad, lambda n: n in on_path):
             grads[name].append(g)
+
     def typed(name: str, like: str):
         return onnx.helper.make_tensor_value_info(
             name, onnx.TensorProto.FLOAT, [d if d is not None else "n" for d in b.shape(like)]
@@ -345,9 +384,14 @@ def gradcam_graph(model, stride: int = STRIDE, cells: list[str] | None = None):
         if not total:
             raise ModelError(f"Grad-CAM graph: the score does not depend on the feature maps {cell!r}")
         grad = total[0] if len(total) == 1 else b.op("Sum", total)
-        b.nodes.append(onnx.helper.make_node("Identity", [cell], [f"cell_{k}"], name=f"gradcam/cell_{k}"))
-        b.nodes.append(onnx.helper.make_node("Identity", [grad], [f"cell_grad_{k}"], name=f"gradcam/cell_grad_{k}"))
-        outputs += [typed(f"cell_{k}", cell), typed(f"cell_grad_{k}", cell)]
+        last = found[k][1]  # channels last: turned to channels first
+        kind, extra = ("Transpose", {"perm": [0, 3, 1, 2]}) if last else ("Identity", {})
+        b.nodes.append(onnx.helper.make_node(kind, [cell], [f"cell_{k}"], name=f"gradcam/cell_{k}", **extra))
+        b.nodes.append(onnx.helper.make_node(kind, [grad], [f"cell_grad_{k}"], name=f"gradcam/cell_grad_{k}", **extra))
+        dims = [d if d is not None else "n" for d in b.shape(cell)]
+        dims = [dims[0], dims[3], dims[1], dims[2]] if last else dims
+        outputs += [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, dims)
+                    for n in (f"cell_{k}", f"cell_grad_{k}")]  # fmt: skip
 
     # keep only what the new outputs need (the differential's head, the gate's features… go)
     nodes = order + b.nodes

@@ -15,7 +15,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from model.errors import BundleError
@@ -64,12 +63,21 @@ def read_manifest(directory, verify: bool = True) -> dict:
     return manifest
 
 
-@dataclass
 class Bundle:
-    directory: Path
-    manifest: dict
-    network: object  # keras.Model
-    spec: FeatureSpec
+    """A bundle folder read and checked. Its Keras network is loaded when first asked for
+    (``network``): a process that scores on the shipped ONNX file never imports Keras."""
+
+    def __init__(self, directory, manifest: dict, network=None, spec: FeatureSpec | None = None):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.spec = spec or FeatureSpec.from_dict(manifest["feature_spec"])
+        self._network = network
+
+    @property
+    def network(self):  # keras.Model
+        if self._network is None:
+            self._network = _load_network(self.directory, self.manifest, self.spec)
+        return self._network
 
     @property
     def version(self) -> str:
@@ -90,15 +98,28 @@ class Bundle:
         return float(self.manifest["threshold"])
 
 
-def load(directory) -> Bundle:
-    """Load a bundle: verify its checksum, load the network, check it matches the manifest."""
-    import keras
+def load(directory, *, network: bool = True) -> Bundle:
+    """Load a bundle: verify its checksum, load the network (``network=False``: when first asked
+    for), check it matches the manifest."""
+    directory = Path(directory)
+    manifest = read_manifest(directory, verify=True)
+    loaded = Bundle(directory, manifest)
+    if network:
+        loaded.network  # noqa: B018  (loads and checks it now)
+    return loaded
+
+
+def _load_network(directory: Path, manifest: dict, spec: FeatureSpec):
+    try:
+        import keras
+    except ImportError as exc:
+        raise BundleError(
+            f"{directory}: scoring with Keras needs the training extra (pip install 'dermascan[train]'); "
+            "without it a bundle scores on its ONNX package"
+        ) from exc
 
     import model.inference.network  # noqa: F401  (registers the network's own layers, e.g. CameraJitter)
 
-    directory = Path(directory)
-    manifest = read_manifest(directory, verify=True)
-    spec = FeatureSpec.from_dict(manifest["feature_spec"])
     try:
         network = keras.saving.load_model(directory / MODEL_FILE, compile=False)
     except Exception as exc:  # Keras raises many kinds for a bad archive
@@ -107,7 +128,7 @@ def load(directory) -> Bundle:
     expected = {"image": (None, *image_shape(manifest["image_size"]), 3), "meta": (None, spec.dim)}
     if inputs != expected:
         raise BundleError(f"{directory}: network inputs {inputs} do not match the manifest {expected}")
-    return Bundle(directory, manifest, network, spec)
+    return network
 
 
 def save(

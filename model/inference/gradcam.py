@@ -9,25 +9,33 @@ map, averaged over the four flips (each map flipped back), points at the lesion 
 when the image is shifted sideways, which a map of the middle cannot (docs/model.md, heat maps).
 The log-odds' gradient does not vanish where the probability saturates. For an ensemble bundle
 the members' maps are averaged.
+
+Two implementations of the same map: :class:`OnnxGradCam` on ONNX Runtime, from the bundle's ONNX
+file extended backwards (``model.inference.backprop``; what serving processes use, no TensorFlow
+or Keras), and :class:`GradCam` on the Keras network (TensorFlow or JAX; training's checks, and a
+bundle without an ONNX package). :func:`for_predictor` picks the one a predictor can run.
 """
 
 from __future__ import annotations
 
-import keras
+import logging
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
-from model.inference.network import last_cell_layer
-
+log = logging.getLogger(__name__)
 STRIDE = 8  # the feature maps used: an eighth of the input's side
 
 
-def _members(network: keras.Model) -> list[keras.Model]:
+def _members(network) -> list:
+    import keras
+
     nested = [layer for layer in network.layers if isinstance(layer, keras.Model)]
     return nested or [network]
 
 
-def cell_layer(member: keras.Model, stride: int = STRIDE) -> keras.layers.Layer:
+def cell_layer(member, stride: int = STRIDE):
     """The last layer whose feature maps are ``1/stride`` of the input's side (a NASNet cell's
     concatenation); a backbone without one (the tests' tiny network) uses its last feature maps."""
     height = member.get_layer("image").output.shape[1]
@@ -39,11 +47,76 @@ def cell_layer(member: keras.Model, stride: int = STRIDE) -> keras.layers.Layer:
             continue
         if len(shape) == 4 and shape[1] == height // stride and "concat" in layer.name:
             found = layer
-    return found or last_cell_layer(member)
+    if found is None:
+        from model.inference.network import last_cell_layer
+
+        return last_cell_layer(member)
+    return found
+
+
+def _views(pixels: np.ndarray) -> np.ndarray:
+    image = np.asarray(pixels)[0]
+    return np.stack([image, image[:, ::-1], image[::-1], image[::-1, ::-1]])
+
+
+def flip_averaged(height: int, width: int, maps) -> np.ndarray:
+    """Grad-CAM of the four flips, each flipped back, averaged over the views and the members:
+    ``maps`` yields (feature maps, gradients) of the four views with channels last, per member."""
+    total = np.zeros((height, width), np.float64)
+    for features, grads in maps:
+        cams = np.maximum((features * grads.mean(axis=(1, 2), keepdims=True)).sum(axis=-1), 0.0)
+        for v, cam in enumerate(cams):
+            up = np.asarray(Image.fromarray(cam.astype(np.float32)).resize((width, height), Image.BILINEAR))
+            total += up[:, ::-1] if v == 1 else up[::-1] if v == 2 else up[::-1, ::-1] if v == 3 else up
+    return (total / total.max()).astype(np.float32) if total.max() > 0 else total.astype(np.float32)
+
+
+class OnnxGradCam:
+    """Grad-CAM on ONNX Runtime: the bundle's ONNX file with the log-odds' gradient added
+    (``model.inference.backprop``), built in memory when the object is made."""
+
+    def __init__(self, onnx_file, threads: int | None = None):
+        import onnx
+        import onnxruntime as ort
+
+        from model.inference.backprop import gradcam_graph
+
+        graph = gradcam_graph(onnx.load(str(onnx_file)))
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in self.session.get_outputs()]
+        self.members = sum(1 for n in names if n.startswith("cell_grad_"))
+        self.source = Path(onnx_file)
+
+    def features_and_gradients(self, pixels: np.ndarray, meta: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(feature maps, d log-odds / d feature maps) of every member, channels last."""
+        wanted = [n for k in range(self.members) for n in (f"cell_{k}", f"cell_grad_{k}")]
+        out = self.session.run(wanted, {"image": np.ascontiguousarray(pixels), "meta": np.asarray(meta, np.float32)})
+        return [(out[2 * k].transpose(0, 2, 3, 1), out[2 * k + 1].transpose(0, 2, 3, 1)) for k in range(self.members)]
+
+    def heatmap(self, pixels: np.ndarray, meta: np.ndarray) -> np.ndarray:
+        """As :meth:`GradCam.heatmap`."""
+        views = _views(pixels)
+        meta4 = np.repeat(np.asarray(meta, np.float32)[:1], 4, axis=0)
+        return flip_averaged(*views.shape[1:3], self.features_and_gradients(views, meta4))
+
+
+def for_predictor(predictor):
+    """The Grad-CAM a predictor can run: on ONNX Runtime where it scores on the bundle's ONNX file
+    (no Keras needed), else on its Keras network."""
+    if getattr(predictor, "onnx_file", None) is not None:
+        return OnnxGradCam(predictor.onnx_file)
+    return GradCam(predictor.network)
 
 
 class GradCam:
-    def __init__(self, network: keras.Model):
+    def __init__(self, network):
+        import keras
+
+        from model.inference.network import last_cell_layer
+
         self.parts, self.heads = [], []
         jax = keras.backend.backend() == "jax"
         for member in _members(network):
@@ -57,6 +130,8 @@ class GradCam:
 
     def _features_and_gradients(self, pixels: np.ndarray, meta: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """(feature maps, d log-odds / d feature maps) of every member."""
+        import keras
+
         backend = keras.backend.backend()
         if backend == "tensorflow":
             # one traced graph for all members: eager NASNet runs layer by layer, ~0.3 s a member
@@ -94,13 +169,6 @@ class GradCam:
     def heatmap(self, pixels: np.ndarray, meta: np.ndarray) -> np.ndarray:
         """pixels (1, H, W, 3) uint8, meta (1, d) → heat map (H, W) in [0, 1]: the map of each of
         the four flips, flipped back, averaged (over the members of an ensemble too)."""
-        image = np.asarray(pixels)[0]
-        views = np.stack([image, image[:, ::-1], image[::-1], image[::-1, ::-1]])
-        height, width = image.shape[:2]
-        total = np.zeros((height, width), np.float64)
-        for features, grads in self._features_and_gradients(views, np.repeat(np.asarray(meta)[:1], 4, axis=0)):
-            cams = np.maximum((features * grads.mean(axis=(1, 2), keepdims=True)).sum(axis=-1), 0.0)
-            for v, cam in enumerate(cams):
-                up = np.asarray(Image.fromarray(cam.astype(np.float32)).resize((width, height), Image.BILINEAR))
-                total += up[:, ::-1] if v == 1 else up[::-1] if v == 2 else up[::-1, ::-1] if v == 3 else up
-        return (total / total.max()).astype(np.float32) if total.max() > 0 else total.astype(np.float32)
+        views = _views(pixels)
+        meta4 = np.repeat(np.asarray(meta)[:1], 4, axis=0)
+        return flip_averaged(*views.shape[1:3], self._features_and_gradients(views, meta4))

@@ -1,9 +1,10 @@
 """A bundle as a serving process's predictor, on the runtime it is asked for.
 
 ``runtime``: ``keras``; ``onnxruntime``; ``openvino`` (the same ONNX file, checked against ONNX
-Runtime at load); or ``auto`` (on the TensorFlow backend the ONNX file — on OpenVINO where it is
-installed, the CPU is x86 and it matches ONNX Runtime, else on ONNX Runtime: model.inference.runtimes —
-and Keras on JAX). The ONNX package is the one shipped inside the bundle (``onnx/``, exported from the
+Runtime at load); or ``auto`` (the ONNX file — on OpenVINO where it is installed, the CPU is x86
+and it matches ONNX Runtime, else on ONNX Runtime: model.inference.runtimes — unless Keras is
+installed with the JAX backend, the GPU workers' path). Keras is imported only to score with it: the
+README's install has neither TensorFlow nor Keras (they come with the ``train`` extra). The ONNX package is the one shipped inside the bundle (``onnx/``, exported from the
 very same weights) or the one made when the bundle was registered (``dermascan bundle register``
 exports it into ``packages_dir``). A serving process never exports: without a package it scores
 with Keras and says why in one log line.
@@ -11,14 +12,36 @@ with Keras and says why in one log line.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 
 from model.errors import ModelError
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "keras", "onnxruntime", "openvino")
+
+
+def keras_backend() -> str | None:
+    """The backend Keras would use (its environment variable, then its config file), read without
+    importing Keras; None where Keras is not installed."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    try:
+        if importlib.util.find_spec("keras") is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    base = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        return json.loads(Path(base, "keras.json").read_text()).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
 
 
 def package_folder(packages_dir, manifest: dict) -> Path:
@@ -48,11 +71,8 @@ def runtime_package(bundle_dir, manifest: dict, runtime: str, packages_dir=None)
         raise ModelError(f"runtime {runtime!r}: one of {', '.join(RUNTIMES)}")
     if runtime == "keras":
         return None
-    if runtime == "auto":
-        import keras
-
-        if keras.backend.backend() != "tensorflow":
-            return None
+    if runtime == "auto" and keras_backend() == "jax":
+        return None
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
@@ -70,8 +90,6 @@ def runtime_package(bundle_dir, manifest: dict, runtime: str, packages_dir=None)
 def load_predictor(bundle_dir, *, batch_sizes, tta: bool | None = None, mixed_precision: bool = False,
                    runtime: str = "auto", packages_dir=None):  # fmt: skip
     """The bundle as a Predictor, with the flips its manifest recommends unless ``tta`` says."""
-    import keras
-
     from model.inference.bundle import read_manifest
     from model.inference.predictor import Predictor
 
@@ -83,7 +101,7 @@ def load_predictor(bundle_dir, *, batch_sizes, tta: bool | None = None, mixed_pr
         onnx_runtime="onnxruntime" if runtime == "onnxruntime" else ("openvino" if runtime == "openvino" else "auto"),
     )  # fmt: skip
     log.info(
-        "loaded bundle %s (tta=%s, backend %s, runtime %s)", loaded.version, flips, keras.backend.backend(),
-        loaded.runtime,
+        "loaded bundle %s (tta=%s, runtime %s%s)", loaded.version, flips, loaded.runtime,
+        f", Keras backend {keras_backend()}" if loaded.runtime == "keras" else "",
     )  # fmt: skip
     return loaded

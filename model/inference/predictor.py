@@ -140,8 +140,10 @@ class Predictor:
         onnx_package=None,
         onnx_runtime: str = "onnxruntime",
     ):
-        self.bundle = bundle or bundle_lib.load(bundle_dir)
-        self.network = to_mixed_precision(self.bundle.network) if mixed_precision else self.bundle.network
+        # on an ONNX package the Keras network is never loaded (nor Keras imported)
+        self.bundle = bundle or bundle_lib.load(bundle_dir, network=onnx_package is None)
+        self.mixed_precision = mixed_precision
+        self._network = self._forward_network = None
         self.calibrator = Calibrator.from_dict(self.bundle.manifest.get("calibration"))
         self.missing = MissingMetadata.from_dict(self.bundle.manifest.get("missing_metadata"))
         if self.missing is None:
@@ -151,23 +153,19 @@ class Predictor:
             )  # fmt: skip
         self.gate = Gate.from_bundle(self.bundle.directory, self.bundle.manifest)
         self.change = change.from_bundle(self.bundle.directory, self.bundle.manifest)
-        if self.gate.features is not None:
-            from model.inference.ood import feature_network
-
-            self._forward = feature_network(self.network, self.gate.feature_members)
-        else:
-            self._forward = self.network
         self.spec = self.bundle.spec
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
         self.tta = tta
         self.threshold = self.bundle.threshold if threshold is None else float(threshold)
         self.decode_workers = decode_workers
-        # an ONNX edge package of this bundle: the forward pass runs on ONNX Runtime (Grad-CAM,
-        # which needs gradients, stays on the Keras network)
+        # an ONNX edge package of this bundle: the forward pass runs on ONNX Runtime, and so does
+        # Grad-CAM (model.inference.backprop extends the same file backwards)
         # (``onnx_runtime``: ONNX Runtime, OpenVINO, or ``auto``: OpenVINO where it is exact,
         # model.inference.runtimes)
-        self._onnx, self._onnx_runtime = None, None
-        if onnx_package is not None:
+        self._onnx, self._onnx_runtime, self.onnx_file = None, None, None
+        if onnx_package is None:
+            self._forward_pass()  # Keras: loaded and built now, so a bad bundle fails at load
+        else:
             import json
 
             from model.inference.runtimes import open_session
@@ -175,11 +173,30 @@ class Predictor:
             package = json.loads((Path(onnx_package) / "manifest.json").read_text())
             if package["source"]["weights_sha256"] != self.bundle.manifest["weights_sha256"]:
                 raise bundle_lib.BundleError(f"{onnx_package}: exported from another bundle than {self.version}")
-            self._onnx, self._onnx_runtime = open_session(
-                Path(onnx_package) / package["file"], onnx_runtime, self.image_shape, self.spec.dim
-            )
+            self.onnx_file = Path(onnx_package) / package["file"]
+            self._onnx, self._onnx_runtime = open_session(self.onnx_file, onnx_runtime, self.image_shape, self.spec.dim)
             names = set(self._onnx.output_names)
             self._onnx_outputs = ["probability", "features", *(["diagnosis"] if "diagnosis" in names else [])]
+
+    @property
+    def network(self):
+        """The bundle's Keras network (in bfloat16 where asked), loaded when first needed."""
+        if self._network is None:
+            network = self.bundle.network
+            self._network = to_mixed_precision(network) if self.mixed_precision else network
+        return self._network
+
+    def _forward_pass(self):
+        """The Keras model the forward pass runs: the network, with the gate's features beside
+        its probability where the gate reads them."""
+        if self._forward_network is None:
+            if self.gate.features is not None:
+                from model.inference.ood import feature_network
+
+                self._forward_network = feature_network(self.network, self.gate.feature_members)
+            else:
+                self._forward_network = self.network
+        return self._forward_network
 
     @property
     def version(self) -> str:
@@ -238,7 +255,7 @@ class Predictor:
             outputs = self._onnx.run(self._onnx_outputs, {"image": np.ascontiguousarray(x), "meta": m})
             classes = np.asarray(outputs[2], np.float32) if len(outputs) > 2 else None
             return np.asarray(outputs[0], np.float32).reshape(-1), np.asarray(outputs[1], np.float32), classes
-        out = self._forward.predict_on_batch({"image": np.ascontiguousarray(x), "meta": m})
+        out = self._forward_pass().predict_on_batch({"image": np.ascontiguousarray(x), "meta": m})
         if isinstance(out, list | tuple):
             classes = np.asarray(out[2], np.float32) if len(out) > 2 else None
             return np.asarray(out[0], dtype=np.float32).reshape(-1), np.asarray(out[1], dtype=np.float32), classes
