@@ -27,7 +27,7 @@ from worker.leases import Holding, holding, lease_owner
 from worker.runtime import BundleNotActive, TransientError, predictor, register_bundle, score_in_shadow
 
 log = logging.getLogger(__name__)
-STAGES = ("claim", "read", "decode", "infer", "checks", "shadow", "write")
+STAGES = ("claim", "read", "decode", "wait", "infer", "checks", "shadow", "write")
 
 
 @dataclass
@@ -198,10 +198,13 @@ class ScoreStudies:
             for n in range(len(pieces)):
                 if n and serve_between is not None:
                     work.served += self._serve_waiting(pred, shadows, serve_between)
+                t_wait = time.perf_counter()
                 try:
                     kept, prepared, bad, (t_read, t_decode), kept_images = future.result()
                 except BlobUnavailable as exc:  # the task is retried; its leases are given back
                     raise TransientError(str(exc)) from exc
+                # the part of read + decode the network did not hide (all of it for a task's first piece)
+                work.timing["wait"] += time.perf_counter() - t_wait
                 if n + 1 < len(pieces):
                     future = pool.submit(self._prepare, pred, pieces[n + 1])
                 work.timing["read"] += t_read

@@ -141,6 +141,22 @@ def send_scoring(settings: Settings, study_ids: Sequence[int], interactive: bool
     return sent
 
 
+def send_many(settings: Settings, task: str, args_list: Sequence[list], queue: str = MAINTENANCE) -> int:
+    """One message per ``args`` of ``args_list``, over one producer connection; returns how many
+    were sent (a broker failure is logged and never raised, as :func:`send`)."""
+    if not args_list:
+        return 0
+    app, sent = celery_for(settings), 0
+    try:
+        with app.producer_or_acquire() as producer:
+            for args in args_list:
+                app.send_task(task, args=args, queue=queue, producer=producer)
+                sent += 1
+    except Exception as exc:  # kombu/redis raise several kinds; all mean "not sent"
+        log.warning("could not send %d of %d %s messages: %s", len(args_list) - sent, len(args_list), task, exc)
+    return sent
+
+
 def send(settings: Settings, task: str, args: list, queue: str = MAINTENANCE, countdown: float | None = None) -> bool:
     try:
         celery_for(settings).send_task(task, args=args, queue=queue, countdown=countdown)

@@ -39,6 +39,48 @@ def current_prediction(session: Session, study_id: int) -> Prediction | None:
     )
 
 
+def current_predictions(session: Session, study_ids: Sequence[int]) -> dict[int, Prediction]:
+    """:func:`current_prediction` of many studies in one query (those without one are absent)."""
+    out: dict[int, Prediction] = {}
+    if not study_ids:
+        return out
+    rows = session.scalars(
+        select(Prediction)
+        .where(Prediction.study_id.in_(sorted(set(study_ids))), Prediction.shadow.is_(False))
+        .order_by(Prediction.study_id, Prediction.created_at.desc(), Prediction.id.desc())
+    )
+    for prediction in rows:
+        out.setdefault(prediction.study_id, prediction)
+    return out
+
+
+def _visit_key(study) -> tuple:
+    return (study.acquired_at or study.created_at, study.id)
+
+
+def previous_visits(session: Session, studies: Sequence[Study]) -> dict[int, int]:
+    """{study id: the id of its :func:`previous_visit`} for many studies, in one query: every
+    visit of their lesions that did not fail (a lesion has a handful), ordered as in time."""
+    lesions = sorted({s.lesion_id for s in studies if s.lesion_id is not None})
+    if not lesions:
+        return {}
+    rows = session.execute(
+        select(Study.id, Study.lesion_id, Study.acquired_at, Study.created_at).where(
+            Study.lesion_id.in_(lesions), Study.status != StudyStatus.FAILED
+        )
+    ).all()
+    by_lesion: dict[int, list] = {}
+    for row in rows:
+        by_lesion.setdefault(row.lesion_id, []).append((row.acquired_at or row.created_at, row.id))
+    out = {}
+    for study in studies:
+        key = _visit_key(study)
+        earlier = [v for v in by_lesion.get(study.lesion_id, ()) if v[1] != study.id and v < key]
+        if earlier:
+            out[study.id] = max(earlier)[1]
+    return out
+
+
 def previous_visit(session: Session, study: Study) -> Study | None:
     """The visit of the same lesion just before ``study`` in time (failed ones skipped)."""
     if study.lesion_id is None:
@@ -107,16 +149,26 @@ def compare_visits(session: Session, bundle_version: str, study_ids: Sequence[in
     transaction → {study id: (newly high risk, changed)} for those compared."""
     named = lock_lesions(session, study_ids)
     out: dict[int, tuple] = {}
-    studies = sorted((session.get(Study, sid) for sid, _ in named), key=lambda s: (s.acquired_at or s.created_at, s.id))
-    for study in studies:
-        earlier = previous_visit(session, study)
-        prediction = session.scalar(
-            select(Prediction).where(Prediction.study_id == study.id, Prediction.bundle_version == bundle_version)
+    if not named:
+        return out
+    # a handful of queries for the whole piece, not four per visit
+    studies = sorted(session.scalars(select(Study).where(Study.id.in_([sid for sid, _ in named]))), key=_visit_key)
+    earlier = previous_visits(session, studies)
+    mine = {
+        p.study_id: p
+        for p in session.scalars(
+            select(Prediction).where(
+                Prediction.study_id.in_(list(earlier)), Prediction.bundle_version == bundle_version
+            )
         )
-        if earlier is None or prediction is None:
+    }
+    before_of = current_predictions(session, list(earlier.values()))
+    for study in studies:
+        prediction = mine.get(study.id)
+        if study.id not in earlier or prediction is None:
             continue
-        prediction.previous_study_id = earlier.id
-        before = current_prediction(session, earlier.id)
+        prediction.previous_study_id = earlier[study.id]
+        before = before_of.get(earlier[study.id])
         if before is not None:  # else compared when the earlier visit is scored
             out[study.id] = _compare(prediction, before, change)
     session.flush()
@@ -140,8 +192,9 @@ def compare_later_visits(session: Session, bundle_version: str, study_ids: Seque
         )
     )
     out: dict[int, tuple] = {}
+    before_of = current_predictions(session, [p.previous_study_id for p in waiting])
     for prediction in waiting:
-        before = current_prediction(session, prediction.previous_study_id)
+        before = before_of.get(prediction.previous_study_id)
         if before is not None and before.bundle_version == bundle_version:
             out[prediction.study_id] = _compare(prediction, before, change)
     session.flush()

@@ -104,10 +104,22 @@ class OnnxGradCam:
 
 
 def for_predictor(predictor):
-    """The Grad-CAM a predictor can run: on ONNX Runtime where it scores on the bundle's ONNX file
-    (no Keras needed), else on its Keras network."""
-    if getattr(predictor, "onnx_file", None) is not None:
-        return OnnxGradCam(predictor.onnx_file)
+    """The Grad-CAM a predictor can run: on ONNX Runtime from the bundle's ONNX file — the one it
+    scores with, or the package shipped in the bundle where it scores with Keras (a GPU worker on
+    JAX draws the same maps as the CPU workers) — else on its Keras network."""
+    onnx_file = getattr(predictor, "onnx_file", None)
+    if onnx_file is None:
+        import importlib.util
+        import json
+
+        from model.inference.loader import onnx_package
+
+        package = onnx_package(predictor.bundle.directory, predictor.bundle.manifest)
+        if package is not None and importlib.util.find_spec("onnxruntime") is not None:
+            onnx_file = package / json.loads((package / "manifest.json").read_text())["file"]
+    if onnx_file is not None:
+        return OnnxGradCam(onnx_file)
+    log.info("bundle %s has no ONNX package: Grad-CAM runs on the Keras network", predictor.version)
     return GradCam(predictor.network)
 
 
