@@ -82,6 +82,16 @@ class Steps:
     def wait(self, by, value, timeout=30):
         return WebDriverWait(self.d, timeout).until(EC.presence_of_element_located((by, value)))
 
+    def wait_text(self, by, value, text, timeout=30):
+        """Until the element shows ``text`` — read again while a navigation replaces the page (the
+        old page's element may be found first, then detached: Chrome then answers "Node with given
+        id does not belong to the document")."""
+        from selenium.common.exceptions import WebDriverException
+
+        WebDriverWait(self.d, timeout, ignored_exceptions=[StaleElementReferenceException, WebDriverException]).until(
+            lambda d: d.find_element(by, value).text == text
+        )
+
     def login(self, username, password):
         self.go("/login")
         self.d.find_element(By.NAME, "username").send_keys(username)

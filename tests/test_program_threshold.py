@@ -195,7 +195,7 @@ def test_the_local_validation_page_in_a_browser(pg_settings, tiny_bundle, live_s
     s.wait(By.ID, "previewed-row")
     browser.find_element(By.NAME, "confirm").click()
     browser.find_element(By.ID, "save-program-threshold").click()
-    assert s.wait(By.ID, "threshold-in-force").text == "0.6200"
+    s.wait_text(By.ID, "threshold-in-force", "0.6200")
     s.shot("program-threshold-set")
 
 

@@ -658,4 +658,9 @@ def heatmap_check(bundle_dir, data_dir, n, gallery):
             f"{row['centre_baseline']['concentration']:.2f}x); {row['map']['n']} lesions"
         )
     click.echo(f"randomised weights: median rank correlation {result['randomised_weights_rank_correlation']:.2f}")
+    if "keras_difference_max" in result:
+        click.echo(
+            f"maps drawn by {result['serving_gradcam']} (the workers'), against the Keras network's Grad-CAM: largest "
+            f"difference {result['keras_difference_max']:.2e} (median {result['keras_difference_median']:.2e}) on [0, 1]"
+        )
     click.echo(json.dumps(result))

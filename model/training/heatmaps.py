@@ -126,14 +126,16 @@ def gallery_png(path, images, maps, titles, columns: int = 6) -> None:
 
 
 def check_bundle(bundle_dir, data_dir, n: int = 120, gallery=None, randomised: int = 24) -> dict:
-    """The bundle's heat maps (``model.inference.gradcam``) on ``n`` malignant lesions of its
-    held-out calibration set: the pointing game and concentration as they are and shifted, the
-    centre baseline, and the rank correlation with the maps of the same network with randomised
-    weights (on ``randomised`` of them). ``gallery``: a PNG of the first 24 maps."""
+    """The bundle's heat maps as the workers draw them (``model.inference.gradcam``: on ONNX Runtime
+    where the bundle has an ONNX package) on ``n`` malignant lesions of its held-out calibration
+    set: the pointing game and concentration as they are and shifted, the centre baseline, how far
+    they are from the Keras network's own Grad-CAM (largest difference of a map, on [0, 1]), and the
+    rank correlation with the maps of the same network with randomised weights (on ``randomised``
+    of them). ``gallery``: a PNG of the first 24 maps."""
     import keras
 
     from model.inference.data import IsicDataset
-    from model.inference.gradcam import GradCam
+    from model.inference.gradcam import GradCam, for_predictor
     from model.inference.predictor import Predictor
     from model.training.config import read_config, split_rows
 
@@ -146,7 +148,13 @@ def check_bundle(bundle_dir, data_dir, n: int = 120, gallery=None, randomised: i
     images = dataset.load_images(predictor.image_size, ids=[dataset.ids[i] for i in rows])
     metas = predictor.spec.transform(dataset.metadata.iloc[rows])
     cam = GradCam(predictor.network)
-    out = measure(cam.heatmap, images, metas)
+    serving = for_predictor(predictor)  # the ONNX Grad-CAM where the bundle ships its ONNX file
+    out = measure(serving.heatmap, images, metas)
+    out["serving_gradcam"] = type(serving).__name__
+    if serving is not cam and not isinstance(serving, GradCam):
+        gaps = [float(np.abs(out["as_is_maps"][i] - cam.heatmap(images[i : i + 1], metas[i : i + 1])).max())
+                for i in range(len(images))]  # fmt: skip
+        out["keras_difference_max"], out["keras_difference_median"] = max(gaps), float(np.median(gaps))
     random_net = keras.models.clone_model(predictor.network)  # the same graph, freshly initialised weights
     random_cam = GradCam(random_net)
     k = min(randomised, len(images))
