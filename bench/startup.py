@@ -1,6 +1,7 @@
 """A worker's start-up: from the command to "warm: taking work", and to its heat maps being warm.
 
-Each virtual environment given starts ``dermascan worker --concurrency 1`` in a fresh embedded
+Each virtual environment given (in the checkout it installs, which is where the worker runs)
+starts ``dermascan worker --concurrency 1`` in a fresh embedded
 data directory (SQLite, the filesystem queue: no servers) with the bundle that install ships, and
 the time is read off the worker's own log lines, with the resident memory of the worker's
 processes once it is warm. Compare an install with TensorFlow (the model loaded as Keras, Grad-CAM
@@ -69,13 +70,15 @@ def once(venv: Path, timeout: float = 600) -> tuple[float, float, float, bool]:
         env = {**os.environ, "DERMASCAN_DATA_DIR": tmp, "PYTHONUNBUFFERED": "1"}
         env.pop("DERMASCAN_DATABASE_URL", None)
         env.pop("DERMASCAN_BROKER_URL", None)
-        subprocess.run([str(dermascan), "db", "upgrade"], env=env, check=True, capture_output=True)
+        subprocess.run(
+            [str(dermascan), "db", "upgrade"], env=env, check=True, capture_output=True, cwd=venv.resolve().parent
+        )
         log = Path(tmp) / "worker.log"
         with open(log, "wb") as out:
             started = time.perf_counter()
             proc = subprocess.Popen(
                 [str(dermascan), "worker", "--concurrency", "1"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, cwd=venv.resolve().parent,  # the checkout that venv installs
             )  # fmt: skip
         warm = heat = rss = None
         tensorflow = False
@@ -88,7 +91,7 @@ def once(venv: Path, timeout: float = 600) -> tuple[float, float, float, bool]:
                     heat = time.perf_counter() - started
                     tensorflow = maps_tensorflow(proc.pid)
                     break
-                if proc.poll() is not None:
+                if proc.poll() is not None or "Grad-CAM warm-up failed" in text:
                     raise RuntimeError(f"the worker exited with {proc.returncode}:\n{text[-3000:]}")
                 time.sleep(0.05)
             text = log.read_text(errors="replace")

@@ -107,9 +107,10 @@ def for_predictor(predictor):
     """The Grad-CAM a predictor can run: on ONNX Runtime from the bundle's ONNX file — the one it
     scores with, or the package shipped in the bundle where it scores with Keras (a GPU worker on
     JAX draws the same maps as the CPU workers) — else on its Keras network."""
+    import importlib.util
+
     onnx_file = getattr(predictor, "onnx_file", None)
     if onnx_file is None:
-        import importlib.util
         import json
 
         from model.inference.loader import onnx_package
@@ -117,9 +118,12 @@ def for_predictor(predictor):
         package = onnx_package(predictor.bundle.directory, predictor.bundle.manifest)
         if package is not None and importlib.util.find_spec("onnxruntime") is not None:
             onnx_file = package / json.loads((package / "manifest.json").read_text())["file"]
-    if onnx_file is not None:
+    if onnx_file is not None and importlib.util.find_spec("onnx") is not None:
         return OnnxGradCam(onnx_file)
-    log.info("bundle %s has no ONNX package: Grad-CAM runs on the Keras network", predictor.version)
+    if onnx_file is not None:
+        log.warning("the onnx package is not installed (pip install onnx): Grad-CAM runs on the Keras network")
+    else:
+        log.info("bundle %s has no ONNX package: Grad-CAM runs on the Keras network", predictor.version)
     return GradCam(predictor.network)
 
 
