@@ -675,3 +675,48 @@ def test_the_heat_map_measures_find_the_lesion_and_score_a_map_against_it():
     assert rank_correlation(on_lesion, on_lesion) == pytest.approx(1.0)
     moved = lesion_mask(shifted(image, 0.25))
     assert np.argwhere(moved)[:, 1].mean() > np.argwhere(mask)[:, 1].mean() + 10
+
+
+def test_the_gradcam_graph_names_an_operator_it_cannot_differentiate():
+    """A graph with an operator between the feature maps and the score that has no adjoint here
+    (Tanh) is refused with a ModelError naming it, not turned into a wrong map."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from model.inference.backprop import gradcam_graph
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+        "head": rng.normal(size=(8, 1)).astype(np.float32),
+        "perm_scale": np.float32(1 / 255),
+        "axes": np.array([2, 3], np.int64),
+    }
+    nodes = [
+        helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x", "perm_scale"], ["scaled"]),
+        helper.make_node("Transpose", ["scaled"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w"], ["conv"], kernel_shape=[3, 3], strides=[8, 8], pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["conv", "conv"], ["cell"], axis=1),
+        helper.make_node("Tanh", ["cell"], ["squashed"]),
+        helper.make_node("GlobalAveragePool", ["squashed"], ["pooled"]),
+        helper.make_node("Squeeze", ["pooled", "axes"], ["features"]),
+        helper.make_node("MatMul", ["features", "head"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["probability"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tanh",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["n", 16, 16, 3]),
+         helper.make_tensor_value_info("meta", TensorProto.FLOAT, ["n", 2])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["n", 1])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    with pytest.raises(ModelError, match="no gradient for the operator Tanh"):
+        gradcam_graph(model, stride=8)
+    nodes[5] = helper.make_node("Relu", ["cell"], ["squashed"])  # the same graph with a ReLU: fine
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    built = gradcam_graph(model, stride=8)
+    assert {o.name for o in built.graph.output} == {"logit", "cell_0", "cell_grad_0"}

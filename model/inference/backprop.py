@@ -257,7 +257,7 @@ def _adjoint_map(b: _Builder, node, grad: str, needs):
         alpha = np.float32(attrs.get("alpha", 1.0))
         return [(ins[0], b.op("MatMul", [grad, b.const((alpha * weight).astype(np.float32).copy(), "weight_t")]))]
     raise ModelError(
-        f"Grad-CAM graph: no gradient for the operator {op} ({node.name}) between the feature maps and the score"
+        f"Grad-CAM graph: no gradient for the operator {op} ({node.name or out}) between the feature maps and the score"
         + (f" (inputs {wanted})" if wanted else "")
     )
 
@@ -315,6 +315,12 @@ def gradcam_graph(model, stride: int = STRIDE, cells: list[str] | None = None):
     import onnx
 
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never change the caller's
+    # the adjoints are written in opset 17 (ScatterElements' reduction needs 16): an export of
+    # opset 13 to 16 runs unchanged there for the operators differentiated here
+    default = next((o for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if default is None or default.version < 13:
+        raise ModelError(f"Grad-CAM graph: an ONNX opset of 13 or newer is needed, not {default and default.version}")
+    default.version = max(default.version, 17)
     b = _Builder(model)
     producer = {out: node for node in model.graph.node for out in node.output}
     head = producer.get("probability")
@@ -378,7 +384,8 @@ def gradcam_graph(model, stride: int = STRIDE, cells: list[str] | None = None):
         )
 
     outputs = [typed("logit", logit if logit in b.shapes else "probability")]
-    b.nodes.append(onnx.helper.make_node("Identity", [logit], ["logit"], name="gradcam/logit"))
+    if logit != "logit":  # (a graph may call its own log-odds so already)
+        b.nodes.append(onnx.helper.make_node("Identity", [logit], ["logit"], name="gradcam/logit"))
     for k, cell in enumerate(cells):
         total = grads.get(cell)
         if not total:
