@@ -64,6 +64,7 @@ def main(argv=None) -> None:
         help="the worker's forward pass (DERMASCAN_RUNTIME), the raw network's too",
     )  # fmt: skip
     parser.add_argument("--object-store", action="store_true", help="images in S3 (moto's server) instead of a folder")
+    parser.add_argument("--concurrency", type=int, default=1, help="worker processes (celery --concurrency)")
     args = parser.parse_args(argv)
     blob_url = start_object_store() if args.object_store else ""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -112,7 +113,7 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             submit(settings, pid, inputs, source="bench")
             ingest_s = time.perf_counter() - t0
-            worker = support.Worker(settings, tmp / "worker.log")
+            worker = support.Worker(settings, tmp / "worker.log", concurrency=args.concurrency)
             try:
                 worker.wait_ready(900, warm=True)
                 started = time.perf_counter()
@@ -165,7 +166,7 @@ def main(argv=None) -> None:
     ]
     print(f"throughput benchmark — {support.machine()}")
     print(
-        f"bundle {manifest['version']}, TTA {'on (4 flips)' if args.tta else 'off'}, n={args.n}, chunk={args.chunk or args.batch}"
+        f"bundle {manifest['version']}, TTA {'on (4 flips)' if args.tta else 'off'}, n={args.n}, chunk={args.chunk or args.batch}, worker processes {args.concurrency}"
     )
     print(support.table(rows, ("path", "image", "batch", "rate")))
     print(

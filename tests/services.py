@@ -290,10 +290,11 @@ class Worker:
         beat: bool = False,
         queues: str = "interactive,bulk,maintenance,callbacks",
         env: dict | None = None,
+        concurrency: int = 1,
     ):
         self.settings = settings
         self.log_path = log
-        cmd = [sys.executable, "-m", "dermascan.cli", "worker", "--queues", queues, "--concurrency", "1"]
+        cmd = [sys.executable, "-m", "dermascan.cli", "worker", "--queues", queues, "--concurrency", str(concurrency)]
         if beat:
             cmd.append("--beat")
         env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1", **(env or {})}

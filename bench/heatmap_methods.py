@@ -1,0 +1,153 @@
+"""Which heat map points at the lesion, and which still depends on what the network learned?
+
+Grad-CAM (channel weights: the mean gradient) against LayerCAM (Jiang et al., 2021: each position
+weighted by its own positive gradient, meant for finer layers), at NASNet's 1/8 cell and at its
+1/4 stem cell, and the product of the two LayerCAM maps (hot where both layers agree) — all from
+the workers' ONNX Grad-CAM graph (``model.inference.backprop``), flip-averaged as the workers do.
+Measured as ``dermascan heatmap-check`` measures (pointing game and concentration on automatic
+lesion masks, as they are and shifted sideways) on the bundle's held-out malignant lesions: the
+first ``--n`` of them (the set the shipped method was chosen on) and the rest (a confirmation set
+no choice here looked at); then the sanity check of Adebayo et al. (2018): the same maps from the
+same graph with every convolution and dense weight redrawn at random (He normal), whose median
+rank correlation with the trained maps must be low.
+
+    python -m bench.heatmap_methods --n 120
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench import support
+
+STEM = "reduction_concat_stem_1"  # NASNet's last cell at 1/4 of the input's side
+
+
+def _cam(features: np.ndarray, grads: np.ndarray, method: str) -> np.ndarray:
+    if method == "gradcam":
+        return np.maximum((features * grads.mean(axis=(1, 2), keepdims=True)).sum(-1), 0)
+    return np.maximum((features * np.maximum(grads, 0)).sum(-1), 0)  # layercam
+
+
+def _maker(session, method: str):
+    from model.inference.gradcam import _views
+
+    def make(pixels, meta):
+        views = _views(pixels)
+        out = session.run(
+            ["cell_0", "cell_grad_0"], {"image": views, "meta": np.repeat(meta[:1], 4, 0).astype(np.float32)}
+        )
+        cams = _cam(out[0].transpose(0, 2, 3, 1), out[1].transpose(0, 2, 3, 1), method)
+        h, w = views.shape[1:3]
+        total = np.zeros((h, w))
+        for v, cam in enumerate(cams):
+            up = np.asarray(Image.fromarray(cam.astype(np.float32)).resize((w, h), Image.BILINEAR))
+            total += up[:, ::-1] if v == 1 else up[::-1] if v == 2 else up[::-1, ::-1] if v == 3 else up
+        return total / total.max() if total.max() > 0 else total
+
+    return make
+
+
+def _product(a, b):
+    def make(pixels, meta):
+        both = a(pixels, meta) * b(pixels, meta)
+        return both / both.max() if both.max() > 0 else both
+
+    return make
+
+
+def _randomised(model, seed: int = 0):
+    import onnx
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    for init in out.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype == np.float32 and a.ndim in (2, 4) and a.size > 16:
+            fan_in = int(np.prod(a.shape[1:])) if a.ndim == 4 else a.shape[0]
+            init.CopyFrom(
+                numpy_helper.from_array((rng.normal(size=a.shape) * np.sqrt(2 / fan_in)).astype(np.float32), init.name)
+            )
+    return out
+
+
+def main() -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from model.inference.backprop import gradcam_graph
+    from model.inference.data import IsicDataset
+    from model.inference.predictor import Predictor
+    from model.training.config import read_config, split_rows
+    from model.training.heatmaps import measure, rank_correlation
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=support.ROOT / "model" / "bundles" / "default")
+    parser.add_argument("--data", type=Path, default=support.HAM)
+    parser.add_argument("--n", type=int, default=120, help="the selection set: the first N held-out malignant lesions")
+    parser.add_argument("--randomised", type=int, default=24, help="lesions for the randomised-weights check")
+    args = parser.parse_args()
+
+    predictor = Predictor(args.bundle, batch_sizes=(1,), onnx_package=args.bundle / "onnx")
+    cfg = read_config(predictor.bundle.directory)
+    dataset = IsicDataset.open(args.data, limit=cfg.limit)
+    y = dataset.targets()
+    rows = np.flatnonzero((split_rows(y, dataset.groups(), cfg) < 0) & (y == 1))
+    sets = {"selection": rows[: args.n], "confirmation": rows[args.n :]}
+    loaded = {
+        name: (dataset.load_images(predictor.image_size, ids=[dataset.ids[i] for i in chosen]),
+               predictor.spec.transform(dataset.metadata.iloc[chosen]))
+        for name, chosen in sets.items() if len(chosen)
+    }  # fmt: skip
+    forward = onnx.load(str(predictor.onnx_file))
+    stem = next(n.output[0] for n in forward.graph.node if n.op_type == "Concat" and f"/{STEM}" in n.name)
+
+    def sessions(model):
+        return {
+            where: ort.InferenceSession(gradcam_graph(model, cells=cells).SerializeToString(), providers=["CPUExecutionProvider"])
+            for where, cells in (("1/8 cell", None), ("1/4 stem cell", [stem]))
+        }  # fmt: skip
+
+    trained, random = sessions(forward), sessions(_randomised(forward))
+    methods = {
+        "Grad-CAM, 1/8 cell (shipped)": (_maker(trained["1/8 cell"], "gradcam"), _maker(random["1/8 cell"], "gradcam")),
+        "LayerCAM, 1/8 cell": (_maker(trained["1/8 cell"], "layercam"), _maker(random["1/8 cell"], "layercam")),
+        "LayerCAM, 1/4 stem cell": (
+            _maker(trained["1/4 stem cell"], "layercam"),
+            _maker(random["1/4 stem cell"], "layercam"),
+        ),
+    }
+    methods["LayerCAM 1/8 × LayerCAM 1/4"] = (
+        _product(methods["LayerCAM, 1/8 cell"][0], methods["LayerCAM, 1/4 stem cell"][0]),
+        _product(methods["LayerCAM, 1/8 cell"][1], methods["LayerCAM, 1/4 stem cell"][1]),
+    )
+    print(f"heat-map methods — {support.machine()}")
+    print(f"bundle {predictor.version}; held-out malignant lesions: selection {len(sets['selection'])}, "
+          f"confirmation {len(sets['confirmation'])}; randomised-weights check on {args.randomised}")  # fmt: skip
+    rows_out = []
+    images, metas = loaded["selection"]
+    for name, (make, make_random) in methods.items():
+        cells = [name]
+        for part in ("selection", "confirmation"):
+            if part not in loaded:
+                cells += ["", ""]
+                continue
+            r = measure(make, *loaded[part])
+            cells += [f"{r['as_is']['map']['pointing']:.1%} / {r['as_is']['map']['concentration']:.2f}×",
+                      f"{r['shifted']['map']['pointing']:.1%} / {r['shifted']['map']['concentration']:.2f}×"]  # fmt: skip
+        k = min(args.randomised, len(images))
+        correlation = np.median([rank_correlation(make(images[i : i + 1], metas[i : i + 1]),
+                                                  make_random(images[i : i + 1], metas[i : i + 1])) for i in range(k)])  # fmt: skip
+        rows_out.append((*cells, f"{correlation:.2f}"))
+    header = ("map", "selection: as is (pointing / concentration)", "selection: shifted",
+              "confirmation: as is", "confirmation: shifted", "randomised weights: rank correlation")  # fmt: skip
+    print(support.table(rows_out, header))
+
+
+if __name__ == "__main__":
+    main()
