@@ -20,34 +20,27 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from bench import support
 
 STEM = "reduction_concat_stem_1"  # NASNet's last cell at 1/4 of the input's side
 
 
-def _cam(features: np.ndarray, grads: np.ndarray, method: str) -> np.ndarray:
-    if method == "gradcam":
-        return np.maximum((features * grads.mean(axis=(1, 2), keepdims=True)).sum(-1), 0)
-    return np.maximum((features * np.maximum(grads, 0)).sum(-1), 0)  # layercam
+def layer_cam(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """LayerCAM: each position weighted by its own positive gradient."""
+    return np.maximum((features * np.maximum(grads, 0)).sum(-1), 0)
 
 
-def _maker(session, method: str):
-    from model.inference.gradcam import _views
+def _maker(session, cam):
+    """The workers' flip-averaged map from one of the Grad-CAM graph's sessions, with ``cam``."""
+    from model.inference.gradcam import _views, flip_averaged
 
     def make(pixels, meta):
         views = _views(pixels)
         out = session.run(
             ["cell_0", "cell_grad_0"], {"image": views, "meta": np.repeat(meta[:1], 4, 0).astype(np.float32)}
         )
-        cams = _cam(out[0].transpose(0, 2, 3, 1), out[1].transpose(0, 2, 3, 1), method)
-        h, w = views.shape[1:3]
-        total = np.zeros((h, w))
-        for v, cam in enumerate(cams):
-            up = np.asarray(Image.fromarray(cam.astype(np.float32)).resize((w, h), Image.BILINEAR))
-            total += up[:, ::-1] if v == 1 else up[::-1] if v == 2 else up[::-1, ::-1] if v == 3 else up
-        return total / total.max() if total.max() > 0 else total
+        return flip_averaged(*views.shape[1:3], [(out[0].transpose(0, 2, 3, 1), out[1].transpose(0, 2, 3, 1))], cam)
 
     return make
 
@@ -82,6 +75,7 @@ def main() -> None:
 
     from model.inference.backprop import gradcam_graph
     from model.inference.data import IsicDataset
+    from model.inference.gradcam import grad_cam
     from model.inference.predictor import Predictor
     from model.training.config import read_config, split_rows
     from model.training.heatmaps import measure, rank_correlation
@@ -115,11 +109,11 @@ def main() -> None:
 
     trained, random = sessions(forward), sessions(_randomised(forward))
     methods = {
-        "Grad-CAM, 1/8 cell (shipped)": (_maker(trained["1/8 cell"], "gradcam"), _maker(random["1/8 cell"], "gradcam")),
-        "LayerCAM, 1/8 cell": (_maker(trained["1/8 cell"], "layercam"), _maker(random["1/8 cell"], "layercam")),
+        "Grad-CAM, 1/8 cell (shipped)": (_maker(trained["1/8 cell"], grad_cam), _maker(random["1/8 cell"], grad_cam)),
+        "LayerCAM, 1/8 cell": (_maker(trained["1/8 cell"], layer_cam), _maker(random["1/8 cell"], layer_cam)),
         "LayerCAM, 1/4 stem cell": (
-            _maker(trained["1/4 stem cell"], "layercam"),
-            _maker(random["1/4 stem cell"], "layercam"),
+            _maker(trained["1/4 stem cell"], layer_cam),
+            _maker(random["1/4 stem cell"], layer_cam),
         ),
     }
     methods["LayerCAM 1/8 × LayerCAM 1/4"] = (

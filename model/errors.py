@@ -19,16 +19,21 @@ class MissingExtra(RuntimeError):
     """A feature needs an optional extra that this install lacks; the message says which."""
 
 
-def require_extra(module: str, extra: str, purpose: str, distribution: str = "dermascan") -> None:
-    """Raise :class:`MissingExtra` — one line naming the extra to install — when ``module`` is
-    not installed. Call it before importing an optional extra's package."""
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported here, found without importing it (a package that cannot
+    even be looked up counts as missing)."""
     import importlib.util
 
     try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a package that cannot even be looked up is as good as none
-        found = False
-    if not found:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_extra(module: str, extra: str, purpose: str, distribution: str = "dermascan") -> None:
+    """Raise :class:`MissingExtra` — one line naming the extra to install — when ``module`` is
+    not installed. Call it before importing an optional extra's package."""
+    if not installed(module):
         raise MissingExtra(
             f"{purpose} needs the '{extra}' extra ({module} is not installed): pip install '{distribution}[{extra}]'"
         )

@@ -231,7 +231,7 @@ def test_gradcam_on_onnx_runtime_is_the_keras_gradcam(exported, ham_dir):
         prepared = on_onnx.pre_process([image], [record])
         views = np.concatenate([prepared.pixels] * 2)
         meta = np.concatenate([prepared.meta] * 2)
-        by_keras, by_onnx = keras_cam._features_and_gradients(views, meta), onnx_cam.features_and_gradients(views, meta)
+        by_keras, by_onnx = keras_cam.features_and_gradients(views, meta), onnx_cam.features_and_gradients(views, meta)
         assert len(by_keras) == len(by_onnx) == 2  # the tiny bundle is an ensemble of its two folds
         for fk, gk in by_keras:  # the members, in whatever order each graph lists them
             fo, go = min(by_onnx, key=lambda pair, fk=fk: np.abs(pair[0] - fk).max())

@@ -313,7 +313,7 @@ def test_the_shipped_bundles_gradcam_on_onnx_runtime_is_its_keras_gradcam():
     for path in examples:
         prepared = predictor.pre_process([path.read_bytes()], [{"age_approx": 50, "sex": "female"}])
         (fk, gk), (fo, go) = (
-            keras_cam._features_and_gradients(prepared.pixels, prepared.meta)[0],
+            keras_cam.features_and_gradients(prepared.pixels, prepared.meta)[0],
             onnx_cam.features_and_gradients(prepared.pixels, prepared.meta)[0],
         )
         assert fo.shape == fk.shape == (1, 16, 16, fk.shape[-1])

@@ -24,9 +24,10 @@ def _needs_train(command):
     def run(*args, **kwargs):
         from dermascan.config import MissingExtra, require_extra
 
+        name = f"dermascan {click.get_current_context().info_name}"
         try:
-            require_extra("keras", "train", f"dermascan {click.get_current_context().info_name}")
-            require_extra("tensorflow", "train", f"dermascan {click.get_current_context().info_name}")
+            for module in ("keras", "tensorflow"):
+                require_extra(module, "train", name)
         except MissingExtra as exc:
             raise click.ClickException(str(exc)) from exc
         return command(*args, **kwargs)

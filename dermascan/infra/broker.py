@@ -125,20 +125,27 @@ def send_scoring(settings: Settings, study_ids: Sequence[int], interactive: bool
     Returns the ids whose message was sent; on a broker failure the rest are left for the
     sweeper and the error is logged, never raised (the studies are already safely stored).
     """
-    app = celery_for(settings)
     queue = INTERACTIVE if interactive else BULK
     groups = [[i] for i in study_ids] if interactive else list(chunks(list(study_ids), settings.bulk_chunk_size))
-    sent: list[int] = []
+    done, error = _publish(settings, TASK_SCORE, [([g], {"interactive": interactive}) for g in groups], queue)
+    sent = [i for group in groups[:done] for i in group]
+    if error is not None:
+        log.warning("broker unavailable, %d studies left for the sweeper: %s", len(study_ids) - len(sent), error)
+    return sent
+
+
+def _publish(settings: Settings, task: str, messages: Sequence[tuple[list, dict]], queue: str):
+    """Send (args, kwargs) messages in order over one producer connection → (how many were sent,
+    the error that stopped the rest or None); never raises."""
+    app, sent = celery_for(settings), 0
     try:
         with app.producer_or_acquire() as producer:
-            for group in groups:
-                app.send_task(
-                    TASK_SCORE, args=[group], kwargs={"interactive": interactive}, queue=queue, producer=producer
-                )
-                sent.extend(group)
+            for args, kwargs in messages:
+                app.send_task(task, args=args, kwargs=kwargs, queue=queue, producer=producer)
+                sent += 1
     except Exception as exc:  # kombu/redis raise several kinds; all mean "not sent"
-        log.warning("broker unavailable, %d studies left for the sweeper: %s", len(study_ids) - len(sent), exc)
-    return sent
+        return sent, exc
+    return sent, None
 
 
 def send_many(settings: Settings, task: str, args_list: Sequence[list], queue: str = MAINTENANCE) -> int:
@@ -146,14 +153,9 @@ def send_many(settings: Settings, task: str, args_list: Sequence[list], queue: s
     were sent (a broker failure is logged and never raised, as :func:`send`)."""
     if not args_list:
         return 0
-    app, sent = celery_for(settings), 0
-    try:
-        with app.producer_or_acquire() as producer:
-            for args in args_list:
-                app.send_task(task, args=args, queue=queue, producer=producer)
-                sent += 1
-    except Exception as exc:  # kombu/redis raise several kinds; all mean "not sent"
-        log.warning("could not send %d of %d %s messages: %s", len(args_list) - sent, len(args_list), task, exc)
+    sent, error = _publish(settings, task, [(args, {}) for args in args_list], queue)
+    if error is not None:
+        log.warning("could not send %d of %d %s messages: %s", len(args_list) - sent, len(args_list), task, error)
     return sent
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dermascan.infra.schema import Lesion, Prediction, Referral, Study, StudyStatus
@@ -59,8 +59,9 @@ def _visit_key(study) -> tuple:
 
 
 def previous_visits(session: Session, studies: Sequence[Study]) -> dict[int, int]:
-    """{study id: the id of its :func:`previous_visit`} for many studies, in one query: every
-    visit of their lesions that did not fail (a lesion has a handful), ordered as in time."""
+    """{study id: the id of the visit of the same lesion just before it in time} for many
+    studies, in one query: every visit of their lesions that did not fail (a lesion has a
+    handful), ordered by when it was imaged (else received), then by id."""
     lesions = sorted({s.lesion_id for s in studies if s.lesion_id is not None})
     if not lesions:
         return {}
@@ -71,7 +72,7 @@ def previous_visits(session: Session, studies: Sequence[Study]) -> dict[int, int
     ).all()
     by_lesion: dict[int, list] = {}
     for row in rows:
-        by_lesion.setdefault(row.lesion_id, []).append((row.acquired_at or row.created_at, row.id))
+        by_lesion.setdefault(row.lesion_id, []).append(_visit_key(row))
     out = {}
     for study in studies:
         key = _visit_key(study)
@@ -82,21 +83,10 @@ def previous_visits(session: Session, studies: Sequence[Study]) -> dict[int, int
 
 
 def previous_visit(session: Session, study: Study) -> Study | None:
-    """The visit of the same lesion just before ``study`` in time (failed ones skipped)."""
-    if study.lesion_id is None:
-        return None
-    when = study.acquired_at or study.created_at
-    return session.scalar(
-        select(Study)
-        .where(
-            Study.lesion_id == study.lesion_id,
-            Study.id != study.id,
-            Study.status != StudyStatus.FAILED,
-            or_(visit_time() < when, and_(visit_time() == when, Study.id < study.id)),
-        )
-        .order_by(visit_time().desc(), Study.id.desc())
-        .limit(1)
-    )
+    """The visit of the same lesion just before ``study`` in time (failed ones skipped): the one
+    rule of :func:`previous_visits`, for one study."""
+    earlier = previous_visits(session, [study]).get(study.id)
+    return None if earlier is None else session.get(Study, earlier)
 
 
 def visits(session: Session, lesion_id: int) -> list[tuple[Study, Prediction | None, Referral | None]]:

@@ -114,13 +114,8 @@ def _transpose_conv(b: _Builder, grad: str, weight: str, x: str, y: str, attrs: 
 def _adjoints(b: _Builder, node, grad: str, needs) -> list[tuple[str, str]]:
     """(input name, its gradient) for each input of ``node`` on the path (``needs``); an input
     used twice (``Add(x, x)``) is listed twice."""
-    return [(name, g) for name, g in _adjoint_map(b, node, grad, needs)]
-
-
-def _adjoint_map(b: _Builder, node, grad: str, needs):
     op, ins, out = node.op_type, list(node.input), node.output[0]
     attrs = _attrs(node)
-    wanted = [name for name in ins if needs(name)]
     if op in ("Identity", "Dropout"):
         return [(ins[0], grad)]
     if op in ("Squeeze", "Unsqueeze", "Reshape", "Flatten"):
@@ -258,8 +253,20 @@ def _adjoint_map(b: _Builder, node, grad: str, needs):
         return [(ins[0], b.op("MatMul", [grad, b.const((alpha * weight).astype(np.float32).copy(), "weight_t")]))]
     raise ModelError(
         f"Grad-CAM graph: no gradient for the operator {op} ({node.name or out}) between the feature maps and the score"
-        + (f" (inputs {wanted})" if wanted else "")
+        f" (inputs {[name for name in ins if needs(name)]})"
     )
+
+
+def _ancestors(producer: dict, names) -> set[str]:
+    """Every tensor the given tensors are computed from (themselves included)."""
+    seen, stack = set(names), list(names)
+    while stack:
+        node = producer.get(stack.pop())
+        for name in node.input if node is not None else ():
+            if name and name not in seen:
+                seen.add(name)
+                stack.append(name)
+    return seen
 
 
 def _cells(b: _Builder, model, stride: int) -> list[tuple[str, bool]]:
@@ -330,39 +337,22 @@ def gradcam_graph(model, stride: int = STRIDE, cells: list[str] | None = None):
     cells = [c for c, _ in found]
     # the log-odds: the input of each member's sigmoid that feeds the probability (one for a
     # single network); each member's map follows its own log-odds, as in Keras
-    upstream_of_probability, stack = {"probability"}, ["probability"]
-    while stack:
-        node = producer.get(stack.pop())
-        for name in node.input if node is not None else ():
-            if name and name not in upstream_of_probability:
-                upstream_of_probability.add(name)
-                stack.append(name)
-    sigmoids = [n for n in model.graph.node if n.op_type == "Sigmoid" and n.output[0] in upstream_of_probability]
-    if not sigmoids:
+    feeding = _ancestors(producer, ["probability"])
+    seeds = [n.input[0] for n in model.graph.node if n.op_type == "Sigmoid" and n.output[0] in feeding]
+    if not seeds:
         raise ModelError("Grad-CAM graph: the probability comes from no sigmoid (no log-odds to differentiate)")
-    seeds = [n.input[0] for n in sigmoids]
-    p = b.op("Clip", ["probability", b.const(np.float32(1e-7)), b.const(np.float32(1 - 1e-7))])
-    logit = (
-        seeds[0]
-        if head.op_type == "Sigmoid"
-        else b.op("Log", [b.op("Div", [p, b.op("Sub", [b.const(np.float32(1)), p])])])
-    )
+    if head.op_type == "Sigmoid":
+        logit = seeds[0]
+    else:  # an ensemble: the log-odds of its average probability, for the ``logit`` output
+        p = b.op("Clip", ["probability", b.const(np.float32(1e-7)), b.const(np.float32(1 - 1e-7))])
+        logit = b.op("Log", [b.op("Div", [p, b.op("Sub", [b.const(np.float32(1)), p])])])
     # the nodes between the cells and the score: downstream of a cell, upstream of the score
     downstream = set(cells)
     order = list(model.graph.node)
     for node in order:
         if any(name in downstream for name in node.input):
             downstream.update(node.output)
-    upstream, stack = set(seeds), list(seeds)
-    while stack:
-        node = producer.get(stack.pop())
-        if node is None:
-            continue
-        for name in node.input:
-            if name and name not in upstream:
-                upstream.add(name)
-                stack.append(name)
-    on_path = downstream & upstream
+    on_path = downstream & _ancestors(producer, seeds)
 
     grads: dict[str, list[str]] = defaultdict(list)
     for z in seeds:
@@ -371,53 +361,41 @@ def gradcam_graph(model, stride: int = STRIDE, cells: list[str] | None = None):
         outs = [out for out in node.output if out in on_path and grads.get(out)]
         if not outs or not any(name in on_path for name in node.input):
             continue
-        if node.op_type != "MaxPool" and len(node.output) > 1 and node.op_type != "Split":
+        if node.op_type != "MaxPool" and len(node.output) > 1:
             raise ModelError(f"Grad-CAM graph: {node.name}: an operator with several outputs ({node.op_type})")
         total = grads[outs[0]]
         grad = total[0] if len(total) == 1 else b.op("Sum", total)
         for name, g in _adjoints(b, node, grad, lambda n: n in on_path):
             grads[name].append(g)
 
-    def typed(name: str, like: str):
+    def typed(name: str, dims: list):
         return onnx.helper.make_tensor_value_info(
-            name, onnx.TensorProto.FLOAT, [d if d is not None else "n" for d in b.shape(like)]
+            name, onnx.TensorProto.FLOAT, [d if d is not None else "n" for d in dims]
         )
 
-    outputs = [typed("logit", logit if logit in b.shapes else "probability")]
+    outputs = [typed("logit", b.shapes.get(logit) or b.shape("probability"))]
     if logit != "logit":  # (a graph may call its own log-odds so already)
         b.nodes.append(onnx.helper.make_node("Identity", [logit], ["logit"], name="gradcam/logit"))
-    for k, cell in enumerate(cells):
+    for k, (cell, last) in enumerate(found):
         total = grads.get(cell)
         if not total:
             raise ModelError(f"Grad-CAM graph: the score does not depend on the feature maps {cell!r}")
         grad = total[0] if len(total) == 1 else b.op("Sum", total)
-        last = found[k][1]  # channels last: turned to channels first
+        # channels last (a backbone pooled by ReduceMean over axes 1, 2) turned to channels first
         kind, extra = ("Transpose", {"perm": [0, 3, 1, 2]}) if last else ("Identity", {})
-        b.nodes.append(onnx.helper.make_node(kind, [cell], [f"cell_{k}"], name=f"gradcam/cell_{k}", **extra))
-        b.nodes.append(onnx.helper.make_node(kind, [grad], [f"cell_grad_{k}"], name=f"gradcam/cell_grad_{k}", **extra))
-        dims = [d if d is not None else "n" for d in b.shape(cell)]
+        dims = b.shape(cell)
         dims = [dims[0], dims[3], dims[1], dims[2]] if last else dims
-        outputs += [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, dims)
-                    for n in (f"cell_{k}", f"cell_grad_{k}")]  # fmt: skip
+        for name, source in ((f"cell_{k}", cell), (f"cell_grad_{k}", grad)):
+            b.nodes.append(onnx.helper.make_node(kind, [source], [name], name=f"gradcam/{name}", **extra))
+            outputs.append(typed(name, dims))
 
     # keep only what the new outputs need (the differential's head, the gate's features… go)
     nodes = order + b.nodes
-    made = {out: node for node in nodes for out in node.output}
-    needed, stack, kept = set(), [o.name for o in outputs], set()
-    while stack:
-        name = stack.pop()
-        node = made.get(name)
-        if node is None or id(node) in kept:
-            continue
-        kept.add(id(node))
-        for i in node.input:
-            if i and i not in needed:
-                needed.add(i)
-                stack.append(i)
+    needed = _ancestors({out: node for node in nodes for out in node.output}, [o.name for o in outputs])
+    keep_nodes = [n for n in nodes if any(out in needed for out in n.output)]
     graph = model.graph
     del graph.output[:]
     graph.output.extend(outputs)
-    keep_nodes = [n for n in nodes if id(n) in kept]
     del graph.node[:]
     graph.node.extend(keep_nodes)
     graph.initializer.extend(b.initializers)

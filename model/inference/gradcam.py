@@ -19,7 +19,6 @@ bundle without an ONNX package). :func:`for_predictor` picks the one a predictor
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -59,36 +58,47 @@ def _views(pixels: np.ndarray) -> np.ndarray:
     return np.stack([image, image[:, ::-1], image[::-1], image[::-1, ::-1]])
 
 
-def flip_averaged(height: int, width: int, maps) -> np.ndarray:
-    """Grad-CAM of the four flips, each flipped back, averaged over the views and the members:
+def grad_cam(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """Grad-CAM of (n, h, w, C) feature maps and gradients: each channel weighted by its mean
+    gradient, summed, negative evidence dropped → (n, h, w)."""
+    return np.maximum((features * grads.mean(axis=(1, 2), keepdims=True)).sum(axis=-1), 0.0)
+
+
+def flip_averaged(height: int, width: int, maps, cam=grad_cam) -> np.ndarray:
+    """``cam`` of the four flips, each flipped back, averaged over the views and the members:
     ``maps`` yields (feature maps, gradients) of the four views with channels last, per member."""
     total = np.zeros((height, width), np.float64)
     for features, grads in maps:
-        cams = np.maximum((features * grads.mean(axis=(1, 2), keepdims=True)).sum(axis=-1), 0.0)
-        for v, cam in enumerate(cams):
-            up = np.asarray(Image.fromarray(cam.astype(np.float32)).resize((width, height), Image.BILINEAR))
+        for v, view in enumerate(cam(features, grads)):
+            up = np.asarray(Image.fromarray(view.astype(np.float32)).resize((width, height), Image.BILINEAR))
             total += up[:, ::-1] if v == 1 else up[::-1] if v == 2 else up[::-1, ::-1] if v == 3 else up
     return (total / total.max()).astype(np.float32) if total.max() > 0 else total.astype(np.float32)
 
 
-class OnnxGradCam:
+class _FlipAveraged:
+    """The heat map of one image from ``features_and_gradients`` of its four flips."""
+
+    def heatmap(self, pixels: np.ndarray, meta: np.ndarray) -> np.ndarray:
+        """pixels (1, H, W, 3) uint8, meta (1, d) → heat map (H, W) in [0, 1]: the map of each of
+        the four flips, flipped back, averaged (over the members of an ensemble too)."""
+        views = _views(pixels)
+        meta4 = np.repeat(np.asarray(meta, np.float32)[:1], 4, axis=0)
+        return flip_averaged(*views.shape[1:3], self.features_and_gradients(views, meta4))
+
+
+class OnnxGradCam(_FlipAveraged):
     """Grad-CAM on ONNX Runtime: the bundle's ONNX file with the log-odds' gradient added
     (``model.inference.backprop``), built in memory when the object is made."""
 
-    def __init__(self, onnx_file, threads: int | None = None):
+    def __init__(self, onnx_file):
         import onnx
         import onnxruntime as ort
 
         from model.inference.backprop import gradcam_graph
 
         graph = gradcam_graph(onnx.load(str(onnx_file)))
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        names = [o.name for o in self.session.get_outputs()]
-        self.members = sum(1 for n in names if n.startswith("cell_grad_"))
-        self.source = Path(onnx_file)
+        self.session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        self.members = sum(1 for o in self.session.get_outputs() if o.name.startswith("cell_grad_"))
 
     def features_and_gradients(self, pixels: np.ndarray, meta: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """(feature maps, d log-odds / d feature maps) of every member, channels last."""
@@ -96,38 +106,29 @@ class OnnxGradCam:
         out = self.session.run(wanted, {"image": np.ascontiguousarray(pixels), "meta": np.asarray(meta, np.float32)})
         return [(out[2 * k].transpose(0, 2, 3, 1), out[2 * k + 1].transpose(0, 2, 3, 1)) for k in range(self.members)]
 
-    def heatmap(self, pixels: np.ndarray, meta: np.ndarray) -> np.ndarray:
-        """As :meth:`GradCam.heatmap`."""
-        views = _views(pixels)
-        meta4 = np.repeat(np.asarray(meta, np.float32)[:1], 4, axis=0)
-        return flip_averaged(*views.shape[1:3], self.features_and_gradients(views, meta4))
-
 
 def for_predictor(predictor):
     """The Grad-CAM a predictor can run: on ONNX Runtime from the bundle's ONNX file — the one it
     scores with, or the package shipped in the bundle where it scores with Keras (a GPU worker on
     JAX draws the same maps as the CPU workers) — else on its Keras network."""
-    import importlib.util
+    from model.errors import installed
+    from model.inference.loader import onnx_file
 
-    onnx_file = getattr(predictor, "onnx_file", None)
-    if onnx_file is None:
-        import json
-
-        from model.inference.loader import onnx_package
-
-        package = onnx_package(predictor.bundle.directory, predictor.bundle.manifest)
-        if package is not None and importlib.util.find_spec("onnxruntime") is not None:
-            onnx_file = package / json.loads((package / "manifest.json").read_text())["file"]
-    if onnx_file is not None and importlib.util.find_spec("onnx") is not None:
-        return OnnxGradCam(onnx_file)
-    if onnx_file is not None:
+    path = predictor.onnx_file
+    if path is None and installed("onnxruntime"):
+        path = onnx_file(predictor.bundle.directory, predictor.bundle.manifest)
+    if path is not None and installed("onnx"):
+        return OnnxGradCam(path)
+    if path is not None:
         log.warning("the onnx package is not installed (pip install onnx): Grad-CAM runs on the Keras network")
     else:
         log.info("bundle %s has no ONNX package: Grad-CAM runs on the Keras network", predictor.version)
     return GradCam(predictor.network)
 
 
-class GradCam:
+class GradCam(_FlipAveraged):
+    """Grad-CAM on the Keras network (TensorFlow, or JAX after its last cell)."""
+
     def __init__(self, network):
         import keras
 
@@ -144,7 +145,7 @@ class GradCam:
                 self.heads.append(keras.Model([cell, member.get_layer("meta").output], member.outputs[0]))
         self._traced = None
 
-    def _features_and_gradients(self, pixels: np.ndarray, meta: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    def features_and_gradients(self, pixels: np.ndarray, meta: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """(feature maps, d log-odds / d feature maps) of every member."""
         import keras
 
@@ -181,10 +182,3 @@ class GradCam:
                 out.append((features, np.asarray(jax.grad(logit)(features))))
             return out
         raise NotImplementedError(f"Grad-CAM needs the TensorFlow or JAX backend, not {backend}")
-
-    def heatmap(self, pixels: np.ndarray, meta: np.ndarray) -> np.ndarray:
-        """pixels (1, H, W, 3) uint8, meta (1, d) → heat map (H, W) in [0, 1]: the map of each of
-        the four flips, flipped back, averaged (over the members of an ensemble too)."""
-        views = _views(pixels)
-        meta4 = np.repeat(np.asarray(meta)[:1], 4, axis=0)
-        return flip_averaged(*views.shape[1:3], self._features_and_gradients(views, meta4))

@@ -12,14 +12,13 @@ with Keras and says why in one log line.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from model.errors import ModelError
+from model.errors import ModelError, installed
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "keras", "onnxruntime", "openvino")
@@ -30,10 +29,7 @@ def keras_backend() -> str | None:
     importing Keras; None where Keras is not installed."""
     if "keras" in sys.modules:
         return sys.modules["keras"].backend.backend()
-    try:
-        if importlib.util.find_spec("keras") is None:
-            return None
-    except (ImportError, ValueError):
+    if not installed("keras"):
         return None
     if os.environ.get("KERAS_BACKEND"):
         return os.environ["KERAS_BACKEND"]
@@ -63,6 +59,12 @@ def onnx_package(bundle_dir, manifest: dict, packages_dir=None) -> Path | None:
         if same and (package.get("check") or {}).get("passed") is not False:  # never one that failed its check
             return folder
     return None
+
+
+def onnx_file(bundle_dir, manifest: dict, packages_dir=None) -> Path | None:
+    """The ONNX file of :func:`onnx_package`, or None without a package."""
+    package = onnx_package(bundle_dir, manifest, packages_dir)
+    return None if package is None else package / json.loads((package / "manifest.json").read_text())["file"]
 
 
 def runtime_package(bundle_dir, manifest: dict, runtime: str, packages_dir=None) -> Path | None:

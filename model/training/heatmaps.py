@@ -135,7 +135,7 @@ def check_bundle(bundle_dir, data_dir, n: int = 120, gallery=None, randomised: i
     import keras
 
     from model.inference.data import IsicDataset
-    from model.inference.gradcam import GradCam, for_predictor
+    from model.inference.gradcam import GradCam, OnnxGradCam, for_predictor
     from model.inference.predictor import Predictor
     from model.training.config import read_config, split_rows
 
@@ -151,7 +151,7 @@ def check_bundle(bundle_dir, data_dir, n: int = 120, gallery=None, randomised: i
     serving = for_predictor(predictor)  # the ONNX Grad-CAM where the bundle ships its ONNX file
     out = measure(serving.heatmap, images, metas)
     out["serving_gradcam"] = type(serving).__name__
-    if serving is not cam and not isinstance(serving, GradCam):
+    if isinstance(serving, OnnxGradCam):
         gaps = [float(np.abs(out["as_is_maps"][i] - cam.heatmap(images[i : i + 1], metas[i : i + 1])).max())
                 for i in range(len(images))]  # fmt: skip
         out["keras_difference_max"], out["keras_difference_median"] = max(gaps), float(np.median(gaps))
