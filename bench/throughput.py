@@ -65,6 +65,7 @@ def main(argv=None) -> None:
     )  # fmt: skip
     parser.add_argument("--object-store", action="store_true", help="images in S3 (moto's server) instead of a folder")
     parser.add_argument("--concurrency", type=int, default=1, help="worker processes (celery --concurrency)")
+    parser.add_argument("--keep-log", type=Path, help="copy the worker's log here")
     args = parser.parse_args(argv)
     blob_url = start_object_store() if args.object_store else ""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -128,10 +129,10 @@ def main(argv=None) -> None:
                 wall = time.perf_counter() - started
             finally:
                 worker.stop()
-                if os.environ.get("BENCH_KEEP_LOG"):
+                if args.keep_log:  # as bench.latency's
                     import shutil
 
-                    shutil.copy(tmp / "worker.log", os.environ["BENCH_KEEP_LOG"])
+                    shutil.copy(tmp / "worker.log", args.keep_log)
             with factory() as session:
                 first, last, done = session.execute(
                     select(func.min(Study.started_at), func.max(Study.finished_at), func.count()).where(

@@ -240,17 +240,24 @@ def test_serving_code_imports_only_the_inference_room():
     assert not bad, bad
 
 
+def _without(*modules: str) -> str:
+    """Python source that makes importing ``modules`` fail in the process that runs it (as where
+    they are not installed)."""
+    return (
+        "import sys, importlib.abc\n"
+        "class Blocked(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        f"        if name.split('.')[0] in {modules!r}:\n"
+        "            raise ImportError(f'{name} is not installed here')\n"
+        "sys.meta_path.insert(0, Blocked())\n"
+    )
+
+
 def test_scoring_and_heat_maps_with_the_shipped_bundle_need_no_training_no_keras_no_tensorflow(tmp_path):
     """A worker's model work — load the shipped bundle, score, draw a Grad-CAM heat map — in a
     process where importing Keras, TensorFlow, JAX or tf2onnx fails (as in the README's install,
     which has none of them), and nothing of ``model.training`` is loaded."""
-    code = (
-        "import sys, importlib.abc\n"
-        "class Blocked(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path, target=None):\n"
-        "        if name.split('.')[0] in ('keras', 'tensorflow', 'jax', 'tf2onnx'):\n"
-        "            raise ImportError(f'{name} is not installed here')\n"
-        "sys.meta_path.insert(0, Blocked())\n"
+    code = _without("keras", "tensorflow", "jax", "tf2onnx") + (
         "from dermascan.config import Settings\n"
         "from worker.runtime import load_predictor\n"
         "from worker.warm import gradcam\n"
@@ -272,13 +279,7 @@ def test_scoring_and_heat_maps_with_the_shipped_bundle_need_no_training_no_keras
 def test_the_training_commands_name_the_train_extra_where_it_is_missing(tmp_path):
     """`dermascan train` in a process where Keras cannot be imported: exit 1 with one line naming
     the extra to install."""
-    code = (
-        "import sys, importlib.abc\n"
-        "class Blocked(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path, target=None):\n"
-        "        if name.split('.')[0] in ('keras', 'tensorflow'):\n"
-        "            raise ImportError(name)\n"
-        "sys.meta_path.insert(0, Blocked())\n"
+    code = _without("keras", "tensorflow") + (
         "from dermascan.cli import main\n"
         f"main(['--data-dir', {str(tmp_path)!r}, 'train', '--data', '.', '--out', {str(tmp_path / 'b')!r}])\n"
     )

@@ -3,11 +3,12 @@
 ``runtime``: ``keras``; ``onnxruntime``; ``openvino`` (the same ONNX file, checked against ONNX
 Runtime at load); or ``auto`` (the ONNX file — on OpenVINO where it is installed, the CPU is x86
 and it matches ONNX Runtime, else on ONNX Runtime: model.inference.runtimes — unless Keras is
-installed with the JAX backend, the GPU workers' path). Keras is imported only to score with it: the
-README's install has neither TensorFlow nor Keras (they come with the ``train`` extra). The ONNX package is the one shipped inside the bundle (``onnx/``, exported from the
-very same weights) or the one made when the bundle was registered (``dermascan bundle register``
-exports it into ``packages_dir``). A serving process never exports: without a package it scores
-with Keras and says why in one log line.
+installed with the JAX backend, the GPU workers' path). Keras is imported only to score with it:
+the README's install has neither TensorFlow nor Keras (they come with the ``train`` extra). The
+ONNX package is the one shipped inside the bundle (``onnx/``, exported from the very same weights)
+or the one made when the bundle was registered (``dermascan bundle register`` exports it into
+``packages_dir``). A serving process never exports: without a package it scores with Keras and
+says why in one log line.
 """
 
 from __future__ import annotations
