@@ -243,3 +243,46 @@ def test_gradcam_on_onnx_runtime_is_the_keras_gradcam(exported, ham_dir):
             onnx_cam.heatmap(prepared.pixels, prepared.meta),
         )
         assert heat_onnx.shape == (32, 40) and np.abs(heat_onnx - heat_keras).max() < 1e-3
+
+
+def test_a_circular_field_of_view_is_filled_alike_on_the_server_and_the_edge(exported, ham_dir):
+    """A contact dermatoscope's black surround (model.inference.field, which every new bundle's
+    manifest asks for): the Predictor fills it before the network and so does the edge scorer, so
+    both score the same; the score is the filled image's, not the black-cornered one's."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from edge.scorer import EdgeScorer
+    from model.inference.data import IsicDataset, decode_image
+    from model.inference.predictor import Predictor
+    from model.training.evaluate import shifted
+
+    bundle, package = exported
+    assert read_manifest(bundle)["preprocessing"]["field_of_view"]
+    dataset = IsicDataset.open(ham_dir, limit=6)
+    records = dataset.metadata[["age_approx", "sex", "anatom_site_general"]].to_dict("records")
+    circular = []
+    for image in dataset.read_bytes(dataset.ids):
+        with Image.open(io.BytesIO(image)) as opened:
+            pixels = np.asarray(opened.convert("RGB"))
+        out = io.BytesIO()
+        Image.fromarray(shifted(pixels[None], "field-of-view")[0]).save(out, "JPEG", quality=95)
+        circular.append(out.getvalue())
+    server, edge = Predictor(bundle), EdgeScorer(package)
+    prepared = server.pre_process(circular, records)
+    assert prepared.pixels[:, :2, :2].max(axis=-1).min() > 40  # filled: no black corner reaches the network
+    fed, run = [], edge.run
+    edge.run = lambda pixels, meta: fed.append(pixels.copy()) or run(pixels, meta)  # what the edge's network is given
+    by_edge = [r["score"] for r in edge.score_many(circular, records)]
+    by_server = [s.probability for s in server.score(circular, records)]
+    np.testing.assert_allclose(by_edge, by_server, atol=1e-4)
+    np.testing.assert_array_equal(fed[0][: len(circular)], prepared.pixels)
+    as_decoded = np.stack([decode_image(c, server.image_size) for c in circular])
+    assert as_decoded[:, :2, :2].max() < 40  # the corners were black before the fill
+    raw_filled, raw_black = (
+        server.predict_raw(prepared.pixels, prepared.meta)[0],
+        server.predict_raw(as_decoded, prepared.meta)[0],
+    )
+    assert np.abs(raw_filled - raw_black).max() > 1e-4  # the network's answer is the filled image's

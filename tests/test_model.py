@@ -720,3 +720,75 @@ def test_the_gradcam_graph_names_an_operator_it_cannot_differentiate():
     model.graph.node.extend(nodes)
     built = gradcam_graph(model, stride=8)
     assert {o.name for o in built.graph.output} == {"logit", "cell_0", "cell_grad_0"}
+
+
+def test_the_differential_head_is_refitted_without_touching_the_malignancy_output(tmp_path, ham_dir):
+    """``dermascan diagnosis-fit`` on a tiny bundle whose differential head was never trained: the
+    refitted head tells the classes apart on the held-out calibration rows (better than the old head
+    and than chance), the probability of malignancy the Predictor serves is the same to the bit, the
+    bundle loads under its new version with a checksum that verifies, and the same version again is
+    refused."""
+    import keras
+    from click.testing import CliRunner
+
+    from dermascan.cli import main
+    from model.inference import bundle, diagnosis
+    from model.inference.network import NO_AUGMENTATION, build
+
+    keras.utils.set_random_seed(0)
+    limit = 1500
+    ds = IsicDataset.open(ham_dir, limit=limit)
+    spec = FeatureSpec.fit(ds.metadata, min_count=1)
+    net = build(spec.dim, 32, backbone="tiny", augmentation=NO_AUGMENTATION, diagnoses=len(diagnosis.CODES))
+    config = {"limit": limit, "folds": 3, "seed": 42, "calibration_fraction": 0.15, "tta": False}
+    block = {**diagnosis.manifest_block(), "prior_adjustment": {"tau": 0.0, "prior": [1 / 7] * 7}}
+    path = tmp_path / "dx"
+    bundle.save(net, spec, path, version="tiny-dx-1", threshold=0.5, training={"config": config},
+                extra={"calibration": {"method": "none", "params": {}}, "diagnosis": block})  # fmt: skip
+    rows = ds.metadata.iloc[-60:]
+    pictures = ds.read_bytes(list(rows.isic_id))
+    records = rows[["age_approx", "sex", "anatom_site_general"]].to_dict("records")
+    before = Predictor(path).score(pictures, records)
+
+    result = CliRunner().invoke(main, ["diagnosis-fit", str(path), "--data", str(ham_dir), "--version", "tiny-dx-2"])
+    assert result.exit_code == 0, result.output
+    assert "calibration set (chose nothing)" in result.output
+    manifest = load(path, network=False).manifest  # verifies the new checksum
+    assert manifest["version"] == "tiny-dx-2" and manifest["training"]["diagnosis_head"]["from_version"] == "tiny-dx-1"
+    report = manifest["diagnosis"]["report"]
+    new, old = report["calibration_set"], report["refit"]["previous_head"]["calibration_set"]
+    assert new["n"] == old["n"] > 100
+    assert new["balanced_accuracy"] > max(old["balanced_accuracy"], 1 / 7) + 0.05, (new, old)
+    after = Predictor(path).score(pictures, records)
+    assert [s.probability for s in after] == [s.probability for s in before]
+    assert [s.differential for s in after] != [s.differential for s in before]
+
+    again = CliRunner().invoke(main, ["diagnosis-fit", str(path), "--data", str(ham_dir), "--version", "tiny-dx-2"])
+    assert again.exit_code != 0 and "needs a new version" in again.output
+
+
+def test_a_circular_field_of_view_is_filled_with_its_rim_and_nothing_else_is():
+    """model.inference.field on made-up images: a black surround outside a disc takes the colour of
+    the skin just inside it and the lesion in the middle is untouched; an image without one, a
+    vignette's greyish corners, a dark lesion that touches no border and an image that is mostly
+    black are left alone (the very same array when nothing changes)."""
+    from model.inference.field import fill_outside_field
+
+    yy, xx = np.mgrid[:128, :128]
+    skin = np.zeros((128, 128, 3), np.uint8) + np.array([200, 150, 130], np.uint8)
+    lesion = (yy - 64) ** 2 + (xx - 64) ** 2 < 15**2
+    skin[lesion] = (70, 40, 30)
+    disc = np.sqrt((yy - 63.5) ** 2 + (xx - 63.5) ** 2) <= 64
+    circular = np.where(disc[..., None], skin, 0).astype(np.uint8)
+    filled = fill_outside_field(circular[None])[0]
+    assert np.abs(filled[~disc].astype(int) - (200, 150, 130)).max() <= 2
+    assert np.array_equal(filled[lesion], skin[lesion]) and np.array_equal(filled[disc], circular[disc])
+    vignette = np.where(disc[..., None], skin, (60, 45, 40)).astype(np.uint8)
+    small = np.where(((yy - 64) ** 2 + (xx - 64) ** 2 < 80**2)[..., None], skin, 0).astype(
+        np.uint8
+    )  # 2.8 %: corners only
+    mostly_black = np.where(((yy - 64) ** 2 + (xx - 64) ** 2 < 30**2)[..., None], skin, 0).astype(np.uint8)
+    batch = np.stack([skin, vignette, small, mostly_black])
+    assert fill_outside_field(batch) is batch  # nothing in it has a field-of-view surround
+    both = fill_outside_field(np.stack([skin, circular]))
+    assert np.array_equal(both[0], skin) and np.array_equal(both[1], filled)

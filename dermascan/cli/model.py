@@ -620,6 +620,43 @@ def missing_fit(bundle_dir, data_dir):
     click.echo(_missing_table(block["report"]))
 
 
+@main.command("diagnosis-fit")
+@_fit_on_bundle(": the differential is refitted on its development rows, reported on its held-out ones")
+@click.option("--version", required=True, help="The refitted bundle's version (its weights change).")
+@_needs_train
+def diagnosis_fit(bundle_dir, data_dir, version):
+    """Refit a bundle's differential head (one dense layer on the network's fused features) with
+    balanced class weights, its strength chosen across the bundle's folds; the malignancy output is
+    untouched. Export the ONNX package again afterwards (dermascan export)."""
+    from model.errors import ModelError
+    from model.training.diagnosis_fit import refit
+
+    _log_progress()
+    try:
+        block = refit(bundle_dir, data_dir, version)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    report = block["report"]
+    rows = [("development rows, out of fold", report.get("development_out_of_fold")),
+            ("calibration set (chose nothing)", report.get("calibration_set")),
+            ("calibration set, the previous head", report["refit"]["previous_head"]["calibration_set"])]  # fmt: skip
+    click.echo(f"{version}: C = {report['refit']['strength_chosen']}, tau = {block['prior_adjustment']['tau']}")
+    click.echo(f"{'':36s} {'n':>5s} {'bal.acc':>7s} {'mel AUC':>7s}   recall " + " / ".join(block_codes(block)))
+    for name, row in rows:
+        if row:
+            recall = " / ".join(f"{row['recall'].get(c, float('nan')):.2f}" for c in block_codes(block))
+            click.echo(
+                f"{name:36s} {row['n']:5d} {row['balanced_accuracy']:7.3f} {row['melanoma_auc']:7.3f}   {recall}"
+            )
+    click.echo(
+        f"now export its ONNX package again: dermascan export {bundle_dir} --format onnx --out {bundle_dir}/onnx"
+    )
+
+
+def block_codes(block: dict) -> list[str]:
+    return [c["code"] for c in block["classes"]]
+
+
 def _missing_table(report: dict) -> str:
     """What each pattern of missing fields does at the threshold, as a table."""
     lines = [

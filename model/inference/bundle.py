@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from model.errors import BundleError
+from model.inference import field
 from model.inference.data import canonical_size, image_shape
 from model.inference.features import FeatureSpec
 
@@ -146,12 +147,7 @@ def save(
     """Write ``network`` and its manifest as a bundle folder. Returns the manifest."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / MODEL_FILE
-    tmp = directory / (MODEL_FILE + ".tmp.keras")
-    network.save(tmp)
-    if weights_dtype == "float16":
-        _store_float16(tmp)
-    os.replace(tmp, weights)
+    weights = _write_weights(directory, network, weights_dtype)
     image_input = network.inputs[0] if network.inputs[0].name == "image" else network.inputs[1]
     height, width = int(image_input.shape[1]), int(image_input.shape[2])
     size = canonical_size([height, width])
@@ -170,6 +166,7 @@ def save(
             "decode": "Pillow, RGB",
             "resize": f"whole image to {width}x{height} (width x height), bilinear (aspect not kept)",
             "scaling": "inside the network: Rescaling(1/127.5, offset=-1) to [-1, 1]",
+            "field_of_view": field.MANIFEST_NOTE,  # model.inference.field
         },
         "feature_spec": spec.to_dict(),
         "threshold": float(threshold),
@@ -181,9 +178,44 @@ def save(
         "weights_bytes": weights.stat().st_size,
         **(extra or {}),
     }
-    tmp_manifest = directory / (MANIFEST_FILE + ".tmp")
-    tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=False))
-    os.replace(tmp_manifest, directory / MANIFEST_FILE)
+    _write_manifest(directory, manifest)
+    return manifest
+
+
+def _write_weights(directory: Path, network, weights_dtype: str) -> Path:
+    """Save ``network`` as the bundle's weights file (float16 arrays where asked), atomically."""
+    weights, tmp = directory / MODEL_FILE, directory / (MODEL_FILE + ".tmp.keras")
+    network.save(tmp)
+    if weights_dtype == "float16":
+        _store_float16(tmp)
+    os.replace(tmp, weights)
+    return weights
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    tmp = directory / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False))
+    os.replace(tmp, directory / MANIFEST_FILE)
+
+
+def rewrite_network(directory, network, version: str, changes: dict) -> dict:
+    """Store a changed ``network`` in an existing bundle under a new ``version`` (its weights'
+    checksum changes, so the version must too), with the manifest's top-level ``changes``; the
+    weights keep the manifest's precision. Returns the manifest."""
+    directory = Path(directory)
+    manifest = read_manifest(directory, verify=True)
+    if version == manifest["version"]:
+        raise BundleError(f"{directory}: changed weights need a new version, not {version!r} again")
+    weights = _write_weights(directory, network, manifest.get("weights_dtype", "float32"))
+    manifest = {
+        **manifest,
+        **changes,
+        "version": version,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "weights_sha256": file_sha256(weights),
+        "weights_bytes": weights.stat().st_size,
+    }
+    _write_manifest(directory, manifest)
     return manifest
 
 

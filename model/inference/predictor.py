@@ -21,7 +21,7 @@ import numpy as np
 
 from model.errors import ImageDecodeError
 from model.inference import bundle as bundle_lib
-from model.inference import change
+from model.inference import change, field
 from model.inference.calibration import Calibrator
 from model.inference.data import decode_many
 from model.inference.gate import Gate
@@ -154,6 +154,8 @@ class Predictor:
         self.gate = Gate.from_bundle(self.bundle.directory, self.bundle.manifest)
         self.change = change.from_bundle(self.bundle.directory, self.bundle.manifest)
         self.spec = self.bundle.spec
+        # after resizing, before the network: e.g. a circular field's dark surround filled (model.inference.field)
+        self.conform = field.for_manifest(self.bundle.manifest)
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
         self.tta = tta
         self.threshold = self.bundle.threshold if threshold is None else float(threshold)
@@ -242,7 +244,7 @@ class Predictor:
                     pixels[i], sizes[i] = resize(array, self.image_size), (array.shape[1], array.shape[0])
         ok = [i for i in range(len(images)) if i not in errors]
         meta = self.spec.transform([metadata[i] for i in ok])
-        pixels, sizes = pixels[ok], sizes[ok]
+        pixels, sizes = self.conform(pixels[ok]), sizes[ok]
         return Prepared(pixels, meta, errors, ok, sizes, measure(pixels, sizes) if ok else None)
 
     @property
@@ -256,10 +258,12 @@ class Predictor:
             classes = np.asarray(outputs[2], np.float32) if len(outputs) > 2 else None
             return np.asarray(outputs[0], np.float32).reshape(-1), np.asarray(outputs[1], np.float32), classes
         out = self._forward_pass().predict_on_batch({"image": np.ascontiguousarray(x), "meta": m})
-        if isinstance(out, list | tuple):
-            classes = np.asarray(out[2], np.float32) if len(out) > 2 else None
-            return np.asarray(out[0], dtype=np.float32).reshape(-1), np.asarray(out[1], dtype=np.float32), classes
-        return np.asarray(out, dtype=np.float32).reshape(-1), None, None
+        if not isinstance(out, list | tuple):
+            return np.asarray(out, dtype=np.float32).reshape(-1), None, None
+        # [probability, the gate's features where it reads them, the differential where there is one]
+        rest = [np.asarray(o, np.float32) for o in out[1:]]
+        features = rest.pop(0) if self.gate.features is not None else None
+        return np.asarray(out[0], dtype=np.float32).reshape(-1), features, (rest[0] if rest else None)
 
     def predict_raw(self, pixels: np.ndarray, meta: np.ndarray, tta: bool | None = None):
         """The ensemble's uncalibrated score per flip view (views × n) and the plain view's

@@ -66,7 +66,7 @@ def evaluate(
     for start in range(0, len(ids), batch):
         chunk = ids[start : start + batch]
         sizes = np.zeros((len(chunk), 2), np.float32)
-        pixels = shifted(dataset.load_images(predictor.image_size, chunk, sizes=sizes), shift)
+        pixels = predictor.conform(shifted(dataset.load_images(predictor.image_size, chunk, sizes=sizes), shift))
         predicted = predictor.predict(pixels, meta[start : start + len(chunk)])
         scores[start : start + len(chunk)] = predicted.probability
         reasons += predictor.gate.reasons(pixels, sizes, predicted.features)[0]

@@ -145,7 +145,7 @@ def check_bundle(bundle_dir, data_dir, n: int = 120, gallery=None, randomised: i
     y = dataset.targets()
     split = split_rows(y, dataset.groups(), cfg)
     rows = np.flatnonzero((split < 0) & (y == 1))[:n]
-    images = dataset.load_images(predictor.image_size, ids=[dataset.ids[i] for i in rows])
+    images = predictor.conform(dataset.load_images(predictor.image_size, ids=[dataset.ids[i] for i in rows]))
     metas = predictor.spec.transform(dataset.metadata.iloc[rows])
     cam = GradCam(predictor.network)
     serving = for_predictor(predictor)  # the ONNX Grad-CAM where the bundle ships its ONNX file
