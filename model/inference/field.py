@@ -32,12 +32,12 @@ def fill_outside_field(pixels: np.ndarray) -> np.ndarray:
         return pixels
     height, width = pixels.shape[1:3]
     k = max(2, min(height, width) // 32)
-    dark = pixels.max(axis=-1) < DARK
-    corners = np.stack([dark[:, :k, :k], dark[:, :k, -k:], dark[:, -k:, :k], dark[:, -k:, -k:]], axis=1)
-    candidates = np.flatnonzero((corners.mean(axis=(2, 3)) > 0.5).sum(axis=1) >= CORNERS)
+    corners = [pixels[:, :k, :k], pixels[:, :k, -k:], pixels[:, -k:, :k], pixels[:, -k:, -k:]]
+    dark_corners = np.stack([(c.max(axis=-1) < DARK).mean(axis=(1, 2)) > 0.5 for c in corners], axis=1)
+    candidates = np.flatnonzero(dark_corners.sum(axis=1) >= CORNERS)  # the corners first: cheap
     out = pixels
     for i in candidates:
-        filled = _fill(pixels[i], dark[i])
+        filled = _fill(pixels[i], pixels[i].max(axis=-1) < DARK)
         if filled is not None:
             out = pixels.copy() if out is pixels else out
             out[i] = filled
