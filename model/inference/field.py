@@ -45,20 +45,43 @@ def fill_outside_field(pixels: np.ndarray) -> np.ndarray:
 
 
 def _fill(image: np.ndarray, dark: np.ndarray) -> np.ndarray | None:
-    from scipy import ndimage
-
-    labels, _ = ndimage.label(dark)
-    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    outside = np.isin(labels, border[border > 0])
+    outside = _reached_from_border(dark)
     if not SHARE[0] <= outside.mean() <= SHARE[1]:
         return None
-    outside = ndimage.binary_dilation(outside, iterations=2)  # the field's soft, resized edge with it
-    rim = ndimage.binary_dilation(outside, iterations=3) & ~outside
+    outside = _grown(outside, 2)  # the field's soft, resized edge with it
+    rim = _grown(outside, 3) & ~outside
     if not rim.any():
         return None
     out = image.copy()
     out[outside] = np.median(image[rim], axis=0).astype(np.uint8)
     return out
+
+
+# numpy only (the edge scorer's distribution has no scipy): 4-neighbour growth, as
+# scipy.ndimage's default structure
+
+
+def _grown(mask: np.ndarray, steps: int = 1) -> np.ndarray:
+    for _ in range(steps):
+        grown = mask.copy()
+        grown[1:] |= mask[:-1]
+        grown[:-1] |= mask[1:]
+        grown[:, 1:] |= mask[:, :-1]
+        grown[:, :-1] |= mask[:, 1:]
+        mask = grown
+    return mask
+
+
+def _reached_from_border(dark: np.ndarray) -> np.ndarray:
+    """The dark pixels connected (4-neighbour) to the image's border through dark pixels."""
+    reached = np.zeros_like(dark)
+    for edge in (np.s_[0, :], np.s_[-1, :], np.s_[:, 0], np.s_[:, -1]):
+        reached[edge] = dark[edge]
+    while True:
+        grown = _grown(reached) & dark
+        if np.array_equal(grown, reached):
+            return reached
+        reached = grown
 
 
 def _as_taken(pixels: np.ndarray) -> np.ndarray:
