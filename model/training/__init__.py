@@ -15,5 +15,6 @@ the application; no serving process imports it.
 - ``export``: edge packages (ONNX, LiteRT; fp32, int8) with their own check
 - ``gate_data``: the non-lesion images the gate is fitted and checked on
 - ``missing_fit``: a bundle's maps for missing metadata, fitted on its held-out rows
+- ``diagnosis_fit``: a bundle's differential head refitted on its network's fused features
 - ``heatmaps``: how well heat maps point at the lesion (pointing game, concentration), with a gallery
 """
