@@ -28,7 +28,7 @@ def main() -> None:
     print(f"| images ({len(pixels)}, pieces of {args.piece}) | filled | ms a study (best of {args.repeats}) |")
     print("|---|---|---|")
     for name, images in (("as taken", pixels), ("each with a circular field", shifted(pixels, "field-of-view"))):
-        best, filled = float("inf"), 0
+        best = float("inf")
         for _ in range(args.repeats):
             start = time.perf_counter()
             out = [fill_outside_field(images[i : i + args.piece]) for i in range(0, len(images), args.piece)]

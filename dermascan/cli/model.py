@@ -641,20 +641,17 @@ def diagnosis_fit(bundle_dir, data_dir, version):
             ("calibration set (chose nothing)", report.get("calibration_set")),
             ("calibration set, the previous head", report["refit"]["previous_head"]["calibration_set"])]  # fmt: skip
     click.echo(f"{version}: C = {report['refit']['strength_chosen']}, tau = {block['prior_adjustment']['tau']}")
-    click.echo(f"{'':36s} {'n':>5s} {'bal.acc':>7s} {'mel AUC':>7s}   recall " + " / ".join(block_codes(block)))
+    codes = [c["code"] for c in block["classes"]]
+    click.echo(f"{'':36s} {'n':>5s} {'bal.acc':>7s} {'mel AUC':>7s}   recall " + " / ".join(codes))
     for name, row in rows:
         if row:
-            recall = " / ".join(f"{row['recall'].get(c, float('nan')):.2f}" for c in block_codes(block))
+            recall = " / ".join(f"{row['recall'].get(c, float('nan')):.2f}" for c in codes)
             click.echo(
                 f"{name:36s} {row['n']:5d} {row['balanced_accuracy']:7.3f} {row['melanoma_auc']:7.3f}   {recall}"
             )
     click.echo(
         f"now export its ONNX package again: dermascan export {bundle_dir} --format onnx --out {bundle_dir}/onnx"
     )
-
-
-def block_codes(block: dict) -> list[str]:
-    return [c["code"] for c in block["classes"]]
 
 
 def _missing_table(report: dict) -> str:

@@ -36,12 +36,11 @@ def fused_features(network, pixels: np.ndarray, meta: np.ndarray, tta: bool, bat
     import keras
 
     from model.inference.network import DIAGNOSIS_HEAD
+    from model.inference.predictor import flips
 
     head = network.get_layer(DIAGNOSIS_HEAD)
     features = keras.Model(network.inputs, head.input)
-    views = [pixels]
-    if tta:
-        views += [pixels[:, :, ::-1], pixels[:, ::-1], pixels[:, ::-1, ::-1]]
+    views = flips(pixels) if tta else [pixels]
     out = []
     for i, view in enumerate(views):
         out.append(
@@ -117,7 +116,7 @@ def refit(bundle_dir, data_dir, version: str) -> dict:
     manifest = loaded.manifest
     if not manifest.get("diagnosis"):
         raise ModelError(f"{bundle_dir}: the bundle has no differential output to refit")
-    if version == manifest["version"]:
+    if version == manifest["version"]:  # rewrite_network refuses it too: said here before the long work
         raise ModelError(f"{version}: the refitted bundle's weights change, so it needs a new version")
     network = loaded.network
     head = network.get_layer(DIAGNOSIS_HEAD)
@@ -154,7 +153,6 @@ def refit(bundle_dir, data_dir, version: str) -> dict:
     block = diagnosis.fit_block(truth, probabilities, parts)
     block["report"]["refit"] = {
         "method": "multinomial logistic regression, balanced class weights, on the fused features of every flip",
-        "from_version": manifest["version"],
         "strength_chosen": strength,
         "balanced_accuracy_out_of_fold_by_strength": {str(k): round(v, 4) for k, v in scores.items()},
         "previous_head": {
