@@ -2,7 +2,7 @@
 
 Grad-CAM (channel weights: the mean gradient) against LayerCAM (Jiang et al., 2021: each position
 weighted by its own positive gradient, meant for finer layers), at NASNet's 1/8 cell and at its
-1/4 stem cell, and the product of the two LayerCAM maps (hot where both layers agree) — all from
+1/4 stem cell, and products of a 1/8 map and a 1/4 map (hot where both layers agree) — all from
 the workers' ONNX Grad-CAM graph (``model.inference.backprop``), flip-averaged as the workers do.
 Measured as ``dermascan heatmap-check`` measures (pointing game and concentration on automatic
 lesion masks, as they are and shifted sideways) on the bundle's held-out malignant lesions: the
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=support.HAM)
     parser.add_argument("--n", type=int, default=120, help="the selection set: the first N held-out malignant lesions")
     parser.add_argument("--randomised", type=int, default=24, help="lesions for the randomised-weights check")
+    parser.add_argument("--methods", help="only these maps, separated by ';' (default: every one)")
     args = parser.parse_args()
 
     predictor = Predictor(args.bundle, batch_sizes=(1,), onnx_package=args.bundle / "onnx")
@@ -116,10 +117,26 @@ def main() -> None:
             _maker(random["1/4 stem cell"], layer_cam),
         ),
     }
-    methods["LayerCAM 1/8 × LayerCAM 1/4"] = (
-        _product(methods["LayerCAM, 1/8 cell"][0], methods["LayerCAM, 1/4 stem cell"][0]),
-        _product(methods["LayerCAM, 1/8 cell"][1], methods["LayerCAM, 1/4 stem cell"][1]),
+    methods["Grad-CAM, 1/4 stem cell"] = (
+        _maker(trained["1/4 stem cell"], grad_cam),
+        _maker(random["1/4 stem cell"], grad_cam),
     )
+    for first, second in (
+        ("LayerCAM, 1/8 cell", "LayerCAM, 1/4 stem cell"),
+        ("Grad-CAM, 1/8 cell (shipped)", "Grad-CAM, 1/4 stem cell"),
+        ("Grad-CAM, 1/8 cell (shipped)", "LayerCAM, 1/4 stem cell"),
+    ):
+        name = f"{first.split(',')[0]} 1/8 × {second.split(',')[0]} 1/4"
+        methods[name] = (
+            _product(methods[first][0], methods[second][0]),
+            _product(methods[first][1], methods[second][1]),
+        )
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(";")]
+        unknown = [m for m in wanted if m not in methods]
+        if unknown:
+            parser.error(f"unknown method(s) {unknown}: one of {list(methods)}")
+        methods = {m: methods[m] for m in wanted}
     print(f"heat-map methods — {support.machine()}")
     print(f"bundle {predictor.version}; held-out malignant lesions: selection {len(sets['selection'])}, "
           f"confirmation {len(sets['confirmation'])}; randomised-weights check on {args.randomised}")  # fmt: skip
