@@ -762,6 +762,19 @@ def test_the_differential_head_is_refitted_without_touching_the_malignancy_outpu
     after = Predictor(path).score(pictures, records)
     assert [s.probability for s in after] == [s.probability for s in before]
     assert [s.differential for s in after] != [s.differential for s in before]
+    # `dermascan evaluate` reports the differential as the Predictor serves it: on the same held-out
+    # rows, the figures the refit wrote into the manifest (the fill of a circular field aside)
+    from model.training.config import read_config, split_rows
+
+    np.save(tmp_path / "split.npy", split_rows(ds.targets(), ds.groups(), read_config(path)))
+    evaluated = CliRunner().invoke(main, ["evaluate", "--bundle", str(path), "--data", str(ham_dir), "--limit", str(limit),
+                                          "--calibration-rows-of", str(tmp_path / "split.npy"),
+                                          "--out", str(tmp_path / "eval.json")])  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    served = json.loads((tmp_path / "eval.json").read_text())["diagnosis"]
+    assert served["n"] == new["n"] and abs(served["balanced_accuracy"] - new["balanced_accuracy"]) < 0.02, (served, new)
+    assert set(served["recall"]) <= set(diagnosis.CODES) and 0 <= served["melanoma_auc"] <= 1
+    assert f"balanced accuracy {served['balanced_accuracy']:.4f}" in evaluated.output
 
     again = CliRunner().invoke(main, ["diagnosis-fit", str(path), "--data", str(ham_dir), "--version", "tiny-dx-2"])
     assert again.exit_code != 0 and "needs a new version" in again.output

@@ -328,6 +328,14 @@ def evaluate(ctx, bundle_dir, data_dir, out_path, tta, limit, shifts, split_file
         a = gate["assessable"]
         click.echo(f"on the assessable ones: AUC {a['auc']:.4f}, sensitivity {a['operating_point']['sensitivity']:.4f}, "
                    f"specificity {a['operating_point']['specificity']:.4f}")  # fmt: skip
+    dx = result.get("diagnosis")
+    if dx and dx["n"]:
+        recall = " ".join(f"{code} {value:.2f}" for code, value in dx["recall"].items())
+        mel = "—" if dx["melanoma_auc"] is None else f"{dx['melanoma_auc']:.4f}"
+        click.echo(f"differential on {dx['n']} images with a diagnosis: balanced accuracy {dx['balanced_accuracy']:.4f}, "
+                   f"melanoma AUC {mel}; recall {recall}")  # fmt: skip
+    elif dx is not None:
+        click.echo("differential: the folder names no diagnosis (a diagnosis, iddx_3 or iddx_2 column)")
     out_path = out_path or Path(f"evaluation-{result['bundle']}.json")
     write(result, out_path)
     click.echo(f"written to {out_path}")

@@ -1,7 +1,8 @@
 """Evaluate a bundle on any folder in the ISIC-2024 layout: AUC, pAUC80, and sensitivity and
 specificity at the bundle's threshold, with counts and bootstrap confidence intervals; the
-calibration (ECE, reliability per bin); and the not-assessable gate (how many images it flags,
-why, and the metrics on the assessable ones)."""
+calibration (ECE, reliability per bin); the not-assessable gate (how many images it flags,
+why, and the metrics on the assessable ones); and, for a bundle with the differential, its
+balanced accuracy, per-class recall and melanoma AUC on the rows that name a diagnosis."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from model import metrics
-from model.inference import calibration
+from model.inference import calibration, diagnosis
 from model.inference.data import IsicDataset
 
 
@@ -61,7 +62,11 @@ def evaluate(
     meta = predictor.spec.transform(dataset.metadata)
     if rows is not None:
         y, ids, meta = y[rows], [ids[i] for i in rows], meta[rows]
+    truth = diagnosis.labels(dataset.metadata)
+    if rows is not None:
+        truth = truth[rows]
     scores = np.zeros(len(ids), dtype=np.float32)
+    classes = None  # the differential as served, for a bundle that has one
     reasons: list = []
     for start in range(0, len(ids), batch):
         chunk = ids[start : start + batch]
@@ -69,6 +74,12 @@ def evaluate(
         pixels = predictor.conform(shifted(dataset.load_images(predictor.image_size, chunk, sizes=sizes), shift))
         predicted = predictor.predict(pixels, meta[start : start + len(chunk)])
         scores[start : start + len(chunk)] = predicted.probability
+        if predicted.classes is not None:
+            if classes is None:
+                classes = np.zeros((len(ids), predicted.classes.shape[1]), np.float32)
+            classes[start : start + len(chunk)] = diagnosis.adjust(
+                predicted.classes, predictor.bundle.manifest.get("diagnosis")
+            )
         reasons += predictor.gate.reasons(pixels, sizes, predicted.features)[0]
         if progress:
             progress(len(chunk))
@@ -91,6 +102,9 @@ def evaluate(
             "gate": gate_summary(y, scores, reasons, threshold),
         }
     )
+    if classes is not None:
+        # ISIC 2018's figures on the rows that name a diagnosis (none: the folder has no diagnosis column)
+        result["diagnosis"] = diagnosis.figures(truth, classes) if (truth >= 0).any() else {"n": 0}
     return result
 
 
