@@ -58,7 +58,8 @@ def server(args) -> int:
         rows.append({"path": str(path), "record": meta, "probability": result.probability,
                      "assessable": result.assessable, "reason": result.reason,
                      # as the server's results say it: no referral decision for an image it cannot assess
-                     "referred": result.referred if result.assessable else None})  # fmt: skip
+                     "referred": result.referred if result.assessable else None,
+                     "differential": result.differential})  # fmt: skip
     Path(args.out).write_text(json.dumps({"version": loaded.version, "rows": rows}))
     lesions = sum(not Path(r["path"]).name.split("-", 1)[1].startswith("negative") for r in rows)
     print(f"server: {len(rows)} images ({lesions} held-out lesions) scored by {loaded.version}")
@@ -67,19 +68,29 @@ def server(args) -> int:
 
 def edge(args) -> int:
     from edge.scorer import EdgeScorer
+    from model.inference.diagnosis import CODES
 
     expected = json.loads(Path(args.server).read_text())
     scorer = EdgeScorer(args.package)
-    worst, differences = 0.0, []
+    worst, worst_dx, differences = 0.0, 0.0, []
     for row in expected["rows"]:
         got = scorer.score(Path(row["path"]).read_bytes(), row["record"])
         worst = max(worst, abs(got["score"] - row["probability"]))
+        # the differential (a bundle with one): every class within 1e-4 of the server's (the edge
+        # gives it as people read it, most likely first, to 4 decimals; the server in CODES order)
+        want_dx, got_dx = row.get("differential"), got.get("differential")
+        dx_ok = (want_dx is None) == (got_dx is None)
+        if dx_ok and want_dx is not None:
+            edge_dx = {r["diagnosis"]: r["probability"] for r in got_dx}
+            dx_ok = set(edge_dx) == set(CODES)
+            gap = max(abs(edge_dx.get(code, 2.0) - p) for code, p in zip(CODES, want_dx, strict=True))
+            worst_dx, dx_ok = max(worst_dx, gap), dx_ok and gap <= 1e-4
         same = (got["assessable"], got["reason"], got["referred"]) == (
             row["assessable"],
             row["reason"],
             row["referred"],
         )
-        if abs(got["score"] - row["probability"]) > 1e-4 or not same:
+        if abs(got["score"] - row["probability"]) > 1e-4 or not same or not dx_ok:
             differences.append((row["path"], row, got))
     loaded = [m for m in FORBIDDEN if m in sys.modules]
     missing = []
@@ -102,7 +113,7 @@ def edge(args) -> int:
     )
     print(
         f"edge ({scorer.manifest['runtime']}, {scorer.manifest['precision']}): {len(expected['rows'])} images, "
-        f"max probability difference {worst:.2e}, {len(differences)} different answers; "
+        f"max probability difference {worst:.2e}, differential {worst_dx:.2e}, {len(differences)} different answers; "
         f"server modules loaded: {loaded or 'none'}; importable: {missing or 'none'}; command line: {'same' if cli_ok else cli}"
     )
     for path, want, got in differences[:10]:
