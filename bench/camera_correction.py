@@ -42,14 +42,13 @@ def image_statistics(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return exposure, np.log(np.maximum(sog[:, [0, 2]], 1.0) / np.maximum(sog[:, [1]], 1.0))
 
 
-def clamp(pixels: np.ndarray, kind: str, ranges: dict) -> np.ndarray:
+def clamp(pixels: np.ndarray, kind: str, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Each image's exposure (``kind`` "exposure") or colour cast ("wb") moved into [low, high]."""
     f = pixels.astype(np.float32)
     exposure, chroma = image_statistics(pixels)
     if kind == "exposure":
-        low, high = ranges["exposure"]
         f = f * (np.clip(exposure, low, high) / np.maximum(exposure, 1.0))[:, None, None, None]
     else:
-        low, high = ranges["chroma"]
         gain = np.exp(np.clip(chroma, low, high) - chroma)
         f = f * np.stack([gain[:, 0], np.ones(len(f)), gain[:, 1]], axis=1)[:, None, None, :]
     return np.clip(np.rint(f), 0, 255).astype(np.uint8)
@@ -94,26 +93,29 @@ def main() -> None:
           f"threshold {predictor.threshold:.4f}; development images' ranges from {len(dev)}")  # fmt: skip
     print("| correction | camera | changed | AUC | sensitivity | specificity |")
     print("|---|---|---|---|---|---|")
-    for correction in args.corrections.split(","):
-        predictor_module.flips = colour_views if correction == "colour-views" else flips
-        for shift in SHIFT_NAMES:
-            base = predictor.conform(shifted(pixels, shift))
-            x = base
+    development = {"exposure": exposure, "wb": chroma}
+    try:
+        for correction in args.corrections.split(","):
+            # the views replace the flips inside the Predictor (it has no other hook for them)
+            predictor_module.flips = colour_views if correction == "colour-views" else flips
             if correction.startswith("clamp-"):
-                kind, percentile = correction.split("-")[1], float(correction.split("-")[2])
-                ranges = {
-                    "exposure": np.percentile(exposure, [percentile, 100 - percentile]),
-                    "chroma": np.percentile(chroma, [percentile, 100 - percentile], axis=0),
-                }
-                x = clamp(base, "exposure" if kind == "exposure" else "wb", ranges)
-            changed = float(np.mean(np.any(x != base, axis=(1, 2, 3))))
-            p = np.concatenate(
-                [predictor.predict(x[s : s + 256], cal_meta[s : s + 256]).probability for s in range(0, len(x), 256)]
-            )
-            op = metrics.at_threshold(truth, p, predictor.threshold)
-            print(f"| {correction} | {shift} | {changed:.0%} | {metrics.auc(truth, p):.4f} | "
-                  f"{op.sensitivity:.3f} | {op.specificity:.3f} |", flush=True)  # fmt: skip
-    predictor_module.flips = flips
+                _, kind, percentile = correction.split("-")
+                low, high = np.percentile(development[kind], [float(percentile), 100 - float(percentile)], axis=0)
+            for shift in SHIFT_NAMES:
+                base = predictor.conform(shifted(pixels, shift))
+                x = clamp(base, kind, low, high) if correction.startswith("clamp-") else base
+                changed = float(np.mean(np.any(x != base, axis=(1, 2, 3))))
+                p = np.concatenate(
+                    [
+                        predictor.predict(x[s : s + 256], cal_meta[s : s + 256]).probability
+                        for s in range(0, len(x), 256)
+                    ]
+                )
+                op = metrics.at_threshold(truth, p, predictor.threshold)
+                print(f"| {correction} | {shift} | {changed:.0%} | {metrics.auc(truth, p):.4f} | "
+                      f"{op.sensitivity:.3f} | {op.specificity:.3f} |", flush=True)  # fmt: skip
+    finally:
+        predictor_module.flips = flips
     print(f"({time.time() - t0:.0f} s)")
 
 

@@ -18,31 +18,28 @@ from pathlib import Path
 
 import numpy as np
 
-CLASSES = 7
+from model.inference.diagnosis import CODES
+
+CLASSES = len(CODES)
+
 NETWORKS = ((256, 1e-4, 10, 0.5), (256, 1e-3, 20, 0.5), (512, 1e-4, 20, 0.5), (128, 1e-4, 10, 0.3))
 
 
 def fused(bundle_dir: Path, data_dir: Path, cache: Path | None):
-    if cache is not None and cache.is_file():
-        d = np.load(cache)
-        return d["features"].astype(np.float32), d["truth"], d["parts"]
-    from model.inference import bundle as bundle_lib
-    from model.inference import diagnosis, field
-    from model.inference.data import IsicDataset
-    from model.training.config import read_config, split_rows
-    from model.training.diagnosis_fit import fused_features
+    """(fused features (views, n, d), class per row, fold per row), from ``cache`` when it exists;
+    the features are stored at float16, so they are that precision either way."""
+    if cache is None or not cache.is_file():
+        from model.inference import bundle as bundle_lib
+        from model.training.diagnosis_fit import bundle_rows, fused_features
 
-    loaded = bundle_lib.load(bundle_dir)
-    cfg = read_config(bundle_dir)
-    dataset = IsicDataset.open(data_dir, limit=cfg.limit)
-    truth = diagnosis.labels(dataset.metadata)
-    parts = split_rows(dataset.targets(), dataset.groups(), cfg)
-    pixels = field.for_manifest(loaded.manifest)(dataset.load_images(loaded.image_size))
-    meta = loaded.spec.transform(dataset.metadata).astype(np.float32)
-    features = fused_features(loaded.network, pixels, meta, True)
-    if cache is not None:
-        np.savez(cache, features=features.astype(np.float16), truth=truth, parts=parts)
-    return features.astype(np.float16).astype(np.float32), truth, parts
+        loaded = bundle_lib.load(bundle_dir)
+        truth, parts, pixels, meta = bundle_rows(loaded, bundle_dir, data_dir)
+        features = fused_features(loaded.network, pixels, meta, True).astype(np.float16)
+        if cache is None:
+            return features.astype(np.float32), truth, parts
+        np.savez(cache, features=features, truth=truth, parts=parts)
+    d = np.load(cache)
+    return d["features"].astype(np.float32), d["truth"], d["parts"]
 
 
 def logistic(features, truth, strength=0.01):
@@ -77,10 +74,8 @@ def network(features, truth, hidden, l2, epochs, dropout, seed=0):
 
 
 def main() -> None:
-    from sklearn.metrics import roc_auc_score
-
     from bench import support
-    from model.inference.diagnosis import balanced_accuracy
+    from model.inference.diagnosis import figures
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=support.ROOT / "model" / "bundles" / "default")
@@ -101,11 +96,10 @@ def main() -> None:
             train = dev & (parts != k)
             oof[parts == k] = fit(features[:, train], truth[train])(features[:, parts == k])
         held = fit(features[:, dev], truth[dev])(features[:, cal])
-        rows.append((
-            name,
-            f"{balanced_accuracy(truth[dev], oof[dev]):.3f}", f"{roc_auc_score(truth[dev] == 0, oof[dev][:, 0]):.3f}",
-            f"{balanced_accuracy(truth[cal], held):.3f}", f"{roc_auc_score(truth[cal] == 0, held[:, 0]):.3f}",
-        ))  # fmt: skip
+        cells = [name]
+        for found in (figures(truth[dev], oof[dev]), figures(truth[cal], held)):
+            cells += [f"{found['balanced_accuracy']:.3f}", f"{found['melanoma_auc']:.3f}"]
+        rows.append(tuple(cells))
     print(f"differential heads — {support.machine()}")
     header = (
         "head",

@@ -50,6 +50,23 @@ def fused_features(network, pixels: np.ndarray, meta: np.ndarray, tta: bool, bat
     return np.stack(out).astype(np.float32)
 
 
+def bundle_rows(loaded, bundle_dir, data_dir):
+    """The rows a bundle was made from, as its Predictor would see them: (class index per row, -1
+    without a diagnosis; fold per row, -1 for the calibration rows; pixels after the bundle's
+    conform step — a circular field's surround filled where it asks; the metadata vectors)."""
+    from model.inference import diagnosis, field
+    from model.inference.data import IsicDataset
+    from model.training.config import read_config, split_rows
+
+    cfg = read_config(Path(bundle_dir))
+    dataset = IsicDataset.open(data_dir, limit=cfg.limit)
+    truth = diagnosis.labels(dataset.metadata)
+    parts = split_rows(dataset.targets(), dataset.groups(), cfg)
+    pixels = field.for_manifest(loaded.manifest)(dataset.load_images(loaded.image_size))
+    meta = loaded.spec.transform(dataset.metadata).astype(np.float32)
+    return truth, parts, pixels, meta
+
+
 def fit_head(features: np.ndarray, truth: np.ndarray, strength: float, classes: int) -> tuple[np.ndarray, np.ndarray]:
     """A dense softmax layer's (kernel (d, classes), bias) fitted on ``features`` (views, n, d) of
     rows with a class (``truth`` ≥ 0): standardised, balanced class weights, every view a row; the
@@ -107,9 +124,7 @@ def refit(bundle_dir, data_dir, version: str) -> dict:
     ``diagnosis`` block."""
     from model.inference import bundle as bundle_lib
     from model.inference import diagnosis
-    from model.inference.data import IsicDataset
     from model.inference.network import DIAGNOSIS_HEAD
-    from model.training.config import read_config, split_rows
 
     bundle_dir = Path(bundle_dir)
     loaded = bundle_lib.load(bundle_dir)
@@ -121,10 +136,7 @@ def refit(bundle_dir, data_dir, version: str) -> dict:
     network = loaded.network
     head = network.get_layer(DIAGNOSIS_HEAD)
     classes = int(head.get_weights()[1].shape[0])
-    cfg = read_config(bundle_dir)
-    dataset = IsicDataset.open(data_dir, limit=cfg.limit)
-    truth = diagnosis.labels(dataset.metadata)
-    parts = split_rows(dataset.targets(), dataset.groups(), cfg)
+    truth, parts, pixels, meta = bundle_rows(loaded, bundle_dir, data_dir)
     if not ((parts < 0) & (truth >= 0)).any():
         raise ModelError(f"{bundle_dir}: its split holds out no calibration rows with a diagnosis to report on")
     dev = (parts >= 0) & (truth >= 0)
@@ -133,8 +145,6 @@ def refit(bundle_dir, data_dir, version: str) -> dict:
         raise ModelError(
             f"the development rows hold no example of class(es) {absent}: cannot fit the differential head"
         )
-    pixels = dataset.load_images(loaded.image_size)
-    meta = loaded.spec.transform(dataset.metadata).astype(np.float32)
     tta = bool(manifest.get("inference", {}).get("tta"))
     features = fused_features(network, pixels, meta, tta)
 

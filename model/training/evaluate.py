@@ -60,11 +60,9 @@ def evaluate(
     y = dataset.targets()
     ids = dataset.ids
     meta = predictor.spec.transform(dataset.metadata)
+    truth = diagnosis.labels(dataset.metadata)  # the differential's classes (-1: no diagnosis)
     if rows is not None:
-        y, ids, meta = y[rows], [ids[i] for i in rows], meta[rows]
-    truth = diagnosis.labels(dataset.metadata)
-    if rows is not None:
-        truth = truth[rows]
+        y, ids, meta, truth = y[rows], [ids[i] for i in rows], meta[rows], truth[rows]
     scores = np.zeros(len(ids), dtype=np.float32)
     classes = None  # the differential as served, for a bundle that has one
     reasons: list = []
