@@ -92,15 +92,23 @@ class Steps:
             lambda d: d.find_element(by, value).text == text
         )
 
+    def follow(self, element, timeout=30):
+        """Click a link or a submit button and wait until the browser has replaced the page: an
+        element of the same id on the old page (a flash, the decision, a table) is otherwise found
+        first and then goes stale under the test while the new page loads."""
+        old = self.d.find_element(By.TAG_NAME, "html")
+        element.click()
+        WebDriverWait(self.d, timeout).until(EC.staleness_of(old))
+
     def login(self, username, password):
         self.go("/login")
         self.d.find_element(By.NAME, "username").send_keys(username)
         self.d.find_element(By.NAME, "password").send_keys(password)
-        self.d.find_element(By.ID, "login").click()
+        self.follow(self.d.find_element(By.ID, "login"))
         self.wait(By.ID, "logout")
 
     def logout(self):
-        self.d.find_element(By.ID, "logout").click()
+        self.follow(self.d.find_element(By.ID, "logout"))
         self.wait(By.ID, "login-form")
 
 
@@ -123,7 +131,7 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
         program = form.find_element(By.NAME, "program")
         program.clear()
         program.send_keys("clinic-a")
-        form.find_element(By.ID, "create-user").click()
+        s.follow(form.find_element(By.ID, "create-user"))
         s.wait(By.XPATH, f"//table[@id='users']//td[text()='{username}']")
     s.shot("admin-created-users")
     s.logout()
@@ -141,7 +149,7 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
     summary = s.wait(By.ID, "report-summary", 60)
     assert "12" in summary.text and "accepted" in summary.text
     s.shot("upload-report")
-    browser.find_element(By.ID, "batch-link").click()
+    s.follow(browser.find_element(By.ID, "batch-link"))
     # the page polls its status and reloads itself once when the batch completes
     WebDriverWait(browser, 180, ignored_exceptions=[StaleElementReferenceException]).until(
         lambda d: d.find_element(By.ID, "batch-state").text == "complete"
@@ -174,7 +182,7 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
     Image.new("RGB", (400, 300), (128, 128, 128)).save(gray)
     s.go("/upload")
     s.wait(By.NAME, "image").send_keys(str(gray))
-    browser.find_element(By.ID, "single-submit").click()
+    s.follow(browser.find_element(By.ID, "single-submit"))
     verdict = s.wait(By.ID, "not-assessable", 60)
     assert (
         "Not assessable: no contrast" in verdict.text and "retake" in browser.find_element(By.ID, "single-result").text
@@ -195,7 +203,7 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
     s.login("dr-derm", "long-enough-pass")
     s.wait(By.ID, "claim-next")
     s.shot("queue")
-    browser.find_element(By.ID, "claim-next").click()
+    s.follow(browser.find_element(By.ID, "claim-next"))
     image = s.wait(By.ID, "lesion")
     WebDriverWait(browser, 30).until(
         lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", image)
@@ -237,12 +245,12 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
     referral_id = int(case_url.rstrip("/").rsplit("/", 1)[1])
     browser.find_element(By.CSS_SELECTOR, "input[value='biopsy_or_excision']").click()
     browser.find_element(By.NAME, "note").send_keys("asymmetric, irregular border")
-    browser.find_element(By.ID, "save-decision").click()
+    s.follow(browser.find_element(By.ID, "save-decision"))
     s.wait(By.CLASS_NAME, "flash")
     assert "Decision saved" in browser.page_source
     s.shot("decided")
     # found again: "my decided cases", and by the sender's reference in the search
-    browser.find_element(By.ID, "my-decided").click()
+    s.follow(browser.find_element(By.ID, "my-decided"))
     found = s.wait(By.ID, "found")
     assert [a.text for a in found.find_elements(By.CSS_SELECTOR, "tbody td:first-child a")] == [f"#{referral_id}"]
     _one_formatting_rule(browser)
@@ -251,27 +259,27 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
         reference = session.scalar(select(Study.external_id).join(Referral).where(Referral.id == referral_id))
     s.go("/referrals/search")
     s.wait(By.NAME, "q").send_keys(reference[-5:])
-    browser.find_element(By.ID, "search").click()
-    s.wait(By.ID, "found").find_element(By.LINK_TEXT, f"#{referral_id}").click()
+    s.follow(browser.find_element(By.ID, "search"))
+    s.follow(s.wait(By.ID, "found").find_element(By.LINK_TEXT, f"#{referral_id}"))
     assert s.wait(By.ID, "decided").text.startswith("Decided: Biopsy or excision")
     # she amends it, saying why
     browser.find_element(By.CSS_SELECTOR, "#amend summary").click()
     browser.find_element(By.CSS_SELECTOR, "#amend-form input[value='routine_follow_up']").click()
     browser.find_element(By.CSS_SELECTOR, "#amend-form textarea[name=reason]").send_keys("re-read: regular network")
     s.shot("case-amend")
-    browser.find_element(By.ID, "save-amendment").click()
+    s.follow(browser.find_element(By.ID, "save-amendment"))
     assert s.wait(By.ID, "decided").text.startswith("Decided: Routine follow-up")
     assert "re-read: regular network" in browser.find_element(By.ID, "amendments").text
     s.shot("case-amended")
     # another case, opened from its row in the queue, is claimed from its page and handed over
     s.go("/referrals/")
-    s.wait(By.CSS_SELECTOR, "#queue tbody tr td a").click()
-    s.wait(By.ID, "claim-this").click()
+    s.follow(s.wait(By.CSS_SELECTOR, "#queue tbody tr td a"))
+    s.follow(s.wait(By.ID, "claim-this"))
     s.wait(By.ID, "decision-form")
     browser.find_element(By.CSS_SELECTOR, "#handover summary").click()
     s.shot("case-hand-over")
     browser.find_element(By.CSS_SELECTOR, "#handover-form textarea[name=note]").send_keys("second look, please")
-    browser.find_element(By.ID, "hand-over").click()
+    s.follow(browser.find_element(By.ID, "hand-over"))
     assert "second opinion asked" in s.wait(By.CLASS_NAME, "flash").text
     s.logout()
 
