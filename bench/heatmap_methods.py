@@ -4,6 +4,8 @@ Grad-CAM (channel weights: the mean gradient) against LayerCAM (Jiang et al., 20
 weighted by its own positive gradient, meant for finer layers), at NASNet's 1/8 cell and at its
 1/4 stem cell, and products of a 1/8 map and a 1/4 map (hot where both layers agree) — all from
 the workers' ONNX Grad-CAM graph (``model.inference.backprop``), flip-averaged as the workers do.
+The shipped map is also measured blurred by a Gaussian (1/32, 1/16 and 1/8 of the image's side).
+The images are conformed as the workers conform them (a circular field's surround filled).
 Measured as ``dermascan heatmap-check`` measures (pointing game and concentration on automatic
 lesion masks, as they are and shifted sideways) on the bundle's held-out malignant lesions: the
 first ``--n`` of them (the set the shipped method was chosen on) and the rest (a confirmation set
@@ -53,6 +55,18 @@ def _product(a, b):
     return make
 
 
+def _smoothed(make, share: float):
+    """``make``'s map blurred by a Gaussian of ``share`` of the image's side: a peak on one cell at
+    the lesion's rim gives way to where the heat is densest."""
+    from scipy import ndimage
+
+    def smoothed(pixels, meta):
+        heat = ndimage.gaussian_filter(make(pixels, meta).astype(np.float64), share * pixels.shape[1], mode="nearest")
+        return (heat / heat.max()).astype(np.float32) if heat.max() > 0 else heat.astype(np.float32)
+
+    return smoothed
+
+
 def _randomised(model, seed: int = 0):
     import onnx
     from onnx import numpy_helper
@@ -95,7 +109,7 @@ def main() -> None:
     rows = np.flatnonzero((split_rows(y, dataset.groups(), cfg) < 0) & (y == 1))
     sets = {"selection": rows[: args.n], "confirmation": rows[args.n :]}
     loaded = {
-        name: (dataset.load_images(predictor.image_size, ids=[dataset.ids[i] for i in chosen]),
+        name: (predictor.conform(dataset.load_images(predictor.image_size, ids=[dataset.ids[i] for i in chosen])),
                predictor.spec.transform(dataset.metadata.iloc[chosen]))
         for name, chosen in sets.items() if len(chosen)
     }  # fmt: skip
@@ -130,6 +144,12 @@ def main() -> None:
         methods[name] = (
             _product(methods[first][0], methods[second][0]),
             _product(methods[first][1], methods[second][1]),
+        )
+    for denominator in (32, 16, 8):
+        shipped = methods["Grad-CAM, 1/8 cell (shipped)"]
+        methods[f"Grad-CAM, 1/8 cell, smoothed (σ = 1/{denominator} of the side)"] = (
+            _smoothed(shipped[0], 1 / denominator),
+            _smoothed(shipped[1], 1 / denominator),
         )
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(";")]
