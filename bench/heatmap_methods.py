@@ -4,7 +4,8 @@ Grad-CAM (channel weights: the mean gradient) against LayerCAM (Jiang et al., 20
 weighted by its own positive gradient, meant for finer layers), at NASNet's 1/8 cell and at its
 1/4 stem cell, and products of a 1/8 map and a 1/4 map (hot where both layers agree) — all from
 the workers' ONNX Grad-CAM graph (``model.inference.backprop``), flip-averaged as the workers do.
-The shipped map is also measured blurred by a Gaussian (1/32, 1/16 and 1/8 of the image's side).
+Also: Grad-CAM at NASNet's earlier 1/8 cells and its last 1/16 cell, alone and times the shipped
+map, and the shipped map blurred by a Gaussian (1/32, 1/16 and 1/8 of the image's side).
 The images are conformed as the workers conform them (a circular field's surround filled).
 Measured as ``dermascan heatmap-check`` measures (pointing game and concentration on automatic
 lesion masks, as they are and shifted sideways) on the bundle's held-out malignant lesions: the
@@ -26,6 +27,11 @@ import numpy as np
 from bench import support
 
 STEM = "reduction_concat_stem_1"  # NASNet's last cell at 1/4 of the input's side
+OTHER_CELLS = {  # Grad-CAM at other cells than the shipped one (NASNet's last cell at 1/8)
+    "Grad-CAM, normal cell 1 (1/8)": "normal_concat_1",
+    "Grad-CAM, normal cell 2 (1/8)": "normal_concat_2",
+    "Grad-CAM, normal cell 8 (1/16)": "normal_concat_8",
+}
 
 
 def layer_cam(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
@@ -114,12 +120,21 @@ def main() -> None:
         for name, chosen in sets.items() if len(chosen)
     }  # fmt: skip
     forward = onnx.load(str(predictor.onnx_file))
-    stem = next(n.output[0] for n in forward.graph.node if n.op_type == "Concat" and f"/{STEM}" in n.name)
+
+    def output_of(cell):
+        return next(n.output[0] for n in forward.graph.node if n.op_type == "Concat" and f"/{cell}_" in n.name)
+
+    wanted_methods = [m.strip() for m in args.methods.split(";")] if args.methods else None
+    places = [("1/8 cell", None), ("1/4 stem cell", [output_of(STEM)])] + [
+        (name, [output_of(cell)])
+        for name, cell in OTHER_CELLS.items()
+        if wanted_methods is None or any(name in m for m in wanted_methods)
+    ]
 
     def sessions(model):
         return {
             where: ort.InferenceSession(gradcam_graph(model, cells=cells).SerializeToString(), providers=["CPUExecutionProvider"])
-            for where, cells in (("1/8 cell", None), ("1/4 stem cell", [stem]))
+            for where, cells in places
         }  # fmt: skip
 
     trained, random = sessions(forward), sessions(_randomised(forward))
@@ -145,14 +160,17 @@ def main() -> None:
             _product(methods[first][0], methods[second][0]),
             _product(methods[first][1], methods[second][1]),
         )
+    shipped = methods["Grad-CAM, 1/8 cell (shipped)"]
+    for name, _ in places[2:]:
+        methods[name] = (_maker(trained[name], grad_cam), _maker(random[name], grad_cam))
+        methods[f"shipped × {name}"] = (_product(shipped[0], methods[name][0]), _product(shipped[1], methods[name][1]))
     for denominator in (32, 16, 8):
-        shipped = methods["Grad-CAM, 1/8 cell (shipped)"]
         methods[f"Grad-CAM, 1/8 cell, smoothed (σ = 1/{denominator} of the side)"] = (
             _smoothed(shipped[0], 1 / denominator),
             _smoothed(shipped[1], 1 / denominator),
         )
-    if args.methods:
-        wanted = [m.strip() for m in args.methods.split(";")]
+    if wanted_methods:
+        wanted = wanted_methods
         unknown = [m for m in wanted if m not in methods]
         if unknown:
             parser.error(f"unknown method(s) {unknown}: one of {list(methods)}")
