@@ -124,11 +124,8 @@ def main() -> None:
     def output_of(cell):
         return next(n.output[0] for n in forward.graph.node if n.op_type == "Concat" and f"/{cell}_" in n.name)
 
-    wanted_methods = [m.strip() for m in args.methods.split(";")] if args.methods else None
     places = [("1/8 cell", None), ("1/4 stem cell", [output_of(STEM)])] + [
-        (name, [output_of(cell)])
-        for name, cell in OTHER_CELLS.items()
-        if wanted_methods is None or any(name in m for m in wanted_methods)
+        (name, [output_of(cell)]) for name, cell in OTHER_CELLS.items()
     ]
 
     def sessions(model):
@@ -169,8 +166,8 @@ def main() -> None:
             _smoothed(shipped[0], 1 / denominator),
             _smoothed(shipped[1], 1 / denominator),
         )
-    if wanted_methods:
-        wanted = wanted_methods
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(";")]
         unknown = [m for m in wanted if m not in methods]
         if unknown:
             parser.error(f"unknown method(s) {unknown}: one of {list(methods)}")
