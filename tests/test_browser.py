@@ -96,9 +96,23 @@ class Steps:
         """Click a link or a submit button and wait until the browser has replaced the page: an
         element of the same id on the old page (a flash, the decision, a table) is otherwise found
         first and then goes stale under the test while the new page loads."""
+        from selenium.common.exceptions import WebDriverException
+
         old = self.d.find_element(By.TAG_NAME, "html")
         element.click()
-        WebDriverWait(self.d, timeout).until(EC.staleness_of(old))
+
+        def replaced(_):
+            try:
+                old.is_enabled()
+            except StaleElementReferenceException:
+                return True
+            except WebDriverException as exc:  # Chrome's word for a node of a page being replaced
+                if "does not belong to the document" in str(exc):
+                    return True
+                raise
+            return False
+
+        WebDriverWait(self.d, timeout).until(replaced)
 
     def login(self, username, password):
         self.go("/login")

@@ -191,10 +191,10 @@ def test_the_local_validation_page_in_a_browser(pg_settings, tiny_bundle, live_s
     field = browser.find_element(By.NAME, "threshold")
     field.clear()
     field.send_keys("0.62")
-    browser.find_element(By.ID, "preview-program-threshold").click()
+    s.follow(browser.find_element(By.ID, "preview-program-threshold"))
     s.wait(By.ID, "previewed-row")
     browser.find_element(By.NAME, "confirm").click()
-    browser.find_element(By.ID, "save-program-threshold").click()
+    s.follow(browser.find_element(By.ID, "save-program-threshold"))
     s.wait_text(By.ID, "threshold-in-force", "0.6200")
     s.shot("program-threshold-set")
 
