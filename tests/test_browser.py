@@ -165,9 +165,7 @@ def test_upload_score_claim_decide_audit(pg_settings, live_server, start_worker,
     s.shot("upload-report")
     s.follow(browser.find_element(By.ID, "batch-link"))
     # the page polls its status and reloads itself once when the batch completes
-    WebDriverWait(browser, 180, ignored_exceptions=[StaleElementReferenceException]).until(
-        lambda d: d.find_element(By.ID, "batch-state").text == "complete"
-    )
+    s.wait_text(By.ID, "batch-state", "complete", 180)
     s.wait(By.CSS_SELECTOR, "table#results tbody tr")
     assert len(browser.find_elements(By.CSS_SELECTOR, "table#results tbody tr")) == 12
     histogram = browser.find_element(By.ID, "probability-histogram")
