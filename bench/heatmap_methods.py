@@ -158,7 +158,7 @@ def main() -> None:
             _product(methods[first][1], methods[second][1]),
         )
     shipped = methods["Grad-CAM, 1/8 cell (shipped)"]
-    for name, _ in places[2:]:
+    for name in OTHER_CELLS:
         methods[name] = (_maker(trained[name], grad_cam), _maker(random[name], grad_cam))
         methods[f"shipped × {name}"] = (_product(shipped[0], methods[name][0]), _product(shipped[1], methods[name][1]))
     for denominator in (32, 16, 8):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 from PIL import Image
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
@@ -86,8 +86,6 @@ class Steps:
         """Until the element shows ``text`` — read again while a navigation replaces the page (the
         old page's element may be found first, then detached: Chrome then answers "Node with given
         id does not belong to the document")."""
-        from selenium.common.exceptions import WebDriverException
-
         WebDriverWait(self.d, timeout, ignored_exceptions=[StaleElementReferenceException, WebDriverException]).until(
             lambda d: d.find_element(by, value).text == text
         )
@@ -96,8 +94,6 @@ class Steps:
         """Click a link or a submit button and wait until the browser has replaced the page: an
         element of the same id on the old page (a flash, the decision, a table) is otherwise found
         first and then goes stale under the test while the new page loads."""
-        from selenium.common.exceptions import WebDriverException
-
         old = self.d.find_element(By.TAG_NAME, "html")
         element.click()
 

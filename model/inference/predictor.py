@@ -315,6 +315,13 @@ class Predictor:
             spread = self.calibrator(preds).std(axis=0).astype(np.float32) if self.tta else None
         return Predicted(calibrated, spread, features, missing, classes)
 
+    def differential(self, classes: np.ndarray) -> np.ndarray:
+        """The differential as it is served: the network's class probabilities (``Predicted.classes``)
+        re-weighted by the bundle's prior adjustment (``model.inference.diagnosis.adjust``)."""
+        from model.inference import diagnosis
+
+        return diagnosis.adjust(classes, self.bundle.manifest.get("diagnosis"))
+
     def post_process(self, prepared: Prepared, predicted: Predicted) -> list[Score]:
         """Scores with the gate's verdict: a not-assessable image gets its reason and no referral."""
         from model.inference.reference import image_stats
@@ -325,11 +332,7 @@ class Predictor:
             embedded = np.round(self.change.embed(predicted.features), 5)
         spread = predicted.spread
         stats = image_stats(prepared.pixels, prepared.sizes, prepared.measured) if len(prepared.pixels) else []
-        differential = None
-        if predicted.classes is not None:
-            from model.inference import diagnosis
-
-            differential = np.round(diagnosis.adjust(predicted.classes, self.bundle.manifest.get("diagnosis")), 5)
+        differential = None if predicted.classes is None else np.round(self.differential(predicted.classes), 5)
         return [
             Score(
                 float(p),

@@ -75,9 +75,7 @@ def evaluate(
         if predicted.classes is not None:
             if classes is None:
                 classes = np.zeros((len(ids), predicted.classes.shape[1]), np.float32)
-            classes[start : start + len(chunk)] = diagnosis.adjust(
-                predicted.classes, predictor.bundle.manifest.get("diagnosis")
-            )
+            classes[start : start + len(chunk)] = predictor.differential(predicted.classes)
         reasons += predictor.gate.reasons(pixels, sizes, predicted.features)[0]
         if progress:
             progress(len(chunk))
