@@ -87,9 +87,10 @@ def once(venv: Path, timeout: float = 600) -> tuple[float, float, float, bool]:
                 text = log.read_text(errors="replace")
                 if warm is None and WARM in text:
                     warm, rss = time.perf_counter() - started, rss_mb(proc.pid)
-                if HEATMAPS_WARM in text:
+                if heat is None and HEATMAPS_WARM in text:  # before WARM since 2026-12-06, after it before
                     heat = time.perf_counter() - started
                     tensorflow = maps_tensorflow(proc.pid)
+                if warm is not None and heat is not None:
                     break
                 if proc.poll() is not None or "Grad-CAM warm-up failed" in text:
                     raise RuntimeError(f"the worker exited with {proc.returncode}:\n{text[-3000:]}")

@@ -70,4 +70,4 @@ def _load_model(**_):
         return
     leases.Heartbeat(settings).start()  # renews the leases of the studies this process scores
     runtime.configure_backend(settings)
-    warm.warm_up(settings)
+    warm.warm_up(settings, heatmaps=broker.MAINTENANCE in served)
