@@ -63,6 +63,22 @@ def test_quality_thresholds_pass_real_dermoscopy_and_catch_unusable_frames(ham_p
     assert again.failures(quality.measure(pixels[held], sizes[held])).count(None) == 200
 
 
+def test_the_measures_of_a_batch_are_each_images_own_measures(ham_pixels):
+    """Measured a few images at a time, with the block means written out: the same bits as one
+    image at a time and as the strided mean, at square, oblong and odd sizes."""
+    pixels, sizes = ham_pixels
+    for size in (128, [144, 192], [97, 131]):
+        batch = np.stack([resize(p, size) for p in pixels[:61]])  # not a multiple of the chunk
+        together = quality.measure(batch, sizes[:61])
+        alone = [quality.measure(batch[i : i + 1], sizes[i : i + 1]) for i in range(len(batch))]
+        for key, values in together.items():
+            assert np.array_equal(values, np.concatenate([a[key] for a in alone])), (size, key)
+        luma = quality._luma(batch)
+        n, h, w = len(luma), luma.shape[1] // 2 * 2, luma.shape[2] // 2 * 2
+        strided = luma[:, :h, :w].reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+        assert np.array_equal(quality._half(luma), strided), size
+
+
 def test_default_thresholds_of_bundles_without_a_gate(ham_pixels):
     """Old bundles: the resolution-free checks only; real dermoscopy passes at any input size."""
     pixels, sizes = ham_pixels

@@ -47,6 +47,19 @@ def _laplacian(luma: np.ndarray) -> np.ndarray:
     return luma[:, :-2, 1:-1] + luma[:, 2:, 1:-1] + luma[:, 1:-1, :-2] + luma[:, 1:-1, 2:] - 4.0 * luma[:, 1:-1, 1:-1]
 
 
+_CHUNK = 8  # images measured together (each measure is per image: the chunking changes no bit)
+
+
+def _half(luma: np.ndarray) -> np.ndarray:
+    """The 2×2 block means of (n, h, w) images (odd last rows and columns dropped) — the same bits
+    as ``reshape(n, h/2, 2, w/2, 2).mean(axis=(2, 4))``, whose strided reduction cost a third of
+    the measures."""
+    h, w = luma.shape[1] // 2 * 2, luma.shape[2] // 2 * 2
+    top = luma[:, 0:h:2, 0:w:2] + luma[:, 0:h:2, 1:w:2]
+    bottom = luma[:, 1:h:2, 0:w:2] + luma[:, 1:h:2, 1:w:2]
+    return (top + bottom) / np.float32(4)
+
+
 def measure(pixels: np.ndarray, sizes: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The quality measures of a batch of model-input images (n, s, s, 3) uint8.
 
@@ -63,10 +76,16 @@ def measure(pixels: np.ndarray, sizes: np.ndarray | None = None) -> dict[str, np
     - min_side and aspect of the original image.
     """
     pixels = np.asarray(pixels)
+    if len(pixels) > _CHUNK:  # a few images at a time: their float copies stay in the cache
+        sizes = None if sizes is None else np.asarray(sizes, dtype=np.float32).reshape(len(pixels), 2)
+        parts = [
+            measure(pixels[i : i + _CHUNK], None if sizes is None else sizes[i : i + _CHUNK])
+            for i in range(0, len(pixels), _CHUNK)
+        ]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     n = len(pixels)
     luma = _luma(pixels)
-    h, w = luma.shape[1] // 2 * 2, luma.shape[2] // 2 * 2
-    half = luma[:, :h, :w].reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+    half = _half(luma)
     lap_full = _laplacian(luma).reshape(n, -1).std(axis=1)
     lap_half = _laplacian(half).reshape(n, -1).std(axis=1)
     if sizes is None:
