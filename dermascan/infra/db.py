@@ -46,6 +46,18 @@ def dialect_insert(session: Session, table):
 
 
 def insert_ignoring_conflicts(session: Session, table, rows: list[dict], conflict: list[str]) -> None:
-    """One multi-row INSERT of ``rows``; a row whose ``conflict`` columns already exist is skipped."""
-    if rows:
-        session.execute(dialect_insert(session, table).values(rows).on_conflict_do_nothing(index_elements=conflict))
+    """INSERT ``rows`` (every row with the same keys); a row whose ``conflict`` columns already
+    exist is skipped.
+
+    One cached statement executed for many rows, not ``.values(rows)``, which compiled a new
+    statement with a bound parameter per value on every call (a third of a result write's time).
+    On PostgreSQL the statement returns its conflict columns: that makes it one that SQLAlchemy's
+    "insertmanyvalues" sends as multi-row VALUES, a round trip per thousand rows, where an
+    ``ON CONFLICT`` statement without RETURNING went to the driver's executemany, a round trip
+    per row. (SQLite, in process, has no round trips to save.)"""
+    if not rows:
+        return
+    statement = dialect_insert(session, table).on_conflict_do_nothing(index_elements=conflict)
+    if session.get_bind().dialect.name == "postgresql":
+        statement = statement.returning(*(table.c[name] for name in conflict))
+    session.execute(statement, rows)
