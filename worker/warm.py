@@ -99,8 +99,8 @@ def _warm_gradcam(pred) -> None:
 
 
 def gradcam(pred):
-    """The process's Grad-CAM of the loaded bundle's network. While the warm-up thread traces it,
-    a heat map task waits here for it."""
+    """The process's Grad-CAM of the loaded bundle's network, built once (by the warm-up, or by the
+    first heat map where the warm-up was off or failed); callers in other threads wait for it."""
     from model.inference.gradcam import for_predictor
 
     with _gradcam_lock:
@@ -111,8 +111,7 @@ def gradcam(pred):
 
 
 class _Traced:
-    """A Grad-CAM whose calls run one at a time (the warm-up thread and a task never trace it
-    twice, side by side)."""
+    """A Grad-CAM whose calls run one at a time (two threads never run its session side by side)."""
 
     def __init__(self, cam):
         self._cam, self._lock = cam, threading.Lock()
