@@ -14,7 +14,7 @@ from dermascan.intake.submission import submit
 from dermascan.upkeep.sweeper import sweep
 from tests.helpers import all_done, ham_inputs, program_id, status_counts
 from tests.services import wait_for
-from worker.warm import HEATMAPS_WARM, WARM
+from worker.warm import FOLLOW_UP_WARM, HEATMAPS_WARM, WARM
 
 
 def test_fifty_ham_studies_scored_and_referred_by_threshold(pg_settings, start_worker, ham_dir, tiny_bundle):
@@ -25,7 +25,7 @@ def test_fifty_ham_studies_scored_and_referred_by_threshold(pg_settings, start_w
     wait_for(lambda: all_done(settings, 50, result.batch_id), 180, message="50 studies scored")
     # warm means warm: Grad-CAM and the follow-up path ran before the first task, not beside it
     log = worker.log()
-    assert log.index(HEATMAPS_WARM) < log.index(WARM) and log.index("follow-up path warm") < log.index(WARM), log
+    assert log.index(HEATMAPS_WARM) < log.index(WARM) and log.index(FOLLOW_UP_WARM) < log.index(WARM), log
 
     with session_factory(settings.database_url)() as session:
         bundle = session.scalar(select(ModelBundle).where(ModelBundle.active.is_(True)))

@@ -1,6 +1,6 @@
 """Warming up: everything a worker's first task touches runs once before it takes work — every
-batch shape, Grad-CAM (where this worker draws heat maps), the database, the broker's producer
-and the follow-up path. Nothing is left to warm in a thread beside the first tasks: building the
+batch shape and a JPEG decode (``Predictor.warm_up``), Grad-CAM (where this worker draws heat
+maps), the database, the broker's producer and the follow-up path. Nothing is left to warm in a thread beside the first tasks: building the
 ONNX Runtime session of Grad-CAM holds the interpreter lock for a second or two, which stalled the
 first tasks' claims, decodes and writes (measured: the first task of a bulk run took 2.8 s
 instead of 0.5 s, a fifth of a 1,000-study run's wall time)."""
@@ -27,6 +27,8 @@ WARM = "warm: taking work"  # logged when everything the first task touches has 
 
 HEATMAPS_WARM = "heat maps warm"  # logged when Grad-CAM has run once (before WARM, in a worker that draws maps)
 
+FOLLOW_UP_WARM = "follow-up path warm"  # logged when the delivery scheduling and the producer have run (before WARM)
+
 
 def warm_up(settings: Settings, heatmaps: bool = True) -> None:
     """Load the bundle, run every fixed batch shape once, Grad-CAM once (``heatmaps``: this worker
@@ -47,25 +49,10 @@ def warm_up(settings: Settings, heatmaps: bool = True) -> None:
     except Exception:  # the first task will raise the same error with its context
         log.exception("warm-up failed")
         return
-    _warm_decode(pred)
     if heatmaps:
         _warm_gradcam(pred)
     _warm_follow_up(settings)
     log.info(WARM)
-
-
-def _warm_decode(pred) -> None:
-    """A JPEG through the predictor's decoding and quality measures (the decoder's first use)."""
-    import io
-
-    from PIL import Image
-
-    data = io.BytesIO()
-    Image.new("RGB", (96, 72), (180, 120, 100)).save(data, "JPEG")
-    try:
-        pred.pre_process([data.getvalue()], [{}])
-    except Exception:  # the first task meets the same error with its context
-        log.exception("warming up the image decoding failed")
 
 
 def _warm_follow_up(settings: Settings) -> None:
@@ -82,7 +69,7 @@ def _warm_follow_up(settings: Settings) -> None:
     except Exception as exc:
         log.warning("warming up the follow-up path failed (%s); the first task will meet it", exc)
         return
-    log.info("%sfollow-up path warm (%.2f s)", STARTING, time.perf_counter() - t0)
+    log.info("%s%s (%.2f s)", STARTING, FOLLOW_UP_WARM, time.perf_counter() - t0)
 
 
 _gradcam_lock = threading.Lock()

@@ -10,6 +10,7 @@ says which images cannot be assessed at all (:mod:`model.inference.gate`).
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 
 from model.errors import ImageDecodeError
 from model.inference import bundle as bundle_lib
@@ -362,7 +364,8 @@ class Predictor:
         return out
 
     def warm_up(self, progress=None) -> float:
-        """Run every fixed batch shape once (compiles on JAX, traces on TensorFlow). Returns seconds.
+        """Run every fixed batch shape once (compiles on JAX, traces on TensorFlow), then a JPEG
+        through the decoding and the quality measures (the decoder's first use). Returns seconds.
         ``progress(done, size, seconds)`` is called after each shape."""
         t0 = time.perf_counter()
         for done, size in enumerate(self.batch_sizes, 1):
@@ -370,6 +373,9 @@ class Predictor:
             self._run(pixels, np.zeros((size, self.spec.dim), np.float32))
             if progress is not None:
                 progress(done, size, time.perf_counter() - t0)
+        jpeg = io.BytesIO()
+        Image.new("RGB", (96, 72), (180, 120, 100)).save(jpeg, "JPEG")
+        self.pre_process([jpeg.getvalue()], [{}])
         seconds = time.perf_counter() - t0
         log.info("predictor %s warmed up %s in %.1f s", self.version, self.batch_sizes, seconds)
         return seconds
