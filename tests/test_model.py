@@ -805,3 +805,47 @@ def test_a_circular_field_of_view_is_filled_with_its_rim_and_nothing_else_is():
     assert fill_outside_field(batch) is batch  # nothing in it has a field-of-view surround
     both = fill_outside_field(np.stack([skin, circular]))
     assert np.array_equal(both[0], skin) and np.array_equal(both[1], filled)
+
+
+def test_the_differential_s_classes_are_weighted_by_their_counts():
+    """``--diagnosis-balance``: each class weighted by count^-power, the rows' mean weight 1; a
+    class with no rows gets the largest weight and unknown rows (-1) are not counted."""
+    from model.training.folds import class_weights
+
+    rows = np.array([0] * 60 + [1] * 30 + [2] * 10 + [-1] * 50)
+    assert np.allclose(class_weights(rows, 0.0, 4), 1.0)
+    balanced = class_weights(rows, 1.0, 4)
+    assert balanced[:3] * np.array([60, 30, 10]) == pytest.approx([100 / 3] * 3)  # every class the same total
+    assert balanced[rows[rows >= 0]].mean() == pytest.approx(1.0) and balanced[3] == pytest.approx(balanced[2])
+    root = class_weights(rows, 0.5, 4)
+    assert root[2] / root[0] == pytest.approx(np.sqrt(6)) and root[rows[rows >= 0]].mean() == pytest.approx(1.0)
+
+
+def test_distill_trains_the_differential_with_weighted_classes_and_a_wider_camera(trained_bundle, ham_dir, tmp_path):
+    """A tiny fold student with the differential weighted towards rare classes and the wider camera
+    augmentation: it trains, its checkpoint (which names the weighted loss) loads again, and the
+    recipe is recorded."""
+    from click.testing import CliRunner
+
+    from dermascan.cli import main
+    from model.inference.network import WIDE_CAMERA_AUGMENTATION
+    from model.training.distill import DistillConfig
+
+    work = tmp_path / "work"
+    args = ["distill", "--teacher", str(trained_bundle), "--data", str(ham_dir), "--work-dir", str(work),
+            "--backbone", "tiny", "--image-size", "32", "--epochs", "1", "--folds", "0", "--no-final",
+            "--diagnosis-weight", "0.5", "--diagnosis-balance", "0.5", "--augment", "camera-wide"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    cfg = DistillConfig.read(work / "config.json")
+    assert cfg.diagnosis_balance == 0.5 and cfg.augmentation == WIDE_CAMERA_AUGMENTATION
+    import keras
+
+    from model.training.folds import _masked_loss
+
+    _masked_loss()
+    model = keras.saving.load_model(work / "fold0" / "last.keras")
+    weights = model.loss[1].weights
+    assert len(weights) == 7 and max(weights) > 1.0 > min(weights)  # nevi weigh less than the rare classes
+    bad = CliRunner().invoke(main, [*args[:-5], "--diagnosis-balance", "2"])
+    assert bad.exit_code == 2 and "--diagnosis-balance" in bad.output

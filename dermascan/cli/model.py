@@ -382,11 +382,11 @@ def unpack(bundle_dir, data_dir, work_dir):
 )
 @click.option(
     "--augment",
-    type=click.Choice(["standard", "strong", "camera"]),
+    type=click.Choice(["standard", "strong", "camera", "camera-wide"]),
     default="standard",
     show_default=True,
-    help="camera: the standard augmentation plus another dermatoscope's white balance, exposure, vignette and "
-    "circular field of view.",
+    help="camera: the standard augmentation plus another dermatoscope's white balance (±15 %), exposure (±25 %), "
+    "vignette and circular field of view; camera-wide: the same with white balance ±25 % and exposure ±35 %.",
 )
 @click.option(
     "--diagnosis-weight",
@@ -394,6 +394,14 @@ def unpack(bundle_dir, data_dir, work_dir):
     default=0.0,
     show_default=True,
     help="Train the differential diagnosis (seven classes) as a second output with this loss weight (0: none).",
+)
+@click.option(
+    "--diagnosis-balance",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Weigh each diagnosis in the differential's loss by its count^-POWER (0: every row alike; 0.5: square "
+    "root; 1: balanced classes).",
 )
 @click.option(
     "--colour-constancy/--no-colour-constancy", default=False, show_default=True, help="Shades of Gray in the graph."
@@ -441,13 +449,13 @@ def unpack(bundle_dir, data_dir, work_dir):
 @_needs_train
 def distill(
     teacher_dir, data_dir, work_dir, out_dir, version, image_size, epochs, alpha, ema_momentum, ema, lr_schedule,
-    augment, diagnosis_weight, colour_constancy, metadata_dropout, metadata_dropout_all, keep, init_seed, warm_start,
-    learning_rate, only_folds, final, limit, backbone,
+    augment, diagnosis_weight, diagnosis_balance, colour_constancy, metadata_dropout, metadata_dropout_all, keep,
+    init_seed, warm_start, learning_rate, only_folds, final, limit, backbone,
 ):  # fmt: skip
     """Distil an ensemble bundle into one network (resumable): fold students measure the recipe, the final student
     (every development row) ships; calibration, threshold and gate are fitted on the held-out calibration set."""
     from model.errors import ModelError
-    from model.inference.network import CAMERA_AUGMENTATION
+    from model.inference.network import CAMERA_AUGMENTATION, WIDE_CAMERA_AUGMENTATION
     from model.training.distill import STRONG_AUGMENTATION, DistillConfig
     from model.training.distill import distill as run_distill
 
@@ -467,8 +475,11 @@ def distill(
         image_size=image_size, epochs=epochs, alpha=alpha, ema_momentum=ema_momentum if ema else None,
         lr_schedule=lr_schedule, init_seed=init_seed, limit=limit or teacher_cfg.limit, backbone=backbone,
         folds=teacher_cfg.folds, seed=teacher_cfg.seed, calibration_fraction=teacher_cfg.calibration_fraction,
-        augmentation={"strong": STRONG_AUGMENTATION, "camera": CAMERA_AUGMENTATION}.get(augment, {}),
-        diagnosis_weight=diagnosis_weight, colour_constancy=colour_constancy, metadata_dropout=metadata_dropout,
+        augmentation={
+            "strong": STRONG_AUGMENTATION, "camera": CAMERA_AUGMENTATION, "camera-wide": WIDE_CAMERA_AUGMENTATION,
+        }.get(augment, {}),
+        diagnosis_weight=diagnosis_weight, diagnosis_balance=diagnosis_balance, colour_constancy=colour_constancy,
+        metadata_dropout=metadata_dropout,
         metadata_dropout_all=metadata_dropout_all, keep=keep, warm_start=starts, learning_rate=learning_rate,
         verbose=1 if sys.stderr.isatty() else 2,
     )  # fmt: skip

@@ -196,6 +196,9 @@ class Augmentation:
 NO_AUGMENTATION = Augmentation(False, 0.0, 0.0, (0.02, 0.06), 0.0, 0.0, 0.0, 0.0)
 # model v4's recipe: the standard augmentation plus what other dermatoscopes do to an image
 CAMERA_AUGMENTATION = {"white_balance": 0.15, "exposure": 0.25, "vignette": 0.4, "field_of_view": 0.35}
+# wider: a cooler or warmer light (red ×0.9, blue ×1.1) and a 20 % darker exposure well inside the
+# range rather than near its edge
+WIDE_CAMERA_AUGMENTATION = {"white_balance": 0.25, "exposure": 0.35, "vignette": 0.4, "field_of_view": 0.35}
 
 
 def build(

@@ -60,6 +60,9 @@ class TrainConfig:
     # all of them with ``metadata_dropout_all``), and which weights a validated fold keeps ("best"
     # epoch by validation AUC, or "last": the same rule as a network trained without validation)
     diagnosis_weight: float = 0.0
+    # the differential's classes weighted by (count)^-power in its loss (0: every row alike; 1:
+    # balanced, ISIC 2018's metric), normalised so that the training rows' mean weight is 1
+    diagnosis_balance: float = 0.0
     colour_constancy: bool = False
     metadata_dropout: float = 0.0
     metadata_dropout_all: float = 0.0

@@ -278,10 +278,12 @@ def compare(data_dir, work_dirs, fold: int = 0, n_boot: int = 2000) -> list[dict
         saved.append(np.load(path))
         cfg = DistillConfig.read(work / "config.json")
         configs.append(cfg)
-        augment = "camera" if "white_balance" in cfg.augmentation else "strong" if cfg.augmentation else "standard"
+        wb = cfg.augmentation.get("white_balance")
+        augment = f"camera (white balance ±{wb:g})" if wb else "strong" if cfg.augmentation else "standard"
         ema = f"EMA {cfg.ema_momentum}" if cfg.ema_momentum else "no EMA"
         seed = "" if cfg.init_seed is None else f", init seed {cfg.init_seed}"
         seed += f", differential weight {cfg.diagnosis_weight:g}" if cfg.diagnosis_weight else ""
+        seed += f", balance {cfg.diagnosis_balance:g}" if cfg.diagnosis_balance else ""
         labels.append(
             f"{work.name}: {size_label(cfg.image_size)}, {cfg.epochs} epochs, {augment}, {ema}, {cfg.lr_schedule}{seed}"
         )

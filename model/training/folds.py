@@ -44,22 +44,62 @@ def tta_predict(model, images: np.ndarray, meta: np.ndarray, batch_size: int = 6
     return preds.mean(axis=0), preds.std(axis=0), preds[0]
 
 
+def class_weights(diagnosis: np.ndarray, power: float, classes: int) -> np.ndarray:
+    """Each class's weight in the differential's loss: (its count among the rows that have a
+    diagnosis)^-power, scaled so that those rows' mean weight is 1 (power 0: all 1; 1: balanced).
+    A class absent from the rows gets the largest weight of the others (nothing to weigh)."""
+    known = diagnosis[diagnosis >= 0].astype(int)
+    counts = np.bincount(known, minlength=classes).astype(float)
+    weights = np.zeros(classes)
+    present = counts > 0
+    weights[present] = counts[present] ** -float(power)
+    weights /= (weights[known].mean() if len(known) else 1.0) or 1.0
+    weights[~present] = weights[present].max() if present.any() else 1.0
+    return weights
+
+
 @__import__("functools").cache
-def _masked_loss():
+def _masked_loss_types():
     import keras
+    from keras import ops
 
-    @keras.saving.register_keras_serializable(package="dermascan")
-    def masked_sparse_crossentropy(y_true, y_pred):
-        """Cross-entropy of the differential over the rows that have a diagnosis (label ≥ 0)."""
-        from keras import ops
-
+    def masked(y_true, y_pred, weights=None):
         labels = ops.reshape(ops.cast(y_true, "int32"), (-1,))
         known = ops.cast(labels >= 0, y_pred.dtype)
         safe = ops.maximum(labels, 0)
         loss = keras.losses.sparse_categorical_crossentropy(safe, y_pred)
+        if weights is not None:
+            loss = loss * ops.take(ops.convert_to_tensor(weights, y_pred.dtype), safe)
         return ops.sum(loss * known) / ops.maximum(ops.sum(known), 1.0)
 
-    return masked_sparse_crossentropy
+    @keras.saving.register_keras_serializable(package="dermascan")
+    def masked_sparse_crossentropy(y_true, y_pred):
+        """Cross-entropy of the differential over the rows that have a diagnosis (label ≥ 0)."""
+        return masked(y_true, y_pred)
+
+    @keras.saving.register_keras_serializable(package="dermascan")
+    class WeightedMaskedCrossentropy(keras.losses.Loss):
+        """The same, each row weighted by its class's weight (:func:`class_weights`), summed over
+        the rows that have a diagnosis and divided by their number."""
+
+        def __init__(self, weights, name="weighted_masked_crossentropy", **kwargs):
+            super().__init__(name=name, **kwargs)
+            self.weights = [float(w) for w in weights]
+
+        def call(self, y_true, y_pred):
+            return masked(y_true, y_pred, self.weights)
+
+        def get_config(self):
+            return {"weights": self.weights, "name": self.name}
+
+    return masked_sparse_crossentropy, WeightedMaskedCrossentropy
+
+
+def _masked_loss(weights=None):
+    """The differential's loss (registered, so a checkpoint that uses it loads): plain, or with
+    each class weighted."""
+    plain, weighted = _masked_loss_types()
+    return plain if weights is None else weighted(weights)
 
 
 class _ResumeState:
@@ -163,6 +203,13 @@ def train_fold(
             from model.training.warm_start import copy_weights, source_network
 
             copy_weights(model, source_network(cfg.warm_start[fold_dir.name]))
+        differential_loss = None
+        if two:
+            weights = None
+            if cfg.diagnosis_balance:
+                weights = class_weights(diagnosis[train_idx], cfg.diagnosis_balance, len(CODES))
+                log.info("%s: differential class weights %s", fold_dir.name, np.round(weights, 3).tolist())
+            differential_loss = _masked_loss(weights)
         learning_rate = cfg.learning_rate
         if cfg.lr_schedule == "cosine":
             steps = cfg.epochs * int(np.ceil(len(train_idx) / cfg.batch_size))
@@ -174,7 +221,7 @@ def train_fold(
                 use_ema=cfg.ema_momentum is not None,
                 ema_momentum=cfg.ema_momentum or 0.99,
             ),
-            loss=[keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing), _masked_loss()]
+            loss=[keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing), differential_loss]
             if two
             else keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
             loss_weights=[1.0, cfg.diagnosis_weight] if two else None,
