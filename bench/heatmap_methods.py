@@ -5,7 +5,10 @@ weighted by its own positive gradient, meant for finer layers), at NASNet's 1/8 
 1/4 stem cell, and products of a 1/8 map and a 1/4 map (hot where both layers agree) — all from
 the workers' ONNX Grad-CAM graph (``model.inference.backprop``), flip-averaged as the workers do.
 Also: Grad-CAM at NASNet's earlier 1/8 cells and its last 1/16 cell, alone and times the shipped
-map, and the shipped map blurred by a Gaussian (1/32, 1/16 and 1/8 of the image's side).
+map, and the shipped map blurred by a Gaussian (1/32, 1/16 and 1/8 of the image's side). And the
+gradient with respect to the image itself (Simonyan et al., 2014: its magnitude per pixel; and
+gradient × input), blurred, alone and times the shipped map — the plain gradient is the map that
+passes Adebayo et al.'s randomisation test best.
 The images are conformed as the workers conform them (a circular field's surround filled).
 Measured as ``dermascan heatmap-check`` measures (pointing game and concentration on automatic
 lesion masks, as they are and shifted sideways) on the bundle's held-out malignant lesions: the
@@ -51,6 +54,16 @@ def _maker(session, cam):
         return flip_averaged(*views.shape[1:3], [(out[0].transpose(0, 2, 3, 1), out[1].transpose(0, 2, 3, 1))], cam)
 
     return make
+
+
+def input_gradient(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """The gradient's magnitude at each pixel (summed over the colour channels)."""
+    return np.abs(grads).sum(-1)
+
+
+def gradient_times_input(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """|gradient × input| at each pixel (the input as the network sees it, in [-1, 1])."""
+    return np.abs((features * grads).sum(-1))
 
 
 def _product(a, b):
@@ -124,7 +137,9 @@ def main() -> None:
     def output_of(cell):
         return next(n.output[0] for n in forward.graph.node if n.op_type == "Concat" and f"/{cell}_" in n.name)
 
-    places = [("1/8 cell", None), ("1/4 stem cell", [output_of(STEM)])] + [
+    # the image as the network sees it (scaled to [-1, 1]), channels first: the stem's input
+    pixels_in = next(n.output[0] for n in forward.graph.node if n.op_type == "Transpose")
+    places = [("1/8 cell", None), ("1/4 stem cell", [output_of(STEM)]), ("image", [pixels_in])] + [
         (name, [output_of(cell)]) for name, cell in OTHER_CELLS.items()
     ]
 
@@ -166,6 +181,15 @@ def main() -> None:
             _smoothed(shipped[0], 1 / denominator),
             _smoothed(shipped[1], 1 / denominator),
         )
+    for label, cam in (("input gradient", input_gradient), ("gradient × input", gradient_times_input)):
+        plain = (_maker(trained["image"], cam), _maker(random["image"], cam))
+        for denominator in (32, 16):
+            blurred = (_smoothed(plain[0], 1 / denominator), _smoothed(plain[1], 1 / denominator))
+            methods[f"{label}, smoothed (σ = 1/{denominator} of the side)"] = blurred
+            methods[f"shipped × {label}, smoothed (σ = 1/{denominator})"] = (
+                _product(shipped[0], blurred[0]),
+                _product(shipped[1], blurred[1]),
+            )
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(";")]
         unknown = [m for m in wanted if m not in methods]
