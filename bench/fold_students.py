@@ -27,34 +27,29 @@ import numpy as np
 from bench import support
 
 
-def _scores(model, pixels, meta, *, features=None):
-    """Mean over the four flips of the malignancy score and the class probabilities (and of the
-    fused features, with ``features``)."""
+def _scores(outputs, pixels, meta):
+    """Mean over the four flips of the malignancy score, the class probabilities and the fused
+    features (``outputs``: the network with the differential head's input as a third output)."""
     from model.inference.predictor import flips
 
-    mal, cls, feat = [], [], []
-    for view in flips(pixels):
-        inputs = {"image": np.ascontiguousarray(view), "meta": meta}
-        out = model.predict(inputs, batch_size=64, verbose=0)
-        mal.append(np.asarray(out[0]).ravel())
-        cls.append(np.asarray(out[1]))
-        if features is not None:
-            feat.append(features.predict(inputs, batch_size=64, verbose=0))
-    return np.mean(mal, 0), np.mean(cls, 0), (np.mean(feat, 0) if feat else None)
+    views = [outputs.predict({"image": np.ascontiguousarray(v), "meta": meta}, batch_size=64, verbose=0)
+             for v in flips(pixels)]  # fmt: skip
+    return tuple(np.mean([np.asarray(view[i]) for view in views], 0) for i in range(3))
 
 
 def _refit(features, truth, groups, folds: int = 5, strength: float = 0.01) -> np.ndarray:
-    """Class probabilities of a balanced multinomial logistic regression on standardised features,
-    each row predicted by the model fitted without its patient's group."""
-    from sklearn.linear_model import LogisticRegression
+    """Class probabilities of the shipped head's refit (``diagnosis_fit.fit_head``: balanced
+    multinomial logistic regression on standardised features), each row predicted by the head
+    fitted without its patient's group."""
     from sklearn.model_selection import GroupKFold
 
-    out = np.zeros((len(truth), 7))
+    from model.inference.diagnosis import CODES
+    from model.training.diagnosis_fit import fit_head, head_probabilities
+
+    out = np.zeros((len(truth), len(CODES)))
     for fit, held in GroupKFold(folds).split(features, truth, groups):
-        mean, std = features[fit].mean(0), features[fit].std(0) + 1e-6
-        head = LogisticRegression(C=strength, class_weight="balanced", max_iter=2000)
-        head.fit((features[fit] - mean) / std, truth[fit])
-        out[np.ix_(held, head.classes_)] = head.predict_proba((features[held] - mean) / std)
+        kernel, bias = fit_head(features[None, fit], truth[fit], strength, len(CODES))
+        out[held] = head_probabilities(features[None, held], kernel, bias)
     return out
 
 
@@ -101,17 +96,18 @@ def main(argv=None) -> None:
         y, truth = dataset.targets()[rows], diagnosis.labels(dataset.metadata)[rows]
         groups = dataset.groups()[rows]
         meta = spec.transform(dataset.metadata)[rows].astype(np.float32)
-        features = keras.Model(network.inputs, network.get_layer(DIAGNOSIS_HEAD).input)
+        outputs = keras.Model(network.inputs, [*network.outputs, network.get_layer(DIAGNOSIS_HEAD).input])
         raw = dataset.load_images(cfg.image_size, ids=[dataset.ids[i] for i in rows])
         threshold = None
         for shift, (label, _) in SHIFTS.items():
             pixels = fill_outside_field(shifted(raw, shift))
-            score, classes, fused = _scores(network, pixels, meta, features=features if shift == "none" else None)
+            score, classes, fused = _scores(outputs, pixels, meta)
+            score = score.ravel()
             if threshold is None:  # the images as taken come first: 95 % of their malignant lesions
-                threshold = float(np.quantile(score[y == 1], 0.05))
+                threshold = metrics.threshold_for_sensitivity(y, score, 0.95)
                 taken = metrics.auc(y, score)
                 known = truth >= 0
-                prior = np.bincount(truth[known], minlength=7) / known.sum()
+                prior = np.bincount(truth[known], minlength=len(diagnosis.CODES)) / known.sum()
                 adjusted = diagnosis.adjust(classes, {"prior_adjustment": {"tau": 1.0, "prior": prior.tolist()}})
                 refit = _refit(fused[known], truth[known], groups[known])
                 for head, probabilities in (
@@ -124,11 +120,10 @@ def main(argv=None) -> None:
                     differential.append((
                         work.name, head, f"{found['balanced_accuracy']:.3f}", f"{found['melanoma_auc']:.3f}", recall,
                     ))  # fmt: skip
-            auc = metrics.auc(y, score)
-            referred = score >= threshold
+            auc, point = metrics.auc(y, score), metrics.at_threshold(y, score, threshold)
             malignancy.append((
-                work.name, label, f"{auc:.4f}", f"{auc - taken:+.4f}", f"{referred[y == 1].mean():.3f}",
-                f"{(~referred[y == 0]).mean():.3f}",
+                work.name, label, f"{auc:.4f}", f"{auc - taken:+.4f}", f"{point.sensitivity:.3f}",
+                f"{point.specificity:.3f}",
             ))  # fmt: skip
             print(f"{work.name}: {label} scored", flush=True)
     where = "the held-out calibration set" if final else "their validation fold"

@@ -66,6 +66,18 @@ def gradient_times_input(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
     return np.abs((features * grads).sum(-1))
 
 
+class _Lazy:
+    """An ONNX Runtime session built on its first ``run``."""
+
+    def __init__(self, build):
+        self._build, self._session = build, None
+
+    def run(self, *args):
+        if self._session is None:
+            self._session = self._build()
+        return self._session.run(*args)
+
+
 def _product(a, b):
     def make(pixels, meta):
         both = a(pixels, meta) * b(pixels, meta)
@@ -144,8 +156,11 @@ def main() -> None:
     ]
 
     def sessions(model):
+        """A session per place, each built when a chosen method first runs it (the backward graph
+        to the image is the costliest to build)."""
         return {
-            where: ort.InferenceSession(gradcam_graph(model, cells=cells).SerializeToString(), providers=["CPUExecutionProvider"])
+            where: _Lazy(lambda cells=cells: ort.InferenceSession(
+                gradcam_graph(model, cells=cells).SerializeToString(), providers=["CPUExecutionProvider"]))
             for where, cells in places
         }  # fmt: skip
 

@@ -1,9 +1,10 @@
 """Warming up: everything a worker's first task touches runs once before it takes work — every
 batch shape and a JPEG decode (``Predictor.warm_up``), Grad-CAM (where this worker draws heat
-maps), the database, the broker's producer and the follow-up path. Nothing is left to warm in a thread beside the first tasks: building the
-ONNX Runtime session of Grad-CAM holds the interpreter lock for a second or two, which stalled the
-first tasks' claims, decodes and writes (measured: the first task of a bulk run took 2.8 s
-instead of 0.5 s, a fifth of a 1,000-study run's wall time)."""
+maps), the database, the broker's producer and the follow-up path. Nothing is left to warm in a
+thread beside the first tasks: building the ONNX Runtime session of Grad-CAM holds the
+interpreter lock for a second or two, which stalled the first tasks' claims, decodes and writes
+(measured: the first task of a bulk run took 2.8 s instead of 0.5 s, a fifth of a 1,000-study
+run's wall time)."""
 
 from __future__ import annotations
 

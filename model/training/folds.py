@@ -49,12 +49,12 @@ def class_weights(diagnosis: np.ndarray, power: float, classes: int) -> np.ndarr
     diagnosis)^-power, scaled so that those rows' mean weight is 1 (power 0: all 1; 1: balanced).
     A class absent from the rows gets the largest weight of the others (nothing to weigh)."""
     known = diagnosis[diagnosis >= 0].astype(int)
+    if not known.size:
+        return np.ones(classes)
     counts = np.bincount(known, minlength=classes).astype(float)
-    weights = np.zeros(classes)
-    present = counts > 0
-    weights[present] = counts[present] ** -float(power)
-    weights /= (weights[known].mean() if len(known) else 1.0) or 1.0
-    weights[~present] = weights[present].max() if present.any() else 1.0
+    weights = np.where(counts > 0, np.maximum(counts, 1.0) ** -float(power), 0.0)
+    weights /= weights[known].mean()
+    weights[counts == 0] = weights.max()
     return weights
 
 
