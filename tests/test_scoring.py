@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from sqlalchemy import func, select
@@ -39,6 +40,21 @@ def test_fifty_ham_studies_scored_and_referred_by_threshold(pg_settings, start_w
         expected = {sid for sid, p in predictions.items() if p.probability >= bundle.threshold}
         assert referred == expected
         assert 0 < len(referred) < 50  # the tiny bundle's threshold is its median score
+        high_risk = set(session.scalars(select(Referral.study_id).where(Referral.category == "high_risk")))
+
+    # the score task sent one heat-map message for its referred studies; each heat-map task draws
+    # one map and queues the rest again (scoring waiting goes first), until every one has its map
+    def maps_drawn():
+        with session_factory(settings.database_url)() as session:
+            drawn = session.scalars(select(Prediction.heatmap_sha256).where(Prediction.study_id.in_(high_risk)))
+            return all(drawn)
+
+    def made() -> list[int]:  # each heat-map task's count, from its log line (written after its commit)
+        return [int(n) for n in re.findall(r"heat maps: (\d+) made", worker.log())]
+
+    wait_for(maps_drawn, 120, message="a heat map for every study referred for risk")
+    wait_for(lambda: sum(made()) >= len(high_risk), 30, message="the heat-map tasks' log lines")
+    assert max(made()) == 1 and sum(made()) == len(high_risk), made()
 
 
 def test_same_idempotency_key_twice_gives_one_study_one_prediction(pg_settings, start_worker, ham_dir):

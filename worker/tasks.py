@@ -29,9 +29,10 @@ def score(self, study_ids: list[int], interactive: bool = False) -> dict:
     except runtime.TransientError as exc:
         raise self.retry(exc=exc) from exc
     started = time.perf_counter()
-    # one small message per study: heat maps run when no scoring is waiting (maintenance queue)
-    # and never hold up an interactive study for more than one Grad-CAM
-    broker.send_many(settings, broker.TASK_HEATMAPS, [[[study_id]] for study_id in outcome.referred_ids])
+    # one message for the task's referred studies: heat maps run when no scoring is waiting
+    # (maintenance queue), one at a time (see ``heatmaps``)
+    if outcome.referred_ids:
+        broker.send_many(settings, broker.TASK_HEATMAPS, [[outcome.referred_ids]])
     broker.send_many(settings, broker.TASK_CALLBACK, [[b, 0] for b in outcome.finished_batches], queue=broker.CALLBACKS)
     # results back to the PACS: now, or (referred for risk) once the heat map is made
     waiting = set(outcome.referred_ids)
@@ -53,13 +54,20 @@ def _schedule_delivery(settings, study_ids: list[int]) -> None:
 
 @shared_task(name=broker.TASK_HEATMAPS, acks_late=True)
 def heatmaps(study_ids: list[int]) -> int:
+    """The first study's heat map; the others go back to the queue in one message of their own,
+    so that scoring waiting in a queue of higher priority is taken before the next map (an
+    interactive study waits for one Grad-CAM at most) and a score task sends one message, not
+    one per referred study."""
     from worker.heatmaps import make_heatmaps
 
     settings = _settings()
+    first, rest = study_ids[:1], study_ids[1:]
     try:
-        return make_heatmaps(settings, study_ids)
+        return make_heatmaps(settings, first)
     finally:
-        _schedule_delivery(settings, study_ids)
+        _schedule_delivery(settings, first)
+        if rest:
+            broker.send_many(settings, broker.TASK_HEATMAPS, [[rest]])
 
 
 @shared_task(name=broker.TASK_DELIVER, acks_late=True)
