@@ -134,10 +134,14 @@ def lock_lesions(session: Session, study_ids: Sequence[int]) -> list[tuple[int, 
     return [(r[0], r[1]) for r in rows]
 
 
-def compare_visits(session: Session, bundle_version: str, study_ids: Sequence[int], change=None) -> dict:
+def compare_visits(
+    session: Session, bundle_version: str, study_ids: Sequence[int], change=None, locked: Sequence | None = None
+) -> dict:
     """Each just-scored study of a lesion against its previous visit, in the caller's
-    transaction → {study id: (newly high risk, changed)} for those compared."""
-    named = lock_lesions(session, study_ids)
+    transaction → {study id: (newly high risk, changed)} for those compared. ``locked``: what
+    :func:`lock_lesions` returned for these studies where the caller has taken the locks already."""
+    wanted = set(study_ids)
+    named = lock_lesions(session, study_ids) if locked is None else [(s, lesion) for s, lesion in locked if s in wanted]
     out: dict[int, tuple] = {}
     if not named:
         return out

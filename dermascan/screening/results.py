@@ -166,7 +166,7 @@ def record(
     now = utcnow()
     lost: list[int] = []
     # row locks in one order: the lesions of the visits first (by id), then the studies (by id)
-    follow_up.lock_lesions(session, [s.study_id for s in scored])
+    locked = follow_up.lock_lesions(session, [s.study_id for s in scored])
     if owner is not None:  # results are written only for the studies this worker still holds
         held = still_held(session, owner, [s.study_id for s in scored] + [f[0] for f in failed])
         lost = sorted(({s.study_id for s in scored} | {f[0] for f in failed}) - held)
@@ -178,7 +178,7 @@ def record(
     thresholds = {s.study_id: own.get(s.study_id, threshold) for s in scored}
     _insert_predictions(session, bundle_version, thresholds, scored, now)
     _set_statuses(session, [s.study_id for s in scored], failed, now)
-    compared = follow_up.compare_visits(session, bundle_version, [s.study_id for s in scored], change)
+    compared = follow_up.compare_visits(session, bundle_version, [s.study_id for s in scored], change, locked)
     decided = [
         (s, referral_policy.decide(
             s.probability, thresholds[s.study_id], s.assessable, *compared.get(s.study_id, (None, None))))
