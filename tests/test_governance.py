@@ -70,6 +70,48 @@ def test_a_new_worker_bundle_decides_nothing_until_an_admin_activates_it(
     assert "* tiny-second" in listed
 
 
+def test_workers_starting_together_register_their_bundle_once_and_both_warm_up(pg_url, tiny_bundle):
+    """Two worker processes of a new deployment register the same bundle at the same moment: the
+    second waits for the first's transaction and finds its row (before, its insert failed on the
+    unique key and its warm-up with it); the bundle is registered and activated once."""
+    import threading
+    import time
+
+    factory = session_factory(pg_url)
+    first_registered, release = threading.Event(), threading.Event()
+    second: dict = {}
+
+    def first_worker():
+        with factory() as session, session.begin():
+            bundles.register_for_worker(session, tiny_bundle)
+            first_registered.set()
+            release.wait(30)  # its transaction stays open: the other worker starts meanwhile
+
+    def second_worker():
+        try:
+            with factory() as session, session.begin():
+                second["version"] = bundles.register_for_worker(session, tiny_bundle).version
+        except Exception as exc:  # noqa: BLE001 — the test reports what the second worker met
+            second["error"] = exc
+
+    one = threading.Thread(target=first_worker)
+    one.start()
+    assert first_registered.wait(30)
+    two = threading.Thread(target=second_worker)
+    two.start()
+    time.sleep(0.5)
+    assert two.is_alive(), second  # waiting for the first worker's transaction
+    release.set()
+    one.join(30)
+    two.join(30)
+    assert "error" not in second, second
+    with factory() as session:
+        rows = list(session.scalars(select(ModelBundle)))
+        assert [(r.version, r.active) for r in rows] == [(second["version"], True)]
+        activated = session.scalars(select(AuditEvent).where(AuditEvent.action == "bundle_activated")).all()
+        assert len(activated) == 1
+
+
 def test_a_shadow_bundle_scores_the_same_studies_in_the_same_batch_and_decides_nothing(
     pg_settings, start_worker, ham_dir
 ):

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from dermascan.errors import Conflict, NotFound
 from dermascan.infra.schema import ModelBundle, utcnow
 from model.inference.bundle import read_manifest
+
+REGISTER_LOCK_KEY = 0x44534E5247  # "DSNRG": workers registering their bundle take turns
 
 
 def register(session: Session, bundle_dir: Path | str, activate: bool = True) -> ModelBundle:
@@ -117,7 +119,13 @@ def retire_version(session: Session, version: str, by_user_id: int | None = None
 def register_for_worker(session: Session, bundle_dir: Path | str) -> ModelBundle:
     """What a starting worker does: record its bundle without activating it — unless no bundle
     is active yet (a new deployment), when the first one is activated, audited as such. A worker
-    with another bundle never takes over a deployment just by starting."""
+    with another bundle never takes over a deployment just by starting.
+
+    Workers that start together (the processes of one ``--concurrency``, a scaled deployment) take
+    turns here (a PostgreSQL advisory lock held to the end of the transaction): the second finds
+    the first's row, instead of inserting it again and failing its warm-up on the unique key."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": REGISTER_LOCK_KEY})
     row = register(session, bundle_dir, activate=False)
     if active(session) is None:
         activate_version(session, row.version, by="the first worker of a deployment with no active bundle")
