@@ -78,6 +78,10 @@ class Settings:
     jax_cache_min_compile_s: float = 1.0
     # worker
     worker_concurrency: int = 1
+    # threads of one worker process's forward pass and heat maps (ONNX Runtime, OpenVINO); 0: every
+    # core. With worker_concurrency processes, e.g. one thread each (bench.throughput --concurrency
+    # --threads measures a layout; docs/benchmarks.md)
+    inference_threads: int = 0
     # ingest limits
     max_request_bytes: int = 512 * 1024 * 1024
     max_image_bytes: int = 25 * 1024 * 1024

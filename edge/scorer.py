@@ -27,13 +27,9 @@ FORMAT = "dermascan-edge/1"
 class _OnnxRuntime:
     def __init__(self, path: Path, threads: int | None):
         require_extra("onnxruntime", "onnx", "an ONNX edge package", "dermascan-edge")
-        import onnxruntime as ort
+        from model.inference.runtimes import ort_session
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads)
 
         self.outputs = ["probability", "features"]
         if "diagnosis" in {o.name for o in self.session.get_outputs()}:

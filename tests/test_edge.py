@@ -286,3 +286,45 @@ def test_a_circular_field_of_view_is_filled_alike_on_the_server_and_the_edge(exp
         server.predict_raw(as_decoded, prepared.meta)[0],
     )
     assert np.abs(raw_filled - raw_black).max() > 1e-4  # the network's answer is the filled image's
+
+
+def test_a_worker_s_inference_threads_reach_its_forward_pass_and_its_heat_maps(exported, ham_dir, tmp_path):
+    """DERMASCAN_INFERENCE_THREADS: the threads of one call of the worker's forward pass (ONNX
+    Runtime, or OpenVINO unpinned, so that single-threaded worker processes spread over the cores)
+    and of its Grad-CAM; the scores are those of the runtime on every core; 0 threads is refused."""
+    import platform
+    import shutil
+
+    from dermascan.config import Settings
+    from model.errors import ModelError
+    from model.inference.gradcam import for_predictor
+    from model.inference.loader import package_folder
+    from model.inference.predictor import Predictor
+    from worker.runtime import load_predictor, packages_dir
+
+    bundle, package = exported
+
+    settings = Settings.from_env(
+        env={"DERMASCAN_INFERENCE_THREADS": "1", "DERMASCAN_RUNTIME": "auto", "DERMASCAN_TTA": "0"},
+        data_dir=tmp_path, model_bundle=bundle,
+    )  # fmt: skip
+    assert settings.inference_threads == 1 and Settings.from_env(env={}).inference_threads == 0
+    # the package as `dermascan bundle register` leaves it in the data folder, then loaded as a worker does
+    shutil.copytree(package, package_folder(packages_dir(settings), read_manifest(bundle)))
+    one = load_predictor(settings)
+    assert one.threads == 1
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert one.runtime == "openvino"
+        assert one._onnx.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+        assert one._onnx.compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert for_predictor(one).session.get_session_options().intra_op_num_threads == 1
+    on_ort = Predictor(bundle, onnx_package=package, onnx_runtime="onnxruntime", threads=1)
+    assert on_ort._onnx.session.get_session_options().intra_op_num_threads == 1
+    every_core = Predictor(bundle, onnx_package=package, onnx_runtime="onnxruntime")
+    images = [base64.b64decode(r["image_base64"]) for r in json_records(ham_dir, 6)]
+    metas = [{"age_approx": 60, "sex": "male", "anatom_site_general": "trunk"}] * len(images)
+    for threaded in (one, on_ort):
+        a, b = threaded.score(images, metas), every_core.score(images, metas)
+        assert max(abs(x.probability - y.probability) for x, y in zip(a, b, strict=True)) <= 1e-4
+    with pytest.raises(ModelError, match="inference threads 0"):
+        Predictor(bundle, onnx_package=package, onnx_runtime="onnxruntime", threads=0)

@@ -43,6 +43,7 @@ def load_predictor(settings: Settings):
     return load(
         settings.model_bundle, batch_sizes=settings.predict_batch_sizes, tta=settings.tta,
         mixed_precision=settings.mixed_precision, runtime=settings.runtime, packages_dir=packages_dir(settings),
+        threads=settings.inference_threads or None,
     )  # fmt: skip
 
 

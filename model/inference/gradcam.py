@@ -90,14 +90,14 @@ class OnnxGradCam(_FlipAveraged):
     """Grad-CAM on ONNX Runtime: the bundle's ONNX file with the log-odds' gradient added
     (``model.inference.backprop``), built in memory when the object is made."""
 
-    def __init__(self, onnx_file):
+    def __init__(self, onnx_file, threads: int | None = None):
         import onnx
-        import onnxruntime as ort
 
         from model.inference.backprop import gradcam_graph
+        from model.inference.runtimes import ort_session
 
         graph = gradcam_graph(onnx.load(str(onnx_file)))
-        self.session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        self.session = ort_session(graph.SerializeToString(), threads)
         self.members = sum(1 for o in self.session.get_outputs() if o.name.startswith("cell_grad_"))
 
     def features_and_gradients(self, pixels: np.ndarray, meta: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -118,7 +118,7 @@ def for_predictor(predictor):
     if path is None and installed("onnxruntime"):
         path = onnx_file(predictor.bundle.directory, predictor.bundle.manifest)
     if path is not None and installed("onnx"):
-        return OnnxGradCam(path)
+        return OnnxGradCam(path, predictor.threads)
     if path is not None:
         log.warning("the onnx package is not installed (pip install onnx): Grad-CAM runs on the Keras network")
     else:

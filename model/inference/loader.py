@@ -91,8 +91,9 @@ def runtime_package(bundle_dir, manifest: dict, runtime: str, packages_dir=None)
 
 
 def load_predictor(bundle_dir, *, batch_sizes, tta: bool | None = None, mixed_precision: bool = False,
-                   runtime: str = "auto", packages_dir=None):  # fmt: skip
-    """The bundle as a Predictor, with the flips its manifest recommends unless ``tta`` says."""
+                   runtime: str = "auto", packages_dir=None, threads: int | None = None):  # fmt: skip
+    """The bundle as a Predictor, with the flips its manifest recommends unless ``tta`` says;
+    ``threads``: of one ONNX call (None: every core)."""
     from model.inference.bundle import read_manifest
     from model.inference.predictor import Predictor
 
@@ -102,6 +103,7 @@ def load_predictor(bundle_dir, *, batch_sizes, tta: bool | None = None, mixed_pr
         bundle_dir, batch_sizes=batch_sizes, tta=flips, mixed_precision=mixed_precision,
         onnx_package=runtime_package(bundle_dir, manifest, runtime, packages_dir),
         onnx_runtime="onnxruntime" if runtime == "onnxruntime" else ("openvino" if runtime == "openvino" else "auto"),
+        threads=threads,
     )  # fmt: skip
     log.info(
         "loaded bundle %s (tta=%s, runtime %s%s)", loaded.version, flips, loaded.runtime,

@@ -141,6 +141,7 @@ class Predictor:
         mixed_precision: bool = False,
         onnx_package=None,
         onnx_runtime: str = "onnxruntime",
+        threads: int | None = None,
     ):
         # on an ONNX package the Keras network is never loaded (nor Keras imported)
         self.bundle = bundle or bundle_lib.load(bundle_dir, network=onnx_package is None)
@@ -162,6 +163,7 @@ class Predictor:
         self.tta = tta
         self.threshold = self.bundle.threshold if threshold is None else float(threshold)
         self.decode_workers = decode_workers
+        self.threads = threads  # of one ONNX call (the forward pass, Grad-CAM); None: every core
         # an ONNX edge package of this bundle: the forward pass runs on ONNX Runtime, and so does
         # Grad-CAM (model.inference.backprop extends the same file backwards)
         # (``onnx_runtime``: ONNX Runtime, OpenVINO, or ``auto``: OpenVINO where it is exact,
@@ -178,7 +180,9 @@ class Predictor:
             if package["source"]["weights_sha256"] != self.bundle.manifest["weights_sha256"]:
                 raise bundle_lib.BundleError(f"{onnx_package}: exported from another bundle than {self.version}")
             self.onnx_file = Path(onnx_package) / package["file"]
-            self._onnx, self._onnx_runtime = open_session(self.onnx_file, onnx_runtime, self.image_shape, self.spec.dim)
+            self._onnx, self._onnx_runtime = open_session(
+                self.onnx_file, onnx_runtime, self.image_shape, self.spec.dim, threads
+            )
             names = set(self._onnx.output_names)
             self._onnx_outputs = ["probability", "features", *(["diagnosis"] if "diagnosis" in names else [])]
 

@@ -27,7 +27,9 @@ CHOICES = ("auto", "onnxruntime", "openvino")
 
 
 class OpenVinoSession:
-    """An OpenVINO compiled model behind ONNX Runtime's ``run(names, feeds)``."""
+    """An OpenVINO compiled model behind ONNX Runtime's ``run(names, feeds)``; ``threads``: the
+    threads of one call (None: every core), then not pinned to cores — OpenVINO pins a process's
+    threads to the first cores, so several single-threaded processes would share one core."""
 
     def __init__(self, path: Path, threads: int | None = None):
         import openvino as ov
@@ -35,6 +37,7 @@ class OpenVinoSession:
         config = {"NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+            config["ENABLE_CPU_PINNING"] = False
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.output_names = [port.get_any_name() for port in self.compiled.outputs]
@@ -46,14 +49,27 @@ class OpenVinoSession:
 
 
 class OrtSession:
-    def __init__(self, path: Path):
-        import onnxruntime as ort
+    """An ONNX Runtime session on the CPU; ``threads``: the threads of one call (None: every core)."""
 
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    def __init__(self, path, threads: int | None = None):
+        self.session = ort_session(path, threads)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, names, feeds: dict) -> list[np.ndarray]:
         return self.session.run(list(names), feeds)
+
+
+def ort_session(model, threads: int | None = None):
+    """An ONNX Runtime CPU session of ``model`` (a path or the serialised graph); ``threads``: the
+    threads of one call (None: every core)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=["CPUExecutionProvider"])  # fmt: skip
 
 
 def check_inputs(image_shape: tuple[int, int], meta_dim: int, n: int = 6, seed: int = 20261205) -> dict:
@@ -89,18 +105,21 @@ def _exact(diff: dict[str, float]) -> bool:
     return all(v <= (TOLERANCE if k == "probability" else FEATURE_TOLERANCE) for k, v in diff.items())
 
 
-def open_session(path, choice: str, image_shape, meta_dim: int) -> tuple[object, str]:
-    """(session, runtime name) for the ONNX file at ``path``."""
+def open_session(path, choice: str, image_shape, meta_dim: int, threads: int | None = None) -> tuple[object, str]:
+    """(session, runtime name) for the ONNX file at ``path``; ``threads``: the threads of one call
+    (None: every core)."""
     if choice not in CHOICES:
         raise ModelError(f"ONNX runtime {choice!r}: one of {', '.join(CHOICES)}")
-    reference = OrtSession(Path(path))
+    if threads is not None and threads < 1:
+        raise ModelError(f"inference threads {threads}: at least 1 (or none: every core)")
+    reference = OrtSession(Path(path), threads)
     if choice == "onnxruntime":
         return reference, "onnxruntime"
     if choice == "auto" and platform.machine().lower() not in ("x86_64", "amd64"):
         log.info("ONNX Runtime: OpenVINO is tried on x86 CPUs only (this is %s)", platform.machine())
         return reference, "onnxruntime"
     try:
-        candidate = OpenVinoSession(Path(path))
+        candidate = OpenVinoSession(Path(path), threads)
     except ImportError:
         if choice == "openvino":
             raise ModelError(
