@@ -38,6 +38,11 @@ def main(argv=None) -> None:
         default=None,
         help="flips on or off (default: as the bundle's manifest recommends)",
     )
+    parser.add_argument("--concurrency", type=int, default=1, help="worker processes (celery --concurrency)")
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="threads of each worker process's forward pass (DERMASCAN_INFERENCE_THREADS; 0: every core)",
+    )  # fmt: skip
     parser.add_argument("--keep-log", type=Path, help="copy the worker's log here")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -57,12 +62,18 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp, support.scratch_postgres() as pg:
         tmp = Path(tmp)
         settings = support.settings(
-            tmp / "data", pg, support.redis_url(), args.bundle, tta=args.tta, bulk_chunk_size=args.chunk
+            tmp / "data",
+            pg,
+            support.redis_url(),
+            args.bundle,
+            tta=args.tta,
+            bulk_chunk_size=args.chunk,
+            inference_threads=args.threads,
         )
         factory = session_factory(settings.database_url)
         with factory() as session, session.begin():
             pid = get_or_create_program(session, "bench").id
-        worker = support.Worker(settings, tmp / "worker.log")
+        worker = support.Worker(settings, tmp / "worker.log", concurrency=args.concurrency)
         worker.wait_ready(900, warm=True)
 
         def send_singles(items) -> list[int]:
@@ -120,7 +131,8 @@ def main(argv=None) -> None:
     ]
     print(f"latency benchmark — {support.machine()}")
     print(f"bundle {manifest['version']} ({size_label(manifest['image_size'])}), TTA {'on' if (args.tta if args.tta is not None else manifest.get('inference', {}).get('tta')) else 'off'}, bulk chunk {args.chunk}, "
-          f"one interactive study every {args.interval:g} s; {left:,} bulk studies were still waiting when the last interactive one was sent")  # fmt: skip
+          f"one interactive study every {args.interval:g} s; {left:,} bulk studies were still waiting when the last interactive one was sent; "
+          f"worker processes {args.concurrency}, inference threads {args.threads or 'every core'}")  # fmt: skip
     print(support.table(rows, ("phase", "studies", "p50 s", "p95 s", "max s")))
 
 

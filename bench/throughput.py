@@ -29,10 +29,33 @@ from bench import support
 from model.inference.data import size_label
 
 
-def raw_forward(settings, images: np.ndarray, meta: np.ndarray, seconds: float = 20.0) -> tuple[float, str]:
+def raw_forward(settings, images: np.ndarray, meta: np.ndarray, seconds: float = 20.0, processes: int = 1):
     """Forward passes per second of the bundle's network on fixed-shape batches (after warm-up),
-    loaded exactly as the worker loads it (its runtime, TTA and precision settings), and the
-    runtime's name."""
+    loaded exactly as the worker loads it (its runtime, TTA, precision and thread settings), and
+    the runtime's name; in ``processes`` processes side by side (as many as the worker has, each
+    with the worker's threads), their rates summed."""
+    if processes == 1:
+        return _raw_one(settings, images, meta, seconds)
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # this process has a runtime's threads already
+    ready, out = context.Barrier(processes), context.Queue()
+    children = [
+        context.Process(target=_raw_child, args=(settings, images, meta, seconds, ready, out)) for _ in range(processes)
+    ]
+    for child in children:
+        child.start()
+    rates = [out.get() for _ in children]
+    for child in children:
+        child.join()
+    return sum(rate for rate, _ in rates), rates[0][1]
+
+
+def _raw_child(settings, images, meta, seconds, ready, out) -> None:
+    out.put(_raw_one(settings, images, meta, seconds, ready))
+
+
+def _raw_one(settings, images, meta, seconds, ready=None) -> tuple[float, str]:
     import dataclasses
 
     from worker.runtime import load_predictor
@@ -41,6 +64,8 @@ def raw_forward(settings, images: np.ndarray, meta: np.ndarray, seconds: float =
     predictor = load_predictor(dataclasses.replace(settings, predict_batch_sizes=(batch,)))
     x_img, x_meta = images[:batch], meta[:batch]
     predictor.predict(x_img, x_meta)  # trace / compile
+    if ready is not None:  # the processes start timing together
+        ready.wait()
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         predictor.predict(x_img, x_meta)
@@ -65,6 +90,10 @@ def main(argv=None) -> None:
     )  # fmt: skip
     parser.add_argument("--object-store", action="store_true", help="images in S3 (moto's server) instead of a folder")
     parser.add_argument("--concurrency", type=int, default=1, help="worker processes (celery --concurrency)")
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="threads of each worker process's forward pass (DERMASCAN_INFERENCE_THREADS; 0: every core)",
+    )  # fmt: skip
     parser.add_argument("--keep-log", type=Path, help="copy the worker's log here")
     args = parser.parse_args(argv)
     blob_url = start_object_store() if args.object_store else ""
@@ -99,11 +128,11 @@ def main(argv=None) -> None:
             settings = support.settings(
                 tmp / "data", db_url, broker, args.bundle, tta=args.tta, bulk_chunk_size=args.chunk or args.batch,
                 predict_batch_sizes=(1, 8, args.batch), mixed_precision=args.mixed_precision, blob_url=blob_url,
-                runtime=args.runtime,
+                runtime=args.runtime, inference_threads=args.threads,
             )  # fmt: skip
             # 1. the raw network, alone, loaded as the worker loads it (an ONNX export it needs is made
             # once, in the data directory the worker then uses)
-            raw, runtime = raw_forward(settings, pixels, meta)
+            raw, runtime = raw_forward(settings, pixels, meta, processes=args.concurrency)
             from dermascan.infra import migrate
 
             migrate.upgrade(settings.database_url)
@@ -140,21 +169,27 @@ def main(argv=None) -> None:
                     )
                 ).one()
             scoring_s = (last - first).total_seconds()
-            stages = stage_rows(tmp / "worker.log", done, scoring_s)
+            stages = stage_rows(tmp / "worker.log", done, scoring_s, args.concurrency)
             # 3. the raw network again: the host's speed drifts (a neighbour's load), so the ratio is
             # taken against the mean of the runs before and after, and the drift is printed
-            raw_after, _ = raw_forward(settings, pixels, meta)
+            raw_after, _ = raw_forward(settings, pixels, meta, processes=args.concurrency)
         finally:
             if cleanup is not None:
                 cleanup.__exit__(None, None, None)
 
     # Predictor.predict runs the 4 flips itself when TTA is on: studies/s either way
     per_study_raw = (raw + raw_after) / 2
+    threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}" if args.threads else "every core"
+    layout = (
+        f"; {args.concurrency} processes side by side, {threads} each"
+        if args.concurrency > 1
+        else (f"; {threads}" if args.threads else "")
+    )
     drift = abs(raw_after - raw) / per_study_raw
     e2e = done / scoring_s
     rows = [
         (
-            f"raw network (Predictor.predict, {runtime}, fixed batch), before / after the end-to-end run",
+            f"raw network (Predictor.predict, {runtime}, fixed batch{layout}), before / after the end-to-end run",
             size_label(size),
             args.batch,
             f"{raw:.1f} / {raw_after:.1f} studies/s",
@@ -172,14 +207,19 @@ def main(argv=None) -> None:
     ]
     print(f"throughput benchmark — {support.machine()}")
     print(
-        f"bundle {manifest['version']}, TTA {'on (4 flips)' if args.tta else 'off'}, n={args.n}, chunk={args.chunk or args.batch}, worker processes {args.concurrency}"
+        f"bundle {manifest['version']}, TTA {'on (4 flips)' if args.tta else 'off'}, n={args.n}, chunk={args.chunk or args.batch}, worker processes {args.concurrency}, inference threads {args.threads or 'every core'}"
     )
     print(support.table(rows, ("path", "image", "batch", "rate")))
     if drift > 0.10:
         print(f"the host's speed moved by {drift:.0%} between the two raw runs: this run's ratio is unreliable")
     print(
         "\nwhere a study's time goes (the worker's own timings, summed over its tasks; the next piece is read and "
-        "decoded in a thread while the network runs, so those overlap the forward pass)"
+        "decoded in a thread while the network runs, so those overlap the forward pass"
+        + (
+            f"; {args.concurrency} processes: their seconds summed, shares of the wall time × {args.concurrency})"
+            if args.concurrency > 1
+            else ")"
+        )
     )
     print(support.table(stages, ("stage", "seconds", "ms per study", "share of the scoring wall time")))
 
@@ -193,9 +233,10 @@ STAGE_NAMES = {
 }  # fmt: skip
 
 
-def stage_rows(log_path: Path, studies: int, wall: float) -> list[tuple]:
+def stage_rows(log_path: Path, studies: int, wall: float, processes: int = 1) -> list[tuple]:
     """Per-stage totals from the worker log's task lines (``scored …, failed …, referred … ({timings})``)
-    and its heat-map lines, as table rows."""
+    and its heat-map lines, as table rows; with several worker processes the stages are summed over
+    them, and shared out of the wall time times their number."""
     import ast
     import re
 
@@ -214,6 +255,7 @@ def stage_rows(log_path: Path, studies: int, wall: float) -> list[tuple]:
         made = re.search(r"heat maps: (\d+) made in ([\d.]+) s", line)
         if made:
             heat_n, heat_s = heat_n + int(made.group(1)), heat_s + float(made.group(2))
+    wall *= processes
     rows = [
         (STAGE_NAMES.get(stage, stage), f"{seconds:.2f}", f"{1000 * seconds / max(studies, 1):.2f}",
          f"{seconds / wall:.0%}" if wall else "")

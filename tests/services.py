@@ -294,6 +294,7 @@ class Worker:
     ):
         self.settings = settings
         self.log_path = log
+        self.concurrency = concurrency
         cmd = [sys.executable, "-m", "dermascan.cli", "worker", "--queues", queues, "--concurrency", str(concurrency)]
         if beat:
             cmd.append("--beat")
@@ -304,13 +305,13 @@ class Worker:
         )
 
     def wait_ready(self, timeout: float = 240, warm: bool = False) -> Worker:
-        """Until Celery reports ready (and, with ``warm``, the child has run every batch shape)."""
+        """Until Celery reports ready (and, with ``warm``, every child has run every batch shape)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             log = self.log()
-            if " ready." in log and (not warm or scoring_warm() in log):
+            if " ready." in log and (not warm or log.count(scoring_warm()) >= self.concurrency):
                 return self
             time.sleep(0.2)
         raise RuntimeError(f"worker not ready after {timeout} s:\n{self.log()[-4000:]}")
