@@ -116,12 +116,12 @@ def _randomised(model, seed: int = 0):
 
 def main() -> None:
     import onnx
-    import onnxruntime as ort
 
     from model.inference.backprop import gradcam_graph
     from model.inference.data import IsicDataset
     from model.inference.gradcam import grad_cam
     from model.inference.predictor import Predictor
+    from model.inference.runtimes import ort_session
     from model.training.config import read_config, split_rows
     from model.training.heatmaps import measure, rank_correlation
 
@@ -159,8 +159,7 @@ def main() -> None:
         """A session per place, each built when a chosen method first runs it (the backward graph
         to the image is the costliest to build)."""
         return {
-            where: _Lazy(lambda cells=cells: ort.InferenceSession(
-                gradcam_graph(model, cells=cells).SerializeToString(), providers=["CPUExecutionProvider"]))
+            where: _Lazy(lambda cells=cells: ort_session(gradcam_graph(model, cells=cells).SerializeToString()))
             for where, cells in places
         }  # fmt: skip
 

@@ -48,11 +48,19 @@ def raw_forward(settings, images: np.ndarray, meta: np.ndarray, seconds: float =
     rates = [out.get() for _ in children]
     for child in children:
         child.join()
+    failed = [r for r in rates if isinstance(r, str)]
+    if failed:
+        raise RuntimeError(f"the raw network failed in {len(failed)} of {processes} processes: {failed[0]}")
     return sum(rate for rate, _ in rates), rates[0][1]
 
 
 def _raw_child(settings, images, meta, seconds, ready, out) -> None:
-    out.put(_raw_one(settings, images, meta, seconds, ready))
+    """One process's rate, or what stopped it (the others then give up at the barrier)."""
+    try:
+        out.put(_raw_one(settings, images, meta, seconds, ready))
+    except BaseException as exc:
+        ready.abort()
+        out.put(f"{type(exc).__name__}: {exc}")
 
 
 def _raw_one(settings, images, meta, seconds, ready=None) -> tuple[float, str]:
@@ -65,7 +73,7 @@ def _raw_one(settings, images, meta, seconds, ready=None) -> tuple[float, str]:
     x_img, x_meta = images[:batch], meta[:batch]
     predictor.predict(x_img, x_meta)  # trace / compile
     if ready is not None:  # the processes start timing together
-        ready.wait()
+        ready.wait(timeout=900)
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         predictor.predict(x_img, x_meta)

@@ -20,11 +20,18 @@ from dermascan.errors import Conflict, NotFound
 from dermascan.infra.schema import ModelBundle, utcnow
 from model.inference.bundle import read_manifest
 
-REGISTER_LOCK_KEY = 0x44534E5247  # "DSNRG": workers registering their bundle take turns
+REGISTER_LOCK_KEY = 0x44534E5247  # "DSNRG": registrations of bundles take turns
 
 
 def register(session: Session, bundle_dir: Path | str, activate: bool = True) -> ModelBundle:
-    """Record a bundle (verifying its checksum); with ``activate`` make it the one that scores."""
+    """Record a bundle (verifying its checksum); with ``activate`` make it the one that scores.
+
+    Registrations take turns (a PostgreSQL advisory lock held to the end of the caller's
+    transaction): workers that start together (the processes of one ``--concurrency``, a scaled
+    deployment) or an admin's ``dermascan bundle register`` beside them find each other's row
+    instead of inserting it again and failing on the unique key."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": REGISTER_LOCK_KEY})
     manifest = read_manifest(bundle_dir, verify=True)
     reference = Path(bundle_dir) / "reference.json"  # the development data's profile (monitoring)
     if reference.is_file():
@@ -119,13 +126,9 @@ def retire_version(session: Session, version: str, by_user_id: int | None = None
 def register_for_worker(session: Session, bundle_dir: Path | str) -> ModelBundle:
     """What a starting worker does: record its bundle without activating it — unless no bundle
     is active yet (a new deployment), when the first one is activated, audited as such. A worker
-    with another bundle never takes over a deployment just by starting.
-
-    Workers that start together (the processes of one ``--concurrency``, a scaled deployment) take
-    turns here (a PostgreSQL advisory lock held to the end of the transaction): the second finds
-    the first's row, instead of inserting it again and failing its warm-up on the unique key."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": REGISTER_LOCK_KEY})
+    with another bundle never takes over a deployment just by starting. Workers starting together
+    take turns in :func:`register` (its lock is held to the end of the transaction, activation
+    included)."""
     row = register(session, bundle_dir, activate=False)
     if active(session) is None:
         activate_version(session, row.version, by="the first worker of a deployment with no active bundle")

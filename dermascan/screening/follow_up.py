@@ -140,8 +140,11 @@ def compare_visits(
     """Each just-scored study of a lesion against its previous visit, in the caller's
     transaction → {study id: (newly high risk, changed)} for those compared. ``locked``: what
     :func:`lock_lesions` returned for these studies where the caller has taken the locks already."""
-    wanted = set(study_ids)
-    named = lock_lesions(session, study_ids) if locked is None else [(s, lesion) for s, lesion in locked if s in wanted]
+    if locked is None:
+        named = lock_lesions(session, study_ids)
+    else:
+        wanted = set(study_ids)
+        named = [(s, lesion) for s, lesion in locked if s in wanted]
     out: dict[int, tuple] = {}
     if not named:
         return out
