@@ -733,7 +733,8 @@ def test_the_differential_head_is_refitted_without_touching_the_malignancy_outpu
 
     from dermascan.cli import main
     from model.inference import bundle, diagnosis
-    from model.inference.network import NO_AUGMENTATION, build
+    from model.inference.gradcam import GradCam, OnnxGradCam, for_predictor
+    from model.inference.network import DIAGNOSIS_CELL_POOL, NO_AUGMENTATION, build
 
     keras.utils.set_random_seed(0)
     limit = 1500
@@ -762,6 +763,23 @@ def test_the_differential_head_is_refitted_without_touching_the_malignancy_outpu
     after = Predictor(path).score(pictures, records)
     assert [s.probability for s in after] == [s.probability for s in before]
     assert [s.differential for s in after] != [s.differential for s in before]
+    # the new head reads the cell Grad-CAM shows beside the fused features; exported, ONNX Runtime
+    # serves the same differential, and Grad-CAM's graph still follows the malignancy output alone
+    assert report["refit"]["reads"] == "the fused features and the cell Grad-CAM shows, average-pooled"
+    assert DIAGNOSIS_CELL_POOL in [layer.name for layer in load(path).network.layers]
+    exported = CliRunner().invoke(
+        main, ["export", str(path), "--format", "onnx", "--out", str(tmp_path / "onnx"), "--data", str(ham_dir)]
+    )
+    assert exported.exit_code == 0, exported.output
+    on_onnx = Predictor(path, onnx_package=tmp_path / "onnx")
+    served = on_onnx.score(pictures, records)
+    assert np.abs(np.array([s.differential for s in served]) - [s.differential for s in after]).max() < 1e-4
+    onnx_cam, keras_cam = for_predictor(on_onnx), GradCam(load(path).network)
+    assert isinstance(onnx_cam, OnnxGradCam) and onnx_cam.members == 1
+    prepared = on_onnx.pre_process(pictures[:2], records[:2])
+    for i in range(2):
+        pixels, meta = prepared.pixels[i : i + 1], prepared.meta[i : i + 1]
+        assert np.abs(onnx_cam.heatmap(pixels, meta) - keras_cam.heatmap(pixels, meta)).max() < 1e-3
     # `dermascan evaluate` reports the differential as the Predictor serves it: on the same held-out
     # rows, the figures the refit wrote into the manifest (the fill of a circular field aside)
     from model.training.config import read_config, split_rows

@@ -642,17 +642,21 @@ def missing_fit(bundle_dir, data_dir):
 @main.command("diagnosis-fit")
 @_fit_on_bundle(": the differential is refitted on its development rows, reported on its held-out ones")
 @click.option("--version", required=True, help="The refitted bundle's version (its weights change).")
+@click.option("--cell-stride", type=click.IntRange(min=0), default=8, show_default=True,
+              help="The head also reads the network's cell at 1/N of the image's side, average-pooled "
+                   "(0: the fused features only; a head that already reads a cell keeps it).")  # fmt: skip
 @_needs_train
-def diagnosis_fit(bundle_dir, data_dir, version):
-    """Refit a bundle's differential head (one dense layer on the network's fused features) with
-    balanced class weights, its strength chosen across the bundle's folds; the malignancy output is
-    untouched. Export the ONNX package again afterwards (dermascan export)."""
+def diagnosis_fit(bundle_dir, data_dir, version, cell_stride):
+    """Refit a bundle's differential head (one dense layer on the network's fused features and, by
+    default, a pooled earlier cell) with balanced class weights, its strength chosen across the
+    bundle's folds; the malignancy output is untouched. Export the ONNX package again afterwards
+    (dermascan export)."""
     from model.errors import ModelError
     from model.training.diagnosis_fit import refit
 
     _log_progress()
     try:
-        block = refit(bundle_dir, data_dir, version)
+        block = refit(bundle_dir, data_dir, version, cell_stride or None)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from exc
     report = block["report"]

@@ -18,6 +18,7 @@ from model.inference.data import Size, image_shape
 
 HEAD = "classification_head"
 DIAGNOSIS_HEAD = "diagnosis_head"
+DIAGNOSIS_CELL_POOL = "diagnosis_cell_pool"  # the cell the differential reads beside the fused features
 IMAGE_FEATURES = "image_features"
 
 
@@ -283,10 +284,31 @@ def build(
     return keras.Model({"image": image_in, "meta": meta_in}, out, name=name)
 
 
+def diagnosis_reads_cell(network: keras.Model, stride: int = 8) -> keras.Model:
+    """``network`` with a new, untrained differential head that reads, beside the fused features,
+    the cell Grad-CAM shows (NASNet's last cell at ``1/stride`` of the input's side,
+    ``model.inference.gradcam.cell_layer``) average-pooled: the last cell's features are made for
+    malignancy, the earlier cell's texture and colour tell the diagnoses apart better (measured in
+    docs/model.md). Every other layer, and so the probability of malignancy, is the network's own."""
+    from model.inference.gradcam import cell_layer
+
+    if any(layer.name == DIAGNOSIS_CELL_POOL for layer in network.layers):
+        raise ValueError(f"{network.name}: its differential head already reads a cell")
+    head = network.get_layer(DIAGNOSIS_HEAD)
+    pooled = layers.GlobalAveragePooling2D(name=DIAGNOSIS_CELL_POOL)(cell_layer(network, stride).output)
+    features = layers.Concatenate(name="diagnosis_features")([head.input, pooled])
+    dx = layers.Dense(head.units, activation="softmax", dtype="float32", name=DIAGNOSIS_HEAD)(features)
+    return keras.Model(network.input, [network.outputs[0], dx], name=network.name)
+
+
 def last_cell_layer(model: keras.Model) -> keras.layers.Layer:
     """The layer whose output is NASNet's last cell (the input of its global average pooling)."""
     pool = next(
-        (layer for layer in model.layers if isinstance(layer, layers.GlobalAveragePooling2D)),
+        (
+            layer
+            for layer in model.layers
+            if isinstance(layer, layers.GlobalAveragePooling2D) and layer.name != DIAGNOSIS_CELL_POOL
+        ),
         None,
     )
     if pool is None:
