@@ -1,5 +1,5 @@
 """Would a larger differential head do better than the shipped one dense layer? The shipped head
-(``dermascan diagnosis-fit``: balanced multinomial logistic regression on the fused features, C =
+(``dermascan diagnosis-fit``: balanced multinomial logistic regression on what the head reads, C =
 0.01) against one-hidden-layer networks on the same features, the same four flips as rows and the
 same balanced class weights: balanced accuracy and melanoma-against-rest AUC out of fold over the
 bundle's patient-grouped development folds, and on the calibration rows (fitted on every

@@ -15,6 +15,7 @@ the application; no serving process imports it.
 - ``export``: edge packages (ONNX, LiteRT; fp32, int8) with their own check
 - ``gate_data``: the non-lesion images the gate is fitted and checked on
 - ``missing_fit``: a bundle's maps for missing metadata, fitted on its held-out rows
-- ``diagnosis_fit``: a bundle's differential head refitted on its network's fused features
+- ``diagnosis_fit``: a bundle's differential head refitted on its network's fused features and a pooled
+  earlier cell
 - ``heatmaps``: how well heat maps point at the lesion (pointing game, concentration), with a gallery
 """

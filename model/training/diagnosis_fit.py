@@ -35,7 +35,8 @@ CELL_STRIDE = 8  # the differential also reads the cell at 1/8 of the side (the 
 
 
 def fused_features(network, pixels: np.ndarray, meta: np.ndarray, tta: bool, batch_size: int = 128) -> np.ndarray:
-    """The fused features the differential head reads, per flip: (views, n, d)."""
+    """What the differential head reads (the fused features, and the pooled cell where it reads one), per flip:
+    (views, n, d)."""
     import keras
 
     from model.inference.network import DIAGNOSIS_HEAD
@@ -49,7 +50,7 @@ def fused_features(network, pixels: np.ndarray, meta: np.ndarray, tta: bool, bat
         out.append(
             features.predict({"image": np.ascontiguousarray(view), "meta": meta}, batch_size=batch_size, verbose=0)
         )
-        log.info("diagnosis-fit: fused features of %d images, view %d of %d", len(pixels), i + 1, len(views))
+        log.info("diagnosis-fit: the head's features of %d images, view %d of %d", len(pixels), i + 1, len(views))
     return np.stack(out).astype(np.float32)
 
 
