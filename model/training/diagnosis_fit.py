@@ -8,8 +8,8 @@ refits that one dense layer as a multinomial logistic regression with balanced c
 (ISIC 2018's metric is balanced accuracy) on the bundle's own development rows, the four flips of
 each image as four rows, reading beside the fused features the cell Grad-CAM shows (NASNet's last
 cell at 1/8 of the side), average-pooled — an earlier cell's texture and colour tell the diagnoses
-apart better than the last cell's features, made for malignancy (docs/model.md); its L2 strength chosen by balanced accuracy across the bundle's own
-patient-grouped folds. Nothing else of the network changes: the probability of malignancy, the
+apart better than the last cell's features, made for malignancy (docs/model.md); its L2 strength
+chosen by balanced accuracy across the bundle's own patient-grouped folds. Nothing else of the network changes: the probability of malignancy, the
 gate's features, the threshold and every map fitted on them stay as they are (checked: the
 malignancy output before and after is compared on the calibration rows).
 
@@ -35,8 +35,8 @@ CELL_STRIDE = 8  # the differential also reads the cell at 1/8 of the side (the 
 
 
 def fused_features(network, pixels: np.ndarray, meta: np.ndarray, tta: bool, batch_size: int = 128) -> np.ndarray:
-    """What the differential head reads (the fused features, and the pooled cell where it reads one), per flip:
-    (views, n, d)."""
+    """What the differential head reads (the fused features, and the pooled cell where it reads
+    one), per flip: (views, n, d)."""
     import keras
 
     from model.inference.network import DIAGNOSIS_HEAD
@@ -162,7 +162,10 @@ def refit(bundle_dir, data_dir, version: str, cell_stride: int | None = CELL_STR
     strength, oof, scores = choose_strength(features, truth, parts, classes)
     kernel, bias = fit_head(features[:, dev], truth[dev], strength, classes)
     held = parts < 0
-    before = np.asarray(network.predict({"image": pixels[held], "meta": meta[held]}, batch_size=128, verbose=0)[0])
+    # the bundle's own network, as it was loaded (before any rewiring): the malignancy output must not move
+    before = np.asarray(
+        loaded.network.predict({"image": pixels[held], "meta": meta[held]}, batch_size=128, verbose=0)[0]
+    )
     # the previous head read the fused features, which come first in a head that also reads a cell
     old_probabilities = head_probabilities(features[..., : old_weights[0].shape[0]], *old_weights)
     head.set_weights([kernel, bias])
