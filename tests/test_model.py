@@ -625,7 +625,7 @@ def test_a_warm_start_copies_every_layer_but_the_new_head_and_refuses_another_sh
     network of another shape is refused with the layer named, nothing copied."""
     import keras
 
-    from model.inference.network import DIAGNOSIS_HEAD, NO_AUGMENTATION, build
+    from model.inference.network import DIAGNOSIS_HEAD, NO_AUGMENTATION, build, diagnosis_reads_cell
     from model.training.warm_start import copy_weights, source_network
 
     old = build(6, 32, backbone="tiny", augmentation=NO_AUGMENTATION, seed=1)
@@ -645,6 +645,13 @@ def test_a_warm_start_copies_every_layer_but_the_new_head_and_refuses_another_sh
         copy_weights(other, old)
     for before, w in zip(kept, other.weights, strict=True):
         np.testing.assert_array_equal(before, w.numpy())
+    # from a network with a differential of its own, one whose head reads a cell as the shipped
+    # bundle's does: everything but that head, the same probability of malignancy
+    shipped = diagnosis_reads_cell(build(6, 32, backbone="tiny", augmentation=NO_AUGMENTATION, seed=3, diagnoses=7))
+    again = build(6, 32, backbone="tiny", augmentation=NO_AUGMENTATION, seed=4, diagnoses=7)
+    head = shipped.get_layer(DIAGNOSIS_HEAD)
+    assert copy_weights(again, shipped) == len(shipped.weights) - len(head.weights)
+    np.testing.assert_allclose(again.predict(x, verbose=0)[0], shipped.predict(x, verbose=0)[0], rtol=1e-5, atol=1e-6)
     ensemble = keras.Model(old.inputs, keras.layers.Average()([old(old.inputs), old(old.inputs)]))
     with pytest.raises(ModelError, match="name one with #k"):
         source_network(str(_saved(ensemble, tmp_path / "ens.keras")))

@@ -63,7 +63,8 @@ def weighted_layers(model, skip=()) -> list:
 
 def copy_weights(target, source) -> int:
     """Copy ``source``'s weights into ``target`` (in place); returns the number of tensors copied."""
-    to, frm = weighted_layers(target, NEW_LAYERS), weighted_layers(source)
+    # a source with heads of its own (a bundle with a differential: v4 on) gives them to no one
+    to, frm = weighted_layers(target, NEW_LAYERS), weighted_layers(source, NEW_LAYERS)
     if len(to) != len(frm):
         raise ModelError(f"warm start: {len(frm)} layers with weights in the source, {len(to)} in the new network")
     for a, b in zip(to, frm, strict=True):
