@@ -2,14 +2,17 @@
 correction is scored on the calibration set as taken and under the fixed camera shifts of
 ``dermascan evaluate --shift`` (model/training/evaluate.py: SHIFTS), through the Predictor with the
 bundle's threshold; the table shows AUC, sensitivity and specificity and how many images the
-correction changed. Not shipped — measured for docs/model.md ("Another camera").
+correction changed. Measured for docs/model.md ("Another camera").
 
-Corrections (none is in the bundle; each is applied after the bundle's own conform step):
+Corrections (each applied after the circular field's fill, in place of any clamp the bundle has;
+the clamps are model.inference.camera's, which a bundle asks for with ``dermascan camera-fit``):
 - ``clamp-wb-P``: each image's illuminant estimated by Shades of Gray (p = 6) as log(R/G), log(B/G),
   and moved only as far as the P-th..(100-P)-th percentiles of the development images' estimates
-  (an image inside that range is left as it is);
+  (an image inside that range is left as it is); no channel by more than ±25 %;
 - ``clamp-exposure-P``: the median of the brightest channel moved into the development images'
-  P-th..(100-P)-th percentiles by one gain;
+  P-th..(100-P)-th percentiles by one gain (at most ±25 %); ``clamp-exposure-P:Q``: P below, Q
+  above (0: that side open);
+- ``clamp-wb-P+clamp-exposure-Q``: both ranges, one gain per channel;
 - ``colour-views``: the bundle's four flips, two of them also given a cooler / a warmer white
   balance (red ×0.9, blue ×1.1 and back), averaged as the flips are (same number of passes).
 
@@ -34,29 +37,10 @@ def colour_views(x: np.ndarray) -> list[np.ndarray]:
     return [x, _gain(x[:, :, ::-1], 0.9, 1.1), _gain(x[:, ::-1], 1.1, 0.9), x[:, ::-1, ::-1]]
 
 
-def image_statistics(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(median of the brightest channel (n,), Shades-of-Gray log chroma (n, 2): log R/G, log B/G)."""
-    f = pixels.astype(np.float32)
-    exposure = np.median(f.max(axis=-1).reshape(len(f), -1), axis=1)
-    sog = np.mean(f.reshape(len(f), -1, 3) ** 6, axis=1) ** (1 / 6)
-    return exposure, np.log(np.maximum(sog[:, [0, 2]], 1.0) / np.maximum(sog[:, [1]], 1.0))
-
-
-def clamp(pixels: np.ndarray, kind: str, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Each image's exposure (``kind`` "exposure") or colour cast ("wb") moved into [low, high]."""
-    f = pixels.astype(np.float32)
-    exposure, chroma = image_statistics(pixels)
-    if kind == "exposure":
-        f = f * (np.clip(exposure, low, high) / np.maximum(exposure, 1.0))[:, None, None, None]
-    else:
-        gain = np.exp(np.clip(chroma, low, high) - chroma)
-        f = f * np.stack([gain[:, 0], np.ones(len(f)), gain[:, 1]], axis=1)[:, None, None, :]
-    return np.clip(np.rint(f), 0, 255).astype(np.uint8)
-
-
 def main() -> None:
     import model.inference.predictor as predictor_module
     from model import metrics
+    from model.inference import camera
     from model.inference.data import IsicDataset
     from model.training.config import read_config, split_rows
     from model.training.evaluate import shifted
@@ -86,24 +70,29 @@ def main() -> None:
         )
 
     dev, cal = np.flatnonzero(split >= 0), np.flatnonzero(split < 0)
-    exposure, chroma = image_statistics(predictor.conform(load(dev)))
+    development = predictor.fill(load(dev))
     pixels, truth, cal_meta = load(cal), y[cal], meta[cal]
     flips = predictor_module.flips
     print(f"bundle {predictor.version}, calibration set {len(cal)} images ({int(truth.sum())} malignant), "
           f"threshold {predictor.threshold:.4f}; development images' ranges from {len(dev)}")  # fmt: skip
     print("| correction | camera | changed | AUC | sensitivity | specificity |")
     print("|---|---|---|---|---|---|")
-    development = {"exposure": exposure, "wb": chroma}
     try:
         for correction in args.corrections.split(","):
             # the views replace the flips inside the Predictor (it has no other hook for them)
             predictor_module.flips = colour_views if correction == "colour-views" else flips
+            clamp_step = None  # "clamp-wb-5+clamp-exposure-20": both ranges, one gain per channel
             if correction.startswith("clamp-"):
-                _, kind, percentile = correction.split("-")
-                low, high = np.percentile(development[kind], [float(percentile), 100 - float(percentile)], axis=0)
+                percentiles = {"wb": 0.0, "exposure": 0.0}
+                for part in correction.split("+"):
+                    _, kind, percentile = part.split("-")  # "20", or "20:0" (below : above) for the exposure
+                    percentiles[kind] = [float(v) for v in percentile.split(":")]
+                    percentiles[kind] = percentiles[kind][0] if len(percentiles[kind]) == 1 else percentiles[kind]
+                block = camera.fit(development, percentiles["exposure"], percentiles["wb"])
+                clamp_step = camera.CameraClamp(block)
             for shift in SHIFT_NAMES:
-                base = predictor.conform(shifted(pixels, shift))
-                x = clamp(base, kind, low, high) if correction.startswith("clamp-") else base
+                base = predictor.fill(shifted(pixels, shift))
+                x = base if clamp_step is None else clamp_step(base)
                 changed = float(np.mean(np.any(x != base, axis=(1, 2, 3))))
                 p = np.concatenate(
                     [

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import ModelError, require_extra
-from model.inference import field
+from model.inference import camera, field
 from model.inference.bundle import file_sha256
 from model.inference.calibration import Calibrator
 from model.inference.data import canonical_size, decode_many
@@ -119,7 +119,9 @@ class EdgeScorer:
         self.gate = Gate.from_bundle(self.package, self.manifest)
         self.threshold = float(self.manifest["threshold"])
         self.tta = bool(self.manifest.get("inference", {}).get("tta", False))
-        self.conform = field.for_manifest(self.manifest)  # as the server's Predictor does
+        # as the server's Predictor does: the fill before the quality measures, the camera clamp after
+        self.fill = field.for_manifest(self.manifest)
+        self.correct = camera.for_manifest(self.manifest)
         self.size = canonical_size(self.manifest["image_size"])
         self.batch = batch
 
@@ -172,9 +174,9 @@ class EdgeScorer:
         if not ok:
             return out
         meta = self.spec.transform([records[i] for i in ok])
-        pixels = self.conform(pixels[ok])
-        probability, features, missing, differential = self._forward(pixels, meta)
-        reasons, distance = self.gate.reasons(pixels, sizes[ok], features)
+        pixels = self.fill(pixels[ok])
+        probability, features, missing, differential = self._forward(self.correct(pixels), meta)
+        reasons, distance = self.gate.reasons(pixels, sizes[ok], features)  # measured as they came
         made_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         for j, i in enumerate(ok):
             p = float(np.clip(probability[j], 0.0, 1.0))

@@ -245,6 +245,18 @@ def test_gradcam_on_onnx_runtime_is_the_keras_gradcam(exported, ham_dir):
         assert heat_onnx.shape == (32, 40) and np.abs(heat_onnx - heat_keras).max() < 1e-3
 
 
+def _server_and_edge_feed_their_networks_alike(server, edge, images, records, prepared) -> None:
+    """The edge scorer's network is given the server's prepared pixels, and both score the same."""
+    import numpy as np
+
+    fed, run = [], edge.run
+    edge.run = lambda pixels, meta: fed.append(pixels.copy()) or run(pixels, meta)  # what the edge's network is given
+    by_edge = [r["score"] for r in edge.score_many(images, records)]
+    by_server = [s.probability for s in server.score(images, records)]
+    np.testing.assert_allclose(by_edge, by_server, atol=1e-4)
+    np.testing.assert_array_equal(fed[0][: len(images)], prepared.pixels)
+
+
 def test_a_circular_field_of_view_is_filled_alike_on_the_server_and_the_edge(exported, ham_dir):
     """A contact dermatoscope's black surround (model.inference.field, which every new bundle's
     manifest asks for): the Predictor fills it before the network and so does the edge scorer, so
@@ -273,12 +285,7 @@ def test_a_circular_field_of_view_is_filled_alike_on_the_server_and_the_edge(exp
     server, edge = Predictor(bundle), EdgeScorer(package)
     prepared = server.pre_process(circular, records)
     assert prepared.pixels[:, :2, :2].max(axis=-1).min() > 40  # filled: no black corner reaches the network
-    fed, run = [], edge.run
-    edge.run = lambda pixels, meta: fed.append(pixels.copy()) or run(pixels, meta)  # what the edge's network is given
-    by_edge = [r["score"] for r in edge.score_many(circular, records)]
-    by_server = [s.probability for s in server.score(circular, records)]
-    np.testing.assert_allclose(by_edge, by_server, atol=1e-4)
-    np.testing.assert_array_equal(fed[0][: len(circular)], prepared.pixels)
+    _server_and_edge_feed_their_networks_alike(server, edge, circular, records, prepared)
     as_decoded = np.stack([decode_image(c, server.image_size) for c in circular])
     assert as_decoded[:, :2, :2].max() < 40  # the corners were black before the fill
     raw_filled, raw_black = (
@@ -286,6 +293,77 @@ def test_a_circular_field_of_view_is_filled_alike_on_the_server_and_the_edge(exp
         server.predict_raw(as_decoded, prepared.meta)[0],
     )
     assert np.abs(raw_filled - raw_black).max() > 1e-4  # the network's answer is the filled image's
+
+
+def test_a_camera_clamp_fitted_on_the_development_images_is_applied_alike_on_the_server_and_the_edge(
+    exported, ham_dir, tmp_path
+):
+    """dermascan camera-fit writes the development images' exposure and colour ranges into a copy of
+    the bundle under a new version; its ONNX package carries them; a darker picture (another camera)
+    is brightened towards the range before the network on the server and on the edge alike, while
+    the quality checks measure it as it came and an image inside the range reaches the network as
+    decoded."""
+    import io
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from edge.scorer import EdgeScorer
+    from model.inference import camera, quality
+    from model.inference.data import IsicDataset, decode_image
+    from model.inference.predictor import Predictor
+
+    source, _ = exported
+    bundle = tmp_path / "bundle"
+    shutil.copytree(source, bundle)
+    same = CliRunner().invoke(main, ["camera-fit", str(bundle), "--data", str(ham_dir), "--version", "tiny-edge"])
+    assert same.exit_code != 0 and "needs a new version" in same.output
+    result = CliRunner().invoke(
+        main, ["camera-fit", str(bundle), "--data", str(ham_dir), "--version", "tiny-edge-camera"]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(bundle)
+    block = manifest["preprocessing"]["camera"]
+    assert (
+        manifest["version"] == "tiny-edge-camera"
+        and manifest["weights_sha256"] == read_manifest(source)["weights_sha256"]
+    )
+    assert block["exposure"]["percentile"] == [20, 20] and block["colour_cast"]["percentile"] == 5
+    assert 0.3 < block["development_images_moved"] < 0.8  # 20 % below, 20 % above, 5 %+5 % per colour ratio
+    package = tmp_path / "onnx"
+    result = CliRunner().invoke(
+        main, ["export", str(bundle), "--format", "onnx", "--out", str(package), "--data", str(ham_dir)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((package / "manifest.json").read_text())["preprocessing"]["camera"] == block
+
+    dataset = IsicDataset.open(ham_dir, limit=8)
+    records = dataset.metadata[["age_approx", "sex", "anatom_site_general"]].to_dict("records")
+    darker = []
+    for image in dataset.read_bytes(dataset.ids):
+        with Image.open(io.BytesIO(image)) as opened:
+            pixels = np.asarray(opened.convert("RGB"), np.float32)
+        out = io.BytesIO()
+        Image.fromarray(np.clip(np.rint(pixels * 0.6), 0, 255).astype(np.uint8)).save(out, "PNG")
+        darker.append(out.getvalue())
+    server, edge = Predictor(bundle), EdgeScorer(package)
+    as_decoded = np.stack([decode_image(d, server.image_size) for d in darker])
+    prepared = server.pre_process(darker, records)
+    low = block["exposure"]["range"][0]
+    assert np.all(camera.statistics(as_decoded)[0] < low)  # every one darker than the development range
+    gain = prepared.pixels.astype(np.float64).mean(axis=(1, 2, 3)) / as_decoded.astype(np.float64).mean(axis=(1, 2, 3))
+    assert np.all(gain > 1.05) and np.all(gain < camera.MAX_GAIN + 0.02)  # brightened, at most 25 %
+    np.testing.assert_allclose(prepared.measured["brightness"], quality.measure(as_decoded)["brightness"])
+    _server_and_edge_feed_their_networks_alike(server, edge, darker, records, prepared)
+    raw_moved, raw_dark = (server.predict_raw(prepared.pixels, prepared.meta)[0], server.predict_raw(as_decoded, prepared.meta)[0])  # fmt: skip
+    assert np.abs(raw_moved - raw_dark).max() > 1e-4  # the network's answer is the moved image's
+    inside = np.flatnonzero(
+        ~np.any(np.abs(server.correct.gains(server.fill(dataset.load_images(server.image_size))) - 1) > 1e-6, axis=1)
+    )
+    assert len(inside)  # some of the pictures as taken are inside every range: they reach the network as decoded
+    as_taken = server.pre_process(dataset.read_bytes([dataset.ids[i] for i in inside]), [records[i] for i in inside])
+    np.testing.assert_array_equal(as_taken.pixels, server.fill(dataset.load_images(server.image_size))[inside])
 
 
 def test_a_worker_s_inference_threads_reach_its_forward_pass_and_its_heat_maps(exported, ham_dir, tmp_path):

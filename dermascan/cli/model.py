@@ -677,6 +677,58 @@ def diagnosis_fit(bundle_dir, data_dir, version, cell_stride):
     )
 
 
+@main.command("camera-fit")
+@_fit_on_bundle(": the ranges are taken on its development rows")
+@click.option("--version", required=True, help="The bundle's new version (what the network is given changes).")
+@click.option(
+    "--exposure-percentile",
+    default="20",
+    show_default=True,
+    help="An image's exposure is moved into the development images' P-th..(100-P)-th percentiles; "
+    "P:Q for P below and Q above (0: that side open; 0 alone: exposure left alone).",
+)
+@click.option("--colour-percentile", type=float, default=5.0, show_default=True,
+              help="An image's colour cast is moved into the development images' P-th..(100-P)-th percentiles (0: left alone).")  # fmt: skip
+def camera_fit(bundle_dir, data_dir, version, exposure_percentile, colour_percentile):
+    """Fit a bundle's camera clamp: an image whose exposure or colour cast lies outside the development
+    images' range is moved to its edge before the network (at most 25 % a channel; the quality checks
+    see it as it came). The weights are untouched; export the ONNX package again afterwards."""
+    from model.errors import ModelError
+    from model.training.camera_fit import fit_bundle
+
+    try:
+        exposure = [float(v) for v in exposure_percentile.split(":")]
+        if len(exposure) not in (1, 2):
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(
+            f"{exposure_percentile!r}: one percentile (20) or two, below and above (20:0)",
+            param_hint="--exposure-percentile",
+        ) from None
+    _log_progress()
+    try:
+        block = fit_bundle(
+            bundle_dir, data_dir, version, exposure if len(exposure) == 2 else exposure[0], colour_percentile
+        )
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not block:
+        click.echo(f"{version}: no camera clamp")
+    else:
+        ends = ["…" if v is None else f"{v:.0f}" for v in block["exposure"]["range"]] if "exposure" in block else []
+        ranges = [f"exposure {ends[0]}–{ends[1]}"] if ends else []
+        if "colour_cast" in block:
+            (r0, b0), (r1, b1) = block["colour_cast"]["range"]
+            ranges.append(f"log R/G {r0:+.3f}..{r1:+.3f}, log B/G {b0:+.3f}..{b1:+.3f}")
+        click.echo(
+            f"{version}: {'; '.join(ranges)} (from {block['fitted_on']} development images, "
+            f"{block['development_images_moved']:.1%} of them moved)"
+        )
+    click.echo(
+        f"now export its ONNX package again: dermascan export {bundle_dir} --format onnx --out {bundle_dir}/onnx"
+    )
+
+
 def _missing_table(report: dict) -> str:
     """What each pattern of missing fields does at the threshold, as a table."""
     lines = [

@@ -178,7 +178,7 @@ def save(
         "weights_bytes": weights.stat().st_size,
         **(extra or {}),
     }
-    _write_manifest(directory, manifest)
+    write_manifest(directory, manifest)
     return manifest
 
 
@@ -192,7 +192,7 @@ def _write_weights(directory: Path, network, weights_dtype: str) -> Path:
     return weights
 
 
-def _write_manifest(directory: Path, manifest: dict) -> None:
+def write_manifest(directory: Path, manifest: dict) -> None:
     tmp = directory / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False))
     os.replace(tmp, directory / MANIFEST_FILE)
@@ -215,7 +215,7 @@ def rewrite_network(directory, network, version: str, changes: dict) -> dict:
         "weights_sha256": file_sha256(weights),
         "weights_bytes": weights.stat().st_size,
     }
-    _write_manifest(directory, manifest)
+    write_manifest(directory, manifest)
     return manifest
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from model.errors import ImageDecodeError
 from model.inference import bundle as bundle_lib
-from model.inference import change, field
+from model.inference import camera, change, field
 from model.inference.calibration import Calibrator
 from model.inference.data import decode_many
 from model.inference.gate import Gate
@@ -157,8 +157,11 @@ class Predictor:
         self.gate = Gate.from_bundle(self.bundle.directory, self.bundle.manifest)
         self.change = change.from_bundle(self.bundle.directory, self.bundle.manifest)
         self.spec = self.bundle.spec
-        # after resizing, before the network: e.g. a circular field's dark surround filled (model.inference.field)
-        self.conform = field.for_manifest(self.bundle.manifest)
+        # after resizing, before the quality measures: a circular field's dark surround filled
+        # (model.inference.field); after the measures, before the network: an exposure or colour cast
+        # outside the development images' range moved to its edge (model.inference.camera)
+        self.fill = field.for_manifest(self.bundle.manifest)
+        self.correct = camera.for_manifest(self.bundle.manifest)
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
         self.tta = tta
         self.threshold = self.bundle.threshold if threshold is None else float(threshold)
@@ -250,8 +253,14 @@ class Predictor:
                     pixels[i], sizes[i] = resize(array, self.image_size), (array.shape[1], array.shape[0])
         ok = [i for i in range(len(images)) if i not in errors]
         meta = self.spec.transform([metadata[i] for i in ok])
-        pixels, sizes = self.conform(pixels[ok]), sizes[ok]
-        return Prepared(pixels, meta, errors, ok, sizes, measure(pixels, sizes) if ok else None)
+        pixels, sizes = self.fill(pixels[ok]), sizes[ok]
+        measured = measure(pixels, sizes) if ok else None  # the image as it came: the checks judge the camera's frame
+        return Prepared(self.correct(pixels), meta, errors, ok, sizes, measured)
+
+    def conform(self, pixels: np.ndarray) -> np.ndarray:
+        """Resized pixels → what the network is given: the field's fill, then the camera clamp (where
+        the bundle asks for them). :meth:`pre_process` does the same, taking the quality measures between."""
+        return self.correct(self.fill(pixels))
 
     @property
     def runtime(self) -> str:

@@ -57,8 +57,9 @@ def fused_features(network, pixels: np.ndarray, meta: np.ndarray, tta: bool, bat
 def bundle_rows(loaded, bundle_dir, data_dir):
     """The rows a bundle was made from, as its Predictor would see them: (class index per row, -1
     without a diagnosis; fold per row, -1 for the calibration rows; pixels after the bundle's
-    conform step — a circular field's surround filled where it asks; the metadata vectors)."""
-    from model.inference import diagnosis, field
+    conform step — a circular field's surround filled, the camera clamp, where it asks; the metadata
+    vectors)."""
+    from model.inference import camera, diagnosis, field
     from model.inference.data import IsicDataset
     from model.training.config import read_config, split_rows
 
@@ -66,7 +67,8 @@ def bundle_rows(loaded, bundle_dir, data_dir):
     dataset = IsicDataset.open(data_dir, limit=cfg.limit)
     truth = diagnosis.labels(dataset.metadata)
     parts = split_rows(dataset.targets(), dataset.groups(), cfg)
-    pixels = field.for_manifest(loaded.manifest)(dataset.load_images(loaded.image_size))
+    fill, correct = field.for_manifest(loaded.manifest), camera.for_manifest(loaded.manifest)
+    pixels = correct(fill(dataset.load_images(loaded.image_size)))
     meta = loaded.spec.transform(dataset.metadata).astype(np.float32)
     return truth, parts, pixels, meta
 

@@ -69,14 +69,14 @@ def evaluate(
     for start in range(0, len(ids), batch):
         chunk = ids[start : start + batch]
         sizes = np.zeros((len(chunk), 2), np.float32)
-        pixels = predictor.conform(shifted(dataset.load_images(predictor.image_size, chunk, sizes=sizes), shift))
-        predicted = predictor.predict(pixels, meta[start : start + len(chunk)])
+        filled = predictor.fill(shifted(dataset.load_images(predictor.image_size, chunk, sizes=sizes), shift))
+        predicted = predictor.predict(predictor.correct(filled), meta[start : start + len(chunk)])
         scores[start : start + len(chunk)] = predicted.probability
         if predicted.classes is not None:
             if classes is None:
                 classes = np.zeros((len(ids), predicted.classes.shape[1]), np.float32)
             classes[start : start + len(chunk)] = predictor.differential(predicted.classes)
-        reasons += predictor.gate.reasons(pixels, sizes, predicted.features)[0]
+        reasons += predictor.gate.reasons(filled, sizes, predicted.features)[0]  # measured as they came
         if progress:
             progress(len(chunk))
     threshold = predictor.threshold

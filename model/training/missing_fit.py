@@ -48,7 +48,8 @@ def fit_bundle(bundle_dir, data_dir) -> dict:
     rows = np.flatnonzero(split < 0)
     if rows.size == 0 or y[rows].sum() == 0:
         raise ModelError(f"{bundle_dir}: its split holds out no calibration set with malignant lesions to fit on")
-    pixels = dataset.load_images(predictor.image_size, ids=[dataset.ids[i] for i in rows])
+    # as the network is given them when it serves (a circular field filled, the camera clamp)
+    pixels = predictor.conform(dataset.load_images(predictor.image_size, ids=[dataset.ids[i] for i in rows]))
     meta = predictor.spec.transform(dataset.metadata.iloc[rows])
     fields = predictor.spec.columns
     scores = held_out_scores(predictor, pixels, meta, fields)
