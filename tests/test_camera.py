@@ -80,3 +80,14 @@ def test_an_open_side_leaves_the_brightest_images_alone_and_survives_the_manifes
     assert clamp(bright) is bright
     dark = _images(3, 0.9 * block["exposure"]["range"][0] / 0.85, seed=6)
     assert np.all(camera.statistics(clamp(dark))[0] > camera.statistics(dark)[0])
+
+
+def test_a_colour_cast_beyond_the_largest_gain_is_left_for_the_gate():
+    development = np.concatenate(
+        [_images(40, 150, cast=(1.0 + 0.01 * i, 1.0, 1.0 - 0.01 * i), seed=i + 5) for i in range(-5, 6)]
+    )
+    clamp = camera.CameraClamp(camera.fit(development, 0, 5))
+    green = _images(3, 150, cast=(0.5, 1.0, 0.5), seed=8)  # a photograph's cast, not a dermatoscope's
+    assert clamp(green) is green
+    cooler = _images(3, 150, cast=(0.9, 1.0, 1.1), seed=9)
+    assert np.all(np.abs(clamp.gains(cooler) - 1).max(axis=1) > 0.02)  # a white balance's: moved

@@ -9,7 +9,10 @@ exposure (the median of its brightest channel) and colour cast (Shades of Gray, 
 log R/G and log B/G) are measured, and an image **outside** the development images' central range
 is moved to its edge by one gain per channel; an image inside it is left exactly as it is. No gain
 exceeds the camera augmentation's ±25 %, so a frame far too dark stays dark — and the quality
-checks see every image as it came (the Predictor measures before this step).
+checks see every image as it came (the Predictor measures before this step). A colour cast that
+would need more than that is not a dermatoscope's white balance but another kind of picture (a
+photograph, a chart): it is left as it is, so that the gate's features see it as it came (moving
+it towards a lesion's colours made the gate pass 13 more of its 490 made-up negatives).
 
 A bundle asks for it in its manifest (``preprocessing.camera``: the ranges, fitted on the
 development images by ``dermascan camera-fit``); the Predictor, the workers' heat maps and the
@@ -26,7 +29,8 @@ MAX_GAIN = 1.25  # no channel moved by more than the camera augmentation's ±25 
 SOG_POWER = 6  # Shades of Gray's Minkowski norm (Finlayson and Trezzi, 2004)
 MANIFEST_NOTE = (
     "an image whose exposure (median of the brightest channel) or colour cast (Shades of Gray, p = 6: "
-    "log R/G, log B/G) lies outside the development images' range moved to its edge, at most ±25 % a channel"
+    "log R/G, log B/G) lies outside the development images' range moved to its edge, at most ±25 % a channel; "
+    "a colour cast further out than that left as it is"
 )
 _POWER = (np.arange(256, dtype=np.float64) / 255.0) ** SOG_POWER  # a table: uint8 → its sixth power
 
@@ -100,6 +104,9 @@ class CameraClamp:
         gains = np.ones((len(exposure), 3), np.float64)
         if self.colour is not None:
             moved = np.clip(cast, self.colour[0], self.colour[1]) - cast  # log R/G and log B/G
+            # a cast further out than the largest gain is no dermatoscope's white balance: left as it
+            # is, for the gate to judge (moved, a photograph's or a chart's features look like a lesion's)
+            moved[np.abs(moved).max(axis=1) > np.log(self.max_gain)] = 0.0
             gains[:, 0] *= np.exp(moved[:, 0])
             gains[:, 2] *= np.exp(moved[:, 1])
         if self.exposure is not None:
