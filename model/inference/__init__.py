@@ -10,6 +10,8 @@ import the model only through here (and ``model.metrics``, ``model.errors``).
 - ``runtimes``: the ONNX file on ONNX Runtime or OpenVINO (used where it matches ONNX Runtime)
 - ``data``: decoding and resizing images; the ISIC-2024 folder layout
 - ``field``: a circular field of view's dark surround filled before the network (where a bundle asks)
+- ``camera``: an exposure or colour cast outside the development images' range moved to its edge, after the
+  quality measures and before the network (where a bundle asks)
 - ``features``: the metadata feature spec (records → the network's metadata vector)
 - ``calibration``: calibration maps (raw score → probability) and the reliability measures
 - ``missing``: the maps for studies sent without some metadata

@@ -17,5 +17,6 @@ the application; no serving process imports it.
 - ``missing_fit``: a bundle's maps for missing metadata, fitted on its held-out rows
 - ``diagnosis_fit``: a bundle's differential head refitted on its network's fused features and a pooled
   earlier cell
+- ``camera_fit``: a bundle's camera clamp, its ranges taken on the development images
 - ``heatmaps``: how well heat maps point at the lesion (pointing game, concentration), with a gallery
 """
