@@ -12,7 +12,7 @@ exceeds the camera augmentation's ±25 %, so a frame far too dark stays dark —
 checks see every image as it came (the Predictor measures before this step). A colour cast that
 would need more than that is not a dermatoscope's white balance but another kind of picture (a
 photograph, a chart): it is left as it is, so that the gate's features see it as it came (moving
-it towards a lesion's colours made the gate pass 13 more of its 490 made-up negatives).
+it towards a lesion's colours, capped at 25 %, made the gate pass 7 more of its 490 made-up negatives).
 
 A bundle asks for it in its manifest (``preprocessing.camera``: the ranges, fitted on the
 development images by ``dermascan camera-fit``); the Predictor, the workers' heat maps and the
