@@ -42,6 +42,7 @@ def main() -> None:
     from model import metrics
     from model.inference import camera
     from model.inference.data import IsicDataset
+    from model.training import camera_fit
     from model.training.config import read_config, split_rows
     from model.training.evaluate import shifted
 
@@ -86,8 +87,7 @@ def main() -> None:
                 percentiles = {"wb": 0.0, "exposure": 0.0}
                 for part in correction.split("+"):
                     _, kind, percentile = part.split("-")  # "20", or "20:0" (below : above) for the exposure
-                    percentiles[kind] = [float(v) for v in percentile.split(":")]
-                    percentiles[kind] = percentiles[kind][0] if len(percentiles[kind]) == 1 else percentiles[kind]
+                    percentiles[kind] = camera_fit.percentiles(percentile)
                 block = camera.fit(development, percentiles["exposure"], percentiles["wb"])
                 clamp_step = camera.CameraClamp(block)
             for shift in SHIFT_NAMES:

@@ -22,9 +22,8 @@ import numpy as np
 def main() -> None:
     from model.inference.data import IsicDataset
     from model.inference.predictor import Predictor
-    from model.training import gate_data
     from model.training.config import read_config, split_rows
-    from model.training.gate_fit import _flag_summary, decode_original
+    from model.training.gate_fit import flag_summary, reported_negatives
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundles", nargs="+")
@@ -36,10 +35,7 @@ def main() -> None:
     split = split_rows(dataset.targets(), dataset.groups(), cfg)
     held = np.flatnonzero(split < 0)
     held_ids = [dataset.ids[i] for i in held]
-    originals = [decode_original(b) for b in dataset.read_bytes(held_ids[:160])]
-    kinds, negatives = gate_data.negatives(originals, seed=cfg.seed)
-    world_kinds, world_images = gate_data.world(seed=cfg.seed, part="report")
-    kinds, negatives = kinds + world_kinds, negatives + world_images
+    kinds, negatives = reported_negatives(dataset, held_ids, cfg.seed)
     lesions = dataset.read_bytes(held_ids)
     records = dataset.metadata.iloc[held][["age_approx", "sex", "anatom_site_general"]].to_dict("records")
     print(f"{len(negatives)} made-up negatives, {len(lesions)} held-out lesions (the first bundle's split)")
@@ -53,7 +49,7 @@ def main() -> None:
         lesion_scores = []
         for s in range(0, len(lesions), 256):
             lesion_scores += predictor.score(lesions[s : s + 256], records[s : s + 256])
-        summary = _flag_summary(kinds, [score.reason for score in negative_scores])
+        summary = flag_summary(kinds, [score.reason for score in negative_scores])
         lesion_flagged = np.mean([score.reason is not None for score in lesion_scores])
         summaries[predictor.version] = summary
         print(f"| {predictor.version} | {summary['flagged']} of {summary['n']} ({summary['flagged_share']:.1%}) | "

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import ModelError, require_extra
-from model.inference import camera, field
+from model.inference import camera
 from model.inference.bundle import file_sha256
 from model.inference.calibration import Calibrator
 from model.inference.data import canonical_size, decode_many
@@ -120,8 +120,7 @@ class EdgeScorer:
         self.threshold = float(self.manifest["threshold"])
         self.tta = bool(self.manifest.get("inference", {}).get("tta", False))
         # as the server's Predictor does: the fill before the quality measures, the camera clamp after
-        self.fill = field.for_manifest(self.manifest)
-        self.correct = camera.for_manifest(self.manifest)
+        self.fill, self.correct = camera.steps(self.manifest)
         self.size = canonical_size(self.manifest["image_size"])
         self.batch = batch
 

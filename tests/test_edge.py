@@ -319,6 +319,9 @@ def test_a_camera_clamp_fitted_on_the_development_images_is_applied_alike_on_the
     shutil.copytree(source, bundle)
     same = CliRunner().invoke(main, ["camera-fit", str(bundle), "--data", str(ham_dir), "--version", "tiny-edge"])
     assert same.exit_code != 0 and "needs a new version" in same.output
+    odd = ["camera-fit", str(bundle), "--data", str(ham_dir), "--version", "v2", "--exposure-percentile", "20:x"]
+    refused = CliRunner().invoke(main, odd)
+    assert refused.exit_code != 0 and "one percentile (20) or two" in refused.output
     result = CliRunner().invoke(
         main, ["camera-fit", str(bundle), "--data", str(ham_dir), "--version", "tiny-edge-camera"]
     )  # fmt: skip
@@ -358,12 +361,11 @@ def test_a_camera_clamp_fitted_on_the_development_images_is_applied_alike_on_the
     _server_and_edge_feed_their_networks_alike(server, edge, darker, records, prepared)
     raw_moved, raw_dark = (server.predict_raw(prepared.pixels, prepared.meta)[0], server.predict_raw(as_decoded, prepared.meta)[0])  # fmt: skip
     assert np.abs(raw_moved - raw_dark).max() > 1e-4  # the network's answer is the moved image's
-    inside = np.flatnonzero(
-        ~np.any(np.abs(server.correct.gains(server.fill(dataset.load_images(server.image_size))) - 1) > 1e-6, axis=1)
-    )
+    filled = server.fill(dataset.load_images(server.image_size))
+    inside = np.flatnonzero(~np.any(np.abs(server.correct.gains(filled) - 1) > 1e-6, axis=1))
     assert len(inside)  # some of the pictures as taken are inside every range: they reach the network as decoded
     as_taken = server.pre_process(dataset.read_bytes([dataset.ids[i] for i in inside]), [records[i] for i in inside])
-    np.testing.assert_array_equal(as_taken.pixels, server.fill(dataset.load_images(server.image_size))[inside])
+    np.testing.assert_array_equal(as_taken.pixels, filled[inside])
 
 
 def test_a_worker_s_inference_threads_reach_its_forward_pass_and_its_heat_maps(exported, ham_dir, tmp_path):

@@ -694,22 +694,11 @@ def camera_fit(bundle_dir, data_dir, version, exposure_percentile, colour_percen
     images' range is moved to its edge before the network (at most 25 % a channel; the quality checks
     see it as it came). The weights are untouched; export the ONNX package again afterwards."""
     from model.errors import ModelError
-    from model.training.camera_fit import fit_bundle
+    from model.training.camera_fit import fit_bundle, percentiles
 
-    try:
-        exposure = [float(v) for v in exposure_percentile.split(":")]
-        if len(exposure) not in (1, 2):
-            raise ValueError
-    except ValueError:
-        raise click.BadParameter(
-            f"{exposure_percentile!r}: one percentile (20) or two, below and above (20:0)",
-            param_hint="--exposure-percentile",
-        ) from None
     _log_progress()
     try:
-        block = fit_bundle(
-            bundle_dir, data_dir, version, exposure if len(exposure) == 2 else exposure[0], colour_percentile
-        )
+        block = fit_bundle(bundle_dir, data_dir, version, percentiles(exposure_percentile), colour_percentile)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from exc
     if not block:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from model.inference import field
+
 MAX_GAIN = 1.25  # no channel moved by more than the camera augmentation's ±25 %
 SOG_POWER = 6  # Shades of Gray's Minkowski norm (Finlayson and Trezzi, 2004)
 MANIFEST_NOTE = (
@@ -141,3 +143,10 @@ def for_manifest(manifest: dict):
     if not isinstance(block, dict) or not (block.get("exposure") or block.get("colour_cast")):
         return _as_taken
     return CameraClamp(block)
+
+
+def steps(manifest: dict):
+    """Both steps a bundle's (or an edge package's) manifest asks for between resizing and the
+    network, in order: (the circular field's fill, before the quality measures; this clamp, after
+    them). Every scorer takes them from here, so none applies one without the other."""
+    return field.for_manifest(manifest), for_manifest(manifest)

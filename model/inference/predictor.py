@@ -23,7 +23,7 @@ from PIL import Image
 
 from model.errors import ImageDecodeError
 from model.inference import bundle as bundle_lib
-from model.inference import camera, change, field
+from model.inference import camera, change
 from model.inference.calibration import Calibrator
 from model.inference.data import decode_many
 from model.inference.gate import Gate
@@ -160,8 +160,7 @@ class Predictor:
         # after resizing, before the quality measures: a circular field's dark surround filled
         # (model.inference.field); after the measures, before the network: an exposure or colour cast
         # outside the development images' range moved to its edge (model.inference.camera)
-        self.fill = field.for_manifest(self.bundle.manifest)
-        self.correct = camera.for_manifest(self.bundle.manifest)
+        self.fill, self.correct = camera.steps(self.bundle.manifest)
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
         self.tta = tta
         self.threshold = self.bundle.threshold if threshold is None else float(threshold)

@@ -23,6 +23,17 @@ from model.errors import ModelError
 log = logging.getLogger(__name__)
 
 
+def percentiles(text: str):
+    """``"20"`` → 20.0; ``"20:0"`` → [20.0, 0.0] (below, above). ModelError for anything else."""
+    try:
+        values = [float(v) for v in text.split(":")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise ModelError(f"{text!r}: one percentile (20) or two, below and above (20:0)")
+    return values[0] if len(values) == 1 else values
+
+
 def fit_bundle(bundle_dir, data_dir, version: str, exposure_percentile, colour_percentile: float) -> dict:
     """Write ``preprocessing.camera`` into ``bundle_dir``'s manifest under ``version``; returns the block.
     ``exposure_percentile``: one percentile or a pair (below, above; 0 leaves a side open). A
@@ -46,13 +57,7 @@ def fit_bundle(bundle_dir, data_dir, version: str, exposure_percentile, colour_p
     if rows.size == 0:
         raise ModelError(f"{bundle_dir}: its split has no development rows in {data_dir}")
     fill = field.for_manifest(manifest)
-    ids = dataset.ids
-    pixels = np.concatenate(
-        [
-            fill(dataset.load_images(manifest["image_size"], ids=[ids[i] for i in rows[s : s + 1024]]))
-            for s in range(0, len(rows), 1024)
-        ]
-    )
+    pixels = fill(dataset.load_images(manifest["image_size"], ids=[dataset.ids[i] for i in rows]))
     log.info("camera-fit: %d development images decoded", len(pixels))
     preprocessing = dict(manifest.get("preprocessing") or {})
     if np.any(exposure_percentile) or colour_percentile:

@@ -59,7 +59,7 @@ def bundle_rows(loaded, bundle_dir, data_dir):
     without a diagnosis; fold per row, -1 for the calibration rows; pixels after the bundle's
     conform step — a circular field's surround filled, the camera clamp, where it asks; the metadata
     vectors)."""
-    from model.inference import camera, diagnosis, field
+    from model.inference import camera, diagnosis
     from model.inference.data import IsicDataset
     from model.training.config import read_config, split_rows
 
@@ -67,7 +67,7 @@ def bundle_rows(loaded, bundle_dir, data_dir):
     dataset = IsicDataset.open(data_dir, limit=cfg.limit)
     truth = diagnosis.labels(dataset.metadata)
     parts = split_rows(dataset.targets(), dataset.groups(), cfg)
-    fill, correct = field.for_manifest(loaded.manifest), camera.for_manifest(loaded.manifest)
+    fill, correct = camera.steps(loaded.manifest)
     pixels = correct(fill(dataset.load_images(loaded.image_size)))
     meta = loaded.spec.transform(dataset.metadata).astype(np.float32)
     return truth, parts, pixels, meta

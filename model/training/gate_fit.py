@@ -58,16 +58,12 @@ def fit_gate(
         gate.lesion_check = check
         log.info("gate: lesion check fitted against %d photographs and other medical images", len(fit_kinds))
     reasons, _ = gate.reasons(pixels[held], sizes[held], features[held])
-    gate.report = {"held_out_lesions": _flag_summary(["lesion"] * len(reasons), reasons)}
-    held_ids = [dataset.ids[i] for i in np.flatnonzero(held)[:160]]
-    originals = [decode_original(b) for b in dataset.read_bytes(held_ids)]
-    kinds, negatives = gate_data.negatives(originals, seed=cfg.seed)
-    world_kinds, world_images = gate_data.world(seed=cfg.seed, part="report")  # none of them fitted anything
-    kinds, negatives = kinds + world_kinds, negatives + world_images
+    gate.report = {"held_out_lesions": flag_summary(["lesion"] * len(reasons), reasons)}
+    kinds, negatives = reported_negatives(dataset, [dataset.ids[i] for i in np.flatnonzero(held)], cfg.seed)
     neg_pixels = np.stack([resize(img, cfg.image_size) for img in negatives])
     neg_sizes = np.array([[img.shape[1], img.shape[0]] for img in negatives], np.float32)
     neg_reasons, _ = gate.reasons(neg_pixels, neg_sizes, features_of(neg_pixels))
-    gate.report["negatives"] = _flag_summary(kinds, neg_reasons)
+    gate.report["negatives"] = flag_summary(kinds, neg_reasons)
     log.info(
         "gate: quality %s; feature distance threshold %.3f; flags %.2f%% of held-out lesions, %.1f%% of %d negatives",
         thresholds.to_dict(), distance.threshold, 100 * gate.report["held_out_lesions"]["flagged_share"],
@@ -142,6 +138,18 @@ def image_features(net, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
     return np.concatenate(out)
 
 
+def reported_negatives(dataset: IsicDataset, held_ids: list[str], seed: int) -> tuple[list[str], list[np.ndarray]]:
+    """The made-up negatives a gate is reported on (kinds, RGB images of their own sizes): degraded
+    copies of the first 160 held-out lesions, synthetic images and charts, and the reporting half
+    of the photographs, scenes and other medical images (none of them fitted anything)."""
+    from model.training import gate_data
+
+    originals = [decode_original(b) for b in dataset.read_bytes(held_ids[:160])]
+    kinds, negatives = gate_data.negatives(originals, seed=seed)
+    world_kinds, world_images = gate_data.world(seed=seed, part="report")
+    return kinds + world_kinds, negatives + world_images
+
+
 def decode_original(data: bytes) -> np.ndarray:
     import io
 
@@ -151,7 +159,7 @@ def decode_original(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def _flag_summary(kinds: list[str], reasons: list) -> dict:
+def flag_summary(kinds: list[str], reasons: list) -> dict:
     """Share flagged overall and per kind (the kind's first word), with the reasons given."""
     per_kind: dict[str, list[int]] = {}
     by_reason: dict[str, int] = {}
