@@ -141,3 +141,84 @@ def test_concurrent_writers_of_follow_up_batches_never_deadlock(pg_settings, ham
             assert len(done) == len(ids)
             linked = session.scalars(select(Prediction).where(Prediction.study_id.in_(second))).all()
             assert sorted(p.previous_study_id for p in linked) == sorted(first)  # every second visit linked
+
+
+def _write_one_piece(settings, ham_dir) -> dict:
+    """One piece written as a worker writes it — scored, failed, not assessable; two visits of a
+    lesion in the same piece; a visit whose previous visit is scored only in a later write; a
+    redelivery — and what the database then holds, by each study's place in the piece."""
+    import dataclasses
+
+    with session_factory(settings.database_url)() as session, session.begin():
+        program_id = get_or_create_program(session, "one-piece").id
+        session.add(ModelBundle(version="unit", sha256="0" * 64, path="-", manifest={}, threshold=0.5))
+    visits = [("L1", "2026-01-05"), ("L1", "2026-03-05"), (None, None), (None, None), (None, None),
+              ("L2", "2026-03-05"), ("L2", "2026-01-05")]  # fmt: skip
+    inputs = [
+        dataclasses.replace(image, lesion_id=lesion, acquired_at=when, patient_id=f"patient-{lesion or k}",
+                            external_id=f"piece-{k}", idempotency_key=f"piece-{k}")
+        for k, (image, (lesion, when)) in enumerate(zip(ham_inputs(ham_dir, len(visits)), visits, strict=True))
+    ]  # fmt: skip
+    ids = store(settings, program_id, inputs).new_study_ids
+    place = {study_id: k for k, study_id in enumerate(ids)}
+    piece = [
+        results.ScoredStudy(ids[0], 0.2, distance=1.5),
+        results.ScoredStudy(ids[1], 0.7),  # its lesion's visit before it, in the same piece, at 0.2: newly high risk
+        results.ScoredStudy(ids[2], 0.1, distance=float("nan")),  # a distance that is no number is kept as none
+        results.ScoredStudy(ids[4], 0.9, assessable=False, reason="too dark"),
+        results.ScoredStudy(ids[5], 0.3),  # its previous visit (ids[6]) is scored in a later write
+    ]
+    factory = session_factory(settings.database_url)
+    with factory() as session, session.begin():
+        results.claim(session, ids, "worker", 60)
+    outcomes = []
+    with factory() as session, session.begin():
+        outcomes.append(results.record(session, "unit", 0.5, piece, [(ids[3], "image cannot be decoded")], "worker"))
+    with factory() as session, session.begin():
+        outcomes.append(results.record(session, "unit", 0.5, [results.ScoredStudy(ids[6], 0.1)], [], "worker"))
+    with factory() as session, session.begin():  # a redelivery, by a writer without a lease: nothing doubled
+        outcomes.append(results.record(session, "unit", 0.5, piece, [(ids[3], "again")]))
+    with factory() as session:
+        predictions = {
+            place[p.study_id]: (p.probability, p.threshold, p.feature_distance, p.assessable,
+                                place.get(p.previous_study_id), p.probability_change, p.newly_high_risk, p.id)
+            for p in session.scalars(select(Prediction))
+        }  # fmt: skip
+        referrals = {
+            place[r.study_id]: (r.category, r.tier, r.probability, predictions[place[r.study_id]][-1] == r.prediction_id)
+            for r in session.scalars(select(Referral))
+        }  # fmt: skip
+        studies = {place[s.id]: (s.status, s.error, s.lease_owner) for s in session.scalars(select(Study))}
+    for outcome in outcomes:
+        for key in ("high_risk", "not_assessable", "scored_ids", "lost_lease"):
+            outcome[key] = [place[i] for i in outcome[key]]
+    return {"predictions": {k: v[:-1] for k, v in predictions.items()}, "referrals": referrals, "studies": studies,
+            "outcomes": outcomes}  # fmt: skip
+
+
+def test_a_piece_is_written_alike_in_one_statement_on_postgresql_and_statement_by_statement_on_sqlite(
+    embedded_settings, pg_settings, ham_dir
+):
+    """PostgreSQL writes a piece's predictions, statuses and referrals in one statement; SQLite
+    (the embedded default) one statement at a time. The same piece leaves the same rows in both."""
+    on_sqlite, on_postgresql = _write_one_piece(embedded_settings, ham_dir), _write_one_piece(pg_settings, ham_dir)
+    assert on_postgresql == on_sqlite
+    predictions, referrals, studies = on_postgresql["predictions"], on_postgresql["referrals"], on_postgresql["studies"]
+    assert sorted(predictions) == [0, 1, 2, 4, 5, 6]
+    assert predictions[0][:5] == (0.2, 0.5, 1.5, True, None)  # the lesion's first visit: nothing before it
+    assert predictions[1][4:] == (0, 0.5, True)  # compared with the visit before it, written in the same statement
+    assert predictions[2][2] is None
+    assert predictions[5][4:] == (6, 0.2, False)  # compared once its previous visit was scored
+    assert referrals == {1: ("newly_high_risk", 0, 0.7, True), 4: ("not_assessable", 3, 0.9, True)}, (
+        referrals
+    )  # each tied to its prediction
+    assert studies[3] == (StudyStatus.FAILED, "again", None)  # a failure written again: its latest reason
+    assert {studies[k] for k in (0, 1, 2, 4, 5, 6)} == {(StudyStatus.DONE, None, None)}
+    first, later, again = on_postgresql["outcomes"]
+    assert (first["scored_ids"], first["failed"], first["high_risk"], first["not_assessable"]) == (
+        [0, 1, 2, 4, 5],
+        1,
+        [1, 0],
+        [4],
+    )
+    assert later["scored_ids"] == [6] and again["scored"] == 5 and again["lost_lease"] == []

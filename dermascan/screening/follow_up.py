@@ -58,10 +58,11 @@ def _visit_key(study) -> tuple:
     return (study.acquired_at or study.created_at, study.id)
 
 
-def previous_visits(session: Session, studies: Sequence[Study]) -> dict[int, int]:
+def previous_visits(session: Session, studies: Sequence[Study], failing: Sequence[int] = ()) -> dict[int, int]:
     """{study id: the id of the visit of the same lesion just before it in time} for many
     studies, in one query: every visit of their lesions that did not fail (a lesion has a
-    handful), ordered by when it was imaged (else received), then by id."""
+    handful; ``failing``: visits failing in the same write), ordered by when it was imaged (else
+    received), then by id."""
     lesions = sorted({s.lesion_id for s in studies if s.lesion_id is not None})
     if not lesions:
         return {}
@@ -72,7 +73,8 @@ def previous_visits(session: Session, studies: Sequence[Study]) -> dict[int, int
     ).all()
     by_lesion: dict[int, list] = {}
     for row in rows:
-        by_lesion.setdefault(row.lesion_id, []).append(_visit_key(row))
+        if row.id not in failing:
+            by_lesion.setdefault(row.lesion_id, []).append(_visit_key(row))
     out = {}
     for study in studies:
         key = _visit_key(study)
@@ -95,80 +97,87 @@ def visits(session: Session, lesion_id: int) -> list[tuple[Study, Prediction | N
     return [(s, current_prediction(session, s.id), s.referral) for s in studies]
 
 
-def _compare(prediction: Prediction, earlier: Prediction, change) -> tuple[bool | None, bool | None]:
-    """Fill ``prediction``'s comparison with the earlier visit's; (newly high risk, changed)."""
-    prediction.previous_study_id = earlier.study_id
-    referred = prediction.assessable and prediction.probability >= prediction.threshold
-    if prediction.assessable and earlier.assessable:
-        prediction.probability_change = round(float(prediction.probability - earlier.probability), 6)
-        prediction.newly_high_risk = bool(referred and earlier.probability < earlier.threshold)
-    else:
-        prediction.newly_high_risk = None
+def comparison(new, earlier, change) -> dict:
+    """The comparison of a visit's prediction ``new`` with the previous visit's ``earlier`` (each
+    with ``study_id``, ``probability``, ``threshold``, ``assessable``, ``embedding`` and
+    ``bundle_version``: a Prediction or the values about to be written), as the prediction's
+    columns: the visit compared with, the change in probability, newly high risk and — where the
+    bundle's change measure applies to both — the change measure, its percentile and changed."""
+    out = {"previous_study_id": earlier.study_id, "probability_change": None, "newly_high_risk": None,
+           "change_measure": None, "change_percentile": None, "changed": None}  # fmt: skip
+    referred = new.assessable and new.probability >= new.threshold
+    if new.assessable and earlier.assessable:
+        out["probability_change"] = round(float(new.probability - earlier.probability), 6)
+        out["newly_high_risk"] = bool(referred and earlier.probability < earlier.threshold)
     comparable = (
         change is not None
-        and prediction.embedding is not None
+        and new.embedding is not None
         and earlier.embedding is not None
-        and earlier.bundle_version == prediction.bundle_version
-        and len(earlier.embedding) == len(prediction.embedding)
+        and earlier.bundle_version == new.bundle_version
+        and len(earlier.embedding) == len(new.embedding)
     )
-    if comparable and prediction.assessable and earlier.assessable:
-        measure = change.measure(earlier.embedding, prediction.embedding)
-        prediction.change_measure = round(measure, 4)
-        prediction.change_percentile = round(change.percentile(measure), 4)
-        prediction.changed = bool(change.changed(measure))
+    if comparable and new.assessable and earlier.assessable:
+        measure = change.measure(earlier.embedding, new.embedding)
+        out["change_measure"] = round(measure, 4)
+        out["change_percentile"] = round(change.percentile(measure), 4)
+        out["changed"] = bool(change.changed(measure))
+    return out
+
+
+def _compare(prediction: Prediction, earlier: Prediction, change) -> tuple[bool | None, bool | None]:
+    """Fill ``prediction``'s comparison with the earlier visit's; (newly high risk, changed)."""
+    for name, value in comparison(prediction, earlier, change).items():
+        if value is not None or name in ("previous_study_id", "newly_high_risk"):
+            setattr(prediction, name, value)
     return prediction.newly_high_risk, prediction.changed
 
 
-def lock_lesions(session: Session, study_ids: Sequence[int]) -> list[tuple[int, int]]:
-    """(study id, lesion id) of the studies that name a lesion; their lesions locked, in id order.
-    A result write takes these locks first, before it locks its studies: two workers writing
-    visits of the same lesions take turns there, and never hold a study the other needs (a
-    visit's ``previous_study_id`` points at a study another worker may be writing)."""
+def lock_lesions(session: Session, study_ids: Sequence[int]) -> None:
+    """Lock the lesions these studies name, in id order, in one statement. A result write takes
+    these locks first, before it locks its studies: two workers writing visits of the same lesions
+    take turns there, and never hold a study the other needs (a visit's ``previous_study_id``
+    points at a study another worker may be writing)."""
+    if study_ids:
+        named = select(Study.lesion_id).where(Study.id.in_(list(study_ids)), Study.lesion_id.is_not(None))
+        session.execute(select(Lesion.id).where(Lesion.id.in_(named)).order_by(Lesion.id).with_for_update()).all()
+
+
+def earlier_predictions(session: Session, study_ids: Sequence[int]) -> dict[int, object]:
+    """The current prediction of each of these studies (those without one absent), as rows of
+    the values a comparison reads — no ORM objects, for the result write's hot path."""
+    if not study_ids:
+        return {}
     rows = session.execute(
-        select(Study.id, Study.lesion_id).where(Study.id.in_(list(study_ids)), Study.lesion_id.is_not(None))
-    ).all()
-    if rows:
-        list(session.scalars(
-            select(Lesion.id).where(Lesion.id.in_(sorted({r[1] for r in rows}))).order_by(Lesion.id).with_for_update()
-        ))  # fmt: skip
-    return [(r[0], r[1]) for r in rows]
+        select(Prediction.study_id, Prediction.probability, Prediction.threshold, Prediction.assessable,
+               Prediction.embedding, Prediction.bundle_version)
+        .where(Prediction.study_id.in_(sorted(set(study_ids))), Prediction.shadow.is_(False))
+        .order_by(Prediction.study_id, Prediction.created_at.desc(), Prediction.id.desc())
+    )  # fmt: skip
+    out: dict[int, object] = {}
+    for row in rows:
+        out.setdefault(row.study_id, row)
+    return out
 
 
-def compare_visits(
-    session: Session, bundle_version: str, study_ids: Sequence[int], change=None, locked: Sequence | None = None
-) -> dict:
-    """Each just-scored study of a lesion against its previous visit, in the caller's
-    transaction → {study id: (newly high risk, changed)} for those compared. ``locked``: what
-    :func:`lock_lesions` returned for these studies where the caller has taken the locks already."""
-    if locked is None:
-        named = lock_lesions(session, study_ids)
-    else:
-        wanted = set(study_ids)
-        named = [(s, lesion) for s, lesion in locked if s in wanted]
-    out: dict[int, tuple] = {}
+def compare_new_visits(
+    session: Session, visits: Sequence, new: dict, change=None, failing: Sequence[int] = ()
+) -> dict[int, dict]:
+    """The just-scored visits of lesions (rows with ``id``, ``lesion_id``, ``acquired_at``,
+    ``created_at``), each against its previous visit, before their predictions are written →
+    {study id: the comparison columns of :func:`comparison`}. ``new``: {study id: the values
+    about to be written} — a previous visit scored in the same write is compared with them; a
+    visit whose previous visit has no prediction yet gets only ``previous_study_id`` (it is
+    compared when that one is scored, :func:`compare_later_visits`). ``failing``: studies of the
+    same write that failed (never a previous visit)."""
+    named = [v for v in visits if v.lesion_id is not None and v.id in new]
     if not named:
-        return out
-    # a handful of queries for the whole piece, not four per visit
-    studies = sorted(session.scalars(select(Study).where(Study.id.in_([sid for sid, _ in named]))), key=_visit_key)
-    earlier = previous_visits(session, studies)
-    mine = {
-        p.study_id: p
-        for p in session.scalars(
-            select(Prediction).where(
-                Prediction.study_id.in_(list(earlier)), Prediction.bundle_version == bundle_version
-            )
-        )
-    }
-    before_of = current_predictions(session, list(earlier.values()))
-    for study in studies:
-        prediction = mine.get(study.id)
-        if study.id not in earlier or prediction is None:
-            continue
-        prediction.previous_study_id = earlier[study.id]
-        before = before_of.get(earlier[study.id])
-        if before is not None:  # else compared when the earlier visit is scored
-            out[study.id] = _compare(prediction, before, change)
-    session.flush()
+        return {}
+    earlier = previous_visits(session, named, set(failing))  # two queries for the whole piece
+    before_of = earlier_predictions(session, [e for e in earlier.values() if e not in new])
+    out: dict[int, dict] = {}
+    for study_id, previous in earlier.items():
+        before = new.get(previous) or before_of.get(previous)
+        out[study_id] = {"previous_study_id": previous} if before is None else comparison(new[study_id], before, change)
     return out
 
 

@@ -7,10 +7,14 @@ the one that took over)."""
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ARRAY, Integer, and_, any_, bindparam, column, false, func, literal, or_, select, update
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from dermascan.infra.db import insert_ignoring_conflicts
@@ -20,6 +24,7 @@ from dermascan.infra.schema import (
     Priority,
     ProgramThreshold,
     Referral,
+    ReferralStatus,
     Study,
     StudyStatus,
     utcnow,
@@ -133,19 +138,26 @@ def gather_interactive(
     return ids
 
 
-def still_held(session: Session, owner: str, study_ids: Sequence[int]) -> set[int]:
-    """Of ``study_ids``, those ``owner`` still holds (locked until the caller commits): a worker
-    that lost its lease — it stalled and another took the study over — writes nothing for them."""
+def _studies_to_write(session: Session, bundle_version: str, study_ids: Sequence[int], owner: str | None) -> dict:
+    """{study id: (its visit: id, lesion_id, acquired_at, created_at; its program's own threshold
+    for this bundle or None)} of the studies a write may write, locked in id order (with an
+    ``owner``: only those it still holds) — one query for the lease check, the program
+    thresholds and the follow-up."""
     if not study_ids:
-        return set()
-    return set(
-        session.scalars(
-            select(Study.id)
-            .where(Study.id.in_(list(study_ids)), Study.lease_owner == owner, Study.status == StudyStatus.PROCESSING)
-            .order_by(Study.id)
-            .with_for_update()
+        return {}
+    query = (
+        select(Study.id, Study.lesion_id, Study.acquired_at, Study.created_at, ProgramThreshold.threshold)
+        .outerjoin(
+            ProgramThreshold,
+            and_(ProgramThreshold.program_id == Study.program_id, ProgramThreshold.bundle_version == bundle_version),
         )
+        .where(Study.id.in_(sorted(set(study_ids))))
+        .order_by(Study.id)
     )
+    if owner is not None:
+        query = query.where(Study.lease_owner == owner, Study.status == StudyStatus.PROCESSING)
+        query = query.with_for_update(of=Study)
+    return {row.id: row for row in session.execute(query)}
 
 
 def record(
@@ -157,61 +169,73 @@ def record(
     owner: str | None = None,
     change=None,
 ) -> dict:
-    """Write one batch's results in the caller's transaction: predictions (one multi-row insert,
-    duplicates ignored), statuses, and the referrals the referral policy decides (high risk at or
-    above ``threshold``; every not-assessable image, to be checked by a person; with lesion
-    follow-up, the comparison with each lesion's previous visit — ``change``: the bundle's change
-    measure, ``model.inference.change``, or None). The returned ``high_risk`` lists the study ids referred
-    for their probability (they get heat maps)."""
+    """Write one batch's results in the caller's transaction: predictions (duplicates ignored),
+    statuses, and the referrals the referral policy decides (high risk at or above ``threshold``;
+    every not-assessable image, to be checked by a person; with lesion follow-up, the comparison
+    with each lesion's previous visit — ``change``: the bundle's change measure,
+    ``model.inference.change``, or None). The returned ``high_risk`` lists the study ids referred
+    for their probability (they get heat maps).
+
+    What is written is decided first — two or three reads: the lesions' and the studies' locks
+    with the lease check and the programs' thresholds, and, for visits of a lesion, their previous
+    visits — and then written on PostgreSQL in **one statement** (predictions, statuses and
+    referrals; :func:`_write_postgresql`)."""
     now = utcnow()
-    lost: list[int] = []
+    failed = list(failed)
     # row locks in one order: the lesions of the visits first (by id), then the studies (by id)
-    locked = follow_up.lock_lesions(session, [s.study_id for s in scored])
+    follow_up.lock_lesions(session, [s.study_id for s in scored])
+    studies = _studies_to_write(session, bundle_version, [s.study_id for s in scored] + [f[0] for f in failed], owner)
+    lost: list[int] = []
     if owner is not None:  # results are written only for the studies this worker still holds
-        held = still_held(session, owner, [s.study_id for s in scored] + [f[0] for f in failed])
-        lost = sorted(({s.study_id for s in scored} | {f[0] for f in failed}) - held)
-        scored = [s for s in scored if s.study_id in held]
-        failed = [f for f in failed if f[0] in held]
+        lost = sorted(({s.study_id for s in scored} | {f[0] for f in failed}) - set(studies))
+        scored = [s for s in scored if s.study_id in studies]
+        failed = [f for f in failed if f[0] in studies]
     # a program with a threshold of its own for this bundle (set from its local validation) is
     # referred by it; every other study by the bundle's
-    own = program_thresholds(session, bundle_version, [s.study_id for s in scored])
-    thresholds = {s.study_id: own.get(s.study_id, threshold) for s in scored}
-    _insert_predictions(session, bundle_version, thresholds, scored, now)
-    _set_statuses(session, [s.study_id for s in scored], failed, now)
-    compared = follow_up.compare_visits(session, bundle_version, [s.study_id for s in scored], change, locked)
+    thresholds = {
+        s.study_id: threshold if s.study_id not in studies or studies[s.study_id].threshold is None
+        else studies[s.study_id].threshold
+        for s in scored
+    }  # fmt: skip
+    new = {s.study_id: _values(s, bundle_version, thresholds[s.study_id]) for s in scored}
+    visits = [studies[s.study_id] for s in scored if s.study_id in studies]
+    followed = any(v.lesion_id is not None for v in visits)
+    compared = follow_up.compare_new_visits(session, visits, new, change, [f[0] for f in failed]) if followed else {}
     decided = [
-        (s, referral_policy.decide(
-            s.probability, thresholds[s.study_id], s.assessable, *compared.get(s.study_id, (None, None))))
+        (s, referral_policy.decide(s.probability, thresholds[s.study_id], s.assessable,
+                                   compared.get(s.study_id, {}).get("newly_high_risk"),
+                                   compared.get(s.study_id, {}).get("changed")))
         for s in scored
     ]  # fmt: skip
     referred = [(s, r) for s, r in decided if r is not None]
-    _insert_referrals(session, bundle_version, referred, now)
-    later = follow_up.compare_later_visits(session, bundle_version, [s.study_id for s in scored], change)
-    _refer_later_visits(session, bundle_version, later, now)
+    rows = _prediction_rows(bundle_version, thresholds, scored, now, compared=compared)
+    if session.get_bind().dialect.name == "postgresql":
+        _write_postgresql(session, bundle_version, rows, failed, referred, now)
+    else:
+        insert_ignoring_conflicts(session, Prediction.__table__, rows, ["study_id", "bundle_version"])
+        _set_statuses(session, [s.study_id for s in scored], failed, now)
+        _insert_referrals(session, bundle_version, referred, now)
+    later = {}
+    if followed:  # visits scored earlier that waited for one of these (their previous visit)
+        later = follow_up.compare_later_visits(session, bundle_version, [s.study_id for s in scored], change)
+        _refer_later_visits(session, bundle_version, later, now)
     return {
         "scored": len(scored),
         "failed": len(failed),
         "referred": len(referred),
-        "high_risk": _heatmaps_wanted(session, referred, later),
+        "high_risk": _heatmaps_wanted(session, referred, later, compared),
         "not_assessable": [s.study_id for s, r in referred if r.category == referral_policy.NOT_ASSESSABLE],
         "lost_lease": lost,
         "scored_ids": [s.study_id for s in scored],
     }
 
 
-def program_thresholds(session: Session, bundle_version: str, study_ids) -> dict[int, float]:
-    """The program thresholds that apply to these studies under ``bundle_version``
-    (``dermascan.governance.local_validation`` sets them); studies of a program without one are
-    absent: the bundle's threshold applies to them."""
-    ids = list(study_ids)
-    if not ids:
-        return {}
-    query = (
-        select(Study.id, ProgramThreshold.threshold)
-        .join(ProgramThreshold, ProgramThreshold.program_id == Study.program_id)
-        .where(Study.id.in_(ids), ProgramThreshold.bundle_version == bundle_version)
-    )
-    return {study_id: threshold for study_id, threshold in session.execute(query)}
+def _values(scored: ScoredStudy, bundle_version: str, threshold: float) -> SimpleNamespace:
+    """What a comparison with another visit reads of a prediction about to be written."""
+    return SimpleNamespace(
+        study_id=scored.study_id, probability=float(scored.probability), threshold=float(threshold),
+        assessable=bool(scored.assessable), embedding=scored.embedding, bundle_version=bundle_version,
+    )  # fmt: skip
 
 
 def record_shadow(session: Session, bundle_version: str, threshold: float, scored: Sequence[ScoredStudy]) -> int:
@@ -224,26 +248,44 @@ def record_shadow(session: Session, bundle_version: str, threshold: float, score
 def _insert_predictions(
     session: Session, bundle_version: str, thresholds: dict[int, float], scored, now, shadow: bool = False
 ) -> None:
-    rows = [
+    rows = _prediction_rows(bundle_version, thresholds, scored, now, shadow)
+    insert_ignoring_conflicts(session, Prediction.__table__, rows, ["study_id", "bundle_version"])
+
+
+COMPARED = ("previous_study_id", "probability_change", "newly_high_risk", "change_measure", "change_percentile",
+            "changed")  # fmt: skip
+
+
+def _finite(value) -> float | None:
+    """A float column's value: None for none, and for a value that is not a finite number."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _prediction_rows(bundle_version: str, thresholds: dict[int, float], scored, now, shadow: bool = False,
+                     compared: dict | None = None) -> list[dict]:  # fmt: skip
+    """The predictions' rows, every row with the same keys (``compared``: {study id: the
+    comparison with the previous visit}, :func:`follow_up.compare_new_visits`)."""
+    compared = compared or {}
+    return [
         {
             "study_id": s.study_id,
             "bundle_version": bundle_version,
             "probability": float(s.probability),
             "threshold": float(thresholds[s.study_id]),
-            "spread": None if s.spread is None else float(s.spread),
+            "spread": _finite(s.spread),
             "assessable": bool(s.assessable),
             "not_assessable_reason": None if s.assessable else (s.reason or "not assessable")[:120],
-            "feature_distance": None if s.distance is None else float(s.distance),
+            "feature_distance": _finite(s.distance),
             "shadow": shadow,
             "image_stats": s.stats,
             "embedding": s.embedding,
             "missing_fields": s.missing_fields,
             "differential": s.differential,
             "created_at": now,
+            **{name: compared.get(s.study_id, {}).get(name) for name in COMPARED},
         }
         for s in scored
     ]
-    insert_ignoring_conflicts(session, Prediction.__table__, rows, ["study_id", "bundle_version"])
 
 
 def _set_statuses(session: Session, done_ids: list[int], failed: Sequence[tuple[int, str]], now) -> None:
@@ -270,6 +312,17 @@ def suspected_code(differential) -> str | None:
     return CODES[max(range(len(differential)), key=lambda i: differential[i])]
 
 
+def _referral_rows(referred, now) -> list[dict]:
+    """One row per referred study (its prediction's id is added where it is written)."""
+    return [
+        {
+            "study_id": s.study_id, "probability": float(s.probability), "category": r.category, "tier": r.tier,
+            "status": "open", "created_at": now, "suspected": suspected_code(s.differential) if s.assessable else None,
+        }
+        for s, r in referred
+    ]  # fmt: skip
+
+
 def _insert_referrals(session: Session, bundle_version: str, referred, now) -> None:
     """One referral per referred study (a redelivered batch adds none), tied to its prediction."""
     if not referred:
@@ -281,28 +334,113 @@ def _insert_referrals(session: Session, bundle_version: str, referred, now) -> N
             )
         ).all()
     )
-    rows = [
-        {
-            "study_id": s.study_id, "prediction_id": predictions[s.study_id], "probability": float(s.probability),
-            "category": r.category, "tier": r.tier, "status": "open", "created_at": now,
-            "suspected": suspected_code(s.differential) if s.assessable else None,
-        }
-        for s, r in referred
-    ]  # fmt: skip
+    rows = [{**row, "prediction_id": predictions[row["study_id"]]} for row in _referral_rows(referred, now)]
     insert_ignoring_conflicts(session, Referral.__table__, rows, ["study_id"])
 
 
-def _heatmaps_wanted(session: Session, referred, later: dict) -> list[int]:
+def _recordset(name: str, table, columns: Sequence[str], extra: dict | None = None):
+    """A JSON array bound as ``name``, read back as rows of ``table``'s ``columns`` (their types)
+    — PostgreSQL's ``jsonb_to_recordset``: a piece's rows travel as one parameter."""
+    typed = [column(c, table.c[c].type) for c in columns] + [column(c, t) for c, t in (extra or {}).items()]
+    return (
+        func.jsonb_to_recordset(bindparam(name, type_=JSONB)).table_valued(*typed).render_derived(name, with_types=True)
+    )
+
+
+_PREDICTION_IN = ("study_id", "probability", "threshold", "spread", "assessable", "not_assessable_reason",
+                  "feature_distance", "image_stats", "embedding", "missing_fields", "differential", *COMPARED)  # fmt: skip
+_REFERRAL_IN = ("study_id", "probability", "category", "tier", "suspected")
+
+
+def _write_statement():
+    """The one statement that writes a piece's results on PostgreSQL: its predictions inserted
+    (a study already predicted by this bundle keeps its prediction), the scored studies marked
+    done and the failed ones failed (unless done), the referrals inserted (one per study, tied to
+    the prediction inserted here or the one that was there). Data-modifying CTEs; the rows come
+    as three JSON parameters, so the statement is compiled once and cached."""
+    predictions, studies, referrals = Prediction.__table__, Study.__table__, Referral.__table__
+    given = _recordset("predictions", predictions, _PREDICTION_IN)
+    inserted = (
+        postgresql.insert(predictions)
+        .from_select(
+            [*_PREDICTION_IN, "bundle_version", "shadow", "created_at"],
+            select(*(given.c[c] for c in _PREDICTION_IN), bindparam("version", type_=predictions.c.bundle_version.type),
+                   false(), bindparam("now", type_=predictions.c.created_at.type)),
+        )
+        .on_conflict_do_nothing(index_elements=["study_id", "bundle_version"])
+        .returning(predictions.c.id, predictions.c.study_id)
+        .cte("inserted")
+    )  # fmt: skip
+    done = (
+        update(studies)
+        .where(studies.c.id == any_(bindparam("done", type_=ARRAY(Integer))))
+        .values(status=StudyStatus.DONE, finished_at=bindparam("now"), error=None, lease_owner=None, lease_until=None)
+        .returning(studies.c.id)
+        .cte("done")
+    )
+    failing = _recordset("failed", studies, ("id", "error"))
+    failed = (
+        update(studies)
+        .where(studies.c.id == failing.c.id, studies.c.status != StudyStatus.DONE)
+        .values(status=StudyStatus.FAILED, finished_at=bindparam("now"), error=failing.c.error, lease_owner=None,
+                lease_until=None)
+        .returning(studies.c.id)
+        .cte("failed")
+    )  # fmt: skip
+    wanted = _recordset("referrals", referrals, _REFERRAL_IN)
+    existing = (
+        select(predictions.c.id)
+        .where(predictions.c.study_id == wanted.c.study_id, predictions.c.bundle_version == bindparam("version"))
+        .scalar_subquery()
+    )
+    referred = (
+        postgresql.insert(referrals)
+        .from_select(
+            [*_REFERRAL_IN, "prediction_id", "status", "created_at"],
+            select(*(wanted.c[c] for c in _REFERRAL_IN), func.coalesce(inserted.c.id, existing),
+                   literal(ReferralStatus.OPEN, referrals.c.status.type), bindparam("now"))
+            .select_from(wanted.outerjoin(inserted, inserted.c.study_id == wanted.c.study_id)),
+        )
+        .on_conflict_do_nothing(index_elements=["study_id"])
+        .returning(referrals.c.study_id)
+        .cte("referred")
+    )  # fmt: skip
+    # every CTE is named in the outer query, so that each is rendered (PostgreSQL runs them once)
+    return select(
+        *(select(func.count()).select_from(cte).scalar_subquery() for cte in (inserted, done, failed, referred))
+    )
+
+
+_WRITE = None
+
+
+def _write_postgresql(session: Session, bundle_version: str, rows: list[dict], failed, referred, now) -> None:
+    """Predictions, statuses and referrals of a piece in one statement (:func:`_write_statement`)."""
+    global _WRITE
+    if not rows and not failed:
+        return
+    if _WRITE is None:
+        _WRITE = _write_statement()
+    session.execute(_WRITE, {
+        "predictions": [{c: row[c] for c in _PREDICTION_IN} for row in rows],
+        "version": bundle_version, "now": now, "done": [row["study_id"] for row in rows],
+        "failed": [{"id": study_id, "error": reason[:2000]} for study_id, reason in failed],
+        "referrals": [{c: row[c] for c in _REFERRAL_IN} for row in _referral_rows(referred, now)],
+    })  # fmt: skip
+
+
+def _heatmaps_wanted(session: Session, referred, later: dict, compared: dict) -> list[int]:
     """The studies that get heat maps: those referred for their probability or their change, and
     — so that a specialist compares like with like — the previous visit of each referred visit of
-    a followed lesion."""
+    a followed lesion (``compared``: the just-written visits' comparisons; ``later``: visits
+    scored before their previous visit, compared now)."""
     wanted = [s.study_id for s, r in referred if r.category != referral_policy.NOT_ASSESSABLE]
     wanted += [study_id for study_id, (newly, changed) in later.items() if newly or changed]
-    followed = [s.study_id for s, _ in referred] + list(later)
-    if followed:
+    wanted += [compared[s.study_id]["previous_study_id"] for s, _ in referred if s.study_id in compared]
+    if later:
         wanted += session.scalars(
             select(Prediction.previous_study_id).where(
-                Prediction.study_id.in_(followed),
+                Prediction.study_id.in_(list(later)),
                 Prediction.previous_study_id.is_not(None),
                 Prediction.shadow.is_(False),
             )
