@@ -64,7 +64,8 @@ class Item:
     priority: str = "bulk"
 
     @classmethod
-    def of(cls, study: Study) -> Item:
+    def of(cls, study) -> Item:
+        """From a claimed row (``results.claim``) or a Study."""
         return cls(study.id, study.image_sha256, dict(study.meta or {}), study.batch_id, study.created_at,
                    str(study.priority.value))  # fmt: skip
 

@@ -52,39 +52,42 @@ class ScoredStudy:
                    score.stats, score.embedding, score.missing_fields, score.differential)  # fmt: skip
 
 
-def claim(session: Session, study_ids: Sequence[int], owner: str = "", lease_s: float = 60.0) -> list[Study]:
+def claim(session: Session, study_ids: Sequence[int], owner: str = "", lease_s: float = 60.0) -> list:
     """The studies of a message that still need scoring, taken under a lease held by ``owner``
     until now + ``lease_s``: queued ones, ones this owner already holds (a retried task), and
     processing ones whose lease ran out (their worker died or stalled). A study another worker
-    holds under a live lease, and done or failed ones, are skipped: a redelivery does no harm."""
+    holds under a live lease, and done or failed ones, are skipped: a redelivery does no harm.
+
+    One statement (``UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING``, the
+    queue pattern of PostgreSQL); rows of what scoring reads (``id``, ``image_sha256``, ``meta``,
+    ``batch_id``, ``created_at``, ``priority``), in id order."""
     now = utcnow()
-    rows = list(
-        session.scalars(
-            select(Study)
-            .where(
-                Study.id.in_(list(study_ids)),
-                or_(
-                    Study.status == StudyStatus.QUEUED,
-                    and_(
-                        Study.status == StudyStatus.PROCESSING,
-                        or_(Study.lease_until.is_(None), Study.lease_until < now, Study.lease_owner == owner),
-                    ),
+    claimable = (
+        select(Study.id)
+        .where(
+            Study.id.in_(list(study_ids)),
+            or_(
+                Study.status == StudyStatus.QUEUED,
+                and_(
+                    Study.status == StudyStatus.PROCESSING,
+                    or_(Study.lease_until.is_(None), Study.lease_until < now, Study.lease_owner == owner),
                 ),
-            )
-            .order_by(Study.id)
-            .with_for_update(skip_locked=True)
+            ),
         )
+        .order_by(Study.id)
+        .with_for_update(skip_locked=True)
     )
-    if rows:
-        session.execute(
-            update(Study)
-            .where(Study.id.in_([s.id for s in rows]))
-            .values(
-                status=StudyStatus.PROCESSING, started_at=now, attempts=Study.attempts + 1,
-                lease_owner=owner or None, lease_until=now + dt.timedelta(seconds=lease_s),
-            )
-        )  # fmt: skip
-    return rows
+    rows = session.execute(
+        update(Study)
+        .where(Study.id.in_(claimable.scalar_subquery()))
+        .values(
+            status=StudyStatus.PROCESSING, started_at=now, attempts=Study.attempts + 1,
+            lease_owner=owner or None, lease_until=now + dt.timedelta(seconds=lease_s),
+        )
+        .returning(Study.id, Study.image_sha256, Study.meta, Study.batch_id, Study.created_at, Study.priority)
+        .execution_options(synchronize_session=False)
+    ).all()  # fmt: skip
+    return sorted(rows, key=lambda row: row.id)
 
 
 def renew_leases(session: Session, owner: str, lease_s: float, study_ids: Sequence[int]) -> int:
