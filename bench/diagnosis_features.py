@@ -1,11 +1,11 @@
 """What should the differential head read? The shipped head's fit (``dermascan diagnosis-fit``:
 balanced multinomial logistic regression, every flip a row) on the fused features alone, and on
-the fused features beside NASNet's cells at 1/8 and 1/16 of the image's side, average-pooled (the
-1/8 cell is the one Grad-CAM shows): balanced accuracy and melanoma-against-rest AUC out of fold
+the fused features beside NASNet's cells at 1/4, 1/8 and 1/16 of the image's side, average- or
+max-pooled (the 1/8 cell is the one Grad-CAM shows): balanced accuracy and melanoma-against-rest AUC out of fold
 over the bundle's patient-grouped development folds, and on the calibration rows (fitted on every
 development row). Measured for docs/model.md ("The differential diagnosis").
 
-The features of every image and flip (the bundle's network, the circular-field fill applied as the
+The features of every image and flip (the bundle's network, its conform step — the circular-field fill and the camera clamp — applied as the
 Predictor applies it) take a few minutes on two cores; ``--cache`` keeps them.
 
     python -m bench.diagnosis_features --data ../shared/data/ham10000 --cache /tmp/dx-features.npz
@@ -21,7 +21,10 @@ import numpy as np
 from model.inference.diagnosis import CODES
 
 SETS = ("fused", "fused+cell8", "fused+cell16", "fused+cell8+cell16")
-STRIDES = {"cell8": 8, "cell16": 16}
+# each cell's feature maps pooled: the average (the head as shipped) or the largest value of each
+# channel (a small structure that an average over the whole image would dilute)
+STRIDES = {"cell8": (8, "average"), "cell16": (16, "average"), "cell4": (4, "average"),
+           "cell8max": (8, "max"), "cell16max": (16, "max")}  # fmt: skip
 
 
 def features(bundle_dir: Path, data_dir: Path, cache: Path | None) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -39,8 +42,9 @@ def features(bundle_dir: Path, data_dir: Path, cache: Path | None) -> tuple[dict
         network = loaded.network
         truth, parts, pixels, meta = bundle_rows(loaded, bundle_dir, data_dir)
         outputs = {"fused": network.get_layer("fusion_dropout").output}
-        for name, stride in STRIDES.items():
-            pooled = keras.layers.GlobalAveragePooling2D(name=f"bench_pool_{name}")
+        for name, (stride, how) in STRIDES.items():
+            layer = keras.layers.GlobalAveragePooling2D if how == "average" else keras.layers.GlobalMaxPooling2D
+            pooled = layer(name=f"bench_pool_{name}")
             outputs[name] = pooled(cell_layer(network, stride).output)
         model = keras.Model(network.input, list(outputs.values()))
         found = {name: [] for name in outputs}
@@ -53,7 +57,7 @@ def features(bundle_dir: Path, data_dir: Path, cache: Path | None) -> tuple[dict
             np.savez(cache, truth=truth, parts=parts, **stacked)
         return {k: v.astype(np.float32) for k, v in stacked.items()}, truth, parts
     d = np.load(cache)
-    return {k: d[k].astype(np.float32) for k in ("fused", *STRIDES)}, d["truth"], d["parts"]
+    return {k: d[k].astype(np.float32) for k in ("fused", *STRIDES) if k in d}, d["truth"], d["parts"]
 
 
 def main() -> None:

@@ -746,7 +746,7 @@ def test_the_differential_head_is_refitted_without_touching_the_malignancy_outpu
     from dermascan.cli import main
     from model.inference import bundle, diagnosis
     from model.inference.gradcam import GradCam, OnnxGradCam, for_predictor
-    from model.inference.network import DIAGNOSIS_CELL_POOL, NO_AUGMENTATION, build
+    from model.inference.network import DIAGNOSIS_CELL_MAX_POOL, DIAGNOSIS_CELL_POOL, NO_AUGMENTATION, build
 
     keras.utils.set_random_seed(0)
     limit = 1500
@@ -777,8 +777,8 @@ def test_the_differential_head_is_refitted_without_touching_the_malignancy_outpu
     assert [s.differential for s in after] != [s.differential for s in before]
     # the new head reads the cell Grad-CAM shows beside the fused features; exported, ONNX Runtime
     # serves the same differential, and Grad-CAM's graph still follows the malignancy output alone
-    assert report["refit"]["reads"] == "the fused features and the cell Grad-CAM shows, average-pooled"
-    assert DIAGNOSIS_CELL_POOL in [layer.name for layer in load(path).network.layers]
+    assert report["refit"]["reads"] == "the fused features and the cell Grad-CAM shows, average and max-pooled"
+    assert {DIAGNOSIS_CELL_POOL, DIAGNOSIS_CELL_MAX_POOL} <= {layer.name for layer in load(path).network.layers}
     exported = CliRunner().invoke(
         main, ["export", str(path), "--format", "onnx", "--out", str(tmp_path / "onnx"), "--data", str(ham_dir)]
     )
@@ -835,6 +835,43 @@ def test_a_circular_field_of_view_is_filled_with_its_rim_and_nothing_else_is():
     assert fill_outside_field(batch) is batch  # nothing in it has a field-of-view surround
     both = fill_outside_field(np.stack([skin, circular]))
     assert np.array_equal(both[0], skin) and np.array_equal(both[1], filled)
+
+
+def test_a_head_that_reads_the_cell_s_average_is_rewired_to_read_its_largest_values_too():
+    """v4.3's head reads the 1/8 cell average-pooled; a refit rewires it to read the cell's average
+    and largest value per channel beside the fused features (in that order, so the old head's
+    inputs come first), the malignancy output untouched; asking for what it reads already, or
+    for a pool that does not exist, is refused."""
+    import keras
+
+    from model.inference import diagnosis
+    from model.inference.network import (
+        DIAGNOSIS_CELL_MAX_POOL,
+        DIAGNOSIS_CELL_POOL,
+        DIAGNOSIS_HEAD,
+        NO_AUGMENTATION,
+        build,
+        cell_pools,
+        diagnosis_reads_cell,
+    )  # fmt: skip
+
+    keras.utils.set_random_seed(0)
+    net = build(5, 32, backbone="tiny", augmentation=NO_AUGMENTATION, diagnoses=len(diagnosis.CODES))
+    fused = net.get_layer(DIAGNOSIS_HEAD).input.shape[-1]
+    average = diagnosis_reads_cell(net, 8, ("average",))
+    both = diagnosis_reads_cell(average, 8, ("average", "max"))
+    assert (cell_pools(net), cell_pools(average), cell_pools(both)) == ((), ("average",), ("average", "max"))
+    cell = both.get_layer(DIAGNOSIS_CELL_POOL).output.shape[-1]
+    assert both.get_layer(DIAGNOSIS_CELL_MAX_POOL).output.shape[-1] == cell
+    assert both.get_layer(DIAGNOSIS_HEAD).input.shape[-1] == fused + 2 * cell
+    inputs = {"image": np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3)).astype(np.float32),
+              "meta": np.zeros((4, 5), np.float32)}  # fmt: skip
+    malignancy = np.asarray(net.predict(inputs, verbose=0)[0])
+    assert np.array_equal(np.asarray(both.predict(inputs, verbose=0)[0]), malignancy)
+    with pytest.raises(ValueError, match="already reads"):
+        diagnosis_reads_cell(both, 8, ("max", "average"))
+    with pytest.raises(ValueError, match="cell pools"):
+        diagnosis_reads_cell(net, 8, ("median",))
 
 
 def test_the_differential_s_classes_are_weighted_by_their_counts():

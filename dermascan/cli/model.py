@@ -642,21 +642,31 @@ def missing_fit(bundle_dir, data_dir):
 @main.command("diagnosis-fit")
 @_fit_on_bundle(": the differential is refitted on its development rows, reported on its held-out ones")
 @click.option("--version", required=True, help="The refitted bundle's version (its weights change).")
-@click.option("--cell-stride", type=click.IntRange(min=0), default=8, show_default=True,
-              help="The head also reads the network's cell at 1/N of the image's side, average-pooled "
-                   "(0: the fused features only; a head that already reads a cell keeps it).")  # fmt: skip
+@click.option(
+    "--cell-stride",
+    type=click.IntRange(min=0),
+    default=8,
+    show_default=True,
+    help="The head also reads the network's cell at 1/N of the image's side, pooled as --cell-pool "
+    "says (0: the head reads what it reads now).",
+)
+@click.option("--cell-pool", default="average,max", show_default=True,
+              help="How the cell is pooled: average, max, or both (each channel's mean and largest value).")  # fmt: skip
 @_needs_train
-def diagnosis_fit(bundle_dir, data_dir, version, cell_stride):
+def diagnosis_fit(bundle_dir, data_dir, version, cell_stride, cell_pool):
     """Refit a bundle's differential head (one dense layer on the network's fused features and, by
     default, a pooled earlier cell) with balanced class weights, its strength chosen across the
     bundle's folds; the malignancy output is untouched. Export the ONNX package again afterwards
     (dermascan export)."""
     from model.errors import ModelError
-    from model.training.diagnosis_fit import refit
+    from model.training.diagnosis_fit import CELL_POOLS, refit
 
+    pools = tuple(p.strip() for p in cell_pool.split(",") if p.strip())
+    if not pools or set(pools) - set(CELL_POOLS):
+        raise click.BadParameter(f"{cell_pool!r}: average, max or average,max", param_hint="--cell-pool")
     _log_progress()
     try:
-        block = refit(bundle_dir, data_dir, version, cell_stride or None)
+        block = refit(bundle_dir, data_dir, version, cell_stride or None, pools)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from exc
     report = block["report"]

@@ -19,6 +19,8 @@ from model.inference.data import Size, image_shape
 HEAD = "classification_head"
 DIAGNOSIS_HEAD = "diagnosis_head"
 DIAGNOSIS_CELL_POOL = "diagnosis_cell_pool"  # the cell the differential reads beside the fused features
+DIAGNOSIS_CELL_MAX_POOL = "diagnosis_cell_max_pool"  # the same cell's largest value per channel
+CELL_POOLS = {"average": DIAGNOSIS_CELL_POOL, "max": DIAGNOSIS_CELL_MAX_POOL}  # in the order the head reads them
 IMAGE_FEATURES = "image_features"
 
 
@@ -284,21 +286,37 @@ def build(
     return keras.Model({"image": image_in, "meta": meta_in}, out, name=name)
 
 
-def diagnosis_reads_cell(network: keras.Model, stride: int = 8) -> keras.Model:
+def diagnosis_reads_cell(network: keras.Model, stride: int = 8, pools: tuple[str, ...] = ("average",)) -> keras.Model:
     """``network`` with a new, untrained differential head that reads, beside the fused features,
     the cell Grad-CAM shows (NASNet's last cell at ``1/stride`` of the input's side,
-    ``model.inference.gradcam.cell_layer``) average-pooled: the last cell's features are made for
-    malignancy, the earlier cell's texture and colour tell the diagnoses apart better (measured in
-    docs/model.md). Every other layer, and so the probability of malignancy, is the network's own."""
+    ``model.inference.gradcam.cell_layer``) pooled — ``pools``: its average and/or its largest
+    value per channel (a small structure the average over the whole image dilutes): the last
+    cell's features are made for malignancy, the earlier cell's texture and colour tell the
+    diagnoses apart better (measured in docs/model.md). A head that already reads the cell is
+    rewired to read ``pools``. Every other layer, and so the probability of malignancy, is the
+    network's own."""
     from model.inference.gradcam import cell_layer
 
-    if any(layer.name == DIAGNOSIS_CELL_POOL for layer in network.layers):
-        raise ValueError(f"{network.name}: its differential head already reads a cell")
+    unknown = sorted(set(pools) - set(CELL_POOLS))
+    if unknown or not pools:
+        raise ValueError(f"cell pools {list(pools)}: each one of {sorted(CELL_POOLS)}")
+    if cell_pools(network) == tuple(p for p in CELL_POOLS if p in pools):
+        raise ValueError(f"{network.name}: its differential head already reads the cell pooled that way")
     head = network.get_layer(DIAGNOSIS_HEAD)
-    pooled = layers.GlobalAveragePooling2D(name=DIAGNOSIS_CELL_POOL)(cell_layer(network, stride).output)
-    features = layers.Concatenate(name="diagnosis_features")([head.input, pooled])
+    cell = cell_layer(network, stride).output
+    kinds = {"average": layers.GlobalAveragePooling2D, "max": layers.GlobalMaxPooling2D}
+    pooled = [kinds[p](name=CELL_POOLS[p])(cell) for p in CELL_POOLS if p in pools]
+    fused = network.get_layer("fusion_dropout").output  # what the head read before any cell
+    features = layers.Concatenate(name="diagnosis_features")([fused, *pooled])
     dx = layers.Dense(head.units, activation="softmax", dtype="float32", name=DIAGNOSIS_HEAD)(features)
     return keras.Model(network.input, [network.outputs[0], dx], name=network.name)
+
+
+def cell_pools(network: keras.Model) -> tuple[str, ...]:
+    """How the differential head reads the cell beside the fused features: () for not at all,
+    else its pools in :data:`CELL_POOLS`'s order."""
+    names = {layer.name for layer in network.layers}
+    return tuple(p for p, name in CELL_POOLS.items() if name in names)
 
 
 def last_cell_layer(model: keras.Model) -> keras.layers.Layer:
@@ -307,7 +325,7 @@ def last_cell_layer(model: keras.Model) -> keras.layers.Layer:
         (
             layer
             for layer in model.layers
-            if isinstance(layer, layers.GlobalAveragePooling2D) and layer.name != DIAGNOSIS_CELL_POOL
+            if isinstance(layer, layers.GlobalAveragePooling2D) and layer.name not in CELL_POOLS.values()
         ),
         None,
     )

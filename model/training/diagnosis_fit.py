@@ -32,6 +32,7 @@ from model.errors import ModelError
 log = logging.getLogger(__name__)
 STRENGTHS = (0.003, 0.01, 0.03, 0.1)  # inverse L2 strength (scikit-learn's C) on standardised features
 CELL_STRIDE = 8  # the differential also reads the cell at 1/8 of the side (the one Grad-CAM shows)
+CELL_POOLS = ("average", "max")  # that cell's average and largest value per channel (docs/model.md)
 
 
 def fused_features(network, pixels: np.ndarray, meta: np.ndarray, tta: bool, batch_size: int = 128) -> np.ndarray:
@@ -125,14 +126,18 @@ def choose_strength(features: np.ndarray, truth: np.ndarray, parts: np.ndarray, 
     return best[0], best[1], scores
 
 
-def refit(bundle_dir, data_dir, version: str, cell_stride: int | None = CELL_STRIDE) -> dict:
+def refit(
+    bundle_dir, data_dir, version: str, cell_stride: int | None = CELL_STRIDE, pools: tuple[str, ...] = CELL_POOLS
+) -> dict:
     """Refit ``bundle_dir``'s differential head in place under ``version``; returns its new
     ``diagnosis`` block. ``cell_stride``: the head also reads the cell at ``1/cell_stride`` of the
-    input's side, average-pooled (``network.diagnosis_reads_cell``; a head that already reads one
-    keeps it); None: the fused features only, as the head reads them now."""
+    input's side, pooled as ``pools`` says (``network.diagnosis_reads_cell``; a head that already
+    reads it that way keeps it, one that reads it otherwise is rewired); None: the head reads
+    what it reads now."""
     from model.inference import bundle as bundle_lib
     from model.inference import diagnosis
-    from model.inference.network import DIAGNOSIS_CELL_POOL, DIAGNOSIS_HEAD, diagnosis_reads_cell
+    from model.inference.network import CELL_POOLS as POOL_ORDER
+    from model.inference.network import DIAGNOSIS_HEAD, cell_pools, diagnosis_reads_cell
 
     bundle_dir = Path(bundle_dir)
     loaded = bundle_lib.load(bundle_dir)
@@ -143,10 +148,10 @@ def refit(bundle_dir, data_dir, version: str, cell_stride: int | None = CELL_STR
         raise ModelError(f"{version}: the refitted bundle's weights change, so it needs a new version")
     network = loaded.network
     old_weights = network.get_layer(DIAGNOSIS_HEAD).get_weights()
-    reads_cell = any(layer.name == DIAGNOSIS_CELL_POOL for layer in network.layers)
-    if cell_stride and not reads_cell:
-        network = diagnosis_reads_cell(network, cell_stride)
-        reads_cell = True
+    wanted = tuple(p for p in POOL_ORDER if p in pools)
+    if cell_stride and cell_pools(network) != wanted:
+        network = diagnosis_reads_cell(network, cell_stride, wanted)
+    reads = cell_pools(network)
     head = network.get_layer(DIAGNOSIS_HEAD)
     classes = int(old_weights[1].shape[0])
     truth, parts, pixels, meta = bundle_rows(loaded, bundle_dir, data_dir)
@@ -168,7 +173,8 @@ def refit(bundle_dir, data_dir, version: str, cell_stride: int | None = CELL_STR
     before = np.asarray(
         loaded.network.predict({"image": pixels[held], "meta": meta[held]}, batch_size=128, verbose=0)[0]
     )
-    # the previous head read the fused features, which come first in a head that also reads a cell
+    # the previous head read the fused features (and the cell's average), which come first in a head
+    # that reads more
     old_probabilities = head_probabilities(features[..., : old_weights[0].shape[0]], *old_weights)
     head.set_weights([kernel, bias])
     after = network.predict({"image": pixels[held], "meta": meta[held]}, batch_size=128, verbose=0)
@@ -180,8 +186,8 @@ def refit(bundle_dir, data_dir, version: str, cell_stride: int | None = CELL_STR
     block = diagnosis.fit_block(truth, probabilities, parts)
     block["report"]["refit"] = {
         "method": "multinomial logistic regression, balanced class weights, every flip a row",
-        "reads": "the fused features and the cell Grad-CAM shows, average-pooled"
-        if reads_cell
+        "reads": f"the fused features and the cell Grad-CAM shows, {' and '.join(reads)}-pooled"
+        if reads
         else "the fused features",
         "strength_chosen": strength,
         "balanced_accuracy_out_of_fold_by_strength": {str(k): round(v, 4) for k, v in scores.items()},
