@@ -874,6 +874,22 @@ def test_a_head_that_reads_the_cell_s_average_is_rewired_to_read_its_largest_val
         diagnosis_reads_cell(net, 8, ("median",))
 
 
+def test_a_prior_re_weighting_is_chosen_only_for_a_real_gain_that_keeps_the_melanoma_ranking():
+    """tau > 0 (the differential re-weighted towards equal priors) must gain at least half a point
+    of balanced accuracy over the head's own probabilities and cost the melanoma AUC at most half
+    a point; v4.4's search had tau = 0.5 gain 0.003 and cost 0.022 of melanoma AUC."""
+    from model.inference.diagnosis import choose_tau
+
+    balanced = {0.0: 0.6239, 0.25: 0.6122, 0.5: 0.6270, 0.75: 0.6193, 1.0: 0.6044}
+    melanoma = {0.0: 0.886, 0.25: 0.878, 0.5: 0.864, 0.75: 0.85, 1.0: 0.84}
+    assert choose_tau(balanced, melanoma) == 0.0  # v4.4: a gain within the noise, a melanoma cost beyond it
+    assert choose_tau({**balanced, 0.5: 0.64}, melanoma) == 0.0  # a real gain, but the melanoma ranking suffers
+    assert choose_tau({**balanced, 0.5: 0.64}, {**melanoma, 0.5: 0.883}) == 0.5  # a real gain, the ranking kept
+    assert (
+        choose_tau({0.0: 0.5, 0.5: 0.52, 1.0: 0.52}, dict.fromkeys((0.0, 0.5, 1.0))) == 0.5
+    )  # no melanoma: the smaller tau of a tie
+
+
 def test_the_differential_s_classes_are_weighted_by_their_counts():
     """``--diagnosis-balance``: each class weighted by count^-power, the rows' mean weight 1; a
     class with no rows gets the largest weight and unknown rows (-1) are not counted."""

@@ -650,10 +650,17 @@ def missing_fit(bundle_dir, data_dir):
     help="The head also reads the network's cell at 1/N of the image's side, pooled as --cell-pool "
     "says (0: the head reads what it reads now).",
 )
-@click.option("--cell-pool", default="average,max", show_default=True,
-              help="How the cell is pooled: average, max, or both (each channel's mean and largest value).")  # fmt: skip
+@click.option(
+    "--cell-pool",
+    default="average,max",
+    show_default=True,
+    help="How the cell is pooled: average, max, or both (each channel's mean and largest value).",
+)
+@click.option("--strength", type=click.FloatRange(min=0, min_open=True),
+              help="The L2 strength C, where an earlier run's search chose it (default: the best of "
+                   "0.003, 0.01, 0.03, 0.1 out of fold).")  # fmt: skip
 @_needs_train
-def diagnosis_fit(bundle_dir, data_dir, version, cell_stride, cell_pool):
+def diagnosis_fit(bundle_dir, data_dir, version, cell_stride, cell_pool, strength):
     """Refit a bundle's differential head (one dense layer on the network's fused features and, by
     default, a pooled earlier cell) with balanced class weights, its strength chosen across the
     bundle's folds; the malignancy output is untouched. Export the ONNX package again afterwards
@@ -666,7 +673,7 @@ def diagnosis_fit(bundle_dir, data_dir, version, cell_stride, cell_pool):
         raise click.BadParameter(f"{cell_pool!r}: average, max or average,max", param_hint="--cell-pool")
     _log_progress()
     try:
-        block = refit(bundle_dir, data_dir, version, cell_stride or None, pools)
+        block = refit(bundle_dir, data_dir, version, cell_stride or None, pools, strength)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from exc
     report = block["report"]

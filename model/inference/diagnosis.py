@@ -92,6 +92,11 @@ def per_class_recall(truth: np.ndarray, probabilities: np.ndarray) -> dict:
 
 
 TAUS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# a re-weighting (tau > 0) is chosen only where it earns its place on the development rows: at least
+# this much balanced accuracy over the head's own probabilities (differences between neighbouring
+# taus below it are noise: the curve is not monotone), and costing the melanoma-against-rest AUC
+# no more than this (the renormalisation reorders the melanoma probability across images)
+TAU_MIN_GAIN, TAU_MAX_MELANOMA_COST = 0.005, 0.005
 
 
 def adjust(probabilities: np.ndarray, block: dict | None) -> np.ndarray:
@@ -130,22 +135,39 @@ def mix(probabilities: np.ndarray) -> dict[str, float]:
     return {code: round(float(n) / len(probabilities), 4) for code, n in zip(CODES, counts, strict=True)}
 
 
+def choose_tau(balanced: dict, melanoma: dict) -> float:
+    """The prior re-weighting: the tau of the best balanced accuracy among those that gain at
+    least ``TAU_MIN_GAIN`` over tau = 0 and cost the melanoma AUC at most ``TAU_MAX_MELANOMA_COST``
+    (an AUC that cannot be measured — no melanoma among the rows — costs nothing); else 0."""
+    base_auc = melanoma.get(0.0)
+    eligible = [
+        t for t in balanced
+        if t == 0.0 or (
+            balanced[t] >= balanced[0.0] + TAU_MIN_GAIN
+            and (base_auc is None or melanoma[t] is None or melanoma[t] >= base_auc - TAU_MAX_MELANOMA_COST)
+        )
+    ]  # fmt: skip
+    return max(eligible, key=lambda t: (round(balanced[t], 4), -t))
+
+
 def fit_block(truth: np.ndarray, probabilities: np.ndarray, parts: np.ndarray) -> dict:
     """The manifest's ``diagnosis`` block: the classes, and the prior adjustment chosen on the
-    ruler's development rows (``parts >= 0``: balanced accuracy over tau), reported there and on the
+    ruler's development rows (``parts >= 0``: :func:`choose_tau`), reported there and on the
     calibration rows (``parts == -1``), which chose nothing."""
     truth, parts = np.asarray(truth), np.asarray(parts)
     dev = (parts >= 0) & (truth >= 0)
     fit_rows = dev if dev.any() else truth >= 0
     prior = np.bincount(truth[fit_rows], minlength=len(CODES)) / max(int(fit_rows.sum()), 1)
     prior = np.maximum(prior, 1e-4)
-    scores = {}
+    scores, melanoma = {}, {}
     for tau in TAUS:
         block = {"prior_adjustment": {"tau": tau, "prior": prior.tolist()}}
-        scores[tau] = balanced_accuracy(truth[fit_rows], adjust(probabilities[fit_rows], block))
-    tau = max(TAUS, key=lambda t: (round(scores[t], 4), -t))
+        found = figures(truth[fit_rows], adjust(probabilities[fit_rows], block))
+        scores[tau], melanoma[tau] = found["balanced_accuracy"], found["melanoma_auc"]
+    tau = choose_tau(scores, melanoma)
     block = {**manifest_block(), "prior_adjustment": {"tau": tau, "prior": [round(float(v), 6) for v in prior]}}
-    report = {"tau_balanced_accuracy": {str(t): round(v, 4) for t, v in scores.items()}}
+    report = {"tau_balanced_accuracy": {str(t): round(v, 4) for t, v in scores.items()},
+              "tau_melanoma_auc": {str(t): None if v is None else round(v, 4) for t, v in melanoma.items()}}  # fmt: skip
     # what monitoring compares a program's stream with: the suspected (most likely) diagnosis's
     # share of each class on the development rows, as served (adjusted)
     report["predicted_mix"] = mix(adjust(probabilities[fit_rows], block))

@@ -106,14 +106,15 @@ def head_probabilities(features: np.ndarray, kernel: np.ndarray, bias: np.ndarra
     return (p / p.sum(axis=-1, keepdims=True)).mean(axis=0)
 
 
-def choose_strength(features: np.ndarray, truth: np.ndarray, parts: np.ndarray, classes: int):
-    """The strength with the best balanced accuracy out of fold over the development parts, and
-    those out-of-fold probabilities (rows of no part: zeros) and every strength's score."""
+def choose_strength(features: np.ndarray, truth: np.ndarray, parts: np.ndarray, classes: int, strengths=STRENGTHS):
+    """The strength of ``strengths`` with the best balanced accuracy out of fold over the
+    development parts, and those out-of-fold probabilities (rows of no part: zeros) and every
+    strength's score."""
     from model.inference.diagnosis import balanced_accuracy
 
     dev = (parts >= 0) & (truth >= 0)
     scores, best = {}, None
-    for strength in STRENGTHS:
+    for strength in strengths:
         oof = np.zeros((truth.size, classes))
         for k in np.unique(parts[parts >= 0]):
             train = dev & (parts != k)
@@ -127,13 +128,19 @@ def choose_strength(features: np.ndarray, truth: np.ndarray, parts: np.ndarray, 
 
 
 def refit(
-    bundle_dir, data_dir, version: str, cell_stride: int | None = CELL_STRIDE, pools: tuple[str, ...] = CELL_POOLS
+    bundle_dir,
+    data_dir,
+    version: str,
+    cell_stride: int | None = CELL_STRIDE,
+    pools: tuple[str, ...] = CELL_POOLS,
+    strength: float | None = None,
 ) -> dict:
     """Refit ``bundle_dir``'s differential head in place under ``version``; returns its new
     ``diagnosis`` block. ``cell_stride``: the head also reads the cell at ``1/cell_stride`` of the
     input's side, pooled as ``pools`` says (``network.diagnosis_reads_cell``; a head that already
     reads it that way keeps it, one that reads it otherwise is rewired); None: the head reads
-    what it reads now."""
+    what it reads now. ``strength``: the L2 strength C, where an earlier search chose it (else the
+    best of ``STRENGTHS`` out of fold)."""
     from model.inference import bundle as bundle_lib
     from model.inference import diagnosis
     from model.inference.network import CELL_POOLS as POOL_ORDER
@@ -166,7 +173,9 @@ def refit(
     tta = bool(manifest.get("inference", {}).get("tta"))
     features = fused_features(network, pixels, meta, tta)
 
-    strength, oof, scores = choose_strength(features, truth, parts, classes)
+    strength, oof, scores = choose_strength(
+        features, truth, parts, classes, STRENGTHS if strength is None else (strength,)
+    )
     kernel, bias = fit_head(features[:, dev], truth[dev], strength, classes)
     held = parts < 0
     # the bundle's own network, as it was loaded (before any rewiring): the malignancy output must not move
