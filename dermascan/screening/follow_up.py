@@ -39,21 +39,6 @@ def current_prediction(session: Session, study_id: int) -> Prediction | None:
     )
 
 
-def current_predictions(session: Session, study_ids: Sequence[int]) -> dict[int, Prediction]:
-    """:func:`current_prediction` of many studies in one query (those without one are absent)."""
-    out: dict[int, Prediction] = {}
-    if not study_ids:
-        return out
-    rows = session.scalars(
-        select(Prediction)
-        .where(Prediction.study_id.in_(sorted(set(study_ids))), Prediction.shadow.is_(False))
-        .order_by(Prediction.study_id, Prediction.created_at.desc(), Prediction.id.desc())
-    )
-    for prediction in rows:
-        out.setdefault(prediction.study_id, prediction)
-    return out
-
-
 def _visit_key(study) -> tuple:
     return (study.acquired_at or study.created_at, study.id)
 
@@ -124,11 +109,10 @@ def comparison(new, earlier, change) -> dict:
     return out
 
 
-def _compare(prediction: Prediction, earlier: Prediction, change) -> tuple[bool | None, bool | None]:
+def _compare(prediction: Prediction, earlier, change) -> tuple[bool | None, bool | None]:
     """Fill ``prediction``'s comparison with the earlier visit's; (newly high risk, changed)."""
     for name, value in comparison(prediction, earlier, change).items():
-        if value is not None or name in ("previous_study_id", "newly_high_risk"):
-            setattr(prediction, name, value)
+        setattr(prediction, name, value)
     return prediction.newly_high_risk, prediction.changed
 
 
@@ -142,9 +126,10 @@ def lock_lesions(session: Session, study_ids: Sequence[int]) -> None:
         session.execute(select(Lesion.id).where(Lesion.id.in_(named)).order_by(Lesion.id).with_for_update()).all()
 
 
-def earlier_predictions(session: Session, study_ids: Sequence[int]) -> dict[int, object]:
-    """The current prediction of each of these studies (those without one absent), as rows of
-    the values a comparison reads — no ORM objects, for the result write's hot path."""
+def current_predictions(session: Session, study_ids: Sequence[int]) -> dict[int, object]:
+    """The current prediction (:func:`current_prediction`) of each of these studies, in one query
+    (those without one absent), as rows of the values a comparison reads — no ORM objects, for the
+    result write's hot path."""
     if not study_ids:
         return {}
     rows = session.execute(
@@ -173,7 +158,7 @@ def compare_new_visits(
     if not named:
         return {}
     earlier = previous_visits(session, named, set(failing))  # two queries for the whole piece
-    before_of = earlier_predictions(session, [e for e in earlier.values() if e not in new])
+    before_of = current_predictions(session, [e for e in earlier.values() if e not in new])
     out: dict[int, dict] = {}
     for study_id, previous in earlier.items():
         before = new.get(previous) or before_of.get(previous)

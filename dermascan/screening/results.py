@@ -7,6 +7,7 @@ the one that took over)."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -355,6 +356,7 @@ _PREDICTION_IN = ("study_id", "probability", "threshold", "spread", "assessable"
 _REFERRAL_IN = ("study_id", "probability", "category", "tier", "suspected")
 
 
+@functools.cache
 def _write_statement():
     """The one statement that writes a piece's results on PostgreSQL: its predictions inserted
     (a study already predicted by this bundle keeps its prediction), the scored studies marked
@@ -414,17 +416,11 @@ def _write_statement():
     )
 
 
-_WRITE = None
-
-
 def _write_postgresql(session: Session, bundle_version: str, rows: list[dict], failed, referred, now) -> None:
     """Predictions, statuses and referrals of a piece in one statement (:func:`_write_statement`)."""
-    global _WRITE
     if not rows and not failed:
         return
-    if _WRITE is None:
-        _WRITE = _write_statement()
-    session.execute(_WRITE, {
+    session.execute(_write_statement(), {
         "predictions": [{c: row[c] for c in _PREDICTION_IN} for row in rows],
         "version": bundle_version, "now": now, "done": [row["study_id"] for row in rows],
         "failed": [{"id": study_id, "error": reason[:2000]} for study_id, reason in failed],

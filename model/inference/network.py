@@ -20,7 +20,11 @@ HEAD = "classification_head"
 DIAGNOSIS_HEAD = "diagnosis_head"
 DIAGNOSIS_CELL_POOL = "diagnosis_cell_pool"  # the cell the differential reads beside the fused features
 DIAGNOSIS_CELL_MAX_POOL = "diagnosis_cell_max_pool"  # the same cell's largest value per channel
-CELL_POOLS = {"average": DIAGNOSIS_CELL_POOL, "max": DIAGNOSIS_CELL_MAX_POOL}  # in the order the head reads them
+# each way the differential head can pool that cell: its layer's name and class, in the order the head reads them
+CELL_POOLS = {
+    "average": (DIAGNOSIS_CELL_POOL, layers.GlobalAveragePooling2D),
+    "max": (DIAGNOSIS_CELL_MAX_POOL, layers.GlobalMaxPooling2D),
+}
 IMAGE_FEATURES = "image_features"
 
 
@@ -304,8 +308,7 @@ def diagnosis_reads_cell(network: keras.Model, stride: int = 8, pools: tuple[str
         raise ValueError(f"{network.name}: its differential head already reads the cell pooled that way")
     head = network.get_layer(DIAGNOSIS_HEAD)
     cell = cell_layer(network, stride).output
-    kinds = {"average": layers.GlobalAveragePooling2D, "max": layers.GlobalMaxPooling2D}
-    pooled = [kinds[p](name=CELL_POOLS[p])(cell) for p in CELL_POOLS if p in pools]
+    pooled = [pool(name=name)(cell) for p, (name, pool) in CELL_POOLS.items() if p in pools]
     fused = network.get_layer("fusion_dropout").output  # what the head read before any cell
     features = layers.Concatenate(name="diagnosis_features")([fused, *pooled])
     dx = layers.Dense(head.units, activation="softmax", dtype="float32", name=DIAGNOSIS_HEAD)(features)
@@ -316,7 +319,7 @@ def cell_pools(network: keras.Model) -> tuple[str, ...]:
     """How the differential head reads the cell beside the fused features: () for not at all,
     else its pools in :data:`CELL_POOLS`'s order."""
     names = {layer.name for layer in network.layers}
-    return tuple(p for p, name in CELL_POOLS.items() if name in names)
+    return tuple(p for p, (name, _) in CELL_POOLS.items() if name in names)
 
 
 def last_cell_layer(model: keras.Model) -> keras.layers.Layer:
@@ -325,7 +328,8 @@ def last_cell_layer(model: keras.Model) -> keras.layers.Layer:
         (
             layer
             for layer in model.layers
-            if isinstance(layer, layers.GlobalAveragePooling2D) and layer.name not in CELL_POOLS.values()
+            if isinstance(layer, layers.GlobalAveragePooling2D)
+            and layer.name not in {name for name, _ in CELL_POOLS.values()}
         ),
         None,
     )

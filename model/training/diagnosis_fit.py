@@ -32,7 +32,9 @@ from model.errors import ModelError
 log = logging.getLogger(__name__)
 STRENGTHS = (0.003, 0.01, 0.03, 0.1)  # inverse L2 strength (scikit-learn's C) on standardised features
 CELL_STRIDE = 8  # the differential also reads the cell at 1/8 of the side (the one Grad-CAM shows)
-CELL_POOLS = ("average", "max")  # that cell's average and largest value per channel (docs/model.md)
+# every way the head can pool that cell (model.inference.network.CELL_POOLS, which a test holds to
+# this): its average and its largest value per channel; all of them by default (docs/model.md)
+CELL_POOLS = ("average", "max")
 
 
 def fused_features(network, pixels: np.ndarray, meta: np.ndarray, tta: bool, batch_size: int = 128) -> np.ndarray:
@@ -143,7 +145,6 @@ def refit(
     best of ``STRENGTHS`` out of fold)."""
     from model.inference import bundle as bundle_lib
     from model.inference import diagnosis
-    from model.inference.network import CELL_POOLS as POOL_ORDER
     from model.inference.network import DIAGNOSIS_HEAD, cell_pools, diagnosis_reads_cell
 
     bundle_dir = Path(bundle_dir)
@@ -155,9 +156,8 @@ def refit(
         raise ModelError(f"{version}: the refitted bundle's weights change, so it needs a new version")
     network = loaded.network
     old_weights = network.get_layer(DIAGNOSIS_HEAD).get_weights()
-    wanted = tuple(p for p in POOL_ORDER if p in pools)
-    if cell_stride and cell_pools(network) != wanted:
-        network = diagnosis_reads_cell(network, cell_stride, wanted)
+    if cell_stride and set(cell_pools(network)) != set(pools):
+        network = diagnosis_reads_cell(network, cell_stride, tuple(pools))
     reads = cell_pools(network)
     head = network.get_layer(DIAGNOSIS_HEAD)
     classes = int(old_weights[1].shape[0])
