@@ -48,7 +48,7 @@ def main(argv=None) -> None:
         with factory() as session, session.begin():
             program_id = get_or_create_program(session, "bench").id
             version = register_bundle(settings, session).version
-        counting = {"on": None, "n": 0}
+        counting = {"n": 0}
 
         @event.listens_for(factory.kw["bind"], "before_cursor_execute")
         def _count(*_):
