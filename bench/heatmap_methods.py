@@ -8,7 +8,11 @@ Also: Grad-CAM at NASNet's earlier 1/8 cells and its last 1/16 cell, alone and t
 map, and the shipped map blurred by a Gaussian (1/32, 1/16 and 1/8 of the image's side). And the
 gradient with respect to the image itself (Simonyan et al., 2014: its magnitude per pixel; and
 gradient × input), blurred, alone and times the shipped map — the plain gradient is the map that
-passes Adebayo et al.'s randomisation test best.
+passes Adebayo et al.'s randomisation test best. And other weightings of the same cells' activations
+and gradients — HiResCAM (each position times its own gradient, negative gradients kept), Grad-CAM++
+and XGrad-CAM — alone and times the shipped map; and maps averaged over the image moved by 1/16 or
+1/8 of its side in four directions (each map moved back). One run of a cell's graph per image serves
+every map drawn from that cell.
 The images are conformed as the workers conform them (a circular field's surround filled).
 Measured as ``dermascan heatmap-check`` measures (pointing game and concentration on automatic
 lesion masks, as they are and shifted sideways) on the bundle's held-out malignant lesions: the
@@ -42,16 +46,47 @@ def layer_cam(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
     return np.maximum((features * np.maximum(grads, 0)).sum(-1), 0)
 
 
+def hires_cam(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """HiResCAM (Draelos and Carin, 2020): each position's activations times their own gradient,
+    summed over the channels — negative gradients kept, so suppressing evidence subtracts (LayerCAM
+    drops them) — then the negative sum dropped."""
+    return np.maximum((features * grads).sum(-1), 0)
+
+
+def grad_cam_plus_plus(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """Grad-CAM++ (Chattopadhay et al., 2018), the closed form for an exponential score: each
+    channel's weight is its positive gradients, each weighted by alpha = g² / (2g² + ΣA·g³)."""
+    g2, g3 = grads**2, grads**3
+    total = features.sum(axis=(1, 2), keepdims=True)
+    denominator = 2 * g2 + total * g3
+    alpha = np.where(np.abs(denominator) > 1e-12, g2 / np.where(denominator == 0, 1, denominator), 0.0)
+    weights = (alpha * np.maximum(grads, 0)).sum(axis=(1, 2), keepdims=True)
+    return np.maximum((features * weights).sum(-1), 0)
+
+
+def xgrad_cam(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """XGrad-CAM (Fu et al., 2020): each channel's weight is its gradient averaged with the
+    channel's own activations as weights."""
+    weights = (features * grads).sum(axis=(1, 2), keepdims=True) / (features.sum(axis=(1, 2), keepdims=True) + 1e-7)
+    return np.maximum((features * weights).sum(-1), 0)
+
+
+_RUNS: dict = {}  # (session, image) → the graph's outputs: every map of one place shares one run
+
+
 def _maker(session, cam):
     """The workers' flip-averaged map from one of the Grad-CAM graph's sessions, with ``cam``."""
     from model.inference.gradcam import _views, flip_averaged
 
     def make(pixels, meta):
         views = _views(pixels)
-        out = session.run(
-            ["cell_0", "cell_grad_0"], {"image": views, "meta": np.repeat(meta[:1], 4, 0).astype(np.float32)}
-        )
-        return flip_averaged(*views.shape[1:3], [(out[0].transpose(0, 2, 3, 1), out[1].transpose(0, 2, 3, 1))], cam)
+        key = (id(session), views.tobytes(), np.asarray(meta).tobytes())
+        if key not in _RUNS:
+            out = session.run(
+                ["cell_0", "cell_grad_0"], {"image": views, "meta": np.repeat(meta[:1], 4, 0).astype(np.float32)}
+            )
+            _RUNS[key] = [(out[0].transpose(0, 2, 3, 1), out[1].transpose(0, 2, 3, 1))]
+        return flip_averaged(*views.shape[1:3], _RUNS[key], cam)
 
     return make
 
@@ -96,6 +131,31 @@ def _smoothed(make, share: float):
         return (heat / heat.max()).astype(np.float32) if heat.max() > 0 else heat.astype(np.float32)
 
     return smoothed
+
+
+def _moved(array: np.ndarray, dy: int, dx: int, mode: str) -> np.ndarray:
+    """``array`` (h, w, ...) with its content moved by (dy, dx) pixels, the edges it leaves filled."""
+    h, w = array.shape[:2]
+    pad = [(max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0))] + [(0, 0)] * (array.ndim - 2)
+    padded = np.pad(array, pad, mode=mode)
+    top, left = max(-dy, 0), max(-dx, 0)
+    return padded[top : top + h, left : left + w]
+
+
+def _shift_averaged(make, share: float):
+    """``make``'s map of the image moved by ``share`` of its side up, down, left and right (and not
+    at all), each moved back and averaged: what a map owes to where the lesion sits is averaged out."""
+
+    def averaged(pixels, meta):
+        h, w = pixels.shape[1:3]
+        total = np.zeros((h, w), np.float64)
+        for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)):
+            dy, dx = round(dy * share * h), round(dx * share * w)
+            moved = _moved(pixels[0], dy, dx, "reflect")[None]
+            total += _moved(make(moved, meta), -dy, -dx, "edge")
+        return (total / total.max()).astype(np.float32) if total.max() > 0 else total.astype(np.float32)
+
+    return averaged
 
 
 def _randomised(model, seed: int = 0):
@@ -187,9 +247,26 @@ def main() -> None:
             _product(methods[first][1], methods[second][1]),
         )
     shipped = methods["Grad-CAM, 1/8 cell (shipped)"]
+    for label, cam in (("HiResCAM", hires_cam), ("Grad-CAM++", grad_cam_plus_plus), ("XGrad-CAM", xgrad_cam)):
+        for where, cell in (("1/8 cell", "1/8 cell"), ("normal cell 8 (1/16)", "Grad-CAM, normal cell 8 (1/16)")):
+            methods[f"{label}, {where}"] = (_maker(trained[cell], cam), _maker(random[cell], cam))
+        methods[f"shipped × {label}, 1/8"] = (
+            _product(shipped[0], methods[f"{label}, 1/8 cell"][0]),
+            _product(shipped[1], methods[f"{label}, 1/8 cell"][1]),
+        )
+        methods[f"shipped × {label}, 1/16"] = (
+            _product(shipped[0], methods[f"{label}, normal cell 8 (1/16)"][0]),
+            _product(shipped[1], methods[f"{label}, normal cell 8 (1/16)"][1]),
+        )
     for name in OTHER_CELLS:
         methods[name] = (_maker(trained[name], grad_cam), _maker(random[name], grad_cam))
         methods[f"shipped × {name}"] = (_product(shipped[0], methods[name][0]), _product(shipped[1], methods[name][1]))
+    for denominator in (16, 8):
+        for name in ("Grad-CAM, 1/8 cell (shipped)", "shipped × HiResCAM, 1/8"):
+            methods[f"{name}, moved by 1/{denominator} and averaged"] = (
+                _shift_averaged(methods[name][0], 1 / denominator),
+                _shift_averaged(methods[name][1], 1 / denominator),
+            )
     for denominator in (32, 16, 8):
         methods[f"Grad-CAM, 1/8 cell, smoothed (σ = 1/{denominator} of the side)"] = (
             _smoothed(shipped[0], 1 / denominator),
