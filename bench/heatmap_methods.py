@@ -22,6 +22,9 @@ same graph with every convolution and dense weight redrawn at random (He normal)
 rank correlation with the trained maps must be low.
 
     python -m bench.heatmap_methods --n 120
+
+"shipped" in a method's name is the map served until 2026-12-07 (Grad-CAM alone at the 1/8 cell); the
+map served since is "shipped × HiResCAM, 1/8" (``model.inference.gradcam.lesion_map``).
 """
 
 from __future__ import annotations

@@ -198,8 +198,8 @@ COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 
 
 def heatmap_capture(source: Dataset, overlay_rgb, bundle_version: str) -> hd.sc.SCImage:
-    """The Grad-CAM heat map burned into the lesion image, as a Secondary Capture in the source
-    study (a new series, the source image referenced).
+    """The heat map (Grad-CAM × HiResCAM, ``model.inference.gradcam``) burned into the lesion image,
+    as a Secondary Capture in the source study (a new series, the source image referenced).
 
     Why a Secondary Capture with the overlay burned in rather than a Parametric Map: every PACS
     viewer displays an RGB Secondary Capture as it is, while Parametric Maps need a viewer that
@@ -228,8 +228,8 @@ def heatmap_capture(source: Dataset, overlay_rgb, bundle_version: str) -> hd.sc.
         capture.PatientOrientation = ""
     capture.Laterality = source.get("Laterality") or ""  # type 2C (a paired body part): as received, else unknown
     capture.BurnedInAnnotation = "YES"
-    capture.SeriesDescription = "DermaScan heat map (Grad-CAM, not a medical device)"
-    capture.ImageComments = f"Grad-CAM of bundle {bundle_version}: warm colours weighed most in the score"
+    capture.SeriesDescription = "DermaScan heat map (Grad-CAM x HiResCAM, not a medical device)"
+    capture.ImageComments = f"Grad-CAM x HiResCAM of bundle {bundle_version}: warm colours weighed most in the score"
     derivation = Dataset()
     derivation.ReferencedSOPClassUID = source.SOPClassUID
     derivation.ReferencedSOPInstanceUID = source.SOPInstanceUID

@@ -1,7 +1,7 @@
 """The DICOM objects DermaScan files back in a study's source study, by kind:
 
 - ``ai_sr`` — the AI result (``dicom_sr.ai_result_report``), once the study is scored;
-- ``heatmap`` — the Grad-CAM overlay as a Secondary Capture, for studies that have one
+- ``heatmap`` — the heat-map overlay (Grad-CAM × HiResCAM) as a Secondary Capture, for studies that have one
   (referred for risk: heat maps are made for them only);
 - ``verified_sr`` — the specialist's decision, verified by that specialist, once decided.
 

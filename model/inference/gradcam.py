@@ -1,4 +1,4 @@
-"""Grad-CAM heat maps at an eighth of the input's resolution, averaged over the four flips.
+"""Heat maps at an eighth of the input's resolution: Grad-CAM times HiResCAM, averaged over the four flips.
 
 Grad-CAM (Selvaraju et al., 2017) weights each channel of a layer's feature maps by the mean
 gradient of the malignancy score's log-odds with respect to it. The layer is NASNet's last cell
@@ -9,6 +9,14 @@ map, averaged over the four flips (each map flipped back), points at the lesion 
 when the image is shifted sideways, which a map of the middle cannot (docs/model.md, heat maps).
 The log-odds' gradient does not vanish where the probability saturates. For an ensemble bundle
 the members' maps are averaged.
+
+The map shown is that Grad-CAM times HiResCAM of the same cell (Draelos and Carin, 2020: each
+position's activations times their own gradient, summed over the channels), each flip-averaged:
+hot where the channels the score leans on are active **and** the position's own gradient agrees.
+From the same activations and gradients, it put the peak on the lesion more often than Grad-CAM
+alone on both sets of held-out lesions, as they are and shifted sideways, with about three times
+the lesion's share of the heat on it, and it still differs from the map of a network with random
+weights (docs/model.md, heat maps; :func:`lesion_map`).
 
 Two implementations of the same map: :class:`OnnxGradCam` on ONNX Runtime, from the bundle's ONNX
 file extended backwards (``model.inference.backprop``; what serving processes use, no TensorFlow
@@ -64,6 +72,20 @@ def grad_cam(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
     return np.maximum((features * grads.mean(axis=(1, 2), keepdims=True)).sum(axis=-1), 0.0)
 
 
+def hires_cam(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """HiResCAM of (n, h, w, C) feature maps and gradients: each position's activations times their
+    own gradient, summed over the channels (negative gradients kept), the negative sum dropped."""
+    return np.maximum((features * grads).sum(axis=-1), 0.0)
+
+
+def lesion_map(height: int, width: int, maps) -> np.ndarray:
+    """The map shown: the flip-averaged Grad-CAM times the flip-averaged HiResCAM of the same
+    (feature maps, gradients), scaled to [0, 1] (all zero where either is)."""
+    maps = list(maps)
+    both = flip_averaged(height, width, maps, grad_cam) * flip_averaged(height, width, maps, hires_cam)
+    return (both / both.max()).astype(np.float32) if both.max() > 0 else both.astype(np.float32)
+
+
 def flip_averaged(height: int, width: int, maps, cam=grad_cam) -> np.ndarray:
     """``cam`` of the four flips, each flipped back, averaged over the views and the members:
     ``maps`` yields (feature maps, gradients) of the four views with channels last, per member."""
@@ -79,11 +101,11 @@ class _FlipAveraged:
     """The heat map of one image from ``features_and_gradients`` of its four flips."""
 
     def heatmap(self, pixels: np.ndarray, meta: np.ndarray) -> np.ndarray:
-        """pixels (1, H, W, 3) uint8, meta (1, d) → heat map (H, W) in [0, 1]: the map of each of
-        the four flips, flipped back, averaged (over the members of an ensemble too)."""
+        """pixels (1, H, W, 3) uint8, meta (1, d) → heat map (H, W) in [0, 1] (:func:`lesion_map`):
+        the maps of the four flips, flipped back, averaged (over the members of an ensemble too)."""
         views = _views(pixels)
         meta4 = np.repeat(np.asarray(meta, np.float32)[:1], 4, axis=0)
-        return flip_averaged(*views.shape[1:3], self.features_and_gradients(views, meta4))
+        return lesion_map(*views.shape[1:3], self.features_and_gradients(views, meta4))
 
 
 class OnnxGradCam(_FlipAveraged):
