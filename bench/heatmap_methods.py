@@ -24,7 +24,8 @@ rank correlation with the trained maps must be low.
     python -m bench.heatmap_methods --n 120
 
 "shipped" in a method's name is the map served until 2026-12-07 (Grad-CAM alone at the 1/8 cell); the
-map served since is "shipped × HiResCAM, 1/8" (``model.inference.gradcam.lesion_map``).
+map served since is "shipped × HiResCAM, 1/8, smoothed (σ = 1/16 of the side)" — one cell of the 1/8
+feature maps at 128 px (``model.inference.gradcam.lesion_map``).
 """
 
 from __future__ import annotations
@@ -270,6 +271,11 @@ def main() -> None:
                 _shift_averaged(methods[name][0], 1 / denominator),
                 _shift_averaged(methods[name][1], 1 / denominator),
             )
+    for denominator in (32, 16, 12, 8, 6):
+        methods[f"shipped × HiResCAM, 1/8, smoothed (σ = 1/{denominator} of the side)"] = (
+            _smoothed(methods["shipped × HiResCAM, 1/8"][0], 1 / denominator),
+            _smoothed(methods["shipped × HiResCAM, 1/8"][1], 1 / denominator),
+        )
     for denominator in (32, 16, 8):
         methods[f"Grad-CAM, 1/8 cell, smoothed (σ = 1/{denominator} of the side)"] = (
             _smoothed(shipped[0], 1 / denominator),

@@ -286,18 +286,31 @@ def test_predictor_scores_bytes_and_arrays_with_tta_and_reports_bad_rows(trained
 def test_the_map_shown_is_hot_only_where_the_position_s_own_gradient_agrees_with_its_channels():
     """Grad-CAM weights a channel by its mean gradient, so a position where that channel is active
     but its own gradient argues against malignancy can still be the hottest; the map shown (Grad-CAM
-    times HiResCAM) is not hot there."""
+    times HiResCAM, blurred by one cell) is not hot there."""
     from model.inference.gradcam import grad_cam, hires_cam, lesion_map
 
-    features = np.zeros((1, 2, 2, 1), np.float32)
-    grads = np.zeros((1, 2, 2, 1), np.float32)
+    features = np.zeros((1, 4, 4, 1), np.float32)
+    grads = np.zeros((1, 4, 4, 1), np.float32)
     features[0, 0, 0, 0], grads[0, 0, 0, 0] = 1.0, 3.0  # active, and its gradient supports the score
-    features[0, 1, 1, 0], grads[0, 1, 1, 0] = 2.0, -1.0  # more active, its own gradient against
-    assert np.unravel_index(np.argmax(grad_cam(features, grads)[0]), (2, 2)) == (1, 1)  # mean gradient 0.5
-    assert hires_cam(features, grads)[0, 1, 1] == 0.0
-    heat = lesion_map(2, 2, [(features, grads)])
-    assert heat[0, 0] == 1.0 and heat[1, 1] == 0.0 and heat.dtype == np.float32
-    assert not lesion_map(2, 2, [(features, np.zeros_like(grads))]).any()  # no gradient: no heat, not NaN
+    features[0, 3, 3, 0], grads[0, 3, 3, 0] = 2.0, -1.0  # more active, its own gradient against
+    assert np.unravel_index(np.argmax(grad_cam(features, grads)[0]), (4, 4)) == (3, 3)  # mean gradient 1/8
+    assert hires_cam(features, grads)[0, 3, 3] == 0.0
+    heat = lesion_map(4, 4, [(features, grads)])
+    assert heat.dtype == np.float32 and heat.max() == 1.0
+    assert np.unravel_index(np.argmax(heat), (4, 4)) == (0, 0) and heat[3, 3] < 0.01
+    assert not lesion_map(4, 4, [(features, np.zeros_like(grads))]).any()  # no gradient: no heat, not NaN
+
+
+def test_the_map_s_blur_is_scipy_s_gaussian_filter_without_scipy():
+    from scipy import ndimage
+
+    from model.inference.gradcam import gaussian_blur
+
+    image = np.random.default_rng(0).random((128, 96))
+    for sigma in ((8.0, 8.0), (8.0, 6.0), (2.5, 0.0)):
+        np.testing.assert_allclose(
+            gaussian_blur(image, sigma), ndimage.gaussian_filter(image, sigma, mode="nearest"), atol=1e-12
+        )
 
 
 def test_gradcam_overlay_from_the_last_cell(trained_bundle, ham_dir):
