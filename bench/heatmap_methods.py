@@ -50,13 +50,6 @@ def layer_cam(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
     return np.maximum((features * np.maximum(grads, 0)).sum(-1), 0)
 
 
-def hires_cam(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
-    """HiResCAM (Draelos and Carin, 2020): each position's activations times their own gradient,
-    summed over the channels — negative gradients kept, so suppressing evidence subtracts (LayerCAM
-    drops them) — then the negative sum dropped."""
-    return np.maximum((features * grads).sum(-1), 0)
-
-
 def grad_cam_plus_plus(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
     """Grad-CAM++ (Chattopadhay et al., 2018), the closed form for an exponential score: each
     channel's weight is its positive gradients, each weighted by alpha = g² / (2g² + ΣA·g³)."""
@@ -78,9 +71,10 @@ def xgrad_cam(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
 _RUNS: dict = {}  # (session, image) → the graph's outputs: every map of one place shares one run
 
 
-def _maker(session, cam):
-    """The workers' flip-averaged map from one of the Grad-CAM graph's sessions, with ``cam``."""
-    from model.inference.gradcam import _views, flip_averaged
+def _drawn(session, draw):
+    """A map from one of the Grad-CAM graph's sessions: ``draw(height, width, [(feature maps,
+    gradients)])`` of the four flips, as the workers draw theirs."""
+    from model.inference.gradcam import _views
 
     def make(pixels, meta):
         views = _views(pixels)
@@ -90,9 +84,33 @@ def _maker(session, cam):
                 ["cell_0", "cell_grad_0"], {"image": views, "meta": np.repeat(meta[:1], 4, 0).astype(np.float32)}
             )
             _RUNS[key] = [(out[0].transpose(0, 2, 3, 1), out[1].transpose(0, 2, 3, 1))]
-        return flip_averaged(*views.shape[1:3], _RUNS[key], cam)
+        return draw(*views.shape[1:3], _RUNS[key])
 
     return make
+
+
+def _maker(session, cam):
+    """The workers' flip-averaged map from one of the Grad-CAM graph's sessions, with ``cam``."""
+    from model.inference.gradcam import flip_averaged
+
+    return _drawn(session, lambda height, width, maps: flip_averaged(height, width, maps, cam))
+
+
+def flips_multiplied(height: int, width: int, maps) -> np.ndarray:
+    """The served map with the four flips' maps combined by their geometric mean instead of their
+    mean: hot only where every view agrees."""
+    from model.inference.gradcam import flip_averaged, gaussian_blur, grad_cam, hires_cam
+
+    features, grads = maps[0]
+    logs = np.zeros((height, width))
+    for v in range(len(features)):
+        one = [(features[v : v + 1], grads[v : v + 1])]
+        view = flip_averaged(height, width, one, grad_cam) * flip_averaged(height, width, one, hires_cam)
+        view = view[:, ::-1] if v == 1 else view[::-1] if v == 2 else view[::-1, ::-1] if v == 3 else view
+        logs += np.log(view + 1e-3)
+    both = np.exp(logs / len(features))
+    both = gaussian_blur(both, (height / features.shape[1], width / features.shape[2]))
+    return (both / both.max()).astype(np.float32)
 
 
 def input_gradient(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
@@ -183,7 +201,7 @@ def main() -> None:
 
     from model.inference.backprop import gradcam_graph
     from model.inference.data import IsicDataset
-    from model.inference.gradcam import grad_cam
+    from model.inference.gradcam import grad_cam, hires_cam, lesion_map
     from model.inference.predictor import Predictor
     from model.inference.runtimes import ort_session
     from model.training.config import read_config, split_rows
@@ -251,6 +269,14 @@ def main() -> None:
             _product(methods[first][1], methods[second][1]),
         )
     shipped = methods["Grad-CAM, 1/8 cell (shipped)"]
+    methods["served: Grad-CAM × HiResCAM, 1/8, blurred by one cell"] = (
+        _drawn(trained["1/8 cell"], lesion_map),
+        _drawn(random["1/8 cell"], lesion_map),
+    )
+    methods["served, the flips' geometric mean"] = (
+        _drawn(trained["1/8 cell"], flips_multiplied),
+        _drawn(random["1/8 cell"], flips_multiplied),
+    )
     for label, cam in (("HiResCAM", hires_cam), ("Grad-CAM++", grad_cam_plus_plus), ("XGrad-CAM", xgrad_cam)):
         for where, cell in (("1/8 cell", "1/8 cell"), ("normal cell 8 (1/16)", "Grad-CAM, normal cell 8 (1/16)")):
             methods[f"{label}, {where}"] = (_maker(trained[cell], cam), _maker(random[cell], cam))
