@@ -99,15 +99,14 @@ def _maker(session, cam):
 def flips_multiplied(height: int, width: int, maps) -> np.ndarray:
     """The served map with the four flips' maps combined by their geometric mean instead of their
     mean: hot only where every view agrees."""
-    from model.inference.gradcam import flip_averaged, gaussian_blur, grad_cam, hires_cam
+    from model.inference.gradcam import flip_averaged, gaussian_blur, grad_cam, hires_cam, unflip
 
     features, grads = maps[0]
     logs = np.zeros((height, width))
     for v in range(len(features)):
         one = [(features[v : v + 1], grads[v : v + 1])]
         view = flip_averaged(height, width, one, grad_cam) * flip_averaged(height, width, one, hires_cam)
-        view = view[:, ::-1] if v == 1 else view[::-1] if v == 2 else view[::-1, ::-1] if v == 3 else view
-        logs += np.log(view + 1e-3)
+        logs += np.log(unflip(view, v) + 1e-3)
     both = np.exp(logs / len(features))
     both = gaussian_blur(both, (height / features.shape[1], width / features.shape[2]))
     return (both / both.max()).astype(np.float32)

@@ -107,6 +107,12 @@ def gaussian_blur(image: np.ndarray, sigma: tuple[float, float], truncate: float
     return out
 
 
+def unflip(image: np.ndarray, view: int) -> np.ndarray:
+    """A map of view ``view`` of :func:`_views` (0 as is, 1 mirrored, 2 upside down, 3 both) turned
+    back to the image as it is."""
+    return image[:, ::-1] if view == 1 else image[::-1] if view == 2 else image[::-1, ::-1] if view == 3 else image
+
+
 def flip_averaged(height: int, width: int, maps, cam=grad_cam) -> np.ndarray:
     """``cam`` of the four flips, each flipped back, averaged over the views and the members:
     ``maps`` yields (feature maps, gradients) of the four views with channels last, per member."""
@@ -114,7 +120,7 @@ def flip_averaged(height: int, width: int, maps, cam=grad_cam) -> np.ndarray:
     for features, grads in maps:
         for v, view in enumerate(cam(features, grads)):
             up = np.asarray(Image.fromarray(view.astype(np.float32)).resize((width, height), Image.BILINEAR))
-            total += up[:, ::-1] if v == 1 else up[::-1] if v == 2 else up[::-1, ::-1] if v == 3 else up
+            total += unflip(up, v)
     return (total / total.max()).astype(np.float32) if total.max() > 0 else total.astype(np.float32)
 
 
