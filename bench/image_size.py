@@ -26,7 +26,10 @@ PROBE = "import importlib.util as u; print(' '.join(n for n in ('tensorflow', 'k
 
 
 def docker(*args: str, timeout: float = 1800) -> str:
-    done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    try:
+        done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise SystemExit("docker: not installed (the benchmark builds with the local Docker daemon)") from None
     if done.returncode:
         raise SystemExit(f"docker {' '.join(args[:2])}: {done.stderr.strip()[-2000:]}")
     return done.stdout
@@ -42,6 +45,24 @@ def build(revision: str, dockerfile: str) -> str:
         subprocess.run(["tar", "-x", "-C", context], input=archive, check=True)
         docker("build", "--network", "host", "-f", str(Path(context) / dockerfile), "-t", tag, context)
     return tag
+
+
+def demo_rows(out: str) -> list[dict]:
+    """The rows of the table ``dermascan demo --once`` prints, by its header's columns."""
+    lines = out.splitlines()
+    rule = next((i for i, line in enumerate(lines) if line.startswith("---")), None)
+    if not rule:
+        raise SystemExit(f"dermascan demo --once printed no table:\n{out[-2000:]}")
+    header = lines[rule - 1]
+    starts = [m.start() for m in re.finditer(r"(?<!\S)\S+(?: \S+)*", header)]
+    ends = [*starts[1:], None]
+    names = [header[a:b].strip() for a, b in zip(starts, ends, strict=True)]
+    rows = []
+    for line in lines[rule + 1 :]:
+        if not line.strip():
+            break
+        rows.append({name: line[a:b].strip() for name, a, b in zip(names, starts, ends, strict=True)})
+    return rows
 
 
 def megabytes(n: int | str) -> str:
@@ -61,12 +82,10 @@ def measure(tag: str, dockerfile_text: str, demo: bool) -> dict:
     if demo:
         out = docker("run", "--rm", "--network", "none", "-e", "DERMASCAN_DATA_DIR=/tmp/demo", "-w", "/tmp",
                      "--entrypoint", "dermascan", tag, "demo", "--once", timeout=600)  # fmt: skip
-        rows = [
-            line.split() for line in out.splitlines() if re.match(r"\s*\d+\s+\S+\s+\w+\s+[\d.]+\s+(YES|no)\b", line)
-        ]
-        referred = [r for r in rows if r[4] == "YES"]
-        row["demo"] = (f"{sum(r[2] == 'done' for r in rows)} of {len(rows)} scored, "
-                       f"{sum(r[-1] == 'yes' for r in referred)} of {len(referred)} referred with a heat map")  # fmt: skip
+        rows = demo_rows(out)
+        referred = [r for r in rows if r["referred"] == "YES"]
+        row["demo"] = (f"{sum(r['status'] == 'done' for r in rows)} of {len(rows)} scored, "
+                       f"{sum(r['heat map'] == 'yes' for r in referred)} of {len(referred)} referred with a heat map")  # fmt: skip
     return row
 
 
