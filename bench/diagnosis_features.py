@@ -35,6 +35,7 @@ def features(bundle_dir: Path, data_dir: Path, cache: Path | None) -> tuple[dict
 
         from model.inference import bundle as bundle_lib
         from model.inference.gradcam import cell_layer
+        from model.inference.network import CELL_POOLS
         from model.inference.predictor import flips
         from model.training.diagnosis_fit import bundle_rows
 
@@ -43,8 +44,7 @@ def features(bundle_dir: Path, data_dir: Path, cache: Path | None) -> tuple[dict
         truth, parts, pixels, meta = bundle_rows(loaded, bundle_dir, data_dir)
         outputs = {"fused": network.get_layer("fusion_dropout").output}
         for name, (stride, how) in STRIDES.items():
-            layer = keras.layers.GlobalAveragePooling2D if how == "average" else keras.layers.GlobalMaxPooling2D
-            pooled = layer(name=f"bench_pool_{name}")
+            pooled = CELL_POOLS[how][1](name=f"bench_pool_{name}")  # the layer the differential head pools with
             outputs[name] = pooled(cell_layer(network, stride).output)
         model = keras.Model(network.input, list(outputs.values()))
         found = {name: [] for name in outputs}

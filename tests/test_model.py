@@ -876,7 +876,6 @@ def test_a_head_that_reads_the_cell_s_average_is_rewired_to_read_its_largest_val
 
     from model.inference import diagnosis
     from model.inference.network import (
-        CELL_POOLS,
         DIAGNOSIS_CELL_MAX_POOL,
         DIAGNOSIS_CELL_POOL,
         DIAGNOSIS_HEAD,
@@ -885,7 +884,6 @@ def test_a_head_that_reads_the_cell_s_average_is_rewired_to_read_its_largest_val
         cell_pools,
         diagnosis_reads_cell,
     )  # fmt: skip
-    from model.training import diagnosis_fit
 
     keras.utils.set_random_seed(0)
     net = build(5, 32, backbone="tiny", augmentation=NO_AUGMENTATION, diagnoses=len(diagnosis.CODES))
@@ -893,7 +891,6 @@ def test_a_head_that_reads_the_cell_s_average_is_rewired_to_read_its_largest_val
     average = diagnosis_reads_cell(net, 8, ("average",))
     both = diagnosis_reads_cell(average, 8, ("average", "max"))
     assert (cell_pools(net), cell_pools(average), cell_pools(both)) == ((), ("average",), ("average", "max"))
-    assert tuple(CELL_POOLS) == diagnosis_fit.CELL_POOLS  # what the CLI accepts is what the network can build
     cell = both.get_layer(DIAGNOSIS_CELL_POOL).output.shape[-1]
     assert both.get_layer(DIAGNOSIS_CELL_MAX_POOL).output.shape[-1] == cell
     assert both.get_layer(DIAGNOSIS_HEAD).input.shape[-1] == fused + 2 * cell

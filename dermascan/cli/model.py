@@ -666,7 +666,8 @@ def diagnosis_fit(bundle_dir, data_dir, version, cell_stride, cell_pool, strengt
     bundle's folds; the malignancy output is untouched. Export the ONNX package again afterwards
     (dermascan export)."""
     from model.errors import ModelError
-    from model.training.diagnosis_fit import CELL_POOLS, refit
+    from model.inference.network import CELL_POOLS
+    from model.training.diagnosis_fit import refit
 
     pools = tuple(p.strip() for p in cell_pool.split(",") if p.strip())
     if not pools or set(pools) - set(CELL_POOLS):

@@ -7,7 +7,7 @@ balanced accuracy 0.470 on the held-out calibration set, nevi outvoting the rare
 refits that one dense layer as a multinomial logistic regression with balanced class weights
 (ISIC 2018's metric is balanced accuracy) on the bundle's own development rows, the four flips of
 each image as four rows, reading beside the fused features the cell Grad-CAM shows (NASNet's last
-cell at 1/8 of the side), average-pooled — an earlier cell's texture and colour tell the diagnoses
+cell at 1/8 of the side), average- and max-pooled — an earlier cell's texture and colour tell the diagnoses
 apart better than the last cell's features, made for malignancy (docs/model.md); its L2 strength
 chosen by balanced accuracy across the bundle's own patient-grouped folds. Nothing else of the network changes: the probability of malignancy, the
 gate's features, the threshold and every map fitted on them stay as they are (checked: the
@@ -32,9 +32,6 @@ from model.errors import ModelError
 log = logging.getLogger(__name__)
 STRENGTHS = (0.003, 0.01, 0.03, 0.1)  # inverse L2 strength (scikit-learn's C) on standardised features
 CELL_STRIDE = 8  # the differential also reads the cell at 1/8 of the side (the one Grad-CAM shows)
-# every way the head can pool that cell (model.inference.network.CELL_POOLS, which a test holds to
-# this): its average and its largest value per channel; all of them by default (docs/model.md)
-CELL_POOLS = ("average", "max")
 
 
 def fused_features(network, pixels: np.ndarray, meta: np.ndarray, tta: bool, batch_size: int = 128) -> np.ndarray:
@@ -134,18 +131,19 @@ def refit(
     data_dir,
     version: str,
     cell_stride: int | None = CELL_STRIDE,
-    pools: tuple[str, ...] = CELL_POOLS,
+    pools: tuple[str, ...] | None = None,
     strength: float | None = None,
 ) -> dict:
     """Refit ``bundle_dir``'s differential head in place under ``version``; returns its new
     ``diagnosis`` block. ``cell_stride``: the head also reads the cell at ``1/cell_stride`` of the
-    input's side, pooled as ``pools`` says (``network.diagnosis_reads_cell``; a head that already
-    reads it that way keeps it, one that reads it otherwise is rewired); None: the head reads
-    what it reads now. ``strength``: the L2 strength C, where an earlier search chose it (else the
+    input's side, pooled as ``pools`` says (``network.CELL_POOLS``; None: every way there, its average
+    and its largest value per channel — ``network.diagnosis_reads_cell``; a head that already reads
+    it that way keeps it, one that reads it otherwise is rewired); ``cell_stride`` None: the head
+    reads what it reads now. ``strength``: the L2 strength C, where an earlier search chose it (else the
     best of ``STRENGTHS`` out of fold)."""
     from model.inference import bundle as bundle_lib
     from model.inference import diagnosis
-    from model.inference.network import DIAGNOSIS_HEAD, cell_pools, diagnosis_reads_cell
+    from model.inference.network import CELL_POOLS, DIAGNOSIS_HEAD, cell_pools, diagnosis_reads_cell
 
     bundle_dir = Path(bundle_dir)
     loaded = bundle_lib.load(bundle_dir)
@@ -156,8 +154,9 @@ def refit(
         raise ModelError(f"{version}: the refitted bundle's weights change, so it needs a new version")
     network = loaded.network
     old_weights = network.get_layer(DIAGNOSIS_HEAD).get_weights()
+    pools = tuple(CELL_POOLS) if pools is None else tuple(pools)
     if cell_stride and set(cell_pools(network)) != set(pools):
-        network = diagnosis_reads_cell(network, cell_stride, tuple(pools))
+        network = diagnosis_reads_cell(network, cell_stride, pools)
     reads = cell_pools(network)
     head = network.get_layer(DIAGNOSIS_HEAD)
     classes = int(old_weights[1].shape[0])
