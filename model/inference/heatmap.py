@@ -1,6 +1,6 @@
 """Heat maps as people see them: a map (H × W in [0, 1]) blended over the image with a
-perceptual colour map, and the overlay as PNG bytes. The maps come from Grad-CAM
-(``model.inference.gradcam``). Occlusion (covering one square at a time with the skin's colour)
+perceptual colour map, and the overlay as PNG bytes. The maps come from
+``model.inference.gradcam`` (Grad-CAM × HiResCAM of NASNet's 1/8 cell). Occlusion (covering one square at a time with the skin's colour)
 was measured beside it on the same lesions and pointed at the lesion far less often (docs/model.md,
 heat maps), so it is not shipped.
 """
