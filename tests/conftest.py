@@ -18,6 +18,15 @@ pytest_plugins = [
 ]
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (``item.report_call``…), so a fixture's teardown can
+    tell whether its test failed (the worker fixture then attaches its processes' logs)."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
 def embedded_settings(tmp_path) -> Settings:
     """The fast tier's settings: the embedded default (SQLite, the filesystem queue) in a temporary

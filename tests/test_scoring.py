@@ -127,11 +127,18 @@ def test_worker_killed_mid_batch_loses_and_duplicates_nothing(make_settings, pg_
     result = submit(settings, program_id(settings), ham_inputs(ham_dir, n), source="test")
     first = start_worker(settings)
 
+    seen: list[dict] = []  # each distinct state the studies passed through, for the message on a timeout
+
     def mid_batch():
         counts = status_counts(settings)
+        if not seen or seen[-1] != counts:
+            seen.append(counts)
         return counts.get("processing", 0) > 0 and 0 < counts.get("done", 0) < n - 16
 
-    wait_for(mid_batch, 180, interval=0.01, message="a batch in progress")
+    try:
+        wait_for(mid_batch, 180, interval=0.01, message="a batch in progress")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the studies' states seen, in order: {seen}") from None
     first.kill()  # SIGKILL to the worker's whole process group
     counts = status_counts(settings)
     assert counts.get("done", 0) < n
