@@ -12,7 +12,9 @@ passes Adebayo et al.'s randomisation test best. And other weightings of the sam
 and gradients — HiResCAM (each position times its own gradient, negative gradients kept), Grad-CAM++
 and XGrad-CAM — alone and times the shipped map; and maps averaged over the image moved by 1/16 or
 1/8 of its side in four directions (each map moved back). One run of a cell's graph per image serves
-every map drawn from that cell.
+every map drawn from that cell. And occlusion (Zeiler and Fergus, 2014: squares of the image painted
+in its skin colour, each pixel's heat the fall of the malignancy logit when it is covered), alone
+and times the served map — forward passes only, a map that any runtime could draw.
 The images are conformed as the workers conform them (a circular field's surround filled).
 Measured as ``dermascan heatmap-check`` measures (pointing game and concentration on automatic
 lesion masks, as they are and shifted sideways) on the bundle's held-out malignant lesions: the
@@ -31,6 +33,7 @@ feature maps at 128 px (``model.inference.gradcam.lesion_map``).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +182,47 @@ def _shift_averaged(make, share: float):
     return averaged
 
 
+def _skin(image: np.ndarray) -> np.ndarray:
+    """The image's skin colour: the median of its brighter half (a lesion is darker than the skin)."""
+    flat = image.reshape(-1, 3).astype(np.float32)
+    luminance = flat.mean(-1)
+    return np.median(flat[luminance >= np.median(luminance)], axis=0)
+
+
+def _occlusion(session, patch: int, stride: int):
+    """Occlusion sensitivity (Zeiler and Fergus, 2014): a square of ``patch`` pixels, moved by
+    ``stride``, painted in the image's skin colour; each pixel's heat is the mean fall of the
+    malignancy logit over the squares that covered it (rises count as none). Forward passes only."""
+
+    def logit(p):
+        p = np.clip(np.asarray(p, np.float64).reshape(-1), 1e-6, 1 - 1e-6)
+        return np.log(p / (1 - p))
+
+    def make(pixels, meta):
+        image = pixels[0]
+        h, w = image.shape[:2]
+        colour = _skin(image).astype(np.uint8)
+        corners = [(y, x) for y in range(0, h - patch + 1, stride) for x in range(0, w - patch + 1, stride)]
+        views = np.repeat(image[None], len(corners), 0)
+        for k, (y, x) in enumerate(corners):
+            views[k, y : y + patch, x : x + patch] = colour
+        base = logit(session.run(["probability"], {"image": pixels, "meta": meta.astype(np.float32)})[0])[0]
+        falls = []
+        for start in range(0, len(views), 64):
+            chunk = views[start : start + 64]
+            m = np.repeat(meta[:1], len(chunk), 0).astype(np.float32)
+            falls.append(base - logit(session.run(["probability"], {"image": chunk, "meta": m})[0]))
+        falls = np.maximum(np.concatenate(falls), 0)
+        heat, cover = np.zeros((h, w)), np.zeros((h, w))
+        for fall, (y, x) in zip(falls, corners, strict=True):
+            heat[y : y + patch, x : x + patch] += fall
+            cover[y : y + patch, x : x + patch] += 1
+        heat = heat / np.maximum(cover, 1)
+        return (heat / heat.max()).astype(np.float32) if heat.max() > 0 else heat.astype(np.float32)
+
+    return make
+
+
 def _randomised(model, seed: int = 0):
     import onnx
     from onnx import numpy_helper
@@ -315,6 +359,15 @@ def main() -> None:
                 _product(shipped[0], blurred[0]),
                 _product(shipped[1], blurred[1]),
             )
+    forward_sessions = (_Lazy(lambda: ort_session(str(predictor.onnx_file))),
+                        _Lazy(lambda: ort_session(_randomised(forward).SerializeToString())))  # fmt: skip
+    for patch, stride in ((32, 8), (24, 8), (48, 16)):
+        occluded = tuple(_occlusion(s, patch, stride) for s in forward_sessions)
+        methods[f"occlusion, {patch} px squares every {stride} px"] = occluded
+        methods[f"served × occlusion, {patch} px squares every {stride} px"] = (
+            _product(methods["served: Grad-CAM × HiResCAM, 1/8, blurred by one cell"][0], occluded[0]),
+            _product(methods["served: Grad-CAM × HiResCAM, 1/8, blurred by one cell"][1], occluded[1]),
+        )
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(";")]
         unknown = [m for m in wanted if m not in methods]
@@ -339,6 +392,7 @@ def main() -> None:
         correlation = np.median([rank_correlation(make(images[i : i + 1], metas[i : i + 1]),
                                                   make_random(images[i : i + 1], metas[i : i + 1])) for i in range(k)])  # fmt: skip
         rows_out.append((*cells, f"{correlation:.2f}"))
+        print(" | ".join(rows_out[-1]), file=sys.stderr, flush=True)  # each map's row as soon as it is measured
     header = ("map", "selection: as is (pointing / concentration)", "selection: shifted",
               "confirmation: as is", "confirmation: shifted", "randomised weights: rank correlation")  # fmt: skip
     print(support.table(rows_out, header))
