@@ -284,3 +284,77 @@ def test_a_whole_batch_exports_streamed_as_csv_json_and_fhir(pg_settings, app_fa
     assert body["results"] == paged and body["batch"]["batch_id"] == batch
     assert fhir["resourceType"] == "Bundle" and len(fhir["entry"]) == 5
     assert client.get(f"/api/v1/batches/{batch}/export?format=xml", headers=auth(token)).status_code == 400
+
+
+def test_the_shipped_bundle_s_differential_comes_back_through_the_rest_api(
+    make_settings, pg_url, redis_url, live_server, start_worker, api_token, ham_dir
+):
+    """A teledermatology program's batch scored by the bundled default on its own runtime: every
+    study's result (JSON and CSV) carries the seven-class differential, each class with its label,
+    SNOMED CT code (the bundle's manifest) and probability, most likely first — and it is the
+    network's own second output, in its own class order: over six lesions of each class the most
+    likely class is the lesion's diagnosis for at least half, and melanomas get more melanoma (on
+    2026-12-07: 32 of 41, and 0.48 against 0.05). The rows may be ones the network trained on: this
+    checks the path, `dermascan evaluate` measures the model."""
+    import json
+
+    import pandas as pd
+
+    from model.inference.diagnosis import CODES
+    from tests.services import ROOT
+
+    default = ROOT / "model" / "bundles" / "default"
+    classes = json.loads((default / "manifest.json").read_text())["diagnosis"]["classes"]
+    settings = make_settings(
+        database_url=pg_url, broker_url=redis_url, model_bundle=default, tta=None, runtime="auto", bulk_chunk_size=64
+    )
+    server = live_server(settings)
+    _, token = api_token()
+    metadata = pd.read_csv(ham_dir / "metadata.csv")
+    rows = metadata.groupby("diagnosis").head(6).reset_index(drop=True)
+    assert sorted(set(rows.diagnosis)) == sorted(CODES) and len(rows) == 42
+    files = {f"images/{i}.jpg": data for i, data in ham_images(ham_dir, rows.isic_id).items()}
+    files["manifest.csv"] = manifest_csv(rows).encode()
+    reply = requests.post(f"{server.url}/api/v1/batches", headers=auth(token),
+                          files={"archive": ("batch.zip", zip_bytes(files), "application/zip")}, timeout=120)  # fmt: skip
+    assert reply.status_code == 201, reply.text
+    batch_id = reply.json()["batch_id"]
+    start_worker(settings)
+
+    def complete():
+        status = requests.get(f"{server.url}/api/v1/batches/{batch_id}", headers=auth(token), timeout=30).json()
+        return status if status["state"] == "complete" else None
+
+    assert wait_for(complete, 600, interval=1, message="42 studies scored")["counts"]["done"] == 42
+    got = requests.get(f"{server.url}/api/v1/batches/{batch_id}/results", headers=auth(token), timeout=60).json()
+    results = {r["external_id"]: r for r in got["results"]}
+    assert set(results) == set(rows.isic_id)
+    by_code = {c["code"]: c for c in classes}
+    truth = dict(zip(rows.isic_id, rows.diagnosis, strict=True))
+    right, melanoma_of = 0, {}
+    for isic_id, result in results.items():
+        if not result["assessable"]:
+            assert result["differential"] is None
+            continue
+        differential = result["differential"]
+        assert sorted(d["diagnosis"] for d in differential) == sorted(CODES)
+        for d in differential:
+            assert (d["label"], d["snomed"]) == (by_code[d["diagnosis"]]["label"], by_code[d["diagnosis"]]["snomed"])
+        probabilities = [d["probability"] for d in differential]
+        assert probabilities == sorted(probabilities, reverse=True) and abs(sum(probabilities) - 1) < 1e-3
+        right += differential[0]["diagnosis"] == truth[isic_id]
+        melanoma_of[isic_id] = next(d["probability"] for d in differential if d["diagnosis"] == "mel")
+    assessed = len(melanoma_of)
+    assert assessed >= 38, f"only {assessed} of 42 assessable"
+    assert right >= assessed / 2, f"the most likely class was the diagnosis for {right} of {assessed}"
+    mel = [p for i, p in melanoma_of.items() if truth[i] == "mel"]
+    other = [p for i, p in melanoma_of.items() if truth[i] != "mel"]
+    assert sum(mel) / len(mel) > 2 * sum(other) / len(other)
+
+    # the CSV carries the most likely class and its probability, the same as the JSON
+    table = requests.get(f"{server.url}/api/v1/batches/{batch_id}/results?format=csv", headers=auth(token), timeout=60)
+    for row in read_csv_text(table.text):
+        top = (results[row["external_id"]]["differential"] or [None])[0]
+        assert row["suspected_diagnosis"] == (top["diagnosis"] if top else "")
+        if top:
+            assert abs(float(row["suspected_diagnosis_probability"]) - top["probability"]) < 1e-6
