@@ -14,7 +14,9 @@ and XGrad-CAM — alone and times the shipped map; and maps averaged over the im
 1/8 of its side in four directions (each map moved back). One run of a cell's graph per image serves
 every map drawn from that cell. And occlusion (Zeiler and Fergus, 2014: squares of the image painted
 in its skin colour, each pixel's heat the fall of the malignancy logit when it is covered), alone
-and times the served map — forward passes only, a map that any runtime could draw.
+and times the served map — forward passes only, a map that any runtime could draw. And a control for
+the products: Grad-CAM times a position-level factor (LayerCAM, HiResCAM) taken from the network with
+random weights — what the factor adds from the image alone, not from what the network learned.
 The images are conformed as the workers conform them (a circular field's surround filled).
 Measured as ``dermascan heatmap-check`` measures (pointing game and concentration on automatic
 lesion masks, as they are and shifted sideways) on the bundle's held-out malignant lesions: the
@@ -330,6 +332,23 @@ def main() -> None:
         methods[f"shipped × {label}, 1/16"] = (
             _product(shipped[0], methods[f"{label}, normal cell 8 (1/16)"][0]),
             _product(shipped[1], methods[f"{label}, normal cell 8 (1/16)"][1]),
+        )
+    methods["shipped × LayerCAM, 1/8"] = (
+        _product(shipped[0], methods["LayerCAM, 1/8 cell"][0]),
+        _product(shipped[1], methods["LayerCAM, 1/8 cell"][1]),
+    )
+    for denominator in (16, 12):
+        methods[f"shipped × LayerCAM, 1/8, smoothed (σ = 1/{denominator} of the side)"] = (
+            _smoothed(methods["shipped × LayerCAM, 1/8"][0], 1 / denominator),
+            _smoothed(methods["shipped × LayerCAM, 1/8"][1], 1 / denominator),
+        )
+    # the position-level factor taken from the network with random weights: what the product owes to
+    # the image alone (a dark, edged region) rather than to what the network learned
+    for label, cam in (("LayerCAM", layer_cam), ("HiResCAM", hires_cam)):
+        prior = _smoothed(_product(shipped[0], _maker(random["1/8 cell"], cam)), 1 / 16)
+        methods[f"shipped × {label} of the randomised network, 1/8, smoothed (σ = 1/16 of the side)"] = (
+            prior,
+            _smoothed(_product(shipped[1], _maker(random["1/8 cell"], cam)), 1 / 16),
         )
     for name in OTHER_CELLS:
         methods[name] = (_maker(trained[name], grad_cam), _maker(random[name], grad_cam))
