@@ -345,10 +345,8 @@ def main() -> None:
     # the position-level factor taken from the network with random weights: what the product owes to
     # the image alone (a dark, edged region) rather than to what the network learned
     for label, cam in (("LayerCAM", layer_cam), ("HiResCAM", hires_cam)):
-        prior = _smoothed(_product(shipped[0], _maker(random["1/8 cell"], cam)), 1 / 16)
-        methods[f"shipped × {label} of the randomised network, 1/8, smoothed (σ = 1/16 of the side)"] = (
-            prior,
-            _smoothed(_product(shipped[1], _maker(random["1/8 cell"], cam)), 1 / 16),
+        methods[f"shipped × {label} of the randomised network, 1/8, smoothed (σ = 1/16 of the side)"] = tuple(
+            _smoothed(_product(grad_cam_map, _maker(random["1/8 cell"], cam)), 1 / 16) for grad_cam_map in shipped
         )
     for name in OTHER_CELLS:
         methods[name] = (_maker(trained[name], grad_cam), _maker(random[name], grad_cam))
