@@ -301,6 +301,51 @@ def test_the_map_shown_is_hot_only_where_the_position_s_own_gradient_agrees_with
     assert not lesion_map(4, 4, [(features, np.zeros_like(grads))]).any()  # no gradient: no heat, not NaN
 
 
+def test_the_map_s_position_factor_can_come_from_another_network():
+    """The heat-map check's control: Grad-CAM of one (feature maps, gradients) times the HiResCAM of
+    another's — the map then peaks where the other's positions are hot."""
+    from model.inference.gradcam import lesion_map
+
+    features = np.ones((1, 8, 8, 2), np.float32)
+    grads = np.full((1, 8, 8, 2), 0.5, np.float32)
+    grads[0, 2, 2] = 2.0  # this network's own position factor is hottest at (2, 2)
+    other = np.zeros((1, 8, 8, 2), np.float32)
+    other[0, 6, 5] = 1.0  # the other's only at (6, 5)
+    np.testing.assert_array_equal(
+        lesion_map(8, 8, [(features, grads)]), lesion_map(8, 8, [(features, grads)], [(features, grads)])
+    )
+    assert np.unravel_index(np.argmax(lesion_map(8, 8, [(features, grads)])), (8, 8)) == (2, 2)
+    assert np.unravel_index(np.argmax(lesion_map(8, 8, [(features, grads)], [(features, other)])), (8, 8)) == (6, 5)
+
+
+def test_heatmap_check_reports_the_map_the_middle_and_the_random_position_control(trained_bundle, ham_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from dermascan.cli import main
+
+    gallery = tmp_path / "maps.png"
+    done = CliRunner().invoke(main, ["heatmap-check", str(trained_bundle), "--data", str(ham_dir), "-n", "8",
+                                     "--gallery", str(gallery), "--draws", "2"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    lines = done.output.strip().splitlines()
+    result = json.loads(lines[-1])
+    lesions = result["as_is"]["map"]["n"]
+    assert lesions > 0
+    draws = result["randomised_draws"]
+    assert [d["seed"] for d in draws] == [0, 1]
+    for name in ("as_is", "shifted"):
+        for control in [result["random_position_control"][name]] + [d["position_control"][name] for d in draws]:
+            assert control["n"] == lesions and 0 <= control["pointing"] <= 1 and control["concentration"] >= 0
+        assert 0 <= result[name]["map"]["pointing"] <= 1 and 0 <= result[name]["centre_baseline"]["pointing"] <= 1
+    assert sum(line.startswith("randomised weights, draw ") for line in lines) == 2
+    assert any(line.startswith("randomised weights, median of 2 draws") for line in lines)
+    assert all(-1 <= d["rank_correlation"] <= 1 for d in draws)
+    assert result["randomised_weights_rank_correlation"] == np.median([d["rank_correlation"] for d in draws])
+    assert gallery.stat().st_size > 1000
+
+
 def test_the_map_s_blur_is_scipy_s_gaussian_filter_without_scipy():
     from scipy import ndimage
 

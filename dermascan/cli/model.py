@@ -756,17 +756,20 @@ def _missing_table(report: dict) -> str:
 @_fit_on_bundle(": its held-out calibration set's malignant lesions are used")
 @click.option("-n", "n", default=120, show_default=True, help="Malignant lesions to measure on.")
 @click.option("--gallery", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG of 24 maps here.")
+@click.option("--draws", default=5, show_default=True, type=click.IntRange(1, 50),
+              help="Networks with random weights to check the maps against (seeds 0, 1, …).")  # fmt: skip
 @_needs_train
-def heatmap_check(bundle_dir, data_dir, n, gallery):
+def heatmap_check(bundle_dir, data_dir, n, gallery, draws):
     """Do the bundle's heat maps point at the lesion? The pointing game and the heat's concentration
     on automatic lesion masks, as the images are and shifted sideways, against a map of the middle;
-    and how unlike they are to the maps of the same network with randomised weights."""
+    how unlike they are to the maps of the same network with randomised weights; and a control, the
+    map with its position-level factor taken from that randomised network."""
     import json
 
     from model.training.heatmaps import check_bundle
 
     _log_progress()
-    result = check_bundle(bundle_dir, data_dir, n, gallery)
+    result = check_bundle(bundle_dir, data_dir, n, gallery, draws=draws)
     for name in ("as_is", "shifted"):
         row = result[name]
         click.echo(
@@ -774,7 +777,20 @@ def heatmap_check(bundle_dir, data_dir, n, gallery):
             f"{row['map']['concentration']:.2f}x its share (a map of the middle: {row['centre_baseline']['pointing']:.1%}, "
             f"{row['centre_baseline']['concentration']:.2f}x); {row['map']['n']} lesions"
         )
-    click.echo(f"randomised weights: median rank correlation {result['randomised_weights_rank_correlation']:.2f}")
+    for draw in result["randomised_draws"]:
+        control = draw["position_control"]
+        click.echo(
+            f"randomised weights, draw {draw['seed']}: median rank correlation {draw['rank_correlation']:.2f}; "
+            f"the map with its position factor (HiResCAM) from this network: peak on the lesion "
+            f"{control['as_is']['pointing']:.1%} as is, {control['shifted']['pointing']:.1%} shifted"
+        )
+    control = result["random_position_control"]
+    click.echo(
+        f"randomised weights, median of {len(result['randomised_draws'])} draws: rank correlation "
+        f"{result['randomised_weights_rank_correlation']:.2f}; control {control['as_is']['pointing']:.1%} as is, "
+        f"{control['shifted']['pointing']:.1%} shifted (where the map does no better than its control, its "
+        "pointing comes from the image, not from the network)"
+    )
     if "keras_difference_max" in result:
         click.echo(
             f"maps drawn by {result['serving_gradcam']} (the workers'), against the Keras network's Grad-CAM: largest "
