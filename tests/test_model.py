@@ -302,20 +302,24 @@ def test_the_map_shown_is_hot_only_where_the_position_s_own_gradient_agrees_with
 
 
 def test_the_map_s_position_factor_can_come_from_another_network():
-    """The heat-map check's control: Grad-CAM of one (feature maps, gradients) times the HiResCAM of
-    another's — the map then peaks where the other's positions are hot."""
-    from model.inference.gradcam import lesion_map
+    """The heat-map check's control: the map shown is Grad-CAM times HiResCAM, blurred
+    (``blurred_product``); with the HiResCAM factor of another network it peaks where that one's
+    positions are hot."""
+    from model.inference.gradcam import blurred_product, flip_averaged, grad_cam, hires_cam, lesion_map
 
     features = np.ones((1, 8, 8, 2), np.float32)
     grads = np.full((1, 8, 8, 2), 0.5, np.float32)
     grads[0, 2, 2] = 2.0  # this network's own position factor is hottest at (2, 2)
     other = np.zeros((1, 8, 8, 2), np.float32)
     other[0, 6, 5] = 1.0  # the other's only at (6, 5)
+    channel = flip_averaged(8, 8, [(features, grads)], grad_cam)
+    shown = lesion_map(8, 8, [(features, grads)])
     np.testing.assert_array_equal(
-        lesion_map(8, 8, [(features, grads)]), lesion_map(8, 8, [(features, grads)], [(features, grads)])
+        shown, blurred_product(channel, flip_averaged(8, 8, [(features, grads)], hires_cam), (8, 8))
     )
-    assert np.unravel_index(np.argmax(lesion_map(8, 8, [(features, grads)])), (8, 8)) == (2, 2)
-    assert np.unravel_index(np.argmax(lesion_map(8, 8, [(features, grads)], [(features, other)])), (8, 8)) == (6, 5)
+    assert np.unravel_index(np.argmax(shown), (8, 8)) == (2, 2)
+    control = blurred_product(channel, flip_averaged(8, 8, [(features, other)], hires_cam), (8, 8))
+    assert np.unravel_index(np.argmax(control), (8, 8)) == (6, 5)
 
 
 def test_heatmap_check_reports_the_map_the_middle_and_the_random_position_control(trained_bundle, ham_dir, tmp_path):

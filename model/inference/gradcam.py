@@ -81,24 +81,21 @@ def hires_cam(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
     return np.maximum((features * grads).sum(axis=-1), 0.0)
 
 
-def lesion_map(height: int, width: int, maps, positions=None) -> np.ndarray:
+def lesion_map(height: int, width: int, maps) -> np.ndarray:
     """The map shown: the flip-averaged Grad-CAM times the flip-averaged HiResCAM of the same
     (feature maps, gradients), blurred by a Gaussian as wide as one cell of the feature maps (their
     own resolution: the product of two maps is hot on single cells, and a cell is 8 pixels of a 128 px
-    input), scaled to [0, 1] (all zero where either map is). ``positions``: other (feature maps,
-    gradients) to take the HiResCAM factor from — the heat-map check's control passes those of the
-    network with random weights, to see what that factor owes to the image alone."""
+    input), scaled to [0, 1] (all zero where either map is)."""
     maps = list(maps)
-    positions = maps if positions is None else list(positions)
-    return blurred_product(
-        flip_averaged(height, width, maps, grad_cam), flip_averaged(height, width, positions, hires_cam),
-        maps[0][0].shape[1:3],
-    )  # fmt: skip
+    channel, position = flip_averaged(height, width, maps, grad_cam), flip_averaged(height, width, maps, hires_cam)
+    return blurred_product(channel, position, maps[0][0].shape[1:3])
 
 
 def blurred_product(channel_map: np.ndarray, position_map: np.ndarray, cells: tuple[int, int]) -> np.ndarray:
     """:func:`lesion_map`'s last step: two (H, W) maps multiplied, blurred by a Gaussian one cell of
-    ``cells`` (the feature maps' height and width) wide, scaled to [0, 1] (all zero where either is)."""
+    ``cells`` (the feature maps' height and width) wide, scaled to [0, 1] (all zero where either is).
+    The heat-map check's control passes the HiResCAM factor of a network with random weights, to see
+    what that factor owes to the image alone."""
     height, width = channel_map.shape
     both = gaussian_blur((channel_map * position_map).astype(np.float64), (height / cells[0], width / cells[1]))
     return (both / both.max()).astype(np.float32) if both.max() > 0 else np.zeros((height, width), np.float32)
