@@ -196,9 +196,10 @@ def _occlusion(session, patch: int, stride: int):
     ``stride``, painted in the image's skin colour; each pixel's heat is the mean fall of the
     malignancy logit over the squares that covered it (rises count as none). Forward passes only."""
 
-    def logit(p):
-        p = np.clip(np.asarray(p, np.float64).reshape(-1), 1e-6, 1 - 1e-6)
-        return np.log(p / (1 - p))
+    from model.inference.calibration import _logit
+
+    def logit(probabilities):
+        return _logit(np.asarray(probabilities).reshape(-1))
 
     def make(pixels, meta):
         image = pixels[0]

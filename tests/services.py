@@ -344,6 +344,18 @@ def wait_for(predicate, timeout: float = 120, interval: float = 0.2, message: st
     raise AssertionError(f"timed out after {timeout} s waiting for {message}")
 
 
+def wait_for_batch(url: str, headers: dict, batch_id: str, timeout: float, message: str, interval: float = 1) -> dict:
+    """Poll the REST API's ``GET /api/v1/batches/{batch_id}`` on the server at ``url`` until the
+    batch is complete; its status (``counts`` …)."""
+    import requests
+
+    def complete():
+        status = requests.get(f"{url}/api/v1/batches/{batch_id}", headers=headers, timeout=30).json()
+        return status if status["state"] == "complete" else None
+
+    return wait_for(complete, timeout, interval=interval, message=message)
+
+
 class LiveServer:
     """The real Flask app served over TCP by werkzeug's threaded server, in this process."""
 

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from dermascan.infra.db import session_factory
 from dermascan.infra.schema import AuditEvent, Batch, Prediction, Study
 from tests.ham_files import ham_images, ham_rows, ham_zip, json_records, manifest_csv, read_csv_text, zip_bytes
-from tests.services import wait_for
+from tests.services import wait_for_batch
 
 
 def auth(token):
@@ -47,11 +47,7 @@ def test_nightly_batch_of_2000_scored_downloadable_and_idempotent(
 
     start_worker(settings)
 
-    def complete():
-        status = requests.get(f"{server.url}/api/v1/batches/{batch_id}", headers=auth(token), timeout=30).json()
-        return status if status["state"] == "complete" else None
-
-    status = wait_for(complete, 900, interval=2, message="2,000 studies scored")
+    status = wait_for_batch(server.url, auth(token), batch_id, 900, "2,000 studies scored", interval=2)
     assert status["counts"]["done"] == 2000
 
     # results as CSV, paginated with Link headers
@@ -321,11 +317,7 @@ def test_the_shipped_bundle_s_differential_comes_back_through_the_rest_api(
     batch_id = reply.json()["batch_id"]
     start_worker(settings)
 
-    def complete():
-        status = requests.get(f"{server.url}/api/v1/batches/{batch_id}", headers=auth(token), timeout=30).json()
-        return status if status["state"] == "complete" else None
-
-    assert wait_for(complete, 600, interval=1, message="42 studies scored")["counts"]["done"] == 42
+    assert wait_for_batch(server.url, auth(token), batch_id, 600, "42 studies scored")["counts"]["done"] == 42
     got = requests.get(f"{server.url}/api/v1/batches/{batch_id}/results", headers=auth(token), timeout=60).json()
     results = {r["external_id"]: r for r in got["results"]}
     assert set(results) == set(rows.isic_id)

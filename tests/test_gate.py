@@ -18,7 +18,7 @@ from model.inference.data import IsicDataset, resize
 from model.inference.ood import FeatureDistance
 from model.training import gate_data
 from tests.ham_files import json_records, read_csv_text
-from tests.services import wait_for
+from tests.services import wait_for_batch
 
 
 @pytest.fixture(scope="module")
@@ -232,11 +232,7 @@ def test_unusable_images_come_back_not_assessable_and_go_to_the_specialists(
     batch_id = reply.json()["batch_id"]
     start_worker(pg_settings)
 
-    def complete():
-        status = requests.get(f"{server.url}/api/v1/batches/{batch_id}", headers=headers, timeout=30).json()
-        return status if status["state"] == "complete" else None
-
-    status = wait_for(complete, 300, interval=1, message="batch scored")
+    status = wait_for_batch(server.url, headers, batch_id, 300, "batch scored")
     assert status["counts"]["done"] == 5 and status["counts"]["not_assessable"] == 2
     results = requests.get(f"{server.url}/api/v1/batches/{batch_id}/results", headers=headers, timeout=30).json()
     by_id = {r["external_id"]: r for r in results["results"]}

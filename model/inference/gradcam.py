@@ -138,12 +138,16 @@ def flip_averaged(height: int, width: int, maps, cam=grad_cam) -> np.ndarray:
 class _FlipAveraged:
     """The heat map of one image from ``features_and_gradients`` of its four flips."""
 
+    def flip_maps(self, pixels: np.ndarray, meta: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """pixels (1, H, W, 3) uint8, meta (1, d) → (feature maps, gradients) of the image's four
+        flips, per member (what :func:`flip_averaged` and :func:`lesion_map` read)."""
+        meta4 = np.repeat(np.asarray(meta, np.float32)[:1], 4, axis=0)
+        return list(self.features_and_gradients(_views(pixels), meta4))
+
     def heatmap(self, pixels: np.ndarray, meta: np.ndarray) -> np.ndarray:
         """pixels (1, H, W, 3) uint8, meta (1, d) → heat map (H, W) in [0, 1] (:func:`lesion_map`):
         the maps of the four flips, flipped back, averaged (over the members of an ensemble too)."""
-        views = _views(pixels)
-        meta4 = np.repeat(np.asarray(meta, np.float32)[:1], 4, axis=0)
-        return lesion_map(*views.shape[1:3], self.features_and_gradients(views, meta4))
+        return lesion_map(*np.asarray(pixels).shape[1:3], self.flip_maps(pixels, meta))
 
 
 class OnnxGradCam(_FlipAveraged):

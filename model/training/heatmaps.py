@@ -174,13 +174,12 @@ def check_bundle(bundle_dir, data_dir, n: int = 120, gallery=None, randomised: i
             """The map shown with its position-level factor (HiResCAM) taken from the randomised
             network: what that factor adds from the image alone (the lesion is the darkest, most
             edged region, and random convolutions answer there too), not from what the network learned."""
-            views, meta4 = gradcam_lib._views(pixels), np.repeat(np.asarray(meta, np.float32)[:1], 4, axis=0)
-            height, width = views.shape[1:3]
-            key = views.tobytes()
+            height, width = pixels.shape[1:3]
+            key = pixels.tobytes()
             if key not in channel_maps:
-                trained = cam.features_and_gradients(views, meta4)
+                trained = cam.flip_maps(pixels, meta)
                 channel_maps[key] = gradcam_lib.flip_averaged(height, width, trained, gradcam_lib.grad_cam)
-            random_maps = list(random_cam.features_and_gradients(views, meta4))
+            random_maps = random_cam.flip_maps(pixels, meta)
             position = gradcam_lib.flip_averaged(height, width, random_maps, gradcam_lib.hires_cam)
             return gradcam_lib.blurred_product(channel_maps[key], position, random_maps[0][0].shape[1:3])
 
